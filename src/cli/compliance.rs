@@ -1,0 +1,54 @@
+//! `compliance-check`: run the checklist over the live install.
+//! Exit 0 all passed, 1 warnings, 2 critical.
+
+use std::path::PathBuf;
+
+use serde_json::json;
+
+use crate::compliance::{self, EMBEDDED_CHECKLIST};
+use crate::context::Ctx;
+use crate::exit::{Exit, Failure};
+use crate::health::Level;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Use this checklist instead of the embedded compliance-config.json
+    #[arg(long, value_name = "FILE")]
+    pub checklist: Option<PathBuf>,
+}
+
+pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
+    let (name, text) = match &args.checklist {
+        Some(f) => (
+            f.display().to_string(),
+            std::fs::read_to_string(f).map_err(|e| Failure::new(Exit::Usage, format!("cannot read {}: {e}", f.display())))?,
+        ),
+        None => ("compliance-config.json (embedded)".to_string(), EMBEDDED_CHECKLIST.to_string()),
+    };
+    let list = compliance::parse_checklist(&name, &text)?;
+    let report = compliance::run(&ctx.paths, &list)?;
+    let p = ctx.out();
+    if p.json {
+        p.json(json!(report));
+    } else {
+        let mut out = String::new();
+        for r in &report.results {
+            let tag = match r.level {
+                Level::Ok => p.green("PASS"),
+                Level::Warning => p.yellow("WARN"),
+                _ => p.red("FAIL"),
+            };
+            out.push_str(&format!("{tag}  {:<40} {}\n", r.name, r.message));
+        }
+        out.push_str(&format!(
+            "\n{} passed, {} warnings, {} critical\n{}",
+            report.passed, report.warnings, report.critical, compliance::DISCLAIMER
+        ));
+        p.out(&out);
+    }
+    Ok(match report.level {
+        Level::Ok => 0,
+        Level::Warning => 1,
+        _ => 2,
+    })
+}

@@ -1,0 +1,174 @@
+//! `config`: read and change settings. Typed by the schema, validated,
+//! written atomically under the config lock, and every change audited.
+
+use std::path::PathBuf;
+
+use serde_json::{json, Value};
+
+use crate::config::{self as cfgmod, Config, KeyDef, Origin};
+use crate::context::Ctx;
+use crate::exit::Failure;
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("action").args(["list", "get", "set", "unset", "import", "export"])))]
+pub struct Args {
+    /// List every key with its value and origin (default, file, env)
+    #[arg(long)]
+    pub list: bool,
+    /// Print one key's value
+    #[arg(long, value_name = "KEY")]
+    pub get: Option<String>,
+    /// Set KEY=VALUE (repeatable; all or nothing)
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Remove a key from the file so its default applies (repeatable)
+    #[arg(long, value_name = "KEY")]
+    pub unset: Vec<String>,
+    /// Load settings from a JSON file (seed-compatible sections)
+    #[arg(long, value_name = "FILE")]
+    pub import: Option<PathBuf>,
+    /// Write the effective settings to a JSON file (`-` for stdout)
+    #[arg(long, value_name = "FILE")]
+    pub export: Option<PathBuf>,
+}
+
+/// Apply changes to the file in one atomic write and audit each one.
+/// `None` removes the key (its default applies). Returns (key, old, new)
+/// as effective values without env overrides.
+pub fn apply(ctx: &mut Ctx, changes: Vec<(&'static KeyDef, Option<Value>)>, via: &str) -> anyhow::Result<Vec<(String, Value, Value)>> {
+    let applied = cfgmod::edit(&ctx.paths, |file| {
+        let mut out = Vec::new();
+        for (d, v) in &changes {
+            let old = cfgmod::set_in(file, d.key, v.clone());
+            let eff_old = old.clone().unwrap_or_else(|| cfgmod::default_value(d.key).expect("schema key"));
+            let eff_new = v.clone().unwrap_or_else(|| cfgmod::default_value(d.key).expect("schema key"));
+            if old != *v {
+                out.push((d.key.to_string(), eff_old, eff_new));
+            }
+        }
+        Ok(out)
+    })?;
+    for (key, old, new) in &applied {
+        ctx.audit().append("config.changed", json!({ "key": key, "old": old, "new": new, "via": via }))?;
+    }
+    ctx.reload_config();
+    Ok(applied)
+}
+
+fn show_value(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "none".into(),
+        other => other.to_string(),
+    }
+}
+
+pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
+    if let Some(key) = &args.get {
+        let d = cfgmod::def_or_suggest(key)?;
+        let cfg = ctx.config()?;
+        let p = ctx.out();
+        if p.json {
+            p.json(json!({ "key": d.key, "value": cfg.get(d.key), "origin": cfg.origin(d.key).to_string() }));
+        } else {
+            p.out(&show_value(cfg.get(d.key)));
+        }
+        return Ok(());
+    }
+    if !args.set.is_empty() || !args.unset.is_empty() {
+        let mut changes = Vec::new();
+        for s in &args.set {
+            let (d, v) = cfgmod::parse_assignment(s)?;
+            changes.push((d, Some(v)));
+        }
+        for k in &args.unset {
+            changes.push((cfgmod::def_or_suggest(k)?, None));
+        }
+        let applied = apply(ctx, changes, "config")?;
+        let cfg = ctx.config()?;
+        let shadowed: Vec<String> = applied
+            .iter()
+            .filter_map(|(k, _, _)| match cfg.origin(k) {
+                Origin::Env(var) => Some(format!("`{k}` is overridden by env {var}")),
+                _ => None,
+            })
+            .collect();
+        let p = ctx.out();
+        for s in &shadowed {
+            p.warn(s);
+        }
+        if p.json {
+            p.json(json!({
+                "ok": true,
+                "changes": applied.iter().map(|(k, o, n)| json!({"key": k, "old": o, "new": n})).collect::<Vec<_>>(),
+            }));
+        } else if applied.is_empty() {
+            p.out("No change.");
+        } else {
+            for (k, o, n) in &applied {
+                p.out(&format!("{k}: {} -> {}", show_value(o), show_value(n)));
+            }
+        }
+        return Ok(());
+    }
+    if let Some(file) = &args.import {
+        let (set, dropped) = cfgmod::read_import(file)?;
+        let p = ctx.out().clone();
+        for k in &dropped {
+            p.warn(&format!("ignoring unknown key `{k}` in {}", file.display()));
+        }
+        let changes = set.into_iter().map(|(d, v)| (d, Some(v))).collect();
+        let applied = apply(ctx, changes, "import")?;
+        if p.json {
+            p.json(json!({ "ok": true, "imported": applied.len(), "ignored": dropped }));
+        } else {
+            p.out(&format!("Imported {} setting(s) from {}.", applied.len(), file.display()));
+        }
+        return Ok(());
+    }
+    if let Some(file) = &args.export {
+        let cfg = ctx.config()?;
+        let mut text = serde_json::to_string_pretty(&cfg.to_nested()).expect("JSON values serialise");
+        text.push('\n');
+        if file.as_os_str() == "-" {
+            ctx.out().out(&text);
+        } else {
+            if file.exists() {
+                return Err(Failure::usage(format!("{} already exists; not overwriting it", file.display()))
+                    .hint("choose another file name or remove it first")
+                    .into());
+            }
+            std::fs::write(file, text).map_err(|e| Failure::new(crate::exit::Exit::Failed, format!("cannot write {}: {e}", file.display())))?;
+            let p = ctx.out();
+            if p.json {
+                p.json(json!({ "ok": true, "exported": file }));
+            } else {
+                p.note(&format!("Wrote {}.", file.display()));
+            }
+        }
+        return Ok(());
+    }
+    list(ctx.config()?, ctx)
+}
+
+fn list(cfg: &Config, ctx: &Ctx) -> anyhow::Result<()> {
+    let p = ctx.out();
+    if p.json {
+        let keys: Vec<Value> = cfg
+            .entries()
+            .map(|(d, v, o)| json!({ "key": d.key, "value": v, "origin": o.to_string(), "default": cfgmod::default_value(d.key), "help": d.help }))
+            .collect();
+        p.json(json!({ "path": cfg.path(), "keys": keys, "unknown": cfg.unknown }));
+        return Ok(());
+    }
+    let width = cfg.entries().map(|(d, _, _)| d.key.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (d, v, o) in cfg.entries() {
+        out.push_str(&format!("{:width$}  {:<34} {}\n", d.key, show_value(v), p.paint(&format!("({o})"), "2")));
+    }
+    p.out(out.trim_end());
+    for k in &cfg.unknown {
+        p.warn(&format!("{}: unknown key `{k}` is ignored", cfg.path().display()));
+    }
+    Ok(())
+}

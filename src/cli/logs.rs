@@ -1,0 +1,105 @@
+//! `logs`: read the audit log; `--follow` streams lines other processes append.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::audit::Entry;
+use crate::context::{Ctx, Printer};
+use crate::exit::Failure;
+use crate::timespec;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Show only the last N events
+    #[arg(long, short = 'n', value_name = "N")]
+    pub tail: Option<usize>,
+    /// Keep running and print events as they are appended (Ctrl-C to stop)
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// Only events at or after T (RFC 3339, a local date, or an age like 2h)
+    #[arg(long, value_name = "T")]
+    pub since: Option<String>,
+}
+
+pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
+    let since = match &args.since {
+        Some(s) => Some(timespec::parse_since(s, Utc::now()).map_err(Failure::usage)?),
+        None => None,
+    };
+    let log = ctx.audit();
+    let keep = |e: &Entry| since.is_none_or(|s| DateTime::parse_from_rfc3339(&e.ts).is_ok_and(|t| t >= s));
+    let p = ctx.out();
+    let entries: Vec<Entry> = match args.tail {
+        Some(n) => log.tail(n)?.into_iter().filter(keep).collect(),
+        None => log.entries()?.filter(keep).collect(),
+    };
+    for e in &entries {
+        print_entry(p, e);
+    }
+    if args.follow {
+        follow(ctx, p, &keep)?;
+    }
+    Ok(())
+}
+
+fn print_entry(p: &Printer, e: &Entry) {
+    if p.json {
+        // Raw JSON lines: exactly the bytes in the log.
+        p.out(&e.line);
+        return;
+    }
+    let ts = DateTime::parse_from_rfc3339(&e.ts)
+        .map(|t| t.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|_| e.ts.clone());
+    let fields: Vec<String> = e
+        .fields()
+        .map(|(k, v)| match v {
+            serde_json::Value::String(s) => format!("{k}={s}"),
+            other => format!("{k}={other}"),
+        })
+        .collect();
+    p.out(&format!("{ts}  {:>6}  {:<20} {}", format!("#{}", e.seq), p.bold(&e.event), fields.join(" ")));
+}
+
+/// Poll the log for growth and print complete new lines.
+fn follow(ctx: &Ctx, p: &Printer, keep: &dyn Fn(&Entry) -> bool) -> anyhow::Result<()> {
+    let path = ctx.paths.audit_log();
+    let mut offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let mut pending = String::new();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let Ok(meta) = std::fs::metadata(&path) else { continue };
+        if meta.len() < offset {
+            // Recovery truncated a torn tail; continue from the new end.
+            offset = meta.len();
+            pending.clear();
+            continue;
+        }
+        if meta.len() == offset {
+            continue;
+        }
+        let mut f = File::open(&path)?;
+        f.seek(SeekFrom::Start(offset))?;
+        let mut reader = BufReader::new(f);
+        loop {
+            let mut line = String::new();
+            let n = reader.read_line(&mut line)?;
+            if n == 0 {
+                break;
+            }
+            offset += n as u64;
+            pending.push_str(&line);
+            if pending.ends_with('\n') {
+                let full = std::mem::take(&mut pending);
+                if let Some(e) = crate::audit::parse_line(full.trim_end_matches('\n')) {
+                    if keep(&e) {
+                        print_entry(p, &e);
+                    }
+                }
+            }
+        }
+    }
+}

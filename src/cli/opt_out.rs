@@ -1,0 +1,55 @@
+//! `opt-out`: revoke consent at once (audited).
+
+use serde_json::json;
+
+use crate::consent::{self, Consent};
+use crate::context::{self, Ctx};
+use crate::exit::Failure;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Do not ask for confirmation
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+}
+
+pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
+    let current = Consent::from_config(ctx.config()?);
+    if !current.accepted {
+        let p = ctx.out();
+        if p.json {
+            p.json(json!({ "ok": true, "changed": false, "consent": current }));
+        } else {
+            p.out("Not opted in; nothing to revoke.");
+        }
+        return Ok(());
+    }
+    if !args.yes {
+        if !context::interactive() {
+            return Err(Failure::usage("opt-out asks for confirmation and there is no terminal to ask on")
+                .hint("run `claude-max-market opt-out --yes`")
+                .into());
+        }
+        if !context::confirm("Revoke your consent? No job will run until you opt in again.")? {
+            return Err(Failure::usage("opt-out cancelled; consent unchanged").into());
+        }
+    }
+    let revoked = Consent {
+        accepted: false,
+        job_types: vec![],
+        revoked_at: Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        ..current.clone()
+    };
+    consent::store(&ctx.paths, &revoked)?;
+    ctx.audit().append(
+        "consent.revoked",
+        json!({ "terms_version": current.terms_version, "job_types": current.job_types }),
+    )?;
+    let p = ctx.out();
+    if p.json {
+        p.json(json!({ "ok": true, "changed": true, "consent": revoked }));
+    } else {
+        p.out("Opted out: consent revoked. No job will run until you opt in again.");
+    }
+    Ok(())
+}

@@ -1,0 +1,394 @@
+//! `compliance-check`: the checklist in `compliance-config.json`, each id
+//! run as one function over the live install (DESIGN.md section 8).
+//!
+//! These checks read real state: files, modes, config, the audit chain.
+//! They never inspect source code and never claim legal certification.
+
+use std::fs::{self, File};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::audit::AuditLog;
+use crate::config::Config;
+use crate::consent::{Consent, JOB_MARKET};
+use crate::fsutil::FileLock;
+use crate::health::{self, Level};
+use crate::legal;
+use crate::paths::Paths;
+use crate::usage::{Caps, Ledger};
+
+/// The embedded checklist.
+pub const EMBEDDED_CHECKLIST: &str = include_str!("../compliance-config.json");
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Checklist {
+    pub version: u32,
+    pub checks: Vec<CheckDef>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckDef {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub critical: bool,
+}
+
+/// One check's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckResult {
+    pub id: String,
+    pub name: String,
+    pub critical: bool,
+    /// OK, WARNING (non-critical failure or advisory) or CRITICAL.
+    pub level: Level,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ComplianceReport {
+    pub level: Level,
+    pub passed: usize,
+    pub warnings: usize,
+    pub critical: usize,
+    pub results: Vec<CheckResult>,
+    pub disclaimer: &'static str,
+}
+
+pub const DISCLAIMER: &str =
+    "These checks describe this install's configuration and state. They are not legal advice and do not certify compliance with any law or provider terms.";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChecklistError {
+    #[error("checklist {0} is not valid: {1}")]
+    Invalid(String, String),
+    #[error("checklist lists `{0}`, which has no implementation in this binary")]
+    Unimplemented(String),
+}
+
+impl crate::exit::HasExit for ChecklistError {
+    fn exit(&self) -> crate::exit::Exit {
+        crate::exit::Exit::Usage
+    }
+    fn hint(&self) -> Option<String> {
+        Some("use the embedded checklist (omit --checklist) or remove the unknown id".into())
+    }
+}
+
+/// Outcome of one check function: level and message. `Fail` is mapped to
+/// CRITICAL or WARNING by the check's `critical` flag.
+enum Outcome {
+    Pass(String),
+    Warn(String),
+    Fail(String),
+}
+
+type CheckFn = fn(&Inputs) -> Outcome;
+
+/// Everything the checks read, loaded once.
+struct Inputs<'a> {
+    paths: &'a Paths,
+    config: Result<Config, String>,
+}
+
+/// Every implemented check, by id.
+fn registry() -> &'static [(&'static str, CheckFn)] {
+    &[
+        ("no-credentials-at-rest", no_credentials_at_rest),
+        ("consent-current", consent_current),
+        ("approval-policy", approval_policy),
+        ("caps-enforced", caps_enforced),
+        ("audit-chain", audit_chain),
+        ("audit-settings", audit_settings),
+        ("opt-out-path", opt_out_path),
+        ("file-permissions", file_permissions),
+        ("credential-kind-market", credential_kind_market),
+    ]
+}
+
+pub fn parse_checklist(name: &str, text: &str) -> Result<Checklist, ChecklistError> {
+    let list: Checklist = serde_json::from_str(text).map_err(|e| ChecklistError::Invalid(name.into(), e.to_string()))?;
+    for c in &list.checks {
+        if !registry().iter().any(|(id, _)| *id == c.id) {
+            return Err(ChecklistError::Unimplemented(c.id.clone()));
+        }
+    }
+    Ok(list)
+}
+
+/// Run every check in `list` against the install at `paths`.
+pub fn run(paths: &Paths, list: &Checklist) -> Result<ComplianceReport, ChecklistError> {
+    let inputs = Inputs {
+        paths,
+        config: Config::load(paths).map_err(|e| e.to_string()),
+    };
+    let mut results = Vec::new();
+    for c in &list.checks {
+        let f = registry()
+            .iter()
+            .find(|(id, _)| *id == c.id)
+            .map(|(_, f)| *f)
+            .ok_or_else(|| ChecklistError::Unimplemented(c.id.clone()))?;
+        let (level, message) = match f(&inputs) {
+            Outcome::Pass(m) => (Level::Ok, m),
+            Outcome::Warn(m) => (Level::Warning, m),
+            Outcome::Fail(m) if c.critical => (Level::Critical, m),
+            Outcome::Fail(m) => (Level::Warning, m),
+        };
+        results.push(CheckResult {
+            id: c.id.clone(),
+            name: c.name.clone(),
+            critical: c.critical,
+            level,
+            message,
+        });
+    }
+    let count = |l| results.iter().filter(|r| r.level == l).count();
+    Ok(ComplianceReport {
+        level: results.iter().map(|r| r.level).max().unwrap_or(Level::Ok),
+        passed: count(Level::Ok),
+        warnings: count(Level::Warning),
+        critical: count(Level::Critical),
+        results,
+        disclaimer: DISCLAIMER,
+    })
+}
+
+macro_rules! need_config {
+    ($i:expr) => {
+        match &$i.config {
+            Ok(c) => c,
+            Err(e) => return Outcome::Fail(format!("config does not load: {e}")),
+        }
+    };
+}
+
+/// Files that must never hold a credential.
+fn state_files(paths: &Paths) -> Vec<PathBuf> {
+    let mut v = vec![paths.config_file(), paths.usage_file(), paths.audit_log(), paths.audit_head()];
+    for dir in [paths.jobs_dir(), paths.keys_dir(), paths.data_dir.clone()] {
+        if let Ok(rd) = fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let p = e.path();
+                let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                if p.is_file() && (dir != paths.data_dir || name.starts_with("audit.torn-")) {
+                    v.push(p);
+                }
+            }
+        }
+    }
+    v.retain(|p| p.exists());
+    v
+}
+
+/// Needles: the generic Anthropic credential prefix plus the live values.
+fn credential_needles() -> Vec<(String, Vec<u8>)> {
+    let mut n = vec![("an `sk-ant-` credential".to_string(), b"sk-ant-".to_vec())];
+    for var in ["CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_API_KEY"] {
+        if let Some(v) = std::env::var_os(var) {
+            let v = v.to_string_lossy().trim().to_string();
+            if v.len() >= 8 {
+                n.push((format!("the value of {var}"), v.into_bytes()));
+            }
+        }
+    }
+    n
+}
+
+fn file_contains(path: &Path, needles: &[(String, Vec<u8>)]) -> std::io::Result<Option<String>> {
+    let finders: Vec<_> = needles.iter().map(|(_, n)| memchr::memmem::Finder::new(n)).collect();
+    let longest = needles.iter().map(|(_, n)| n.len()).max().unwrap_or(1);
+    let mut f = File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut carry: Vec<u8> = Vec::new();
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        carry.extend_from_slice(&buf[..n]);
+        for (i, fd) in finders.iter().enumerate() {
+            if fd.find(&carry).is_some() {
+                return Ok(Some(needles[i].0.clone()));
+            }
+        }
+        // Keep a tail so a needle split across reads is still found.
+        let keep = carry.len().min(longest.saturating_sub(1));
+        carry.drain(..carry.len() - keep);
+    }
+}
+
+fn no_credentials_at_rest(i: &Inputs) -> Outcome {
+    let needles = credential_needles();
+    let files = state_files(i.paths);
+    for p in &files {
+        match file_contains(p, &needles) {
+            Ok(Some(what)) => {
+                return Outcome::Fail(format!(
+                    "{} contains {what}; remove it and rotate that credential",
+                    p.display()
+                ))
+            }
+            Ok(None) => {}
+            Err(e) => return Outcome::Fail(format!("cannot read {}: {e}", p.display())),
+        }
+    }
+    Outcome::Pass(format!("{} state files scanned, no credential found", files.len()))
+}
+
+fn consent_current(i: &Inputs) -> Outcome {
+    let cfg = need_config!(i);
+    let c = Consent::from_config(cfg);
+    if !c.accepted {
+        return Outcome::Pass("not opted in: no job can run until `opt-in`".into());
+    }
+    if c.terms_current() {
+        return Outcome::Pass(format!(
+            "accepted terms {} (sha256 {}…) at {}",
+            legal::TERMS_VERSION,
+            &legal::terms_sha256()[..12],
+            c.accepted_at.as_deref().unwrap_or("unknown time")
+        ));
+    }
+    if c.terms_version.as_deref() == Some(legal::TERMS_VERSION) {
+        return Outcome::Fail(
+            "consent names the current terms version but a different text hash: the record was altered; run `opt-in` again".into(),
+        );
+    }
+    Outcome::Warn(format!(
+        "accepted terms {} but current are {}: jobs are refused until you run `opt-in` again",
+        c.terms_version.as_deref().unwrap_or("unknown"),
+        legal::TERMS_VERSION
+    ))
+}
+
+fn approval_policy(i: &Inputs) -> Outcome {
+    let cfg = need_config!(i);
+    if cfg.get_bool("compliance.requireApproval") {
+        Outcome::Pass("every job needs approval (or explicit --approve-all for that job)".into())
+    } else {
+        Outcome::Fail("compliance.requireApproval is off: jobs run without asking".into())
+    }
+}
+
+fn caps_enforced(i: &Inputs) -> Outcome {
+    let cfg = need_config!(i);
+    let caps = Caps::from_config(cfg);
+    if caps.max_tokens_per_task > caps.daily_tokens {
+        return Outcome::Fail(format!(
+            "limits.maxTokensPerTask ({}) exceeds limits.dailyTokens ({}): no job can reserve its tokens",
+            caps.max_tokens_per_task, caps.daily_tokens
+        ));
+    }
+    let snap = match Ledger::new(i.paths).snapshot(&caps, chrono::Local::now()) {
+        Ok(s) => s,
+        Err(e) => return Outcome::Fail(format!("usage state unreadable: {e}")),
+    };
+    for w in &snap.windows {
+        if let Some(cap) = w.task_cap {
+            if w.tasks > cap {
+                return Outcome::Warn(format!("{} usage {} tasks is over the cap of {cap} (the cap was lowered after use)", w.window.name(), w.tasks));
+            }
+        }
+        if let Some(cap) = w.token_cap {
+            if w.tokens > cap {
+                return Outcome::Warn(format!("{} usage {} tokens is over the cap of {cap}", w.window.name(), w.tokens));
+            }
+        }
+    }
+    Outcome::Pass(format!(
+        "{} jobs and {} tokens per day, {} tokens per job, {} at once; usage within caps",
+        caps.daily_tasks, caps.daily_tokens, caps.max_tokens_per_task, caps.concurrent_jobs
+    ))
+}
+
+fn audit_chain(i: &Inputs) -> Outcome {
+    match AuditLog::new(i.paths).verify() {
+        Ok(r) if r.ok => Outcome::Pass(format!("{} events verify", r.events)),
+        Ok(r) => Outcome::Fail(r.problems.join("; ")),
+        Err(e) => Outcome::Fail(e.to_string()),
+    }
+}
+
+fn audit_settings(i: &Inputs) -> Outcome {
+    let cfg = need_config!(i);
+    let off: Vec<&str> = ["compliance.enableAuditTrail", "compliance.logAllActivity"]
+        .into_iter()
+        .filter(|k| !cfg.get_bool(k))
+        .collect();
+    if off.is_empty() {
+        Outcome::Pass("audit trail on".into())
+    } else {
+        Outcome::Fail(format!(
+            "{} off; the log is still kept (state changes are always recorded), but the setting says otherwise",
+            off.join(" and ")
+        ))
+    }
+}
+
+fn opt_out_path(i: &Inputs) -> Outcome {
+    let dir = &i.paths.config_dir;
+    if !dir.exists() {
+        return Outcome::Pass("nothing recorded yet; opt-out has nothing to revoke".into());
+    }
+    if let Err(e) = tempfile::tempfile_in(dir) {
+        return Outcome::Fail(format!("{} is not writable ({e}): opt-out could not be recorded", dir.display()));
+    }
+    match FileLock::exclusive(&i.paths.config_lock()) {
+        Ok(_) => Outcome::Pass("config is writable and its lock is free".into()),
+        Err(e) => Outcome::Fail(format!("cannot take the config lock: {e}")),
+    }
+}
+
+fn file_permissions(i: &Inputs) -> Outcome {
+    let loose = health::loose_permissions(i.paths);
+    if loose.is_empty() {
+        Outcome::Pass("directories 0700, files 0600".into())
+    } else {
+        Outcome::Fail(format!("{}; fix with chmod go-rwx", loose.join(", ")))
+    }
+}
+
+/// The kind of credential the configured source yields, without reading it.
+pub fn credential_kind(cfg: &Config) -> &'static str {
+    let has = |v: &str| std::env::var_os(v).is_some_and(|x| !x.is_empty());
+    match cfg.get_str("credentials.source").unwrap_or("auto") {
+        "oauth-env" => "subscription",
+        "api-key-env" => "api-key",
+        "auto" if has("CLAUDE_CODE_OAUTH_TOKEN") => "subscription",
+        "auto" if has("ANTHROPIC_API_KEY") => "api-key",
+        "auto" if cfg.get_str("credentials.tokenCommand").is_none() && cfg.get_str("credentials.tokenFile").is_none() => "none",
+        _ => "unknown",
+    }
+}
+
+fn credential_kind_market(i: &Inputs) -> Outcome {
+    let cfg = need_config!(i);
+    let market = Consent::from_config(cfg).allows(JOB_MARKET);
+    let kind = credential_kind(cfg);
+    if !market {
+        return Outcome::Pass(format!("market jobs not enabled (credential kind: {kind})"));
+    }
+    match kind {
+        "api-key" => Outcome::Pass("market jobs run on an API key, which is licensed for programmatic use".into()),
+        "subscription" => Outcome::Warn(
+            "market jobs are enabled with a consumer subscription login (OAuth token): consumer terms generally license the subscription for your own use, so running tasks for others may not be allowed; check your plan's terms or use an API key".into(),
+        ),
+        _ => Outcome::Warn(format!(
+            "market jobs are enabled and the credential kind is {kind}: if it is a consumer subscription login, running tasks for others may not be allowed under its terms"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_checklist_is_fully_implemented() {
+        let list = parse_checklist("embedded", EMBEDDED_CHECKLIST).unwrap();
+        assert_eq!(list.checks.len(), registry().len());
+    }
+}

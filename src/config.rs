@@ -1,0 +1,639 @@
+//! One JSON config: schema, defaults, validation, env overrides, atomic save.
+//!
+//! [`SCHEMA`] is the single source of truth for every user-settable key: its
+//! type, default, range and help. Defaults, `config --list`, env overrides
+//! (`CMM_<SECTION>_<KEY>`), validation and the README table all derive from
+//! it. The file keeps the seed's camelCase sections so existing configs load.
+//!
+//! The `consent` section lives in the same file but is written only by
+//! `opt-in` / `opt-out`, never by `config --set`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::exit::{Exit, HasExit};
+use crate::fsutil::{self, FileLock};
+use crate::paths::Paths;
+
+/// The type of a config value; drives parsing and validation.
+#[derive(Debug, Clone, Copy)]
+pub enum Kind {
+    Bool,
+    /// Integer within an inclusive range.
+    Int { min: i64, max: i64 },
+    /// Integer within a range, or `null` meaning "no cap".
+    OptInt { min: i64, max: i64 },
+    Str,
+    /// Optional string (`null` when unset).
+    OptStr,
+    /// Docker-style byte size: `512m`, `1g`, `262144k`, plain bytes.
+    Size,
+    /// One of a fixed set of words.
+    Enum(&'static [&'static str]),
+}
+
+/// One user-settable key.
+#[derive(Debug)]
+pub struct KeyDef {
+    pub key: &'static str,
+    pub kind: Kind,
+    /// Default as JSON text (parsed on use; the table stays `const`).
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+macro_rules! key {
+    ($k:literal, $kind:expr, $def:literal, $help:literal) => {
+        KeyDef {
+            key: $k,
+            kind: $kind,
+            default: $def,
+            help: $help,
+        }
+    };
+}
+
+const MS_DAY: i64 = 86_400_000;
+
+/// Every key, in display order.
+pub const SCHEMA: &[KeyDef] = &[
+    key!("docker.image", Kind::Str, r#""synaptic-mesh/claude-max:latest""#, "Image that runs Claude Code jobs"),
+    key!("docker.memory", Kind::Size, r#""512m""#, "Memory limit per job container (memory-swap is set equal)"),
+    key!("docker.cpuShares", Kind::Int { min: 2, max: 262_144 }, "512", "Relative CPU weight per job container"),
+    key!("docker.timeout", Kind::Int { min: 1_000, max: MS_DAY }, "300000", "Job timeout in milliseconds"),
+    key!("docker.model", Kind::Str, r#""sonnet""#, "Default Claude Code model alias or id for jobs"),
+    key!("docker.network", Kind::Str, r#""bridge""#, "Docker network mode for job containers"),
+    key!("security.enableEncryption", Kind::Bool, "true", "Encrypt market payloads and results end to end"),
+    key!("security.keyRotationDays", Kind::Int { min: 1, max: 3650 }, "30", "Days before node keys should be rotated; old keys decrypt this long after"),
+    key!("security.maxSessionAge", Kind::Int { min: 60_000, max: 30 * MS_DAY }, "3600000", "Longest market session in milliseconds before re-authentication"),
+    key!("limits.dailyTasks", Kind::Int { min: 0, max: 1_000_000 }, "5", "Jobs per local calendar day"),
+    key!("limits.dailyTokens", Kind::Int { min: 0, max: 1_000_000_000_000 }, "5000", "Tokens per local calendar day"),
+    key!("limits.weeklyTasks", Kind::OptInt { min: 0, max: 1_000_000 }, "null", "Jobs per ISO week (null: no weekly cap)"),
+    key!("limits.weeklyTokens", Kind::OptInt { min: 0, max: 1_000_000_000_000 }, "null", "Tokens per ISO week (null: no weekly cap)"),
+    key!("limits.monthlyTasks", Kind::OptInt { min: 0, max: 1_000_000 }, "null", "Jobs per calendar month (null: no monthly cap)"),
+    key!("limits.monthlyTokens", Kind::OptInt { min: 0, max: 1_000_000_000_000 }, "null", "Tokens per calendar month (null: no monthly cap)"),
+    key!("limits.maxTokensPerTask", Kind::Int { min: 1, max: 100_000_000 }, "1000", "Token cap for one job; reserved up front against the token caps"),
+    key!("limits.concurrentJobs", Kind::Int { min: 1, max: 64 }, "1", "Jobs that may run at the same time"),
+    key!("market.endpoint", Kind::Str, r#""ws://127.0.0.1:7700""#, "Market coordinator WebSocket URL"),
+    key!("market.defaultPrice", Kind::Int { min: 0, max: 1_000_000 }, "5", "Default asking price per task in RUV"),
+    key!("market.maxBidPrice", Kind::Int { min: 0, max: 1_000_000 }, "100", "Highest price this node will bid for a task in RUV"),
+    key!("market.bidTimeout", Kind::Int { min: 1_000, max: MS_DAY }, "300000", "How long a posted task waits for a provider, in milliseconds"),
+    key!("market.autoAcceptBids", Kind::Bool, "false", "Accept matching market tasks without asking"),
+    key!("compliance.requireApproval", Kind::Bool, "true", "Ask before every job unless approved for that job"),
+    key!("compliance.logAllActivity", Kind::Bool, "true", "Record every state change in the audit log"),
+    key!("compliance.enableAuditTrail", Kind::Bool, "true", "Keep the hash-chained audit log"),
+    key!("compliance.checkInterval", Kind::Int { min: 60_000, max: 30 * MS_DAY }, "3600000", "How often scheduled compliance checks run, in milliseconds"),
+    key!("credentials.source", Kind::Enum(&["auto", "oauth-env", "api-key-env", "command", "file"]), r#""auto""#, "Where the Claude credential is read at run time (never stored)"),
+    key!("credentials.tokenCommand", Kind::OptStr, "null", "Command whose stdout is the credential (source=command or auto)"),
+    key!("credentials.tokenFile", Kind::OptStr, "null", "File (mode 0600) holding the credential (source=file or auto)"),
+];
+
+/// Sections the file may contain that are not user-settable keys.
+const RECORD_SECTIONS: &[&str] = &["consent"];
+
+/// Where a value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Default,
+    File,
+    Env(String),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Default => f.write_str("default"),
+            Origin::File => f.write_str("file"),
+            Origin::Env(var) => write!(f, "env {var}"),
+        }
+    }
+}
+
+/// Config errors. All are usage errors (exit 2): the user's input is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}:{line}:{column}: config is not valid JSON: {msg}")]
+    Corrupt {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        msg: String,
+    },
+    #[error("{path}: config must be a JSON object with sections like \"docker\" and \"limits\"")]
+    NotObject { path: PathBuf },
+    #[error("unknown config key `{key}`")]
+    UnknownKey { key: String, suggestion: Option<String> },
+    #[error("`{key}` is managed by `{command}` and cannot be set with `config`")]
+    ReadOnly { key: String, command: &'static str },
+    #[error("invalid value for `{key}`{origin}: {reason}")]
+    Invalid {
+        key: String,
+        origin: String,
+        reason: String,
+    },
+    #[error("expected KEY=VALUE, got `{0}`")]
+    NotAssignment(String),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl HasExit for ConfigError {
+    fn exit(&self) -> Exit {
+        match self {
+            ConfigError::Read { .. } | ConfigError::Write { .. } => Exit::Failed,
+            _ => Exit::Usage,
+        }
+    }
+    fn hint(&self) -> Option<String> {
+        match self {
+            ConfigError::Corrupt { path, .. } | ConfigError::NotObject { path } => Some(format!(
+                "fix the file by hand or move it aside (it was left untouched): `mv {} {}.bad`",
+                path.display(),
+                path.display()
+            )),
+            ConfigError::UnknownKey { suggestion, .. } => Some(match suggestion {
+                Some(s) => format!("did you mean `{s}`? `claude-max-market config --list` shows every key"),
+                None => "`claude-max-market config --list` shows every key".into(),
+            }),
+            ConfigError::ReadOnly { command, .. } => Some(format!("use `claude-max-market {command}`")),
+            ConfigError::Invalid { key, .. } => def(key).map(|d| format!("`{key}` takes {}", kind_help(d.kind))),
+            ConfigError::NotAssignment(_) => Some("for example: `config --set limits.dailyTasks=10`".into()),
+            _ => None,
+        }
+    }
+}
+
+/// Look up a key's definition.
+pub fn def(key: &str) -> Option<&'static KeyDef> {
+    SCHEMA.iter().find(|d| d.key == key)
+}
+
+/// The key definition, or an `UnknownKey` error with the nearest suggestion.
+pub fn def_or_suggest(key: &str) -> Result<&'static KeyDef, ConfigError> {
+    if let Some(d) = def(key) {
+        return Ok(d);
+    }
+    if RECORD_SECTIONS.iter().any(|s| key == *s || key.starts_with(&format!("{s}."))) {
+        return Err(ConfigError::ReadOnly {
+            key: key.to_string(),
+            command: "opt-in` / `opt-out",
+        });
+    }
+    let lower = key.to_ascii_lowercase();
+    let best = SCHEMA
+        .iter()
+        .map(|d| (strsim::jaro_winkler(&lower, &d.key.to_ascii_lowercase()), d.key))
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .filter(|(score, _)| *score > 0.7)
+        .map(|(_, k)| k.to_string());
+    Err(ConfigError::UnknownKey {
+        key: key.to_string(),
+        suggestion: best,
+    })
+}
+
+/// Human description of what a kind accepts.
+pub fn kind_help(kind: Kind) -> String {
+    match kind {
+        Kind::Bool => "`true` or `false`".into(),
+        Kind::Int { min, max } => format!("a whole number from {min} to {max}"),
+        Kind::OptInt { min, max } => format!("a whole number from {min} to {max}, or `none` for no cap"),
+        Kind::Str => "text".into(),
+        Kind::OptStr => "text, or `none` to clear".into(),
+        Kind::Size => "a size such as `512m`, `1g` or `262144k` (at least 6m)".into(),
+        Kind::Enum(words) => format!("one of: {}", words.join(", ")),
+    }
+}
+
+fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Bool => "bool",
+        Kind::Int { .. } => "int",
+        Kind::OptInt { .. } => "int|null",
+        Kind::Str => "string",
+        Kind::OptStr => "string|null",
+        Kind::Size => "size",
+        Kind::Enum(_) => "enum",
+    }
+}
+
+/// Parse user text (from `--set` or an env var) by the key's type.
+pub fn parse_text(d: &KeyDef, text: &str) -> Result<Value, String> {
+    let t = text.trim();
+    match d.kind {
+        Kind::Bool => match t.to_ascii_lowercase().as_str() {
+            "true" | "yes" | "on" | "1" => Ok(Value::Bool(true)),
+            "false" | "no" | "off" | "0" => Ok(Value::Bool(false)),
+            _ => Err(format!("`{t}` is not a boolean")),
+        },
+        Kind::Int { .. } | Kind::OptInt { .. } => {
+            if matches!(d.kind, Kind::OptInt { .. }) && matches!(t, "none" | "null" | "") {
+                return Ok(Value::Null);
+            }
+            let n: i64 = t.replace('_', "").parse().map_err(|_| format!("`{t}` is not a whole number"))?;
+            check(d, &Value::from(n))
+        }
+        Kind::OptStr if matches!(t, "none" | "null" | "") => Ok(Value::Null),
+        Kind::Str | Kind::OptStr | Kind::Size | Kind::Enum(_) => check(d, &Value::String(t.to_string())),
+    }
+}
+
+/// Validate a JSON value against the key's type; returns the normalised value.
+pub fn check(d: &KeyDef, v: &Value) -> Result<Value, String> {
+    match (d.kind, v) {
+        (Kind::Bool, Value::Bool(_)) => Ok(v.clone()),
+        (Kind::Int { min, max }, Value::Number(n)) | (Kind::OptInt { min, max }, Value::Number(n)) => {
+            let n = n.as_i64().ok_or_else(|| format!("`{n}` is not a whole number"))?;
+            if n < min || n > max {
+                Err(format!("{n} is out of range ({min} to {max})"))
+            } else {
+                Ok(Value::from(n))
+            }
+        }
+        (Kind::OptInt { .. } | Kind::OptStr, Value::Null) => Ok(Value::Null),
+        (Kind::Str, Value::String(s)) | (Kind::OptStr, Value::String(s)) => {
+            if s.is_empty() && matches!(d.kind, Kind::Str) {
+                Err("must not be empty".into())
+            } else {
+                Ok(v.clone())
+            }
+        }
+        (Kind::Size, Value::String(s)) => parse_size(s).map(|_| Value::String(s.to_ascii_lowercase())),
+        (Kind::Size, Value::Number(n)) => n
+            .as_u64()
+            .filter(|b| *b >= MIN_MEMORY)
+            .map(|_| v.clone())
+            .ok_or_else(|| format!("{n} bytes is below the minimum of 6m")),
+        (Kind::Enum(words), Value::String(s)) => {
+            if words.contains(&s.as_str()) {
+                Ok(v.clone())
+            } else {
+                Err(format!("`{s}` is not one of {}", words.join(", ")))
+            }
+        }
+        (kind, other) => Err(format!("expected {}, found {}", kind_name(kind), json_type(other))),
+    }
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Docker refuses memory limits below 6 MiB.
+const MIN_MEMORY: u64 = 6 * 1024 * 1024;
+
+/// Parse a Docker-style size (`512m`, `1g`, `100k`, `1048576`) into bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.strip_suffix('b').unwrap_or(&t);
+    let (num, mult) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size like 512m or 1g"))?;
+    let bytes = n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))?;
+    if bytes < MIN_MEMORY {
+        return Err(format!("`{s}` is below the minimum of 6m"));
+    }
+    Ok(bytes)
+}
+
+/// The env var that overrides `key`: `limits.dailyTasks` -> `CMM_LIMITS_DAILYTASKS`.
+pub fn env_var(key: &str) -> String {
+    format!("CMM_{}", key.replace('.', "_").to_ascii_uppercase())
+}
+
+/// The loaded config: the file's JSON plus resolved values with origins.
+#[derive(Debug, Clone)]
+pub struct Config {
+    path: PathBuf,
+    /// The file as read (or an empty object when absent).
+    file: Map<String, Value>,
+    /// Effective value and origin per schema key.
+    values: BTreeMap<&'static str, (Value, Origin)>,
+    /// Keys present in the file that the schema does not know.
+    pub unknown: Vec<String>,
+}
+
+impl Config {
+    /// Load `config.json` (absent = all defaults) and apply env overrides.
+    pub fn load(paths: &Paths) -> Result<Config, ConfigError> {
+        let path = paths.config_file();
+        let file = read_file(&path)?;
+        Config::resolve(path, file)
+    }
+
+    fn resolve(path: PathBuf, file: Map<String, Value>) -> Result<Config, ConfigError> {
+        let mut values = BTreeMap::new();
+        for d in SCHEMA {
+            let (value, origin) = if let Some(text) = std::env::var_os(env_var(d.key)) {
+                let var = env_var(d.key);
+                let text = text.to_string_lossy();
+                let v = parse_text(d, &text).map_err(|reason| ConfigError::Invalid {
+                    key: d.key.into(),
+                    origin: format!(" (from env {var})"),
+                    reason,
+                })?;
+                (v, Origin::Env(var))
+            } else if let Some(v) = lookup(&file, d.key) {
+                let v = check(d, v).map_err(|reason| ConfigError::Invalid {
+                    key: d.key.into(),
+                    origin: format!(" in {}", path.display()),
+                    reason,
+                })?;
+                (v, Origin::File)
+            } else {
+                (default_of(d), Origin::Default)
+            };
+            values.insert(d.key, (value, origin));
+        }
+        let mut unknown = Vec::new();
+        for (section, body) in &file {
+            if RECORD_SECTIONS.contains(&section.as_str()) {
+                continue;
+            }
+            match body {
+                Value::Object(m) => {
+                    for k in m.keys() {
+                        let full = format!("{section}.{k}");
+                        if def(&full).is_none() {
+                            unknown.push(full);
+                        }
+                    }
+                }
+                _ => unknown.push(section.clone()),
+            }
+        }
+        Ok(Config {
+            path,
+            file,
+            values,
+            unknown,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Effective value of a schema key. Panics only on a key missing from
+    /// [`SCHEMA`], which is a programming error caught by every test.
+    pub fn get(&self, key: &str) -> &Value {
+        &self.values.get(key).unwrap_or_else(|| panic!("config key `{key}` is not in SCHEMA")).0
+    }
+
+    pub fn origin(&self, key: &str) -> &Origin {
+        &self.values[key].1
+    }
+
+    pub fn get_i64(&self, key: &str) -> i64 {
+        self.get(key).as_i64().unwrap_or_default()
+    }
+
+    pub fn get_opt_i64(&self, key: &str) -> Option<i64> {
+        self.get(key).as_i64()
+    }
+
+    pub fn get_bool(&self, key: &str) -> bool {
+        self.get(key).as_bool().unwrap_or_default()
+    }
+
+    pub fn get_str(&self, key: &str) -> Option<&str> {
+        self.get(key).as_str()
+    }
+
+    /// A record section (e.g. `consent`) as stored in the file.
+    pub fn record(&self, section: &str) -> Option<&Value> {
+        self.file.get(section)
+    }
+
+    /// All effective values, in schema order: (def, value, origin).
+    pub fn entries(&self) -> impl Iterator<Item = (&'static KeyDef, &Value, &Origin)> {
+        SCHEMA.iter().map(move |d| {
+            let (v, o) = &self.values[d.key];
+            (d, v, o)
+        })
+    }
+
+    /// The effective config as nested JSON (sections of camelCase keys).
+    pub fn to_nested(&self) -> Value {
+        let mut root = Map::new();
+        for (d, v, _) in self.entries() {
+            let (section, key) = d.key.split_once('.').expect("schema keys are section.key");
+            root.entry(section)
+                .or_insert_with(|| Value::Object(Map::new()))
+                .as_object_mut()
+                .expect("sections are objects")
+                .insert(key.to_string(), v.clone());
+        }
+        Value::Object(root)
+    }
+}
+
+fn default_of(d: &KeyDef) -> Value {
+    // The defaults are literals in SCHEMA; a test parses every one of them.
+    serde_json::from_str(d.default).expect("SCHEMA default is valid JSON")
+}
+
+/// Default value of a key.
+pub fn default_value(key: &str) -> Option<Value> {
+    def(key).map(default_of)
+}
+
+fn lookup<'a>(file: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    let (section, k) = key.split_once('.')?;
+    file.get(section)?.as_object()?.get(k)
+}
+
+fn read_file(path: &Path) -> Result<Map<String, Value>, ConfigError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Map::new()),
+        Err(source) => {
+            return Err(ConfigError::Read {
+                path: path.into(),
+                source,
+            })
+        }
+    };
+    parse_object(path, &bytes)
+}
+
+fn parse_object(path: &Path, bytes: &[u8]) -> Result<Map<String, Value>, ConfigError> {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ConfigError::NotObject { path: path.into() }),
+        Err(e) => Err(ConfigError::Corrupt {
+            path: path.into(),
+            line: e.line(),
+            column: e.column(),
+            msg: e.to_string().split(" at line").next().unwrap_or_default().to_string(),
+        }),
+    }
+}
+
+/// A change made to the file: `(key, old, new)` where `old`/`new` are the
+/// values stored in the file (`None` = absent, i.e. default).
+pub type Change = (String, Option<Value>, Option<Value>);
+
+/// Edit `config.json` under the config lock: re-read, let `edit` change the
+/// object, validate the result, write atomically. Returns what `edit` returned.
+///
+/// Re-reading under the lock matters: two concurrent `config --set` calls
+/// must both land, not the second overwrite the first with a stale copy.
+pub fn edit<T>(
+    paths: &Paths,
+    edit: impl FnOnce(&mut Map<String, Value>) -> Result<T, ConfigError>,
+) -> Result<T, ConfigError> {
+    let path = paths.config_file();
+    let werr = |source| ConfigError::Write {
+        path: path.clone(),
+        source,
+    };
+    paths.ensure().map_err(werr)?;
+    let _lock = FileLock::exclusive(&paths.config_lock()).map_err(werr)?;
+    let mut file = read_file(&path)?;
+    let out = edit(&mut file)?;
+    // Validate the whole result as a load would (env ignored: it is not
+    // written), so a save can never produce a file that fails to load.
+    for d in SCHEMA {
+        if let Some(v) = lookup(&file, d.key) {
+            check(d, v).map_err(|reason| ConfigError::Invalid {
+                key: d.key.into(),
+                origin: String::new(),
+                reason,
+            })?;
+        }
+    }
+    let mut text = serde_json::to_string_pretty(&Value::Object(file)).expect("JSON values serialise");
+    text.push('\n');
+    fsutil::atomic_write(&path, text.as_bytes()).map_err(werr)?;
+    Ok(out)
+}
+
+/// Set (or with `None`, remove) a schema key in the file object.
+pub fn set_in(file: &mut Map<String, Value>, key: &str, value: Option<Value>) -> Option<Value> {
+    let (section, k) = key.split_once('.').expect("schema keys are section.key");
+    let sec = file
+        .entry(section)
+        .or_insert_with(|| Value::Object(Map::new()));
+    if !sec.is_object() {
+        *sec = Value::Object(Map::new());
+    }
+    let obj = sec.as_object_mut().expect("just made an object");
+    let old = match value {
+        Some(v) => obj.insert(k.to_string(), v),
+        None => obj.remove(k),
+    };
+    if obj.is_empty() {
+        file.remove(section);
+    }
+    old
+}
+
+/// Parse and validate `K=V` for `config --set`.
+pub fn parse_assignment(text: &str) -> Result<(&'static KeyDef, Value), ConfigError> {
+    let (k, v) = text
+        .split_once('=')
+        .ok_or_else(|| ConfigError::NotAssignment(text.to_string()))?;
+    let d = def_or_suggest(k.trim())?;
+    let value = parse_text(d, v).map_err(|reason| ConfigError::Invalid {
+        key: d.key.into(),
+        origin: String::new(),
+        reason,
+    })?;
+    Ok((d, value))
+}
+
+/// Read and validate a config file for `config --import`: returns the schema
+/// keys it sets and the keys it has that we do not know (dropped).
+pub fn read_import(path: &Path) -> Result<(Vec<(&'static KeyDef, Value)>, Vec<String>), ConfigError> {
+    let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
+    let file = parse_object(path, &bytes)?;
+    let mut set = Vec::new();
+    for d in SCHEMA {
+        if let Some(v) = lookup(&file, d.key) {
+            let v = check(d, v).map_err(|reason| ConfigError::Invalid {
+                key: d.key.into(),
+                origin: format!(" in {}", path.display()),
+                reason,
+            })?;
+            set.push((d, v));
+        }
+    }
+    let tmp = Config::resolve(path.into(), file)?;
+    Ok((set, tmp.unknown))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_default_is_valid_for_its_kind() {
+        for d in SCHEMA {
+            let v = default_of(d);
+            check(d, &v).unwrap_or_else(|e| panic!("{}: default {}: {e}", d.key, d.default));
+            assert!(d.key.split_once('.').is_some(), "{} has no section", d.key);
+        }
+    }
+
+    #[test]
+    fn env_var_names_follow_the_seed_convention() {
+        assert_eq!(env_var("limits.dailyTasks"), "CMM_LIMITS_DAILYTASKS");
+    }
+
+    #[test]
+    fn values_parse_by_type() {
+        let d = def("limits.dailyTasks").unwrap();
+        assert_eq!(parse_text(d, "12").unwrap(), Value::from(12));
+        assert!(parse_text(d, "abc").is_err());
+        assert!(parse_text(d, "-1").is_err());
+        let d = def("limits.weeklyTasks").unwrap();
+        assert_eq!(parse_text(d, "none").unwrap(), Value::Null);
+        let d = def("docker.memory").unwrap();
+        assert!(parse_text(d, "1g").is_ok());
+        assert!(parse_text(d, "1k").is_err());
+        assert!(parse_text(d, "lots").is_err());
+    }
+
+    #[test]
+    fn unknown_keys_get_a_suggestion() {
+        match def_or_suggest("limits.dailytask") {
+            Err(ConfigError::UnknownKey { suggestion, .. }) => {
+                assert_eq!(suggestion.as_deref(), Some("limits.dailyTasks"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512m").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert!(parse_size("5m").is_err());
+    }
+}

@@ -1,0 +1,241 @@
+//! `health`: quick checks for monitors, mapped to Nagios levels.
+//!
+//! Each check is cheap (no log scans): config loads, the data dir accepts a
+//! file, the audit head matches the log's tail, and modes are private.
+//! Later capabilities (Docker engine, keys) add their own checks here.
+
+use std::fs;
+
+use chrono::Local;
+use serde::Serialize;
+
+use crate::audit::AuditLog;
+use crate::config::Config;
+use crate::fsutil;
+use crate::paths::Paths;
+use crate::usage::{Caps, Ledger};
+
+/// Nagios result levels, ordered by severity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Level {
+    Ok,
+    Warning,
+    Critical,
+    Unknown,
+}
+
+impl Level {
+    pub fn code(self) -> i32 {
+        match self {
+            Level::Ok => 0,
+            Level::Warning => 1,
+            Level::Critical => 2,
+            Level::Unknown => 3,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Ok => "OK",
+            Level::Warning => "WARNING",
+            Level::Critical => "CRITICAL",
+            Level::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+/// One check's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub level: Level,
+    pub message: String,
+}
+
+/// One perfdata value: `'label'=value;warn;crit;min;max`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Perf {
+    pub label: &'static str,
+    pub value: u64,
+    pub warn: Option<u64>,
+    pub crit: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HealthReport {
+    pub level: Level,
+    pub checks: Vec<Check>,
+    pub perf: Vec<Perf>,
+}
+
+impl HealthReport {
+    /// The one-line Nagios output: `CMM OK - summary | perfdata`.
+    pub fn line(&self) -> String {
+        let bad: Vec<String> = self
+            .checks
+            .iter()
+            .filter(|c| c.level != Level::Ok)
+            .map(|c| format!("{}: {}", c.name, c.message))
+            .collect();
+        let summary = if bad.is_empty() {
+            format!("{} checks passed", self.checks.len())
+        } else {
+            bad.join("; ")
+        };
+        let perf: Vec<String> = self
+            .perf
+            .iter()
+            .map(|p| {
+                let o = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
+                format!("'{}'={};{};{};0;", p.label, p.value, o(p.warn), o(p.crit))
+            })
+            .collect();
+        format!("CMM {} - {} | {}", self.level.name(), summary, perf.join(" "))
+    }
+}
+
+/// Run the local checks.
+pub fn check(paths: &Paths) -> HealthReport {
+    let mut checks = Vec::new();
+    let mut perf = Vec::new();
+
+    let config = match Config::load(paths) {
+        Ok(c) => {
+            checks.push(Check {
+                name: "config",
+                level: Level::Ok,
+                message: "valid".into(),
+            });
+            Some(c)
+        }
+        Err(e) => {
+            checks.push(Check {
+                name: "config",
+                level: Level::Critical,
+                message: e.to_string(),
+            });
+            None
+        }
+    };
+
+    checks.push(writable(paths));
+
+    let log = AuditLog::new(paths);
+    match log.quick_check() {
+        Ok(head) => {
+            perf.push(Perf {
+                label: "audit_events",
+                value: head.as_ref().map(|h| h.seq + 1).unwrap_or(0),
+                warn: None,
+                crit: None,
+            });
+            checks.push(Check {
+                name: "audit",
+                level: Level::Ok,
+                message: match head {
+                    Some(h) => format!("head at seq {}", h.seq),
+                    None => "no events yet".into(),
+                },
+            })
+        }
+        Err(e) => checks.push(Check {
+            name: "audit",
+            level: Level::Critical,
+            message: e.to_string(),
+        }),
+    }
+
+    checks.push(permissions(paths));
+
+    if let Some(cfg) = &config {
+        let caps = Caps::from_config(cfg);
+        match Ledger::new(paths).snapshot(&caps, Local::now()) {
+            Ok(s) => {
+                let day = &s.windows[0];
+                perf.push(Perf {
+                    label: "tasks_today",
+                    value: day.tasks,
+                    warn: None,
+                    crit: day.task_cap,
+                });
+                perf.push(Perf {
+                    label: "tokens_today",
+                    value: day.tokens,
+                    warn: None,
+                    crit: day.token_cap,
+                });
+                perf.push(Perf {
+                    label: "reservations",
+                    value: s.reservations.len() as u64,
+                    warn: None,
+                    crit: Some(caps.concurrent_jobs),
+                });
+            }
+            Err(e) => checks.push(Check {
+                name: "usage",
+                level: Level::Critical,
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    let level = checks.iter().map(|c| c.level).max().unwrap_or(Level::Ok);
+    HealthReport { level, checks, perf }
+}
+
+fn writable(paths: &Paths) -> Check {
+    let dir = &paths.data_dir;
+    let result = fsutil::ensure_private_dir(dir).and_then(|_| tempfile::tempfile_in(dir).map(drop));
+    match result {
+        Ok(()) => Check {
+            name: "data_dir",
+            level: Level::Ok,
+            message: "writable".into(),
+        },
+        Err(e) => Check {
+            name: "data_dir",
+            level: Level::Critical,
+            message: format!("{} is not writable: {e}", dir.display()),
+        },
+    }
+}
+
+/// Files and directories wider than 0600 / 0700 (group or other bits set).
+pub fn loose_permissions(paths: &Paths) -> Vec<String> {
+    let mut loose = Vec::new();
+    for (p, is_dir) in paths.private_entries() {
+        if let Some(mode) = fsutil::mode_of(&p) {
+            if mode & 0o077 != 0 {
+                let want = if is_dir { "0700" } else { "0600" };
+                loose.push(format!("{} is {:04o} (want {want})", p.display(), mode));
+            }
+        }
+    }
+    if let Ok(rd) = fs::read_dir(paths.keys_dir()) {
+        for e in rd.flatten() {
+            if let Some(mode) = fsutil::mode_of(&e.path()) {
+                if mode & 0o077 != 0 && e.path().is_file() {
+                    loose.push(format!("{} is {:04o} (want 0600)", e.path().display(), mode));
+                }
+            }
+        }
+    }
+    loose
+}
+
+fn permissions(paths: &Paths) -> Check {
+    let loose = loose_permissions(paths);
+    if loose.is_empty() {
+        Check {
+            name: "permissions",
+            level: Level::Ok,
+            message: "private".into(),
+        }
+    } else {
+        Check {
+            name: "permissions",
+            level: Level::Warning,
+            message: format!("{} (fix: chmod go-rwx)", loose.join(", ")),
+        }
+    }
+}

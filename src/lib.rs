@@ -1,0 +1,41 @@
+//! claude-max-market: run Claude Code jobs on your own login, inside a
+//! locked-down container, under your consent, caps and approval, with every
+//! action in a tamper-evident audit log.
+//!
+//! The binary is a thin layer over this library. The programmatic facade:
+//!
+//! ```no_run
+//! use claude_max_market::{Paths, Config, AuditLog, status};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let paths = Paths::resolve()?;
+//! let config = Config::load(&paths)?;
+//! let report = status::read(&paths, &config)?;
+//! println!("opted in: {}", report.consent.accepted);
+//!
+//! let log = AuditLog::new(&paths);
+//! log.append("example.event", serde_json::json!({ "n": 1 }))?;
+//! assert!(log.verify()?.ok);
+//! # Ok(()) }
+//! ```
+
+pub mod audit;
+pub mod cli;
+pub mod compliance;
+pub mod config;
+pub mod consent;
+pub mod context;
+pub mod exit;
+pub mod fsutil;
+pub mod health;
+pub mod legal;
+pub mod paths;
+pub mod status;
+pub mod timespec;
+pub mod usage;
+
+pub use audit::{AuditError, AuditLog, VerifyReport};
+pub use config::{Config, ConfigError};
+pub use consent::Consent;
+pub use exit::Exit;
+pub use paths::Paths;
+pub use usage::{Caps, Ledger, Reservation};
