@@ -393,7 +393,8 @@ impl AuditLog {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 if head.is_some() {
-                    rep.problems.push("audit.jsonl is missing but audit.head exists (deleted)".into());
+                    rep.problems
+                        .push("audit.jsonl is missing but audit.head exists (deleted)".into());
                 }
                 rep.ok = rep.problems.is_empty();
                 return Ok(rep);
@@ -414,9 +415,8 @@ impl AuditLog {
                 break;
             }
             if line.last() != Some(&b'\n') {
-                first_bad.get_or_insert_with(|| {
-                    format!("torn last line at byte {offset} ({n} bytes without a newline)")
-                });
+                first_bad
+                    .get_or_insert_with(|| format!("torn last line at byte {offset} ({n} bytes without a newline)"));
                 offset += n as u64;
                 break;
             }
@@ -427,7 +427,10 @@ impl AuditLog {
                         first_bad = Some(if seq < expected_seq {
                             format!("line at byte {offset} has seq {seq}, expected {expected_seq} (reordered or duplicated)")
                         } else {
-                            format!("seq jumps from {} to {seq} at byte {offset} (lines deleted)", expected_seq.wrapping_sub(1))
+                            format!(
+                                "seq jumps from {} to {seq} at byte {offset} (lines deleted)",
+                                expected_seq.wrapping_sub(1)
+                            )
                         });
                     }
                     if p != prev && first_bad.is_none() {
@@ -460,7 +463,8 @@ impl AuditLog {
         match &head {
             Some(h) => {
                 if rep.events == 0 {
-                    rep.problems.push("audit.head names lines the log no longer has (truncated)".into());
+                    rep.problems
+                        .push("audit.head names lines the log no longer has (truncated)".into());
                 } else if h.seq + 1 < rep.events {
                     rep.problems.push(format!(
                         "log has {} lines beyond audit.head (seq {}) — an unrecovered crash or lines added outside the tool",
@@ -497,7 +501,9 @@ impl AuditLog {
             Err(e) => return Err(self.io(e)),
         };
         let reader = file.map(|f| BufReader::with_capacity(1 << 16, f));
-        Ok(reader.into_iter().flat_map(|r| r.lines().map_while(Result::ok).filter_map(parse_entry)))
+        Ok(reader
+            .into_iter()
+            .flat_map(|r| r.lines().map_while(Result::ok).filter_map(parse_entry)))
     }
 
     /// The last `n` entries, reading backwards from the end (cost ~ n lines).

@@ -109,7 +109,8 @@ fn registry() -> &'static [(&'static str, CheckFn)] {
 }
 
 pub fn parse_checklist(name: &str, text: &str) -> Result<Checklist, ChecklistError> {
-    let list: Checklist = serde_json::from_str(text).map_err(|e| ChecklistError::Invalid(name.into(), e.to_string()))?;
+    let list: Checklist =
+        serde_json::from_str(text).map_err(|e| ChecklistError::Invalid(name.into(), e.to_string()))?;
     for c in &list.checks {
         if !registry().iter().any(|(id, _)| *id == c.id) {
             return Err(ChecklistError::Unimplemented(c.id.clone()));
@@ -167,12 +168,20 @@ macro_rules! need_config {
 
 /// Files that must never hold a credential.
 fn state_files(paths: &Paths) -> Vec<PathBuf> {
-    let mut v = vec![paths.config_file(), paths.usage_file(), paths.audit_log(), paths.audit_head()];
+    let mut v = vec![
+        paths.config_file(),
+        paths.usage_file(),
+        paths.audit_log(),
+        paths.audit_head(),
+    ];
     for dir in [paths.jobs_dir(), paths.keys_dir(), paths.data_dir.clone()] {
         if let Ok(rd) = fs::read_dir(&dir) {
             for e in rd.flatten() {
                 let p = e.path();
-                let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 if p.is_file() && (dir != paths.data_dir || name.starts_with("audit.torn-")) {
                     v.push(p);
                 }
@@ -289,12 +298,20 @@ fn caps_enforced(i: &Inputs) -> Outcome {
     for w in &snap.windows {
         if let Some(cap) = w.task_cap {
             if w.tasks > cap {
-                return Outcome::Warn(format!("{} usage {} tasks is over the cap of {cap} (the cap was lowered after use)", w.window.name(), w.tasks));
+                return Outcome::Warn(format!(
+                    "{} usage {} tasks is over the cap of {cap} (the cap was lowered after use)",
+                    w.window.name(),
+                    w.tasks
+                ));
             }
         }
         if let Some(cap) = w.token_cap {
             if w.tokens > cap {
-                return Outcome::Warn(format!("{} usage {} tokens is over the cap of {cap}", w.window.name(), w.tokens));
+                return Outcome::Warn(format!(
+                    "{} usage {} tokens is over the cap of {cap}",
+                    w.window.name(),
+                    w.tokens
+                ));
             }
         }
     }
@@ -334,7 +351,10 @@ fn opt_out_path(i: &Inputs) -> Outcome {
         return Outcome::Pass("nothing recorded yet; opt-out has nothing to revoke".into());
     }
     if let Err(e) = tempfile::tempfile_in(dir) {
-        return Outcome::Fail(format!("{} is not writable ({e}): opt-out could not be recorded", dir.display()));
+        return Outcome::Fail(format!(
+            "{} is not writable ({e}): opt-out could not be recorded",
+            dir.display()
+        ));
     }
     match FileLock::exclusive(&i.paths.config_lock()) {
         Ok(_) => Outcome::Pass("config is writable and its lock is free".into()),
@@ -359,7 +379,11 @@ pub fn credential_kind(cfg: &Config) -> &'static str {
         "api-key-env" => "api-key",
         "auto" if has("CLAUDE_CODE_OAUTH_TOKEN") => "subscription",
         "auto" if has("ANTHROPIC_API_KEY") => "api-key",
-        "auto" if cfg.get_str("credentials.tokenCommand").is_none() && cfg.get_str("credentials.tokenFile").is_none() => "none",
+        "auto"
+            if cfg.get_str("credentials.tokenCommand").is_none() && cfg.get_str("credentials.tokenFile").is_none() =>
+        {
+            "none"
+        }
         _ => "unknown",
     }
 }

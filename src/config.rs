@@ -23,9 +23,15 @@ use crate::paths::Paths;
 pub enum Kind {
     Bool,
     /// Integer within an inclusive range.
-    Int { min: i64, max: i64 },
+    Int {
+        min: i64,
+        max: i64,
+    },
     /// Integer within a range, or `null` meaning "no cap".
-    OptInt { min: i64, max: i64 },
+    OptInt {
+        min: i64,
+        max: i64,
+    },
     Str,
     /// Optional string (`null` when unset).
     OptStr,
@@ -60,35 +66,204 @@ const MS_DAY: i64 = 86_400_000;
 
 /// Every key, in display order.
 pub const SCHEMA: &[KeyDef] = &[
-    key!("docker.image", Kind::Str, r#""synaptic-mesh/claude-max:latest""#, "Image that runs Claude Code jobs"),
-    key!("docker.memory", Kind::Size, r#""512m""#, "Memory limit per job container (memory-swap is set equal)"),
-    key!("docker.cpuShares", Kind::Int { min: 2, max: 262_144 }, "512", "Relative CPU weight per job container"),
-    key!("docker.timeout", Kind::Int { min: 1_000, max: MS_DAY }, "300000", "Job timeout in milliseconds"),
-    key!("docker.model", Kind::Str, r#""sonnet""#, "Default Claude Code model alias or id for jobs"),
-    key!("docker.network", Kind::Str, r#""bridge""#, "Docker network mode for job containers"),
-    key!("security.enableEncryption", Kind::Bool, "true", "Encrypt market payloads and results end to end"),
-    key!("security.keyRotationDays", Kind::Int { min: 1, max: 3650 }, "30", "Days before node keys should be rotated; old keys decrypt this long after"),
-    key!("security.maxSessionAge", Kind::Int { min: 60_000, max: 30 * MS_DAY }, "3600000", "Longest market session in milliseconds before re-authentication"),
-    key!("limits.dailyTasks", Kind::Int { min: 0, max: 1_000_000 }, "5", "Jobs per local calendar day"),
-    key!("limits.dailyTokens", Kind::Int { min: 0, max: 1_000_000_000_000 }, "5000", "Tokens per local calendar day"),
-    key!("limits.weeklyTasks", Kind::OptInt { min: 0, max: 1_000_000 }, "null", "Jobs per ISO week (null: no weekly cap)"),
-    key!("limits.weeklyTokens", Kind::OptInt { min: 0, max: 1_000_000_000_000 }, "null", "Tokens per ISO week (null: no weekly cap)"),
-    key!("limits.monthlyTasks", Kind::OptInt { min: 0, max: 1_000_000 }, "null", "Jobs per calendar month (null: no monthly cap)"),
-    key!("limits.monthlyTokens", Kind::OptInt { min: 0, max: 1_000_000_000_000 }, "null", "Tokens per calendar month (null: no monthly cap)"),
-    key!("limits.maxTokensPerTask", Kind::Int { min: 1, max: 100_000_000 }, "1000", "Token cap for one job; reserved up front against the token caps"),
-    key!("limits.concurrentJobs", Kind::Int { min: 1, max: 64 }, "1", "Jobs that may run at the same time"),
-    key!("market.endpoint", Kind::Str, r#""ws://127.0.0.1:7700""#, "Market coordinator WebSocket URL"),
-    key!("market.defaultPrice", Kind::Int { min: 0, max: 1_000_000 }, "5", "Default asking price per task in RUV"),
-    key!("market.maxBidPrice", Kind::Int { min: 0, max: 1_000_000 }, "100", "Highest price this node will bid for a task in RUV"),
-    key!("market.bidTimeout", Kind::Int { min: 1_000, max: MS_DAY }, "300000", "How long a posted task waits for a provider, in milliseconds"),
-    key!("market.autoAcceptBids", Kind::Bool, "false", "Accept matching market tasks without asking"),
-    key!("compliance.requireApproval", Kind::Bool, "true", "Ask before every job unless approved for that job"),
-    key!("compliance.logAllActivity", Kind::Bool, "true", "Record every state change in the audit log"),
-    key!("compliance.enableAuditTrail", Kind::Bool, "true", "Keep the hash-chained audit log"),
-    key!("compliance.checkInterval", Kind::Int { min: 60_000, max: 30 * MS_DAY }, "3600000", "How often scheduled compliance checks run, in milliseconds"),
-    key!("credentials.source", Kind::Enum(&["auto", "oauth-env", "api-key-env", "command", "file"]), r#""auto""#, "Where the Claude credential is read at run time (never stored)"),
-    key!("credentials.tokenCommand", Kind::OptStr, "null", "Command whose stdout is the credential (source=command or auto)"),
-    key!("credentials.tokenFile", Kind::OptStr, "null", "File (mode 0600) holding the credential (source=file or auto)"),
+    key!(
+        "docker.image",
+        Kind::Str,
+        r#""synaptic-mesh/claude-max:latest""#,
+        "Image that runs Claude Code jobs"
+    ),
+    key!(
+        "docker.memory",
+        Kind::Size,
+        r#""512m""#,
+        "Memory limit per job container (memory-swap is set equal)"
+    ),
+    key!(
+        "docker.cpuShares",
+        Kind::Int { min: 2, max: 262_144 },
+        "512",
+        "Relative CPU weight per job container"
+    ),
+    key!(
+        "docker.timeout",
+        Kind::Int {
+            min: 1_000,
+            max: MS_DAY
+        },
+        "300000",
+        "Job timeout in milliseconds"
+    ),
+    key!(
+        "docker.model",
+        Kind::Str,
+        r#""sonnet""#,
+        "Default Claude Code model alias or id for jobs"
+    ),
+    key!(
+        "docker.network",
+        Kind::Str,
+        r#""bridge""#,
+        "Docker network mode for job containers"
+    ),
+    key!(
+        "security.enableEncryption",
+        Kind::Bool,
+        "true",
+        "Encrypt market payloads and results end to end"
+    ),
+    key!(
+        "security.keyRotationDays",
+        Kind::Int { min: 1, max: 3650 },
+        "30",
+        "Days before node keys should be rotated; old keys decrypt this long after"
+    ),
+    key!(
+        "security.maxSessionAge",
+        Kind::Int {
+            min: 60_000,
+            max: 30 * MS_DAY
+        },
+        "3600000",
+        "Longest market session in milliseconds before re-authentication"
+    ),
+    key!(
+        "limits.dailyTasks",
+        Kind::Int { min: 0, max: 1_000_000 },
+        "5",
+        "Jobs per local calendar day"
+    ),
+    key!(
+        "limits.dailyTokens",
+        Kind::Int {
+            min: 0,
+            max: 1_000_000_000_000
+        },
+        "5000",
+        "Tokens per local calendar day"
+    ),
+    key!(
+        "limits.weeklyTasks",
+        Kind::OptInt { min: 0, max: 1_000_000 },
+        "null",
+        "Jobs per ISO week (null: no weekly cap)"
+    ),
+    key!(
+        "limits.weeklyTokens",
+        Kind::OptInt {
+            min: 0,
+            max: 1_000_000_000_000
+        },
+        "null",
+        "Tokens per ISO week (null: no weekly cap)"
+    ),
+    key!(
+        "limits.monthlyTasks",
+        Kind::OptInt { min: 0, max: 1_000_000 },
+        "null",
+        "Jobs per calendar month (null: no monthly cap)"
+    ),
+    key!(
+        "limits.monthlyTokens",
+        Kind::OptInt {
+            min: 0,
+            max: 1_000_000_000_000
+        },
+        "null",
+        "Tokens per calendar month (null: no monthly cap)"
+    ),
+    key!(
+        "limits.maxTokensPerTask",
+        Kind::Int {
+            min: 1,
+            max: 100_000_000
+        },
+        "1000",
+        "Token cap for one job; reserved up front against the token caps"
+    ),
+    key!(
+        "limits.concurrentJobs",
+        Kind::Int { min: 1, max: 64 },
+        "1",
+        "Jobs that may run at the same time"
+    ),
+    key!(
+        "market.endpoint",
+        Kind::Str,
+        r#""ws://127.0.0.1:7700""#,
+        "Market coordinator WebSocket URL"
+    ),
+    key!(
+        "market.defaultPrice",
+        Kind::Int { min: 0, max: 1_000_000 },
+        "5",
+        "Default asking price per task in RUV"
+    ),
+    key!(
+        "market.maxBidPrice",
+        Kind::Int { min: 0, max: 1_000_000 },
+        "100",
+        "Highest price this node will bid for a task in RUV"
+    ),
+    key!(
+        "market.bidTimeout",
+        Kind::Int {
+            min: 1_000,
+            max: MS_DAY
+        },
+        "300000",
+        "How long a posted task waits for a provider, in milliseconds"
+    ),
+    key!(
+        "market.autoAcceptBids",
+        Kind::Bool,
+        "false",
+        "Accept matching market tasks without asking"
+    ),
+    key!(
+        "compliance.requireApproval",
+        Kind::Bool,
+        "true",
+        "Ask before every job unless approved for that job"
+    ),
+    key!(
+        "compliance.logAllActivity",
+        Kind::Bool,
+        "true",
+        "Record every state change in the audit log"
+    ),
+    key!(
+        "compliance.enableAuditTrail",
+        Kind::Bool,
+        "true",
+        "Keep the hash-chained audit log"
+    ),
+    key!(
+        "compliance.checkInterval",
+        Kind::Int {
+            min: 60_000,
+            max: 30 * MS_DAY
+        },
+        "3600000",
+        "How often scheduled compliance checks run, in milliseconds"
+    ),
+    key!(
+        "credentials.source",
+        Kind::Enum(&["auto", "oauth-env", "api-key-env", "command", "file"]),
+        r#""auto""#,
+        "Where the Claude credential is read at run time (never stored)"
+    ),
+    key!(
+        "credentials.tokenCommand",
+        Kind::OptStr,
+        "null",
+        "Command whose stdout is the credential (source=command or auto)"
+    ),
+    key!(
+        "credentials.tokenFile",
+        Kind::OptStr,
+        "null",
+        "File (mode 0600) holding the credential (source=file or auto)"
+    ),
 ];
 
 /// Sections the file may contain that are not user-settable keys.
@@ -137,15 +312,9 @@ pub enum ConfigError {
     #[error("expected KEY=VALUE, got `{0}`")]
     NotAssignment(String),
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("cannot write {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
 }
 
 impl HasExit for ConfigError {
@@ -184,7 +353,10 @@ pub fn def_or_suggest(key: &str) -> Result<&'static KeyDef, ConfigError> {
     if let Some(d) = def(key) {
         return Ok(d);
     }
-    if RECORD_SECTIONS.iter().any(|s| key == *s || key.starts_with(&format!("{s}."))) {
+    if RECORD_SECTIONS
+        .iter()
+        .any(|s| key == *s || key.starts_with(&format!("{s}.")))
+    {
         return Err(ConfigError::ReadOnly {
             key: key.to_string(),
             command: "opt-in` / `opt-out",
@@ -241,7 +413,10 @@ pub fn parse_text(d: &KeyDef, text: &str) -> Result<Value, String> {
             if matches!(d.kind, Kind::OptInt { .. }) && matches!(t, "none" | "null" | "") {
                 return Ok(Value::Null);
             }
-            let n: i64 = t.replace('_', "").parse().map_err(|_| format!("`{t}` is not a whole number"))?;
+            let n: i64 = t
+                .replace('_', "")
+                .parse()
+                .map_err(|_| format!("`{t}` is not a whole number"))?;
             check(d, &Value::from(n))
         }
         Kind::OptStr if matches!(t, "none" | "null" | "") => Ok(Value::Null),
@@ -310,7 +485,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some('g') => (&t[..t.len() - 1], 1 << 30),
         _ => (t, 1),
     };
-    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size like 512m or 1g"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 512m or 1g"))?;
     let bytes = n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))?;
     if bytes < MIN_MEMORY {
         return Err(format!("`{s}` is below the minimum of 6m"));
@@ -399,7 +576,11 @@ impl Config {
     /// Effective value of a schema key. Panics only on a key missing from
     /// [`SCHEMA`], which is a programming error caught by every test.
     pub fn get(&self, key: &str) -> &Value {
-        &self.values.get(key).unwrap_or_else(|| panic!("config key `{key}` is not in SCHEMA")).0
+        &self
+            .values
+            .get(key)
+            .unwrap_or_else(|| panic!("config key `{key}` is not in SCHEMA"))
+            .0
     }
 
     pub fn origin(&self, key: &str) -> &Origin {
@@ -534,9 +715,7 @@ pub fn edit<T>(
 /// Set (or with `None`, remove) a schema key in the file object.
 pub fn set_in(file: &mut Map<String, Value>, key: &str, value: Option<Value>) -> Option<Value> {
     let (section, k) = key.split_once('.').expect("schema keys are section.key");
-    let sec = file
-        .entry(section)
-        .or_insert_with(|| Value::Object(Map::new()));
+    let sec = file.entry(section).or_insert_with(|| Value::Object(Map::new()));
     if !sec.is_object() {
         *sec = Value::Object(Map::new());
     }
@@ -567,7 +746,15 @@ pub fn parse_assignment(text: &str) -> Result<(&'static KeyDef, Value), ConfigEr
 
 /// Read and validate a config file for `config --import`: returns the schema
 /// keys it sets and the keys it has that we do not know (dropped).
-pub fn read_import(path: &Path) -> Result<(Vec<(&'static KeyDef, Value)>, Vec<String>), ConfigError> {
+/// What `config --import` read from a file.
+pub struct Import {
+    /// Schema keys the file sets, validated.
+    pub set: Vec<(&'static KeyDef, Value)>,
+    /// Keys the file has that the schema does not know (dropped).
+    pub unknown: Vec<String>,
+}
+
+pub fn read_import(path: &Path) -> Result<Import, ConfigError> {
     let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
         path: path.into(),
         source,
@@ -585,7 +772,10 @@ pub fn read_import(path: &Path) -> Result<(Vec<(&'static KeyDef, Value)>, Vec<St
         }
     }
     let tmp = Config::resolve(path.into(), file)?;
-    Ok((set, tmp.unknown))
+    Ok(Import {
+        set,
+        unknown: tmp.unknown,
+    })
 }
 
 #[cfg(test)]

@@ -73,11 +73,9 @@ impl Consent {
             } else {
                 "run `claude-max-market opt-in` to allow this kind of job"
             };
-            return Err(Failure::new(
-                Exit::Refused,
-                format!("your consent does not cover `{job_type}` jobs"),
-            )
-            .hint(hint));
+            return Err(
+                Failure::new(Exit::Refused, format!("your consent does not cover `{job_type}` jobs")).hint(hint),
+            );
         }
         Ok(())
     }
@@ -93,7 +91,11 @@ pub fn store(paths: &Paths, consent: &Consent) -> Result<(), ConfigError> {
 }
 
 /// Store consent together with cap changes in one atomic config write.
-pub fn store_with_caps(paths: &Paths, consent: &Consent, caps: &[(&str, Value)]) -> Result<Vec<config::Change>, ConfigError> {
+pub fn store_with_caps(
+    paths: &Paths,
+    consent: &Consent,
+    caps: &[(&str, Value)],
+) -> Result<Vec<config::Change>, ConfigError> {
     let value = serde_json::to_value(consent).expect("consent serialises");
     config::edit(paths, |file| {
         let mut changes = Vec::new();

@@ -177,7 +177,10 @@ pub fn ask(question: &str) -> io::Result<Option<String>> {
 /// Ask a yes/no question; anything but y/yes is no.
 pub fn confirm(question: &str) -> io::Result<bool> {
     Ok(matches!(
-        ask(&format!("{question} [y/N] "))?.as_deref().map(str::to_ascii_lowercase).as_deref(),
+        ask(&format!("{question} [y/N] "))?
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref(),
         Some("y" | "yes")
     ))
 }

@@ -20,10 +20,7 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(DIR_MODE)
-        .create(dir)?;
+    fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir)?;
     // `recursive` applies the mode to every component it creates, but the
     // umask may have narrowed it; set it explicitly on the leaf.
     fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))

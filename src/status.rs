@@ -58,7 +58,11 @@ pub fn read(paths: &Paths, config: &Config) -> Result<StatusReport, UsageError> 
             current_terms_version: legal::TERMS_VERSION,
             accepted_at: consent.accepted_at.clone(),
             revoked_at: consent.revoked_at.clone(),
-            job_types: if consent.accepted { consent.job_types.clone() } else { vec![] },
+            job_types: if consent.accepted {
+                consent.job_types.clone()
+            } else {
+                vec![]
+            },
         },
         timeout_seconds: config.get_i64("docker.timeout") / 1000,
         caps,

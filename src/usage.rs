@@ -119,7 +119,11 @@ impl Window {
             Window::Day => today + Duration::days(1),
             Window::Week => today + Duration::days(7 - today.weekday().num_days_from_monday() as i64),
             Window::Month => {
-                let (y, m) = if today.month() == 12 { (today.year() + 1, 1) } else { (today.year(), today.month() + 1) };
+                let (y, m) = if today.month() == 12 {
+                    (today.year() + 1, 1)
+                } else {
+                    (today.year(), today.month() + 1)
+                };
                 NaiveDate::from_ymd_opt(y, m, 1).expect("first of a month exists")
             }
         }
@@ -153,7 +157,12 @@ fn local_midnight(day: NaiveDate) -> DateTime<Local> {
         .from_local_datetime(&naive)
         .earliest()
         // A DST gap at midnight: the day starts an hour later.
-        .unwrap_or_else(|| Local.from_local_datetime(&(naive + Duration::hours(1))).earliest().expect("1am exists"))
+        .unwrap_or_else(|| {
+            Local
+                .from_local_datetime(&(naive + Duration::hours(1)))
+                .earliest()
+                .expect("1am exists")
+        })
 }
 
 /// Usage errors.
@@ -185,9 +194,10 @@ impl HasExit for UsageError {
     }
     fn hint(&self) -> Option<String> {
         match self {
-            UsageError::CapReached { cap, .. } if cap.starts_with("concurrent") => {
-                Some("wait for the running job to finish, or raise the cap with `claude-max-market limits --concurrent N`".into())
-            }
+            UsageError::CapReached { cap, .. } if cap.starts_with("concurrent") => Some(
+                "wait for the running job to finish, or raise the cap with `claude-max-market limits --concurrent N`"
+                    .into(),
+            ),
             UsageError::CapReached { .. } => {
                 Some("wait for the window to reset, or raise the cap with `claude-max-market limits`".into())
             }
@@ -270,7 +280,11 @@ impl Ledger {
     }
 
     /// Run `f` on the state under the lock, then save.
-    fn locked<T>(&self, now: DateTime<Local>, f: impl FnOnce(&mut State) -> Result<T, UsageError>) -> Result<(T, Vec<Reservation>), UsageError> {
+    fn locked<T>(
+        &self,
+        now: DateTime<Local>,
+        f: impl FnOnce(&mut State) -> Result<T, UsageError>,
+    ) -> Result<(T, Vec<Reservation>), UsageError> {
         fsutil::ensure_private_dir(&self.dir).map_err(|e| self.io(e))?;
         let _lock = FileLock::exclusive(&self.lock).map_err(|e| self.io(e))?;
         let mut state = self.load()?;
@@ -284,7 +298,12 @@ impl Ledger {
 
     /// Reserve one task against every cap, or say which cap is reached.
     /// Also returns reservations reclaimed from dead processes (to audit).
-    pub fn reserve(&self, caps: &Caps, job_id: &str, now: DateTime<Local>) -> Result<(Reservation, Vec<Reservation>), UsageError> {
+    pub fn reserve(
+        &self,
+        caps: &Caps,
+        job_id: &str,
+        now: DateTime<Local>,
+    ) -> Result<(Reservation, Vec<Reservation>), UsageError> {
         self.locked(now, |state| {
             let today = now.date_naive();
             if state.reservations.len() as u64 >= caps.concurrent_jobs {
@@ -368,7 +387,10 @@ impl Ledger {
         let state = self.load()?;
         let today = now.date_naive();
         Ok(Snapshot {
-            windows: Window::ALL.iter().map(|w| window_usage(&state, caps, *w, today)).collect(),
+            windows: Window::ALL
+                .iter()
+                .map(|w| window_usage(&state, caps, *w, today))
+                .collect(),
             reservations: state
                 .reservations
                 .iter()
@@ -418,7 +440,9 @@ fn window_usage(state: &State, caps: &Caps, w: Window, today: NaiveDate) -> Wind
 
 /// Remove reservations whose process is gone, counting them pessimistically.
 fn reclaim(state: &mut State) -> Vec<Reservation> {
-    let (dead, live): (Vec<_>, Vec<_>) = std::mem::take(&mut state.reservations).into_iter().partition(|r| !alive(r));
+    let (dead, live): (Vec<_>, Vec<_>) = std::mem::take(&mut state.reservations)
+        .into_iter()
+        .partition(|r| !alive(r));
     state.reservations = live;
     for r in &dead {
         let d = state.days.entry(r.day).or_default();
@@ -473,7 +497,10 @@ mod tests {
     fn windows_follow_local_calendar() {
         let d = NaiveDate::from_ymd_opt(2026, 12, 31).unwrap(); // Thursday
         assert_eq!(Window::Day.next_start(d), NaiveDate::from_ymd_opt(2027, 1, 1).unwrap());
-        assert_eq!(Window::Month.next_start(d), NaiveDate::from_ymd_opt(2027, 1, 1).unwrap());
+        assert_eq!(
+            Window::Month.next_start(d),
+            NaiveDate::from_ymd_opt(2027, 1, 1).unwrap()
+        );
         assert_eq!(Window::Week.next_start(d), NaiveDate::from_ymd_opt(2027, 1, 4).unwrap());
         // ISO week 53 of 2026 spans into January 2027.
         assert!(Window::Week.contains(d, NaiveDate::from_ymd_opt(2027, 1, 3).unwrap()));
@@ -487,7 +514,10 @@ mod tests {
         let now = Local::now();
         let (a, _) = l.reserve(&caps(2), "a", now).unwrap();
         let (b, _) = l.reserve(&caps(2), "b", now).unwrap();
-        assert!(matches!(l.reserve(&caps(2), "c", now), Err(UsageError::CapReached { .. })));
+        assert!(matches!(
+            l.reserve(&caps(2), "c", now),
+            Err(UsageError::CapReached { .. })
+        ));
         assert!(l.release(&b.id, now).unwrap());
         assert!(l.commit(&a.id, 42, now).unwrap());
         let s = l.snapshot(&caps(2), now).unwrap();
@@ -516,7 +546,10 @@ mod tests {
             }],
         };
         l.save(&state).unwrap();
-        let c = Caps { concurrent_jobs: 1, ..caps(5) };
+        let c = Caps {
+            concurrent_jobs: 1,
+            ..caps(5)
+        };
         let (_, reclaimed) = l.reserve(&c, "y", Local::now()).unwrap();
         assert_eq!(reclaimed.len(), 1);
     }

@@ -63,7 +63,11 @@ fn verify(ctx: &Ctx) -> anyhow::Result<i32> {
             rep.events,
             rep.bytes,
             rep.log_id.as_deref().unwrap_or("-"),
-            if rep.recoveries > 0 { format!(", {} crash recoveries recorded", rep.recoveries) } else { String::new() }
+            if rep.recoveries > 0 {
+                format!(", {} crash recoveries recorded", rep.recoveries)
+            } else {
+                String::new()
+            }
         ));
     } else {
         eprintln!("{} audit chain broken:", p.red(&p.bold("error:")));
@@ -73,7 +77,11 @@ fn verify(ctx: &Ctx) -> anyhow::Result<i32> {
         if let Err(e) = recovered {
             eprintln!("  - {e}");
         }
-        eprintln!("{} keep a copy of {} for investigation; new events are refused until it is restored", p.bold("hint:"), log.log_path().display());
+        eprintln!(
+            "{} keep a copy of {} for investigation; new events are refused until it is restored",
+            p.bold("hint:"),
+            log.log_path().display()
+        );
     }
     Ok(if rep.ok { 0 } else { Exit::Integrity.code() })
 }
@@ -93,7 +101,11 @@ fn section(event: &str) -> Option<&'static str> {
 }
 
 fn tokens_of(e: &Entry) -> u64 {
-    e.raw.get("usage").and_then(|u| u.get("total_tokens")).and_then(Value::as_u64).unwrap_or(0)
+    e.raw
+        .get("usage")
+        .and_then(|u| u.get("total_tokens"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
 }
 
 fn report(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
@@ -117,7 +129,12 @@ fn report(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
         }
     }
     let count = |ev: &str| events.iter().filter(|e| e.event == ev).count();
-    let jobs_finished = events.iter().filter(|e| e.event.starts_with("job.") && !matches!(e.event.as_str(), "job.approved" | "job.denied" | "job.started")).count();
+    let jobs_finished = events
+        .iter()
+        .filter(|e| {
+            e.event.starts_with("job.") && !matches!(e.event.as_str(), "job.approved" | "job.denied" | "job.started")
+        })
+        .count();
     let tokens: u64 = events.iter().map(tokens_of).sum();
     let summary = json!({
         "events": events.len(),
@@ -134,8 +151,10 @@ fn report(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
 
     let text = match args.format {
         Format::Json => {
-            let sections: serde_json::Map<String, Value> =
-                by_section.iter().map(|(k, v)| (k.to_string(), Value::Array(v.iter().map(to_json).collect()))).collect();
+            let sections: serde_json::Map<String, Value> = by_section
+                .iter()
+                .map(|(k, v)| (k.to_string(), Value::Array(v.iter().map(to_json).collect())))
+                .collect();
             let doc = crate::context::with_schema_version(json!({
                 "generated_at": Utc::now(),
                 "since": since,
@@ -154,14 +173,25 @@ fn report(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
                     w.push_str(&format!("{s},{},{},{},{}\n", e.seq, e.ts, e.event, csv_field(&details)));
                 }
             }
-            w.push_str(&format!("chain,,,{},{}\n", if chain.ok { "ok" } else { "broken" }, csv_field(&chain.problems.join("; "))));
+            w.push_str(&format!(
+                "chain,,,{},{}\n",
+                if chain.ok { "ok" } else { "broken" },
+                csv_field(&chain.problems.join("; "))
+            ));
             for r in &comp.results {
-                w.push_str(&format!("compliance,,,{},{}\n", r.id, csv_field(&format!("{:?}: {}", r.level, r.message))));
+                w.push_str(&format!(
+                    "compliance,,,{},{}\n",
+                    r.id,
+                    csv_field(&format!("{:?}: {}", r.level, r.message))
+                ));
             }
             w
         }
         Format::Text => {
-            let mut w = format!("AUDIT REPORT  generated {}\n", Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+            let mut w = format!(
+                "AUDIT REPORT  generated {}\n",
+                Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            );
             if let Some(s) = since {
                 w.push_str(&format!("since {}\n", s.to_rfc3339()));
             }
@@ -170,17 +200,35 @@ fn report(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
                 summary["events"], summary["consent_granted"], summary["consent_revoked"], summary["approvals"], summary["denials"],
                 summary["jobs_started"], summary["jobs_finished"], summary["tokens"], summary["config_changes"]
             ));
-            for (title, key) in [("Consent history", "consent"), ("Approvals and denials", "approvals"), ("Jobs", "jobs"), ("Config changes", "config"), ("Keys", "keys"), ("Market", "market"), ("Log", "log")] {
+            for (title, key) in [
+                ("Consent history", "consent"),
+                ("Approvals and denials", "approvals"),
+                ("Jobs", "jobs"),
+                ("Config changes", "config"),
+                ("Keys", "keys"),
+                ("Market", "market"),
+                ("Log", "log"),
+            ] {
                 let Some(list) = by_section.get(key) else { continue };
                 w.push_str(&format!("\n{title} ({})\n", list.len()));
                 for e in list {
                     let fields: Vec<String> = e.fields().map(|(k, v)| format!("{k}={v}")).collect();
-                    w.push_str(&format!("  {}  #{:<6} {:<18} {}\n", e.ts, e.seq, e.event, fields.join(" ")));
+                    w.push_str(&format!(
+                        "  {}  #{:<6} {:<18} {}\n",
+                        e.ts,
+                        e.seq,
+                        e.event,
+                        fields.join(" ")
+                    ));
                 }
             }
             w.push_str(&format!(
                 "\nChain: {}\n",
-                if chain.ok { format!("OK ({} events verify)", chain.events) } else { format!("BROKEN: {}", chain.problems.join("; ")) }
+                if chain.ok {
+                    format!("OK ({} events verify)", chain.events)
+                } else {
+                    format!("BROKEN: {}", chain.problems.join("; "))
+                }
             ));
             w.push_str("\nCompliance checks\n");
             for r in &comp.results {

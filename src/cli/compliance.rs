@@ -21,9 +21,13 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
     let (name, text) = match &args.checklist {
         Some(f) => (
             f.display().to_string(),
-            std::fs::read_to_string(f).map_err(|e| Failure::new(Exit::Usage, format!("cannot read {}: {e}", f.display())))?,
+            std::fs::read_to_string(f)
+                .map_err(|e| Failure::new(Exit::Usage, format!("cannot read {}: {e}", f.display())))?,
         ),
-        None => ("compliance-config.json (embedded)".to_string(), EMBEDDED_CHECKLIST.to_string()),
+        None => (
+            "compliance-config.json (embedded)".to_string(),
+            EMBEDDED_CHECKLIST.to_string(),
+        ),
     };
     let list = compliance::parse_checklist(&name, &text)?;
     let report = compliance::run(&ctx.paths, &list)?;
@@ -42,7 +46,10 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
         }
         out.push_str(&format!(
             "\n{} passed, {} warnings, {} critical\n{}",
-            report.passed, report.warnings, report.critical, compliance::DISCLAIMER
+            report.passed,
+            report.warnings,
+            report.critical,
+            compliance::DISCLAIMER
         ));
         p.out(&out);
     }

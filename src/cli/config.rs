@@ -35,13 +35,21 @@ pub struct Args {
 /// Apply changes to the file in one atomic write and audit each one.
 /// `None` removes the key (its default applies). Returns (key, old, new)
 /// as effective values without env overrides.
-pub fn apply(ctx: &mut Ctx, changes: Vec<(&'static KeyDef, Option<Value>)>, via: &str) -> anyhow::Result<Vec<(String, Value, Value)>> {
+pub fn apply(
+    ctx: &mut Ctx,
+    changes: Vec<(&'static KeyDef, Option<Value>)>,
+    via: &str,
+) -> anyhow::Result<Vec<(String, Value, Value)>> {
     let applied = cfgmod::edit(&ctx.paths, |file| {
         let mut out = Vec::new();
         for (d, v) in &changes {
             let old = cfgmod::set_in(file, d.key, v.clone());
-            let eff_old = old.clone().unwrap_or_else(|| cfgmod::default_value(d.key).expect("schema key"));
-            let eff_new = v.clone().unwrap_or_else(|| cfgmod::default_value(d.key).expect("schema key"));
+            let eff_old = old
+                .clone()
+                .unwrap_or_else(|| cfgmod::default_value(d.key).expect("schema key"));
+            let eff_new = v
+                .clone()
+                .unwrap_or_else(|| cfgmod::default_value(d.key).expect("schema key"));
             if old != *v {
                 out.push((d.key.to_string(), eff_old, eff_new));
             }
@@ -49,7 +57,10 @@ pub fn apply(ctx: &mut Ctx, changes: Vec<(&'static KeyDef, Option<Value>)>, via:
         Ok(out)
     })?;
     for (key, old, new) in &applied {
-        ctx.audit().append("config.changed", json!({ "key": key, "old": old, "new": new, "via": via }))?;
+        ctx.audit().append(
+            "config.changed",
+            json!({ "key": key, "old": old, "new": new, "via": via }),
+        )?;
     }
     ctx.reload_config();
     Ok(applied)
@@ -112,7 +123,7 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(file) = &args.import {
-        let (set, dropped) = cfgmod::read_import(file)?;
+        let cfgmod::Import { set, unknown: dropped } = cfgmod::read_import(file)?;
         let p = ctx.out().clone();
         for k in &dropped {
             p.warn(&format!("ignoring unknown key `{k}` in {}", file.display()));
@@ -122,7 +133,11 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
         if p.json {
             p.json(json!({ "ok": true, "imported": applied.len(), "ignored": dropped }));
         } else {
-            p.out(&format!("Imported {} setting(s) from {}.", applied.len(), file.display()));
+            p.out(&format!(
+                "Imported {} setting(s) from {}.",
+                applied.len(),
+                file.display()
+            ));
         }
         return Ok(());
     }
@@ -134,11 +149,18 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
             ctx.out().out(&text);
         } else {
             if file.exists() {
-                return Err(Failure::usage(format!("{} already exists; not overwriting it", file.display()))
-                    .hint("choose another file name or remove it first")
-                    .into());
+                return Err(
+                    Failure::usage(format!("{} already exists; not overwriting it", file.display()))
+                        .hint("choose another file name or remove it first")
+                        .into(),
+                );
             }
-            std::fs::write(file, text).map_err(|e| Failure::new(crate::exit::Exit::Failed, format!("cannot write {}: {e}", file.display())))?;
+            std::fs::write(file, text).map_err(|e| {
+                Failure::new(
+                    crate::exit::Exit::Failed,
+                    format!("cannot write {}: {e}", file.display()),
+                )
+            })?;
             let p = ctx.out();
             if p.json {
                 p.json(json!({ "ok": true, "exported": file }));
@@ -164,7 +186,12 @@ fn list(cfg: &Config, ctx: &Ctx) -> anyhow::Result<()> {
     let width = cfg.entries().map(|(d, _, _)| d.key.len()).max().unwrap_or(0);
     let mut out = String::new();
     for (d, v, o) in cfg.entries() {
-        out.push_str(&format!("{:width$}  {:<34} {}\n", d.key, show_value(v), p.paint(&format!("({o})"), "2")));
+        out.push_str(&format!(
+            "{:width$}  {:<34} {}\n",
+            d.key,
+            show_value(v),
+            p.paint(&format!("({o})"), "2")
+        ));
     }
     p.out(out.trim_end());
     for k in &cfg.unknown {

@@ -39,9 +39,10 @@ pub struct Args {
 
 fn parse(key: &'static str, text: &str) -> Result<(&'static KeyDef, Option<Value>), Failure> {
     let d = cfgmod::def(key).expect("limit keys are in SCHEMA");
-    cfgmod::parse_text(d, text)
-        .map(|v| (d, Some(v)))
-        .map_err(|reason| Failure::usage(format!("invalid value for `{key}`: {reason}")).hint(format!("`{key}` takes {}", cfgmod::kind_help(d.kind))))
+    cfgmod::parse_text(d, text).map(|v| (d, Some(v))).map_err(|reason| {
+        Failure::usage(format!("invalid value for `{key}`: {reason}"))
+            .hint(format!("`{key}` takes {}", cfgmod::kind_help(d.kind)))
+    })
 }
 
 pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
@@ -61,13 +62,16 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
         }
     }
     if let Some(t) = &args.timeout {
-        let secs: i64 = t
-            .trim()
-            .parse()
-            .map_err(|_| Failure::usage(format!("invalid timeout `{t}`: not a whole number of seconds")).hint("for example: `limits --timeout 600`"))?;
-        changes.push(parse("docker.timeout", &secs.saturating_mul(1000).to_string()).map_err(|_| {
-            Failure::usage(format!("invalid timeout {secs}s: it must be from 1 to 86400 seconds")).hint("for example: `limits --timeout 600`")
-        })?);
+        let secs: i64 = t.trim().parse().map_err(|_| {
+            Failure::usage(format!("invalid timeout `{t}`: not a whole number of seconds"))
+                .hint("for example: `limits --timeout 600`")
+        })?;
+        changes.push(
+            parse("docker.timeout", &secs.saturating_mul(1000).to_string()).map_err(|_| {
+                Failure::usage(format!("invalid timeout {secs}s: it must be from 1 to 86400 seconds"))
+                    .hint("for example: `limits --timeout 600`")
+            })?,
+        );
     }
     if !changes.is_empty() {
         let applied = super::config::apply(ctx, changes, "limits")?;

@@ -61,7 +61,12 @@ fn print_entry(p: &Printer, e: &Entry) {
             other => format!("{k}={other}"),
         })
         .collect();
-    p.out(&format!("{ts}  {:>6}  {:<20} {}", format!("#{}", e.seq), p.bold(&e.event), fields.join(" ")));
+    p.out(&format!(
+        "{ts}  {:>6}  {:<20} {}",
+        format!("#{}", e.seq),
+        p.bold(&e.event),
+        fields.join(" ")
+    ));
 }
 
 /// Poll the log for growth and print complete new lines.

@@ -12,8 +12,8 @@ use crate::exit::{Exit, Failure, HasExit};
 use crate::paths::Paths;
 
 pub mod audit;
-pub mod compliance;
 pub mod completions;
+pub mod compliance;
 pub mod config;
 pub mod health;
 pub mod limits;
@@ -153,10 +153,18 @@ fn clap_error(e: clap::Error, json: bool, args: &[String]) -> i32 {
     }
     // `health` is run by monitors that read Nagios codes: a usage error is
     // UNKNOWN (3), not clap's 2.
-    let is_health = args.iter().skip(1).find(|a| !a.starts_with('-')).is_some_and(|a| a == "health");
+    let is_health = args
+        .iter()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .is_some_and(|a| a == "health");
     let code = if is_health { 3 } else { Exit::Usage.code() };
     if json {
-        let msg = e.kind().as_str().map(str::to_string).unwrap_or_else(|| first_line(&e.to_string()));
+        let msg = e
+            .kind()
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| first_line(&e.to_string()));
         let doc = with_schema_version(json!({
             "ok": false,
             "error": { "kind": Exit::Usage.name(), "exit": code, "message": msg, "detail": e.to_string().trim_end() }
@@ -169,7 +177,11 @@ fn clap_error(e: clap::Error, json: bool, args: &[String]) -> i32 {
 }
 
 fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or_default().trim_start_matches("error: ").to_string()
+    s.lines()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ")
+        .to_string()
 }
 
 fn run(cli: Cli, printer: Printer) -> anyhow::Result<i32> {
@@ -249,8 +261,14 @@ mod tests {
 
     #[test]
     fn colon_form_becomes_nested() {
-        assert_eq!(rewrite_colon_form(v(&["cmm", "docker:build", "--tag", "x"])), v(&["cmm", "docker", "build", "--tag", "x"]));
-        assert_eq!(rewrite_colon_form(v(&["cmm", "--json", "docker:pull"])), v(&["cmm", "--json", "docker", "pull"]));
+        assert_eq!(
+            rewrite_colon_form(v(&["cmm", "docker:build", "--tag", "x"])),
+            v(&["cmm", "docker", "build", "--tag", "x"])
+        );
+        assert_eq!(
+            rewrite_colon_form(v(&["cmm", "--json", "docker:pull"])),
+            v(&["cmm", "--json", "docker", "pull"])
+        );
     }
 
     #[test]

@@ -28,7 +28,8 @@ pub struct Args {
 fn cap_value(key: &str, text: &str) -> Result<Value, Failure> {
     let d = config::def(key).expect("cap keys are in SCHEMA");
     config::parse_text(d, text).map_err(|reason| {
-        Failure::usage(format!("invalid value for `{key}`: {reason}")).hint(format!("`{key}` takes {}", config::kind_help(d.kind)))
+        Failure::usage(format!("invalid value for `{key}`: {reason}"))
+            .hint(format!("`{key}` takes {}", config::kind_help(d.kind)))
     })
 }
 
@@ -47,12 +48,18 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
 
     if interactive {
         if !context::interactive() {
-            return Err(Failure::refused("opt-in needs your explicit acceptance of the terms, and there is no terminal to ask on")
-                .hint("read them with `claude-max-market terms`, then run `claude-max-market opt-in --accept-terms`")
-                .into());
+            return Err(Failure::refused(
+                "opt-in needs your explicit acceptance of the terms, and there is no terminal to ask on",
+            )
+            .hint("read them with `claude-max-market terms`, then run `claude-max-market opt-in --accept-terms`")
+            .into());
         }
         eprintln!("{}", legal::TERMS);
-        eprintln!("Terms version {} (SHA-256 {})\n", legal::TERMS_VERSION, legal::terms_sha256());
+        eprintln!(
+            "Terms version {} (SHA-256 {})\n",
+            legal::TERMS_VERSION,
+            legal::terms_sha256()
+        );
         if !context::confirm("Do you accept these terms?")? {
             return Err(Failure::refused("terms not accepted; nothing was recorded").into());
         }

@@ -26,9 +26,11 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
     }
     if !args.yes {
         if !context::interactive() {
-            return Err(Failure::usage("opt-out asks for confirmation and there is no terminal to ask on")
-                .hint("run `claude-max-market opt-out --yes`")
-                .into());
+            return Err(
+                Failure::usage("opt-out asks for confirmation and there is no terminal to ask on")
+                    .hint("run `claude-max-market opt-out --yes`")
+                    .into(),
+            );
         }
         if !context::confirm("Revoke your consent? No job will run until you opt in again.")? {
             return Err(Failure::usage("opt-out cancelled; consent unchanged").into());

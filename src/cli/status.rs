@@ -18,7 +18,11 @@ pub fn run(ctx: &Ctx, _args: Args) -> anyhow::Result<()> {
     }
     let c = &report.consent;
     let consent = if c.accepted && c.terms_current {
-        p.green(&format!("opted in ({}) since {}", c.job_types.join(", "), c.accepted_at.as_deref().unwrap_or("?")))
+        p.green(&format!(
+            "opted in ({}) since {}",
+            c.job_types.join(", "),
+            c.accepted_at.as_deref().unwrap_or("?")
+        ))
     } else if c.accepted {
         p.yellow(&format!(
             "opted in to terms {} but current terms are {}: run `opt-in` again",
@@ -45,7 +49,11 @@ pub fn run(ctx: &Ctx, _args: Args) -> anyhow::Result<()> {
                 r.reservation.pid,
                 r.reservation.tokens,
                 r.reservation.created.format("%H:%M:%S"),
-                if r.stale { "  (process gone; reclaimed on next use)" } else { "" }
+                if r.stale {
+                    "  (process gone; reclaimed on next use)"
+                } else {
+                    ""
+                }
             ));
         }
     }
