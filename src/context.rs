@@ -152,6 +152,13 @@ impl Ctx {
         AuditLog::new(&self.paths)
     }
 
+    /// Before changing state that must be audited: make sure the log will
+    /// take the event (recovering a crash's leftovers), so a broken log
+    /// refuses the change instead of leaving it unrecorded.
+    pub fn preflight_audit(&self) -> Result<(), crate::audit::AuditError> {
+        self.audit().recover()
+    }
+
     pub fn out(&self) -> &Printer {
         &self.printer
     }

@@ -40,6 +40,7 @@ pub fn apply(
     changes: Vec<(&'static KeyDef, Option<Value>)>,
     via: &str,
 ) -> anyhow::Result<Vec<(String, Value, Value)>> {
+    ctx.preflight_audit()?;
     let applied = cfgmod::edit(&ctx.paths, |file| {
         let mut out = Vec::new();
         for (d, v) in &changes {

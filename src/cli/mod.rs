@@ -227,7 +227,8 @@ pub fn classify(err: &anyhow::Error) -> (Exit, Option<String>) {
             Failure,
             crate::config::ConfigError,
             crate::audit::AuditError,
-            crate::usage::UsageError
+            crate::usage::UsageError,
+            crate::compliance::ChecklistError
         );
     }
     (Exit::Failed, None)

@@ -95,6 +95,7 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
         job_types: job_types.clone(),
         revoked_at: None,
     };
+    ctx.preflight_audit()?;
     let changes = consent::store_with_caps(&ctx.paths, &record, &caps)?;
     ctx.reload_config();
     let cfg = ctx.config()?;

@@ -42,11 +42,15 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
         revoked_at: Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
         ..current.clone()
     };
+    // Revocation takes effect even when the audit log is broken: stopping
+    // is always allowed. The failure to record it is still reported (exit 5).
     consent::store(&ctx.paths, &revoked)?;
-    ctx.audit().append(
-        "consent.revoked",
-        json!({ "terms_version": current.terms_version, "job_types": current.job_types }),
-    )?;
+    ctx.audit()
+        .append(
+            "consent.revoked",
+            json!({ "terms_version": current.terms_version, "job_types": current.job_types }),
+        )
+        .map_err(|e| anyhow::Error::new(e).context("consent was revoked, but the audit log could not record it"))?;
     let p = ctx.out();
     if p.json {
         p.json(json!({ "ok": true, "changed": true, "consent": revoked }));

@@ -33,10 +33,14 @@ impl Default for Cmm {
 
 impl Cmm {
     pub fn new() -> Cmm {
-        Cmm {
-            home: tempfile::Builder::new().prefix("cmm-test-").tempdir().expect("temp CMM_HOME"),
-            env: Vec::new(),
-        }
+        use std::os::unix::fs::PermissionsExt;
+        let home = tempfile::Builder::new()
+            .prefix("cmm-test-")
+            .tempdir()
+            .expect("temp CMM_HOME");
+        // A fresh install's home is private; tests that want otherwise say so.
+        std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod CMM_HOME");
+        Cmm { home, env: Vec::new() }
     }
 
     /// An install that has already accepted the terms.
@@ -103,7 +107,11 @@ impl Run {
 
     pub fn run(mut self) -> Output {
         self.cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        self.cmd.stdin(if self.stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        self.cmd.stdin(if self.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
         let mut child = self.cmd.spawn().expect("spawn claude-max-market");
         if let Some(bytes) = self.stdin.take() {
             let mut sin = child.stdin.take().expect("piped stdin");
@@ -141,20 +149,35 @@ impl Output {
 
     #[track_caller]
     pub fn stdout_has(&self, needle: &str) -> &Output {
-        assert!(self.stdout.contains(needle), "stdout lacks {needle:?}\n--- stdout\n{}\n--- stderr\n{}", self.stdout, self.stderr);
+        assert!(
+            self.stdout.contains(needle),
+            "stdout lacks {needle:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout,
+            self.stderr
+        );
         self
     }
 
     #[track_caller]
     pub fn stderr_has(&self, needle: &str) -> &Output {
-        assert!(self.stderr.contains(needle), "stderr lacks {needle:?}\n--- stdout\n{}\n--- stderr\n{}", self.stdout, self.stderr);
+        assert!(
+            self.stderr.contains(needle),
+            "stderr lacks {needle:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout,
+            self.stderr
+        );
         self
     }
 
     /// Parse stdout as one JSON document.
     #[track_caller]
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\n--- stderr\n{}", self.stdout, self.stderr))
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}):\n{}\n--- stderr\n{}",
+                self.stdout, self.stderr
+            )
+        })
     }
 }
 
