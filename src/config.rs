@@ -693,6 +693,7 @@ pub fn edit<T>(
     };
     paths.ensure().map_err(werr)?;
     let _lock = FileLock::exclusive(&paths.config_lock()).map_err(werr)?;
+    fsutil::sweep_stale_temps(&paths.config_dir, std::time::Duration::from_secs(600));
     let mut file = read_file(&path)?;
     let out = edit(&mut file)?;
     // Validate the whole result as a load would (env ignored: it is not

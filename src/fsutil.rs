@@ -97,3 +97,24 @@ impl Drop for FileLock {
 pub fn mode_of(path: &Path) -> Option<u32> {
     fs::metadata(path).ok().map(|m| m.permissions().mode() & 0o7777)
 }
+
+/// Remove temporary files that [`atomic_write`] left behind when a writer
+/// was killed before its rename. Only files older than `min_age` go, so a
+/// write in progress under another lock is never disturbed.
+pub fn sweep_stale_temps(dir: &Path, min_age: std::time::Duration) {
+    let Ok(rd) = fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        if !e.file_name().to_string_lossy().starts_with(".tmp-") {
+            continue;
+        }
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= min_age);
+        if old {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
