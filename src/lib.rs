@@ -18,6 +18,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod analytics;
 pub mod audit;
 pub mod cli;
 pub mod compliance;

@@ -22,6 +22,7 @@ pub mod opt_in;
 pub mod opt_out;
 pub mod status;
 pub mod terms;
+pub mod usage;
 
 const EXIT_CODES_HELP: &str = "\
 Exit codes:
@@ -79,6 +80,8 @@ pub enum Command {
     ComplianceCheck(compliance::Args),
     /// Nagios-style health line with perfdata (exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN)
     Health(health::Args),
+    /// Tasks, tokens, success rate and trend per day, week or month, with a 30-day chart
+    Usage(usage::Args),
     /// Print shell completions
     Completions(completions::Args),
 }
@@ -209,6 +212,7 @@ fn run(cli: Cli, printer: Printer) -> anyhow::Result<i32> {
         Command::Audit(a) => audit::run(&ctx, a),
         Command::ComplianceCheck(a) => compliance::run(&ctx, a),
         Command::Health(a) => Ok(health::run(&ctx, a)),
+        Command::Usage(a) => usage::run(&ctx, a).map(|_| 0),
         Command::Completions(_) => unreachable!("handled above"),
     }
 }
@@ -227,7 +231,8 @@ pub fn classify(err: &anyhow::Error) -> (Exit, Option<String>) {
             Failure,
             crate::config::ConfigError,
             crate::audit::AuditError,
-            crate::usage::UsageError
+            crate::usage::UsageError,
+            crate::analytics::AnalyticsError
         );
     }
     (Exit::Failed, None)
