@@ -29,6 +29,7 @@ pub mod exit;
 pub mod fsutil;
 pub mod health;
 pub mod legal;
+pub mod mcp;
 pub mod paths;
 pub mod status;
 pub mod timespec;

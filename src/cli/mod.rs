@@ -18,6 +18,7 @@ pub mod config;
 pub mod health;
 pub mod limits;
 pub mod logs;
+pub mod mcp;
 pub mod opt_in;
 pub mod opt_out;
 pub mod status;
@@ -82,6 +83,8 @@ pub enum Command {
     Health(health::Args),
     /// Tasks, tokens, success rate and trend per day, week or month, with a 30-day chart
     Usage(usage::Args),
+    /// Read-only Model Context Protocol server on stdio (usage policy, terms, status, compliance)
+    Mcp(mcp::Args),
     /// Print shell completions
     Completions(completions::Args),
 }
@@ -213,6 +216,7 @@ fn run(cli: Cli, printer: Printer) -> anyhow::Result<i32> {
         Command::ComplianceCheck(a) => compliance::run(&ctx, a),
         Command::Health(a) => Ok(health::run(&ctx, a)),
         Command::Usage(a) => usage::run(&ctx, a).map(|_| 0),
+        Command::Mcp(a) => mcp::run(&ctx, a).map(|_| 0),
         Command::Completions(_) => unreachable!("handled above"),
     }
 }
@@ -232,7 +236,8 @@ pub fn classify(err: &anyhow::Error) -> (Exit, Option<String>) {
             crate::config::ConfigError,
             crate::audit::AuditError,
             crate::usage::UsageError,
-            crate::analytics::AnalyticsError
+            crate::analytics::AnalyticsError,
+            crate::mcp::McpError
         );
     }
     (Exit::Failed, None)
