@@ -151,6 +151,12 @@ fn history() -> Vec<Event> {
 }
 
 fn with_history() -> Cmm {
+    // Without zone data chrono falls back to UTC and every figure below
+    // would be off by a few hours: say so plainly instead.
+    assert!(
+        std::path::Path::new("/usr/share/zoneinfo/America/New_York").exists(),
+        "these tests need the tz database: apt-get install -y tzdata"
+    );
     let t = Cmm::new();
     write_backdated_log_for_tests(&Paths::in_one_dir(t.path().to_path_buf()), history()).unwrap();
     t

@@ -267,3 +267,57 @@ fn csv_field(s: &str) -> String {
         s.to_string()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analytics::{DayPoint, Freshness, Tally};
+
+    fn report(tasks: &[u64]) -> UsageReport {
+        let start = chrono::NaiveDate::from_ymd_opt(2026, 11, 1).unwrap();
+        UsageReport {
+            period: Period::Day,
+            time_zone: "UTC".into(),
+            since: None,
+            generated_at: String::new(),
+            rows: vec![],
+            totals: Stats::from_tally(&Tally::default()),
+            last_30_days: tasks
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| DayPoint {
+                    date: start + chrono::Duration::days(i as i64),
+                    tasks: n,
+                    succeeded: n,
+                    total_tokens: n * 100,
+                })
+                .collect(),
+            index: Freshness {
+                rebuilt: false,
+                reason: None,
+                bytes_read: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn sparklines_on_a_terminal_scale_to_the_busiest_day() {
+        let r = report(&[0, 1, 7, 14]);
+        let c = chart(&r, true);
+        assert!(c.contains("tasks    ▂▅█  max 14/day"), "{c}");
+        assert!(c.contains("tokens   ▂▅█  max 1400/day"), "{c}");
+    }
+
+    #[test]
+    fn plain_bars_without_a_terminal() {
+        let r = report(&[0, 2, 4]);
+        let c = chart(&r, false);
+        let lines: Vec<&str> = c.lines().collect();
+        assert_eq!(lines.len(), 4);
+        assert!(lines[1].starts_with("  2026-11-01      0 "), "{c}");
+        assert_eq!(lines[2].matches('#').count(), 20);
+        assert_eq!(lines[3].matches('#').count(), 40);
+        assert!(lines[3].ends_with("400 tokens"));
+        assert!(c.is_ascii());
+    }
+}
