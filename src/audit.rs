@@ -638,11 +638,15 @@ where
     let log = AuditLog::new(paths);
     let io = |e| log.io(e);
     fsutil::ensure_private_dir(&log.dir).map_err(io)?;
-    let file = OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .open(&log.log)
-        .map_err(io)?;
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(fsutil::FILE_MODE)
+            .open(&log.log)
+            .map_err(io)?
+    };
     let mut out = io::BufWriter::with_capacity(1 << 20, file);
     let mut events = events.into_iter().peekable();
     let genesis_ts = events.peek().map(|e| e.0).unwrap_or_else(chrono::Utc::now);
