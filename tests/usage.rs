@@ -541,3 +541,17 @@ fn an_empty_install_reports_no_tasks() {
         .stdout_has("no finished tasks");
     t.cmd(&["usage", "--json"]).env("TZ", NY).run().code(0).json();
 }
+
+#[test]
+fn an_edited_log_is_an_integrity_failure_not_a_report() {
+    let t = with_history();
+    usage(&t, NY, &[]);
+    let log = t.read("audit.jsonl");
+    let last = log.trim_end().rsplit('\n').next().unwrap().to_string();
+    std::fs::write(
+        t.file("audit.jsonl"),
+        log.replace(&last, &last.replace("\"sonnet\"", "\"opus\"")),
+    )
+    .unwrap();
+    t.cmd(&["usage"]).env("TZ", NY).run().code(5).stderr_has("audit verify");
+}
