@@ -625,6 +625,62 @@ pub fn raw_append_for_tests(path: &Path, bytes: &[u8]) -> io::Result<()> {
     f.write_all(bytes)
 }
 
+/// Write a brand-new log (genesis, then `events`, each with the timestamp
+/// given) and its head in one buffered pass, chained exactly as appends are.
+/// For tests and benchmarks that need backdated or very long histories; the
+/// product never writes timestamps it did not read from the clock. Refuses to
+/// touch an existing log.
+#[doc(hidden)]
+pub fn write_backdated_log_for_tests<I>(paths: &Paths, events: I) -> Result<Head, AuditError>
+where
+    I: IntoIterator<Item = (chrono::DateTime<chrono::Utc>, String, Value)>,
+{
+    let log = AuditLog::new(paths);
+    let io = |e| log.io(e);
+    fsutil::ensure_private_dir(&log.dir).map_err(io)?;
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(fsutil::FILE_MODE)
+            .open(&log.log)
+            .map_err(io)?
+    };
+    let mut out = io::BufWriter::with_capacity(1 << 20, file);
+    let mut events = events.into_iter().peekable();
+    let genesis_ts = events.peek().map(|e| e.0).unwrap_or_else(chrono::Utc::now);
+    let log_id = hex::encode(rand::random::<[u8; 16]>());
+    let genesis = serde_json::json!({ "log_id": log_id });
+    let mut prev = ZERO_HASH;
+    let (mut seq, mut start, mut len) = (0u64, 0u64, 0u64);
+    let mut emit = |seq: u64, ts: &chrono::DateTime<chrono::Utc>, event: &str, fields: &Value| {
+        let line = render_line(seq, ts, event, fields, &prev);
+        prev = Sha256::digest(line.as_bytes()).into();
+        start = len;
+        len += line.len() as u64 + 1;
+        out.write_all(line.as_bytes()).and_then(|_| out.write_all(b"\n"))
+    };
+    emit(0, &genesis_ts, "log.genesis", &genesis).map_err(io)?;
+    for (ts, event, fields) in events {
+        seq += 1;
+        emit(seq, &ts, &event, &fields).map_err(io)?;
+    }
+    out.into_inner()
+        .map_err(|e| io(e.into_error()))?
+        .sync_all()
+        .map_err(io)?;
+    let head = Head {
+        log_id,
+        seq,
+        hash: hex::encode(prev),
+        last_start: start,
+        len,
+    };
+    log.write_head(&head)?;
+    Ok(head)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,6 +18,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod analytics;
 pub mod audit;
 pub mod cli;
 pub mod compliance;
@@ -28,6 +29,7 @@ pub mod exit;
 pub mod fsutil;
 pub mod health;
 pub mod legal;
+pub mod mcp;
 pub mod paths;
 pub mod status;
 pub mod timespec;

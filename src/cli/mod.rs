@@ -18,10 +18,12 @@ pub mod config;
 pub mod health;
 pub mod limits;
 pub mod logs;
+pub mod mcp;
 pub mod opt_in;
 pub mod opt_out;
 pub mod status;
 pub mod terms;
+pub mod usage;
 
 const EXIT_CODES_HELP: &str = "\
 Exit codes:
@@ -79,6 +81,10 @@ pub enum Command {
     ComplianceCheck(compliance::Args),
     /// Nagios-style health line with perfdata (exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN)
     Health(health::Args),
+    /// Tasks, tokens, success rate and trend per day, week or month, with a 30-day chart
+    Usage(usage::Args),
+    /// Read-only Model Context Protocol server on stdio (usage policy, terms, status, compliance)
+    Mcp(mcp::Args),
     /// Print shell completions
     Completions(completions::Args),
 }
@@ -209,6 +215,8 @@ fn run(cli: Cli, printer: Printer) -> anyhow::Result<i32> {
         Command::Audit(a) => audit::run(&ctx, a),
         Command::ComplianceCheck(a) => compliance::run(&ctx, a),
         Command::Health(a) => Ok(health::run(&ctx, a)),
+        Command::Usage(a) => usage::run(&ctx, a).map(|_| 0),
+        Command::Mcp(a) => mcp::run(&ctx, a).map(|_| 0),
         Command::Completions(_) => unreachable!("handled above"),
     }
 }
@@ -228,7 +236,9 @@ pub fn classify(err: &anyhow::Error) -> (Exit, Option<String>) {
             crate::config::ConfigError,
             crate::audit::AuditError,
             crate::usage::UsageError,
-            crate::compliance::ChecklistError
+            crate::compliance::ChecklistError,
+            crate::analytics::AnalyticsError,
+            crate::mcp::McpError
         );
     }
     (Exit::Failed, None)
