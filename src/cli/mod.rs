@@ -15,7 +15,10 @@ pub mod audit;
 pub mod completions;
 pub mod compliance;
 pub mod config;
+pub mod decrypt;
+pub mod encrypt;
 pub mod health;
+pub mod keys;
 pub mod limits;
 pub mod logs;
 pub mod opt_in;
@@ -81,6 +84,12 @@ pub enum Command {
     Health(health::Args),
     /// Print shell completions
     Completions(completions::Args),
+    /// Node identity: generate, show, export, import, list, rotate
+    Keys(keys::Args),
+    /// Encrypt a file or stdin to recipients (default: this node), optionally signed
+    Encrypt(encrypt::Args),
+    /// Decrypt an envelope; the output appears only after everything verified
+    Decrypt(decrypt::Args),
 }
 
 /// Rewrite the seed's colon form (`docker:build`) into nested subcommands
@@ -210,6 +219,9 @@ fn run(cli: Cli, printer: Printer) -> anyhow::Result<i32> {
         Command::ComplianceCheck(a) => compliance::run(&ctx, a),
         Command::Health(a) => Ok(health::run(&ctx, a)),
         Command::Completions(_) => unreachable!("handled above"),
+        Command::Keys(a) => keys::run(&ctx, a).map(|_| 0),
+        Command::Encrypt(a) => encrypt::run(&ctx, a).map(|_| 0),
+        Command::Decrypt(a) => decrypt::run(&ctx, a).map(|_| 0),
     }
 }
 
@@ -227,7 +239,9 @@ pub fn classify(err: &anyhow::Error) -> (Exit, Option<String>) {
             Failure,
             crate::config::ConfigError,
             crate::audit::AuditError,
-            crate::usage::UsageError
+            crate::usage::UsageError,
+            crate::crypto::KeyError,
+            crate::crypto::CryptoError
         );
     }
     (Exit::Failed, None)

@@ -84,6 +84,13 @@ pub enum CryptoError {
     TooManyRecipients(usize, usize),
     #[error("the payload is too large for one envelope")]
     TooLarge,
+    #[error("cannot read {}: {source}", path.display())]
+    Input {
+        path: std::path::PathBuf,
+        source: io::Error,
+    },
+    #[error("{0}")]
+    Target(String),
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error("I/O error: {0}")]
@@ -97,7 +104,9 @@ impl HasExit for CryptoError {
             | CryptoError::NotEnvelope
             | CryptoError::UnknownVersion(_)
             | CryptoError::NoRecipients
-            | CryptoError::TooManyRecipients(..) => Exit::Usage,
+            | CryptoError::TooManyRecipients(..)
+            | CryptoError::Input { .. }
+            | CryptoError::Target(_) => Exit::Usage,
             CryptoError::BadHeader(_)
             | CryptoError::Truncated(_)
             | CryptoError::NotForMe(_)
@@ -126,6 +135,7 @@ impl HasExit for CryptoError {
                 Some("the file was corrupted or tampered with; obtain a fresh copy from the sender".into())
             }
             CryptoError::NoRecipients => Some("name a recipient with `--recipient NAME`".into()),
+            CryptoError::Target(_) => Some("pass `--force` to replace it, or choose another `--output`".into()),
             CryptoError::Key(e) => e.hint(),
             _ => None,
         }

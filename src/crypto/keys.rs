@@ -211,11 +211,8 @@ impl std::fmt::Debug for KeyPair {
 }
 
 impl KeyPair {
-    pub(crate) fn from_parts(
-        signing: SigningKey,
-        rsa: RsaPrivateKey,
-        created: DateTime<Utc>,
-    ) -> Result<KeyPair, KeyError> {
+    /// Assemble a pair from existing keys (fixtures, tests, fuzzing).
+    pub fn from_parts(signing: SigningKey, rsa: RsaPrivateKey, created: DateTime<Utc>) -> Result<KeyPair, KeyError> {
         let node_id = node_id_of(&signing.verifying_key());
         let key_id = rsa_key_id(&rsa.to_public_key())?;
         Ok(KeyPair {
@@ -250,6 +247,10 @@ impl KeyPair {
             rsa_public_pem: pem,
             created: rfc3339(self.created),
         }
+    }
+
+    pub fn verifying_key(&self) -> VerifyingKey {
+        self.signing.verifying_key()
     }
 
     /// The raw Ed25519 public key.
@@ -773,6 +774,38 @@ pub fn read_public_file(path: &Path) -> Result<PublicIdentity, KeyError> {
         .map_err(|e| KeyError::Invalid(format!("{} is not a public identity: {e}", path.display())))?;
     id.validate()?;
     Ok(id)
+}
+
+/// Resolve a `--recipient` / `--require-signer` value: `self` (this node),
+/// a keyring name, or a public identity file.
+pub fn resolve_peer(paths: &Paths, me: &PublicIdentity, spec: &str) -> Result<PublicIdentity, KeyError> {
+    if spec == "self" {
+        return Ok(me.clone());
+    }
+    let ring = Keyring::new(paths);
+    if valid_name(spec) {
+        match ring.get(spec) {
+            Ok(id) => return Ok(id),
+            Err(KeyError::UnknownPeer(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let path = Path::new(spec);
+    if path.is_file() {
+        return read_public_file(path);
+    }
+    Err(KeyError::UnknownPeer(spec.into()))
+}
+
+/// How to show a node id to a person: `self`, its keyring name, or the id.
+pub fn describe_node(paths: &Paths, me: &Identity, node_id: &str) -> String {
+    if me.decryption_keys().any(|k| k.node_id == node_id) {
+        return format!("self ({node_id})");
+    }
+    match Keyring::new(paths).name_of(node_id) {
+        Some(name) => format!("{name} ({node_id})"),
+        None => format!("unknown node {node_id}"),
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use std::sync::OnceLock;
 use serde::Deserialize;
 
 pub mod envelope;
+pub mod files;
 pub mod keys;
 
 pub use envelope::{decrypt, encrypt_to, CryptoError, Opened};
