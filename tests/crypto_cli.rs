@@ -463,7 +463,7 @@ fn rotate_keeps_old_files_decryptable_until_expiry() {
     let index_path = t.file("keys/keys.json");
     let mut index: Value = serde_json::from_str(&fs::read_to_string(&index_path).unwrap()).unwrap();
     for k in index["keys"].as_array_mut().unwrap() {
-        if k["node_id"] == Value::from(old_id.clone()) {
+        if k["node_id"] == old_id.as_str() {
             k["retired"] = Value::from("2020-01-01T00:00:00Z");
         }
     }
