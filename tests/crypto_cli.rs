@@ -539,7 +539,18 @@ fn round_trip_through_binary(t: &Cmm, body: &[u8], sign: bool) {
 #[test]
 fn chunk_boundary_sizes_round_trip() {
     let t = node(0);
-    for n in [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK] {
+    // 32 chunks are sealed and opened per batch: cross that boundary too.
+    for n in [
+        0,
+        1,
+        CHUNK - 1,
+        CHUNK,
+        CHUNK + 1,
+        2 * CHUNK,
+        32 * CHUNK,
+        32 * CHUNK + 1,
+        65 * CHUNK + 3,
+    ] {
         round_trip_through_binary(&t, &data(n, n as u8), n % 2 == 0);
     }
 }

@@ -474,37 +474,63 @@ pub(crate) fn seal<R: Read, W: Write, G: RngCore + CryptoRng>(
     let cipher = Aes256Gcm::new(&p.file_key.into());
     let mut chunks_hash = sign_with.map(|_| Sha256::new());
     let cs = p.chunk_size;
-    // One buffer: the chunk, then room for its tag. Reading `cs + 1` bytes
-    // tells whether more input follows (the byte past the chunk is carried
-    // over), so the final chunk is known without a second buffer.
-    let mut buf = vec![0u8; cs + TAG_LEN];
-    let mut have = read_full(&mut input, &mut buf[..cs + 1])?;
-    let mut counter: u32 = 0;
+    let ct = cs + TAG_LEN;
+    let batch = batch_chunks(cs);
+    // A batch of chunk slots, each `cs` bytes of plaintext then room for its
+    // tag. Reading `cs + 1` bytes into a slot tells whether more input
+    // follows; the extra byte is carried to the next slot's start.
+    let mut buf = vec![0u8; batch * ct];
+    let mut lens = Vec::with_capacity(batch);
+    let mut carry: Option<u8> = None;
+    let mut counter: u64 = 0;
     let mut total: u64 = 0;
-    loop {
-        let last = have <= cs;
-        let len = have.min(cs);
-        let carry = buf[cs];
-        let tag = cipher
-            .encrypt_in_place_detached(
-                Nonce::from_slice(&nonce(&p.nonce_prefix, counter, last)),
-                &header_hash,
-                &mut buf[..len],
-            )
-            // Only fails for inputs beyond GCM's 64 GiB limit; chunks are <= 16 MiB.
-            .map_err(|_| CryptoError::TooLarge)?;
-        buf[len..len + TAG_LEN].copy_from_slice(&tag);
-        output.write_all(&buf[..len + TAG_LEN])?;
+    let mut done = false;
+    while !done {
+        lens.clear();
+        for slot in buf.chunks_mut(ct) {
+            let got = match carry.take() {
+                Some(b) => {
+                    slot[0] = b;
+                    1 + read_full(&mut input, &mut slot[1..cs + 1])?
+                }
+                None => read_full(&mut input, &mut slot[..cs + 1])?,
+            };
+            if got <= cs {
+                lens.push(got);
+                done = true;
+                break;
+            }
+            carry = Some(slot[cs]);
+            lens.push(cs);
+        }
+        if counter + lens.len() as u64 > u64::from(u32::MAX) + 1 {
+            return Err(CryptoError::TooLarge);
+        }
+        let n = lens.len();
+        let last_len = lens[n - 1];
+        let jobs: Vec<(u32, bool, usize, &mut [u8])> = buf
+            .chunks_mut(ct)
+            .take(n)
+            .enumerate()
+            .map(|(j, slot)| ((counter + j as u64) as u32, done && j == n - 1, lens[j], slot))
+            .collect();
+        in_parallel(jobs, |(i, last, len, slot)| {
+            let (data, tag_space) = slot.split_at_mut(len);
+            // Only fails beyond GCM's 64 GiB per-message limit; chunks are <= 16 MiB.
+            let tag = cipher
+                .encrypt_in_place_detached(Nonce::from_slice(&nonce(&p.nonce_prefix, i, last)), &header_hash, data)
+                .expect("chunk within the GCM length limit");
+            tag_space[..TAG_LEN].copy_from_slice(&tag);
+            true
+        });
+        // Every slot but the last is full, so the sealed batch is contiguous.
+        let sealed = &buf[..(n - 1) * ct + last_len + TAG_LEN];
+        output.write_all(sealed)?;
         if let Some(h) = chunks_hash.as_mut() {
-            h.update(&buf[..len + TAG_LEN]);
+            h.update(sealed);
         }
-        total += len as u64;
-        if last {
-            break;
-        }
-        counter = counter.checked_add(1).ok_or(CryptoError::TooLarge)?;
-        buf[0] = carry;
-        have = 1 + read_full(&mut input, &mut buf[1..cs + 1])?;
+        total += ((n - 1) * cs + last_len) as u64;
+        counter += n as u64;
     }
     if let (Some(id), Some(h)) = (sign_with, chunks_hash) {
         let sig = id.sign(&trailer_sig_message(&header_hash, &h.finalize()));
@@ -589,23 +615,22 @@ fn open_chunks<R: Read, W: Write>(
     let cipher = Aes256Gcm::new(file_key.into());
     let cs = prefix.header.chunk_size;
     let ct = cs + TAG_LEN;
+    let batch = batch_chunks(cs);
     let trailer = if prefix.header.sender.is_some() { SIG_LEN } else { 0 };
     let mut chunks_hash = prefix.header.sender.map(|_| Sha256::new());
-    // Hold one chunk, the trailer and one more byte: a full buffer means the
-    // chunk at its start is not the last one.
-    let want = ct + trailer + 1;
+    // Hold a batch of chunks, the trailer and one more byte: a full buffer
+    // means none of the batch's chunks is the final one.
+    let want = batch * ct + trailer + 1;
     let mut buf = vec![0u8; want];
     let mut have = 0;
-    let mut counter: u32 = 0;
+    let mut counter: u64 = 0;
     let mut total: u64 = 0;
-    let prefix_nonce = &prefix.header.nonce_prefix;
-    let aad = &prefix.header_hash;
-    let open = |counter: u32, last: bool, chunk: &mut [u8]| -> bool {
+    let open = |i: u64, last: bool, chunk: &mut [u8]| -> bool {
         let (data, tag) = chunk.split_at_mut(chunk.len() - TAG_LEN);
         cipher
             .decrypt_in_place_detached(
-                Nonce::from_slice(&nonce(prefix_nonce, counter, last)),
-                aad,
+                Nonce::from_slice(&nonce(&prefix.header.nonce_prefix, i as u32, last)),
+                &prefix.header_hash,
                 data,
                 Tag::from_slice(tag),
             )
@@ -613,60 +638,121 @@ fn open_chunks<R: Read, W: Write>(
     };
     loop {
         have += read_full(&mut input, &mut buf[have..want])?;
-        if have == want {
-            if let Some(h) = chunks_hash.as_mut() {
-                h.update(&buf[..ct]);
+        let eof = have < want;
+        // The chunk bytes of this batch (everything but the look-ahead).
+        let body = if eof {
+            if have < TAG_LEN + trailer {
+                return Err(if counter == 0 {
+                    CryptoError::Truncated("it ends before the first chunk".into())
+                } else {
+                    CryptoError::Damaged(counter)
+                });
             }
-            if !open(counter, false, &mut buf[..ct]) {
-                return Err(CryptoError::Damaged(counter as u64));
-            }
-            output.write_all(&buf[..cs])?;
-            total += cs as u64;
-            buf.copy_within(ct..want, 0);
-            have = want - ct;
-            counter = counter.checked_add(1).ok_or(CryptoError::TooLarge)?;
-            continue;
+            have - trailer
+        } else {
+            batch * ct
+        };
+        let n = body.div_ceil(ct);
+        let last_len = body - (n - 1) * ct;
+        if counter + n as u64 > u64::from(u32::MAX) + 1 {
+            return Err(CryptoError::TooLarge);
         }
-        // The input ended: what is left is the final chunk and the trailer.
-        if have < TAG_LEN + trailer {
-            return Err(if counter == 0 {
-                CryptoError::Truncated("it ends before the first chunk".into())
-            } else {
-                CryptoError::Damaged(counter as u64)
-            });
-        }
-        let clen = have - trailer;
-        if let Some(h) = chunks_hash.as_mut() {
-            h.update(&buf[..clen]);
-        }
-        if !open(counter, true, &mut buf[..clen]) {
-            // A full chunk that opens as a middle chunk means the real final
-            // chunk(s) were cut off. Safe to say: the file key is already
-            // proven good by this point, nothing about RSA is revealed.
-            if clen == ct && trailer == 0 && open(counter, false, &mut buf[..clen]) {
-                return Err(CryptoError::Truncated(format!(
-                    "the final chunk is missing after chunk {counter}"
-                )));
-            }
-            return Err(CryptoError::Damaged(counter as u64));
+        if eof && last_len < TAG_LEN {
+            return Err(CryptoError::Damaged(counter + n as u64 - 1));
         }
         // Only an empty payload has an empty final chunk; anything else is
         // not what a writer produces.
-        if clen == TAG_LEN && counter != 0 {
-            return Err(CryptoError::Damaged(counter as u64));
+        if eof && last_len == TAG_LEN && counter + n as u64 > 1 {
+            return Err(CryptoError::Damaged(counter + n as u64 - 1));
         }
-        if let (Some(pk), Some(h)) = (&prefix.header.sender, chunks_hash) {
-            let sig: [u8; SIG_LEN] = buf[clen..have].try_into().expect("trailer is SIG_LEN bytes");
-            verify_sig(pk, &trailer_sig_message(&prefix.header_hash, &h.finalize()), &sig)?;
+        if let Some(h) = chunks_hash.as_mut() {
+            h.update(&buf[..body]);
         }
-        output.write_all(&buf[..clen - TAG_LEN])?;
-        total += (clen - TAG_LEN) as u64;
-        output.flush()?;
-        break;
+        let jobs: Vec<(u64, bool, &mut [u8])> = buf[..body]
+            .chunks_mut(ct)
+            .enumerate()
+            .map(|(j, c)| (counter + j as u64, eof && j == n - 1, c))
+            .collect();
+        let ok = in_parallel(jobs, |(i, last, c)| open(i, last, c));
+        if let Some(bad) = ok.iter().position(|&ok| !ok) {
+            let i = counter + bad as u64;
+            // A full final chunk that opens as a middle chunk means the real
+            // final chunk(s) were cut off. Safe to say: the file key is
+            // already proven good by this point, nothing about RSA leaks.
+            if eof && bad == n - 1 && last_len == ct && trailer == 0 {
+                let chunk = &mut buf[bad * ct..body];
+                if open(i, false, chunk) {
+                    return Err(CryptoError::Truncated(format!(
+                        "the final chunk is missing after chunk {i}"
+                    )));
+                }
+            }
+            return Err(CryptoError::Damaged(i));
+        }
+        if eof {
+            if let (Some(pk), Some(h)) = (&prefix.header.sender, chunks_hash.take()) {
+                let sig: [u8; SIG_LEN] = buf[body..have].try_into().expect("trailer is SIG_LEN bytes");
+                verify_sig(pk, &trailer_sig_message(&prefix.header_hash, &h.finalize()), &sig)?;
+            }
+        }
+        for (j, c) in buf[..body].chunks(ct).enumerate() {
+            let len = if j == n - 1 { last_len } else { ct } - TAG_LEN;
+            output.write_all(&c[..len])?;
+            total += len as u64;
+        }
+        counter += n as u64;
+        if eof {
+            output.flush()?;
+            break;
+        }
+        buf.copy_within(body..want, 0);
+        have = want - body;
     }
     Ok(StreamReport {
         signer: prefix.signer(),
         bytes: total,
+    })
+}
+
+/// Chunks per batch: enough work to spread over a few cores (about 2 MiB
+/// in flight), still constant memory.
+fn batch_chunks(chunk_size: usize) -> usize {
+    ((2 << 20) / chunk_size).clamp(1, 64)
+}
+
+/// How many threads seal or open a batch: chunks are independent (each has
+/// its own nonce), so AES-GCM work spreads over the cores.
+fn workers() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(4))
+}
+
+/// Run `f` over `jobs`, split across up to `workers()` scoped threads, and
+/// return the results in order.
+fn in_parallel<T: Send, F: Fn(T) -> bool + Sync>(jobs: Vec<T>, f: F) -> Vec<bool> {
+    let threads = workers().min(jobs.len());
+    if threads <= 1 {
+        return jobs.into_iter().map(f).collect();
+    }
+    let per = jobs.len().div_ceil(threads);
+    let mut groups: Vec<Vec<T>> = Vec::with_capacity(threads);
+    let mut it = jobs.into_iter().peekable();
+    while it.peek().is_some() {
+        groups.push(it.by_ref().take(per).collect());
+    }
+    let f = &f;
+    std::thread::scope(|scope| {
+        let mut first = groups.remove(0);
+        let handles: Vec<_> = groups
+            .into_iter()
+            .map(|g| scope.spawn(move || g.into_iter().map(f).collect::<Vec<bool>>()))
+            .collect();
+        let mut out: Vec<bool> = first.drain(..).map(f).collect();
+        for h in handles {
+            // A worker only panics if `f` does; propagate it.
+            out.extend(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+        }
+        out
     })
 }
 
@@ -847,7 +933,7 @@ pub(crate) mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(32))]
         #[test]
-        fn random_sizes_round_trip(data in proptest::collection::vec(any::<u8>(), 0..600), chunk in 16usize..80, signed: bool) {
+        fn random_sizes_round_trip(data in proptest::collection::vec(any::<u8>(), 0..4000), chunk in 16usize..80, signed: bool) {
             roundtrip(chunk, signed, &data);
         }
 
