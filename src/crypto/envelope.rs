@@ -29,6 +29,7 @@ use rsa::Oaep;
 use sha2::{Digest, Sha256};
 
 use super::keys::{node_id_of, rsa_key_id, Identity, KeyError, PublicIdentity};
+use super::pipeline::{self, Batch};
 use crate::exit::{Exit, HasExit};
 
 /// First bytes of every envelope.
@@ -44,6 +45,8 @@ pub const MAX_CHUNK_SIZE: usize = 16 << 20;
 pub const MAX_HEADER_LEN: usize = 64 << 10;
 
 const TAG_LEN: usize = 16;
+/// Chunk counters are 32 bits.
+const MAX_CHUNKS: u64 = 1 << 32;
 const SIG_LEN: usize = 64;
 const KEY_ID_LEN: usize = 32;
 const NONCE_PREFIX_LEN: usize = 7;
@@ -406,7 +409,7 @@ pub(crate) struct SealParams<'r, R: RngCore + CryptoRng> {
 
 /// Encrypt a stream to `recipients`, optionally signed. Returns the
 /// plaintext byte count. Memory use is one chunk, whatever the size.
-pub fn encrypt_stream<R: Read, W: Write>(
+pub fn encrypt_stream<R: Read, W: Write + Send>(
     recipients: &[PublicIdentity],
     sign_with: Option<&Identity>,
     input: R,
@@ -425,7 +428,7 @@ pub fn encrypt_stream<R: Read, W: Write>(
     seal(recipients, sign_with, input, output, params)
 }
 
-pub(crate) fn seal<R: Read, W: Write, G: RngCore + CryptoRng>(
+pub(crate) fn seal<R: Read, W: Write + Send, G: RngCore + CryptoRng>(
     recipients: &[PublicIdentity],
     sign_with: Option<&Identity>,
     mut input: R,
@@ -475,63 +478,64 @@ pub(crate) fn seal<R: Read, W: Write, G: RngCore + CryptoRng>(
     let mut chunks_hash = sign_with.map(|_| Sha256::new());
     let cs = p.chunk_size;
     let ct = cs + TAG_LEN;
-    let batch = batch_chunks(cs);
-    // A batch of chunk slots, each `cs` bytes of plaintext then room for its
-    // tag. Reading `cs + 1` bytes into a slot tells whether more input
-    // follows; the extra byte is carried to the next slot's start.
-    let mut buf = vec![0u8; batch * ct];
-    let mut lens = Vec::with_capacity(batch);
+    // Each batch is a run of chunk slots, `cs` bytes of plaintext then room
+    // for the tag. Reading `cs + 1` bytes into a slot tells whether more
+    // input follows; the extra byte is carried to the next slot's start.
     let mut carry: Option<u8> = None;
     let mut counter: u64 = 0;
     let mut total: u64 = 0;
-    let mut done = false;
-    while !done {
-        lens.clear();
-        for slot in buf.chunks_mut(ct) {
+    let produce = |b: &mut Batch| -> Result<(), CryptoError> {
+        b.lens.clear();
+        b.first = counter;
+        b.last = false;
+        for slot in b.buf.chunks_mut(ct) {
             let got = match carry.take() {
-                Some(b) => {
-                    slot[0] = b;
+                Some(byte) => {
+                    slot[0] = byte;
                     1 + read_full(&mut input, &mut slot[1..cs + 1])?
                 }
                 None => read_full(&mut input, &mut slot[..cs + 1])?,
             };
             if got <= cs {
-                lens.push(got);
-                done = true;
+                b.lens.push(got);
+                b.last = true;
                 break;
             }
             carry = Some(slot[cs]);
-            lens.push(cs);
+            b.lens.push(cs);
         }
-        if counter + lens.len() as u64 > u64::from(u32::MAX) + 1 {
+        counter += b.lens.len() as u64;
+        if counter > MAX_CHUNKS {
             return Err(CryptoError::TooLarge);
         }
-        let n = lens.len();
-        let last_len = lens[n - 1];
-        let jobs: Vec<(u32, bool, usize, &mut [u8])> = buf
-            .chunks_mut(ct)
-            .take(n)
-            .enumerate()
-            .map(|(j, slot)| ((counter + j as u64) as u32, done && j == n - 1, lens[j], slot))
-            .collect();
-        in_parallel(jobs, |(i, last, len, slot)| {
-            let (data, tag_space) = slot.split_at_mut(len);
-            // Only fails beyond GCM's 64 GiB per-message limit; chunks are <= 16 MiB.
+        total += b.lens.iter().sum::<usize>() as u64;
+        Ok(())
+    };
+    let work = |b: &mut Batch| -> Result<(), CryptoError> {
+        let n = b.lens.len();
+        for (j, slot) in b.buf.chunks_mut(ct).take(n).enumerate() {
+            let (data, tag_space) = slot.split_at_mut(b.lens[j]);
+            let nonce = nonce(&p.nonce_prefix, (b.first + j as u64) as u32, b.last && j == n - 1);
+            // Only fails beyond GCM's 64 GiB message limit; chunks are <= 16 MiB.
             let tag = cipher
-                .encrypt_in_place_detached(Nonce::from_slice(&nonce(&p.nonce_prefix, i, last)), &header_hash, data)
-                .expect("chunk within the GCM length limit");
+                .encrypt_in_place_detached(Nonce::from_slice(&nonce), &header_hash, data)
+                .map_err(|_| CryptoError::TooLarge)?;
             tag_space[..TAG_LEN].copy_from_slice(&tag);
-            true
-        });
+        }
+        Ok(())
+    };
+    let consume = |b: &Batch| -> Result<(), CryptoError> {
         // Every slot but the last is full, so the sealed batch is contiguous.
-        let sealed = &buf[..(n - 1) * ct + last_len + TAG_LEN];
+        let n = b.lens.len();
+        let sealed = &b.buf[..(n - 1) * ct + b.lens[n - 1] + TAG_LEN];
         output.write_all(sealed)?;
         if let Some(h) = chunks_hash.as_mut() {
             h.update(sealed);
         }
-        total += ((n - 1) * cs + last_len) as u64;
-        counter += n as u64;
-    }
+        Ok(())
+    };
+    let per_batch = batch_chunks(cs);
+    pipeline::run(pipeline::workers() + 2, per_batch * ct, produce, work, consume)?;
     if let (Some(id), Some(h)) = (sign_with, chunks_hash) {
         let sig = id.sign(&trailer_sig_message(&header_hash, &h.finalize()));
         output.write_all(&sig.to_bytes())?;
@@ -594,7 +598,7 @@ fn unwrap_file_key(me: &Identity, header: &Header) -> Result<[u8; 32], CryptoErr
 /// checked before the RSA unwrap; the trailer signature (content) after
 /// the last chunk. Plaintext is written as chunks verify: a caller writing to
 /// a file must discard it unless this returns `Ok` (see `decrypt_file`).
-pub fn decrypt_stream<R: Read, W: Write>(
+pub fn decrypt_stream<R: Read, W: Write + Send>(
     me: &Identity,
     mut input: R,
     output: W,
@@ -606,7 +610,7 @@ pub fn decrypt_stream<R: Read, W: Write>(
     open_chunks(&prefix, &key, input, output)
 }
 
-fn open_chunks<R: Read, W: Write>(
+fn open_chunks<R: Read, W: Write + Send>(
     prefix: &Prefix,
     file_key: &[u8; 32],
     mut input: R,
@@ -615,16 +619,60 @@ fn open_chunks<R: Read, W: Write>(
     let cipher = Aes256Gcm::new(file_key.into());
     let cs = prefix.header.chunk_size;
     let ct = cs + TAG_LEN;
-    let batch = batch_chunks(cs);
+    let per_batch = batch_chunks(cs);
     let trailer = if prefix.header.sender.is_some() { SIG_LEN } else { 0 };
     let mut chunks_hash = prefix.header.sender.map(|_| Sha256::new());
-    // Hold a batch of chunks, the trailer and one more byte: a full buffer
-    // means none of the batch's chunks is the final one.
-    let want = batch * ct + trailer + 1;
-    let mut buf = vec![0u8; want];
-    let mut have = 0;
+    // A batch buffer holds its chunks, the trailer and one more byte: a full
+    // buffer means none of the batch's chunks is the final one. The bytes
+    // past the batch are carried into the next buffer.
+    let want = per_batch * ct + trailer + 1;
+    let mut leftover: Vec<u8> = Vec::with_capacity(trailer + 1);
     let mut counter: u64 = 0;
-    let mut total: u64 = 0;
+    let produce = |b: &mut Batch| -> Result<(), CryptoError> {
+        let l = leftover.len();
+        b.buf[..l].copy_from_slice(&leftover);
+        let have = l + read_full(&mut input, &mut b.buf[l..want])?;
+        let eof = have < want;
+        let body = if !eof {
+            per_batch * ct
+        } else if have >= TAG_LEN + trailer {
+            have - trailer
+        } else if counter == 0 {
+            return Err(CryptoError::Truncated("it ends before the first chunk".into()));
+        } else {
+            return Err(CryptoError::Damaged(counter));
+        };
+        let n = body.div_ceil(ct);
+        let last_len = body - (n - 1) * ct;
+        let final_index = counter + n as u64 - 1;
+        if counter + n as u64 > MAX_CHUNKS {
+            return Err(CryptoError::TooLarge);
+        }
+        // A final chunk shorter than a tag is cut; an empty final chunk
+        // only ends an empty payload (no writer produces anything else).
+        if eof && (last_len < TAG_LEN || (last_len == TAG_LEN && final_index > 0)) {
+            return Err(CryptoError::Damaged(final_index));
+        }
+        if let Some(h) = chunks_hash.as_mut() {
+            h.update(&b.buf[..body]);
+        }
+        if eof {
+            if let (Some(pk), Some(h)) = (&prefix.header.sender, chunks_hash.take()) {
+                let sig: [u8; SIG_LEN] = b.buf[body..have].try_into().expect("trailer is SIG_LEN bytes");
+                verify_sig(pk, &trailer_sig_message(&prefix.header_hash, &h.finalize()), &sig)?;
+            }
+        } else {
+            leftover.clear();
+            leftover.extend_from_slice(&b.buf[body..want]);
+        }
+        b.lens.clear();
+        b.lens.resize(n - 1, ct);
+        b.lens.push(last_len);
+        b.first = counter;
+        b.last = eof;
+        counter += n as u64;
+        Ok(())
+    };
     let open = |i: u64, last: bool, chunk: &mut [u8]| -> bool {
         let (data, tag) = chunk.split_at_mut(chunk.len() - TAG_LEN);
         cipher
@@ -636,124 +684,46 @@ fn open_chunks<R: Read, W: Write>(
             )
             .is_ok()
     };
-    loop {
-        have += read_full(&mut input, &mut buf[have..want])?;
-        let eof = have < want;
-        // The chunk bytes of this batch (everything but the look-ahead).
-        let body = if eof {
-            if have < TAG_LEN + trailer {
-                return Err(if counter == 0 {
-                    CryptoError::Truncated("it ends before the first chunk".into())
-                } else {
-                    CryptoError::Damaged(counter)
-                });
+    let work = |b: &mut Batch| -> Result<(), CryptoError> {
+        let n = b.lens.len();
+        for (j, chunk) in b.buf.chunks_mut(ct).take(n).enumerate() {
+            let i = b.first + j as u64;
+            let last = b.last && j == n - 1;
+            let chunk = &mut chunk[..b.lens[j]];
+            if open(i, last, chunk) {
+                continue;
             }
-            have - trailer
-        } else {
-            batch * ct
-        };
-        let n = body.div_ceil(ct);
-        let last_len = body - (n - 1) * ct;
-        if counter + n as u64 > u64::from(u32::MAX) + 1 {
-            return Err(CryptoError::TooLarge);
-        }
-        if eof && last_len < TAG_LEN {
-            return Err(CryptoError::Damaged(counter + n as u64 - 1));
-        }
-        // Only an empty payload has an empty final chunk; anything else is
-        // not what a writer produces.
-        if eof && last_len == TAG_LEN && counter + n as u64 > 1 {
-            return Err(CryptoError::Damaged(counter + n as u64 - 1));
-        }
-        if let Some(h) = chunks_hash.as_mut() {
-            h.update(&buf[..body]);
-        }
-        let jobs: Vec<(u64, bool, &mut [u8])> = buf[..body]
-            .chunks_mut(ct)
-            .enumerate()
-            .map(|(j, c)| (counter + j as u64, eof && j == n - 1, c))
-            .collect();
-        let ok = in_parallel(jobs, |(i, last, c)| open(i, last, c));
-        if let Some(bad) = ok.iter().position(|&ok| !ok) {
-            let i = counter + bad as u64;
             // A full final chunk that opens as a middle chunk means the real
             // final chunk(s) were cut off. Safe to say: the file key is
             // already proven good by this point, nothing about RSA leaks.
-            if eof && bad == n - 1 && last_len == ct && trailer == 0 {
-                let chunk = &mut buf[bad * ct..body];
-                if open(i, false, chunk) {
-                    return Err(CryptoError::Truncated(format!(
-                        "the final chunk is missing after chunk {i}"
-                    )));
-                }
+            if last && chunk.len() == ct && trailer == 0 && open(i, false, chunk) {
+                return Err(CryptoError::Truncated(format!(
+                    "the final chunk is missing after chunk {i}"
+                )));
             }
             return Err(CryptoError::Damaged(i));
         }
-        if eof {
-            if let (Some(pk), Some(h)) = (&prefix.header.sender, chunks_hash.take()) {
-                let sig: [u8; SIG_LEN] = buf[body..have].try_into().expect("trailer is SIG_LEN bytes");
-                verify_sig(pk, &trailer_sig_message(&prefix.header_hash, &h.finalize()), &sig)?;
-            }
+        Ok(())
+    };
+    let mut total: u64 = 0;
+    let consume = |b: &Batch| -> Result<(), CryptoError> {
+        for (chunk, len) in b.buf.chunks(ct).zip(&b.lens) {
+            output.write_all(&chunk[..len - TAG_LEN])?;
+            total += (len - TAG_LEN) as u64;
         }
-        for (j, c) in buf[..body].chunks(ct).enumerate() {
-            let len = if j == n - 1 { last_len } else { ct } - TAG_LEN;
-            output.write_all(&c[..len])?;
-            total += len as u64;
-        }
-        counter += n as u64;
-        if eof {
-            output.flush()?;
-            break;
-        }
-        buf.copy_within(body..want, 0);
-        have = want - body;
-    }
+        Ok(())
+    };
+    pipeline::run(pipeline::workers() + 2, want, produce, work, consume)?;
+    output.flush()?;
     Ok(StreamReport {
         signer: prefix.signer(),
         bytes: total,
     })
 }
 
-/// Chunks per batch: enough work to spread over a few cores (about 2 MiB
-/// in flight), still constant memory.
+/// Chunks per batch: about 512 KiB of work per hand-off.
 fn batch_chunks(chunk_size: usize) -> usize {
-    ((2 << 20) / chunk_size).clamp(1, 64)
-}
-
-/// How many threads seal or open a batch: chunks are independent (each has
-/// its own nonce), so AES-GCM work spreads over the cores.
-fn workers() -> usize {
-    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(4))
-}
-
-/// Run `f` over `jobs`, split across up to `workers()` scoped threads, and
-/// return the results in order.
-fn in_parallel<T: Send, F: Fn(T) -> bool + Sync>(jobs: Vec<T>, f: F) -> Vec<bool> {
-    let threads = workers().min(jobs.len());
-    if threads <= 1 {
-        return jobs.into_iter().map(f).collect();
-    }
-    let per = jobs.len().div_ceil(threads);
-    let mut groups: Vec<Vec<T>> = Vec::with_capacity(threads);
-    let mut it = jobs.into_iter().peekable();
-    while it.peek().is_some() {
-        groups.push(it.by_ref().take(per).collect());
-    }
-    let f = &f;
-    std::thread::scope(|scope| {
-        let mut first = groups.remove(0);
-        let handles: Vec<_> = groups
-            .into_iter()
-            .map(|g| scope.spawn(move || g.into_iter().map(f).collect::<Vec<bool>>()))
-            .collect();
-        let mut out: Vec<bool> = first.drain(..).map(f).collect();
-        for h in handles {
-            // A worker only panics if `f` does; propagate it.
-            out.extend(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
-        }
-        out
-    })
+    ((512 << 10) / chunk_size).clamp(1, 64)
 }
 
 /// Encrypt an in-memory payload (market tasks and results).

@@ -16,6 +16,7 @@ use serde::Deserialize;
 pub mod envelope;
 pub mod files;
 pub mod keys;
+mod pipeline;
 
 pub use envelope::{decrypt, encrypt_to, CryptoError, Opened};
 pub use keys::{Identity, KeyError, PublicIdentity};
