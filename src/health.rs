@@ -146,6 +146,7 @@ pub fn check(paths: &Paths) -> HealthReport {
     }
 
     checks.push(permissions(paths));
+    checks.push(keys(paths, config.as_ref()));
 
     if let Some(cfg) = &config {
         let caps = Caps::from_config(cfg);
@@ -221,6 +222,44 @@ pub fn loose_permissions(paths: &Paths) -> Vec<String> {
         }
     }
     loose
+}
+
+/// WARNING when the current node key is older than `security.keyRotationDays`.
+fn keys(paths: &Paths, config: Option<&Config>) -> Check {
+    let days = config
+        .map(|c| c.get_i64("security.keyRotationDays"))
+        .unwrap_or(30)
+        .max(1);
+    match crate::crypto::keys::current_key_created(paths) {
+        Ok(None) => Check {
+            name: "keys",
+            level: Level::Ok,
+            message: "no node keys yet".into(),
+        },
+        Ok(Some(created)) => {
+            let age = (chrono::Utc::now() - created).num_days();
+            if age >= days {
+                Check {
+                    name: "keys",
+                    level: Level::Warning,
+                    message: format!(
+                        "current key is {age} days old (rotate every {days}: `claude-max-market keys rotate`)"
+                    ),
+                }
+            } else {
+                Check {
+                    name: "keys",
+                    level: Level::Ok,
+                    message: format!("current key is {age} days old"),
+                }
+            }
+        }
+        Err(e) => Check {
+            name: "keys",
+            level: Level::Critical,
+            message: e.to_string(),
+        },
+    }
 }
 
 fn permissions(paths: &Paths) -> Check {

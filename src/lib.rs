@@ -25,6 +25,7 @@ pub mod compliance;
 pub mod config;
 pub mod consent;
 pub mod context;
+pub mod crypto;
 pub mod exit;
 pub mod fsutil;
 pub mod health;

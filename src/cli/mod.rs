@@ -15,7 +15,10 @@ pub mod audit;
 pub mod completions;
 pub mod compliance;
 pub mod config;
+pub mod decrypt;
+pub mod encrypt;
 pub mod health;
+pub mod keys;
 pub mod limits;
 pub mod logs;
 pub mod mcp;
@@ -87,6 +90,12 @@ pub enum Command {
     Mcp(mcp::Args),
     /// Print shell completions
     Completions(completions::Args),
+    /// Node identity: generate, show, export, import, list, rotate
+    Keys(keys::Args),
+    /// Encrypt a file or stdin to recipients (default: this node), optionally signed
+    Encrypt(encrypt::Args),
+    /// Decrypt an envelope; the output appears only after everything verified
+    Decrypt(decrypt::Args),
 }
 
 /// Rewrite the seed's colon form (`docker:build`) into nested subcommands
@@ -218,6 +227,9 @@ fn run(cli: Cli, printer: Printer) -> anyhow::Result<i32> {
         Command::Usage(a) => usage::run(&ctx, a).map(|_| 0),
         Command::Mcp(a) => mcp::run(&ctx, a).map(|_| 0),
         Command::Completions(_) => unreachable!("handled above"),
+        Command::Keys(a) => keys::run(&ctx, a).map(|_| 0),
+        Command::Encrypt(a) => encrypt::run(&ctx, a).map(|_| 0),
+        Command::Decrypt(a) => decrypt::run(&ctx, a).map(|_| 0),
     }
 }
 
@@ -238,7 +250,9 @@ pub fn classify(err: &anyhow::Error) -> (Exit, Option<String>) {
             crate::usage::UsageError,
             crate::compliance::ChecklistError,
             crate::analytics::AnalyticsError,
-            crate::mcp::McpError
+            crate::mcp::McpError,
+            crate::crypto::KeyError,
+            crate::crypto::CryptoError
         );
     }
     (Exit::Failed, None)
