@@ -12,14 +12,18 @@ use crate::exit::{Exit, Failure, HasExit};
 use crate::paths::Paths;
 
 pub mod audit;
+pub mod clean;
 pub mod completions;
 pub mod compliance;
 pub mod config;
+pub mod docker;
+pub mod execute;
 pub mod health;
 pub mod limits;
 pub mod logs;
 pub mod opt_in;
 pub mod opt_out;
+pub mod progress;
 pub mod status;
 pub mod terms;
 
@@ -71,7 +75,9 @@ pub enum Command {
     Status(status::Args),
     /// Read and change settings (typed, validated, audited)
     Config(config::Args),
-    /// Read the audit log (`--follow` streams new lines)
+    /// Run one Claude Code job in a locked-down container
+    Execute(execute::Args),
+    /// Read the audit log (`--follow` streams new lines) or a job's record (`--job ID`)
     Logs(logs::Args),
     /// Activity and compliance report from the audit log; `audit verify` checks the chain
     Audit(audit::Args),
@@ -79,6 +85,10 @@ pub enum Command {
     ComplianceCheck(compliance::Args),
     /// Nagios-style health line with perfdata (exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN)
     Health(health::Args),
+    /// Build or pull the Claude Code runner image
+    Docker(docker::Args),
+    /// Remove containers (and `--images`) carrying this tool's label
+    Clean(clean::Args),
     /// Print shell completions
     Completions(completions::Args),
 }
@@ -205,10 +215,13 @@ fn run(cli: Cli, printer: Printer) -> anyhow::Result<i32> {
         Command::Limits(a) => limits::run(&mut ctx, a).map(|_| 0),
         Command::Status(a) => status::run(&ctx, a).map(|_| 0),
         Command::Config(a) => config::run(&mut ctx, a).map(|_| 0),
+        Command::Execute(a) => execute::run(&ctx, a),
         Command::Logs(a) => logs::run(&ctx, a).map(|_| 0),
         Command::Audit(a) => audit::run(&ctx, a),
         Command::ComplianceCheck(a) => compliance::run(&ctx, a),
         Command::Health(a) => Ok(health::run(&ctx, a)),
+        Command::Docker(a) => docker::run(&ctx, a),
+        Command::Clean(a) => clean::run(&ctx, a),
         Command::Completions(_) => unreachable!("handled above"),
     }
 }
@@ -227,7 +240,10 @@ pub fn classify(err: &anyhow::Error) -> (Exit, Option<String>) {
             Failure,
             crate::config::ConfigError,
             crate::audit::AuditError,
-            crate::usage::UsageError
+            crate::usage::UsageError,
+            crate::job::JobError,
+            crate::docker::DockerError,
+            crate::claude::credentials::CredentialError
         );
     }
     (Exit::Failed, None)

@@ -1,0 +1,313 @@
+//! One job container: create, attach before start, feed stdin, stream the
+//! output line by line, enforce the deadline and the caller's verdicts,
+//! and remove the container on every path.
+
+use std::future::Future;
+use std::time::Duration;
+
+use bollard::container::LogOutput;
+use bollard::models::ContainerCreateBody;
+use bollard::query_parameters::{
+    AttachContainerOptions, CreateContainerOptions, KillContainerOptions, ListContainersOptions, RemoveContainerOptions,
+};
+use bollard::Docker;
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+
+use super::{is_not_found, DockerError};
+
+/// Bytes of the container's stderr kept for the job record.
+const STDERR_TAIL: usize = 4096;
+
+/// Why we killed a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillReason {
+    Timeout,
+    TokenCap,
+}
+
+impl KillReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            KillReason::Timeout => "timeout",
+            KillReason::TokenCap => "token-cap",
+        }
+    }
+}
+
+/// What the line handler wants after each stdout line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Continue,
+    Kill(KillReason),
+}
+
+/// How the container's run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// The process exited by itself.
+    Exited(i64),
+    Killed(KillReason),
+    Cancelled,
+}
+
+#[derive(Debug)]
+pub struct Run {
+    pub container_id: String,
+    pub ending: Ending,
+    pub stderr_tail: String,
+}
+
+/// Create and run a container to completion, then remove it.
+///
+/// `stdin` is written once the output is attached and the container started,
+/// then our end is closed (`stdin_once` closes the container's). The buffer
+/// is zeroed after writing because it carries the credential.
+pub async fn run(
+    docker: &Docker,
+    name: &str,
+    body: ContainerCreateBody,
+    stdin: Vec<u8>,
+    timeout: Duration,
+    cancel: impl Future<Output = ()>,
+    on_line: impl FnMut(&str) -> Verdict,
+) -> Result<Run, DockerError> {
+    let created = docker
+        .create_container(
+            Some(CreateContainerOptions {
+                name: Some(name.to_string()),
+                ..Default::default()
+            }),
+            body,
+        )
+        .await;
+    let id = match created {
+        Ok(c) => c.id,
+        Err(e) => {
+            let mut stdin = stdin;
+            stdin.fill(0);
+            return Err(e.into());
+        }
+    };
+    let result = drive(docker, &id, stdin, timeout, cancel, on_line).await;
+    // Every path ends here: the container never outlives the job.
+    remove(docker, &id).await;
+    let (ending, stderr_tail) = result?;
+    Ok(Run {
+        container_id: id,
+        ending,
+        stderr_tail,
+    })
+}
+
+async fn drive(
+    docker: &Docker,
+    id: &str,
+    mut stdin: Vec<u8>,
+    timeout: Duration,
+    cancel: impl Future<Output = ()>,
+    mut on_line: impl FnMut(&str) -> Verdict,
+) -> Result<(Ending, String), DockerError> {
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    tokio::pin!(cancel);
+
+    let attached = docker
+        .attach_container(
+            id,
+            Some(AttachContainerOptions {
+                stdin: true,
+                stdout: true,
+                stderr: true,
+                stream: true,
+                logs: false,
+                detach_keys: None,
+            }),
+        )
+        .await;
+    let attached = match attached {
+        Ok(a) => a,
+        Err(e) => {
+            stdin.fill(0);
+            return Err(e.into());
+        }
+    };
+    let mut output = attached.output;
+    let mut input = attached.input;
+    if let Err(e) = docker
+        .start_container(id, None::<bollard::query_parameters::StartContainerOptions>)
+        .await
+    {
+        stdin.fill(0);
+        return Err(e.into());
+    }
+    // Write concurrently with reading, so a large prompt cannot deadlock
+    // against a container that prints before it reads everything.
+    let writer = tokio::spawn(async move {
+        let r = async {
+            input.write_all(&stdin).await?;
+            input.flush().await?;
+            input.shutdown().await
+        }
+        .await;
+        stdin.fill(0);
+        std::hint::black_box(&stdin);
+        r
+    });
+
+    let mut pending: Vec<u8> = Vec::new();
+    let mut stderr_tail: Vec<u8> = Vec::new();
+    let mut verdict = Verdict::Continue;
+    let mut handle = |bytes: &[u8], pending: &mut Vec<u8>, verdict: &mut Verdict| {
+        pending.extend_from_slice(bytes);
+        while let Some(pos) = memchr::memchr(b'\n', pending) {
+            let line: Vec<u8> = pending.drain(..=pos).collect();
+            if *verdict == Verdict::Continue {
+                let text = String::from_utf8_lossy(&line[..line.len() - 1]);
+                *verdict = on_line(&text);
+            }
+        }
+    };
+
+    let ending = loop {
+        tokio::select! {
+            item = output.next() => match item {
+                Some(Ok(LogOutput::StdOut { message } | LogOutput::Console { message })) => {
+                    handle(&message, &mut pending, &mut verdict);
+                    if let Verdict::Kill(reason) = verdict {
+                        kill(docker, id).await;
+                        break Ending::Killed(reason);
+                    }
+                }
+                Some(Ok(LogOutput::StdErr { message })) => {
+                    stderr_tail.extend_from_slice(&message);
+                    if stderr_tail.len() > STDERR_TAIL {
+                        stderr_tail.drain(..stderr_tail.len() - STDERR_TAIL);
+                    }
+                }
+                Some(Ok(LogOutput::StdIn { .. })) => {}
+                Some(Err(_)) | None => {
+                    // Output closed: hand over a last line without newline.
+                    if !pending.is_empty() {
+                        let rest = std::mem::take(&mut pending);
+                        if verdict == Verdict::Continue {
+                            verdict = on_line(&String::from_utf8_lossy(&rest));
+                        }
+                        if let Verdict::Kill(reason) = verdict {
+                            kill(docker, id).await;
+                            break Ending::Killed(reason);
+                        }
+                    }
+                    tokio::select! {
+                        code = wait(docker, id) => break Ending::Exited(code?),
+                        _ = &mut deadline => {
+                            kill(docker, id).await;
+                            break Ending::Killed(KillReason::Timeout);
+                        }
+                        _ = &mut cancel => {
+                            kill(docker, id).await;
+                            break Ending::Cancelled;
+                        }
+                    }
+                }
+            },
+            _ = &mut deadline => {
+                kill(docker, id).await;
+                break Ending::Killed(KillReason::Timeout);
+            }
+            _ = &mut cancel => {
+                kill(docker, id).await;
+                break Ending::Cancelled;
+            }
+        }
+    };
+    writer.abort();
+    let tail = String::from_utf8_lossy(&stderr_tail).into_owned();
+    Ok((ending, tail))
+}
+
+async fn wait(docker: &Docker, id: &str) -> Result<i64, DockerError> {
+    let mut s = docker.wait_container(id, None::<bollard::query_parameters::WaitContainerOptions>);
+    match s.next().await {
+        Some(Ok(r)) => Ok(r.status_code),
+        Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
+        // Removed under us (`opt-out`, `clean --force`): it is over.
+        Some(Err(e)) if is_not_found(&e) => Ok(-1),
+        Some(Err(e)) => Err(e.into()),
+        None => Ok(-1),
+    }
+}
+
+async fn kill(docker: &Docker, id: &str) {
+    // It may have exited on its own meanwhile; removal follows either way.
+    let _ = docker
+        .kill_container(
+            id,
+            Some(KillContainerOptions {
+                signal: "SIGKILL".into(),
+            }),
+        )
+        .await;
+}
+
+/// Force-remove a container; a container already gone is fine.
+pub async fn remove(docker: &Docker, id: &str) {
+    let opts = RemoveContainerOptions {
+        force: true,
+        ..Default::default()
+    };
+    for _ in 0..3 {
+        match docker.remove_container(id, Some(opts.clone())).await {
+            Ok(()) => return,
+            Err(e) if is_not_found(&e) => return,
+            // 409: removal already in progress; give the engine a moment.
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// A container of ours, as listed by the engine.
+#[derive(Debug, Clone)]
+pub struct Ours {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    pub running: bool,
+    pub job_id: Option<String>,
+}
+
+/// Every container carrying our label (running or not).
+pub async fn list_ours(docker: &Docker, label: &str, job_label: &str) -> Result<Vec<Ours>, DockerError> {
+    let filters = std::collections::HashMap::from([("label".to_string(), vec![format!("{label}=true")])]);
+    let list = docker
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await?;
+    Ok(list
+        .into_iter()
+        // Belt and braces: only what really carries the label.
+        .filter(|c| {
+            c.labels
+                .as_ref()
+                .is_some_and(|l| l.get(label).map(String::as_str) == Some("true"))
+        })
+        .map(|c| Ours {
+            id: c.id.unwrap_or_default(),
+            name: c
+                .names
+                .and_then(|n| n.first().cloned())
+                .unwrap_or_default()
+                .trim_start_matches('/')
+                .to_string(),
+            image: c.image.unwrap_or_default(),
+            running: c
+                .state
+                .map(|s| matches!(s.to_string().as_str(), "running" | "restarting" | "paused"))
+                .unwrap_or(false),
+            job_id: c.labels.and_then(|l| l.get(job_label).cloned()),
+        })
+        .collect())
+}
