@@ -295,7 +295,13 @@ impl JobRecord {
                             .unwrap_or_default()
                     );
                 }
-                self.error.clone().unwrap_or_else(|| "failed".into())
+                match self.error.as_deref() {
+                    Some("authentication_failed") => {
+                        "Claude Code could not log in (authentication_failed): the credential was rejected; renew it (e.g. `claude setup-token`)".into()
+                    }
+                    Some(e) => e.to_string(),
+                    None => "failed".into(),
+                }
             }
         }
     }
@@ -487,7 +493,7 @@ pub async fn run(
     let docker = crate::docker::connect().await?;
     let manage = spec.image == default_image(cfg);
     let ensured = tokio::select! {
-        r = image::ensure(&docker, &spec.image, manage, &profile.label, progress.as_ref()) => r,
+        r = image::ensure(&docker, &spec.image, manage, &profile.image_label, progress.as_ref()) => r,
         _ = cancel.cancelled() => {
             guard.release()?;
             return Err(JobError::Cancelled);
@@ -624,6 +630,12 @@ pub async fn run(
                 };
                 (Status::Failed, Some(why), None, Some(*code))
             }
+            None if *code == -1 => (
+                Status::Failed,
+                Some("the container was stopped from outside (opt-out or `clean --force`) before a result".into()),
+                None,
+                Some(*code),
+            ),
             None => (
                 Status::Failed,
                 Some(format!("Claude Code exited with code {code} without a result")),

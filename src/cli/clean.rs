@@ -21,7 +21,7 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
     let rt = crate::docker::runtime()?;
     let report = rt.block_on(async {
         let docker = crate::docker::connect().await?;
-        clean::clean(&docker, &profile.label, &profile.job_label, args.force, args.images).await
+        clean::clean(&docker, profile, args.force, args.images).await
     })?;
     let p = ctx.out();
     if p.json {

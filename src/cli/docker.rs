@@ -78,7 +78,7 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
             };
             let result = rt.block_on(async {
                 let docker = crate::docker::connect().await?;
-                image::build(&docker, &req, &profile.label, &progress).await
+                image::build(&docker, &req, &profile.image_label, &progress).await
             });
             progress.finish();
             let id = result.inspect_err(show_build_output)?;
@@ -106,7 +106,7 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
                             build_args: HashMap::new(),
                             context: Context::Embedded,
                         };
-                        let id = image::build(&docker, &req, &profile.label, &progress).await?;
+                        let id = image::build(&docker, &req, &profile.image_label, &progress).await?;
                         Ok((true, Some(id)))
                     }
                 }

@@ -47,11 +47,30 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
         "consent.revoked",
         json!({ "terms_version": current.terms_version, "job_types": current.job_types }),
     )?;
+    // Consent is revoked first, so no new job starts; then running job
+    // containers of ours are stopped and removed (their `execute` processes
+    // record the end).
+    let stopped = crate::docker::clean::stop_jobs_blocking();
+    if let Ok(n) = &stopped {
+        ctx.audit()
+            .append("opt-out.containers-stopped", json!({ "containers": n }))?;
+    }
     let p = ctx.out();
     if p.json {
-        p.json(json!({ "ok": true, "changed": true, "consent": revoked }));
+        p.json(json!({
+            "ok": true,
+            "changed": true,
+            "consent": revoked,
+            "containers_stopped": stopped.as_ref().ok(),
+            "docker": stopped.as_ref().err().map(|e| e.to_string()),
+        }));
     } else {
         p.out("Opted out: consent revoked. No job will run until you opt in again.");
+        match stopped {
+            Ok(0) => {}
+            Ok(n) => p.out(&format!("Stopped and removed {n} running job container(s).")),
+            Err(e) => p.note(&format!("could not check for running job containers: {e}")),
+        }
     }
     Ok(())
 }

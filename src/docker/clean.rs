@@ -7,6 +7,7 @@ use bollard::Docker;
 use serde::Serialize;
 
 use super::container::{self, list_ours};
+use super::hardening::Profile;
 use super::DockerError;
 
 #[derive(Debug, Default, Serialize)]
@@ -19,15 +20,10 @@ pub struct CleanReport {
     pub images_failed: Vec<String>,
 }
 
-pub async fn clean(
-    docker: &Docker,
-    label: &str,
-    job_label: &str,
-    force: bool,
-    images: bool,
-) -> Result<CleanReport, DockerError> {
+pub async fn clean(docker: &Docker, profile: &Profile, force: bool, images: bool) -> Result<CleanReport, DockerError> {
     let mut report = CleanReport::default();
-    for c in list_ours(docker, label, job_label).await? {
+    let label = &profile.image_label;
+    for c in list_ours(docker, &profile.label, &profile.job_label).await? {
         if c.running && !force {
             report.containers_running_kept += 1;
             continue;
@@ -69,4 +65,27 @@ pub async fn clean(
         }
     }
     Ok(report)
+}
+
+/// Stop and remove our running job containers (opt-out). Returns how many.
+pub async fn stop_jobs(docker: &Docker, profile: &Profile) -> Result<usize, DockerError> {
+    let mut n = 0;
+    for c in list_ours(docker, &profile.label, &profile.job_label).await? {
+        if c.running {
+            container::remove(docker, &c.id).await;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// `stop_jobs` for synchronous callers: `Ok(n)`, or why the engine could not
+/// be asked (no engine means no container of ours is running).
+pub fn stop_jobs_blocking() -> Result<usize, DockerError> {
+    let profile = super::hardening::profile()?;
+    let rt = super::runtime().map_err(|e| DockerError::Unreachable(e.to_string()))?;
+    rt.block_on(async {
+        let docker = super::connect().await?;
+        stop_jobs(&docker, profile).await
+    })
 }

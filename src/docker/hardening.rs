@@ -22,8 +22,12 @@ pub const SECURITY_CONFIG: &str = include_str!("../../security-config.json");
 pub struct Profile {
     #[serde(default)]
     pub note: Option<String>,
-    /// Label every container and image of ours carries (value `true`).
+    /// Label every job container of ours carries (value `true`).
     pub label: String,
+    /// Label on images we build (value `true`). Separate from `label`
+    /// because containers inherit image labels: a container someone else
+    /// starts from our image is not ours to clean up.
+    pub image_label: String,
     /// Label holding the job id.
     pub job_label: String,
     pub user: String,

@@ -104,3 +104,53 @@ pub fn is_not_found(e: &bollard::errors::Error) -> bool {
         bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }
     )
 }
+
+/// What `health` learns from the engine, gathered concurrently.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// `Ok((engine version, API version))` or why the engine is unreachable.
+    pub engine: Result<(String, String), String>,
+    /// `Some(present)` when the engine answered.
+    pub image_present: Option<bool>,
+    /// Our running job containers, when the engine answered.
+    pub running_jobs: Option<usize>,
+}
+
+/// Ask the engine for version, image and running jobs at once, within
+/// `timeout` overall. Starts its own current-thread runtime.
+pub fn probe(image: &str, timeout: Duration) -> Probe {
+    let unreachable = |e: String| Probe {
+        engine: Err(e),
+        image_present: None,
+        running_jobs: None,
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return unreachable(format!("cannot start the async runtime: {e}")),
+    };
+    rt.block_on(async {
+        let work = async {
+            let docker = connect_within(timeout).await.map_err(|e| match e {
+                DockerError::Unreachable(m) => m,
+                other => other.to_string(),
+            })?;
+            let profile = hardening::profile().map_err(|e| e.to_string())?;
+            let (version, present, ours) = tokio::join!(
+                docker.version(),
+                image::exists(&docker, image),
+                container::list_ours(&docker, &profile.label, &profile.job_label),
+            );
+            let v = version.map_err(|e| e.to_string())?;
+            Ok::<_, String>(Probe {
+                engine: Ok((v.version.unwrap_or_default(), v.api_version.unwrap_or_default())),
+                image_present: present.ok(),
+                running_jobs: ours.ok().map(|l| l.iter().filter(|c| c.running).count()),
+            })
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => unreachable(e),
+            Err(_) => unreachable(format!("no answer within {} ms", timeout.as_millis())),
+        }
+    })
+}
