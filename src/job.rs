@@ -630,7 +630,13 @@ pub async fn run(
                 };
                 (Status::Failed, Some(why), None, Some(*code))
             }
-            None if *code == -1 => (
+            None if *code == container::EXIT_OOM => (
+                Status::Failed,
+                Some("the container ran out of memory (raise `docker.memory`)".into()),
+                None,
+                Some(*code),
+            ),
+            None if *code == container::EXIT_REMOVED => (
                 Status::Failed,
                 Some("the container was stopped from outside (opt-out or `clean --force`) before a result".into()),
                 None,

@@ -24,7 +24,7 @@ pub async fn clean(docker: &Docker, profile: &Profile, force: bool, images: bool
     let mut report = CleanReport::default();
     let label = &profile.image_label;
     for c in list_ours(docker, &profile.label, &profile.job_label).await? {
-        if c.running && !force {
+        if (c.running || c.starting) && !force {
             report.containers_running_kept += 1;
             continue;
         }
@@ -71,7 +71,7 @@ pub async fn clean(docker: &Docker, profile: &Profile, force: bool, images: bool
 pub async fn stop_jobs(docker: &Docker, profile: &Profile) -> Result<usize, DockerError> {
     let mut n = 0;
     for c in list_ours(docker, &profile.label, &profile.job_label).await? {
-        if c.running {
+        if c.running || c.starting {
             container::remove(docker, &c.id).await;
             n += 1;
         }

@@ -226,13 +226,41 @@ async fn drive(
     Ok((ending, tail))
 }
 
+/// Exit code meaning "removed from outside" (`opt-out`, `clean --force`).
+pub const EXIT_REMOVED: i64 = -1;
+/// Exit code meaning "killed by the kernel for exceeding its memory limit".
+pub const EXIT_OOM: i64 = -2;
+
 async fn wait(docker: &Docker, id: &str) -> Result<i64, DockerError> {
+    let code = wait_code(docker, id).await?;
+    // Tell apart an exit of its own from a removal or an OOM kill, which
+    // both look like SIGKILL (137) from here.
+    match docker
+        .inspect_container(id, None::<bollard::query_parameters::InspectContainerOptions>)
+        .await
+    {
+        Err(e) if is_not_found(&e) => Ok(EXIT_REMOVED),
+        Ok(i) => {
+            let state = i.state.unwrap_or_default();
+            if state.oom_killed == Some(true) {
+                Ok(EXIT_OOM)
+            } else if state.status.is_some_and(|s| s.to_string() == "removing") {
+                Ok(EXIT_REMOVED)
+            } else {
+                Ok(code)
+            }
+        }
+        Err(_) => Ok(code),
+    }
+}
+
+async fn wait_code(docker: &Docker, id: &str) -> Result<i64, DockerError> {
     let mut s = docker.wait_container(id, None::<bollard::query_parameters::WaitContainerOptions>);
     match s.next().await {
         Some(Ok(r)) => Ok(r.status_code),
         Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
         // Removed under us (`opt-out`, `clean --force`): it is over.
-        Some(Err(e)) if is_not_found(&e) => Ok(-1),
+        Some(Err(e)) if is_not_found(&e) => Ok(EXIT_REMOVED),
         Some(Err(e)) => Err(e.into()),
         None => Ok(-1),
     }
@@ -273,6 +301,8 @@ pub struct Ours {
     pub name: String,
     pub image: String,
     pub running: bool,
+    /// Created but not started yet: a live job between create and start.
+    pub starting: bool,
     pub job_id: Option<String>,
 }
 
@@ -305,8 +335,12 @@ pub async fn list_ours(docker: &Docker, label: &str, job_label: &str) -> Result<
             image: c.image.unwrap_or_default(),
             running: c
                 .state
-                .map(|s| matches!(s.to_string().as_str(), "running" | "restarting" | "paused"))
-                .unwrap_or(false),
+                .as_ref()
+                .is_some_and(|s| matches!(s.to_string().as_str(), "running" | "restarting" | "paused")),
+            // A job's container is created a moment before it starts; one
+            // that stays "created" for long is a leftover.
+            starting: c.state.as_ref().is_some_and(|s| s.to_string() == "created")
+                && c.created.is_some_and(|t| chrono::Utc::now().timestamp() - t < 120),
             job_id: c.labels.and_then(|l| l.get(job_label).cloned()),
         })
         .collect())

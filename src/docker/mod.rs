@@ -144,7 +144,7 @@ pub fn probe(image: &str, timeout: Duration) -> Probe {
             Ok::<_, String>(Probe {
                 engine: Ok((v.version.unwrap_or_default(), v.api_version.unwrap_or_default())),
                 image_present: present.ok(),
-                running_jobs: ours.ok().map(|l| l.iter().filter(|c| c.running).count()),
+                running_jobs: ours.ok().map(|l| l.iter().filter(|c| c.running || c.starting).count()),
             })
         };
         match tokio::time::timeout(timeout, work).await {
