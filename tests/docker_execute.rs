@@ -464,3 +464,35 @@ fn pull_without_a_registry_falls_back_to_a_build_or_says_why_not() {
         .stderr_has("failed step: Step 1/")
         .stderr_has("FROM node");
 }
+
+#[test]
+fn a_missing_default_image_is_pulled_then_built_from_the_embedded_context() {
+    if !docker_available("a_missing_default_image_is_pulled_then_built_from_the_embedded_context") {
+        return;
+    }
+    let t = job_env();
+    t.run(&["config", "--set", "docker.image=cmm-test/auto-managed:1"])
+        .code(0);
+    // No registry here: the pull fails, the build from the embedded context
+    // starts (and fails at its base image), and the job never starts.
+    let out = t.run(&["execute", "--approve-all", "--prompt", "scenario:ok"]);
+    out.code(1)
+        .stderr_has("image `cmm-test/auto-managed:1` is not present; pulling it")
+        .stderr_has("building it from the embedded context")
+        .stderr_has("image build failed at `Step 1/");
+    let ev = audit_events(&t);
+    assert!(events_named(&ev, "job.started").is_empty());
+    assert_eq!(usage_today(&t), (0, 0, 0), "nothing counted, reservation released");
+    // A non-default image is never pulled or built behind the user's back.
+    t.run(&[
+        "execute",
+        "--approve-all",
+        "--image",
+        "cmm-test/other:1",
+        "--prompt",
+        "scenario:ok",
+    ])
+    .code(4)
+    .stderr_has("image `cmm-test/other:1` is not present")
+    .stderr_has("docker build --tag cmm-test/other:1");
+}

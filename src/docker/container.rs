@@ -233,6 +233,9 @@ pub const EXIT_OOM: i64 = -2;
 
 async fn wait(docker: &Docker, id: &str) -> Result<i64, DockerError> {
     let code = wait_code(docker, id).await?;
+    if code != 137 {
+        return Ok(code);
+    }
     // Tell apart an exit of its own from a removal or an OOM kill, which
     // both look like SIGKILL (137) from here.
     match docker
