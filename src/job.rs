@@ -154,6 +154,22 @@ pub trait Progress: ImageProgress + Send + Sync {
     fn ask(&self, question: &str) -> io::Result<Option<bool>>;
 }
 
+/// Shows nothing and has nobody to ask (so `Approval::AskOnTty` is denied
+/// unless a standing rule applies): for unattended callers.
+pub struct Unattended;
+
+impl ImageProgress for Unattended {
+    fn image_event(&self, _: image::ImageEvent<'_>) {}
+}
+
+impl Progress for Unattended {
+    fn job_event(&self, _: JobEvent<'_>) {}
+    fn note(&self, _: &str) {}
+    fn ask(&self, _: &str) -> io::Result<Option<bool>> {
+        Ok(None)
+    }
+}
+
 /// A cancellation signal (Ctrl-C in `execute`, shutdown in the provider).
 #[derive(Debug, Clone)]
 pub struct Cancel(tokio::sync::watch::Receiver<bool>);
@@ -479,47 +495,59 @@ pub async fn run(
             "tty"
         }
     };
-    audit.append("job.approved", json!({ "job_id": job_id, "how": how }))?;
+    // The approval is audited together with the start (one lock, one
+    // sync) on the common path; any path that stops before the start
+    // audits it on its own first, so every decision is still recorded.
+    let approved = json!({ "job_id": job_id, "how": how });
     progress.job_event(JobEvent::Approved { how });
-
-    // 4. Credentials (may run the user's tokenCommand).
-    let mut notes = Vec::new();
-    let credential = credentials::resolve(cfg, &mut notes)?;
-    for n in &notes {
-        progress.note(n);
-    }
-
-    // 5. The image: auto-managed when it is the configured default.
-    let docker = crate::docker::connect().await?;
-    let manage = spec.image == default_image(cfg);
-    let ensured = tokio::select! {
-        r = image::ensure(&docker, &spec.image, manage, &profile.image_label, progress.as_ref()) => r,
-        _ = cancel.cancelled() => {
-            guard.release()?;
+    let prepared = async {
+        // 4. Credentials (may run the user's tokenCommand).
+        let mut notes = Vec::new();
+        let credential = credentials::resolve(cfg, &mut notes)?;
+        for n in &notes {
+            progress.note(n);
+        }
+        // 5. The image: auto-managed when it is the configured default.
+        let docker = crate::docker::connect().await?;
+        let manage = spec.image == default_image(cfg);
+        let ensured = tokio::select! {
+            r = image::ensure(&docker, &spec.image, manage, &profile.image_label, progress.as_ref()) => r,
+            _ = cancel.cancelled() => return Err(JobError::Cancelled),
+        };
+        let _: Provenance = ensured?;
+        if cancel.is_cancelled() {
             return Err(JobError::Cancelled);
         }
-    };
-    let _: Provenance = ensured?;
-    if cancel.is_cancelled() {
-        guard.release()?;
-        return Err(JobError::Cancelled);
+        Ok((credential, docker))
     }
+    .await;
+    let (credential, docker) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            audit.append("job.approved", approved)?;
+            guard.release()?;
+            return Err(e);
+        }
+    };
 
     // 6. Started: from here exactly one terminal event follows.
     let prompt_sha = prompt_sha256(&spec.prompt);
     let timeout_s = spec.timeout.as_secs();
-    audit.append(
-        "job.started",
-        json!({
-            "job_id": job_id,
-            "model": spec.model,
-            "image": spec.image,
-            "prompt_sha256": prompt_sha,
-            "max_tokens": spec.max_tokens,
-            "timeout_s": timeout_s,
-            "source": spec.source.name(),
-        }),
-    )?;
+    audit.append_many(&[
+        ("job.approved", approved),
+        (
+            "job.started",
+            json!({
+                "job_id": job_id,
+                "model": spec.model,
+                "image": spec.image,
+                "prompt_sha256": prompt_sha,
+                "max_tokens": spec.max_tokens,
+                "timeout_s": timeout_s,
+                "source": spec.source.name(),
+            }),
+        ),
+    ])?;
     progress.job_event(JobEvent::Starting {
         image: &spec.image,
         model: &spec.model,
