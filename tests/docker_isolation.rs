@@ -197,11 +197,12 @@ fn twenty_parallel_jobs_with_a_daily_cap_of_five_run_exactly_five() {
     assert_eq!(events_named(&events, "job.started").len(), 5);
     assert_eq!(events_named(&events, "job.completed").len(), 5);
     t.run(&["audit", "verify"]).code(0);
-    let status = t.run(&["status", "--json"]).code(0).stdout.clone();
-    assert!(
-        status.contains("574") || status.contains("2870"),
-        "status shows the usage: {status}"
-    );
+    let status = t.run(&["status", "--json"]).code(0).json();
+    let day = &status["usage"]["windows"][0];
+    assert_eq!(day["window"], "day");
+    assert_eq!(day["tasks"], 5, "status shows 5 jobs: {status}");
+    assert_eq!(day["tokens"], 5 * 574);
+    assert_eq!(status["usage"]["reservations"], serde_json::json!([]));
     assert!(our_containers().is_empty(), "no container left: {:?}", our_containers());
 }
 
