@@ -392,13 +392,13 @@ pub fn prompt_sha256(prompt: &[u8]) -> String {
 }
 
 /// Releases the reservation unless the job's usage was committed.
-struct ReservationGuard<'a> {
-    ledger: &'a Ledger,
+struct ReservationGuard {
+    ledger: Ledger,
     id: String,
     settled: bool,
 }
 
-impl ReservationGuard<'_> {
+impl ReservationGuard {
     fn commit(&mut self, tokens: u64) -> Result<(), UsageError> {
         self.settled = true;
         self.ledger.commit(&self.id, tokens, Local::now()).map(drop)
@@ -409,7 +409,7 @@ impl ReservationGuard<'_> {
     }
 }
 
-impl Drop for ReservationGuard<'_> {
+impl Drop for ReservationGuard {
     fn drop(&mut self) {
         if !self.settled {
             let _ = self.ledger.release(&self.id, Local::now());
@@ -449,7 +449,7 @@ pub async fn run(
     let ledger = Ledger::new(paths);
     let (reservation, reclaimed) = ledger.reserve(&caps, &job_id, Local::now())?;
     let mut guard = ReservationGuard {
-        ledger: &ledger,
+        ledger: ledger.clone(),
         id: reservation.id.clone(),
         settled: false,
     };
@@ -600,7 +600,7 @@ pub async fn run(
     )
     .await;
     let duration_ms = t0.elapsed().as_millis() as u64;
-    let run = match run {
+    let exited = match run {
         Ok(r) => r,
         Err(e) => {
             // The engine failed mid-job: record it as failed, with what we saw.
@@ -624,6 +624,7 @@ pub async fn run(
             return Err(e.into());
         }
     };
+    let run = &exited.run;
     if let Ending::Killed(r) = &run.ending {
         if *r == KillReason::Timeout {
             progress.job_event(JobEvent::Killing(*r));
@@ -712,39 +713,51 @@ pub async fn run(
         stderr_tail: run.stderr_tail.clone(),
         container_id: run.container_id.clone(),
     };
-    write_record(paths, &record)?;
-    // Real usage counts, whatever the ending: tokens spent are spent.
-    if usage.total() == 0 && status == Status::Cancelled {
-        guard.release()?;
-    } else {
-        guard.commit(usage.total())?;
-    }
-    audit.append(
-        status.event(),
-        terminal_fields(
-            &job_id,
-            &spec.model,
-            duration_ms,
-            &usage,
-            record.cost_usd,
-            record.num_turns,
-            exit_code,
-            |m| {
-                if let Some(r) = &kill_reason {
-                    m.insert("reason".into(), json!(r));
-                }
-                if let Some(t) = &record.terminal_reason {
-                    m.insert("terminal_reason".into(), json!(t));
-                }
-                if status == Status::Failed {
-                    m.insert("error".into(), json!(error));
-                }
-                if state.invalid_count > 0 {
-                    m.insert("invalid_lines".into(), json!(state.invalid_count));
-                }
-            },
-        ),
-    )?;
+    let fields = terminal_fields(
+        &job_id,
+        &spec.model,
+        duration_ms,
+        &usage,
+        record.cost_usd,
+        record.num_turns,
+        exit_code,
+        |m| {
+            if let Some(r) = &kill_reason {
+                m.insert("reason".into(), json!(r));
+            }
+            if let Some(t) = &record.terminal_reason {
+                m.insert("terminal_reason".into(), json!(t));
+            }
+            if status == Status::Failed {
+                m.insert("error".into(), json!(error));
+            }
+            if state.invalid_count > 0 {
+                m.insert("invalid_lines".into(), json!(state.invalid_count));
+            }
+        },
+    );
+    // Bookkeeping (record, usage, audit: several fsyncs) runs on a blocking
+    // thread while the engine removes the container, so it adds no latency.
+    let book = {
+        let paths = paths.clone();
+        let record = record.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), JobError> {
+            write_record(&paths, &record)?;
+            // Real usage counts, whatever the ending: tokens spent are spent.
+            if record.total_tokens == 0 && record.status == Status::Cancelled {
+                guard.release()?;
+            } else {
+                guard.commit(record.total_tokens)?;
+            }
+            AuditLog::new(&paths).append(record.status.event(), fields)?;
+            Ok(())
+        })
+    };
+    let ((), book) = tokio::join!(exited.remove(), book);
+    book.map_err(|e| JobError::Record {
+        path: record_path(paths, &job_id),
+        source: io::Error::other(e.to_string()),
+    })??;
     Ok(record)
 }
 

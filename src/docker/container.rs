@@ -58,7 +58,47 @@ pub struct Run {
     pub stderr_tail: String,
 }
 
-/// Create and run a container to completion, then remove it.
+/// A job container that has stopped and still has to be removed. Call
+/// [`Exited::remove`] (the caller can do its bookkeeping meanwhile); if it is
+/// dropped without that, removal happens on a helper thread before the drop
+/// returns, so no path leaves the container behind.
+#[must_use = "the container must be removed"]
+pub struct Exited {
+    docker: Docker,
+    pub run: Run,
+    removed: bool,
+}
+
+impl Exited {
+    pub async fn remove(mut self) {
+        remove(&self.docker, &self.run.container_id).await;
+        self.removed = true;
+    }
+}
+
+impl Drop for Exited {
+    fn drop(&mut self) {
+        if self.removed {
+            return;
+        }
+        let id = self.run.container_id.clone();
+        // A fresh client on its own runtime: the caller's runtime may be
+        // the one being dropped.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = super::runtime() {
+                rt.block_on(async {
+                    if let Ok(d) = super::connect().await {
+                        remove(&d, &id).await;
+                    }
+                });
+            }
+        })
+        .join();
+    }
+}
+
+/// Create and run a container until it stops; the caller removes it
+/// through the returned [`Exited`] (on error it is already removed).
 ///
 /// `stdin` is written once the output is attached and the container started,
 /// then our end is closed (`stdin_once` closes the container's). The buffer
@@ -71,7 +111,7 @@ pub async fn run(
     timeout: Duration,
     cancel: impl Future<Output = ()>,
     on_line: impl FnMut(&str) -> Verdict,
-) -> Result<Run, DockerError> {
+) -> Result<Exited, DockerError> {
     let created = docker
         .create_container(
             Some(CreateContainerOptions {
@@ -89,15 +129,21 @@ pub async fn run(
             return Err(e.into());
         }
     };
-    let result = drive(docker, &id, stdin, timeout, cancel, on_line).await;
-    // Every path ends here: the container never outlives the job.
-    remove(docker, &id).await;
-    let (ending, stderr_tail) = result?;
-    Ok(Run {
-        container_id: id,
-        ending,
-        stderr_tail,
-    })
+    match drive(docker, &id, stdin, timeout, cancel, on_line).await {
+        Ok((ending, stderr_tail)) => Ok(Exited {
+            docker: docker.clone(),
+            run: Run {
+                container_id: id,
+                ending,
+                stderr_tail,
+            },
+            removed: false,
+        }),
+        Err(e) => {
+            remove(docker, &id).await;
+            Err(e)
+        }
+    }
 }
 
 async fn drive(
