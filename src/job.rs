@@ -445,9 +445,27 @@ pub async fn run(
     // 1. Consent.
     Consent::from_config(cfg).require(spec.source.consent_type())?;
 
+    // Ask the engine (connect, is the image there?) while the caps are
+    // reserved: both are waits, and reading engine state changes nothing.
+    // Errors surface where they would in order, after the credentials.
+    let engine = {
+        let image = spec.image.clone();
+        tokio::spawn(async move {
+            let docker = crate::docker::connect().await?;
+            let present = image::exists(&docker, &image).await?;
+            Ok::<_, DockerError>((docker, present))
+        })
+    };
+    let joined = |e: tokio::task::JoinError| JobError::Docker(DockerError::Unreachable(e.to_string()));
+
     // 2. Caps, reserved under the ledger lock.
     let ledger = Ledger::new(paths);
-    let (reservation, reclaimed) = ledger.reserve(&caps, &job_id, Local::now())?;
+    let (reservation, reclaimed) = {
+        let (ledger, caps, job_id) = (ledger.clone(), caps.clone(), job_id.clone());
+        tokio::task::spawn_blocking(move || ledger.reserve(&caps, &job_id, Local::now()))
+            .await
+            .map_err(joined)??
+    };
     let mut guard = ReservationGuard {
         ledger: ledger.clone(),
         id: reservation.id.clone(),
@@ -508,13 +526,15 @@ pub async fn run(
             progress.note(n);
         }
         // 5. The image: auto-managed when it is the configured default.
-        let docker = crate::docker::connect().await?;
-        let manage = spec.image == default_image(cfg);
-        let ensured = tokio::select! {
-            r = image::ensure(&docker, &spec.image, manage, &profile.image_label, progress.as_ref()) => r,
-            _ = cancel.cancelled() => return Err(JobError::Cancelled),
-        };
-        let _: Provenance = ensured?;
+        let (docker, present) = engine.await.map_err(joined)??;
+        if !present {
+            let manage = spec.image == default_image(cfg);
+            let ensured = tokio::select! {
+                r = image::ensure(&docker, &spec.image, manage, &profile.image_label, progress.as_ref()) => r,
+                _ = cancel.cancelled() => return Err(JobError::Cancelled),
+            };
+            let _: Provenance = ensured?;
+        }
         if cancel.is_cancelled() {
             return Err(JobError::Cancelled);
         }
@@ -533,21 +553,32 @@ pub async fn run(
     // 6. Started: from here exactly one terminal event follows.
     let prompt_sha = prompt_sha256(&spec.prompt);
     let timeout_s = spec.timeout.as_secs();
-    audit.append_many(&[
-        ("job.approved", approved),
-        (
-            "job.started",
-            json!({
-                "job_id": job_id,
-                "model": spec.model,
-                "image": spec.image,
-                "prompt_sha256": prompt_sha,
-                "max_tokens": spec.max_tokens,
-                "timeout_s": timeout_s,
-                "source": spec.source.name(),
-            }),
-        ),
-    ])?;
+    let started = json!({
+        "job_id": job_id,
+        "model": spec.model,
+        "image": spec.image,
+        "prompt_sha256": prompt_sha,
+        "max_tokens": spec.max_tokens,
+        "timeout_s": timeout_s,
+        "source": spec.source.name(),
+    });
+    // The container is created (not started) while the start is audited;
+    // it starts only once the audit line is on disk.
+    let body = hardening::create_body(profile, &resources, &spec.image, &spec.model, &job_id);
+    let append = {
+        let paths = paths.clone();
+        tokio::task::spawn_blocking(move || {
+            AuditLog::new(&paths).append_many(&[("job.approved", approved), ("job.started", started)])
+        })
+    };
+    let name = format!("cmm-job-{job_id}");
+    let (created, appended) = tokio::join!(container::create(&docker, &name, body), append);
+    if let Err(e) = appended.map_err(joined).and_then(|r| r.map_err(JobError::from)) {
+        if let Ok(id) = &created {
+            container::remove(&docker, id).await;
+        }
+        return Err(e);
+    }
     progress.job_event(JobEvent::Starting {
         image: &spec.image,
         model: &spec.model,
@@ -556,17 +587,15 @@ pub async fn run(
     let t0 = Instant::now();
 
     // 7-9. Container: stdin line 1 = credential, rest = prompt.
-    let body = hardening::create_body(profile, &resources, &spec.image, &spec.model, &job_id);
     let mut stdin = credential.stdin_line();
     drop(credential);
     stdin.extend_from_slice(&spec.prompt);
     let mut state = StreamState::default();
     let max_tokens = spec.max_tokens;
     let p = progress.clone();
-    let run = container::run(
+    let run = container::run_created(
         &docker,
-        &format!("cmm-job-{job_id}"),
-        body,
+        created,
         stdin,
         spec.timeout,
         async {

@@ -112,6 +112,19 @@ pub async fn run(
     cancel: impl Future<Output = ()>,
     on_line: impl FnMut(&str) -> Verdict,
 ) -> Result<Exited, DockerError> {
+    run_created(
+        docker,
+        create(docker, name, body).await,
+        stdin,
+        timeout,
+        cancel,
+        on_line,
+    )
+    .await
+}
+
+/// Create (not start) a job container; returns its id.
+pub async fn create(docker: &Docker, name: &str, body: ContainerCreateBody) -> Result<String, DockerError> {
     let created = docker
         .create_container(
             Some(CreateContainerOptions {
@@ -120,13 +133,25 @@ pub async fn run(
             }),
             body,
         )
-        .await;
+        .await?;
+    Ok(created.id)
+}
+
+/// [`run`] for a container from [`create`] (or the error creating it).
+pub async fn run_created(
+    docker: &Docker,
+    created: Result<String, DockerError>,
+    stdin: Vec<u8>,
+    timeout: Duration,
+    cancel: impl Future<Output = ()>,
+    on_line: impl FnMut(&str) -> Verdict,
+) -> Result<Exited, DockerError> {
     let id = match created {
-        Ok(c) => c.id,
+        Ok(id) => id,
         Err(e) => {
             let mut stdin = stdin;
             stdin.fill(0);
-            return Err(e.into());
+            return Err(e);
         }
     };
     match drive(docker, &id, stdin, timeout, cancel, on_line).await {
@@ -175,6 +200,10 @@ async fn drive(
         Ok(a) => a,
         Err(e) => {
             stdin.fill(0);
+            // Removed between create and attach (`opt-out`, `clean --force`).
+            if is_not_found(&e) {
+                return Ok((Ending::Exited(EXIT_REMOVED), String::new()));
+            }
             return Err(e.into());
         }
     };
@@ -185,6 +214,9 @@ async fn drive(
         .await
     {
         stdin.fill(0);
+        if is_not_found(&e) {
+            return Ok((Ending::Exited(EXIT_REMOVED), String::new()));
+        }
         return Err(e.into());
     }
     // Write concurrently with reading, so a large prompt cannot deadlock
