@@ -496,3 +496,55 @@ fn a_missing_default_image_is_pulled_then_built_from_the_embedded_context() {
     .stderr_has("image `cmm-test/other:1` is not present")
     .stderr_has("docker build --tag cmm-test/other:1");
 }
+
+#[test]
+fn docker_build_labels_the_image_and_shows_the_failing_step() {
+    if !docker_available("docker_build_labels_the_image_and_shows_the_failing_step") {
+        return;
+    }
+    let t = Cmm::new();
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        std::env::var("CMM_BUSYBOX").unwrap_or_else(|_| "/bin/busybox".into()),
+        ctx.path().join("busybox"),
+    )
+    .unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM scratch\nARG GREETING=none\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo greeting=$GREETING; exit 0\"]\n",
+    )
+    .unwrap();
+    let dir = ctx.path().to_str().unwrap();
+    let tag = "cmm-test/build-ok:1";
+    let v = t
+        .run(&[
+            "docker:build",
+            "--json",
+            "--context",
+            dir,
+            "--tag",
+            tag,
+            "--build-arg",
+            "GREETING=hi",
+            "--no-cache",
+        ])
+        .code(0)
+        .json();
+    assert_eq!(v["image"], tag);
+    let (_, labels, _) = docker(&["image", "inspect", "-f", "{{json .Config.Labels}}", tag]);
+    assert!(labels.contains("\"dev.claude-max-market.image\":\"true\""), "{labels}");
+    docker(&["rmi", "-f", tag]);
+
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo about to fail; exit 3\"]\n",
+    )
+    .unwrap();
+    t.run(&["docker", "build", "--context", dir, "--tag", "cmm-test/build-fail:1"])
+        .code(1)
+        .stderr_has("failed step: Step 3/")
+        .stderr_has(": RUN [\"/bin/busybox\"")
+        .stderr_has("about to fail")
+        .stderr_has("returned a non-zero code: 3");
+    t.run(&["docker", "build", "--context", "/nonexistent/ctx"]).code(2);
+}

@@ -149,10 +149,15 @@ pub async fn build(
                     if let Some(rest) = line.strip_prefix("Successfully built ") {
                         id = Some(rest.trim().to_string());
                     }
-                    if output.len() == KEEP_STEP_OUTPUT {
-                        output.remove(0);
+                    // The builder's own bookkeeping is not the step's output.
+                    let noise =
+                        line.trim_start().starts_with("---> ") || line.starts_with("Removing intermediate container");
+                    if !noise {
+                        if output.len() == KEEP_STEP_OUTPUT {
+                            output.remove(0);
+                        }
+                        output.push(line.to_string());
                     }
-                    output.push(line.to_string());
                     progress.image_event(ImageEvent::Output(line));
                 }
             }
