@@ -209,18 +209,10 @@ async fn drive(
     };
     let mut output = attached.output;
     let mut input = attached.input;
-    if let Err(e) = docker
-        .start_container(id, None::<bollard::query_parameters::StartContainerOptions>)
-        .await
-    {
-        stdin.fill(0);
-        if is_not_found(&e) {
-            return Ok((Ending::Exited(EXIT_REMOVED), String::new()));
-        }
-        return Err(e.into());
-    }
-    // Write concurrently with reading, so a large prompt cannot deadlock
-    // against a container that prints before it reads everything.
+    // Stdin goes out before the start request, like `docker run -i`: the
+    // engine buffers it and the job reads it the moment it runs, instead of
+    // after the start call returns. Written concurrently with reading, so a
+    // large prompt cannot deadlock against a job that prints first.
     let writer = tokio::spawn(async move {
         let r = async {
             input.write_all(&stdin).await?;
@@ -232,6 +224,16 @@ async fn drive(
         std::hint::black_box(&stdin);
         r
     });
+    if let Err(e) = docker
+        .start_container(id, None::<bollard::query_parameters::StartContainerOptions>)
+        .await
+    {
+        writer.abort();
+        if is_not_found(&e) {
+            return Ok((Ending::Exited(EXIT_REMOVED), String::new()));
+        }
+        return Err(e.into());
+    }
 
     let mut pending: Vec<u8> = Vec::new();
     let mut stderr_tail: Vec<u8> = Vec::new();
