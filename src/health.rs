@@ -253,10 +253,10 @@ fn docker_checks(cfg: &Config, checks: &mut Vec<Check>, perf: &mut Vec<Perf>) {
     let image = crate::job::default_image(cfg);
     let probe = crate::docker::probe(&image, DOCKER_TIMEOUT);
     match &probe.engine {
-        Ok((version, api)) => checks.push(Check {
+        Ok(api) => checks.push(Check {
             name: "docker",
             level: Level::Ok,
-            message: format!("engine {version} (API {api})"),
+            message: format!("engine reachable (API {api})"),
         }),
         Err(e) => checks.push(Check {
             name: "docker",

@@ -86,15 +86,78 @@ pub async fn connect() -> Result<Docker, DockerError> {
 }
 
 pub async fn connect_within(timeout: Duration) -> Result<Docker, DockerError> {
-    let docker = Docker::connect_with_local_defaults().map_err(|e| DockerError::Unreachable(e.to_string()))?;
-    match tokio::time::timeout(timeout, docker.negotiate_version()).await {
-        Ok(Ok(d)) => Ok(d),
-        Ok(Err(e)) => Err(DockerError::Unreachable(e.to_string())),
-        Err(_) => Err(DockerError::Unreachable(format!(
-            "no answer within {}s",
-            timeout.as_secs()
-        ))),
+    let unreachable = |e: String| DockerError::Unreachable(e);
+    match tokio::time::timeout(timeout, negotiate()).await {
+        Ok(r) => r.map_err(unreachable),
+        Err(_) => Err(unreachable(format!("no answer within {}s", timeout.as_secs()))),
     }
+}
+
+/// Negotiate like the docker CLI: one `/_ping`, whose `Api-Version` header
+/// names the engine's API (1.41 on Docker 20.10); requests then use the
+/// lower of that and ours. `/_ping` answers in about a millisecond, where
+/// `/version` (bollard's `negotiate_version`) gathers system details first.
+/// Non-Unix hosts use bollard's negotiation.
+async fn negotiate() -> Result<Docker, String> {
+    if let Some(path) = unix_socket() {
+        if let Some((major, minor)) = ping_api_version(&path).await? {
+            let ours = bollard::API_DEFAULT_VERSION;
+            let version = if (major, minor) < (ours.major_version, ours.minor_version) {
+                bollard::ClientVersion {
+                    major_version: major,
+                    minor_version: minor,
+                }
+            } else {
+                *ours
+            };
+            return Docker::connect_with_unix(&path, 120, &version).map_err(|e| e.to_string());
+        }
+    }
+    let docker = Docker::connect_with_local_defaults().map_err(|e| e.to_string())?;
+    docker.negotiate_version().await.map_err(|e| e.to_string())
+}
+
+/// The engine's Unix socket, unless `DOCKER_HOST` names another transport.
+fn unix_socket() -> Option<String> {
+    match std::env::var("DOCKER_HOST") {
+        Ok(h) if h.starts_with("unix://") => Some(h.trim_start_matches("unix://").to_string()),
+        Ok(h) if !h.is_empty() => None,
+        _ => Some("/var/run/docker.sock".to_string()),
+    }
+}
+
+/// `GET /_ping` over the socket; `Ok(None)` when the answer names no version.
+async fn ping_api_version(path: &str) -> Result<Option<(usize, usize)>, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::UnixStream::connect(path)
+        .await
+        .map_err(|e| format!("cannot connect to {path}: {e}"))?;
+    s.write_all(b"GET /_ping HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while memchr::memmem::find(&buf, b"\r\n\r\n").is_none() && buf.len() < 16 * 1024 {
+        let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let head = String::from_utf8_lossy(&buf);
+    let mut lines = head.lines();
+    let status = lines.next().unwrap_or_default();
+    if !status.contains(" 200 ") {
+        return Err(format!("the engine answered `{}` to a ping", status.trim()));
+    }
+    Ok(lines
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("api-version"))
+        .and_then(|(_, v)| {
+            let (major, minor) = v.trim().split_once('.')?;
+            Some((major.parse().ok()?, minor.parse().ok()?))
+        }))
 }
 
 /// Is this bollard error a 404?
@@ -108,8 +171,8 @@ pub fn is_not_found(e: &bollard::errors::Error) -> bool {
 /// What `health` learns from the engine, gathered concurrently.
 #[derive(Debug, Clone)]
 pub struct Probe {
-    /// `Ok((engine version, API version))` or why the engine is unreachable.
-    pub engine: Result<(String, String), String>,
+    /// `Ok(API version in use)` or why the engine is unreachable.
+    pub engine: Result<String, String>,
     /// `Some(present)` when the engine answered.
     pub image_present: Option<bool>,
     /// Our running job containers, when the engine answered.
@@ -135,14 +198,15 @@ pub fn probe(image: &str, timeout: Duration) -> Probe {
                 other => other.to_string(),
             })?;
             let profile = hardening::profile().map_err(|e| e.to_string())?;
-            let (version, present, ours) = tokio::join!(
-                docker.version(),
+            // The negotiation's ping proved the engine answers and named its
+            // API version; `/version` would cost more than everything else.
+            let v = docker.client_version();
+            let (present, ours) = tokio::join!(
                 image::exists(&docker, image),
                 container::list_ours(&docker, &profile.label, &profile.job_label),
             );
-            let v = version.map_err(|e| e.to_string())?;
             Ok::<_, String>(Probe {
-                engine: Ok((v.version.unwrap_or_default(), v.api_version.unwrap_or_default())),
+                engine: Ok(format!("{}.{}", v.major_version, v.minor_version)),
                 image_present: present.ok(),
                 running_jobs: ours.ok().map(|l| l.iter().filter(|c| c.running || c.starting).count()),
             })
