@@ -120,6 +120,17 @@ fn the_canary_token_appears_nowhere_and_the_container_is_hardened() {
         );
     }
 
+    // compliance-check agrees, with the token still in the environment.
+    let v = t.run(&["compliance-check", "--json"]).json();
+    let at_rest = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == "no-credentials-at-rest")
+        .unwrap()
+        .clone();
+    assert_eq!(at_rest["level"], "OK", "{at_rest}");
+
     // Every hardening item, as the engine holds it.
     let c: Value = serde_json::from_str::<Value>(&inspect).unwrap()[0].clone();
     let h = &c["HostConfig"];
