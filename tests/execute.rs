@@ -123,3 +123,25 @@ fn compliance_checks_container_hardening_and_credential_kind() {
         .code(3)
         .stderr_has("docker.network");
 }
+
+#[test]
+fn a_standing_rule_approves_and_an_unreachable_engine_releases_the_reservation() {
+    let t = Cmm::opted_in().env("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-x");
+    t.run(&["config", "--set", "compliance.requireApproval=false"]).code(0);
+    let out = t
+        .cmd(&["execute", "--prompt", "hi"])
+        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        .run();
+    out.code(4)
+        .stderr_has("Docker engine is not reachable")
+        .stderr_has("start Docker");
+    let ev = events(&t);
+    let approved: Vec<&Value> = ev.iter().filter(|e| e["event"] == "job.approved").collect();
+    assert_eq!(approved.len(), 1);
+    assert_eq!(approved[0]["how"], "standing-rule");
+    assert!(!ev.iter().any(|e| e["event"] == "job.started"));
+    let usage: Value = serde_json::from_str(&t.read("usage.json")).unwrap();
+    assert_eq!(usage["reservations"], serde_json::json!([]));
+    assert_eq!(usage["days"], serde_json::json!({}), "nothing counted");
+    t.run(&["audit", "verify"]).code(0);
+}
