@@ -84,6 +84,9 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
         let p: Arc<dyn job::Progress> = progress.clone();
         anyhow::Ok(job::run(&ctx.paths, cfg, spec, approval, p, cancel).await)
     })?;
+    // Do not wait for a blocking approval prompt Ctrl-C already answered:
+    // everything the job needed finished inside `block_on`.
+    rt.shutdown_background();
     progress.finish();
     let p = ctx.out();
     match outcome {
