@@ -104,6 +104,7 @@ fn registry() -> &'static [(&'static str, CheckFn)] {
         ("audit-settings", audit_settings),
         ("opt-out-path", opt_out_path),
         ("file-permissions", file_permissions),
+        ("container-hardening", container_hardening),
         ("credential-kind-market", credential_kind_market),
     ]
 }
@@ -368,6 +369,43 @@ fn file_permissions(i: &Inputs) -> Outcome {
         Outcome::Pass("directories 0700, files 0600".into())
     } else {
         Outcome::Fail(format!("{}; fix with chmod go-rwx", loose.join(", ")))
+    }
+}
+
+/// Build the create request exactly as `execute` does for this config and
+/// compare it with the hardening profile.
+fn container_hardening(i: &Inputs) -> Outcome {
+    use crate::docker::hardening;
+    let cfg = need_config!(i);
+    let profile = match hardening::profile() {
+        Ok(p) => p,
+        Err(e) => return Outcome::Fail(e.to_string()),
+    };
+    let resources = match hardening::Resources::from_config(cfg, profile) {
+        Ok(r) => r,
+        Err(e) => return Outcome::Fail(format!("{e}: execute would refuse to run")),
+    };
+    let image = crate::job::default_image(cfg);
+    let body = hardening::create_body(profile, &resources, &image, "sonnet", "compliance-check");
+    let bad = hardening::mismatches(profile, &body);
+    if bad.is_empty() {
+        Outcome::Pass(format!(
+            "user {}, read-only rootfs, tmpfs {}, memory = memory-swap = {} MiB, pids {}, cap_drop ALL, no-new-privileges, network {}",
+            profile.user,
+            {
+                let mut m: Vec<&str> = profile.tmpfs.keys().map(String::as_str).collect();
+                m.sort();
+                m.join(" + ")
+            },
+            resources.memory >> 20,
+            profile.pids_limit,
+            resources.network
+        ))
+    } else {
+        Outcome::Fail(format!(
+            "the job container request differs from security-config.json in: {}",
+            bad.join(", ")
+        ))
     }
 }
 

@@ -180,6 +180,10 @@ pub fn check(paths: &Paths) -> HealthReport {
         }
     }
 
+    if let Some(cfg) = &config {
+        docker_checks(cfg, &mut checks, &mut perf);
+    }
+
     let level = checks.iter().map(|c| c.level).max().unwrap_or(Level::Ok);
     HealthReport { level, checks, perf }
 }
@@ -276,5 +280,62 @@ fn permissions(paths: &Paths) -> Check {
             level: Level::Warning,
             message: format!("{} (fix: chmod go-rwx)", loose.join(", ")),
         }
+    }
+}
+
+/// How long `health` waits for the Docker engine.
+const DOCKER_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// Engine reachable (and its API version), runner image present, credentials
+/// resolvable (never read or printed; `tokenCommand` is not run), running jobs.
+fn docker_checks(cfg: &Config, checks: &mut Vec<Check>, perf: &mut Vec<Perf>) {
+    let image = crate::job::default_image(cfg);
+    let probe = crate::docker::probe(&image, DOCKER_TIMEOUT);
+    match &probe.engine {
+        Ok(api) => checks.push(Check {
+            name: "docker",
+            level: Level::Ok,
+            message: format!("engine reachable (API {api})"),
+        }),
+        Err(e) => checks.push(Check {
+            name: "docker",
+            level: Level::Critical,
+            message: format!("Docker engine not reachable ({e}); start Docker, no job can run"),
+        }),
+    }
+    match probe.image_present {
+        Some(true) => checks.push(Check {
+            name: "image",
+            level: Level::Ok,
+            message: format!("{image} present"),
+        }),
+        Some(false) => checks.push(Check {
+            name: "image",
+            level: Level::Warning,
+            message: format!(
+                "{image} not present; `execute` will pull or build it (or run `claude-max-market docker build`)"
+            ),
+        }),
+        None => {}
+    }
+    match crate::claude::credentials::describe(cfg) {
+        Ok(m) => checks.push(Check {
+            name: "credentials",
+            level: Level::Ok,
+            message: m,
+        }),
+        Err(m) => checks.push(Check {
+            name: "credentials",
+            level: Level::Warning,
+            message: m,
+        }),
+    }
+    if let Some(n) = probe.running_jobs {
+        perf.push(Perf {
+            label: "running_jobs",
+            value: n as u64,
+            warn: None,
+            crit: None,
+        });
     }
 }

@@ -20,15 +20,18 @@
 
 pub mod analytics;
 pub mod audit;
+pub mod claude;
 pub mod cli;
 pub mod compliance;
 pub mod config;
 pub mod consent;
 pub mod context;
 pub mod crypto;
+pub mod docker;
 pub mod exit;
 pub mod fsutil;
 pub mod health;
+pub mod job;
 pub mod legal;
 pub mod mcp;
 pub mod paths;
@@ -40,5 +43,6 @@ pub use audit::{AuditError, AuditLog, VerifyReport};
 pub use config::{Config, ConfigError};
 pub use consent::Consent;
 pub use exit::Exit;
+pub use job::{Approval, ApprovedBy, JobRecord, JobSource, JobSpec};
 pub use paths::Paths;
 pub use usage::{Caps, Ledger, Reservation};

@@ -22,9 +22,15 @@ pub struct Args {
     /// Only events at or after T (RFC 3339, a local date, or an age like 2h)
     #[arg(long, value_name = "T")]
     pub since: Option<String>,
+    /// Show one job's record (result, usage, durations) instead of the log
+    #[arg(long, value_name = "ID", conflicts_with_all = ["tail", "follow", "since"])]
+    pub job: Option<String>,
 }
 
 pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
+    if let Some(id) = &args.job {
+        return show_job(ctx, id);
+    }
     let since = match &args.since {
         Some(s) => Some(timespec::parse_since(s, Utc::now()).map_err(Failure::usage)?),
         None => None,
@@ -107,4 +113,56 @@ fn follow(ctx: &Ctx, p: &Printer, keep: &dyn Fn(&Entry) -> bool) -> anyhow::Resu
             }
         }
     }
+}
+
+/// `logs --job ID`: the job record (`--json`: the record itself).
+fn show_job(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
+    let record = crate::job::read_record(&ctx.paths, id)?;
+    let p = ctx.out();
+    if p.json {
+        p.json(record);
+        return Ok(());
+    }
+    let s = |k: &str| match record.get(k) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Null) | None => "-".into(),
+        Some(v) => v.to_string(),
+    };
+    let u = |k: &str| {
+        record
+            .pointer(&format!("/usage/{k}"))
+            .map(|v| v.to_string())
+            .unwrap_or_default()
+    };
+    let mut out = vec![
+        format!("job       {}", s("job_id")),
+        format!("status    {}", s("status")),
+        format!("model     {} ({})", s("model"), s("model_resolved")),
+        format!("image     {}", s("image")),
+        format!("started   {}", s("started_at")),
+        format!("finished  {}  ({} ms)", s("finished_at"), s("duration_ms")),
+        format!(
+            "tokens    {} total: input {}, output {}, cache write {}, cache read {}",
+            s("total_tokens"),
+            u("input_tokens"),
+            u("output_tokens"),
+            u("cache_creation_input_tokens"),
+            u("cache_read_input_tokens")
+        ),
+        format!("cost      {}", s("cost_usd")),
+        format!("turns     {}", s("num_turns")),
+        format!("exit      {} (container {})", s("exit"), s("exit_code")),
+        format!("prompt    sha256 {}", s("prompt_sha256")),
+    ];
+    for k in ["error", "kill_reason", "terminal_reason"] {
+        if record.get(k).is_some_and(|v| !v.is_null()) {
+            out.push(format!("{k:<9} {}", s(k)));
+        }
+    }
+    if let Some(r) = record.get("result").and_then(|v| v.as_str()) {
+        out.push(String::new());
+        out.push(r.to_string());
+    }
+    p.out(&out.join("\n"));
+    Ok(())
 }

@@ -12,11 +12,14 @@ use crate::exit::{Exit, Failure, HasExit};
 use crate::paths::Paths;
 
 pub mod audit;
+pub mod clean;
 pub mod completions;
 pub mod compliance;
 pub mod config;
 pub mod decrypt;
+pub mod docker;
 pub mod encrypt;
+pub mod execute;
 pub mod health;
 pub mod keys;
 pub mod limits;
@@ -24,6 +27,7 @@ pub mod logs;
 pub mod mcp;
 pub mod opt_in;
 pub mod opt_out;
+pub mod progress;
 pub mod status;
 pub mod terms;
 pub mod usage;
@@ -76,7 +80,9 @@ pub enum Command {
     Status(status::Args),
     /// Read and change settings (typed, validated, audited)
     Config(config::Args),
-    /// Read the audit log (`--follow` streams new lines)
+    /// Run one Claude Code job in a locked-down container
+    Execute(execute::Args),
+    /// Read the audit log (`--follow` streams new lines) or a job's record (`--job ID`)
     Logs(logs::Args),
     /// Activity and compliance report from the audit log; `audit verify` checks the chain
     Audit(audit::Args),
@@ -88,6 +94,10 @@ pub enum Command {
     Usage(usage::Args),
     /// Read-only Model Context Protocol server on stdio (usage policy, terms, status, compliance)
     Mcp(mcp::Args),
+    /// Build or pull the Claude Code runner image
+    Docker(docker::Args),
+    /// Remove containers (and `--images`) carrying this tool's label
+    Clean(clean::Args),
     /// Print shell completions
     Completions(completions::Args),
     /// Node identity: generate, show, export, import, list, rotate
@@ -220,12 +230,15 @@ fn run(cli: Cli, printer: Printer) -> anyhow::Result<i32> {
         Command::Limits(a) => limits::run(&mut ctx, a).map(|_| 0),
         Command::Status(a) => status::run(&ctx, a).map(|_| 0),
         Command::Config(a) => config::run(&mut ctx, a).map(|_| 0),
+        Command::Execute(a) => execute::run(&ctx, a),
         Command::Logs(a) => logs::run(&ctx, a).map(|_| 0),
         Command::Audit(a) => audit::run(&ctx, a),
         Command::ComplianceCheck(a) => compliance::run(&ctx, a),
         Command::Health(a) => Ok(health::run(&ctx, a)),
         Command::Usage(a) => usage::run(&ctx, a).map(|_| 0),
         Command::Mcp(a) => mcp::run(&ctx, a).map(|_| 0),
+        Command::Docker(a) => docker::run(&ctx, a),
+        Command::Clean(a) => clean::run(&ctx, a),
         Command::Completions(_) => unreachable!("handled above"),
         Command::Keys(a) => keys::run(&ctx, a).map(|_| 0),
         Command::Encrypt(a) => encrypt::run(&ctx, a).map(|_| 0),
@@ -252,7 +265,10 @@ pub fn classify(err: &anyhow::Error) -> (Exit, Option<String>) {
             crate::analytics::AnalyticsError,
             crate::mcp::McpError,
             crate::crypto::KeyError,
-            crate::crypto::CryptoError
+            crate::crypto::CryptoError,
+            crate::job::JobError,
+            crate::docker::DockerError,
+            crate::claude::credentials::CredentialError
         );
     }
     (Exit::Failed, None)

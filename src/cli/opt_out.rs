@@ -42,20 +42,38 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
         revoked_at: Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
         ..current.clone()
     };
-    // Revocation takes effect even when the audit log is broken: stopping
-    // is always allowed. The failure to record it is still reported (exit 5).
     consent::store(&ctx.paths, &revoked)?;
+    // Consent is revoked first, so no new job starts; then running job
+    // containers of ours are stopped and removed (their `execute` processes
+    // record the end). Both happen even when the audit log is broken:
+    // stopping is always allowed. A failure to record it is still reported.
+    let stopped = crate::docker::clean::stop_jobs_blocking();
     ctx.audit()
         .append(
             "consent.revoked",
-            json!({ "terms_version": current.terms_version, "job_types": current.job_types }),
+            json!({
+                "terms_version": current.terms_version,
+                "job_types": current.job_types,
+                "containers_stopped": stopped.as_ref().ok(),
+            }),
         )
         .map_err(|e| anyhow::Error::new(e).context("consent was revoked, but the audit log could not record it"))?;
     let p = ctx.out();
     if p.json {
-        p.json(json!({ "ok": true, "changed": true, "consent": revoked }));
+        p.json(json!({
+            "ok": true,
+            "changed": true,
+            "consent": revoked,
+            "containers_stopped": stopped.as_ref().ok(),
+            "docker": stopped.as_ref().err().map(|e| e.to_string()),
+        }));
     } else {
         p.out("Opted out: consent revoked. No job will run until you opt in again.");
+        match stopped {
+            Ok(0) => {}
+            Ok(n) => p.out(&format!("Stopped and removed {n} running job container(s).")),
+            Err(e) => p.note(&format!("could not check for running job containers: {e}")),
+        }
     }
     Ok(())
 }

@@ -1,0 +1,310 @@
+//! Where the Claude credential comes from, read at run time and never stored.
+//!
+//! Sources (config `credentials.source`): `oauth-env` (`CLAUDE_CODE_OAUTH_TOKEN`),
+//! `api-key-env` (`ANTHROPIC_API_KEY`), `command` (`credentials.tokenCommand`'s
+//! stdout), `file` (`credentials.tokenFile`, refused unless private), or `auto`:
+//! `CLAUDE_CODE_OAUTH_TOKEN`, then the configured file / command, then
+//! `ANTHROPIC_API_KEY`. A stray `ANTHROPIC_API_KEY` in the shell therefore never
+//! overrides a subscription login the user chose; we say so when both exist.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::config::Config;
+use crate::exit::{Exit, HasExit};
+
+pub const OAUTH_ENV: &str = "CLAUDE_CODE_OAUTH_TOKEN";
+pub const API_KEY_ENV: &str = "ANTHROPIC_API_KEY";
+
+/// What kind of login a credential is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A Claude subscription login (`claude setup-token`, `sk-ant-oat...`).
+    OAuth,
+    /// An Anthropic API key.
+    ApiKey,
+    /// Could not be told (the container's entrypoint treats it as an API key).
+    Unknown,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::OAuth => "subscription",
+            Kind::ApiKey => "api-key",
+            Kind::Unknown => "unknown",
+        }
+    }
+
+    /// Tell the kind from the token's documented prefix.
+    pub fn sniff(token: &str) -> Kind {
+        if token.starts_with("sk-ant-oat") {
+            Kind::OAuth
+        } else if token.starts_with("sk-ant-api") {
+            Kind::ApiKey
+        } else {
+            Kind::Unknown
+        }
+    }
+}
+
+/// A resolved credential. `Debug` and `Display` never show the secret.
+pub struct Credential {
+    secret: String,
+    pub kind: Kind,
+    /// Which source produced it, for messages (`CLAUDE_CODE_OAUTH_TOKEN`, `tokenFile`, ...).
+    pub source: &'static str,
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credential")
+            .field("kind", &self.kind)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Credential {
+    fn drop(&mut self) {
+        // Best effort: overwrite the bytes before the allocation is freed.
+        let mut bytes = std::mem::take(&mut self.secret).into_bytes();
+        bytes.fill(0);
+        std::hint::black_box(&bytes);
+    }
+}
+
+impl Credential {
+    fn new(secret: String, kind: Kind, source: &'static str) -> Result<Credential, CredentialError> {
+        let secret = secret.trim().to_string();
+        if secret.is_empty() {
+            return Err(CredentialError::Empty(source));
+        }
+        if secret.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(CredentialError::Malformed(source));
+        }
+        let kind = if kind == Kind::Unknown {
+            Kind::sniff(&secret)
+        } else {
+            kind
+        };
+        Ok(Credential { secret, kind, source })
+    }
+
+    /// Line 1 of the container's stdin (see `docker/entrypoint.sh`): the kind
+    /// prefix `oauth:` / `api-key:` when known, then the token, then `\n`.
+    pub fn stdin_line(&self) -> Vec<u8> {
+        let prefix = match self.kind {
+            Kind::OAuth => "oauth:",
+            Kind::ApiKey => "api-key:",
+            Kind::Unknown => "",
+        };
+        let mut line = Vec::with_capacity(prefix.len() + self.secret.len() + 1);
+        line.extend_from_slice(prefix.as_bytes());
+        line.extend_from_slice(self.secret.as_bytes());
+        line.push(b'\n');
+        line
+    }
+
+    /// The raw secret, for callers that must compare it (tests, leak checks).
+    pub fn expose(&self) -> &str {
+        &self.secret
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error("no Claude credential found (tried: {})", .0.join("; "))]
+    NotFound(Vec<String>),
+    #[error("the credential from {0} is empty")]
+    Empty(&'static str),
+    #[error("the credential from {0} contains whitespace or control characters")]
+    Malformed(&'static str),
+    #[error("credentials.tokenFile {path} is mode {mode:04o}; it must be private (0600)")]
+    FileMode { path: PathBuf, mode: u32 },
+    #[error("cannot read credentials.tokenFile {path}: {source}")]
+    FileRead { path: PathBuf, source: std::io::Error },
+    #[error("credentials.tokenCommand failed: {0}")]
+    Command(String),
+    #[error("credentials.source is `{0}` but {1} is not set")]
+    Unconfigured(String, &'static str),
+}
+
+impl HasExit for CredentialError {
+    fn exit(&self) -> Exit {
+        match self {
+            CredentialError::FileRead { .. } | CredentialError::Command(_) => Exit::Failed,
+            _ => Exit::Usage,
+        }
+    }
+    fn hint(&self) -> Option<String> {
+        Some(match self {
+            CredentialError::NotFound(_) => format!(
+                "export {OAUTH_ENV} (from `claude setup-token`) or {API_KEY_ENV}, or set `credentials.tokenFile` / `credentials.tokenCommand` with `claude-max-market config --set`"
+            ),
+            CredentialError::FileMode { path, .. } => format!("run `chmod 600 {}`", path.display()),
+            CredentialError::Unconfigured(..) => {
+                "set it, or choose another source with `claude-max-market config --set credentials.source=auto`".into()
+            }
+            _ => "check the credential source in `claude-max-market config --list`".into(),
+        })
+    }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// Resolve the credential. `notes` receives things the user should know
+/// (e.g. an ignored `ANTHROPIC_API_KEY`); they never contain the secret.
+pub fn resolve(cfg: &Config, notes: &mut Vec<String>) -> Result<Credential, CredentialError> {
+    let source = cfg.get_str("credentials.source").unwrap_or("auto");
+    let file = cfg.get_str("credentials.tokenFile").map(PathBuf::from);
+    let command = cfg.get_str("credentials.tokenCommand").map(str::to_string);
+    match source {
+        "oauth-env" => env(OAUTH_ENV)
+            .ok_or(CredentialError::Unconfigured(source.into(), OAUTH_ENV))
+            .and_then(|t| Credential::new(t, Kind::OAuth, OAUTH_ENV)),
+        "api-key-env" => env(API_KEY_ENV)
+            .ok_or(CredentialError::Unconfigured(source.into(), API_KEY_ENV))
+            .and_then(|t| Credential::new(t, Kind::ApiKey, API_KEY_ENV)),
+        "file" => match file {
+            Some(p) => read_file(&p),
+            None => Err(CredentialError::Unconfigured(source.into(), "credentials.tokenFile")),
+        },
+        "command" => match command {
+            Some(c) => run_command(&c),
+            None => Err(CredentialError::Unconfigured(source.into(), "credentials.tokenCommand")),
+        },
+        _ => {
+            let ignored_key = || {
+                env(API_KEY_ENV).map(|_| {
+                    format!("{API_KEY_ENV} is set but was ignored in favour of your subscription login; set `credentials.source=api-key-env` to use it")
+                })
+            };
+            if let Some(t) = env(OAUTH_ENV) {
+                notes.extend(ignored_key());
+                return Credential::new(t, Kind::OAuth, OAUTH_ENV);
+            }
+            let mut tried = vec![format!("{OAUTH_ENV} (not set)")];
+            if let Some(p) = &file {
+                let c = read_file(p)?;
+                if c.kind != Kind::ApiKey {
+                    notes.extend(ignored_key());
+                }
+                return Ok(c);
+            }
+            tried.push("credentials.tokenFile (not configured)".into());
+            if let Some(cmd) = &command {
+                let c = run_command(cmd)?;
+                if c.kind != Kind::ApiKey {
+                    notes.extend(ignored_key());
+                }
+                return Ok(c);
+            }
+            tried.push("credentials.tokenCommand (not configured)".into());
+            if let Some(t) = env(API_KEY_ENV) {
+                return Credential::new(t, Kind::ApiKey, API_KEY_ENV);
+            }
+            tried.push(format!("{API_KEY_ENV} (not set)"));
+            Err(CredentialError::NotFound(tried))
+        }
+    }
+}
+
+/// Is a credential resolvable, without running `tokenCommand` or reading
+/// any secret? For `health`: `Ok(description)` or `Err(what is missing)`.
+pub fn describe(cfg: &Config) -> Result<String, String> {
+    let source = cfg.get_str("credentials.source").unwrap_or("auto");
+    let file = cfg.get_str("credentials.tokenFile").map(PathBuf::from);
+    let command = cfg.get_str("credentials.tokenCommand");
+    let file_state = |p: &Path| match crate::fsutil::mode_of(p) {
+        None => Err(format!("credentials.tokenFile {} does not exist", p.display())),
+        Some(m) if m & 0o077 != 0 => Err(format!(
+            "credentials.tokenFile {} is mode {m:04o} (want 0600)",
+            p.display()
+        )),
+        Some(_) => Ok(format!("credentials.tokenFile {} present", p.display())),
+    };
+    let set = |name: &str| env(name).map(|_| format!("{name} set"));
+    match source {
+        "oauth-env" => set(OAUTH_ENV).ok_or(format!("{OAUTH_ENV} is not set (credentials.source=oauth-env)")),
+        "api-key-env" => set(API_KEY_ENV).ok_or(format!("{API_KEY_ENV} is not set (credentials.source=api-key-env)")),
+        "file" => match &file {
+            Some(p) => file_state(p),
+            None => Err("credentials.source=file but credentials.tokenFile is not set".into()),
+        },
+        "command" => command
+            .map(|_| "credentials.tokenCommand configured".to_string())
+            .ok_or("credentials.source=command but credentials.tokenCommand is not set".into()),
+        _ => {
+            if let Some(s) = set(OAUTH_ENV) {
+                return Ok(s);
+            }
+            if let Some(p) = &file {
+                return file_state(p);
+            }
+            if command.is_some() {
+                return Ok("credentials.tokenCommand configured".into());
+            }
+            set(API_KEY_ENV).ok_or_else(|| {
+                format!(
+                    "none found (tried {OAUTH_ENV}, credentials.tokenFile, credentials.tokenCommand, {API_KEY_ENV})"
+                )
+            })
+        }
+    }
+}
+
+fn read_file(path: &Path) -> Result<Credential, CredentialError> {
+    let meta = std::fs::metadata(path).map_err(|source| CredentialError::FileRead {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    use std::os::unix::fs::PermissionsExt;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(CredentialError::FileMode {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| CredentialError::FileRead {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Credential::new(text, Kind::Unknown, "credentials.tokenFile")
+}
+
+fn run_command(command: &str) -> Result<Credential, CredentialError> {
+    // The user's own command, run through their shell; its stderr stays
+    // visible so a password prompt or error reaches them.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| CredentialError::Command(format!("cannot run `sh -c`: {e}")))?;
+    if !out.status.success() {
+        return Err(CredentialError::Command(format!("it exited with {}", out.status)));
+    }
+    let text = String::from_utf8(out.stdout).map_err(|_| CredentialError::Command("its output is not UTF-8".into()))?;
+    Credential::new(text, Kind::Unknown, "credentials.tokenCommand")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stdin_line_carries_kind_and_debug_hides_secret() {
+        let c = Credential::new("sk-ant-oat01-abc\n".into(), Kind::Unknown, "x").unwrap();
+        assert_eq!(c.kind, Kind::OAuth);
+        assert_eq!(c.stdin_line(), b"oauth:sk-ant-oat01-abc\n");
+        assert!(!format!("{c:?}").contains("abc"));
+        assert!(Credential::new("a b".into(), Kind::ApiKey, "x").is_err());
+        assert!(Credential::new("  ".into(), Kind::ApiKey, "x").is_err());
+    }
+}

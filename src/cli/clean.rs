@@ -1,0 +1,50 @@
+//! `clean`: remove containers (and with `--images`, images) carrying our
+//! label; nothing else is ever touched.
+
+use serde_json::json;
+
+use crate::context::Ctx;
+use crate::docker::{clean, hardening};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Also stop and remove running job containers
+    #[arg(long)]
+    pub force: bool,
+    /// Also remove images built by this tool
+    #[arg(long)]
+    pub images: bool,
+}
+
+pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
+    let profile = hardening::profile()?;
+    let rt = crate::docker::runtime()?;
+    let report = rt.block_on(async {
+        let docker = crate::docker::connect().await?;
+        clean::clean(&docker, profile, args.force, args.images).await
+    })?;
+    let p = ctx.out();
+    if p.json {
+        let mut v = serde_json::to_value(&report)?;
+        if let Some(m) = v.as_object_mut() {
+            m.insert("ok".into(), json!(report.images_failed.is_empty()));
+        }
+        p.json(v);
+    } else {
+        let mut line = format!("Removed {} container(s)", report.containers_removed);
+        if args.images {
+            line.push_str(&format!(" and {} image(s)", report.images_removed));
+        }
+        p.out(&line);
+        if report.containers_running_kept > 0 {
+            p.note(&format!(
+                "{} running job container(s) left alone; `clean --force` stops them",
+                report.containers_running_kept
+            ));
+        }
+        for f in &report.images_failed {
+            p.warn(&format!("could not remove image {f}"));
+        }
+    }
+    Ok(if report.images_failed.is_empty() { 0 } else { 1 })
+}

@@ -1,0 +1,164 @@
+//! How image and job progress look on stderr: a spinner and bars on a
+//! terminal, and only the lines that matter (retries, rate limits, warnings)
+//! when stderr is a file or pipe.
+
+use std::io::{self, IsTerminal};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+use crate::context::{self, Printer};
+use crate::docker::image::{ImageEvent, ImageProgress};
+use crate::job::{JobEvent, Progress};
+
+pub struct StderrProgress {
+    printer: Printer,
+    tty: bool,
+    spinner: Mutex<Option<ProgressBar>>,
+    layers: Mutex<Option<(MultiProgress, std::collections::HashMap<String, ProgressBar>)>>,
+}
+
+impl StderrProgress {
+    pub fn new(printer: &Printer) -> StderrProgress {
+        StderrProgress {
+            printer: printer.clone(),
+            tty: io::stderr().is_terminal() && !printer.quiet,
+            spinner: Mutex::new(None),
+            layers: Mutex::new(None),
+        }
+    }
+
+    fn spin(&self, msg: String) {
+        if !self.tty {
+            return;
+        }
+        let mut s = self.spinner.lock().unwrap_or_else(|e| e.into_inner());
+        let bar = s.get_or_insert_with(|| {
+            let b = ProgressBar::new_spinner();
+            b.set_style(
+                ProgressStyle::with_template("{spinner} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            b.enable_steady_tick(Duration::from_millis(100));
+            b
+        });
+        bar.set_message(msg);
+    }
+
+    /// A line that stays, printed above the spinner when there is one.
+    fn line(&self, text: &str) {
+        if self.printer.quiet {
+            return;
+        }
+        let s = self.spinner.lock().unwrap_or_else(|e| e.into_inner());
+        match s.as_ref() {
+            Some(b) => b.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = self.spinner.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            b.finish_and_clear();
+        }
+        if let Some((m, bars)) = self.layers.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            for b in bars.values() {
+                b.finish_and_clear();
+            }
+            let _ = m.clear();
+        }
+    }
+}
+
+impl ImageProgress for StderrProgress {
+    fn image_event(&self, event: ImageEvent<'_>) {
+        match event {
+            ImageEvent::Step(s) => {
+                if self.tty {
+                    self.line(s);
+                    self.spin(s.to_string());
+                }
+            }
+            ImageEvent::Output(o) => {
+                if self.tty {
+                    self.spin(o.chars().take(100).collect());
+                }
+            }
+            ImageEvent::Note(n) => self.line(n),
+            ImageEvent::Layer {
+                id,
+                status,
+                current,
+                total,
+            } => {
+                if !self.tty || id.is_empty() {
+                    return;
+                }
+                let mut l = self.layers.lock().unwrap_or_else(|e| e.into_inner());
+                let (multi, bars) = l.get_or_insert_with(|| (MultiProgress::new(), Default::default()));
+                let bar = bars.entry(id.to_string()).or_insert_with(|| {
+                    let b = multi.add(ProgressBar::new(0));
+                    b.set_style(
+                        ProgressStyle::with_template("{prefix} {wide_bar} {bytes}/{total_bytes} {msg}")
+                            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    );
+                    b.set_prefix(id.to_string());
+                    b
+                });
+                if let Some(t) = total {
+                    bar.set_length(t.max(0) as u64);
+                }
+                if let Some(c) = current {
+                    bar.set_position(c.max(0) as u64);
+                }
+                bar.set_message(status.to_string());
+            }
+        }
+    }
+}
+
+impl Progress for StderrProgress {
+    fn job_event(&self, event: JobEvent<'_>) {
+        match event {
+            JobEvent::Approved { .. } => {}
+            JobEvent::Starting { image, model } => self.spin(format!("starting {model} in {image}")),
+            JobEvent::Init { model } => self.spin(format!("running ({})", model.unwrap_or("?"))),
+            JobEvent::Tokens { so_far, turns, max } => self.spin(format!("turn {turns} · {so_far}/{max} tokens")),
+            JobEvent::Retry(r) => self.line(&format!(
+                "Claude API retry: attempt {}/{} in {} ms{}",
+                r.attempt,
+                r.max_retries,
+                r.retry_delay_ms,
+                r.error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()
+            )),
+            JobEvent::RateLimit(r) => {
+                if r.rejected() || r.status != "allowed" {
+                    self.line(&format!(
+                        "rate limit {}{}{}",
+                        r.status,
+                        r.kind.as_ref().map(|k| format!(" ({k})")).unwrap_or_default(),
+                        r.resets_at_text().map(|t| format!("; resets {t}")).unwrap_or_default()
+                    ));
+                }
+            }
+            JobEvent::InvalidLine(l) => {
+                let short: String = l.chars().take(80).collect();
+                self.printer
+                    .warn(&format!("ignored a line that is not a stream-json event: {short}"));
+            }
+            JobEvent::Killing(r) => self.line(&format!("stopping the job: {}", r.name())),
+            JobEvent::Cancelling => self.line("cancelling: removing the container"),
+        }
+    }
+
+    fn note(&self, text: &str) {
+        self.line(&format!("note: {text}"));
+    }
+
+    fn ask(&self, question: &str) -> io::Result<Option<bool>> {
+        if !context::interactive() {
+            return Ok(None);
+        }
+        context::confirm(question).map(Some)
+    }
+}

@@ -1,0 +1,430 @@
+//! One job container: create, attach before start, feed stdin, stream the
+//! output line by line, enforce the deadline and the caller's verdicts,
+//! and remove the container on every path.
+
+use std::future::Future;
+use std::time::Duration;
+
+use bollard::container::LogOutput;
+use bollard::models::ContainerCreateBody;
+use bollard::query_parameters::{
+    AttachContainerOptions, CreateContainerOptions, KillContainerOptions, ListContainersOptions, RemoveContainerOptions,
+};
+use bollard::Docker;
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+
+use super::{is_not_found, DockerError};
+
+/// Bytes of the container's stderr kept for the job record.
+const STDERR_TAIL: usize = 4096;
+
+/// Why we killed a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillReason {
+    Timeout,
+    TokenCap,
+}
+
+impl KillReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            KillReason::Timeout => "timeout",
+            KillReason::TokenCap => "token-cap",
+        }
+    }
+}
+
+/// What the line handler wants after each stdout line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Continue,
+    Kill(KillReason),
+}
+
+/// How the container's run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// The process exited by itself.
+    Exited(i64),
+    Killed(KillReason),
+    Cancelled,
+}
+
+#[derive(Debug)]
+pub struct Run {
+    pub container_id: String,
+    pub ending: Ending,
+    pub stderr_tail: String,
+}
+
+/// A job container that has stopped and still has to be removed. Call
+/// [`Exited::remove`] (the caller can do its bookkeeping meanwhile); if it is
+/// dropped without that, removal happens on a helper thread before the drop
+/// returns, so no path leaves the container behind.
+#[must_use = "the container must be removed"]
+pub struct Exited {
+    docker: Docker,
+    pub run: Run,
+    removed: bool,
+}
+
+impl Exited {
+    pub async fn remove(mut self) {
+        remove(&self.docker, &self.run.container_id).await;
+        self.removed = true;
+    }
+}
+
+impl Drop for Exited {
+    fn drop(&mut self) {
+        if self.removed {
+            return;
+        }
+        let id = self.run.container_id.clone();
+        // A fresh client on its own runtime: the caller's runtime may be
+        // the one being dropped.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = super::runtime() {
+                rt.block_on(async {
+                    if let Ok(d) = super::connect().await {
+                        remove(&d, &id).await;
+                    }
+                });
+            }
+        })
+        .join();
+    }
+}
+
+/// Create and run a container until it stops; the caller removes it
+/// through the returned [`Exited`] (on error it is already removed).
+///
+/// `stdin` is written once the output is attached and the container started,
+/// then our end is closed (`stdin_once` closes the container's). The buffer
+/// is zeroed after writing because it carries the credential.
+pub async fn run(
+    docker: &Docker,
+    name: &str,
+    body: ContainerCreateBody,
+    stdin: Vec<u8>,
+    timeout: Duration,
+    cancel: impl Future<Output = ()>,
+    on_line: impl FnMut(&str) -> Verdict,
+) -> Result<Exited, DockerError> {
+    run_created(
+        docker,
+        create(docker, name, body).await,
+        stdin,
+        timeout,
+        cancel,
+        on_line,
+    )
+    .await
+}
+
+/// Create (not start) a job container; returns its id.
+pub async fn create(docker: &Docker, name: &str, body: ContainerCreateBody) -> Result<String, DockerError> {
+    let created = docker
+        .create_container(
+            Some(CreateContainerOptions {
+                name: Some(name.to_string()),
+                ..Default::default()
+            }),
+            body,
+        )
+        .await?;
+    Ok(created.id)
+}
+
+/// [`run`] for a container from [`create`] (or the error creating it).
+pub async fn run_created(
+    docker: &Docker,
+    created: Result<String, DockerError>,
+    stdin: Vec<u8>,
+    timeout: Duration,
+    cancel: impl Future<Output = ()>,
+    on_line: impl FnMut(&str) -> Verdict,
+) -> Result<Exited, DockerError> {
+    let id = match created {
+        Ok(id) => id,
+        Err(e) => {
+            let mut stdin = stdin;
+            stdin.fill(0);
+            return Err(e);
+        }
+    };
+    match drive(docker, &id, stdin, timeout, cancel, on_line).await {
+        Ok((ending, stderr_tail)) => Ok(Exited {
+            docker: docker.clone(),
+            run: Run {
+                container_id: id,
+                ending,
+                stderr_tail,
+            },
+            removed: false,
+        }),
+        Err(e) => {
+            remove(docker, &id).await;
+            Err(e)
+        }
+    }
+}
+
+async fn drive(
+    docker: &Docker,
+    id: &str,
+    mut stdin: Vec<u8>,
+    timeout: Duration,
+    cancel: impl Future<Output = ()>,
+    mut on_line: impl FnMut(&str) -> Verdict,
+) -> Result<(Ending, String), DockerError> {
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    tokio::pin!(cancel);
+
+    let attached = docker
+        .attach_container(
+            id,
+            Some(AttachContainerOptions {
+                stdin: true,
+                stdout: true,
+                stderr: true,
+                stream: true,
+                logs: false,
+                detach_keys: None,
+            }),
+        )
+        .await;
+    let attached = match attached {
+        Ok(a) => a,
+        Err(e) => {
+            stdin.fill(0);
+            // Removed between create and attach (`opt-out`, `clean --force`).
+            if is_not_found(&e) {
+                return Ok((Ending::Exited(EXIT_REMOVED), String::new()));
+            }
+            return Err(e.into());
+        }
+    };
+    let mut output = attached.output;
+    let mut input = attached.input;
+    // Stdin goes out before the start request, like `docker run -i`: the
+    // engine buffers it and the job reads it the moment it runs, instead of
+    // after the start call returns. Written concurrently with reading, so a
+    // large prompt cannot deadlock against a job that prints first.
+    let writer = tokio::spawn(async move {
+        let r = async {
+            input.write_all(&stdin).await?;
+            input.flush().await?;
+            input.shutdown().await
+        }
+        .await;
+        stdin.fill(0);
+        std::hint::black_box(&stdin);
+        r
+    });
+    if let Err(e) = docker
+        .start_container(id, None::<bollard::query_parameters::StartContainerOptions>)
+        .await
+    {
+        writer.abort();
+        if is_not_found(&e) {
+            return Ok((Ending::Exited(EXIT_REMOVED), String::new()));
+        }
+        return Err(e.into());
+    }
+
+    let mut pending: Vec<u8> = Vec::new();
+    let mut stderr_tail: Vec<u8> = Vec::new();
+    let mut verdict = Verdict::Continue;
+    let mut handle = |bytes: &[u8], pending: &mut Vec<u8>, verdict: &mut Verdict| {
+        pending.extend_from_slice(bytes);
+        while let Some(pos) = memchr::memchr(b'\n', pending) {
+            let line: Vec<u8> = pending.drain(..=pos).collect();
+            if *verdict == Verdict::Continue {
+                let text = String::from_utf8_lossy(&line[..line.len() - 1]);
+                *verdict = on_line(&text);
+            }
+        }
+    };
+
+    let ending = loop {
+        tokio::select! {
+            item = output.next() => match item {
+                Some(Ok(LogOutput::StdOut { message } | LogOutput::Console { message })) => {
+                    handle(&message, &mut pending, &mut verdict);
+                    if let Verdict::Kill(reason) = verdict {
+                        kill(docker, id).await;
+                        break Ending::Killed(reason);
+                    }
+                }
+                Some(Ok(LogOutput::StdErr { message })) => {
+                    stderr_tail.extend_from_slice(&message);
+                    if stderr_tail.len() > STDERR_TAIL {
+                        stderr_tail.drain(..stderr_tail.len() - STDERR_TAIL);
+                    }
+                }
+                Some(Ok(LogOutput::StdIn { .. })) => {}
+                Some(Err(_)) | None => {
+                    // Output closed: hand over a last line without newline.
+                    if !pending.is_empty() {
+                        let rest = std::mem::take(&mut pending);
+                        if verdict == Verdict::Continue {
+                            verdict = on_line(&String::from_utf8_lossy(&rest));
+                        }
+                        if let Verdict::Kill(reason) = verdict {
+                            kill(docker, id).await;
+                            break Ending::Killed(reason);
+                        }
+                    }
+                    tokio::select! {
+                        code = wait(docker, id) => break Ending::Exited(code?),
+                        _ = &mut deadline => {
+                            kill(docker, id).await;
+                            break Ending::Killed(KillReason::Timeout);
+                        }
+                        _ = &mut cancel => {
+                            kill(docker, id).await;
+                            break Ending::Cancelled;
+                        }
+                    }
+                }
+            },
+            _ = &mut deadline => {
+                kill(docker, id).await;
+                break Ending::Killed(KillReason::Timeout);
+            }
+            _ = &mut cancel => {
+                kill(docker, id).await;
+                break Ending::Cancelled;
+            }
+        }
+    };
+    writer.abort();
+    let tail = String::from_utf8_lossy(&stderr_tail).into_owned();
+    Ok((ending, tail))
+}
+
+/// Exit code meaning "removed from outside" (`opt-out`, `clean --force`).
+pub const EXIT_REMOVED: i64 = -1;
+/// Exit code meaning "killed by the kernel for exceeding its memory limit".
+pub const EXIT_OOM: i64 = -2;
+
+async fn wait(docker: &Docker, id: &str) -> Result<i64, DockerError> {
+    let code = wait_code(docker, id).await?;
+    if code != 137 {
+        return Ok(code);
+    }
+    // Tell apart an exit of its own from a removal or an OOM kill, which
+    // both look like SIGKILL (137) from here.
+    match docker
+        .inspect_container(id, None::<bollard::query_parameters::InspectContainerOptions>)
+        .await
+    {
+        Err(e) if is_not_found(&e) => Ok(EXIT_REMOVED),
+        Ok(i) => {
+            let state = i.state.unwrap_or_default();
+            if state.oom_killed == Some(true) {
+                Ok(EXIT_OOM)
+            } else if state.status.is_some_and(|s| s.to_string() == "removing") {
+                Ok(EXIT_REMOVED)
+            } else {
+                Ok(code)
+            }
+        }
+        Err(_) => Ok(code),
+    }
+}
+
+async fn wait_code(docker: &Docker, id: &str) -> Result<i64, DockerError> {
+    let mut s = docker.wait_container(id, None::<bollard::query_parameters::WaitContainerOptions>);
+    match s.next().await {
+        Some(Ok(r)) => Ok(r.status_code),
+        Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
+        // Removed under us (`opt-out`, `clean --force`): it is over.
+        Some(Err(e)) if is_not_found(&e) => Ok(EXIT_REMOVED),
+        Some(Err(e)) => Err(e.into()),
+        None => Ok(-1),
+    }
+}
+
+async fn kill(docker: &Docker, id: &str) {
+    // It may have exited on its own meanwhile; removal follows either way.
+    let _ = docker
+        .kill_container(
+            id,
+            Some(KillContainerOptions {
+                signal: "SIGKILL".into(),
+            }),
+        )
+        .await;
+}
+
+/// Force-remove a container; a container already gone is fine.
+pub async fn remove(docker: &Docker, id: &str) {
+    let opts = RemoveContainerOptions {
+        force: true,
+        ..Default::default()
+    };
+    for _ in 0..3 {
+        match docker.remove_container(id, Some(opts.clone())).await {
+            Ok(()) => return,
+            Err(e) if is_not_found(&e) => return,
+            // 409: removal already in progress; give the engine a moment.
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// A container of ours, as listed by the engine.
+#[derive(Debug, Clone)]
+pub struct Ours {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    pub running: bool,
+    /// Created but not started yet: a live job between create and start.
+    pub starting: bool,
+    pub job_id: Option<String>,
+}
+
+/// Every container carrying our label (running or not).
+pub async fn list_ours(docker: &Docker, label: &str, job_label: &str) -> Result<Vec<Ours>, DockerError> {
+    let filters = std::collections::HashMap::from([("label".to_string(), vec![format!("{label}=true")])]);
+    let list = docker
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await?;
+    Ok(list
+        .into_iter()
+        // Belt and braces: only what really carries the label.
+        .filter(|c| {
+            c.labels
+                .as_ref()
+                .is_some_and(|l| l.get(label).map(String::as_str) == Some("true"))
+        })
+        .map(|c| Ours {
+            id: c.id.unwrap_or_default(),
+            name: c
+                .names
+                .and_then(|n| n.first().cloned())
+                .unwrap_or_default()
+                .trim_start_matches('/')
+                .to_string(),
+            image: c.image.unwrap_or_default(),
+            running: c
+                .state
+                .as_ref()
+                .is_some_and(|s| matches!(s.to_string().as_str(), "running" | "restarting" | "paused")),
+            // A job's container is created a moment before it starts; one
+            // that stays "created" for long is a leftover.
+            starting: c.state.as_ref().is_some_and(|s| s.to_string() == "created")
+                && c.created.is_some_and(|t| chrono::Utc::now().timestamp() - t < 120),
+            job_id: c.labels.and_then(|l| l.get(job_label).cloned()),
+        })
+        .collect())
+}

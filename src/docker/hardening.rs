@@ -1,0 +1,232 @@
+//! The job container's hardening, read from the `container` section of
+//! `security-config.json` (embedded): the one source for what `execute`
+//! sends and what `compliance-check` compares against.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use bollard::models::{ContainerCreateBody, HostConfig};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::{self, Config};
+
+use super::DockerError;
+
+/// The embedded security configuration.
+pub const SECURITY_CONFIG: &str = include_str!("../../security-config.json");
+
+/// The `container` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Profile {
+    #[serde(default)]
+    pub note: Option<String>,
+    /// Label every job container of ours carries (value `true`).
+    pub label: String,
+    /// Label on images we build (value `true`). Separate from `label`
+    /// because containers inherit image labels: a container someone else
+    /// starts from our image is not ours to clean up.
+    pub image_label: String,
+    /// Label holding the job id.
+    pub job_label: String,
+    pub user: String,
+    pub home: String,
+    pub read_only_rootfs: bool,
+    /// Mount point -> tmpfs options (size-limited, noexec, nosuid).
+    pub tmpfs: HashMap<String, String>,
+    pub pids_limit: i64,
+    pub nano_cpus: i64,
+    pub cap_drop: Vec<String>,
+    pub security_opt: Vec<String>,
+    pub network_default: String,
+    #[serde(default)]
+    pub forbidden_networks: Vec<String>,
+}
+
+/// The profile, parsed once.
+pub fn profile() -> Result<&'static Profile, DockerError> {
+    static PROFILE: OnceLock<Result<Profile, String>> = OnceLock::new();
+    PROFILE
+        .get_or_init(|| parse(SECURITY_CONFIG))
+        .as_ref()
+        .map_err(|e| DockerError::Profile(e.clone()))
+}
+
+pub fn parse(text: &str) -> Result<Profile, String> {
+    let v: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let section = v.get("container").cloned().ok_or("no `container` section")?;
+    let p: Profile = serde_json::from_value(section).map_err(|e| format!("container: {e}"))?;
+    if !p.tmpfs.contains_key("/tmp") || !p.tmpfs.contains_key(&p.home) {
+        return Err("container.tmpfs must mount /tmp and the home directory".into());
+    }
+    for (mount, opts) in &p.tmpfs {
+        let words: Vec<&str> = opts.split(',').collect();
+        if !words.iter().any(|w| w.starts_with("size=")) || !words.contains(&"noexec") || !words.contains(&"nosuid") {
+            return Err(format!(
+                "container.tmpfs {mount} must be size-limited, noexec and nosuid"
+            ));
+        }
+    }
+    Ok(p)
+}
+
+/// What the user's config decides for a job container.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resources {
+    pub memory: i64,
+    pub cpu_shares: i64,
+    pub network: String,
+}
+
+impl Resources {
+    pub fn from_config(cfg: &Config, profile: &Profile) -> Result<Resources, DockerError> {
+        let memory = match cfg.get("docker.memory") {
+            Value::Number(n) => n.as_i64().unwrap_or(512 << 20),
+            Value::String(s) => config::parse_size(s).map_err(DockerError::Refused)? as i64,
+            _ => 512 << 20,
+        };
+        let network = cfg
+            .get_str("docker.network")
+            .unwrap_or(&profile.network_default)
+            .to_string();
+        if profile.forbidden_networks.contains(&network) || network.starts_with("container:") {
+            return Err(DockerError::Refused(format!(
+                "docker.network `{network}` would share the host's or another container's network, which job containers may not"
+            )));
+        }
+        Ok(Resources {
+            memory,
+            cpu_shares: cfg.get_i64("docker.cpuShares"),
+            network,
+        })
+    }
+}
+
+/// The host config every job container gets.
+pub fn host_config(p: &Profile, r: &Resources) -> HostConfig {
+    HostConfig {
+        memory: Some(r.memory),
+        // Equal to memory: no swap on top of the limit.
+        memory_swap: Some(r.memory),
+        cpu_shares: Some(r.cpu_shares),
+        nano_cpus: Some(p.nano_cpus),
+        pids_limit: Some(p.pids_limit),
+        cap_drop: Some(p.cap_drop.clone()),
+        cap_add: None,
+        security_opt: Some(p.security_opt.clone()),
+        readonly_rootfs: Some(p.read_only_rootfs),
+        tmpfs: Some(p.tmpfs.clone()),
+        network_mode: Some(r.network.clone()),
+        privileged: Some(false),
+        // No host mounts of any kind.
+        binds: None,
+        mounts: None,
+        auto_remove: Some(false),
+        ..Default::default()
+    }
+}
+
+/// The full create request for one job. The credential is deliberately not
+/// a parameter: it travels only over the attached stdin.
+pub fn create_body(p: &Profile, r: &Resources, image: &str, model: &str, job_id: &str) -> ContainerCreateBody {
+    let labels = HashMap::from([
+        (p.label.clone(), "true".to_string()),
+        (p.job_label.clone(), job_id.to_string()),
+    ]);
+    ContainerCreateBody {
+        image: Some(image.to_string()),
+        user: Some(p.user.clone()),
+        cmd: Some(vec![model.to_string()]),
+        env: Some(vec![format!("HOME={}", p.home)]),
+        working_dir: Some(p.home.clone()),
+        labels: Some(labels),
+        attach_stdin: Some(true),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        open_stdin: Some(true),
+        // Closing our end of stdin closes the container's: the prompt ends.
+        stdin_once: Some(true),
+        tty: Some(false),
+        host_config: Some(host_config(p, r)),
+        ..Default::default()
+    }
+}
+
+/// Compare a create request with the profile; every difference is named.
+pub fn mismatches(p: &Profile, body: &ContainerCreateBody) -> Vec<String> {
+    let mut bad = Vec::new();
+    let Some(h) = &body.host_config else {
+        return vec!["no host config".into()];
+    };
+    let mut want = |ok: bool, what: &str| {
+        if !ok {
+            bad.push(what.to_string());
+        }
+    };
+    want(body.user.as_deref() == Some(p.user.as_str()), "user");
+    want(!p.user.starts_with("0") && !p.user.starts_with("root"), "non-root user");
+    want(
+        h.readonly_rootfs == Some(p.read_only_rootfs) && p.read_only_rootfs,
+        "read-only rootfs",
+    );
+    want(h.tmpfs.as_ref() == Some(&p.tmpfs), "tmpfs mounts");
+    want(h.memory.is_some() && h.memory == h.memory_swap, "memory = memory-swap");
+    want(h.cpu_shares.is_some(), "cpu shares");
+    want(h.nano_cpus == Some(p.nano_cpus), "cpu cap (nano cpus)");
+    want(h.pids_limit == Some(p.pids_limit), "pids limit");
+    want(
+        h.cap_drop.as_ref() == Some(&p.cap_drop) && p.cap_drop.iter().any(|c| c == "ALL"),
+        "cap_drop ALL",
+    );
+    want(h.cap_add.as_ref().is_none_or(|c| c.is_empty()), "no added capabilities");
+    want(
+        h.security_opt.as_ref() == Some(&p.security_opt)
+            && p.security_opt.iter().any(|s| s.starts_with("no-new-privileges")),
+        "no-new-privileges",
+    );
+    want(h.privileged != Some(true), "not privileged");
+    want(
+        h.binds.as_ref().is_none_or(|b| b.is_empty()) && h.mounts.as_ref().is_none_or(|m| m.is_empty()),
+        "no host mounts",
+    );
+    want(
+        h.network_mode
+            .as_ref()
+            .is_some_and(|n| !p.forbidden_networks.contains(n)),
+        "network mode",
+    );
+    want(
+        body.labels
+            .as_ref()
+            .is_some_and(|l| l.get(&p.label).map(String::as_str) == Some("true")),
+        "our label",
+    );
+    bad
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_profile_parses_and_the_request_matches_it() {
+        let p = profile().unwrap();
+        let r = Resources {
+            memory: 512 << 20,
+            cpu_shares: 512,
+            network: "bridge".into(),
+        };
+        let body = create_body(p, &r, "img", "sonnet", "job1");
+        assert_eq!(mismatches(p, &body), Vec::<String>::new());
+        let mut loose = body.clone();
+        loose.host_config.as_mut().unwrap().readonly_rootfs = Some(false);
+        assert_eq!(mismatches(p, &loose), vec!["read-only rootfs".to_string()]);
+    }
+
+    #[test]
+    fn a_profile_without_size_limited_tmpfs_is_rejected() {
+        let text = SECURITY_CONFIG.replace("rw,noexec,nosuid,nodev,size=64m", "rw,nosuid");
+        assert!(parse(&text).is_err());
+    }
+}

@@ -1,0 +1,154 @@
+//! Shared by the Docker tests: the fake-claude test image (built with our own
+//! `docker build --context`, from scratch), and small `docker` CLI helpers
+//! used to look at what the engine really holds.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use serde_json::Value;
+
+use crate::common::Cmm;
+
+pub const FAKE_IMAGE: &str = "cmm-fake-claude:test";
+pub const LABEL: &str = "dev.claude-max-market.managed";
+pub const JOB_LABEL: &str = "dev.claude-max-market.job";
+pub const TOKEN: &str = "sk-ant-oat01-test-token-not-a-secret";
+
+static BUILD: Mutex<()> = Mutex::new(());
+
+/// Where the static busybox comes from (`apt-get install busybox-static`).
+fn busybox() -> PathBuf {
+    let p = std::env::var_os("CMM_BUSYBOX")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/bin/busybox"));
+    assert!(
+        p.is_file(),
+        "{} is missing: install a static busybox (`apt-get install -y busybox-static`) or set CMM_BUSYBOX",
+        p.display()
+    );
+    p
+}
+
+/// The fixture directory plus busybox, in a temp dir (symlinks followed).
+pub fn fixture_context() -> tempfile::TempDir {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake-claude");
+    let dir = tempfile::tempdir().expect("temp context");
+    for e in std::fs::read_dir(&src).expect("fixture dir") {
+        let e = e.expect("fixture entry");
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).expect("copy fixture file");
+    }
+    std::fs::copy(busybox(), dir.path().join("busybox")).expect("copy busybox");
+    dir
+}
+
+/// Make sure the test image exists, building it with `docker build --context`.
+pub fn fake_image() -> &'static str {
+    build_fixture_image(FAKE_IMAGE);
+    FAKE_IMAGE
+}
+
+pub fn build_fixture_image(tag: &str) {
+    let _g = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    if image_exists(tag) {
+        return;
+    }
+    let ctx = fixture_context();
+    let t = Cmm::new();
+    t.run(&[
+        "docker",
+        "build",
+        "--context",
+        ctx.path().to_str().unwrap(),
+        "--tag",
+        tag,
+    ])
+    .code(0)
+    .stdout_has("Built");
+}
+
+pub fn docker(args: &[&str]) -> (bool, String, String) {
+    let o = Command::new("docker").args(args).output().expect("run docker CLI");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+pub fn image_exists(tag: &str) -> bool {
+    docker(&["image", "inspect", tag]).0
+}
+
+/// Containers (any state) carrying our job label for `job_id`.
+pub fn containers_of_job(job_id: &str) -> Vec<String> {
+    let (_, out, _) = docker(&["ps", "-aq", "--filter", &format!("label={JOB_LABEL}={job_id}")]);
+    out.split_whitespace().map(str::to_string).collect()
+}
+
+/// Every container (any state) with our label.
+pub fn our_containers() -> Vec<String> {
+    let (_, out, _) = docker(&["ps", "-aq", "--filter", &format!("label={LABEL}=true")]);
+    out.split_whitespace().map(str::to_string).collect()
+}
+
+/// An opted-in install whose commands see a subscription token.
+pub fn job_env() -> Cmm {
+    Cmm::opted_in().env("CLAUDE_CODE_OAUTH_TOKEN", TOKEN)
+}
+
+/// Audit events, parsed.
+pub fn audit_events(t: &Cmm) -> Vec<Value> {
+    t.read("audit.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+        .collect()
+}
+
+pub fn events_named<'a>(events: &'a [Value], name: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["event"] == name).collect()
+}
+
+pub fn job_record(t: &Cmm, job_id: &str) -> Value {
+    serde_json::from_str(&t.read(&format!("jobs/{job_id}.json"))).expect("job record is JSON")
+}
+
+/// The one terminal event for `job_id`, asserting there is exactly one.
+#[track_caller]
+pub fn terminal_event(t: &Cmm, job_id: &str) -> Value {
+    let events = audit_events(t);
+    let terminal: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["job_id"] == job_id)
+        .filter(|e| {
+            matches!(
+                e["event"].as_str(),
+                Some("job.completed" | "job.failed" | "job.killed" | "job.cancelled")
+            )
+        })
+        .collect();
+    assert_eq!(
+        terminal.len(),
+        1,
+        "exactly one terminal event for {job_id}: {terminal:?}"
+    );
+    terminal[0].clone()
+}
+
+/// Usage state: (tasks today, tokens today, open reservations).
+pub fn usage_today(t: &Cmm) -> (u64, u64, usize) {
+    let v: Value = serde_json::from_str(&t.read("usage.json")).unwrap_or(Value::Null);
+    let (mut tasks, mut tokens) = (0, 0);
+    if let Some(days) = v["days"].as_object() {
+        for d in days.values() {
+            tasks += d["tasks"].as_u64().unwrap_or(0);
+            tokens += d["tokens"].as_u64().unwrap_or(0);
+        }
+    }
+    (
+        tasks,
+        tokens,
+        v["reservations"].as_array().map(|a| a.len()).unwrap_or(0),
+    )
+}
