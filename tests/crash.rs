@@ -115,7 +115,12 @@ fn kill_9_during_writes() {
     t.run(&["audit", "verify"]).code(0);
     t.run(&["config", "--set", "limits.dailyTasks=3"]).code(0);
     t.run(&["audit", "verify"]).code(0);
-    t.run(&["health"]).code(0);
+    let h = t.run(&["health", "--json"]).json();
+    for c in h["checks"].as_array().unwrap() {
+        if ["config", "data_dir", "audit", "permissions", "usage"].contains(&c["name"].as_str().unwrap()) {
+            assert_eq!(c["level"], "OK", "{c}");
+        }
+    }
     let v = t.run(&["status", "--json"]).code(0).json();
     assert!(v["audit"]["events"].as_u64().unwrap() > 100);
 }

@@ -681,17 +681,35 @@ fn compliance_check_exit_codes() {
 
 #[test]
 fn health_is_nagios_shaped() {
+    // The local checks (config, data dir, audit head, permissions) are read
+    // from --json; the Docker-side checks (engine, image, credentials) have
+    // their own tests, and on a bare install they rightly warn.
+    let level = |v: &Value, name: &str| {
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap()["level"]
+            .clone()
+    };
     let t = Cmm::opted_in();
     let out = t.run(&["health"]);
-    out.code(0);
-    assert!(out.stdout.starts_with("CMM OK - "), "{}", out.stdout);
+    assert!(out.stdout.starts_with("CMM "), "{}", out.stdout);
+    assert_eq!(out.stdout.lines().count(), 1, "{}", out.stdout);
     assert!(out.stdout.contains(" | 'audit_events'=2;"), "{}", out.stdout);
-    let v = t.run(&["health", "--json"]).code(0).json();
-    assert_eq!(v["status"], "OK");
+    let v = t.run(&["health", "--json"]).json();
+    assert_eq!(v["exit"].as_i64().unwrap() as i32, out.status);
+    for name in ["config", "data_dir", "audit", "permissions"] {
+        assert_eq!(level(&v, name), "OK", "{name}: {v}");
+    }
     // Wide permissions: WARNING.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(t.file("config.json"), std::fs::Permissions::from_mode(0o644)).unwrap();
-    t.run(&["health"]).code(1).stdout_has("CMM WARNING").stdout_has("0644");
+    let v = t.run(&["health", "--json"]).json();
+    assert_eq!(level(&v, "permissions"), "WARNING");
+    assert!(v["exit"].as_i64().unwrap() >= 1);
+    t.run(&["health"]).stdout_has("0644");
     std::fs::set_permissions(t.file("config.json"), std::fs::Permissions::from_mode(0o600)).unwrap();
     // A broken audit head: CRITICAL.
     let log = t.read("audit.jsonl");
