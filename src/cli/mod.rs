@@ -11,13 +11,16 @@ use crate::context::{with_schema_version, Ctx, Printer};
 use crate::exit::{Exit, Failure, HasExit};
 use crate::paths::Paths;
 
+pub mod advertise;
 pub mod audit;
+pub mod bid;
 pub mod completions;
 pub mod compliance;
 pub mod config;
 pub mod health;
 pub mod limits;
 pub mod logs;
+pub mod market;
 pub mod opt_in;
 pub mod opt_out;
 pub mod status;
@@ -79,6 +82,12 @@ pub enum Command {
     ComplianceCheck(compliance::Args),
     /// Nagios-style health line with perfdata (exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN)
     Health(health::Args),
+    /// Offer capacity to the market and stay connected (needs `opt-in --claude-jobs`)
+    Advertise(advertise::Args),
+    /// Post a task to the market, or raise a task's bid
+    Bid(bid::Args),
+    /// The market coordinator and your market state
+    Market(market::Args),
     /// Print shell completions
     Completions(completions::Args),
 }
@@ -209,6 +218,9 @@ fn run(cli: Cli, printer: Printer) -> anyhow::Result<i32> {
         Command::Audit(a) => audit::run(&ctx, a),
         Command::ComplianceCheck(a) => compliance::run(&ctx, a),
         Command::Health(a) => Ok(health::run(&ctx, a)),
+        Command::Advertise(a) => advertise::run(&ctx, a).map(|_| 0),
+        Command::Bid(a) => bid::run(&ctx, a).map(|_| 0),
+        Command::Market(a) => market::run(&ctx, a),
         Command::Completions(_) => unreachable!("handled above"),
     }
 }
@@ -227,7 +239,10 @@ pub fn classify(err: &anyhow::Error) -> (Exit, Option<String>) {
             Failure,
             crate::config::ConfigError,
             crate::audit::AuditError,
-            crate::usage::UsageError
+            crate::usage::UsageError,
+            crate::crypto::keys::KeyError,
+            crate::market::client::ClientError,
+            crate::market::server::ServeError
         );
     }
     (Exit::Failed, None)

@@ -1,0 +1,3 @@
+//! Minimal node identity; replaced by the full key store.
+
+pub mod keys;
