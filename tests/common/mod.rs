@@ -34,7 +34,10 @@ impl Default for Cmm {
 impl Cmm {
     pub fn new() -> Cmm {
         Cmm {
-            home: tempfile::Builder::new().prefix("cmm-test-").tempdir().expect("temp CMM_HOME"),
+            home: tempfile::Builder::new()
+                .prefix("cmm-test-")
+                .tempdir()
+                .expect("temp CMM_HOME"),
             env: Vec::new(),
         }
     }
@@ -103,7 +106,11 @@ impl Run {
 
     pub fn run(mut self) -> Output {
         self.cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        self.cmd.stdin(if self.stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        self.cmd.stdin(if self.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
         let mut child = self.cmd.spawn().expect("spawn claude-max-market");
         if let Some(bytes) = self.stdin.take() {
             let mut sin = child.stdin.take().expect("piped stdin");
@@ -141,20 +148,35 @@ impl Output {
 
     #[track_caller]
     pub fn stdout_has(&self, needle: &str) -> &Output {
-        assert!(self.stdout.contains(needle), "stdout lacks {needle:?}\n--- stdout\n{}\n--- stderr\n{}", self.stdout, self.stderr);
+        assert!(
+            self.stdout.contains(needle),
+            "stdout lacks {needle:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout,
+            self.stderr
+        );
         self
     }
 
     #[track_caller]
     pub fn stderr_has(&self, needle: &str) -> &Output {
-        assert!(self.stderr.contains(needle), "stderr lacks {needle:?}\n--- stdout\n{}\n--- stderr\n{}", self.stdout, self.stderr);
+        assert!(
+            self.stderr.contains(needle),
+            "stderr lacks {needle:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout,
+            self.stderr
+        );
         self
     }
 
     /// Parse stdout as one JSON document.
     #[track_caller]
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\n--- stderr\n{}", self.stdout, self.stderr))
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}):\n{}\n--- stderr\n{}",
+                self.stdout, self.stderr
+            )
+        })
     }
 }
 
