@@ -922,21 +922,21 @@ async fn authenticated(ws: &mut Ws, sh: &Shared, node: &str, out_rx: &mut mpsc::
     }
 }
 
+/// The envelope fields read before the full decode.
+#[derive(Default, serde::Deserialize)]
+struct Light {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+}
+
 async fn handle_frame(text: &str, sh: &Shared, node: &str, bucket: &mut Bucket) -> String {
     let m = &sh.metrics;
     let refuse = |id: Option<String>, r: Rejection| {
         m.reject(r.reason);
         error_frame(id, r)
     };
-    if !bucket.take(sh.opts.rate, sh.opts.burst) {
-        return refuse(
-            None,
-            Rejection::new(
-                Reason::RateLimited,
-                format!("more than {} frames per second", sh.opts.rate),
-            ),
-        );
-    }
     if text.len() > sh.opts.payload_cap {
         return refuse(
             None,
@@ -946,20 +946,33 @@ async fn handle_frame(text: &str, sh: &Shared, node: &str, bucket: &mut Bucket) 
             ),
         );
     }
+    // A light first look (id and type only) so that refusals for rate and
+    // size can still name the request they refuse.
+    let light: Light = serde_json::from_str(text).unwrap_or_default();
+    let light_id = light.id.filter(|i| !i.is_empty() && i.len() <= protocol::MAX_ID_LEN);
+    if !bucket.take(sh.opts.rate, sh.opts.burst) {
+        return refuse(
+            light_id,
+            Rejection::new(
+                Reason::RateLimited,
+                format!("more than {} frames per second", sh.opts.rate),
+            ),
+        );
+    }
+    let kind = light.kind.unwrap_or_default();
+    if text.len() > sh.opts.control_cap && !Request::carries_payload(&kind) {
+        return refuse(
+            light_id,
+            Rejection::new(
+                Reason::Oversized,
+                format!("frame over the {} byte control cap", sh.opts.control_cap),
+            ),
+        );
+    }
     let (id, req) = match decode_request(text) {
         Ok(x) => x,
         Err((id, r)) => return refuse(id, r),
     };
-    let kind = req.kind();
-    if text.len() > sh.opts.control_cap && !Request::carries_payload(kind) {
-        return refuse(
-            id,
-            Rejection::new(
-                Reason::Oversized,
-                format!("`{kind}` frame over the {} byte control cap", sh.opts.control_cap),
-            ),
-        );
-    }
     if matches!(req, Request::Hello { .. }) {
         return refuse(
             id,
