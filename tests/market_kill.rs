@@ -100,7 +100,7 @@ async fn drive(endpoint: &str, nodes: &[Node], posts: &mut Posts, counter: &mut 
         )? {
             continue;
         }
-        if n % 5 == 0 {
+        if n.is_multiple_of(5) {
             continue;
         }
         let deliver = Request::Deliver {
