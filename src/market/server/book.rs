@@ -249,33 +249,26 @@ fn check_range(field: &str, v: u64, lo: u64, hi: u64) -> Result<(), Fail> {
 /// Online providers whose active offer fits `task`, cheapest first.
 fn matching_providers(c: &Connection, task: &Task, online: &dyn Fn(&str) -> bool) -> Result<Vec<String>, Fail> {
     let mut stmt = c.prepare_cached(
-        "SELECT o.node_id, o.models, o.slots,
+        "SELECT o.node_id, o.slots,
             (SELECT COUNT(*) FROM tasks t WHERE t.offer_id = o.offer_id AND t.state IN ('assigned','delivered')),
             COALESCE(n.successes, 0), COALESCE(n.failures, 0)
-         FROM offers o LEFT JOIN nodes n ON n.node_id = o.node_id
-         WHERE o.state = 'active' AND o.disconnected_at IS NULL AND o.price <= ?1 AND o.node_id != ?2
+         FROM offer_models m JOIN offers o ON o.offer_id = m.offer_id LEFT JOIN nodes n ON n.node_id = o.node_id
+         WHERE m.model = ?3 AND o.state = 'active' AND o.disconnected_at IS NULL AND o.price <= ?1 AND o.node_id != ?2
          ORDER BY o.price LIMIT 1024",
     )?;
-    let rows = stmt.query_map(params![task.max_price, task.requester], |r| {
+    let rows = stmt.query_map(params![task.max_price, task.requester, task.model], |r| {
         Ok((
             r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
+            r.get::<_, i64>(1)?,
             r.get::<_, i64>(2)?,
             r.get::<_, i64>(3)?,
             r.get::<_, i64>(4)?,
-            r.get::<_, i64>(5)?,
         ))
     })?;
     let mut out: Vec<String> = Vec::new();
     for row in rows {
-        let (node, models, slots, used, s, f) = row?;
-        let models: Vec<String> = serde_json::from_str(&models).unwrap_or_default();
-        if used < slots
-            && models.iter().any(|m| m == &task.model)
-            && reputation(s, f) >= task.min_reputation
-            && online(&node)
-            && !out.contains(&node)
-        {
+        let (node, slots, used, s, f) = row?;
+        if used < slots && reputation(s, f) >= task.min_reputation && online(&node) && !out.contains(&node) {
             out.push(node);
             if out.len() >= FANOUT {
                 break;
@@ -339,6 +332,10 @@ pub fn apply(
                 now,
                 expires
             ])?;
+            for m in &models {
+                c.prepare_cached("INSERT OR IGNORE INTO offer_models(offer_id, model) VALUES (?1, ?2)")?
+                    .execute(params![offer_id, m])?;
+            }
             // Tell the new provider about open tasks it could take right now.
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {TASK_COLS} FROM tasks WHERE state = 'open' AND max_price >= ?1 AND requester != ?2
@@ -521,21 +518,17 @@ pub fn apply(
                     ),
                 );
             }
-            let mut stmt = c.prepare_cached(
-                "SELECT o.offer_id, o.price, o.models FROM offers o
-                 WHERE o.node_id = ?1 AND o.state = 'active' AND o.price <= ?2 AND o.expires_at > ?3
-                   AND o.slots > (SELECT COUNT(*) FROM tasks t WHERE t.offer_id = o.offer_id AND t.state IN ('assigned','delivered'))
-                 ORDER BY o.price",
-            )?;
-            let offers: Vec<(String, i64, String)> = stmt
-                .query_map(params![node, t.max_price, now], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })?
-                .collect::<Result<_, _>>()?;
-            let Some((offer_id, ask, _)) = offers
-                .into_iter()
-                .find(|(_, _, m)| serde_json::from_str::<Vec<String>>(m).is_ok_and(|m| m.contains(&t.model)))
-            else {
+            let offer: Option<(String, i64)> = c
+                .prepare_cached(
+                    "SELECT o.offer_id, o.price FROM offers o JOIN offer_models m ON m.offer_id = o.offer_id AND m.model = ?4
+                     WHERE o.node_id = ?1 AND o.state = 'active' AND o.price <= ?2 AND o.expires_at > ?3
+                       AND o.slots > (SELECT COUNT(*) FROM tasks t
+                                      WHERE t.offer_id = o.offer_id AND t.state IN ('assigned','delivered'))
+                     ORDER BY o.price LIMIT 1",
+                )?
+                .query_row(params![node, t.max_price, now, t.model], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            let Some((offer_id, ask)) = offer else {
                 return reject(
                     Reason::NoMatchingOffer,
                     "you have no active offer with a free slot, this model and a price within the bid",

@@ -11,7 +11,8 @@ use std::path::Path;
 use rusqlite::Connection;
 
 /// Migrations in order; `MIGRATIONS[i]` brings the schema to version `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE nodes (
     node_id     TEXT PRIMARY KEY,
     ed25519     TEXT NOT NULL,
@@ -84,7 +85,19 @@ CREATE TABLE requests (
     PRIMARY KEY (node_id, msg_id)
 ) WITHOUT ROWID;
 INSERT INTO accounts(account, kind, balance) VALUES ('issuer', 'issuer', 0);
-"#];
+"#,
+    // v2: index offers by model, so matching a task to providers does not
+    // parse every active offer's model list.
+    r#"
+CREATE TABLE offer_models (
+    offer_id TEXT NOT NULL REFERENCES offers(offer_id),
+    model    TEXT NOT NULL,
+    PRIMARY KEY (model, offer_id)
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO offer_models(offer_id, model)
+    SELECT o.offer_id, j.value FROM offers o, json_each(o.models) j;
+"#,
+];
 
 /// Open (creating if needed) and migrate. `sync_full` picks
 /// `synchronous=FULL` (durable across power loss) over `NORMAL` (durable
