@@ -108,6 +108,17 @@ fn cpu_secs(pid: u32) -> (f64, f64) {
     (total, writer)
 }
 
+/// CPU seconds used by this load tool so far.
+fn self_cpu() -> f64 {
+    // SAFETY: getrusage fills the struct we pass.
+    unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut u);
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(u.ru_utime) + tv(u.ru_stime)
+    }
+}
+
 fn metric(addr: &str, name: &str) -> i64 {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("metrics");
@@ -260,6 +271,7 @@ fn main() {
         }
         ready.wait().await;
         let cpu0 = cpu_secs(pid);
+        let tool0 = self_cpu();
         let t1 = Instant::now();
         tokio::time::sleep(Duration::from_secs(secs)).await;
         stop.store(true, Ordering::Relaxed);
@@ -272,10 +284,17 @@ fn main() {
         }
         let elapsed = t1.elapsed().as_secs_f64();
         let cpu1 = cpu_secs(pid);
+        let tool = self_cpu() - tool0;
+        let n = all.len().max(1) as f64;
         println!(
-            "server CPU during cycles: {:.0}% of one core (writer thread {:.0}%)",
+            "CPU during cycles: server {:.0}% of one core (writer thread {:.0}%), load tool {:.0}%; \
+             per cycle: server {:.2} ms (writer {:.2} ms), load tool {:.2} ms",
             (cpu1.0 - cpu0.0) / elapsed * 100.0,
-            (cpu1.1 - cpu0.1) / elapsed * 100.0
+            (cpu1.1 - cpu0.1) / elapsed * 100.0,
+            tool / elapsed * 100.0,
+            (cpu1.0 - cpu0.0) / n * 1000.0,
+            (cpu1.1 - cpu0.1) / n * 1000.0,
+            tool / n * 1000.0
         );
         all.sort();
         let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)].as_secs_f64() * 1000.0;

@@ -492,7 +492,7 @@ struct Savepoint<'a> {
 
 impl SavepointExt for Connection {
     fn unchecked_transaction_savepoint(&self) -> rusqlite::Result<Savepoint<'_>> {
-        self.execute_batch("SAVEPOINT op")?;
+        self.prepare_cached("SAVEPOINT op")?.execute([])?;
         Ok(Savepoint {
             conn: self,
             done: false,
@@ -503,7 +503,7 @@ impl SavepointExt for Connection {
 impl Savepoint<'_> {
     fn commit(mut self) -> rusqlite::Result<()> {
         self.done = true;
-        self.conn.execute_batch("RELEASE op")
+        self.conn.prepare_cached("RELEASE op")?.execute([]).map(|_| ())
     }
 }
 
@@ -517,7 +517,11 @@ impl std::ops::Deref for Savepoint<'_> {
 impl Drop for Savepoint<'_> {
     fn drop(&mut self) {
         if !self.done {
-            let _ = self.conn.execute_batch("ROLLBACK TO op; RELEASE op");
+            let _ = self
+                .conn
+                .prepare_cached("ROLLBACK TO op")
+                .and_then(|mut s| s.execute([]));
+            let _ = self.conn.prepare_cached("RELEASE op").and_then(|mut s| s.execute([]));
         }
     }
 }
