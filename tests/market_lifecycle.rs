@@ -98,6 +98,15 @@ fn two_providers_race_and_exactly_one_wins_then_settles() {
         assert_eq!(ws["reputation"]["successes"], 1);
         assert!(ws["reputation"]["score"].as_f64().unwrap() > 1.0 / 3.0);
         assert_eq!(st["server"]["ledger"]["issued"], 3000);
+        // Anyone can read a provider's reputation.
+        let rep = rc
+            .request(&Request::Reputation {
+                node_id: win_node.node_id(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(rep["successes"], 1);
+        assert_eq!(rep["failures"], 0);
     });
     let v = server.verify();
     assert_eq!(v["report"]["totals"]["escrow"], 0);
@@ -460,4 +469,58 @@ fn server_reports_health_and_metrics_and_stops_cleanly_on_sigterm() {
         assert!(m.contains(name), "metrics has {name}:\n{m}");
     }
     assert_eq!(server.terminate(), 0);
+}
+
+#[test]
+fn advertise_reconnects_after_the_coordinator_restarts() {
+    let mut server = Server::start(&["--grace-ms", "5000"]);
+    let prov = Cmm::new();
+    prov.run(&["opt-in", "--accept-terms", "--claude-jobs"]).code(0);
+    let child = prov
+        .cmd(&[
+            "--json",
+            "advertise",
+            "--slots",
+            "1",
+            "--price",
+            "5",
+            "--endpoint",
+            &server.endpoint,
+            "--for",
+            "6",
+        ])
+        .cmd;
+    let mut child = child;
+    child
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let handle = child.spawn().expect("advertise");
+    std::thread::sleep(Duration::from_millis(1500));
+    server.kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    server.spawn();
+    let out = handle.wait_with_output().expect("advertise ends by itself");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let kinds: Vec<String> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["event"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "connected").count(),
+        2,
+        "reconnected once: {kinds:?}"
+    );
+    assert!(kinds.iter().any(|k| k == "disconnected"), "{kinds:?}");
+    assert_eq!(kinds.last().map(String::as_str), Some("withdrawn"), "{kinds:?}");
+    let db = rusqlite::Connection::open(&server.db).unwrap();
+    let active: i64 = db
+        .query_row("SELECT COUNT(*) FROM offers WHERE state = 'active'", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        active, 0,
+        "the first session's offer was replaced, the second withdrawn"
+    );
+    server.verify();
 }

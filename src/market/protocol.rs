@@ -203,13 +203,28 @@ pub enum Request {
     },
     /// Balance, escrow, offers, tasks, reputation and totals.
     Status {},
+    /// Any node's reputation (settled work only).
+    Reputation {
+        node_id: String,
+    },
 }
 
 impl Request {
     /// Known message types, to tell `unknown_type` from `malformed`.
     pub const TYPES: &'static [&'static str] = &[
-        "hello", "offer", "withdraw", "post", "raise", "accept", "renew", "payload", "deliver", "settle", "reject",
+        "hello",
+        "offer",
+        "withdraw",
+        "post",
+        "raise",
+        "accept",
+        "renew",
+        "payload",
+        "deliver",
+        "settle",
+        "reject",
         "status",
+        "reputation",
     ];
 
     /// The wire name of this message's type.
@@ -227,6 +242,7 @@ impl Request {
             Request::Settle { .. } => "settle",
             Request::Reject { .. } => "reject",
             Request::Status {} => "status",
+            Request::Reputation { .. } => "reputation",
         }
     }
 

@@ -56,6 +56,7 @@ pub async fn advertise(
     tokio::pin!(stop);
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     let mut first = true;
+    let mut last_offer: Option<String> = None;
     loop {
         let connect = Client::connect(&spec.endpoint, signer);
         let client = tokio::select! {
@@ -79,6 +80,11 @@ pub async fn advertise(
         report(
             json!({ "event": "connected", "node_id": client.node_id, "balance": client.balance, "granted": client.granted }),
         );
+        // The previous session's offer may still be inside its grace period:
+        // replace it rather than advertise the same capacity twice.
+        if let Some(old) = last_offer.take() {
+            let _ = client.request(&Request::Withdraw { offer_id: old }).await;
+        }
         let offer = Request::Offer {
             slots: spec.slots,
             price: spec.price,
@@ -88,7 +94,9 @@ pub async fn advertise(
         let offer_id = match client.request(&offer).await {
             Ok(v) => {
                 report(json!({ "event": "offer", "offer": v }));
-                v["offer_id"].as_str().unwrap_or_default().to_string()
+                let id = v["offer_id"].as_str().unwrap_or_default().to_string();
+                last_offer = Some(id.clone());
+                id
             }
             Err(e) if e.is_transient() => continue,
             Err(e) => return Err(e),

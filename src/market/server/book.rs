@@ -299,6 +299,18 @@ pub fn apply(
     match req {
         Request::Hello { .. } => reject(Reason::AlreadyAuthenticated, "this session is already authenticated"),
         Request::Status {} => status(c, node),
+        Request::Reputation { node_id } => {
+            let known: bool = c
+                .prepare_cached("SELECT 1 FROM nodes WHERE node_id = ?1")?
+                .query_row([&node_id], |_| Ok(true))
+                .optional()?
+                .unwrap_or(false);
+            if !known {
+                return reject(Reason::NotFound, format!("no node `{node_id}`"));
+            }
+            let (succ, fail) = node_reputation(c, &node_id)?;
+            Ok(json!({ "node_id": node_id, "successes": succ, "failures": fail, "score": reputation(succ, fail) }))
+        }
         Request::Offer {
             slots,
             price,

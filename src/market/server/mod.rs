@@ -559,7 +559,8 @@ fn apply_one(
         Ok(None) => {}
         Err(e) => return refuse(Rejection::new(Reason::Internal, e.to_string())),
     }
-    let remember = !matches!(req, Request::Status {});
+    // Read-only requests are not remembered: replaying them changes nothing.
+    let remember = !matches!(req, Request::Status {} | Request::Reputation { .. });
     let sp = match tx.unchecked_transaction_savepoint() {
         Ok(sp) => sp,
         Err(e) => return refuse(Rejection::new(Reason::Internal, e.to_string())),
