@@ -114,7 +114,7 @@ fn two_providers_race_and_exactly_one_wins_then_settles() {
 
 #[test]
 fn lapsed_lease_reoffers_with_a_new_attempt_and_fences_the_old_one() {
-    let server = Server::start(&["--lease-ms", "300"]);
+    let server = Server::start(&["--lease-ms", "800"]);
     rt().block_on(async {
         let (r, p1, p2) = (Node::new(), Node::new(), Node::new());
         let rc = r.connect(&server).await;
@@ -128,7 +128,7 @@ fn lapsed_lease_reoffers_with_a_new_attempt_and_fences_the_old_one() {
         .await
         .unwrap();
         // Heartbeats keep the lease past its first deadline.
-        for _ in 0..4 {
+        for _ in 0..8 {
             tokio::time::sleep(Duration::from_millis(150)).await;
             c1.request(&Request::Renew {
                 task_id: tid.clone(),
@@ -417,7 +417,7 @@ fn client_commands_post_raise_show_status_and_need_consent_to_advertise() {
 
 #[test]
 fn offers_outlive_a_short_disconnect_but_not_the_grace_period_and_logins_replace() {
-    let server = Server::start(&["--grace-ms", "400"]);
+    let server = Server::start(&["--grace-ms", "1500"]);
     rt().block_on(async {
         let p = Node::new();
         let c = p.connect(&server).await;
@@ -439,7 +439,7 @@ fn offers_outlive_a_short_disconnect_but_not_the_grace_period_and_logins_replace
         expect_event(&mut old, 5, "replaced", |e| matches!(e, Event::Replaced {})).await;
         new.close();
         drop(new);
-        tokio::time::sleep(Duration::from_millis(900)).await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
         let c = p.connect(&server).await;
         let st = c.request(&Request::Status {}).await.unwrap();
         assert_eq!(
