@@ -38,6 +38,8 @@ impl Default for Settings {
     }
 }
 
+/// How long an applied message id is remembered.
+pub const ID_RETENTION_MS: i64 = 24 * 3600 * 1000;
 /// Most attempts a requester may ask for.
 pub const MAX_ATTEMPTS: u32 = 10;
 const MAX_PRICE: u64 = 1_000_000_000;
@@ -201,6 +203,10 @@ pub fn login(c: &Connection, s: &Settings, id: &PublicIdentity, now: i64) -> rus
     }
     c.prepare_cached("UPDATE offers SET disconnected_at = NULL WHERE node_id = ?1 AND state = 'active'")?
         .execute([&id.node_id])?;
+    // Message ids are remembered for a day: long enough for any retry, and
+    // pruned per node (a primary-key prefix scan) so the table stays small.
+    c.prepare_cached("DELETE FROM requests WHERE node_id = ?1 AND ts < ?2")?
+        .execute(params![id.node_id, now - ID_RETENTION_MS])?;
     Ok((ledger::balance(c, &account)?, granted))
 }
 
