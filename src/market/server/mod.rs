@@ -256,6 +256,19 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce(SocketAddr)) -> Result<(), S
     book::all_disconnected(&conn, now_ms()).map_err(db_err)?;
     let metrics = Arc::new(Metrics::default());
     refresh_gauges(&conn, &metrics);
+    conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(db_err)?;
+    let checkpointer = store::open(&opts.db, opts.sync_full).map_err(db_err)?;
+    let stop_checkpoints = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop_checkpoints.clone();
+    let checkpoints = std::thread::Builder::new()
+        .name("market-checkpoint".into())
+        .spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(250));
+                let _ = store::checkpoint(&checkpointer);
+            }
+            let _ = store::checkpoint(&checkpointer);
+        })?;
     let (etx, erx) = std_mpsc::channel();
     let settings = opts.settings.clone();
     let m2 = metrics.clone();
@@ -300,6 +313,8 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce(SocketAddr)) -> Result<(), S
     // Let the writer finish its batch and commit before the process ends.
     let _ = etx.send(Cmd::Shutdown);
     let _ = engine.join();
+    stop_checkpoints.store(true, Ordering::Relaxed);
+    let _ = checkpoints.join();
     rt.shutdown_timeout(Duration::from_millis(500));
     result
 }
