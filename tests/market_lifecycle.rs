@@ -524,3 +524,40 @@ fn advertise_reconnects_after_the_coordinator_restarts() {
     );
     server.verify();
 }
+
+#[test]
+fn opting_out_stops_advertise_and_withdraws_the_offer() {
+    let server = Server::start(&[]);
+    let prov = Cmm::new();
+    prov.run(&["opt-in", "--accept-terms", "--claude-jobs"]).code(0);
+    let mut cmd = prov
+        .cmd(&[
+            "--json",
+            "advertise",
+            "--slots",
+            "1",
+            "--price",
+            "5",
+            "--endpoint",
+            &server.endpoint,
+            "--for",
+            "30",
+        ])
+        .cmd;
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().expect("advertise");
+    std::thread::sleep(Duration::from_millis(1500));
+    prov.run(&["opt-out", "--yes"]).code(0);
+    let started = std::time::Instant::now();
+    let out = child.wait_with_output().expect("advertise stops");
+    assert!(started.elapsed() < Duration::from_secs(10), "stopped promptly");
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"withdrawn\""));
+    let db = rusqlite::Connection::open(&server.db).unwrap();
+    let active: i64 = db
+        .query_row("SELECT COUNT(*) FROM offers WHERE state = 'active'", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(active, 0);
+    server.verify();
+}

@@ -1,10 +1,13 @@
 //! `advertise`: offer capacity to the market and stay connected.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::cli::market::{endpoint, runtime};
+use crate::config::Config;
 use crate::consent::{Consent, JOB_MARKET};
 use crate::context::{with_schema_version, Ctx};
 use crate::crypto::keys::Identity;
@@ -41,6 +44,9 @@ pub struct Args {
     #[arg(long)]
     pub endpoint: Option<String>,
 }
+
+/// How often a running `advertise` re-reads consent.
+const CONSENT_POLL: Duration = Duration::from_millis(500);
 
 pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
     let cfg = ctx.config()?;
@@ -92,6 +98,9 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
         }
     };
     let for_secs = a.for_secs;
+    let paths = ctx.paths.clone();
+    let revoked = Arc::new(AtomicBool::new(false));
+    let revoked2 = revoked.clone();
     runtime()?.block_on(async {
         let stop = async move {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -101,14 +110,33 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
                     None => std::future::pending().await,
                 }
             };
+            // Opt-out takes effect at once: stop and withdraw the offer.
+            let consent_watch = async {
+                loop {
+                    tokio::time::sleep(CONSENT_POLL).await;
+                    let still = Config::load(&paths).map(|c| Consent::from_config(&c).allows(JOB_MARKET));
+                    if matches!(still, Ok(false)) {
+                        revoked2.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            };
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
                 _ = timer => {}
+                _ = consent_watch => {}
             }
         };
         provider::advertise(&id, &spec, &mut report, stop).await
     })?;
+    if revoked.load(Ordering::Relaxed) {
+        return Err(
+            Failure::refused("consent was revoked: the offer is withdrawn and advertising stopped")
+                .hint("opt in again with `claude-max-market opt-in --claude-jobs`")
+                .into(),
+        );
+    }
     Ok(())
 }
 
