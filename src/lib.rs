@@ -33,6 +33,7 @@ pub mod fsutil;
 pub mod health;
 pub mod job;
 pub mod legal;
+pub mod market;
 pub mod mcp;
 pub mod paths;
 pub mod status;

@@ -11,7 +11,9 @@ use crate::context::{with_schema_version, Ctx, Printer};
 use crate::exit::{Exit, Failure, HasExit};
 use crate::paths::Paths;
 
+pub mod advertise;
 pub mod audit;
+pub mod bid;
 pub mod clean;
 pub mod completions;
 pub mod compliance;
@@ -24,6 +26,7 @@ pub mod health;
 pub mod keys;
 pub mod limits;
 pub mod logs;
+pub mod market;
 pub mod mcp;
 pub mod opt_in;
 pub mod opt_out;
@@ -98,6 +101,12 @@ pub enum Command {
     Docker(docker::Args),
     /// Remove containers (and `--images`) carrying this tool's label
     Clean(clean::Args),
+    /// Offer capacity to the market and stay connected (needs `opt-in --claude-jobs`)
+    Advertise(advertise::Args),
+    /// Post a task to the market, or raise a task's bid
+    Bid(bid::Args),
+    /// The market coordinator and your market state
+    Market(market::Args),
     /// Print shell completions
     Completions(completions::Args),
     /// Node identity: generate, show, export, import, list, rotate
@@ -239,6 +248,9 @@ fn run(cli: Cli, printer: Printer) -> anyhow::Result<i32> {
         Command::Mcp(a) => mcp::run(&ctx, a).map(|_| 0),
         Command::Docker(a) => docker::run(&ctx, a),
         Command::Clean(a) => clean::run(&ctx, a),
+        Command::Advertise(a) => advertise::run(&ctx, a).map(|_| 0),
+        Command::Bid(a) => bid::run(&ctx, a).map(|_| 0),
+        Command::Market(a) => market::run(&ctx, a),
         Command::Completions(_) => unreachable!("handled above"),
         Command::Keys(a) => keys::run(&ctx, a).map(|_| 0),
         Command::Encrypt(a) => encrypt::run(&ctx, a).map(|_| 0),
@@ -268,7 +280,9 @@ pub fn classify(err: &anyhow::Error) -> (Exit, Option<String>) {
             crate::crypto::CryptoError,
             crate::job::JobError,
             crate::docker::DockerError,
-            crate::claude::credentials::CredentialError
+            crate::claude::credentials::CredentialError,
+            crate::market::client::ClientError,
+            crate::market::server::ServeError
         );
     }
     (Exit::Failed, None)

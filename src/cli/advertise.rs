@@ -1,0 +1,171 @@
+//! `advertise`: offer capacity to the market and stay connected.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::cli::market::{endpoint, runtime};
+use crate::config::Config;
+use crate::consent::{Consent, JOB_MARKET};
+use crate::context::{with_schema_version, Ctx};
+use crate::crypto::keys::Identity;
+use crate::exit::Failure;
+use crate::market::provider::{self, AdvertiseSpec};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Tasks you will run at the same time
+    #[arg(long)]
+    pub slots: u32,
+    /// Asking price per task in RUV (default: `market.defaultPrice`)
+    #[arg(long)]
+    pub price: Option<u64>,
+    /// Models you can run (comma-separated or repeated)
+    #[arg(long, value_delimiter = ',', default_value = "sonnet")]
+    pub models: Vec<String>,
+    /// How long the offer lives, in seconds
+    #[arg(long, default_value_t = 86_400)]
+    pub ttl: u64,
+    /// Accept matching task offers without asking (also `market.autoAcceptBids`)
+    #[arg(long)]
+    pub auto_accept: bool,
+    /// With --auto-accept: only tasks asking for at most this many tokens
+    #[arg(long)]
+    pub max_tokens: Option<u64>,
+    /// With --auto-accept: only tasks bidding at least this many RUV
+    #[arg(long)]
+    pub min_bid: Option<u64>,
+    /// Stop after this many seconds (default: run until Ctrl-C)
+    #[arg(long = "for", value_name = "SECS")]
+    pub for_secs: Option<u64>,
+    /// Coordinator URL (default: `market.endpoint`)
+    #[arg(long)]
+    pub endpoint: Option<String>,
+}
+
+/// How often a running `advertise` re-reads consent.
+const CONSENT_POLL: Duration = Duration::from_millis(500);
+
+pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
+    let cfg = ctx.config()?;
+    Consent::from_config(cfg).require(JOB_MARKET)?;
+    if a.slots == 0 {
+        return Err(Failure::usage("--slots must be at least 1").into());
+    }
+    let spec = AdvertiseSpec {
+        endpoint: endpoint(ctx, a.endpoint.clone())?,
+        slots: a.slots,
+        price: a
+            .price
+            .unwrap_or_else(|| cfg.get_i64("market.defaultPrice").max(0) as u64),
+        models: a.models.clone(),
+        ttl_secs: a.ttl,
+        auto_accept: a.auto_accept || cfg.get_bool("market.autoAcceptBids"),
+        max_tokens: a.max_tokens,
+        min_bid: a.min_bid,
+    };
+    let id = Identity::load_or_generate(&ctx.paths, &ctx.audit())?;
+    let audit = ctx.audit();
+    audit.append(
+        "market.advertise",
+        json!({ "node_id": id.node_id(), "slots": spec.slots, "price": spec.price, "models": spec.models,
+                "auto_accept": spec.auto_accept }),
+    )?;
+    let p = ctx.out().clone();
+    let mut report = |v: Value| {
+        // Market events worth a record; ids and numbers only.
+        let audited = match v["event"].as_str() {
+            Some("offer") => Some(("market.offer", json!({ "offer_id": v["offer"]["offer_id"] }))),
+            Some("lease_won") => Some((
+                "market.accept",
+                json!({ "task_id": v["lease"]["task_id"], "attempt": v["lease"]["attempt"], "ask": v["lease"]["ask"] }),
+            )),
+            Some("settled") => Some(("market.settled", v["detail"].clone())),
+            Some("withdrawn") => Some(("market.withdraw", json!({ "offer_id": v["offer_id"] }))),
+            _ => None,
+        };
+        if let Some((event, fields)) = audited {
+            if let Err(e) = audit.append(event, fields) {
+                p.warn(&format!("cannot write the audit log: {e}"));
+            }
+        }
+        if p.json {
+            println!("{}", with_schema_version(v));
+        } else {
+            p.out(&describe(&v));
+        }
+    };
+    let for_secs = a.for_secs;
+    let paths = ctx.paths.clone();
+    let revoked = Arc::new(AtomicBool::new(false));
+    let revoked2 = revoked.clone();
+    runtime()?.block_on(async {
+        let stop = async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let timer = async {
+                match for_secs {
+                    Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            // Opt-out takes effect at once: stop and withdraw the offer.
+            let consent_watch = async {
+                loop {
+                    tokio::time::sleep(CONSENT_POLL).await;
+                    let still = Config::load(&paths).map(|c| Consent::from_config(&c).allows(JOB_MARKET));
+                    if matches!(still, Ok(false)) {
+                        revoked2.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                _ = timer => {}
+                _ = consent_watch => {}
+            }
+        };
+        provider::advertise(&id, &spec, &mut report, stop).await
+    })?;
+    if revoked.load(Ordering::Relaxed) {
+        return Err(
+            Failure::refused("consent was revoked: the offer is withdrawn and advertising stopped")
+                .hint("opt in again with `claude-max-market opt-in --claude-jobs`")
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+fn describe(v: &Value) -> String {
+    let s = |k: &Value| k.as_str().unwrap_or("?").to_string();
+    match v["event"].as_str().unwrap_or("") {
+        "connected" => format!("connected as {} (balance {} RUV)", s(&v["node_id"]), v["balance"]),
+        "offer" => format!("offer {} registered until {}", s(&v["offer"]["offer_id"]), s(&v["offer"]["expires"])),
+        "task_offered" => {
+            let t = &v["task"];
+            format!(
+                "task offered: {}  model {}  max tokens {}  bid {} RUV  attempt {}{}",
+                s(&t["task_id"]),
+                s(&t["model"]),
+                t["max_tokens"],
+                t["max_price"],
+                t["attempt"],
+                if v["auto_accept"] == true { "  (accepting)" } else { "" }
+            )
+        }
+        "lease_won" => format!(
+            "lease won: {} attempt {} at {} RUV; running market work arrives in a later release, so the lease will lapse",
+            s(&v["lease"]["task_id"]),
+            v["lease"]["attempt"],
+            v["lease"]["ask"]
+        ),
+        "accept_refused" => format!("accept refused for {}: {}", s(&v["task_id"]), s(&v["reason"])),
+        "reconnecting" | "disconnected" => format!("connection lost; reconnecting in {} ms", v["in_ms"].as_u64().or(v["reconnect_in_ms"].as_u64()).unwrap_or(0)),
+        "withdrawn" => format!("offer {} withdrawn", s(&v["offer_id"])),
+        other => format!("{other}: {}", v["detail"]),
+    }
+}

@@ -1,0 +1,162 @@
+//! `bid`: post a task (its hash and metadata only) or raise a task's bid.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::cli::market::{endpoint, runtime};
+use crate::context::Ctx;
+use crate::crypto::keys::Identity;
+use crate::exit::Failure;
+use crate::market::client::{Backoff, Client, ClientError};
+use crate::market::protocol::Request;
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["prompt", "file", "task_id"])))]
+pub struct Args {
+    /// The task's prompt (only its SHA-256 goes to the market)
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Read the prompt from a file
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Raise the bid of this task instead of posting one
+    #[arg(long)]
+    pub task_id: Option<String>,
+    /// Most RUV you will pay (locked in escrow until settlement or refund)
+    #[arg(long)]
+    pub max_price: u64,
+    /// Model the provider must run
+    #[arg(long, default_value = "sonnet")]
+    pub model: String,
+    /// Token budget for the task (default: `limits.maxTokensPerTask`)
+    #[arg(long)]
+    pub max_tokens: Option<u64>,
+    /// Seconds the task may wait and run before it is refunded (default: `market.bidTimeout`)
+    #[arg(long)]
+    pub deadline: Option<u64>,
+    /// Attempts before the task is refunded (default: the coordinator's)
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// Only providers with at least this reputation (0..1) may take it
+    #[arg(long)]
+    pub min_reputation: Option<f64>,
+    /// Coordinator URL (default: `market.endpoint`)
+    #[arg(long)]
+    pub endpoint: Option<String>,
+}
+
+pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
+    let cfg = ctx.config()?;
+    let cap = cfg.get_i64("market.maxBidPrice").max(0) as u64;
+    if a.max_price > cap {
+        return Err(Failure::refused(format!(
+            "--max-price {} is above your `market.maxBidPrice` of {cap} RUV",
+            a.max_price
+        ))
+        .hint("raise it with `claude-max-market config --set market.maxBidPrice=N`")
+        .into());
+    }
+    let endpoint = endpoint(ctx, a.endpoint.clone())?;
+    let (req, payload_hash) = if let Some(task_id) = &a.task_id {
+        (
+            Request::Raise {
+                task_id: task_id.clone(),
+                max_price: a.max_price,
+            },
+            None,
+        )
+    } else {
+        let prompt = match (&a.prompt, &a.file) {
+            (Some(p), _) => p.clone().into_bytes(),
+            (None, Some(f)) => {
+                std::fs::read(f).map_err(|e| Failure::usage(format!("cannot read `{}`: {e}", f.display())))?
+            }
+            (None, None) => unreachable!("clap requires one of --prompt, --file, --task-id"),
+        };
+        if prompt.is_empty() {
+            return Err(Failure::usage("the prompt is empty").into());
+        }
+        let hash = hex::encode(Sha256::digest(&prompt));
+        let max_tokens = a
+            .max_tokens
+            .unwrap_or_else(|| cfg.get_i64("limits.maxTokensPerTask").max(1) as u64);
+        let deadline = a
+            .deadline
+            .unwrap_or_else(|| (cfg.get_i64("market.bidTimeout").max(1000) / 1000) as u64);
+        (
+            Request::Post {
+                model: a.model.clone(),
+                max_tokens,
+                max_price: a.max_price,
+                payload_hash: hash.clone(),
+                deadline_secs: deadline,
+                max_attempts: a.max_attempts,
+                min_reputation: a.min_reputation,
+            },
+            Some(hash),
+        )
+    };
+    let id = Identity::load_or_generate(&ctx.paths, &ctx.audit())?;
+    let result = runtime()?.block_on(send_once(&endpoint, &id, &req))?;
+    let p = ctx.out();
+    match payload_hash {
+        Some(hash) => {
+            let task_id = result["task"]["task_id"].as_str().unwrap_or_default().to_string();
+            ctx.audit().append(
+                "market.bid",
+                json!({ "task_id": task_id, "payload_hash": hash, "max_price": a.max_price,
+                        "model": a.model, "escrow": result["escrow"] }),
+            )?;
+            if p.json {
+                p.json(json!({ "ok": true, "task_id": task_id, "task": result["task"], "escrow": result["escrow"] }));
+            } else {
+                p.note(&format!("posted; {} RUV locked in escrow", a.max_price));
+                p.out(&task_id);
+            }
+        }
+        None => {
+            ctx.audit().append(
+                "market.raise",
+                json!({ "task_id": a.task_id, "max_price": a.max_price, "escrow_added": result["escrow_added"] }),
+            )?;
+            if p.json {
+                p.json(json!({ "ok": true, "raised": result }));
+            } else {
+                p.out(&format!(
+                    "task {} now bids {} RUV (+{} in escrow)",
+                    a.task_id.as_deref().unwrap_or("?"),
+                    result["max_price"],
+                    result["escrow_added"]
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Send one request, retrying on a fresh connection under the same message
+/// id if the connection fails, so a lost reply never applies it twice.
+async fn send_once(endpoint: &str, id: &Identity, req: &Request) -> Result<Value, ClientError> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+    let mut msg_id = None;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let attempt = async {
+            let client = Client::connect(endpoint, id).await?;
+            let mid = msg_id.get_or_insert_with(|| client.next_id()).clone();
+            let r = client.request_with_id(&mid, req).await;
+            client.close();
+            r
+        };
+        match attempt.await {
+            Err(e) if e.is_transient() && tries < 4 && msg_id.is_some() => {
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            other => return other,
+        }
+    }
+}

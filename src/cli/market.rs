@@ -1,0 +1,270 @@
+//! `market serve | status | ledger`: the coordinator and its books.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde_json::{json, Value};
+
+use crate::context::Ctx;
+use crate::crypto::keys::Identity;
+use crate::exit::{Exit, Failure};
+use crate::market::client::Client;
+use crate::market::protocol::Request;
+use crate::market::server::{self, book::MAX_ATTEMPTS, ledger, store};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: MarketCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum MarketCommand {
+    /// Run the coordinator (WebSocket for nodes, HTTP /healthz and /metrics) until SIGINT/SIGTERM
+    Serve(ServeArgs),
+    /// Your balance, escrow, offers, tasks, reputation and the market's totals
+    Status(StatusArgs),
+    /// Ledger totals; `--verify` checks every invariant of a coordinator's database
+    Ledger(LedgerArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free one)
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    pub listen: SocketAddr,
+    /// SQLite file for the market state (default: market.db in the data dir)
+    #[arg(long)]
+    pub db: Option<PathBuf>,
+    /// RUV credited once to every new node
+    #[arg(long, default_value_t = 1000)]
+    pub initial_grant: u32,
+    /// Lease length in milliseconds (extended by each heartbeat)
+    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u32).range(50..))]
+    pub lease_ms: u32,
+    /// How long a disconnected provider's offers survive, in milliseconds
+    #[arg(long, default_value_t = 30_000)]
+    pub grace_ms: u32,
+    /// Attempts per task when the requester does not say
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=MAX_ATTEMPTS as i64))]
+    pub max_attempts: u32,
+    /// Largest control frame in bytes
+    #[arg(long, default_value_t = crate::market::protocol::DEFAULT_CONTROL_CAP)]
+    pub control_cap: usize,
+    /// Largest frame carrying an encrypted payload or result, in bytes
+    #[arg(long, default_value_t = crate::market::protocol::DEFAULT_PAYLOAD_CAP)]
+    pub payload_cap: usize,
+    /// Frames per second allowed per node (sustained)
+    #[arg(long, default_value_t = 200)]
+    pub rate: u32,
+    /// Frames a node may send in a burst above the rate
+    #[arg(long, default_value_t = 400)]
+    pub burst: u32,
+    /// `full`: commits survive power loss; `normal`: they survive process crashes only
+    #[arg(long, default_value = "full", value_parser = ["full", "normal"])]
+    pub sync: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Coordinator URL (default: `market.endpoint`)
+    #[arg(long)]
+    pub endpoint: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LedgerArgs {
+    /// Check every ledger and order-book invariant (exit 5 on any violation)
+    #[arg(long)]
+    pub verify: bool,
+    /// SQLite file to read (default: market.db in the data dir)
+    #[arg(long)]
+    pub db: Option<PathBuf>,
+}
+
+pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
+    match args.command {
+        MarketCommand::Serve(a) => serve(ctx, a).map(|_| 0),
+        MarketCommand::Status(a) => status(ctx, a).map(|_| 0),
+        MarketCommand::Ledger(a) => ledger_cmd(ctx, a),
+    }
+}
+
+/// The coordinator URL: flag, else config (env and file already folded in).
+pub fn endpoint(ctx: &Ctx, flag: Option<String>) -> anyhow::Result<String> {
+    let e = match flag {
+        Some(e) => e,
+        None => ctx
+            .config()?
+            .get_str("market.endpoint")
+            .unwrap_or("ws://127.0.0.1:7700")
+            .to_string(),
+    };
+    if !(e.starts_with("ws://") || e.starts_with("wss://")) {
+        return Err(
+            Failure::usage(format!("market endpoint `{e}` is not a ws:// or wss:// URL"))
+                .hint("set it with `claude-max-market config --set market.endpoint=ws://HOST:PORT`")
+                .into(),
+        );
+    }
+    Ok(e)
+}
+
+/// A small runtime for one client command.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<()> {
+    let db = match a.db {
+        Some(d) => d,
+        None => {
+            ctx.paths.ensure()?;
+            ctx.paths.market_db()
+        }
+    };
+    let mut opts = server::default_options(db.clone());
+    opts.listen = a.listen;
+    opts.settings.initial_grant = a.initial_grant as i64;
+    opts.settings.lease_ms = a.lease_ms as i64;
+    opts.settings.grace_ms = a.grace_ms as i64;
+    opts.settings.default_attempts = a.max_attempts;
+    opts.control_cap = a.control_cap.max(1024);
+    opts.payload_cap = a.payload_cap.max(opts.control_cap);
+    opts.rate = a.rate.max(1) as f64;
+    opts.burst = a.burst.max(1) as f64;
+    opts.sync_full = a.sync == "full";
+    let p = ctx.out().clone();
+    server::serve(opts, |addr| {
+        // Scripts and tests read this line to learn the port.
+        if p.json {
+            println!(
+                "{}",
+                json!({ "schema_version": 1, "listening": format!("ws://{addr}"), "db": db })
+            );
+        } else {
+            println!("market coordinator listening on ws://{addr} (db: {})", db.display());
+        }
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+    })?;
+    p.note("market coordinator stopped");
+    Ok(())
+}
+
+fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<()> {
+    let endpoint = endpoint(ctx, a.endpoint)?;
+    let id = Identity::load_or_generate(&ctx.paths, &ctx.audit())?;
+    let v = runtime()?.block_on(async {
+        let client = Client::connect(&endpoint, &id).await?;
+        let v = client.request(&Request::Status {}).await?;
+        client.close();
+        Ok::<Value, anyhow::Error>(v)
+    })?;
+    let p = ctx.out();
+    if p.json {
+        p.json(json!({ "ok": true, "endpoint": endpoint, "status": v }));
+        return Ok(());
+    }
+    let rep = &v["reputation"];
+    let mut s = format!(
+        "{} {}\n{} {} RUV   {} {} RUV\n{} {:.3} ({} settled ok, {} failed or lapsed)\n",
+        p.bold("Node:"),
+        v["node_id"].as_str().unwrap_or("?"),
+        p.bold("Balance:"),
+        v["balance"],
+        p.bold("Escrow:"),
+        v["escrow"],
+        p.bold("Reputation:"),
+        rep["score"].as_f64().unwrap_or(0.0),
+        rep["successes"],
+        rep["failures"],
+    );
+    let offers = v["offers"].as_array().cloned().unwrap_or_default();
+    s.push_str(&format!("{} {}\n", p.bold("Offers:"), offers.len()));
+    for o in offers {
+        s.push_str(&format!(
+            "  {}  slots {}  price {}  models {}\n",
+            o["offer_id"].as_str().unwrap_or("?"),
+            o["slots"],
+            o["price"],
+            o["models"]
+        ));
+    }
+    let tasks = v["tasks"].as_array().cloned().unwrap_or_default();
+    s.push_str(&format!("{} {}\n", p.bold("Tasks:"), tasks.len()));
+    for t in tasks {
+        s.push_str(&format!(
+            "  {}  {:<9}  attempt {}  max price {}  model {}\n",
+            t["task_id"].as_str().unwrap_or("?"),
+            t["state"].as_str().unwrap_or("?"),
+            t["attempt"],
+            t["max_price"],
+            t["model"].as_str().unwrap_or("?")
+        ));
+    }
+    let srv = &v["server"];
+    s.push_str(&format!(
+        "{} {} nodes, {} active offers, tasks {}, issued {} RUV (balances {} + escrow {})",
+        p.bold("Market:"),
+        srv["nodes"],
+        srv["active_offers"],
+        srv["tasks"],
+        srv["ledger"]["issued"],
+        srv["ledger"]["balances"],
+        srv["ledger"]["escrow"]
+    ));
+    p.out(&s);
+    Ok(())
+}
+
+fn ledger_cmd(ctx: &Ctx, a: LedgerArgs) -> anyhow::Result<i32> {
+    let db = a.db.unwrap_or_else(|| ctx.paths.market_db());
+    if !db.exists() {
+        return Err(
+            Failure::new(Exit::Failed, format!("no market database at `{}`", db.display()))
+                .hint("pass `--db PATH`, or run `claude-max-market market serve` to create one")
+                .into(),
+        );
+    }
+    let conn = store::open_read(&db)
+        .map_err(|e| Failure::new(Exit::Failed, format!("cannot open `{}`: {e}", db.display())))?;
+    let p = ctx.out();
+    if !a.verify {
+        let t = ledger::totals(&conn)?;
+        if p.json {
+            p.json(json!({ "ok": true, "db": db, "totals": t }));
+        } else {
+            p.out(&format!(
+                "issued {} RUV = balances {} + escrow {}",
+                t.issued, t.balances, t.escrow
+            ));
+        }
+        return Ok(0);
+    }
+    // A live coordinator may be writing: read one consistent snapshot.
+    conn.execute_batch("BEGIN")?;
+    let report = ledger::verify(&conn)?;
+    conn.execute_batch("COMMIT")?;
+    let code = if report.ok { 0 } else { Exit::Integrity.code() };
+    if p.json {
+        p.json(json!({ "ok": report.ok, "db": db, "report": report }));
+    } else if report.ok {
+        p.out(&format!(
+            "ledger verifies: issued {} RUV = balances {} + escrow {} ({} nodes, {} tasks, {} journal entries)",
+            report.totals.issued,
+            report.totals.balances,
+            report.totals.escrow,
+            report.nodes,
+            report.tasks,
+            report.journal_entries
+        ));
+    } else {
+        let mut s = format!("ledger does NOT verify ({} problems):\n", report.problems.len());
+        for pr in &report.problems {
+            s.push_str(&format!("  {pr}\n"));
+        }
+        eprint!("{s}");
+    }
+    Ok(code)
+}

@@ -1,0 +1,7 @@
+//! The peer market (DESIGN.md section 9): the wire protocol, the node-side
+//! client, the provider loop and the coordinator.
+
+pub mod client;
+pub mod protocol;
+pub mod provider;
+pub mod server;

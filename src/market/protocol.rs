@@ -1,0 +1,498 @@
+//! The market wire protocol: versioned JSON messages over WebSocket text
+//! frames (docs/PROTOCOL.md has an example of every message).
+//!
+//! Every frame is one JSON object with `v` (protocol version) and `type`.
+//! Requests from a node also carry `id`, a client-chosen message id that the
+//! coordinator remembers per node: a request whose id was already applied is
+//! answered with a `duplicate_id` error carrying the original result, so a
+//! client that retries after a lost reply never applies an operation twice.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::crypto::keys::PublicIdentity;
+
+/// Protocol version spoken by this build.
+pub const VERSION: u32 = 1;
+/// Default cap for control frames (everything except `payload` / `deliver`).
+pub const DEFAULT_CONTROL_CAP: usize = 16 * 1024;
+/// Default cap for frames carrying encrypted payloads or results.
+pub const DEFAULT_PAYLOAD_CAP: usize = 4 * 1024 * 1024;
+/// Longest client message id.
+pub const MAX_ID_LEN: usize = 64;
+/// Domain separation for the session signature.
+pub const AUTH_CONTEXT: &str = "cmm-market-auth/1";
+
+/// Why a frame was refused. Every rejection names one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// Not JSON, or a known message with missing or mistyped fields.
+    Malformed,
+    /// Frame larger than the cap for its kind.
+    Oversized,
+    /// A `type` this coordinator does not know.
+    UnknownType,
+    /// A `v` this coordinator does not speak.
+    BadVersion,
+    /// Anything but `hello` before the session is authenticated.
+    NotAuthenticated,
+    /// `hello` after the session is authenticated.
+    AlreadyAuthenticated,
+    /// The signature does not verify.
+    BadSignature,
+    /// The signed nonce is not the one this session was given.
+    BadChallenge,
+    /// The public identity is inconsistent (node id is not the key's hash).
+    BadIdentity,
+    /// A request without a usable `id`.
+    MissingId,
+    /// This message id was already applied (the original result is attached).
+    DuplicateId,
+    /// Too many frames per second from this node.
+    RateLimited,
+    /// A field is out of range.
+    InvalidField,
+    /// No such task or offer.
+    NotFound,
+    /// The task or offer belongs to another node.
+    NotOwner,
+    /// The task is not in a state that allows this message.
+    WrongState,
+    /// The attempt number is older (or newer) than the task's current one.
+    StaleAttempt,
+    /// Another provider already holds the lease.
+    AlreadyTaken,
+    /// The requester's balance cannot cover the escrow.
+    InsufficientBalance,
+    /// The provider has no active offer that fits the task.
+    NoMatchingOffer,
+    /// The provider's reputation is below the requester's minimum.
+    ReputationTooLow,
+    /// A bid may only go up.
+    PriceTooLow,
+    /// The coordinator failed; nothing was changed.
+    Internal,
+}
+
+impl Reason {
+    pub const ALL: &'static [Reason] = &[
+        Reason::Malformed,
+        Reason::Oversized,
+        Reason::UnknownType,
+        Reason::BadVersion,
+        Reason::NotAuthenticated,
+        Reason::AlreadyAuthenticated,
+        Reason::BadSignature,
+        Reason::BadChallenge,
+        Reason::BadIdentity,
+        Reason::MissingId,
+        Reason::DuplicateId,
+        Reason::RateLimited,
+        Reason::InvalidField,
+        Reason::NotFound,
+        Reason::NotOwner,
+        Reason::WrongState,
+        Reason::StaleAttempt,
+        Reason::AlreadyTaken,
+        Reason::InsufficientBalance,
+        Reason::NoMatchingOffer,
+        Reason::ReputationTooLow,
+        Reason::PriceTooLow,
+        Reason::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Malformed => "malformed",
+            Reason::Oversized => "oversized",
+            Reason::UnknownType => "unknown_type",
+            Reason::BadVersion => "bad_version",
+            Reason::NotAuthenticated => "not_authenticated",
+            Reason::AlreadyAuthenticated => "already_authenticated",
+            Reason::BadSignature => "bad_signature",
+            Reason::BadChallenge => "bad_challenge",
+            Reason::BadIdentity => "bad_identity",
+            Reason::MissingId => "missing_id",
+            Reason::DuplicateId => "duplicate_id",
+            Reason::RateLimited => "rate_limited",
+            Reason::InvalidField => "invalid_field",
+            Reason::NotFound => "not_found",
+            Reason::NotOwner => "not_owner",
+            Reason::WrongState => "wrong_state",
+            Reason::StaleAttempt => "stale_attempt",
+            Reason::AlreadyTaken => "already_taken",
+            Reason::InsufficientBalance => "insufficient_balance",
+            Reason::NoMatchingOffer => "no_matching_offer",
+            Reason::ReputationTooLow => "reputation_too_low",
+            Reason::PriceTooLow => "price_too_low",
+            Reason::Internal => "internal",
+        }
+    }
+}
+
+/// A message from a node, after the envelope (`v`, `id`) is taken off.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Answer to the challenge: identity plus a signature over
+    /// [`auth_message`] (base64).
+    Hello {
+        identity: PublicIdentity,
+        nonce: String,
+        sig: String,
+    },
+    /// Advertise capacity.
+    Offer {
+        slots: u32,
+        price: u64,
+        models: Vec<String>,
+        ttl_secs: u64,
+    },
+    Withdraw {
+        offer_id: String,
+    },
+    /// Post a task: metadata and the payload's SHA-256 only.
+    Post {
+        model: String,
+        max_tokens: u64,
+        max_price: u64,
+        payload_hash: String,
+        deadline_secs: u64,
+        #[serde(default)]
+        max_attempts: Option<u32>,
+        #[serde(default)]
+        min_reputation: Option<f64>,
+    },
+    /// Raise an unfinished task's bid (never lower it).
+    Raise {
+        task_id: String,
+        max_price: u64,
+    },
+    /// Provider takes the task; first valid accept wins the lease.
+    Accept {
+        task_id: String,
+        attempt: u32,
+    },
+    /// Lease heartbeat from the provider holding it.
+    Renew {
+        task_id: String,
+        attempt: u32,
+    },
+    /// Requester -> lease holder: the encrypted, signed payload (opaque).
+    Payload {
+        task_id: String,
+        attempt: u32,
+        data: String,
+    },
+    /// Lease holder -> requester: the encrypted, signed result (opaque).
+    Deliver {
+        task_id: String,
+        attempt: u32,
+        data: String,
+    },
+    /// Requester confirms a delivered result: pay the provider its ask.
+    Settle {
+        task_id: String,
+        attempt: u32,
+    },
+    /// Requester refuses a delivered result: refund, provider failure.
+    Reject {
+        task_id: String,
+        attempt: u32,
+    },
+    /// Balance, escrow, offers, tasks, reputation and totals.
+    Status {},
+    /// Any node's reputation (settled work only).
+    Reputation {
+        node_id: String,
+    },
+}
+
+impl Request {
+    /// Known message types, to tell `unknown_type` from `malformed`.
+    pub const TYPES: &'static [&'static str] = &[
+        "hello",
+        "offer",
+        "withdraw",
+        "post",
+        "raise",
+        "accept",
+        "renew",
+        "payload",
+        "deliver",
+        "settle",
+        "reject",
+        "status",
+        "reputation",
+    ];
+
+    /// The wire name of this message's type.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Hello { .. } => "hello",
+            Request::Offer { .. } => "offer",
+            Request::Withdraw { .. } => "withdraw",
+            Request::Post { .. } => "post",
+            Request::Raise { .. } => "raise",
+            Request::Accept { .. } => "accept",
+            Request::Renew { .. } => "renew",
+            Request::Payload { .. } => "payload",
+            Request::Deliver { .. } => "deliver",
+            Request::Settle { .. } => "settle",
+            Request::Reject { .. } => "reject",
+            Request::Status {} => "status",
+            Request::Reputation { .. } => "reputation",
+        }
+    }
+
+    /// Frames of these types may use the larger payload cap.
+    pub fn carries_payload(kind: &str) -> bool {
+        matches!(kind, "payload" | "deliver")
+    }
+}
+
+/// A message from the coordinator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// First frame of every session.
+    Challenge {
+        nonce: String,
+        control_cap: usize,
+        payload_cap: usize,
+    },
+    Welcome {
+        node_id: String,
+        balance: i64,
+        granted: i64,
+    },
+    /// The request `re` was applied (and committed) with this result.
+    Ok {
+        re: String,
+        result: Value,
+    },
+    /// A frame was refused; nothing changed.
+    Error {
+        #[serde(default)]
+        re: Option<String>,
+        reason: Reason,
+        message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        original: Option<Value>,
+    },
+    /// A task that fits one of your offers is open.
+    TaskOffered {
+        task: Value,
+    },
+    /// A task you were told about was taken or closed.
+    TaskClosed {
+        task_id: String,
+    },
+    /// Your lease lapsed; anything for this attempt is now refused.
+    LeaseLapsed {
+        task_id: String,
+        attempt: u32,
+    },
+    /// To the requester: a provider took the task.
+    Assigned {
+        task_id: String,
+        attempt: u32,
+        provider: String,
+    },
+    Payload {
+        task_id: String,
+        attempt: u32,
+        data: String,
+    },
+    Delivered {
+        task_id: String,
+        attempt: u32,
+        data: String,
+    },
+    Settled {
+        task_id: String,
+        attempt: u32,
+        paid: i64,
+        refunded: i64,
+    },
+    Refunded {
+        task_id: String,
+        amount: i64,
+        why: String,
+    },
+    /// Another login for this node id replaced this session.
+    Replaced {},
+}
+
+/// The bytes a node signs to authenticate a session.
+pub fn auth_message(nonce: &str, id: &PublicIdentity) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let rsa = hex::encode(Sha256::digest(id.rsa_public_pem.as_bytes()));
+    format!(
+        "{AUTH_CONTEXT}\nnonce={nonce}\nnode_id={}\ned25519={}\nrsa_sha256={rsa}\ncreated={}\n",
+        id.node_id, id.ed25519, id.created
+    )
+    .into_bytes()
+}
+
+/// Encode a request with its envelope.
+pub fn encode_request(id: Option<&str>, req: &Request) -> String {
+    let mut v = serde_json::to_value(req).expect("requests serialise");
+    if let Value::Object(m) = &mut v {
+        m.insert("v".into(), VERSION.into());
+        if let Some(id) = id {
+            m.insert("id".into(), id.into());
+        }
+    }
+    v.to_string()
+}
+
+/// Encode an event with its envelope.
+pub fn encode_event(ev: &Event) -> String {
+    let mut v = serde_json::to_value(ev).expect("events serialise");
+    if let Value::Object(m) = &mut v {
+        m.insert("v".into(), VERSION.into());
+    }
+    v.to_string()
+}
+
+/// A refused frame, before it becomes an `error` event.
+#[derive(Debug, Clone)]
+pub struct Rejection {
+    pub reason: Reason,
+    pub message: String,
+    pub original: Option<Value>,
+}
+
+impl Rejection {
+    pub fn new(reason: Reason, message: impl Into<String>) -> Rejection {
+        Rejection {
+            reason,
+            message: message.into(),
+            original: None,
+        }
+    }
+}
+
+/// Decode a node's frame: envelope checks, then the typed body.
+/// Returns the message id (if any) and the request.
+pub fn decode_request(text: &str) -> Result<(Option<String>, Request), (Option<String>, Rejection)> {
+    let mut v: Value =
+        serde_json::from_str(text).map_err(|e| (None, Rejection::new(Reason::Malformed, format!("not JSON: {e}"))))?;
+    let Value::Object(m) = &mut v else {
+        return Err((None, Rejection::new(Reason::Malformed, "a frame must be a JSON object")));
+    };
+    let id = match m.remove("id") {
+        None => None,
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_ID_LEN => Some(s),
+        Some(_) => {
+            return Err((
+                None,
+                Rejection::new(
+                    Reason::MissingId,
+                    format!("`id` must be a string of 1..={MAX_ID_LEN} characters"),
+                ),
+            ))
+        }
+    };
+    match m.remove("v") {
+        Some(Value::Number(n)) if n.as_u64() == Some(VERSION as u64) => {}
+        other => {
+            return Err((
+                id,
+                Rejection::new(
+                    Reason::BadVersion,
+                    format!("protocol version {other:?} is not {VERSION}"),
+                ),
+            ))
+        }
+    }
+    let kind = match m.get("type") {
+        Some(Value::String(s)) => s.clone(),
+        _ => return Err((id, Rejection::new(Reason::Malformed, "missing `type`"))),
+    };
+    if !Request::TYPES.contains(&kind.as_str()) {
+        return Err((
+            id,
+            Rejection::new(Reason::UnknownType, format!("unknown message type `{kind}`")),
+        ));
+    }
+    let req: Request = serde_json::from_value(v).map_err(|e| {
+        (
+            id.clone(),
+            Rejection::new(Reason::Malformed, format!("bad `{kind}`: {e}")),
+        )
+    })?;
+    if !matches!(req, Request::Hello { .. }) && id.is_none() {
+        return Err((
+            None,
+            Rejection::new(Reason::MissingId, format!("`{kind}` needs an `id`")),
+        ));
+    }
+    Ok((id, req))
+}
+
+/// Reputation with a pessimistic prior: a newcomer starts as if it had one
+/// success and two failures, so a score is earned by settled work.
+pub fn reputation(successes: i64, failures: i64) -> f64 {
+    (successes as f64 + 1.0) / ((successes + failures) as f64 + 3.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_classifies_rejections() {
+        assert_eq!(decode_request("{").unwrap_err().1.reason, Reason::Malformed);
+        assert_eq!(decode_request("[1]").unwrap_err().1.reason, Reason::Malformed);
+        assert_eq!(
+            decode_request(r#"{"v":2,"type":"status","id":"a"}"#)
+                .unwrap_err()
+                .1
+                .reason,
+            Reason::BadVersion
+        );
+        assert_eq!(
+            decode_request(r#"{"v":1,"type":"nope","id":"a"}"#)
+                .unwrap_err()
+                .1
+                .reason,
+            Reason::UnknownType
+        );
+        assert_eq!(
+            decode_request(r#"{"v":1,"type":"accept","id":"a"}"#)
+                .unwrap_err()
+                .1
+                .reason,
+            Reason::Malformed
+        );
+        assert_eq!(
+            decode_request(r#"{"v":1,"type":"status"}"#).unwrap_err().1.reason,
+            Reason::MissingId
+        );
+        let (id, req) = decode_request(r#"{"v":1,"type":"status","id":"a"}"#).unwrap();
+        assert_eq!(id.as_deref(), Some("a"));
+        assert!(matches!(req, Request::Status {}));
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        let r = Request::Accept {
+            task_id: "t".into(),
+            attempt: 2,
+        };
+        let text = encode_request(Some("m1"), &r);
+        let (id, back) = decode_request(&text).unwrap();
+        assert_eq!(id.as_deref(), Some("m1"));
+        assert!(matches!(back, Request::Accept { attempt: 2, .. }));
+    }
+
+    #[test]
+    fn reputation_prior_is_pessimistic() {
+        assert!(reputation(0, 0) < 0.5);
+        assert!(reputation(10, 0) > reputation(0, 0));
+        assert!(reputation(0, 3) < reputation(0, 0));
+    }
+}

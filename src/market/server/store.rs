@@ -1,0 +1,159 @@
+//! The coordinator's SQLite file: open, tune for durability, migrate.
+//!
+//! WAL with `synchronous=FULL`: a commit returns only after the WAL is on
+//! disk, so an acknowledged operation survives `kill -9` and power loss. The
+//! schema version is `PRAGMA user_version`; each migration runs in its own
+//! transaction with the version bump, so a crash mid-migration leaves the
+//! old schema intact.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+/// Migrations in order; `MIGRATIONS[i]` brings the schema to version `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    r#"
+CREATE TABLE nodes (
+    node_id     TEXT PRIMARY KEY,
+    ed25519     TEXT NOT NULL,
+    first_seen  INTEGER NOT NULL,
+    last_seen   INTEGER NOT NULL,
+    successes   INTEGER NOT NULL DEFAULT 0,
+    failures    INTEGER NOT NULL DEFAULT 0
+);
+-- Double-entry ledger. kind: 'issuer' (negative: tokens issued), 'node', 'escrow'.
+CREATE TABLE accounts (
+    account TEXT PRIMARY KEY,
+    kind    TEXT NOT NULL,
+    balance INTEGER NOT NULL
+);
+CREATE TABLE journal (
+    id      INTEGER PRIMARY KEY,
+    ts      INTEGER NOT NULL,
+    memo    TEXT NOT NULL,
+    task_id TEXT
+);
+CREATE TABLE postings (
+    journal_id INTEGER NOT NULL REFERENCES journal(id),
+    account    TEXT NOT NULL REFERENCES accounts(account),
+    amount     INTEGER NOT NULL
+);
+CREATE INDEX postings_account ON postings(account);
+CREATE TABLE offers (
+    offer_id        TEXT PRIMARY KEY,
+    node_id         TEXT NOT NULL,
+    slots           INTEGER NOT NULL,
+    price           INTEGER NOT NULL,
+    models          TEXT NOT NULL,
+    created_at      INTEGER NOT NULL,
+    expires_at      INTEGER NOT NULL,
+    state           TEXT NOT NULL,
+    disconnected_at INTEGER
+);
+CREATE INDEX offers_node ON offers(node_id, state);
+CREATE INDEX offers_state ON offers(state);
+CREATE TABLE tasks (
+    task_id        TEXT PRIMARY KEY,
+    requester      TEXT NOT NULL,
+    model          TEXT NOT NULL,
+    max_tokens     INTEGER NOT NULL,
+    max_price      INTEGER NOT NULL,
+    payload_hash   TEXT NOT NULL,
+    deadline       INTEGER NOT NULL,
+    max_attempts   INTEGER NOT NULL,
+    min_reputation REAL NOT NULL,
+    state          TEXT NOT NULL,
+    attempt        INTEGER NOT NULL,
+    provider       TEXT,
+    offer_id       TEXT,
+    ask            INTEGER,
+    lease_deadline INTEGER,
+    result         BLOB,
+    created_at     INTEGER NOT NULL,
+    updated_at     INTEGER NOT NULL
+);
+CREATE INDEX tasks_state ON tasks(state);
+CREATE INDEX tasks_requester ON tasks(requester);
+CREATE INDEX tasks_provider ON tasks(provider, state);
+CREATE INDEX tasks_offer ON tasks(offer_id, state);
+-- Applied client message ids with their results (idempotency).
+CREATE TABLE requests (
+    node_id TEXT NOT NULL,
+    msg_id  TEXT NOT NULL,
+    result  TEXT NOT NULL,
+    ts      INTEGER NOT NULL,
+    PRIMARY KEY (node_id, msg_id)
+) WITHOUT ROWID;
+INSERT INTO accounts(account, kind, balance) VALUES ('issuer', 'issuer', 0);
+"#,
+    // v2: index offers by model, so matching a task to providers does not
+    // parse every active offer's model list.
+    r#"
+CREATE TABLE offer_models (
+    offer_id TEXT NOT NULL REFERENCES offers(offer_id),
+    model    TEXT NOT NULL,
+    PRIMARY KEY (model, offer_id)
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO offer_models(offer_id, model)
+    SELECT o.offer_id, j.value FROM offers o, json_each(o.models) j;
+"#,
+    // v3: nothing reads postings by account except the full-scan verify;
+    // the index only cost every posting an extra B-tree insert.
+    r#"
+DROP INDEX IF EXISTS postings_account;
+"#,
+];
+
+/// Open (creating if needed) and migrate. `sync_full` picks
+/// `synchronous=FULL` (durable across power loss) over `NORMAL` (durable
+/// across process crashes only).
+pub fn open(path: &Path, sync_full: bool) -> rusqlite::Result<Connection> {
+    let mut conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", if sync_full { "FULL" } else { "NORMAL" })?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Each request runs in a savepoint; keep its statement journal in memory
+    // instead of a temporary file (the WAL carries durability).
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.pragma_update(None, "cache_size", -32_000)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.set_prepared_statement_cache_capacity(64);
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+/// Checkpoint the WAL into the database file from a second connection, so
+/// the writer's commits never pay for it (the writer runs with automatic
+/// checkpoints off). Passive: never blocks the writer.
+pub fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+}
+
+/// Open read-only for inspection (`market ledger --verify`).
+pub fn open_read(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+pub fn schema_version(conn: &Connection) -> rusqlite::Result<usize> {
+    conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+        .map(|v| v as usize)
+}
+
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let have = schema_version(conn)?;
+    if have > MIGRATIONS.len() {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "market database schema version {have} is newer than this build ({})",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(have) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
