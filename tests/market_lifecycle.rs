@@ -476,6 +476,9 @@ fn advertise_reconnects_after_the_coordinator_restarts() {
     let mut server = Server::start(&["--grace-ms", "5000"]);
     let prov = Cmm::new();
     prov.run(&["opt-in", "--accept-terms", "--claude-jobs"]).code(0);
+    // Create the node's keys now: RSA key generation on first use would eat
+    // into the window in which the coordinator is killed.
+    prov.run(&["keys", "generate"]).code(0);
     let child = prov
         .cmd(&[
             "--json",
