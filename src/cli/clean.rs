@@ -1,5 +1,6 @@
 //! `clean`: remove containers (and with `--images`, images) carrying our
-//! label; nothing else is ever touched.
+//! label; nothing else is ever touched. Also removes rotated keys whose
+//! decryption window (`security.keyRotationDays`) has passed.
 
 use serde_json::json;
 
@@ -17,6 +18,8 @@ pub struct Args {
 }
 
 pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
+    // Keys first: it needs no engine, so it happens even when Docker is down.
+    let keys_removed = crate::crypto::keys::prune_expired(&ctx.paths, chrono::Utc::now())?;
     let profile = hardening::profile()?;
     let rt = crate::docker::runtime()?;
     let report = rt.block_on(async {
@@ -28,12 +31,16 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
         let mut v = serde_json::to_value(&report)?;
         if let Some(m) = v.as_object_mut() {
             m.insert("ok".into(), json!(report.images_failed.is_empty()));
+            m.insert("keys_removed".into(), json!(keys_removed));
         }
         p.json(v);
     } else {
         let mut line = format!("Removed {} container(s)", report.containers_removed);
         if args.images {
             line.push_str(&format!(" and {} image(s)", report.images_removed));
+        }
+        if keys_removed > 0 {
+            line.push_str(&format!("; removed {keys_removed} expired rotated key(s)"));
         }
         p.out(&line);
         if report.containers_running_kept > 0 {

@@ -362,19 +362,29 @@ async fn kill(docker: &Docker, id: &str) {
 }
 
 /// Force-remove a container; a container already gone is fine.
+///
+/// A busy engine can answer 409 (removal already in progress) or time out;
+/// keep asking for up to ~15 s until it confirms the container is gone, so
+/// no path leaves one behind.
 pub async fn remove(docker: &Docker, id: &str) {
     let opts = RemoveContainerOptions {
         force: true,
         ..Default::default()
     };
-    for _ in 0..3 {
+    for attempt in 0..50u32 {
         match docker.remove_container(id, Some(opts.clone())).await {
             Ok(()) => return,
             Err(e) if is_not_found(&e) => return,
-            // 409: removal already in progress; give the engine a moment.
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => {
+                tracing::debug!(container = id, attempt, error = %e, "container removal not done yet");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
         }
     }
+    tracing::warn!(
+        container = id,
+        "the engine did not confirm the container's removal; `clean` will remove it"
+    );
 }
 
 /// A container of ours, as listed by the engine.
