@@ -1,5 +1,5 @@
-//! `clean`: remove containers (and with `--images`, images) carrying our
-//! label; nothing else is ever touched.
+//! `clean`: remove containers, idle networks (and with `--images`, images)
+//! carrying our label; nothing else is ever touched.
 
 use serde_json::json;
 
@@ -31,7 +31,10 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
         }
         p.json(v);
     } else {
-        let mut line = format!("Removed {} container(s)", report.containers_removed);
+        let mut line = format!(
+            "Removed {} container(s), {} network(s)",
+            report.containers_removed, report.networks_removed
+        );
         if args.images {
             line.push_str(&format!(" and {} image(s)", report.images_removed));
         }
