@@ -203,11 +203,11 @@ fn a_job_reaches_the_allowed_host_through_the_proxy_and_nothing_else() {
         "network",
         "inspect",
         "-f",
-        "{{.Internal}} {{.EnableIPv6}} {{index .Labels \"dev.claude-max-market.managed\"}} {{index .Options \"com.docker.network.bridge.enable_icc\"}}",
+        "{{.Internal}} {{.EnableIPv6}} {{index .Labels \"dev.claude-max-market.managed\"}} {{index .Options \"com.docker.network.bridge.enable_icc\"}} {{index .Options \"com.docker.network.bridge.name\"}}",
         EGRESS_NETWORK,
     ]);
     assert!(ok, "{err}");
-    assert_eq!(net.trim(), "true false true false");
+    assert_eq!(net.trim(), "true false true false cmm-egress0");
     assert!(containers_of_job(job_id).is_empty());
 
     // `clean` knows it: the idle network goes.

@@ -31,7 +31,7 @@ pub enum Sub {
 
 #[derive(Debug, clap::Args)]
 pub struct EgressProxyArgs {
-    /// Address to listen on (port 0: the kernel picks one)
+    /// Address to listen on (the port comes from `egress.proxyPorts`)
     #[arg(long, value_name = "IP")]
     pub listen: std::net::IpAddr,
     /// Credential kind whose allowlist applies: `api-key` or `subscription`

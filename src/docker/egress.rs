@@ -43,6 +43,11 @@ pub struct EgressProfile {
     pub note: Option<String>,
     /// Name of the shared internal network.
     pub network: String,
+    /// Its bridge interface on the host, named so a host firewall rule can
+    /// refer to it (see README, "Egress").
+    pub bridge: String,
+    /// Inclusive range the per-job proxies listen in, for the same reason.
+    pub proxy_ports: [u16; 2],
     /// `host:port` targets every job may reach.
     pub allow: Vec<String>,
     /// Extra targets by credential kind (`subscription`, `api-key`).
@@ -89,6 +94,12 @@ pub fn parse(text: &str) -> Result<EgressProfile, String> {
     }
     if p.network.is_empty() || p.max_header_bytes < 64 || p.max_connections == 0 {
         return Err("egress: network, maxHeaderBytes and maxConnections must be set".into());
+    }
+    if p.bridge.is_empty() || p.bridge.len() > 15 {
+        return Err("egress: bridge must be an interface name of 1 to 15 characters".into());
+    }
+    if p.proxy_ports[0] == 0 || p.proxy_ports[0] > p.proxy_ports[1] {
+        return Err("egress: proxyPorts must be a range [low, high] of non-zero ports".into());
     }
     Ok(p)
 }
@@ -143,10 +154,10 @@ pub async fn ensure_network(docker: &Docker, p: &EgressProfile, label: &str) -> 
             attachable: Some(false),
             labels: Some(HashMap::from([(label.to_string(), "true".to_string())])),
             // Job containers cannot reach each other either.
-            options: Some(HashMap::from([(
-                "com.docker.network.bridge.enable_icc".to_string(),
-                "false".to_string(),
-            )])),
+            options: Some(HashMap::from([
+                ("com.docker.network.bridge.enable_icc".to_string(), "false".to_string()),
+                ("com.docker.network.bridge.name".to_string(), p.bridge.clone()),
+            ])),
             ..Default::default()
         };
         match docker.create_network(req).await {
@@ -292,6 +303,7 @@ pub struct Policy {
     pub header_timeout: Duration,
     pub connect_timeout: Duration,
     pub max_connections: usize,
+    pub ports: [u16; 2],
 }
 
 impl Policy {
@@ -303,6 +315,7 @@ impl Policy {
             header_timeout: Duration::from_millis(p.header_timeout_ms),
             connect_timeout: Duration::from_millis(p.connect_timeout_ms),
             max_connections: p.max_connections,
+            ports: p.proxy_ports,
         }
     }
 }
@@ -325,9 +338,31 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Listen on `ip` (port chosen by the kernel) and serve until dropped.
+    /// Listen on `ip`, on the first free port of the policy's range from a
+    /// random start (concurrent jobs each get their own), and serve until
+    /// dropped.
     pub async fn start(ip: IpAddr, policy: Policy) -> std::io::Result<Proxy> {
-        let listener = TcpListener::bind(SocketAddr::new(ip, 0)).await?;
+        let [low, high] = policy.ports;
+        let span = u32::from(high - low) + 1;
+        let first = rand::random::<u32>() % span;
+        let mut bound = None;
+        for i in 0..span {
+            let port = low + ((first + i) % span) as u16;
+            match TcpListener::bind(SocketAddr::new(ip, port)).await {
+                Ok(l) => {
+                    bound = Some(l);
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let listener = bound.ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("every port in {low}..={high} is taken"),
+            )
+        })?;
         let addr = listener.local_addr()?;
         let counters = Arc::new(Mutex::new(Counters::default()));
         let task = tokio::spawn(serve(listener, Arc::new(policy), counters.clone()));

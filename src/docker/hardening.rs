@@ -281,6 +281,37 @@ mod tests {
     }
 
     #[test]
+    fn a_restricted_request_has_no_way_out_but_the_proxy() {
+        let p = profile().unwrap();
+        let e = super::super::egress::profile().unwrap();
+        let r = Resources {
+            memory: 512 << 20,
+            cpu_shares: 512,
+            network: e.network.clone(),
+            proxy: Some("http://172.18.0.1:47100".into()),
+        };
+        let body = create_body(p, &r, "img", "sonnet", "job1");
+        assert_eq!(mismatches(p, &body), Vec::<String>::new());
+        assert_eq!(egress_mismatches(e, &body), Vec::<String>::new());
+        let open = create_body(
+            p,
+            &Resources {
+                network: "bridge".into(),
+                proxy: None,
+                ..r
+            },
+            "img",
+            "sonnet",
+            "job1",
+        );
+        assert_eq!(
+            egress_mismatches(e, &open).len(),
+            3,
+            "network, proxy and IPv6 all named"
+        );
+    }
+
+    #[test]
     fn a_profile_without_size_limited_tmpfs_is_rejected() {
         let text = SECURITY_CONFIG.replace("rw,noexec,nosuid,nodev,size=64m", "rw,nosuid");
         assert!(parse(&text).is_err());
