@@ -277,7 +277,31 @@ fn open_egress_is_a_warning_in_health_and_compliance() {
         .cloned()
         .unwrap_or(Value::Null);
     // Health's Docker-side checks need an engine; without one there is no line.
-    if docker_available("open_egress_is_a_warning_in_health_and_compliance (health part)") {
-        assert_eq!(egress["level"], "WARNING", "{h:#}");
+    if !docker_available("open_egress_is_a_warning_in_health_and_compliance (engine part)") {
+        return;
     }
+    assert_eq!(egress["level"], "WARNING", "{h:#}");
+
+    // An open job runs on `docker.network` without a proxy, and says so.
+    let image = egress_image();
+    let t = t.env("CLAUDE_CODE_OAUTH_TOKEN", TOKEN);
+    let v = t
+        .run(&[
+            "execute",
+            "--json",
+            "--approve-all",
+            "--image",
+            &image,
+            "--prompt",
+            "hi",
+        ])
+        .code(0)
+        .json();
+    let job_id = v["job_id"].as_str().unwrap();
+    assert_eq!(job_record(&t, job_id)["egress"]["mode"], "open");
+    let term = terminal_event(&t, job_id);
+    assert_eq!(
+        (term["egress"].as_str(), term["egress_allowed"].as_u64()),
+        (Some("open"), Some(0))
+    );
 }
