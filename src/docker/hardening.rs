@@ -157,6 +157,9 @@ pub fn create_body(p: &Profile, r: &Resources, image: &str, model: &str, job_id:
         // Claude Code (Node) reads either spelling; nothing else is routed.
         env.push(format!("HTTPS_PROXY={proxy}"));
         env.push(format!("https_proxy={proxy}"));
+        // Telemetry, error reporting and update checks would only be
+        // refused at the proxy; ask Claude Code not to try.
+        env.push("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1".into());
     }
     ContainerCreateBody {
         image: Some(image.to_string()),
