@@ -482,7 +482,9 @@ fn egress_restricted(i: &Inputs) -> Outcome {
         ));
     }
     let allow = e.allowlist(credential_kind(cfg)).join(", ");
-    let network = (|| {
+    // On a thread of its own: the caller may already be inside a runtime
+    // (the MCP server), where starting another one panics.
+    let network = std::thread::spawn(move || {
         let rt = crate::docker::runtime().ok()?;
         rt.block_on(async {
             let docker = crate::docker::connect_within(std::time::Duration::from_millis(1500))
@@ -490,7 +492,10 @@ fn egress_restricted(i: &Inputs) -> Outcome {
                 .ok()?;
             Some(egress::inspect(&docker, e, &profile.label).await)
         })
-    })();
+    })
+    .join()
+    .ok()
+    .flatten();
     match network {
         Some(Ok(Some(n))) => Outcome::Pass(format!(
             "internal network `{}` (gateway {}), no IPv6, HTTPS_PROXY only; the proxy allows {allow}",
