@@ -546,7 +546,9 @@ async fn handle(mut conn: TcpStream, policy: &Policy, counters: &Mutex<Counters>
     if end < head.len() && upstream.write_all(&head[end..]).await.is_err() {
         return;
     }
-    let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
+    // 64 KiB each way instead of the default 8 KiB: an eighth of the
+    // syscalls on bulk transfers (benches/egress.sh).
+    let _ = tokio::io::copy_bidirectional_with_sizes(&mut conn, &mut upstream, 64 << 10, 64 << 10).await;
 }
 
 /// Resolve on the proxy side (the container has no DNS to the outside).
