@@ -106,6 +106,7 @@ fn registry() -> &'static [(&'static str, CheckFn)] {
         ("file-permissions", file_permissions),
         ("container-hardening", container_hardening),
         ("credential-kind-market", credential_kind_market),
+        ("egress-restricted", egress_restricted),
     ]
 }
 
@@ -440,6 +441,74 @@ fn credential_kind_market(i: &Inputs) -> Outcome {
         ),
         _ => Outcome::Warn(format!(
             "market jobs are enabled and the credential kind is {kind}: if it is a consumer subscription login, running tasks for others may not be allowed under its terms"
+        )),
+    }
+}
+
+/// Egress: the request `execute` would send keeps the container on the
+/// internal network behind the proxy, and the network the engine holds under
+/// that name (if any yet) is ours and internal.
+fn egress_restricted(i: &Inputs) -> Outcome {
+    use crate::docker::{egress, hardening};
+    let cfg = need_config!(i);
+    if !egress::restricted(cfg) {
+        return Outcome::Warn(format!(
+            "docker.egress is `open`: job containers use network `{}` and can reach any host, not only the Claude API; set `docker.egress=restricted`",
+            cfg.get_str("docker.network").unwrap_or("bridge")
+        ));
+    }
+    let (profile, e) = match (hardening::profile(), egress::profile()) {
+        (Ok(p), Ok(e)) => (p, e),
+        (Err(err), _) | (_, Err(err)) => return Outcome::Fail(err.to_string()),
+    };
+    let mut resources = match hardening::Resources::from_config(cfg, profile) {
+        Ok(r) => r,
+        Err(err) => return Outcome::Fail(format!("{err}: execute would refuse to run")),
+    };
+    // The port is chosen when a job starts; any address shows the shape.
+    resources.proxy = Some("http://gateway:port".into());
+    let body = hardening::create_body(
+        profile,
+        &resources,
+        &crate::job::default_image(cfg),
+        "sonnet",
+        "compliance-check",
+    );
+    let bad = hardening::egress_mismatches(e, &body);
+    if !bad.is_empty() {
+        return Outcome::Fail(format!(
+            "the job container request is not restricted: {}",
+            bad.join(", ")
+        ));
+    }
+    let allow = e.allowlist(credential_kind(cfg)).join(", ");
+    // On a thread of its own: the caller may already be inside a runtime
+    // (the MCP server), where starting another one panics.
+    let network = std::thread::spawn(move || {
+        let rt = crate::docker::runtime().ok()?;
+        rt.block_on(async {
+            let docker = crate::docker::connect_within(std::time::Duration::from_millis(1500))
+                .await
+                .ok()?;
+            Some(egress::inspect(&docker, e, &profile.label).await)
+        })
+    })
+    .join()
+    .ok()
+    .flatten();
+    match network {
+        Some(Ok(Some(n))) => Outcome::Pass(format!(
+            "internal network `{}` (gateway {}), no IPv6, HTTPS_PROXY only; the proxy allows {allow}",
+            n.name, n.gateway
+        )),
+        Some(Ok(None)) => Outcome::Pass(format!(
+            "HTTPS_PROXY only, internal network `{}` created on the first job; the proxy allows {allow}",
+            e.network
+        )),
+        Some(Err(err)) => Outcome::Fail(format!("{err}: execute would refuse to run")),
+        None => Outcome::Pass(format!(
+            "HTTPS_PROXY only on internal network `{}` (engine not reachable, network not inspected); the proxy allows {allow}",
+            e.network
         )),
     }
 }

@@ -103,7 +103,13 @@ pub const SCHEMA: &[KeyDef] = &[
         "docker.network",
         Kind::Str,
         r#""bridge""#,
-        "Docker network mode for job containers"
+        "Docker network mode for job containers when `docker.egress` is `open`"
+    ),
+    key!(
+        "docker.egress",
+        Kind::Enum(&["restricted", "open"]),
+        r#""restricted""#,
+        "`restricted`: job containers reach only the Claude API, through the egress proxy; `open`: `docker.network` as is (compliance WARNING)"
     ),
     key!(
         "security.enableEncryption",

@@ -318,6 +318,7 @@ fn docker_checks(cfg: &Config, checks: &mut Vec<Check>, perf: &mut Vec<Perf>) {
         }),
         None => {}
     }
+    checks.push(egress_check(cfg));
     match crate::claude::credentials::describe(cfg) {
         Ok(m) => checks.push(Check {
             name: "credentials",
@@ -337,5 +338,33 @@ fn docker_checks(cfg: &Config, checks: &mut Vec<Check>, perf: &mut Vec<Perf>) {
             warn: None,
             crit: None,
         });
+    }
+}
+
+/// Restricted egress is OK; `docker.egress=open` is a WARNING (the job can
+/// reach anything its network can).
+fn egress_check(cfg: &Config) -> Check {
+    if !crate::docker::egress::restricted(cfg) {
+        return Check {
+            name: "egress",
+            level: Level::Warning,
+            message: "open: `docker.egress=open`, job containers are not limited to the Claude API; set `docker.egress=restricted`".into(),
+        };
+    }
+    match crate::docker::egress::profile() {
+        Ok(e) => Check {
+            name: "egress",
+            level: Level::Ok,
+            message: format!(
+                "restricted: internal network `{}`, proxy allows {}",
+                e.network,
+                e.allowlist(crate::compliance::credential_kind(cfg)).join(", ")
+            ),
+        },
+        Err(err) => Check {
+            name: "egress",
+            level: Level::Critical,
+            message: err.to_string(),
+        },
     }
 }

@@ -20,6 +20,7 @@ use crate::claude::stream::{Event, RateLimit, Retry, StreamState, Usage};
 use crate::config::Config;
 use crate::consent::{Consent, JOB_LOCAL, JOB_MARKET};
 use crate::docker::container::{self, Ending, KillReason, Verdict};
+use crate::docker::egress::{self, EgressReport, Proxy};
 use crate::docker::image::{self, ImageProgress, Provenance};
 use crate::docker::{hardening, DockerError};
 use crate::exit::{Exit, Failure, HasExit};
@@ -286,6 +287,8 @@ pub struct JobRecord {
     pub invalid_line_count: u64,
     pub stderr_tail: String,
     pub container_id: String,
+    /// What the job's network traffic was allowed and refused, by target.
+    pub egress: EgressReport,
 }
 
 impl JobRecord {
@@ -440,7 +443,7 @@ pub async fn run(
         )));
     }
     let profile = hardening::profile()?;
-    let resources = hardening::Resources::from_config(cfg, profile)?;
+    let mut resources = hardening::Resources::from_config(cfg, profile)?;
 
     // 1. Consent.
     Consent::from_config(cfg).require(spec.source.consent_type())?;
@@ -535,13 +538,31 @@ pub async fn run(
             };
             let _: Provenance = ensured?;
         }
+        // 5b. Restricted egress: the shared internal network, and this
+        // job's own proxy on its gateway, allowing only what this
+        // credential kind needs.
+        let proxy = match &resources.proxy {
+            Some(_) => {
+                let e = egress::profile()?;
+                let net = egress::ensure_network(&docker, e, &profile.label).await?;
+                let policy = egress::Policy::new(e, credential.kind.name());
+                let proxy = Proxy::start(net.gateway, policy).await.map_err(|err| {
+                    DockerError::Unreachable(format!(
+                        "cannot listen for the egress proxy on {} (the `{}` network's gateway): {err}",
+                        net.gateway, net.name
+                    ))
+                })?;
+                Some(proxy)
+            }
+            None => None,
+        };
         if cancel.is_cancelled() {
             return Err(JobError::Cancelled);
         }
-        Ok((credential, docker))
+        Ok((credential, docker, proxy))
     }
     .await;
-    let (credential, docker) = match prepared {
+    let (credential, docker, proxy) = match prepared {
         Ok(p) => p,
         Err(e) => {
             audit.append("job.approved", approved)?;
@@ -564,6 +585,9 @@ pub async fn run(
     });
     // The container is created (not started) while the start is audited;
     // it starts only once the audit line is on disk.
+    if let Some(p) = &proxy {
+        resources.proxy = Some(p.url());
+    }
     let body = hardening::create_body(profile, &resources, &spec.image, &spec.model, &job_id);
     let append = {
         let paths = paths.clone();
@@ -629,6 +653,9 @@ pub async fn run(
     )
     .await;
     let duration_ms = t0.elapsed().as_millis() as u64;
+    // The container has stopped: nothing can use the proxy any more.
+    let egress = proxy.as_ref().map(Proxy::report).unwrap_or_else(EgressReport::open);
+    drop(proxy);
     let exited = match run {
         Ok(r) => r,
         Err(e) => {
@@ -647,6 +674,7 @@ pub async fn run(
                     None,
                     |m| {
                         m.insert("error".into(), json!("engine-error"));
+                        egress_fields(m, &egress);
                     },
                 ),
             )?;
@@ -741,6 +769,7 @@ pub async fn run(
         invalid_line_count: state.invalid_count,
         stderr_tail: run.stderr_tail.clone(),
         container_id: run.container_id.clone(),
+        egress,
     };
     let fields = terminal_fields(
         &job_id,
@@ -763,6 +792,7 @@ pub async fn run(
             if state.invalid_count > 0 {
                 m.insert("invalid_lines".into(), json!(state.invalid_count));
             }
+            egress_fields(m, &record.egress);
         },
     );
     // Bookkeeping (record, usage, audit: several fsyncs) runs on a blocking
@@ -788,6 +818,14 @@ pub async fn run(
         source: io::Error::other(e.to_string()),
     })??;
     Ok(record)
+}
+
+/// Egress counts for the audit log: numbers only. The targets (which a job's
+/// content chooses) stay in the job record, out of the hash chain.
+fn egress_fields(m: &mut serde_json::Map<String, Value>, e: &EgressReport) {
+    m.insert("egress".into(), json!(e.mode));
+    m.insert("egress_allowed".into(), json!(e.allowed));
+    m.insert("egress_refused".into(), json!(e.refused));
 }
 
 #[allow(clippy::too_many_arguments)]

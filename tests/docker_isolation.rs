@@ -171,7 +171,15 @@ fn the_canary_token_appears_nowhere_and_the_container_is_hardened() {
         "no host mounts"
     );
     assert!(c["Mounts"].as_array().unwrap().is_empty(), "no mounts: {}", c["Mounts"]);
-    assert_eq!(h["NetworkMode"], "bridge");
+    // Restricted egress (the default): the internal network, the proxy as
+    // the only way out, no IPv6.
+    assert_eq!(h["NetworkMode"], "cmm-egress");
+    assert_eq!(h["Sysctls"]["net.ipv6.conf.all.disable_ipv6"], "1");
+    assert!(c["Config"]["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e.as_str().unwrap().starts_with("HTTPS_PROXY=http://")));
     assert_eq!(c["Config"]["Labels"][LABEL], "true");
     assert_eq!(c["Config"]["Labels"][JOB_LABEL], job_id.as_str());
     assert_eq!(c["Config"]["Cmd"], serde_json::json!(["sonnet"]));

@@ -1,6 +1,6 @@
-//! `clean`: remove containers (and with `--images`, images) carrying our
-//! label; nothing else is ever touched. Also removes rotated keys whose
-//! decryption window (`security.keyRotationDays`) has passed.
+//! `clean`: remove containers, idle networks (and with `--images`, images)
+//! carrying our label; nothing else is ever touched. Also removes rotated
+//! keys whose decryption window (`security.keyRotationDays`) has passed.
 
 use serde_json::json;
 
@@ -35,7 +35,10 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
         }
         p.json(v);
     } else {
-        let mut line = format!("Removed {} container(s)", report.containers_removed);
+        let mut line = format!(
+            "Removed {} container(s), {} network(s)",
+            report.containers_removed, report.networks_removed
+        );
         if args.images {
             line.push_str(&format!(" and {} image(s)", report.images_removed));
         }

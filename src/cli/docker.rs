@@ -23,6 +23,20 @@ pub enum Sub {
     Build(BuildArgs),
     /// Pull the runner image; build it locally if the pull fails
     Pull(PullArgs),
+    /// Run the egress proxy on its own until stdin closes or Ctrl-C (for
+    /// benchmarks and diagnosis; `execute` runs its own per job)
+    #[command(hide = true)]
+    EgressProxy(EgressProxyArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EgressProxyArgs {
+    /// Address to listen on (the port comes from `egress.proxyPorts`)
+    #[arg(long, value_name = "IP")]
+    pub listen: std::net::IpAddr,
+    /// Credential kind whose allowlist applies: `api-key` or `subscription`
+    #[arg(long, default_value = "api-key")]
+    pub credential_kind: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -87,6 +101,24 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
             } else {
                 p.out(&format!("Built `{}` ({})", req.tag, short(&id)));
             }
+            Ok(0)
+        }
+        Sub::EgressProxy(a) => {
+            let e = crate::docker::egress::profile()?;
+            let policy = crate::docker::egress::Policy::new(e, &a.credential_kind);
+            let report = rt.block_on(async {
+                let proxy = crate::docker::egress::Proxy::start(a.listen, policy).await?;
+                // First line on stdout: where it listens, for the caller to read.
+                println!("{}", proxy.addr);
+                let mut stdin = tokio::io::stdin();
+                let mut sink = Vec::new();
+                tokio::select! {
+                    _ = tokio::io::AsyncReadExt::read_to_end(&mut stdin, &mut sink) => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                Ok::<_, std::io::Error>(proxy.report())
+            })?;
+            p.json(serde_json::to_value(&report)?);
             Ok(0)
         }
         Sub::Pull(a) => {

@@ -16,6 +16,8 @@ pub struct CleanReport {
     /// Running containers left alone (no `--force`).
     pub containers_running_kept: usize,
     pub images_removed: usize,
+    /// Our labelled networks (the egress network) that no container used.
+    pub networks_removed: usize,
     /// Images the engine would not remove (in use, ...), with the reason.
     pub images_failed: Vec<String>,
 }
@@ -31,6 +33,9 @@ pub async fn clean(docker: &Docker, profile: &Profile, force: bool, images: bool
         container::remove(docker, &c.id).await;
         report.containers_removed += 1;
     }
+    // After the containers, so a network they held is idle now; one still
+    // in use (a running job) is refused by the engine and stays.
+    report.networks_removed = super::egress::remove_idle_networks(docker, &profile.label).await?;
     if images {
         let filters = HashMap::from([("label".to_string(), vec![format!("{label}=true")])]);
         let list = docker

@@ -77,7 +77,13 @@ pub struct Resources {
     pub memory: i64,
     pub cpu_shares: i64,
     pub network: String,
+    /// `HTTPS_PROXY` for the container when egress is restricted (set by
+    /// `execute` once its proxy listens); `None` means `docker.egress=open`.
+    pub proxy: Option<String>,
 }
+
+/// The sysctl that switches IPv6 off inside a restricted job container.
+pub const DISABLE_IPV6: (&str, &str) = ("net.ipv6.conf.all.disable_ipv6", "1");
 
 impl Resources {
     pub fn from_config(cfg: &Config, profile: &Profile) -> Result<Resources, DockerError> {
@@ -95,10 +101,18 @@ impl Resources {
                 "docker.network `{network}` would share the host's or another container's network, which job containers may not"
             )));
         }
+        // Restricted egress: the internal network, and a proxy address that
+        // `execute` fills in once its proxy listens.
+        let (network, proxy) = if super::egress::restricted(cfg) {
+            (super::egress::profile()?.network.clone(), Some(String::new()))
+        } else {
+            (network, None)
+        };
         Ok(Resources {
             memory,
             cpu_shares: cfg.get_i64("docker.cpuShares"),
             network,
+            proxy,
         })
     }
 }
@@ -123,6 +137,10 @@ pub fn host_config(p: &Profile, r: &Resources) -> HostConfig {
         binds: None,
         mounts: None,
         auto_remove: Some(false),
+        sysctls: r
+            .proxy
+            .as_ref()
+            .map(|_| HashMap::from([(DISABLE_IPV6.0.to_string(), DISABLE_IPV6.1.to_string())])),
         ..Default::default()
     }
 }
@@ -134,11 +152,20 @@ pub fn create_body(p: &Profile, r: &Resources, image: &str, model: &str, job_id:
         (p.label.clone(), "true".to_string()),
         (p.job_label.clone(), job_id.to_string()),
     ]);
+    let mut env = vec![format!("HOME={}", p.home)];
+    if let Some(proxy) = &r.proxy {
+        // Claude Code (Node) reads either spelling; nothing else is routed.
+        env.push(format!("HTTPS_PROXY={proxy}"));
+        env.push(format!("https_proxy={proxy}"));
+        // Telemetry, error reporting and update checks would only be
+        // refused at the proxy; ask Claude Code not to try.
+        env.push("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1".into());
+    }
     ContainerCreateBody {
         image: Some(image.to_string()),
         user: Some(p.user.clone()),
         cmd: Some(vec![model.to_string()]),
-        env: Some(vec![format!("HOME={}", p.home)]),
+        env: Some(env),
         working_dir: Some(p.home.clone()),
         labels: Some(labels),
         attach_stdin: Some(true),
@@ -205,6 +232,37 @@ pub fn mismatches(p: &Profile, body: &ContainerCreateBody) -> Vec<String> {
     bad
 }
 
+/// For a restricted config: what in the request would let the container
+/// out another way than the proxy. Empty when the request is restricted.
+pub fn egress_mismatches(e: &super::egress::EgressProfile, body: &ContainerCreateBody) -> Vec<String> {
+    let mut bad = Vec::new();
+    let h = body.host_config.clone().unwrap_or_default();
+    if h.network_mode.as_deref() != Some(e.network.as_str()) {
+        bad.push(format!("network is not the internal `{}`", e.network));
+    }
+    let env = body.env.clone().unwrap_or_default();
+    if !env.iter().any(|v| v.starts_with("HTTPS_PROXY=")) {
+        bad.push("no HTTPS_PROXY".into());
+    }
+    let ipv6_off = h
+        .sysctls
+        .as_ref()
+        .and_then(|s| s.get(DISABLE_IPV6.0))
+        .is_some_and(|v| v == DISABLE_IPV6.1);
+    if !ipv6_off {
+        bad.push("IPv6 not disabled".into());
+    }
+    if body
+        .networking_config
+        .as_ref()
+        .and_then(|n| n.endpoints_config.as_ref())
+        .is_some_and(|e| !e.is_empty())
+    {
+        bad.push("extra network endpoints".into());
+    }
+    bad
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,12 +274,44 @@ mod tests {
             memory: 512 << 20,
             cpu_shares: 512,
             network: "bridge".into(),
+            proxy: None,
         };
         let body = create_body(p, &r, "img", "sonnet", "job1");
         assert_eq!(mismatches(p, &body), Vec::<String>::new());
         let mut loose = body.clone();
         loose.host_config.as_mut().unwrap().readonly_rootfs = Some(false);
         assert_eq!(mismatches(p, &loose), vec!["read-only rootfs".to_string()]);
+    }
+
+    #[test]
+    fn a_restricted_request_has_no_way_out_but_the_proxy() {
+        let p = profile().unwrap();
+        let e = super::super::egress::profile().unwrap();
+        let r = Resources {
+            memory: 512 << 20,
+            cpu_shares: 512,
+            network: e.network.clone(),
+            proxy: Some("http://172.18.0.1:47100".into()),
+        };
+        let body = create_body(p, &r, "img", "sonnet", "job1");
+        assert_eq!(mismatches(p, &body), Vec::<String>::new());
+        assert_eq!(egress_mismatches(e, &body), Vec::<String>::new());
+        let open = create_body(
+            p,
+            &Resources {
+                network: "bridge".into(),
+                proxy: None,
+                ..r
+            },
+            "img",
+            "sonnet",
+            "job1",
+        );
+        assert_eq!(
+            egress_mismatches(e, &open).len(),
+            3,
+            "network, proxy and IPv6 all named"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::exit::{Exit, HasExit};
 
 pub mod clean;
 pub mod container;
+pub mod egress;
 pub mod hardening;
 pub mod image;
 

@@ -1,0 +1,307 @@
+//! Egress on the real engine, with no internet: a job reaches the allowed
+//! host through our proxy and nothing else.
+//!
+//! The "HTTPS endpoint" standing in for `api.anthropic.com:443` is a plain
+//! TCP echo server (busybox `nc -e cat`) in a container on a separate,
+//! ordinary test network: the CONNECT tunnel is opaque bytes, so TLS adds
+//! nothing to what is tested. `CMM_EGRESS_RESOLVE` (test only) tells the
+//! proxy where that name connects. The host reaches the stand-in directly;
+//! the job container must not.
+
+mod common;
+mod docker_common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::{docker_available, Cmm};
+use docker_common::*;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// Tests here share the one egress network (and `clean` removes it).
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+const EGRESS_NETWORK: &str = "cmm-egress";
+const TEST_LABEL: &str = "dev.claude-max-market.test";
+
+/// The fake-claude image for this fixture's contents: a tag of its own, so
+/// a changed fixture is rebuilt and other tests' image is left alone.
+fn egress_image() -> String {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake-claude");
+    let mut h = Sha256::new();
+    let mut names: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).collect();
+    names.sort();
+    for p in names {
+        h.update(std::fs::read(p).unwrap());
+    }
+    let tag = format!("cmm-fake-claude:egress-{}", &hex::encode(h.finalize())[..12]);
+    build_fixture_image(&tag);
+    tag
+}
+
+/// A test network and the stand-in endpoint on it, removed on drop.
+struct StandIn {
+    network: String,
+    container: String,
+    ip: String,
+}
+
+impl StandIn {
+    fn start(image: &str) -> StandIn {
+        let suffix = hex::encode(rand::random::<[u8; 4]>());
+        let network = format!("cmm-egress-test-{suffix}");
+        let (ok, _, err) = docker(&[
+            "network",
+            "create",
+            "--label",
+            &format!("{TEST_LABEL}=egress"),
+            &network,
+        ]);
+        assert!(ok, "create test network: {err}");
+        let mut s = StandIn {
+            network: network.clone(),
+            container: String::new(),
+            ip: String::new(),
+        };
+        let (ok, out, err) = docker(&[
+            "run",
+            "-d",
+            "--name",
+            &format!("cmm-egress-standin-{suffix}"),
+            "--label",
+            &format!("{TEST_LABEL}=egress"),
+            "--network",
+            &network,
+            "--entrypoint",
+            "/bin/busybox",
+            image,
+            "nc",
+            "-ll",
+            "-p",
+            "8443",
+            "-e",
+            "/bin/cat",
+        ]);
+        assert!(ok, "start the stand-in endpoint: {err}");
+        s.container = out.trim().to_string();
+        let (_, ip, _) = docker(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            &s.container,
+        ]);
+        s.ip = ip.trim().to_string();
+        assert!(!s.ip.is_empty(), "the stand-in has no address");
+        s
+    }
+
+    fn addr(&self) -> String {
+        format!("{}:8443", self.ip)
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        if !self.container.is_empty() {
+            docker(&["rm", "-f", &self.container]);
+        }
+        docker(&["network", "rm", &self.network]);
+    }
+}
+
+/// The host reaches the stand-in directly, so "blocked" from the job means
+/// the job's network blocks it, not that the endpoint is down.
+fn echo_from_host(addr: &str) -> String {
+    for _ in 0..50 {
+        if let Ok(mut s) = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2)) {
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            s.write_all(b"ping-host\n").unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            if !out.is_empty() {
+                return out;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    String::new()
+}
+
+#[test]
+fn a_job_reaches_the_allowed_host_through_the_proxy_and_nothing_else() {
+    if !docker_available("a_job_reaches_the_allowed_host_through_the_proxy_and_nothing_else") {
+        return;
+    }
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let image = egress_image();
+    let stand_in = StandIn::start(&image);
+    assert_eq!(echo_from_host(&stand_in.addr()), "ping-host\n");
+
+    let t = job_env().env(
+        "CMM_EGRESS_RESOLVE",
+        &format!(
+            "api.anthropic.com:443={a},other.example.com:443={a}",
+            a = stand_in.addr()
+        ),
+    );
+    let out = t.run(&[
+        "execute",
+        "--json",
+        "--approve-all",
+        "--image",
+        &image,
+        "--prompt",
+        &format!("scenario:egress direct={}", stand_in.addr()),
+    ]);
+    out.code(0);
+    let v = out.json();
+    // What the job itself could reach, in its own words.
+    assert_eq!(
+        v["result"],
+        "egress allowed=reached other=403 plain=403 direct=blocked udp=blocked dns=blocked ipv6=blocked ipv6_disabled=1",
+        "{v:#}"
+    );
+
+    // The proxy's counts, per target, in the record.
+    let job_id = v["job_id"].as_str().unwrap();
+    let rec = job_record(&t, job_id);
+    let e = &rec["egress"];
+    assert_eq!(e["mode"], "restricted");
+    assert_eq!(
+        (e["allowed"].as_u64(), e["refused"].as_u64()),
+        (Some(1), Some(2)),
+        "{e:#}"
+    );
+    let target = |h: &str| -> Value {
+        e["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["host"] == h)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(target("api.anthropic.com:443")["allowed"], 1);
+    assert_eq!(target("other.example.com:443")["refused"], 1);
+    // The plain GET, refused by method.
+    assert_eq!(target("api.anthropic.com")["refused"], 1);
+
+    // The audit log carries numbers only.
+    let term = terminal_event(&t, job_id);
+    assert_eq!(term["event"], "job.completed");
+    assert_eq!(term["egress"], "restricted");
+    assert_eq!(term["egress_allowed"], 1);
+    assert_eq!(term["egress_refused"], 2);
+    assert!(!t.read("audit.jsonl").contains("other.example.com"));
+
+    // The shared network is ours, internal, IPv4 only; the job left no container.
+    let (ok, net, err) = docker(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{.Internal}} {{.EnableIPv6}} {{index .Labels \"dev.claude-max-market.managed\"}} {{index .Options \"com.docker.network.bridge.enable_icc\"}} {{index .Options \"com.docker.network.bridge.name\"}}",
+        EGRESS_NETWORK,
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(net.trim(), "true false true false cmm-egress0");
+    assert!(containers_of_job(job_id).is_empty());
+
+    // `clean` knows it: the idle network goes.
+    let c = t.run(&["clean", "--json"]).code(0).json();
+    assert_eq!(c["networks_removed"], 1, "{c:#}");
+    assert!(!docker(&["network", "inspect", EGRESS_NETWORK]).0);
+}
+
+#[test]
+fn a_network_of_that_name_that_is_not_ours_is_refused() {
+    if !docker_available("a_network_of_that_name_that_is_not_ours_is_refused") {
+        return;
+    }
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let image = egress_image();
+    // Squat the name with an ordinary (routable) network.
+    docker(&["network", "rm", EGRESS_NETWORK]);
+    let (ok, _, err) = docker(&[
+        "network",
+        "create",
+        "--label",
+        &format!("{TEST_LABEL}=egress"),
+        EGRESS_NETWORK,
+    ]);
+    assert!(ok, "{err}");
+    let out = job_env().run(&[
+        "execute",
+        "--json",
+        "--approve-all",
+        "--image",
+        &image,
+        "--prompt",
+        "hi",
+    ]);
+    docker(&["network", "rm", EGRESS_NETWORK]);
+    out.code(3);
+    assert!(out.stdout.contains("not our internal network"), "{}", out.stdout);
+}
+
+#[test]
+fn open_egress_is_a_warning_in_health_and_compliance() {
+    let t = Cmm::opted_in();
+    let v = t.run(&["compliance-check", "--json"]).json();
+    let check = |v: &Value, id: &str| -> Value {
+        v["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == id)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(check(&v, "egress-restricted")["level"], "OK", "{v:#}");
+
+    t.run(&["config", "--set", "docker.egress=open"]).code(0);
+    let v = t.run(&["compliance-check", "--json"]).json();
+    let c = check(&v, "egress-restricted");
+    assert_eq!(c["level"], "WARNING", "{v:#}");
+    assert!(c["message"].as_str().unwrap().contains("docker.egress"));
+
+    let h = t.run(&["health", "--json"]).json();
+    let egress = h["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "egress")
+        .cloned()
+        .unwrap_or(Value::Null);
+    // Health's Docker-side checks need an engine; without one there is no line.
+    if !docker_available("open_egress_is_a_warning_in_health_and_compliance (engine part)") {
+        return;
+    }
+    assert_eq!(egress["level"], "WARNING", "{h:#}");
+
+    // An open job runs on `docker.network` without a proxy, and says so.
+    let image = egress_image();
+    let t = t.env("CLAUDE_CODE_OAUTH_TOKEN", TOKEN);
+    let v = t
+        .run(&[
+            "execute",
+            "--json",
+            "--approve-all",
+            "--image",
+            &image,
+            "--prompt",
+            "hi",
+        ])
+        .code(0)
+        .json();
+    let job_id = v["job_id"].as_str().unwrap();
+    assert_eq!(job_record(&t, job_id)["egress"]["mode"], "open");
+    let term = terminal_event(&t, job_id);
+    assert_eq!(
+        (term["egress"].as_str(), term["egress_allowed"].as_u64()),
+        (Some("open"), Some(0))
+    );
+}
