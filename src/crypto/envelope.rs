@@ -16,7 +16,8 @@
 //! hash and the SHA-256 of all chunks, so a co-recipient who knows the file
 //! key cannot substitute content under the sender's name.
 //!
-//! Memory is constant: one chunk buffer, whatever the payload size.
+//! Memory is constant: a fixed pool of batch buffers (see `pipeline`),
+//! whatever the payload size; batches are sealed and opened in parallel.
 
 use std::io::{self, IoSlice, Read, Write};
 
@@ -408,7 +409,7 @@ pub(crate) struct SealParams<'r, R: RngCore + CryptoRng> {
 }
 
 /// Encrypt a stream to `recipients`, optionally signed. Returns the
-/// plaintext byte count. Memory use is one chunk, whatever the size.
+/// plaintext byte count. Memory use is constant, whatever the size.
 pub fn encrypt_stream<R: Read, W: Write + Send>(
     recipients: &[PublicIdentity],
     sign_with: Option<&Identity>,
