@@ -479,37 +479,38 @@ pub(crate) fn seal<R: Read, W: Write + Send, G: RngCore + CryptoRng>(
     let mut chunks_hash = sign_with.map(|_| Sha256::new());
     let cs = p.chunk_size;
     let per_batch = batch_chunks(cs);
-    // A batch buffer holds `per_batch` chunks of plaintext back to back, one
-    // look-ahead byte (is there more input?), then the chunks' tags. One
-    // read fills it; one vectored write interleaves chunks and tags.
-    let tags_at = per_batch * cs + 1;
-    let mut carry: Option<u8> = None;
+    // A batch buffer holds `per_batch` chunks of plaintext back to back, then
+    // the chunks' tags. One read fills it; one vectored write interleaves
+    // chunks and tags. Whether a full batch is the last one is only known
+    // after reading the next, so one batch is read ahead into `spare`
+    // (swapping buffers, not copying): reads stay aligned and unsplit.
+    let tags_at = per_batch * cs;
+    let buf_len = tags_at + per_batch * TAG_LEN;
+    let mut spare = vec![0u8; buf_len];
+    let mut ahead: Option<usize> = None;
     let mut counter: u64 = 0;
     let mut total: u64 = 0;
     let produce = |b: &mut Batch| -> Result<(), CryptoError> {
-        let mut have = 0;
-        if let Some(byte) = carry.take() {
-            b.buf[0] = byte;
-            have = 1;
-        }
-        have += read_full(&mut input, &mut b.buf[have..tags_at])?;
-        b.first = counter;
-        b.last = have < tags_at;
-        let body = if b.last {
-            have
-        } else {
-            carry = Some(b.buf[per_batch * cs]);
-            per_batch * cs
+        let got = match ahead {
+            Some(n) => n,
+            None => read_full(&mut input, &mut spare[..tags_at])?,
         };
-        let n = body.div_ceil(cs).max(1);
+        std::mem::swap(&mut b.buf, &mut spare);
+        b.last = got < tags_at || {
+            let next = read_full(&mut input, &mut spare[..tags_at])?;
+            ahead = Some(next);
+            next == 0
+        };
+        b.first = counter;
+        let n = got.div_ceil(cs).max(1);
         b.lens.clear();
         b.lens.resize(n - 1, cs);
-        b.lens.push(body - (n - 1) * cs);
+        b.lens.push(got - (n - 1) * cs);
         counter += n as u64;
         if counter > MAX_CHUNKS {
             return Err(CryptoError::TooLarge);
         }
-        total += body as u64;
+        total += got as u64;
         Ok(())
     };
     let work = |b: &mut Batch| -> Result<(), CryptoError> {
@@ -538,13 +539,7 @@ pub(crate) fn seal<R: Read, W: Write + Send, G: RngCore + CryptoRng>(
         write_all_vectored(&mut output, &mut parts)?;
         Ok(())
     };
-    pipeline::run(
-        pipeline::workers() + 2,
-        tags_at + per_batch * TAG_LEN,
-        produce,
-        work,
-        consume,
-    )?;
+    pipeline::run(pipeline::buffers(), buf_len, produce, work, consume)?;
     if let (Some(id), Some(h)) = (sign_with, chunks_hash) {
         let sig = id.sign(&trailer_sig_message(&header_hash, &h.finalize()));
         output.write_all(&sig.to_bytes())?;
@@ -726,7 +721,7 @@ fn open_chunks<R: Read, W: Write + Send>(
         write_all_vectored(&mut output, &mut parts)?;
         Ok(())
     };
-    pipeline::run(pipeline::workers() + 2, want, produce, work, consume)?;
+    pipeline::run(pipeline::buffers(), want, produce, work, consume)?;
     output.flush()?;
     Ok(StreamReport {
         signer: prefix.signer(),
