@@ -16,9 +16,10 @@
 //! hash and the SHA-256 of all chunks, so a co-recipient who knows the file
 //! key cannot substitute content under the sender's name.
 //!
-//! Memory is constant: one chunk buffer, whatever the payload size.
+//! Memory is constant: a fixed pool of batch buffers (see `pipeline`),
+//! whatever the payload size; batches are sealed and opened in parallel.
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
@@ -408,7 +409,7 @@ pub(crate) struct SealParams<'r, R: RngCore + CryptoRng> {
 }
 
 /// Encrypt a stream to `recipients`, optionally signed. Returns the
-/// plaintext byte count. Memory use is one chunk, whatever the size.
+/// plaintext byte count. Memory use is constant, whatever the size.
 pub fn encrypt_stream<R: Read, W: Write + Send>(
     recipients: &[PublicIdentity],
     sign_with: Option<&Identity>,
@@ -477,65 +478,68 @@ pub(crate) fn seal<R: Read, W: Write + Send, G: RngCore + CryptoRng>(
     let cipher = Aes256Gcm::new(&p.file_key.into());
     let mut chunks_hash = sign_with.map(|_| Sha256::new());
     let cs = p.chunk_size;
-    let ct = cs + TAG_LEN;
-    // Each batch is a run of chunk slots, `cs` bytes of plaintext then room
-    // for the tag. Reading `cs + 1` bytes into a slot tells whether more
-    // input follows; the extra byte is carried to the next slot's start.
-    let mut carry: Option<u8> = None;
+    let per_batch = batch_chunks(cs);
+    // A batch buffer holds `per_batch` chunks of plaintext back to back, then
+    // the chunks' tags. One read fills it; one vectored write interleaves
+    // chunks and tags. Whether a full batch is the last one is only known
+    // after reading the next, so one batch is read ahead into `spare`
+    // (swapping buffers, not copying): reads stay aligned and unsplit.
+    let tags_at = per_batch * cs;
+    let buf_len = tags_at + per_batch * TAG_LEN;
+    let mut spare = vec![0u8; buf_len];
+    let mut ahead: Option<usize> = None;
     let mut counter: u64 = 0;
     let mut total: u64 = 0;
     let produce = |b: &mut Batch| -> Result<(), CryptoError> {
-        b.lens.clear();
+        let got = match ahead {
+            Some(n) => n,
+            None => read_full(&mut input, &mut spare[..tags_at])?,
+        };
+        std::mem::swap(&mut b.buf, &mut spare);
+        b.last = got < tags_at || {
+            let next = read_full(&mut input, &mut spare[..tags_at])?;
+            ahead = Some(next);
+            next == 0
+        };
         b.first = counter;
-        b.last = false;
-        for slot in b.buf.chunks_mut(ct) {
-            let got = match carry.take() {
-                Some(byte) => {
-                    slot[0] = byte;
-                    1 + read_full(&mut input, &mut slot[1..cs + 1])?
-                }
-                None => read_full(&mut input, &mut slot[..cs + 1])?,
-            };
-            if got <= cs {
-                b.lens.push(got);
-                b.last = true;
-                break;
-            }
-            carry = Some(slot[cs]);
-            b.lens.push(cs);
-        }
-        counter += b.lens.len() as u64;
+        let n = got.div_ceil(cs).max(1);
+        b.lens.clear();
+        b.lens.resize(n - 1, cs);
+        b.lens.push(got - (n - 1) * cs);
+        counter += n as u64;
         if counter > MAX_CHUNKS {
             return Err(CryptoError::TooLarge);
         }
-        total += b.lens.iter().sum::<usize>() as u64;
+        total += got as u64;
         Ok(())
     };
     let work = |b: &mut Batch| -> Result<(), CryptoError> {
         let n = b.lens.len();
-        for (j, slot) in b.buf.chunks_mut(ct).take(n).enumerate() {
-            let (data, tag_space) = slot.split_at_mut(b.lens[j]);
+        let (data, tags) = b.buf.split_at_mut(tags_at);
+        for (j, (chunk, tag_space)) in data.chunks_mut(cs).zip(tags.chunks_mut(TAG_LEN)).take(n).enumerate() {
             let nonce = nonce(&p.nonce_prefix, (b.first + j as u64) as u32, b.last && j == n - 1);
             // Only fails beyond GCM's 64 GiB message limit; chunks are <= 16 MiB.
             let tag = cipher
-                .encrypt_in_place_detached(Nonce::from_slice(&nonce), &header_hash, data)
+                .encrypt_in_place_detached(Nonce::from_slice(&nonce), &header_hash, &mut chunk[..b.lens[j]])
                 .map_err(|_| CryptoError::TooLarge)?;
-            tag_space[..TAG_LEN].copy_from_slice(&tag);
+            tag_space.copy_from_slice(&tag);
         }
         Ok(())
     };
     let consume = |b: &Batch| -> Result<(), CryptoError> {
-        // Every slot but the last is full, so the sealed batch is contiguous.
-        let n = b.lens.len();
-        let sealed = &b.buf[..(n - 1) * ct + b.lens[n - 1] + TAG_LEN];
-        output.write_all(sealed)?;
-        if let Some(h) = chunks_hash.as_mut() {
-            h.update(sealed);
+        let (data, tags) = b.buf.split_at(tags_at);
+        let mut parts = Vec::with_capacity(2 * b.lens.len());
+        for ((chunk, tag), &len) in data.chunks(cs).zip(tags.chunks(TAG_LEN)).zip(&b.lens) {
+            parts.push(IoSlice::new(&chunk[..len]));
+            parts.push(IoSlice::new(tag));
         }
+        if let Some(h) = chunks_hash.as_mut() {
+            parts.iter().for_each(|part| h.update(&part[..]));
+        }
+        write_all_vectored(&mut output, &mut parts)?;
         Ok(())
     };
-    let per_batch = batch_chunks(cs);
-    pipeline::run(pipeline::workers() + 2, per_batch * ct, produce, work, consume)?;
+    pipeline::run(pipeline::buffers(), buf_len, produce, work, consume)?;
     if let (Some(id), Some(h)) = (sign_with, chunks_hash) {
         let sig = id.sign(&trailer_sig_message(&header_hash, &h.finalize()));
         output.write_all(&sig.to_bytes())?;
@@ -707,18 +711,36 @@ fn open_chunks<R: Read, W: Write + Send>(
     };
     let mut total: u64 = 0;
     let consume = |b: &Batch| -> Result<(), CryptoError> {
-        for (chunk, len) in b.buf.chunks(ct).zip(&b.lens) {
-            output.write_all(&chunk[..len - TAG_LEN])?;
-            total += (len - TAG_LEN) as u64;
-        }
+        let mut parts: Vec<IoSlice<'_>> = b
+            .buf
+            .chunks(ct)
+            .zip(&b.lens)
+            .map(|(c, len)| IoSlice::new(&c[..len - TAG_LEN]))
+            .collect();
+        total += parts.iter().map(|p| p.len() as u64).sum::<u64>();
+        write_all_vectored(&mut output, &mut parts)?;
         Ok(())
     };
-    pipeline::run(pipeline::workers() + 2, want, produce, work, consume)?;
+    pipeline::run(pipeline::buffers(), want, produce, work, consume)?;
     output.flush()?;
     Ok(StreamReport {
         signer: prefix.signer(),
         bytes: total,
     })
+}
+
+/// `Write::write_all_vectored` is not stable yet: write every slice, in order.
+fn write_all_vectored<W: Write>(w: &mut W, mut parts: &mut [IoSlice<'_>]) -> io::Result<()> {
+    // Empty slices (an empty payload's chunk) would make a writer report 0.
+    while parts.iter().any(|p| !p.is_empty()) {
+        match w.write_vectored(parts) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut parts, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Chunks per batch: about 512 KiB of work per hand-off.

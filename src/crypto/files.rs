@@ -149,13 +149,12 @@ impl Pending {
         })
     }
 
+    /// Rename into place. The rename is what keeps a *failed* run from
+    /// leaving output under the target name. Unlike our state files, user
+    /// outputs are not fsynced first: flushing a gigabyte to disk would cost
+    /// more than the encryption, and `cp`, `age` and `gpg` do not either.
     fn commit(self) -> Result<(), CryptoError> {
-        self.tmp.as_file().sync_all()?;
-        let dir = self.target.parent().map(Path::to_path_buf);
         self.tmp.persist(&self.target).map_err(|e| e.error)?;
-        if let Some(d) = dir.filter(|d| !d.as_os_str().is_empty()) {
-            fsutil::sync_dir(&d)?;
-        }
         Ok(())
     }
 }

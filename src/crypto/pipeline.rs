@@ -28,6 +28,12 @@ pub(crate) fn workers() -> usize {
     *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(4))
 }
 
+/// Batch buffers in flight: enough slack that one descheduled thread on a
+/// busy machine does not stall the others (about 6 MiB with 512 KiB batches).
+pub(crate) fn buffers() -> usize {
+    2 * workers() + 8
+}
+
 /// Run `produce` (this thread) -> `work` (workers) -> `consume` (writer, in
 /// order) until `produce` marks a batch `last` or anything fails. The first
 /// error in stream order wins: a failed batch stops everything after it.
