@@ -137,7 +137,7 @@ pub struct EgressNetwork {
 /// Find or create the labelled internal network. A network of that name
 /// that is not ours, or not internal, is refused rather than used.
 pub async fn ensure_network(docker: &Docker, p: &EgressProfile, label: &str) -> Result<EgressNetwork, DockerError> {
-    for _ in 0..3 {
+    for attempt in 0..10u64 {
         match docker
             .inspect_network(&p.network, None::<bollard::query_parameters::InspectNetworkOptions>)
             .await
@@ -162,9 +162,11 @@ pub async fn ensure_network(docker: &Docker, p: &EgressProfile, label: &str) -> 
         };
         match docker.create_network(req).await {
             Ok(_) => {}
-            // Another `execute` created it meanwhile (names are unique only
-            // per request on this engine): inspect again.
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => {}
+            // Another `execute` created it meanwhile: 409 (name taken) or
+            // 403 (its fixed bridge name is taken). Inspect again and use it.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 409 | 403, ..
+            }) => tokio::time::sleep(std::time::Duration::from_millis(20 * (attempt + 1))).await,
             Err(e) => return Err(e.into()),
         }
     }
