@@ -280,7 +280,9 @@ fn opt_out_stops_running_job_containers() {
         "scenario:ok",
     ])
     .code(3);
-    assert!(our_containers().is_empty());
+    // Refused before any container: no second job started, none left.
+    assert_eq!(events_named(&audit_events(&t), "job.started").len(), 1);
+    assert!(containers_of_job(&job_id).is_empty());
 }
 
 #[test]
