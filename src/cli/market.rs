@@ -48,6 +48,11 @@ pub struct ServeArgs {
     /// Attempts per task when the requester does not say
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=MAX_ATTEMPTS as i64))]
     pub max_attempts: u32,
+    /// A delivered task the requester neither settles nor rejects within this many
+    /// milliseconds is settled (and its held result dropped)
+    #[arg(long, default_value_t = crate::market::server::book::DEFAULT_SETTLE_TTL_MS as u64,
+          value_parser = clap::value_parser!(u64).range(1000..))]
+    pub settle_ttl_ms: u64,
     /// Largest control frame in bytes
     #[arg(long, default_value_t = crate::market::protocol::DEFAULT_CONTROL_CAP)]
     pub control_cap: usize,
@@ -129,6 +134,7 @@ fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<()> {
     opts.settings.lease_ms = a.lease_ms as i64;
     opts.settings.grace_ms = a.grace_ms as i64;
     opts.settings.default_attempts = a.max_attempts;
+    opts.settings.settle_ttl_ms = a.settle_ttl_ms.min(i64::MAX as u64) as i64;
     opts.control_cap = a.control_cap.max(1024);
     opts.payload_cap = a.payload_cap.max(opts.control_cap);
     opts.rate = a.rate.max(1) as f64;

@@ -4,4 +4,5 @@
 pub mod client;
 pub mod protocol;
 pub mod provider;
+pub mod sealed;
 pub mod server;
