@@ -108,6 +108,9 @@ pub enum ApprovedBy {
     ApproveAll,
     /// A standing rule (`compliance.requireApproval=false`, `market.autoAcceptBids`).
     StandingRule,
+    /// Answered yes at the terminal before the job was handed over (a
+    /// market task is approved when it is offered, before the lease).
+    Interactive,
 }
 
 impl ApprovedBy {
@@ -115,6 +118,7 @@ impl ApprovedBy {
         match self {
             ApprovedBy::ApproveAll => "approve-all",
             ApprovedBy::StandingRule => "standing-rule",
+            ApprovedBy::Interactive => "tty",
         }
     }
 }
