@@ -1,0 +1,496 @@
+//! A small federation on loopback: one coordinator, two providers and one
+//! requester, each a separate process of our binary with its own
+//! `CMM_HOME` and keys; the providers run the fake-`claude` test image on
+//! the real Docker engine.
+
+mod common;
+mod docker_common;
+mod market_support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use claude_max_market::crypto::keys::Identity;
+use claude_max_market::market::client::Client;
+use claude_max_market::market::protocol::{Reason, Request};
+use claude_max_market::{AuditLog, Paths};
+use common::{docker_available, Cmm};
+use docker_common::{build_fixture_image, containers_of_job, docker, job_env, TOKEN};
+use market_support::{rt, Server};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// The fake-claude image, tagged by the fixture's content so a changed
+/// fixture is rebuilt rather than a stale image reused.
+fn image() -> String {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake-claude");
+    let mut h = Sha256::new();
+    for f in ["Dockerfile", "claude", "entrypoint.sh"] {
+        h.update(std::fs::read(dir.join(f)).expect("fixture file"));
+    }
+    let tag = format!("cmm-fake-claude:fed-{}", &hex::encode(h.finalize())[..12]);
+    build_fixture_image(&tag);
+    tag
+}
+
+fn node_id(home: &Cmm) -> String {
+    let paths = Paths::in_one_dir(home.path().to_path_buf());
+    Identity::load_or_generate(&paths, &AuditLog::new(&paths))
+        .expect("node identity")
+        .node_id()
+        .to_string()
+}
+
+/// Read a child's stdout (JSON lines) or stderr (text lines) into a list.
+fn collect<R: std::io::Read + Send + 'static>(r: R) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let l2 = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            l2.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+fn wait_line(lines: &Arc<Mutex<Vec<String>>>, secs: u64, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(l) = lines.lock().unwrap().iter().find(|l| pred(l)) {
+            return l.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} within {secs}s; got:\n{}",
+            lines.lock().unwrap().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `advertise --auto-accept` running the fake image.
+struct Provider {
+    home: Cmm,
+    node_id: String,
+    child: Option<Child>,
+    out: Arc<Mutex<Vec<String>>>,
+    err: Arc<Mutex<Vec<String>>>,
+}
+
+impl Provider {
+    fn new(server: &Server, image: &str, setup: impl FnOnce(&Cmm)) -> Provider {
+        let home = job_env();
+        home.run(&["opt-in", "--accept-terms", "--claude-jobs"]).code(0);
+        home.run(&["config", "--set", "limits.maxTokensPerTask=4000"]).code(0);
+        setup(&home);
+        let node_id = node_id(&home);
+        let mut cmd = home
+            .cmd(&[
+                "--json",
+                "advertise",
+                "--slots",
+                "1",
+                "--price",
+                "5",
+                "--auto-accept",
+                "--image",
+                image,
+                "--endpoint",
+                &server.endpoint,
+            ])
+            .cmd;
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn advertise");
+        let out = collect(child.stdout.take().unwrap());
+        let err = collect(child.stderr.take().unwrap());
+        let p = Provider {
+            home,
+            node_id,
+            child: Some(child),
+            out,
+            err,
+        };
+        p.wait(20, "offer", |v| v["event"] == "offer");
+        p
+    }
+
+    fn wait(&self, secs: u64, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let l = wait_line(&self.out, secs, what, |l| {
+            serde_json::from_str::<Value>(l).is_ok_and(|v| pred(&v))
+        });
+        serde_json::from_str(&l).unwrap()
+    }
+
+    fn events(&self, name: &str) -> Vec<Value> {
+        self.out
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["event"] == name)
+            .collect()
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Ctrl-C, and the exit code.
+    #[allow(dead_code)]
+    fn interrupt(&mut self) -> i32 {
+        let mut c = self.child.take().expect("running provider");
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGINT);
+        }
+        c.wait().expect("wait").code().unwrap_or(-1)
+    }
+
+    fn stderr(&self) -> String {
+        self.err.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn status(home: &Cmm, server: &Server) -> Value {
+    let out = home.run(&["--json", "market", "status", "--endpoint", &server.endpoint]);
+    out.code(0);
+    out.json()["status"].clone()
+}
+
+#[track_caller]
+fn audit_verifies(home: &Cmm) {
+    home.run(&["audit", "verify"]).code(0);
+}
+
+fn bid<'a>(server: &'a Server, prompt: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--json",
+        "bid",
+        "--prompt",
+        prompt,
+        "--max-price",
+        "20",
+        "--max-tokens",
+        "1000",
+        "--wait",
+        "--endpoint",
+        &server.endpoint,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+fn canary(tag: &str) -> String {
+    format!("cmmcanary{tag}{}", hex::encode(rand::random::<[u8; 6]>()))
+}
+
+/// Every byte under `dir`, searched for `needle`.
+fn dir_contains(dir: &std::path::Path, needle: &str) -> Vec<String> {
+    let mut hits = Vec::new();
+    for e in walk(dir) {
+        if let Ok(bytes) = std::fs::read(&e) {
+            if bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                hits.push(e.display().to_string());
+            }
+        }
+    }
+    hits
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn happy_path_settles_exactly_and_the_coordinator_never_sees_plaintext() {
+    if !docker_available("happy_path_settles_exactly_and_the_coordinator_never_sees_plaintext") {
+        return;
+    }
+    let img = image();
+    let server = Server::start(&["--lease-ms", "3000"]);
+    let p1 = Provider::new(&server, &img, |_| {});
+    let p2 = Provider::new(&server, &img, |_| {});
+    let requester = Cmm::new();
+    let secret = canary("prompt");
+    let prompt = format!("scenario:echo {secret}");
+    let out = requester.run(&bid(&server, &prompt, &[]));
+    out.code(0);
+    let v = out.json();
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["status"], "completed");
+    let result = v["result"]["result"].as_str().expect("result text");
+    assert!(result.contains(&secret), "the job's result comes back: {result}");
+    assert_eq!(v["attempt"], 1);
+    assert_eq!(v["settlement"]["paid"], 5);
+    assert_eq!(v["settlement"]["refunded"], 15);
+    for step in ["posted", "assigned to node", "running on node", "delivered", "settled"] {
+        assert!(out.stderr.contains(step), "progress shows `{step}`:\n{}", out.stderr);
+    }
+    let (ran, idle) = if v["provider"] == p1.node_id.as_str() {
+        (&p1, &p2)
+    } else {
+        (&p2, &p1)
+    };
+    assert_eq!(v["provider"], ran.node_id.as_str());
+    ran.wait(10, "settled", |e| e["event"] == "settled");
+
+    // Balances move exactly; escrow is empty; reputation counts the work.
+    let rs = status(&requester, &server);
+    assert_eq!(rs["balance"], 995, "requester pays the ask: {rs:#}");
+    assert_eq!(rs["escrow"], 0);
+    let ps = status(&ran.home, &server);
+    assert_eq!(ps["balance"], 1005, "provider earns its ask");
+    assert_eq!(ps["reputation"]["successes"], 1);
+    assert_eq!(status(&idle.home, &server)["balance"], 1000);
+    assert_eq!(rs["server"]["ledger"]["escrow"], 0);
+    server.verify();
+
+    // The job went through the pipeline on the provider, as a market job.
+    let events = docker_common::audit_events(&ran.home);
+    let started: Vec<_> = events.iter().filter(|e| e["event"] == "job.started").collect();
+    assert_eq!(started.len(), 1);
+    assert_eq!(started[0]["source"], "market");
+    assert!(events.iter().any(|e| e["event"] == "market.approved"));
+    assert!(events.iter().any(|e| e["event"] == "market.delivered"));
+
+    // Every node's log verifies.
+    for h in [&requester, &p1.home, &p2.home] {
+        audit_verifies(h);
+    }
+    // The coordinator (database, WAL, logs) and the providers' audit logs
+    // never hold the prompt or the result.
+    let result_marker = format!("echo:scenario:echo{secret}");
+    assert!(result.contains(&result_marker));
+    for needle in [&prompt, &secret, &result_marker] {
+        let hits = dir_contains(server.home.path(), needle);
+        assert!(hits.is_empty(), "coordinator files hold plaintext: {hits:?}");
+        for p in [&p1, &p2] {
+            assert!(!p.home.read("audit.jsonl").contains(needle.as_str()));
+            assert!(!p.stderr().contains(needle.as_str()));
+        }
+        assert!(!requester.read("audit.jsonl").contains(needle.as_str()));
+    }
+    assert!(!p1.out.lock().unwrap().join("\n").contains(&secret));
+}
+
+#[test]
+fn a_failing_job_is_reported_reoffered_and_refunded_after_the_last_attempt() {
+    if !docker_available("a_failing_job_is_reported_reoffered_and_refunded_after_the_last_attempt") {
+        return;
+    }
+    let img = image();
+    let server = Server::start(&["--lease-ms", "3000"]);
+    let p1 = Provider::new(&server, &img, |_| {});
+    let p2 = Provider::new(&server, &img, |_| {});
+    let requester = Cmm::new();
+    let out = requester.run(&bid(&server, "scenario:auth", &["--max-attempts", "2"]));
+    out.code(1);
+    assert!(out.stderr.contains("attempt 1"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("authentication_failed") || out.stderr.contains("could not log in"),
+        "the signed failure report is shown:\n{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("attempt 2"), "{}", out.stderr);
+    assert!(out.stderr.contains("refunded 20 RUV"), "{}", out.stderr);
+    let rs = status(&requester, &server);
+    assert_eq!(rs["balance"], 1000, "refunded in full");
+    assert_eq!(rs["escrow"], 0);
+    let failures: i64 = [&p1, &p2]
+        .iter()
+        .map(|p| status(&p.home, &server)["reputation"]["failures"].as_i64().unwrap())
+        .sum();
+    assert_eq!(failures, 2, "each failed attempt counts against its provider");
+    for p in [&p1, &p2] {
+        assert_eq!(status(&p.home, &server)["balance"], 1000);
+        audit_verifies(&p.home);
+    }
+    server.verify();
+}
+
+#[test]
+fn provider_killed_mid_job_lapses_and_the_other_completes_attempt_two() {
+    if !docker_available("provider_killed_mid_job_lapses_and_the_other_completes_attempt_two") {
+        return;
+    }
+    let img = image();
+    let server = Server::start(&["--lease-ms", "1500"]);
+    let mut p1 = Provider::new(&server, &img, |_| {});
+    let mut p2 = Provider::new(&server, &img, |_| {});
+    let requester = Cmm::new();
+    let secret = canary("kill");
+    let prompt = format!("scenario:slowecho {secret}");
+    let mut cmd = requester.cmd(&bid(&server, &prompt, &[])).cmd;
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn bid");
+    let out = collect(child.stdout.take().unwrap());
+    let err = collect(child.stderr.take().unwrap());
+    wait_line(&err, 30, "running", |l| l.contains("running on node"));
+    // Whichever provider runs it is killed once its job has started.
+    let first = {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if p1.events("running").len() == 1 {
+                break 1;
+            }
+            if p2.events("running").len() == 1 {
+                break 2;
+            }
+            assert!(Instant::now() < deadline, "no provider started the job");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let (killed, other) = if first == 1 { (&mut p1, &p2) } else { (&mut p2, &p1) };
+    std::thread::sleep(Duration::from_millis(300));
+    killed.kill9();
+    // Its orphaned job container is ours to remove.
+    for e in docker_common::audit_events(&killed.home) {
+        if e["event"] == "job.started" {
+            for c in containers_of_job(e["job_id"].as_str().unwrap()) {
+                docker(&["rm", "-f", &c]);
+            }
+        }
+    }
+    let status_code = child.wait().expect("bid exits").code();
+    std::thread::sleep(Duration::from_millis(100));
+    let stdout = out.lock().unwrap().join("\n");
+    assert_eq!(status_code, Some(0), "{stdout}\n{}", err.lock().unwrap().join("\n"));
+    let v: Value = serde_json::from_str(&stdout).expect("bid --json");
+    assert_eq!(v["attempt"], 2, "attempt 2 delivered the result");
+    assert_eq!(v["provider"], other.node_id.as_str());
+    assert!(v["result"]["result"].as_str().unwrap().contains(&secret));
+
+    // A late result from attempt 1 is refused by the fence.
+    let task_id = v["task_id"].as_str().unwrap().to_string();
+    let paths = Paths::in_one_dir(killed.home.path().to_path_buf());
+    let id = Identity::load(&paths).expect("killed provider's keys");
+    let reason = rt().block_on(async {
+        let c = Client::connect(&server.endpoint, &id).await.expect("reconnect");
+        c.request(&Request::Deliver {
+            task_id,
+            attempt: 1,
+            data: "bGF0ZQ==".into(),
+        })
+        .await
+        .unwrap_err()
+        .reason()
+    });
+    assert_eq!(reason, Some(Reason::StaleAttempt));
+    assert_eq!(status(&requester, &server)["balance"], 995);
+    assert_eq!(status(&other.home, &server)["balance"], 1005);
+    assert_eq!(status(&killed.home, &server)["reputation"]["failures"], 1);
+    server.verify();
+}
+
+#[test]
+fn an_offline_requester_fetches_the_result_later() {
+    if !docker_available("an_offline_requester_fetches_the_result_later") {
+        return;
+    }
+    let img = image();
+    let server = Server::start(&["--lease-ms", "3000"]);
+    let _p1 = Provider::new(&server, &img, |_| {});
+    let requester = Cmm::new();
+    let secret = canary("offline");
+    let prompt = format!("scenario:slowecho {secret}");
+    let mut cmd = requester.cmd(&bid(&server, &prompt, &[])).cmd;
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn bid");
+    let err = collect(child.stderr.take().unwrap());
+    let posted = wait_line(&err, 30, "posted", |l| l.starts_with("posted "));
+    let task_id = posted
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(';')
+        .to_string();
+    wait_line(&err, 30, "running", |l| l.contains("running on node"));
+    let _ = child.kill();
+    let _ = child.wait();
+    // The result arrives while the requester is away.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = status(&requester, &server);
+        let state = st["tasks"][0]["state"].clone();
+        if state == "delivered" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never delivered: {st:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = requester.run(&["--json", "market", "result", &task_id, "--endpoint", &server.endpoint]);
+    out.code(0);
+    let v = out.json();
+    assert!(v["result"]["result"].as_str().unwrap().contains(&secret));
+    assert_eq!(v["settlement"]["paid"], 5);
+    let rs = status(&requester, &server);
+    assert_eq!(rs["balance"], 995);
+    assert_eq!(rs["escrow"], 0);
+    // Once settled the coordinator holds no result any more.
+    let again = requester.run(&["--json", "market", "result", &task_id, "--endpoint", &server.endpoint]);
+    assert_ne!(again.status, 0);
+    audit_verifies(&requester);
+    server.verify();
+}
+
+#[test]
+fn a_provider_at_its_cap_declines_and_one_that_opted_out_gets_nothing() {
+    if !docker_available("a_provider_at_its_cap_declines_and_one_that_opted_out_gets_nothing") {
+        return;
+    }
+    let img = image();
+    let server = Server::start(&["--lease-ms", "3000"]);
+    let capped = Provider::new(&server, &img, |h| {
+        h.run(&["config", "--set", "limits.dailyTasks=0"]).code(0);
+    });
+    let mut gone = Provider::new(&server, &img, |_| {});
+    gone.home.run(&["opt-out", "--yes"]).code(0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(c) = gone.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            break c.code();
+        }
+        assert!(Instant::now() < deadline, "advertise did not stop on opt-out");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(3), "opt-out stops advertising (exit 3)");
+    let requester = Cmm::new();
+    let out = requester.run(&bid(&server, "scenario:echo capped", &["--deadline", "3"]));
+    out.code(1);
+    assert!(out.stderr.contains("refunded"), "{}", out.stderr);
+    let offered = capped.wait(10, "declined offer", |e| e["event"] == "task_offered");
+    assert_eq!(offered["accept"], false);
+    assert!(offered["declined"].as_str().unwrap().contains("daily"), "{offered:#}");
+    let events = docker_common::audit_events(&capped.home);
+    assert!(events.iter().any(|e| e["event"] == "market.declined"));
+    assert!(!events.iter().any(|e| e["event"] == "job.started"));
+    assert!(
+        gone.events("task_offered").is_empty(),
+        "an opted-out node is told nothing"
+    );
+    assert_eq!(status(&requester, &server)["balance"], 1000);
+    drop(capped);
+    let _ = TOKEN;
+}
