@@ -494,3 +494,212 @@ fn a_provider_at_its_cap_declines_and_one_that_opted_out_gets_nothing() {
     drop(capped);
     let _ = TOKEN;
 }
+
+/// Which frames a [`TamperProxy`] alters.
+#[derive(Clone, Copy, PartialEq)]
+enum Tamper {
+    /// The requester's `payload` request (client to coordinator, masked).
+    Payload,
+    /// The `delivered` event to the requester (coordinator to client).
+    Result,
+}
+
+/// A TCP proxy in front of the coordinator for one node: passes the
+/// WebSocket handshake through, then re-frames every frame, flipping one
+/// byte of the sealed envelope inside the chosen frames (same length, so
+/// only the cryptography can notice).
+struct TamperProxy {
+    endpoint: String,
+    flipped: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TamperProxy {
+    fn start(upstream: &str, what: Tamper) -> TamperProxy {
+        use std::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("ws://{}", listener.local_addr().unwrap());
+        let upstream = upstream.trim_start_matches("ws://").to_string();
+        let flipped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let f2 = flipped.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(down) = conn else { return };
+                let Ok(up) = TcpStream::connect(&upstream) else { return };
+                let (d2, u2) = (down.try_clone().unwrap(), up.try_clone().unwrap());
+                let (fa, fb) = (f2.clone(), f2.clone());
+                std::thread::spawn(move || pump(down, up, what == Tamper::Payload, "\"type\":\"payload\"", fa));
+                std::thread::spawn(move || pump(u2, d2, what == Tamper::Result, "\"type\":\"delivered\"", fb));
+            }
+        });
+        TamperProxy { endpoint, flipped }
+    }
+
+    fn flipped(&self) -> usize {
+        self.flipped.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    tamper: bool,
+    marker: &'static str,
+    flipped: Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::io::{Read, Write};
+    // The HTTP upgrade head, byte by byte up to the blank line.
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if from.read_exact(&mut b).is_err() {
+            return;
+        }
+        head.push(b[0]);
+    }
+    if to.write_all(&head).is_err() {
+        return;
+    }
+    loop {
+        let mut h = [0u8; 2];
+        if from.read_exact(&mut h).is_err() {
+            let _ = to.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        let mut header = h.to_vec();
+        let masked = h[1] & 0x80 != 0;
+        let mut len = (h[1] & 0x7f) as u64;
+        if len == 126 {
+            let mut x = [0u8; 2];
+            from.read_exact(&mut x).unwrap();
+            header.extend_from_slice(&x);
+            len = u16::from_be_bytes(x) as u64;
+        } else if len == 127 {
+            let mut x = [0u8; 8];
+            from.read_exact(&mut x).unwrap();
+            header.extend_from_slice(&x);
+            len = u64::from_be_bytes(x);
+        }
+        let mut mask = [0u8; 4];
+        if masked {
+            from.read_exact(&mut mask).unwrap();
+            header.extend_from_slice(&mask);
+        }
+        let mut body = vec![0u8; len as usize];
+        if from.read_exact(&mut body).is_err() {
+            return;
+        }
+        if masked {
+            for (i, x) in body.iter_mut().enumerate() {
+                *x ^= mask[i % 4];
+            }
+        }
+        if tamper && h[0] & 0x0f == 1 {
+            if let Some(t) = flip_envelope(&body, marker) {
+                body = t;
+                flipped.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        if masked {
+            for (i, x) in body.iter_mut().enumerate() {
+                *x ^= mask[i % 4];
+            }
+        }
+        if to.write_all(&header).is_err() || to.write_all(&body).is_err() {
+            return;
+        }
+    }
+}
+
+/// In a frame holding `marker`, flip one byte in the middle of the sealed
+/// envelope inside `data` (base64 of JSON holding base64), keeping lengths.
+fn flip_envelope(frame: &[u8], marker: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let text = std::str::from_utf8(frame).ok()?;
+    if !text.contains(marker) {
+        return None;
+    }
+    let start = text.find("\"data\":\"")? + 8;
+    let end = start + text[start..].find('"')?;
+    let wire: Value = serde_json::from_slice(&b64.decode(&text[start..end]).ok()?).ok()?;
+    let mut env = b64.decode(wire["envelope"].as_str()?).ok()?;
+    let mid = env.len() / 2;
+    env[mid] ^= 0x01;
+    let old_env = wire["envelope"].as_str()?.to_string();
+    let new_env = b64.encode(&env);
+    let inner = String::from_utf8(b64.decode(&text[start..end]).ok()?).ok()?;
+    let inner = inner.replace(&old_env, &new_env);
+    let outer = b64.encode(inner.as_bytes());
+    assert_eq!(outer.len(), end - start, "same length");
+    Some(format!("{}{}{}", &text[..start], outer, &text[end..]).into_bytes())
+}
+
+#[test]
+fn a_payload_altered_in_transit_is_refused_before_decryption_and_nothing_settles() {
+    if !docker_available("a_payload_altered_in_transit_is_refused_before_decryption_and_nothing_settles") {
+        return;
+    }
+    let img = image();
+    let server = Server::start(&["--lease-ms", "3000"]);
+    let p1 = Provider::new(&server, &img, |_| {});
+    let proxy = TamperProxy::start(&server.endpoint, Tamper::Payload);
+    let requester = Cmm::new();
+    let secret = canary("tamperp");
+    let prompt = format!("scenario:echo {secret}");
+    let mut args = bid(&server, &prompt, &["--max-attempts", "1"]);
+    let at = args.iter().position(|a| *a == server.endpoint).unwrap();
+    args[at] = &proxy.endpoint;
+    let out = requester.run(&args);
+    out.code(1);
+    assert!(proxy.flipped() >= 1, "the proxy altered the payload");
+    assert!(out.stderr.contains("refunded 20 RUV"), "{}", out.stderr);
+    assert!(!out.stdout.contains(&secret));
+    let events = docker_common::audit_events(&p1.home);
+    let refused: Vec<_> = events
+        .iter()
+        .filter(|e| e["event"] == "market.payload_refused")
+        .collect();
+    assert_eq!(refused.len(), 1, "{events:#?}");
+    assert!(
+        refused[0]["error"].as_str().unwrap().contains("signature"),
+        "refused by signature: {}",
+        refused[0]
+    );
+    assert!(!events.iter().any(|e| e["event"] == "job.started"), "nothing ran");
+    assert_eq!(status(&requester, &server)["balance"], 1000, "nothing settled");
+    assert_eq!(status(&p1.home, &server)["balance"], 1000);
+    server.verify();
+}
+
+#[test]
+fn a_result_altered_in_transit_is_rejected_never_printed_and_nothing_settles() {
+    if !docker_available("a_result_altered_in_transit_is_rejected_never_printed_and_nothing_settles") {
+        return;
+    }
+    let img = image();
+    let server = Server::start(&["--lease-ms", "3000"]);
+    let p1 = Provider::new(&server, &img, |_| {});
+    let proxy = TamperProxy::start(&server.endpoint, Tamper::Result);
+    let requester = Cmm::new();
+    let secret = canary("tamperr");
+    let prompt = format!("scenario:echo {secret}");
+    let mut args = bid(&server, &prompt, &[]);
+    let at = args.iter().position(|a| *a == server.endpoint).unwrap();
+    args[at] = &proxy.endpoint;
+    let out = requester.run(&args);
+    out.code(5);
+    assert_eq!(proxy.flipped(), 1, "the proxy altered the result");
+    assert!(out.stdout.contains("signature"), "refused by signature: {}", out.stdout);
+    assert!(
+        !out.stdout.contains(&secret) && !out.stderr.contains(&secret),
+        "never printed"
+    );
+    let events = docker_common::audit_events(&requester);
+    assert!(events.iter().any(|e| e["event"] == "market.result_rejected"));
+    assert!(!events.iter().any(|e| e["event"] == "market.settled"));
+    let rs = status(&requester, &server);
+    assert_eq!(rs["balance"], 1000, "nothing paid: {rs:#}");
+    assert_eq!(rs["escrow"], 0);
+    assert_eq!(status(&p1.home, &server)["balance"], 1000);
+    server.verify();
+}
