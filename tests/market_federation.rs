@@ -141,7 +141,6 @@ impl Provider {
     }
 
     /// Ctrl-C, and the exit code.
-    #[allow(dead_code)]
     fn interrupt(&mut self) -> i32 {
         let mut c = self.child.take().expect("running provider");
         // SAFETY: signalling our own child.
@@ -701,5 +700,64 @@ fn a_result_altered_in_transit_is_rejected_never_printed_and_nothing_settles() {
     assert_eq!(rs["balance"], 1000, "nothing paid: {rs:#}");
     assert_eq!(rs["escrow"], 0);
     assert_eq!(status(&p1.home, &server)["balance"], 1000);
+    server.verify();
+}
+
+#[test]
+fn ctrl_c_gives_the_lease_back_and_the_task_is_reoffered_at_once() {
+    if !docker_available("ctrl_c_gives_the_lease_back_and_the_task_is_reoffered_at_once") {
+        return;
+    }
+    let img = image();
+    // A lease long enough that only a clean give-back explains a quick re-offer.
+    let server = Server::start(&["--lease-ms", "30000"]);
+    let mut p1 = Provider::new(&server, &img, |_| {});
+    let mut p2 = Provider::new(&server, &img, |_| {});
+    let requester = Cmm::new();
+    let secret = canary("ctrlc");
+    let prompt = format!("scenario:slowecho {secret}");
+    let started = Instant::now();
+    let mut cmd = requester.cmd(&bid(&server, &prompt, &[])).cmd;
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn bid");
+    let out = collect(child.stdout.take().unwrap());
+    let err = collect(child.stderr.take().unwrap());
+    wait_line(&err, 30, "running", |l| l.contains("running on node"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        if !p1.events("running").is_empty() {
+            break 1;
+        }
+        if !p2.events("running").is_empty() {
+            break 2;
+        }
+        assert!(Instant::now() < deadline, "no provider started the job");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (stopped, other) = if first == 1 { (&mut p1, &p2) } else { (&mut p2, &p1) };
+    assert_eq!(stopped.interrupt(), 0, "Ctrl-C is a clean stop: {}", stopped.stderr());
+    let gave_back = stopped.events("abandoned");
+    assert_eq!(gave_back.len(), 1, "the lease is given back");
+    assert_eq!(gave_back[0]["reason"], "withdrawn");
+    assert_eq!(stopped.events("withdrawn").len(), 1, "the offer is withdrawn");
+    let code = child.wait().unwrap().code();
+    std::thread::sleep(Duration::from_millis(100));
+    let v: Value = serde_json::from_str(&out.lock().unwrap().join("\n")).expect("bid --json");
+    assert_eq!(code, Some(0));
+    assert_eq!(v["attempt"], 2);
+    assert_eq!(v["provider"], other.node_id.as_str());
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "re-offered at once, not after the 30 s lease: {:?}",
+        started.elapsed()
+    );
+    // No container of the stopped job is left behind; its log verifies.
+    for e in docker_common::audit_events(&stopped.home) {
+        if e["event"] == "job.started" {
+            assert!(containers_of_job(e["job_id"].as_str().unwrap()).is_empty());
+        }
+    }
+    audit_verifies(&stopped.home);
+    assert_eq!(status(&stopped.home, &server)["reputation"]["failures"], 0);
     server.verify();
 }
