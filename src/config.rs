@@ -888,6 +888,20 @@ mod tests {
     }
 
     #[test]
+    fn approval_rule_lists_are_checked_item_by_item() {
+        let d = def("market.allowedModels").unwrap();
+        assert_eq!(parse_text(d, " sonnet , opus ").unwrap(), Value::from("sonnet,opus"));
+        assert_eq!(parse_text(d, "none").unwrap(), Value::Null);
+        assert!(parse_text(d, "son net").is_err());
+        let d = def("market.allowedRequesters").unwrap();
+        let id = "a".repeat(64);
+        assert_eq!(parse_text(d, &id).unwrap(), Value::from(id.as_str()));
+        assert!(parse_text(d, "abc").is_err());
+        assert!(check(d, &Value::from(",")).is_err());
+        assert!(parse_text(def("market.minPrice").unwrap(), "-1").is_err());
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size("512m").unwrap(), 512 << 20);
         assert_eq!(parse_size("1G").unwrap(), 1 << 30);

@@ -290,6 +290,10 @@ fn happy_path_settles_exactly_and_the_coordinator_never_sees_plaintext() {
             assert!(!p.stderr().contains(needle.as_str()));
         }
         assert!(!requester.read("audit.jsonl").contains(needle.as_str()));
+        // Nor any file of the provider that ran it (its job record keeps
+        // hashes, not the requester's prompt or result).
+        let hits = dir_contains(ran.home.path(), needle);
+        assert!(hits.is_empty(), "provider files hold plaintext: {hits:?}");
     }
     assert!(!p1.out.lock().unwrap().join("\n").contains(&secret));
 }

@@ -104,6 +104,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
                 deadline_secs: deadline,
                 max_attempts: a.max_attempts,
                 min_reputation: a.min_reputation,
+                payload_bytes: Some(prompt.len() as u64),
             },
             Some(hash),
             Some(prompt),

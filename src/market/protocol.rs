@@ -163,6 +163,9 @@ pub enum Request {
         max_attempts: Option<u32>,
         #[serde(default)]
         min_reputation: Option<f64>,
+        /// Size of the prompt in bytes, shown to providers deciding on it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        payload_bytes: Option<u64>,
     },
     /// Raise an unfinished task's bid (never lower it).
     Raise {

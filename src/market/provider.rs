@@ -129,42 +129,49 @@ async fn decide(paths: &Paths, spec: &AdvertiseSpec, client: &Client, task: &Val
     if let Err(e) = room {
         return Decision::Decline(e);
     }
-    if let Some(ask) = &spec.ask {
-        let requester = task["requester"].as_str().unwrap_or_default().to_string();
-        let rep = client
-            .request(&Request::Reputation {
-                node_id: requester.clone(),
-            })
-            .await
-            .ok()
-            .and_then(|v| v["score"].as_f64());
-        let question = format!(
-            "Run market task {} from node {} (reputation {}): model `{}`, up to {} tokens, bid {} RUV (your ask {}), payload {}?",
-            task["task_id"].as_str().unwrap_or("?"),
-            &requester[..requester.len().min(16)],
-            rep.map(|r| format!("{r:.3}")).unwrap_or_else(|| "unknown".into()),
-            task["model"].as_str().unwrap_or("?"),
-            tokens,
-            task["max_price"],
-            spec.price,
-            task["payload_bytes"]
-                .as_u64()
-                .map(|b| format!("{b} bytes"))
-                .unwrap_or_else(|| "size sent after accepting".into()),
-        );
-        let ask = ask.clone();
-        return match tokio::task::spawn_blocking(move || ask(question)).await {
-            Ok(Some(true)) => Decision::Accept(ApprovedBy::Interactive),
-            Ok(Some(false)) => Decision::Decline("declined at the prompt".into()),
-            _ => Decision::Decline("the prompt could not be read".into()),
-        };
+    // A standing rule that matches decides without asking; otherwise the
+    // person at the terminal does; with neither, the offer is declined.
+    let rules = if spec.auto_accept {
+        passes_rules(spec, task)
+    } else {
+        Err("no standing rule (`--auto-accept`)".to_string())
+    };
+    if rules.is_ok() {
+        return Decision::Accept(ApprovedBy::StandingRule);
     }
-    if !spec.auto_accept {
-        return Decision::Decline("no terminal to ask and no standing rule (`--auto-accept`)".into());
-    }
-    match passes_rules(spec, task) {
-        Ok(()) => Decision::Accept(ApprovedBy::StandingRule),
-        Err(why) => Decision::Decline(why),
+    let Some(ask) = &spec.ask else {
+        return Decision::Decline(match rules {
+            Err(why) if spec.auto_accept => why,
+            _ => "no terminal to ask and no standing rule (`--auto-accept`)".into(),
+        });
+    };
+    let requester = task["requester"].as_str().unwrap_or_default().to_string();
+    let rep = client
+        .request(&Request::Reputation {
+            node_id: requester.clone(),
+        })
+        .await
+        .ok()
+        .and_then(|v| v["score"].as_f64());
+    let question = format!(
+        "Run market task {} from node {} (reputation {}): model `{}`, up to {} tokens, bid {} RUV (your ask {}), payload {}?",
+        task["task_id"].as_str().unwrap_or("?"),
+        &requester[..requester.len().min(16)],
+        rep.map(|r| format!("{r:.3}")).unwrap_or_else(|| "unknown".into()),
+        task["model"].as_str().unwrap_or("?"),
+        tokens,
+        task["max_price"],
+        spec.price,
+        task["payload_bytes"]
+            .as_u64()
+            .map(|b| format!("{b} bytes"))
+            .unwrap_or_else(|| "of undeclared size".into()),
+    );
+    let ask = ask.clone();
+    match tokio::task::spawn_blocking(move || ask(question)).await {
+        Ok(Some(true)) => Decision::Accept(ApprovedBy::Interactive),
+        Ok(Some(false)) => Decision::Decline("declined at the prompt".into()),
+        _ => Decision::Decline("the prompt could not be read".into()),
     }
 }
 
@@ -394,17 +401,22 @@ impl Lease {
                 };
                 if let Err(e) = client.request(&renew).await {
                     if !e.is_transient() {
-                        // Fenced off: nothing this attempt sends will count.
+                        // Fenced off: stop renewing. The coordinator's
+                        // `lease_lapsed` cancels the job; the job itself is
+                        // never dropped mid-run, so its container is removed.
                         return;
                     }
                 }
             }
         };
+        let work = self.work(payload, cancel);
+        tokio::pin!(work);
         tokio::select! {
             _ = heartbeat => {
                 self.say(json!({ "event": "lease_lost", "task_id": self.binding.task_id, "attempt": self.binding.attempt }));
+                work.await;
             }
-            _ = self.work(payload, cancel) => {}
+            _ = &mut work => {}
         }
     }
 

@@ -201,3 +201,85 @@ pub fn open_result(
     let opened = envelope::decrypt(me, &env, Some(from))?;
     Ok((wire.status.unwrap_or_default(), opened.plaintext))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::envelope::tests::vector_identity;
+
+    fn binding(attempt: u32) -> Binding {
+        Binding {
+            task_id: "t-1".into(),
+            attempt,
+            payload_hash: hex::encode(Sha256::digest(b"the prompt")),
+        }
+    }
+
+    /// Alter one byte inside the envelope, keeping everything else.
+    fn flip(data: &str) -> String {
+        let mut wire: Wire = serde_json::from_slice(&B64.decode(data).unwrap()).unwrap();
+        let mut env = B64.decode(&wire.envelope).unwrap();
+        let mid = env.len() / 2;
+        env[mid] ^= 1;
+        wire.envelope = B64.encode(&env);
+        B64.encode(serde_json::to_vec(&wire).unwrap())
+    }
+
+    #[test]
+    fn payload_round_trips_and_is_bound_to_task_attempt_and_hash() {
+        let me = vector_identity();
+        let data = seal_payload(me, &me.public(), &binding(1), b"the prompt").unwrap();
+        assert_eq!(
+            open_payload(me, &me.public(), &binding(1), &data).unwrap(),
+            b"the prompt"
+        );
+        // Another attempt (the fence) or task is refused before decryption.
+        assert!(matches!(
+            open_payload(me, &me.public(), &binding(2), &data),
+            Err(SealError::WrongBinding { .. })
+        ));
+        // A prompt that does not hash to the posted hash is refused.
+        let other = seal_payload(me, &me.public(), &binding(1), b"another prompt").unwrap();
+        assert!(matches!(
+            open_payload(me, &me.public(), &binding(1), &other),
+            Err(SealError::HashMismatch)
+        ));
+    }
+
+    #[test]
+    fn an_altered_envelope_fails_the_outer_signature() {
+        let me = vector_identity();
+        let data = seal_result(me, &me.public(), &binding(1), "completed", b"{}").unwrap();
+        assert!(open_result(me, &me.public(), &binding(1), &data).is_ok());
+        assert!(matches!(
+            open_result(me, &me.public(), &binding(1), &flip(&data)),
+            Err(SealError::BadSignature)
+        ));
+    }
+
+    #[test]
+    fn the_signed_status_cannot_be_changed() {
+        let me = vector_identity();
+        let data = seal_result(me, &me.public(), &binding(1), "failed", b"{}").unwrap();
+        let mut wire: Wire = serde_json::from_slice(&B64.decode(&data).unwrap()).unwrap();
+        wire.status = Some("completed".into());
+        let forged = B64.encode(serde_json::to_vec(&wire).unwrap());
+        assert!(matches!(
+            open_result(me, &me.public(), &binding(1), &forged),
+            Err(SealError::BadSignature)
+        ));
+    }
+
+    #[test]
+    fn statement_bytes_are_the_documented_ones() {
+        let b = binding(3);
+        let s = String::from_utf8(statement(RESULT_CONTEXT, &b, Some("completed"), "ab")).unwrap();
+        assert_eq!(
+            s,
+            format!(
+                "cmm-market-result/1\ntask_id=t-1\nattempt=3\npayload_hash={}\nstatus=completed\nenvelope_sha256=ab\n",
+                b.payload_hash
+            )
+        );
+    }
+}

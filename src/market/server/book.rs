@@ -98,10 +98,11 @@ struct Task {
     provider: Option<String>,
     ask: Option<i64>,
     lease_deadline: Option<i64>,
+    payload_bytes: Option<i64>,
 }
 
 const TASK_COLS: &str = "task_id, requester, model, max_tokens, max_price, payload_hash, deadline, max_attempts,
-    min_reputation, state, attempt, provider, ask, lease_deadline";
+    min_reputation, state, attempt, provider, ask, lease_deadline, payload_bytes";
 
 impl Task {
     fn from_row(r: &Row) -> rusqlite::Result<Task> {
@@ -120,6 +121,7 @@ impl Task {
             provider: r.get(11)?,
             ask: r.get(12)?,
             lease_deadline: r.get(13)?,
+            payload_bytes: r.get(14)?,
         })
     }
 
@@ -130,7 +132,7 @@ impl Task {
             "deadline": ms_to_rfc3339(self.deadline), "max_attempts": self.max_attempts,
             "min_reputation": self.min_reputation, "state": self.state, "attempt": self.attempt,
             "provider": self.provider, "ask": self.ask,
-            "lease_deadline": self.lease_deadline.map(ms_to_rfc3339),
+            "lease_deadline": self.lease_deadline.map(ms_to_rfc3339), "payload_bytes": self.payload_bytes,
         })
     }
 }
@@ -416,8 +418,12 @@ pub fn apply(
             deadline_secs,
             max_attempts,
             min_reputation,
+            payload_bytes,
         } => {
             check_name("model", &model)?;
+            if let Some(b) = payload_bytes {
+                check_range("payload_bytes", b, 1, 1 << 40)?;
+            }
             check_range("max_tokens", max_tokens, 1, 10_000_000)?;
             check_range("max_price", max_price, 1, MAX_PRICE)?;
             check_range("deadline_secs", deadline_secs, 1, 7 * 86_400)?;
@@ -468,11 +474,12 @@ pub fn apply(
                 provider: None,
                 ask: None,
                 lease_deadline: None,
+                payload_bytes: payload_bytes.map(|b| b as i64),
             };
             c.prepare_cached(
                 "INSERT INTO tasks(task_id, requester, model, max_tokens, max_price, payload_hash, deadline,
-                   max_attempts, min_reputation, state, attempt, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'open', 1, ?10, ?10)",
+                   max_attempts, min_reputation, state, attempt, created_at, updated_at, payload_bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'open', 1, ?10, ?10, ?11)",
             )?
             .execute(params![
                 task.task_id,
@@ -484,7 +491,8 @@ pub fn apply(
                 task.deadline,
                 task.max_attempts,
                 task.min_reputation,
-                now
+                now,
+                task.payload_bytes
             ])?;
             announce(c, &task, online, out)?;
             Ok(json!({ "task": task.view(), "escrow": price }))
