@@ -765,3 +765,62 @@ fn ctrl_c_gives_the_lease_back_and_the_task_is_reoffered_at_once() {
     assert_eq!(status(&stopped.home, &server)["reputation"]["failures"], 0);
     server.verify();
 }
+
+#[test]
+fn a_delivered_result_nobody_settles_is_settled_after_the_ttl() {
+    use claude_max_market::market::protocol::Event;
+    use market_support::{expect_event, offer, post, Node};
+    let server = Server::start(&["--settle-ttl-ms", "1000"]);
+    let (req, prov) = (Node::new(), Node::new());
+    rt().block_on(async {
+        let r = req.connect(&server).await;
+        let mut p = prov.connect(&server).await;
+        p.request(&offer(5)).await.unwrap();
+        let t = r.request(&post(20)).await.unwrap();
+        let task_id = t["task"]["task_id"].as_str().unwrap().to_string();
+        p.request(&Request::Accept {
+            task_id: task_id.clone(),
+            attempt: 1,
+        })
+        .await
+        .unwrap();
+        p.request(&Request::Deliver {
+            task_id: task_id.clone(),
+            attempt: 1,
+            data: "c2VhbGVk".into(),
+        })
+        .await
+        .unwrap();
+        // Held for the requester until then: only the requester may read it.
+        let held = r
+            .request(&Request::Result {
+                task_id: task_id.clone(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(held["data"], "c2VhbGVk");
+        assert_eq!(held["provider"], prov.node_id().as_str());
+        let other = p
+            .request(&Request::Result {
+                task_id: task_id.clone(),
+            })
+            .await;
+        assert_eq!(market_support::reason_of(other), Reason::NotOwner);
+        let ev = expect_event(&mut p, 10, "settled", |e| matches!(e, Event::Settled { .. })).await;
+        assert!(matches!(
+            ev,
+            Event::Settled {
+                paid: 5,
+                refunded: 15,
+                ..
+            }
+        ));
+        // Settled: the stored bytes are gone.
+        let gone = r.request(&Request::Result { task_id }).await;
+        assert_eq!(market_support::reason_of(gone), Reason::WrongState);
+        let st = r.request(&Request::Status {}).await.unwrap();
+        assert_eq!(st["balance"], 995);
+        assert_eq!(st["escrow"], 0);
+    });
+    server.verify();
+}

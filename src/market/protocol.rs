@@ -573,6 +573,28 @@ mod tests {
     }
 
     #[test]
+    fn an_identity_proof_binds_the_keys_to_the_node() {
+        use base64::Engine as _;
+        let id = crate::crypto::envelope::tests::vector_identity();
+        let nonce = "ab".repeat(32);
+        let sig = id.sign(&auth_message(&nonce, &id.public()));
+        let proof = IdentityProof {
+            identity: id.public(),
+            nonce: nonce.clone(),
+            sig: base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()),
+        };
+        assert!(proof.verified(id.node_id()).is_some());
+        assert!(proof.verified(&"0".repeat(64)).is_none(), "another node's id");
+        // Any change to what the login signed (the RSA key's hash among it) fails.
+        let mut changed = proof.clone();
+        changed.identity.created = "2030-01-01T00:00:00Z".into();
+        assert!(changed.verified(id.node_id()).is_none());
+        let mut changed = proof.clone();
+        changed.nonce = "cd".repeat(32);
+        assert!(changed.verified(id.node_id()).is_none());
+    }
+
+    #[test]
     fn reputation_prior_is_pessimistic() {
         assert!(reputation(0, 0) < 0.5);
         assert!(reputation(10, 0) > reputation(0, 0));
