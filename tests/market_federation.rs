@@ -326,10 +326,20 @@ fn a_failing_job_is_reported_reoffered_and_refunded_after_the_last_attempt() {
         .map(|p| status(&p.home, &server)["reputation"]["failures"].as_i64().unwrap())
         .sum();
     assert_eq!(failures, 2, "each failed attempt counts against its provider");
+    let mut reported = 0;
     for p in [&p1, &p2] {
         assert_eq!(status(&p.home, &server)["balance"], 1000);
+        let events = docker_common::audit_events(&p.home);
+        reported += events
+            .iter()
+            .filter(|e| e["event"] == "market.abandoned" && e["reason"] == "failed")
+            .count();
         audit_verifies(&p.home);
     }
+    assert_eq!(reported, 2, "each failure is reported, not dropped");
+    let events = docker_common::audit_events(&requester);
+    assert!(events.iter().any(|e| e["event"] == "market.refunded"));
+    audit_verifies(&requester);
     server.verify();
 }
 

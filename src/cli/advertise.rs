@@ -128,6 +128,14 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
                 json!({ "task_id": v["lease"]["task_id"], "attempt": v["lease"]["attempt"], "ask": v["lease"]["ask"] }),
             )),
             Some("settled") => Some(("market.settled", v["detail"].clone())),
+            Some("refunded") => Some((
+                "market.refunded",
+                json!({ "task_id": v["detail"]["task_id"], "why": v["detail"]["why"] }),
+            )),
+            Some("lease_lapsed") => Some((
+                "market.lapsed",
+                json!({ "task_id": v["task_id"], "attempt": v["attempt"] }),
+            )),
             Some("withdrawn") => Some(("market.withdraw", json!({ "offer_id": v["offer_id"] }))),
             _ => None,
         };

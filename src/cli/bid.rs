@@ -245,6 +245,9 @@ pub fn finish(ctx: &Ctx, r: Result<Outcome, RequesterError>) -> anyhow::Result<(
             Ok(())
         }
         Err(e) => {
+            if let RequesterError::Refunded { task_id, why } = &e {
+                audit.append("market.refunded", json!({ "task_id": task_id, "why": why }))?;
+            }
             if let RequesterError::Rejected {
                 task_id,
                 attempt,
