@@ -257,8 +257,12 @@ pub async fn advertise(
                 }
                 Some(v) = rep_rx.recv() => report(v),
                 Some(done) = running.join_next(), if !running.is_empty() => {
-                    if let Ok(task_id) = done {
-                        held.remove(&task_id);
+                    // Only this attempt's entry: the same node may already
+                    // hold the task's next attempt.
+                    if let Ok((task_id, attempt)) = done {
+                        if held.get(&task_id).is_some_and(|h| h.attempt == attempt) {
+                            held.remove(&task_id);
+                        }
                     }
                 }
                 ev = events.recv() => {
@@ -300,7 +304,7 @@ pub async fn advertise(
                                         report: rep_tx.clone(),
                                     };
                                     running.spawn_local(async move {
-                                        let id = job.binding.task_id.clone();
+                                        let id = (job.binding.task_id.clone(), job.binding.attempt);
                                         job.serve(prx, cancel).await;
                                         id
                                     });
