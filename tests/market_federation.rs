@@ -840,3 +840,30 @@ fn a_delivered_result_nobody_settles_is_settled_after_the_ttl() {
     });
     server.verify();
 }
+
+#[test]
+fn one_provider_fails_an_attempt_and_serves_the_next_attempt_of_the_same_task() {
+    if !docker_available("one_provider_fails_an_attempt_and_serves_the_next_attempt_of_the_same_task") {
+        return;
+    }
+    // Regression: finishing attempt 1 used to drop the provider's record of
+    // attempt 2 of the same task, so its payload found no lease.
+    let img = image();
+    let server = Server::start(&["--lease-ms", "10000"]);
+    let p1 = Provider::new(&server, &img, |_| {});
+    let requester = Cmm::new();
+    let out = requester.run(&bid(&server, "scenario:auth", &["--max-attempts", "2"]));
+    out.code(1);
+    let failed: Vec<Value> = docker_common::audit_events(&p1.home)
+        .into_iter()
+        .filter(|e| e["event"] == "market.abandoned")
+        .collect();
+    assert_eq!(failed.len(), 2, "{failed:#?}");
+    assert!(
+        failed.iter().all(|e| e["reason"] == "failed"),
+        "both attempts ran and failed: {failed:#?}"
+    );
+    assert_eq!(status(&p1.home, &server)["reputation"]["failures"], 2);
+    assert_eq!(status(&requester, &server)["balance"], 1000);
+    server.verify();
+}
