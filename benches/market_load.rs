@@ -253,6 +253,7 @@ fn main() {
                                 deadline_secs: 600,
                                 max_attempts: None,
                                 min_reputation: None,
+                                payload_bytes: None,
                             })
                             .await?;
                         let tid = v["task"]["task_id"].as_str().unwrap_or_default().to_string();

@@ -39,6 +39,40 @@ pub enum Kind {
     Size,
     /// One of a fixed set of words.
     Enum(&'static [&'static str]),
+    /// A comma-separated list (`null` when unset), each item checked.
+    OptList(ListItem),
+}
+
+/// What the items of an [`Kind::OptList`] must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListItem {
+    /// A model name: 1..=64 of `[A-Za-z0-9-_.:/]` (what the market accepts).
+    Model,
+    /// A node id: 64 lowercase hex digits.
+    NodeId,
+}
+
+impl ListItem {
+    fn check(self, item: &str) -> Result<(), String> {
+        let ok = match self {
+            ListItem::Model => {
+                !item.is_empty()
+                    && item.len() <= 64
+                    && item.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b))
+            }
+            ListItem::NodeId => {
+                item.len() == 64 && item.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            }
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(match self {
+                ListItem::Model => format!("`{item}` is not a model name (1 to 64 of A-Z a-z 0-9 - _ . : /)"),
+                ListItem::NodeId => format!("`{item}` is not a node id (64 lowercase hex digits)"),
+            })
+        }
+    }
 }
 
 /// One user-settable key.
@@ -226,6 +260,24 @@ pub const SCHEMA: &[KeyDef] = &[
         "Accept matching market tasks without asking"
     ),
     key!(
+        "market.minPrice",
+        Kind::Int { min: 0, max: 1_000_000 },
+        "0",
+        "Standing rule: accept only market tasks bidding at least this many RUV"
+    ),
+    key!(
+        "market.allowedModels",
+        Kind::OptList(ListItem::Model),
+        "null",
+        "Standing rule: models this node runs for the market, comma-separated (null: any advertised)"
+    ),
+    key!(
+        "market.allowedRequesters",
+        Kind::OptList(ListItem::NodeId),
+        "null",
+        "Standing rule: requester node ids whose tasks may be accepted, comma-separated (null: anyone)"
+    ),
+    key!(
         "compliance.requireApproval",
         Kind::Bool,
         "true",
@@ -391,6 +443,8 @@ pub fn kind_help(kind: Kind) -> String {
         Kind::OptStr => "text, or `none` to clear".into(),
         Kind::Size => "a size such as `512m`, `1g` or `262144k` (at least 6m)".into(),
         Kind::Enum(words) => format!("one of: {}", words.join(", ")),
+        Kind::OptList(ListItem::Model) => "comma-separated model names, or `none` to clear".into(),
+        Kind::OptList(ListItem::NodeId) => "comma-separated node ids (64 hex digits), or `none` to clear".into(),
     }
 }
 
@@ -403,6 +457,7 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::OptStr => "string|null",
         Kind::Size => "size",
         Kind::Enum(_) => "enum",
+        Kind::OptList(_) => "list|null",
     }
 }
 
@@ -425,7 +480,8 @@ pub fn parse_text(d: &KeyDef, text: &str) -> Result<Value, String> {
                 .map_err(|_| format!("`{t}` is not a whole number"))?;
             check(d, &Value::from(n))
         }
-        Kind::OptStr if matches!(t, "none" | "null" | "") => Ok(Value::Null),
+        Kind::OptStr | Kind::OptList(_) if matches!(t, "none" | "null" | "") => Ok(Value::Null),
+        Kind::OptList(_) => check(d, &Value::String(t.to_string())),
         Kind::Str | Kind::OptStr | Kind::Size | Kind::Enum(_) => check(d, &Value::String(t.to_string())),
     }
 }
@@ -442,7 +498,17 @@ pub fn check(d: &KeyDef, v: &Value) -> Result<Value, String> {
                 Ok(Value::from(n))
             }
         }
-        (Kind::OptInt { .. } | Kind::OptStr, Value::Null) => Ok(Value::Null),
+        (Kind::OptInt { .. } | Kind::OptStr | Kind::OptList(_), Value::Null) => Ok(Value::Null),
+        (Kind::OptList(item), Value::String(s)) => {
+            let items: Vec<&str> = s.split(',').map(str::trim).filter(|x| !x.is_empty()).collect();
+            if items.is_empty() {
+                return Err("list an item, or use `none` to clear".into());
+            }
+            for i in &items {
+                item.check(i)?;
+            }
+            Ok(Value::String(items.join(",")))
+        }
         (Kind::Str, Value::String(s)) | (Kind::OptStr, Value::String(s)) => {
             if s.is_empty() && matches!(d.kind, Kind::Str) {
                 Err("must not be empty".into())
@@ -825,6 +891,20 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn approval_rule_lists_are_checked_item_by_item() {
+        let d = def("market.allowedModels").unwrap();
+        assert_eq!(parse_text(d, " sonnet , opus ").unwrap(), Value::from("sonnet,opus"));
+        assert_eq!(parse_text(d, "none").unwrap(), Value::Null);
+        assert!(parse_text(d, "son net").is_err());
+        let d = def("market.allowedRequesters").unwrap();
+        let id = "a".repeat(64);
+        assert_eq!(parse_text(d, &id).unwrap(), Value::from(id.as_str()));
+        assert!(parse_text(d, "abc").is_err());
+        assert!(check(d, &Value::from(",")).is_err());
+        assert!(parse_text(def("market.minPrice").unwrap(), "-1").is_err());
     }
 
     #[test]

@@ -109,6 +109,9 @@ pub enum ApprovedBy {
     ApproveAll,
     /// A standing rule (`compliance.requireApproval=false`, `market.autoAcceptBids`).
     StandingRule,
+    /// Answered yes at the terminal before the job was handed over (a
+    /// market task is approved when it is offered, before the lease).
+    Interactive,
 }
 
 impl ApprovedBy {
@@ -116,6 +119,7 @@ impl ApprovedBy {
         match self {
             ApprovedBy::ApproveAll => "approve-all",
             ApprovedBy::StandingRule => "standing-rule",
+            ApprovedBy::Interactive => "tty",
         }
     }
 }
@@ -801,7 +805,14 @@ pub async fn run(
         let paths = paths.clone();
         let record = record.clone();
         tokio::task::spawn_blocking(move || -> Result<(), JobError> {
-            write_record(&paths, &record)?;
+            // A market job's output belongs to the requester: it leaves this
+            // node only sealed to them, and the provider keeps no copy.
+            let mut kept = record.clone();
+            if matches!(kept.source, JobSource::Market { .. }) {
+                kept.result = None;
+                kept.invalid_lines.clear();
+            }
+            write_record(&paths, &kept)?;
             // Real usage counts, whatever the ending: tokens spent are spent.
             if record.total_tokens == 0 && record.status == Status::Cancelled {
                 guard.release()?;

@@ -28,15 +28,20 @@ pub struct Args {
     /// How long the offer lives, in seconds
     #[arg(long, default_value_t = 86_400)]
     pub ttl: u64,
-    /// Accept matching task offers without asking (also `market.autoAcceptBids`)
+    /// Accept task offers that pass the standing rules without asking (also
+    /// `market.autoAcceptBids`); rules: `market.minPrice`, `market.allowedModels`,
+    /// `market.allowedRequesters`, and the flags below
     #[arg(long)]
     pub auto_accept: bool,
     /// With --auto-accept: only tasks asking for at most this many tokens
     #[arg(long)]
     pub max_tokens: Option<u64>,
-    /// With --auto-accept: only tasks bidding at least this many RUV
+    /// With --auto-accept: only tasks bidding at least this many RUV (default: `market.minPrice`)
     #[arg(long)]
     pub min_bid: Option<u64>,
+    /// Image market jobs run in (default: `docker.image`)
+    #[arg(long)]
+    pub image: Option<String>,
     /// Stop after this many seconds (default: run until Ctrl-C)
     #[arg(long = "for", value_name = "SECS")]
     pub for_secs: Option<u64>,
@@ -54,19 +59,47 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
     if a.slots == 0 {
         return Err(Failure::usage("--slots must be at least 1").into());
     }
+    let list = |key: &str| {
+        cfg.get_str(key).map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|x| !x.is_empty())
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+    };
+    // `market.allowedModels` narrows what we advertise; the offer never
+    // names a model the standing rules would refuse.
+    let models = match list("market.allowedModels") {
+        Some(allowed) => a.models.iter().filter(|m| allowed.contains(m)).cloned().collect(),
+        None => a.models.clone(),
+    };
+    if models.is_empty() {
+        return Err(Failure::usage("none of --models is in `market.allowedModels`")
+            .hint("pass a model listed in `market.allowedModels`, or change it with `claude-max-market config --set`")
+            .into());
+    }
+    let min_price = cfg.get_i64("market.minPrice").max(0) as u64;
+    let ask: Option<provider::Ask> = crate::context::interactive().then(|| {
+        let ask: provider::Ask = Arc::new(|q: String| crate::context::confirm(&q).ok());
+        ask
+    });
     let spec = AdvertiseSpec {
         endpoint: endpoint(ctx, a.endpoint.clone())?,
         slots: a.slots,
         price: a
             .price
             .unwrap_or_else(|| cfg.get_i64("market.defaultPrice").max(0) as u64),
-        models: a.models.clone(),
+        models,
         ttl_secs: a.ttl,
         auto_accept: a.auto_accept || cfg.get_bool("market.autoAcceptBids"),
         max_tokens: a.max_tokens,
-        min_bid: a.min_bid,
+        min_bid: Some(a.min_bid.unwrap_or(min_price)).filter(|m| *m > 0),
+        allowed_requesters: list("market.allowedRequesters"),
+        image: a.image.clone(),
+        ask,
     };
-    let id = Identity::load_or_generate(&ctx.paths, &ctx.audit())?;
+    let id = Arc::new(Identity::load_or_generate(&ctx.paths, &ctx.audit())?);
     let audit = ctx.audit();
     audit.append(
         "market.advertise",
@@ -78,11 +111,31 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
         // Market events worth a record; ids and numbers only.
         let audited = match v["event"].as_str() {
             Some("offer") => Some(("market.offer", json!({ "offer_id": v["offer"]["offer_id"] }))),
+            // Every decision on a task offer, with its reason.
+            Some("task_offered") => Some((
+                if v["accept"] == true {
+                    "market.approved"
+                } else {
+                    "market.declined"
+                },
+                json!({ "task_id": v["task"]["task_id"], "attempt": v["task"]["attempt"],
+                        "requester": v["task"]["requester"], "max_price": v["task"]["max_price"],
+                        "model": v["task"]["model"], "max_tokens": v["task"]["max_tokens"],
+                        "approved_by": v["approved_by"], "reason": v["declined"] }),
+            )),
             Some("lease_won") => Some((
                 "market.accept",
                 json!({ "task_id": v["lease"]["task_id"], "attempt": v["lease"]["attempt"], "ask": v["lease"]["ask"] }),
             )),
             Some("settled") => Some(("market.settled", v["detail"].clone())),
+            Some("refunded") => Some((
+                "market.refunded",
+                json!({ "task_id": v["detail"]["task_id"], "why": v["detail"]["why"] }),
+            )),
+            Some("lease_lapsed") => Some((
+                "market.lapsed",
+                json!({ "task_id": v["task_id"], "attempt": v["attempt"] }),
+            )),
             Some("withdrawn") => Some(("market.withdraw", json!({ "offer_id": v["offer_id"] }))),
             _ => None,
         };
@@ -101,7 +154,8 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
     let paths = ctx.paths.clone();
     let revoked = Arc::new(AtomicBool::new(false));
     let revoked2 = revoked.clone();
-    runtime()?.block_on(async {
+    let rt = runtime()?;
+    tokio::task::LocalSet::new().block_on(&rt, async {
         let stop = async move {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             let timer = async {
@@ -128,7 +182,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
                 _ = consent_watch => {}
             }
         };
-        provider::advertise(&id, &spec, &mut report, stop).await
+        provider::advertise(id, &ctx.paths, &spec, &mut report, stop).await
     })?;
     if revoked.load(Ordering::Relaxed) {
         return Err(
@@ -144,27 +198,53 @@ fn describe(v: &Value) -> String {
     let s = |k: &Value| k.as_str().unwrap_or("?").to_string();
     match v["event"].as_str().unwrap_or("") {
         "connected" => format!("connected as {} (balance {} RUV)", s(&v["node_id"]), v["balance"]),
-        "offer" => format!("offer {} registered until {}", s(&v["offer"]["offer_id"]), s(&v["offer"]["expires"])),
+        "offer" => format!(
+            "offer {} registered until {}",
+            s(&v["offer"]["offer_id"]),
+            s(&v["offer"]["expires"])
+        ),
         "task_offered" => {
             let t = &v["task"];
             format!(
-                "task offered: {}  model {}  max tokens {}  bid {} RUV  attempt {}{}",
+                "task offered: {}  model {}  max tokens {}  bid {} RUV  attempt {}  {}",
                 s(&t["task_id"]),
                 s(&t["model"]),
                 t["max_tokens"],
                 t["max_price"],
                 t["attempt"],
-                if v["auto_accept"] == true { "  (accepting)" } else { "" }
+                if v["accept"] == true {
+                    format!("(accepting: {})", s(&v["approved_by"]))
+                } else {
+                    format!("(declined: {})", s(&v["declined"]))
+                }
             )
         }
         "lease_won" => format!(
-            "lease won: {} attempt {} at {} RUV; running market work arrives in a later release, so the lease will lapse",
+            "lease won: {} attempt {} at {} RUV",
             s(&v["lease"]["task_id"]),
             v["lease"]["attempt"],
             v["lease"]["ask"]
         ),
+        "running" => format!("running {} attempt {}", s(&v["task_id"]), v["attempt"]),
+        "delivered" => format!(
+            "delivered {} attempt {} (job {})",
+            s(&v["task_id"]),
+            v["attempt"],
+            s(&v["job_id"])
+        ),
+        "abandoned" => format!(
+            "gave back {} attempt {} ({}): {}",
+            s(&v["task_id"]),
+            v["attempt"],
+            s(&v["reason"]),
+            s(&v["why"])
+        ),
+        "lease_lapsed" => format!("lease lapsed: {} attempt {}", s(&v["task_id"]), v["attempt"]),
         "accept_refused" => format!("accept refused for {}: {}", s(&v["task_id"]), s(&v["reason"])),
-        "reconnecting" | "disconnected" => format!("connection lost; reconnecting in {} ms", v["in_ms"].as_u64().or(v["reconnect_in_ms"].as_u64()).unwrap_or(0)),
+        "reconnecting" | "disconnected" => format!(
+            "connection lost; reconnecting in {} ms",
+            v["in_ms"].as_u64().or(v["reconnect_in_ms"].as_u64()).unwrap_or(0)
+        ),
         "withdrawn" => format!("offer {} withdrawn", s(&v["offer_id"])),
         other => format!("{other}: {}", v["detail"]),
     }

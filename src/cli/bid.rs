@@ -1,4 +1,6 @@
-//! `bid`: post a task (its hash and metadata only) or raise a task's bid.
+//! `bid`: post a task (its hash and metadata only) or raise a task's bid;
+//! with `--wait`, see it through: send the payload sealed to the provider
+//! that wins the lease, then verify, print and settle the result.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,6 +14,7 @@ use crate::crypto::keys::Identity;
 use crate::exit::Failure;
 use crate::market::client::{Backoff, Client, ClientError};
 use crate::market::protocol::Request;
+use crate::market::requester::{self, Outcome, RequesterError};
 
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("what").required(true).args(["prompt", "file", "task_id"])))]
@@ -46,6 +49,11 @@ pub struct Args {
     /// Coordinator URL (default: `market.endpoint`)
     #[arg(long)]
     pub endpoint: Option<String>,
+    /// Stay until the result: send the payload encrypted to the assigned provider,
+    /// verify and print the result, and settle (without it, print the task id;
+    /// `market result TASK_ID` fetches a result later)
+    #[arg(long, conflicts_with = "task_id")]
+    pub wait: bool,
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
@@ -60,12 +68,13 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
         .into());
     }
     let endpoint = endpoint(ctx, a.endpoint.clone())?;
-    let (req, payload_hash) = if let Some(task_id) = &a.task_id {
+    let (req, payload_hash, prompt) = if let Some(task_id) = &a.task_id {
         (
             Request::Raise {
                 task_id: task_id.clone(),
                 max_price: a.max_price,
             },
+            None,
             None,
         )
     } else {
@@ -95,11 +104,22 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
                 deadline_secs: deadline,
                 max_attempts: a.max_attempts,
                 min_reputation: a.min_reputation,
+                payload_bytes: Some(prompt.len() as u64),
             },
             Some(hash),
+            Some(prompt),
         )
     };
     let id = Identity::load_or_generate(&ctx.paths, &ctx.audit())?;
+    if a.wait {
+        // Only here is the prompt in memory, so only here can it be sent.
+        let prompt = prompt.expect("--wait conflicts with --task-id");
+        let wait = match &req {
+            Request::Post { deadline_secs, .. } => Duration::from_secs(*deadline_secs + 30),
+            _ => unreachable!("--wait posts a task"),
+        };
+        return wait_for_result(ctx, &endpoint, &id, &req, &prompt, wait, &a);
+    }
     let result = runtime()?.block_on(send_once(&endpoint, &id, &req))?;
     let p = ctx.out();
     match payload_hash {
@@ -135,6 +155,113 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn wait_for_result(
+    ctx: &Ctx,
+    endpoint: &str,
+    id: &Identity,
+    req: &Request,
+    prompt: &[u8],
+    wait: Duration,
+    a: &Args,
+) -> anyhow::Result<()> {
+    let p = ctx.out().clone();
+    let audit = ctx.audit();
+    let mut progress = |v: Value| {
+        let short = |k: &Value| {
+            let s = k.as_str().unwrap_or("?");
+            s[..s.len().min(16)].to_string()
+        };
+        let line = match v["event"].as_str().unwrap_or("") {
+            "posted" => {
+                // The record a later `market result` checks the result against.
+                if let Err(e) = audit.append(
+                    "market.bid",
+                    json!({ "task_id": v["task_id"], "payload_hash": req_hash(req), "max_price": a.max_price,
+                            "model": a.model, "escrow": v["escrow"] }),
+                ) {
+                    p.warn(&format!("cannot write the audit log: {e}"));
+                }
+                format!(
+                    "posted {}; {} RUV locked in escrow",
+                    v["task_id"].as_str().unwrap_or("?"),
+                    v["escrow"]
+                )
+            }
+            "assigned" => format!("assigned to node {} (attempt {})", short(&v["provider"]), v["attempt"]),
+            "running" => format!("payload sent encrypted; running on node {}", short(&v["provider"])),
+            "payload_refused" => format!("payload not relayed: {}", v["error"].as_str().unwrap_or("?")),
+            "delivered" => format!("result delivered (attempt {}); verifying", v["attempt"]),
+            "attempt_failed" => format!(
+                "attempt {} on node {} {}: {}; the task is re-offered",
+                v["attempt"],
+                short(&v["provider"]),
+                v["reason"].as_str().unwrap_or("?"),
+                v["error"].as_str().unwrap_or("no report")
+            ),
+            "refunded" => format!("refunded {} RUV: {}", v["amount"], v["why"].as_str().unwrap_or("?")),
+            other => other.to_string(),
+        };
+        p.note(&line);
+    };
+    let r = runtime()?.block_on(requester::post_and_wait(endpoint, id, req, prompt, wait, &mut progress));
+    finish(ctx, r)
+}
+
+fn req_hash(req: &Request) -> Value {
+    match req {
+        Request::Post { payload_hash, .. } => payload_hash.as_str().into(),
+        _ => Value::Null,
+    }
+}
+
+/// Audit and print the end of a federated job: a verified, settled result
+/// (`--json`: the whole record), or why there is none.
+pub fn finish(ctx: &Ctx, r: Result<Outcome, RequesterError>) -> anyhow::Result<()> {
+    let p = ctx.out();
+    let audit = ctx.audit();
+    match r {
+        Ok(o) => {
+            let text = o.body["result"].as_str().unwrap_or_default();
+            audit.append(
+                "market.settled",
+                json!({ "task_id": o.task_id, "attempt": o.attempt, "provider": o.provider,
+                        "paid": o.settlement["paid"], "refunded": o.settlement["refunded"],
+                        "result_sha256": hex::encode(Sha256::digest(text.as_bytes())) }),
+            )?;
+            p.note(&format!(
+                "verified and settled: paid {} RUV, refunded {} RUV",
+                o.settlement["paid"], o.settlement["refunded"]
+            ));
+            if p.json {
+                p.json(
+                    json!({ "ok": true, "task_id": o.task_id, "attempt": o.attempt, "provider": o.provider,
+                               "status": o.status, "result": o.body, "settlement": o.settlement }),
+                );
+            } else {
+                p.out(text);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            if let RequesterError::Refunded { task_id, why } = &e {
+                audit.append("market.refunded", json!({ "task_id": task_id, "why": why }))?;
+            }
+            if let RequesterError::Rejected {
+                task_id,
+                attempt,
+                source,
+            } = &e
+            {
+                audit.append(
+                    "market.result_rejected",
+                    json!({ "task_id": task_id, "attempt": attempt, "error": source.to_string() }),
+                )?;
+            }
+            Err(e.into())
+        }
+    }
 }
 
 /// Send one request, retrying on a fresh connection under the same message

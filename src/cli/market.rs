@@ -26,6 +26,17 @@ pub enum MarketCommand {
     Status(StatusArgs),
     /// Ledger totals; `--verify` checks every invariant of a coordinator's database
     Ledger(LedgerArgs),
+    /// Fetch a delivered result of your task, verify and print it, and settle
+    Result(ResultArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ResultArgs {
+    /// The task id `bid` printed
+    pub task_id: String,
+    /// Coordinator URL (default: `market.endpoint`)
+    #[arg(long)]
+    pub endpoint: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -48,6 +59,11 @@ pub struct ServeArgs {
     /// Attempts per task when the requester does not say
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=MAX_ATTEMPTS as i64))]
     pub max_attempts: u32,
+    /// A delivered task the requester neither settles nor rejects within this many
+    /// milliseconds is settled (and its held result dropped)
+    #[arg(long, default_value_t = crate::market::server::book::DEFAULT_SETTLE_TTL_MS as u64,
+          value_parser = clap::value_parser!(u64).range(1000..))]
+    pub settle_ttl_ms: u64,
     /// Largest control frame in bytes
     #[arg(long, default_value_t = crate::market::protocol::DEFAULT_CONTROL_CAP)]
     pub control_cap: usize,
@@ -87,7 +103,29 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
         MarketCommand::Serve(a) => serve(ctx, a).map(|_| 0),
         MarketCommand::Status(a) => status(ctx, a).map(|_| 0),
         MarketCommand::Ledger(a) => ledger_cmd(ctx, a),
+        MarketCommand::Result(a) => result(ctx, a).map(|_| 0),
     }
+}
+
+fn result(ctx: &Ctx, a: ResultArgs) -> anyhow::Result<()> {
+    let endpoint = endpoint(ctx, a.endpoint)?;
+    let id = Identity::load_or_generate(&ctx.paths, &ctx.audit())?;
+    // The payload hash this node posted, from its own log: the result must
+    // be bound to it, whatever the coordinator says.
+    let posted = ctx
+        .audit()
+        .entries()?
+        .filter(|e| e.event == "market.bid" && e.raw.get("task_id").and_then(Value::as_str) == Some(&a.task_id))
+        .filter_map(|e| e.raw.get("payload_hash").and_then(Value::as_str).map(str::to_string))
+        .last();
+    if posted.is_none() {
+        ctx.out()
+            .warn("this task is not in your audit log; checking the result against the market's payload hash");
+    }
+    let r = runtime()?.block_on(crate::market::requester::fetch_result(
+        &endpoint, &id, &a.task_id, posted,
+    ));
+    crate::cli::bid::finish(ctx, r)
 }
 
 /// The coordinator URL: flag, else config (env and file already folded in).
@@ -129,6 +167,7 @@ fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<()> {
     opts.settings.lease_ms = a.lease_ms as i64;
     opts.settings.grace_ms = a.grace_ms as i64;
     opts.settings.default_attempts = a.max_attempts;
+    opts.settings.settle_ttl_ms = a.settle_ttl_ms.min(i64::MAX as u64) as i64;
     opts.control_cap = a.control_cap.max(1024);
     opts.payload_cap = a.payload_cap.max(opts.control_cap);
     opts.rate = a.rate.max(1) as f64;

@@ -281,6 +281,8 @@ pub fn classify(err: &anyhow::Error) -> (Exit, Option<String>) {
             crate::job::JobError,
             crate::docker::DockerError,
             crate::claude::credentials::CredentialError,
+            crate::market::requester::RequesterError,
+            crate::market::sealed::SealError,
             crate::market::client::ClientError,
             crate::market::server::ServeError
         );

@@ -4,4 +4,6 @@
 pub mod client;
 pub mod protocol;
 pub mod provider;
+pub mod requester;
+pub mod sealed;
 pub mod server;

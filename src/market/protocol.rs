@@ -163,6 +163,9 @@ pub enum Request {
         max_attempts: Option<u32>,
         #[serde(default)]
         min_reputation: Option<f64>,
+        /// Size of the prompt in bytes, shown to providers deciding on it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        payload_bytes: Option<u64>,
     },
     /// Raise an unfinished task's bid (never lower it).
     Raise {
@@ -207,6 +210,70 @@ pub enum Request {
     Reputation {
         node_id: String,
     },
+    /// A node's public identity with the login signature that binds its RSA
+    /// key to its Ed25519 key (see [`IdentityProof`]).
+    Identity {
+        node_id: String,
+    },
+    /// Requester: read back a delivered (opaque, encrypted) result.
+    Result {
+        task_id: String,
+    },
+    /// Lease holder gives the task back before the lease lapses: the job
+    /// failed (`data` carries the signed failure report for the requester)
+    /// or the provider is stopping. The task is re-offered at once.
+    Abandon {
+        task_id: String,
+        attempt: u32,
+        reason: AbandonReason,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data: Option<String>,
+    },
+}
+
+/// Why a provider gave a lease back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AbandonReason {
+    /// The job ran and failed; counts against the provider's reputation.
+    Failed,
+    /// The provider is stopping (Ctrl-C, opt-out) before finishing.
+    Withdrawn,
+}
+
+impl AbandonReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AbandonReason::Failed => "failed",
+            AbandonReason::Withdrawn => "withdrawn",
+        }
+    }
+}
+
+/// What `identity` returns: a node's public identity and the signature of
+/// one of its logins. The login message ([`auth_message`]) names the SHA-256
+/// of the RSA key and is signed by the Ed25519 key whose hash is the node id,
+/// so a coordinator cannot hand out a different encryption key for a node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IdentityProof {
+    pub identity: PublicIdentity,
+    pub nonce: String,
+    pub sig: String,
+}
+
+impl IdentityProof {
+    /// The identity, if it is `node_id`'s and its login signature verifies.
+    pub fn verified(&self, node_id: &str) -> Option<&PublicIdentity> {
+        use base64::Engine as _;
+        if self.identity.node_id != node_id || self.identity.validate().is_err() {
+            return None;
+        }
+        let sig = base64::engine::general_purpose::STANDARD.decode(&self.sig).ok()?;
+        let sig = ed25519_dalek::Signature::from_slice(&sig).ok()?;
+        self.identity
+            .verify(&auth_message(&self.nonce, &self.identity), &sig)
+            .then_some(&self.identity)
+    }
 }
 
 impl Request {
@@ -225,6 +292,9 @@ impl Request {
         "reject",
         "status",
         "reputation",
+        "identity",
+        "result",
+        "abandon",
     ];
 
     /// The wire name of this message's type.
@@ -243,12 +313,15 @@ impl Request {
             Request::Reject { .. } => "reject",
             Request::Status {} => "status",
             Request::Reputation { .. } => "reputation",
+            Request::Identity { .. } => "identity",
+            Request::Result { .. } => "result",
+            Request::Abandon { .. } => "abandon",
         }
     }
 
     /// Frames of these types may use the larger payload cap.
     pub fn carries_payload(kind: &str) -> bool {
-        matches!(kind, "payload" | "deliver")
+        matches!(kind, "payload" | "deliver" | "abandon")
     }
 }
 
@@ -320,6 +393,16 @@ pub enum Event {
         task_id: String,
         amount: i64,
         why: String,
+    },
+    /// To the requester: the provider gave the lease back (a failed job
+    /// carries its signed report in `data`); the task is re-offered.
+    Abandoned {
+        task_id: String,
+        attempt: u32,
+        provider: String,
+        reason: AbandonReason,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data: Option<String>,
     },
     /// Another login for this node id replaced this session.
     Replaced {},
@@ -487,6 +570,28 @@ mod tests {
         let (id, back) = decode_request(&text).unwrap();
         assert_eq!(id.as_deref(), Some("m1"));
         assert!(matches!(back, Request::Accept { attempt: 2, .. }));
+    }
+
+    #[test]
+    fn an_identity_proof_binds_the_keys_to_the_node() {
+        use base64::Engine as _;
+        let id = crate::crypto::envelope::tests::vector_identity();
+        let nonce = "ab".repeat(32);
+        let sig = id.sign(&auth_message(&nonce, &id.public()));
+        let proof = IdentityProof {
+            identity: id.public(),
+            nonce: nonce.clone(),
+            sig: base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()),
+        };
+        assert!(proof.verified(id.node_id()).is_some());
+        assert!(proof.verified(&"0".repeat(64)).is_none(), "another node's id");
+        // Any change to what the login signed (the RSA key's hash among it) fails.
+        let mut changed = proof.clone();
+        changed.identity.created = "2030-01-01T00:00:00Z".into();
+        assert!(changed.verified(id.node_id()).is_none());
+        let mut changed = proof.clone();
+        changed.nonce = "cd".repeat(32);
+        assert!(changed.verified(id.node_id()).is_none());
     }
 
     #[test]

@@ -181,6 +181,7 @@ pub fn post(max_price: u64) -> Request {
         deadline_secs: 600,
         max_attempts: None,
         min_reputation: None,
+        payload_bytes: None,
     }
 }
 

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::ledger::{self, escrow_account, node_account, ISSUER};
 use crate::crypto::keys::PublicIdentity;
-use crate::market::protocol::{reputation, Event, Reason, Rejection, Request};
+use crate::market::protocol::{reputation, AbandonReason, Event, IdentityProof, Reason, Rejection, Request};
 
 /// Tunables of the coordinator.
 #[derive(Debug, Clone)]
@@ -25,6 +25,9 @@ pub struct Settings {
     pub grace_ms: i64,
     /// Attempts a task gets when the requester does not say.
     pub default_attempts: u32,
+    /// A delivered task the requester neither settles nor rejects within
+    /// this long is settled for it (and its stored result dropped).
+    pub settle_ttl_ms: i64,
 }
 
 impl Default for Settings {
@@ -34,10 +37,13 @@ impl Default for Settings {
             lease_ms: 30_000,
             grace_ms: 30_000,
             default_attempts: 3,
+            settle_ttl_ms: DEFAULT_SETTLE_TTL_MS,
         }
     }
 }
 
+/// Default settle deadline for delivered tasks: a day.
+pub const DEFAULT_SETTLE_TTL_MS: i64 = 24 * 3600 * 1000;
 /// How long an applied message id is remembered.
 pub const ID_RETENTION_MS: i64 = 24 * 3600 * 1000;
 /// Most attempts a requester may ask for.
@@ -92,10 +98,11 @@ struct Task {
     provider: Option<String>,
     ask: Option<i64>,
     lease_deadline: Option<i64>,
+    payload_bytes: Option<i64>,
 }
 
 const TASK_COLS: &str = "task_id, requester, model, max_tokens, max_price, payload_hash, deadline, max_attempts,
-    min_reputation, state, attempt, provider, ask, lease_deadline";
+    min_reputation, state, attempt, provider, ask, lease_deadline, payload_bytes";
 
 impl Task {
     fn from_row(r: &Row) -> rusqlite::Result<Task> {
@@ -114,6 +121,7 @@ impl Task {
             provider: r.get(11)?,
             ask: r.get(12)?,
             lease_deadline: r.get(13)?,
+            payload_bytes: r.get(14)?,
         })
     }
 
@@ -124,7 +132,7 @@ impl Task {
             "deadline": ms_to_rfc3339(self.deadline), "max_attempts": self.max_attempts,
             "min_reputation": self.min_reputation, "state": self.state, "attempt": self.attempt,
             "provider": self.provider, "ask": self.ask,
-            "lease_deadline": self.lease_deadline.map(ms_to_rfc3339),
+            "lease_deadline": self.lease_deadline.map(ms_to_rfc3339), "payload_bytes": self.payload_bytes,
         })
     }
 }
@@ -177,7 +185,13 @@ fn move_money(c: &Connection, now: i64, memo: &str, task: &str, postings: &[(&st
 
 /// A node logged in: register it (granting the initial RUV once) and keep
 /// its offers alive. Returns (balance, granted now).
-pub fn login(c: &Connection, s: &Settings, id: &PublicIdentity, now: i64) -> rusqlite::Result<(i64, i64)> {
+pub fn login(
+    c: &Connection,
+    s: &Settings,
+    id: &PublicIdentity,
+    proof: &IdentityProof,
+    now: i64,
+) -> rusqlite::Result<(i64, i64)> {
     let new = c
         .prepare_cached(
             "INSERT INTO nodes(node_id, ed25519, first_seen, last_seen) VALUES (?1, ?2, ?3, ?3)
@@ -201,6 +215,14 @@ pub fn login(c: &Connection, s: &Settings, id: &PublicIdentity, now: i64) -> rus
             granted = s.initial_grant;
         }
     }
+    // The latest login's identity and signature: what peers encrypt to.
+    c.prepare_cached("UPDATE nodes SET identity = ?2, proof = ?3, last_seen = ?4 WHERE node_id = ?1")?
+        .execute(params![
+            id.node_id,
+            serde_json::to_string(id).expect("identities serialise"),
+            serde_json::to_string(&json!({ "nonce": proof.nonce, "sig": proof.sig })).expect("json serialises"),
+            now
+        ])?;
     c.prepare_cached("UPDATE offers SET disconnected_at = NULL WHERE node_id = ?1 AND state = 'active'")?
         .execute([&id.node_id])?;
     // Message ids are remembered for a day: long enough for any retry, and
@@ -396,8 +418,12 @@ pub fn apply(
             deadline_secs,
             max_attempts,
             min_reputation,
+            payload_bytes,
         } => {
             check_name("model", &model)?;
+            if let Some(b) = payload_bytes {
+                check_range("payload_bytes", b, 1, 1 << 40)?;
+            }
             check_range("max_tokens", max_tokens, 1, 10_000_000)?;
             check_range("max_price", max_price, 1, MAX_PRICE)?;
             check_range("deadline_secs", deadline_secs, 1, 7 * 86_400)?;
@@ -448,11 +474,12 @@ pub fn apply(
                 provider: None,
                 ask: None,
                 lease_deadline: None,
+                payload_bytes: payload_bytes.map(|b| b as i64),
             };
             c.prepare_cached(
                 "INSERT INTO tasks(task_id, requester, model, max_tokens, max_price, payload_hash, deadline,
-                   max_attempts, min_reputation, state, attempt, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'open', 1, ?10, ?10)",
+                   max_attempts, min_reputation, state, attempt, created_at, updated_at, payload_bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'open', 1, ?10, ?10, ?11)",
             )?
             .execute(params![
                 task.task_id,
@@ -464,7 +491,8 @@ pub fn apply(
                 task.deadline,
                 task.max_attempts,
                 task.min_reputation,
-                now
+                now,
+                task.payload_bytes
             ])?;
             announce(c, &task, online, out)?;
             Ok(json!({ "task": task.view(), "escrow": price }))
@@ -620,7 +648,9 @@ pub fn apply(
                 return reject(Reason::WrongState, format!("task is {}", t.state));
             }
             let bytes = data.len();
-            c.prepare_cached("UPDATE tasks SET state = 'delivered', result = ?2, updated_at = ?3 WHERE task_id = ?1")?
+            c.prepare_cached(
+                "UPDATE tasks SET state = 'delivered', result = ?2, updated_at = ?3, delivered_at = ?3 WHERE task_id = ?1",
+            )?
                 .execute(params![task_id, data, now])?;
             out.push((
                 t.requester.clone(),
@@ -631,6 +661,64 @@ pub fn apply(
                 },
             ));
             Ok(json!({ "task_id": task_id, "attempt": attempt, "state": "delivered", "bytes": bytes }))
+        }
+        Request::Identity { node_id } => {
+            let row: Option<(Option<String>, Option<String>)> = c
+                .prepare_cached("SELECT identity, proof FROM nodes WHERE node_id = ?1")?
+                .query_row([&node_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            let Some((Some(identity), Some(proof))) = row else {
+                return reject(Reason::NotFound, format!("no identity known for node `{node_id}`"));
+            };
+            let identity: Value = serde_json::from_str(&identity).unwrap_or(Value::Null);
+            let proof: Value = serde_json::from_str(&proof).unwrap_or(Value::Null);
+            Ok(json!({ "identity": identity, "nonce": proof["nonce"], "sig": proof["sig"] }))
+        }
+        Request::Result { task_id } => {
+            let t = load_task(c, &task_id)?;
+            if t.requester != node {
+                return reject(Reason::NotOwner, "only the requester reads a task's result");
+            }
+            if t.state != "delivered" {
+                return reject(
+                    Reason::WrongState,
+                    format!("task is {}; a result is held only while it is delivered", t.state),
+                );
+            }
+            let data: Option<String> = c
+                .prepare_cached("SELECT result FROM tasks WHERE task_id = ?1")?
+                .query_row([&task_id], |r| r.get(0))?;
+            Ok(
+                json!({ "task_id": task_id, "attempt": t.attempt, "provider": t.provider,
+                       "payload_hash": t.payload_hash, "data": data }),
+            )
+        }
+        Request::Abandon {
+            task_id,
+            attempt,
+            reason,
+            data,
+        } => {
+            let t = leased_to(c, &task_id, node, attempt)?;
+            if t.state != "assigned" {
+                return reject(Reason::WrongState, format!("task is {}", t.state));
+            }
+            if reason == AbandonReason::Failed {
+                bump_reputation(c, node, false)?;
+            }
+            out.push((
+                t.requester.clone(),
+                Event::Abandoned {
+                    task_id: task_id.clone(),
+                    attempt,
+                    provider: node.to_string(),
+                    reason,
+                    data,
+                },
+            ));
+            let why = format!("attempt {attempt} {}", reason.as_str());
+            let state = reopen_or_refund(c, t, now, &why, online, out)?;
+            Ok(json!({ "task_id": task_id, "attempt": attempt, "state": state }))
         }
         Request::Settle { task_id, attempt } => finish(c, node, &task_id, attempt, true, now, out),
         Request::Reject { task_id, attempt } => finish(c, node, &task_id, attempt, false, now, out),
@@ -719,6 +807,42 @@ pub struct TickReport {
     pub refunded: usize,
     pub expired: usize,
     pub offers_withdrawn: usize,
+    pub auto_settled: usize,
+}
+
+/// After a lapsed or abandoned lease: re-open the task under the next
+/// attempt (fencing off the old one), or refund it after its last attempt
+/// or past its deadline. Returns the task's new state.
+fn reopen_or_refund(
+    c: &Connection,
+    t: Task,
+    now: i64,
+    last_why: &str,
+    online: &dyn Fn(&str) -> bool,
+    out: &mut Outbox,
+) -> Result<&'static str, Fail> {
+    if t.attempt < t.max_attempts && t.deadline > now {
+        let next = t.attempt + 1;
+        c.prepare_cached(
+            "UPDATE tasks SET state = 'open', attempt = ?2, provider = NULL, offer_id = NULL, ask = NULL,
+               lease_deadline = NULL, updated_at = ?3 WHERE task_id = ?1",
+        )?
+        .execute(params![t.task_id, next, now])?;
+        let reopened = Task {
+            attempt: next,
+            state: "open".into(),
+            provider: None,
+            ask: None,
+            lease_deadline: None,
+            ..t
+        };
+        announce(c, &reopened, online, out)?;
+        Ok("open")
+    } else {
+        let why = if t.deadline <= now { "deadline passed" } else { last_why };
+        refund(c, &t, "refunded", why, now, out)?;
+        Ok("refunded")
+    }
 }
 
 /// Apply the clock: lapse leases (re-offer or refund), expire open tasks,
@@ -748,31 +872,25 @@ pub fn tick(
                 attempt: t.attempt,
             },
         ));
-        if t.attempt < t.max_attempts && t.deadline > now {
-            let next = t.attempt + 1;
-            c.prepare_cached(
-                "UPDATE tasks SET state = 'open', attempt = ?2, provider = NULL, offer_id = NULL, ask = NULL,
-                   lease_deadline = NULL, updated_at = ?3 WHERE task_id = ?1",
-            )?
-            .execute(params![t.task_id, next, now])?;
-            let reopened = Task {
-                attempt: next,
-                state: "open".into(),
-                provider: None,
-                ask: None,
-                lease_deadline: None,
-                ..t
-            };
-            announce(c, &reopened, online, out)?;
-        } else {
+        if reopen_or_refund(c, t, now, "last attempt lapsed", online, out)? == "refunded" {
             rep.refunded += 1;
-            let why = if t.deadline <= now {
-                "deadline passed"
-            } else {
-                "last attempt lapsed"
-            };
-            refund(c, &t, "refunded", why, now, out)?;
         }
+    }
+    // Delivered but neither settled nor rejected within the TTL: settle.
+    // The provider did the work and delivered a result signed to this
+    // task; the requester had the whole TTL to reject it. Refunding here
+    // instead would let a requester get work for free by staying away.
+    let stale: Vec<(String, String, u32)> = c
+        .prepare_cached(
+            "SELECT task_id, requester, attempt FROM tasks WHERE state = 'delivered' AND delivered_at < ?1 LIMIT ?2",
+        )?
+        .query_map(params![now - s.settle_ttl_ms, TICK_ROWS], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    for (task_id, requester, attempt) in stale {
+        rep.auto_settled += 1;
+        finish(c, &requester, &task_id, attempt, true, now, out)?;
     }
     let expired: Vec<Task> = c
         .prepare_cached(&format!(

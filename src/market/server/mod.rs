@@ -31,7 +31,9 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::crypto::keys::PublicIdentity;
-use crate::market::protocol::{self, auth_message, decode_request, encode_event, Event, Reason, Rejection, Request};
+use crate::market::protocol::{
+    self, auth_message, decode_request, encode_event, Event, IdentityProof, Reason, Rejection, Request,
+};
 use book::{Fail, Settings};
 
 /// Everything `market serve` can be told.
@@ -201,6 +203,7 @@ type LoginReply = oneshot::Sender<Result<(i64, i64), String>>;
 enum Cmd {
     Login {
         identity: PublicIdentity,
+        proof: IdentityProof,
         conn_id: u64,
         tx: mpsc::UnboundedSender<Out>,
         reply: LoginReply,
@@ -392,10 +395,11 @@ fn writer(mut conn: Connection, s: Settings, rx: std_mpsc::Receiver<Cmd>, metric
                 Cmd::Shutdown => stopping = true,
                 Cmd::Login {
                     identity,
+                    proof,
                     conn_id,
                     tx: out_tx,
                     reply,
-                } => match book::login(&tx, &s, &identity, now) {
+                } => match book::login(&tx, &s, &identity, &proof, now) {
                     Ok(r) => {
                         if let Some((old_id, old)) = sessions.insert(identity.node_id.clone(), (conn_id, out_tx)) {
                             if old_id != conn_id {
@@ -575,7 +579,10 @@ fn apply_one(
         Err(e) => return refuse(Rejection::new(Reason::Internal, e.to_string())),
     }
     // Read-only requests are not remembered: replaying them changes nothing.
-    let remember = !matches!(req, Request::Status {} | Request::Reputation { .. });
+    let remember = !matches!(
+        req,
+        Request::Status {} | Request::Reputation { .. } | Request::Identity { .. } | Request::Result { .. }
+    );
     let sp = match tx.unchecked_transaction_savepoint() {
         Ok(sp) => sp,
         Err(e) => return refuse(Rejection::new(Reason::Internal, e.to_string())),
@@ -736,7 +743,7 @@ async fn session(mut ws: Ws, sh: Arc<Shared>, deadline: Instant) {
     }
     // Authentication: nothing but a valid `hello` is accepted.
     let mut strikes = 0;
-    let identity = loop {
+    let (identity, sig) = loop {
         let msg = match tokio::time::timeout_at(deadline.into(), ws.next()).await {
             Ok(Some(Ok(m))) => m,
             Ok(Some(Err(e))) => {
@@ -815,7 +822,7 @@ async fn session(mut ws: Ws, sh: Arc<Shared>, deadline: Instant) {
                     let _ = ws.close(None).await;
                     return;
                 }
-                break identity;
+                break (identity, sig);
             }
             Ok((id, _)) => {
                 let f = refuse(
@@ -841,6 +848,11 @@ async fn session(mut ws: Ws, sh: Arc<Shared>, deadline: Instant) {
     if sh
         .engine
         .send(Cmd::Login {
+            proof: IdentityProof {
+                identity: identity.clone(),
+                nonce: nonce.clone(),
+                sig,
+            },
             identity,
             conn_id,
             tx: out_tx,

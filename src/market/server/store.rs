@@ -102,6 +102,17 @@ INSERT OR IGNORE INTO offer_models(offer_id, model)
     r#"
 DROP INDEX IF EXISTS postings_account;
 "#,
+    // v4: federation. A node's full public identity and the login signature
+    // that binds its RSA key (peers encrypt to it), when a task was
+    // delivered (the settle deadline counts from there), and the payload
+    // size the requester declared (shown to providers deciding on it).
+    r#"
+ALTER TABLE nodes ADD COLUMN identity TEXT;
+ALTER TABLE nodes ADD COLUMN proof TEXT;
+ALTER TABLE tasks ADD COLUMN delivered_at INTEGER;
+ALTER TABLE tasks ADD COLUMN payload_bytes INTEGER;
+CREATE INDEX tasks_delivered ON tasks(state, delivered_at);
+"#,
 ];
 
 /// Open (creating if needed) and migrate. `sync_full` picks

@@ -1,0 +1,869 @@
+//! A small federation on loopback: one coordinator, two providers and one
+//! requester, each a separate process of our binary with its own
+//! `CMM_HOME` and keys; the providers run the fake-`claude` test image on
+//! the real Docker engine.
+
+mod common;
+mod docker_common;
+mod market_support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use claude_max_market::crypto::keys::Identity;
+use claude_max_market::market::client::Client;
+use claude_max_market::market::protocol::{Reason, Request};
+use claude_max_market::{AuditLog, Paths};
+use common::{docker_available, Cmm};
+use docker_common::{build_fixture_image, containers_of_job, docker, job_env, TOKEN};
+use market_support::{rt, Server};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// The fake-claude image, tagged by the fixture's content so a changed
+/// fixture is rebuilt rather than a stale image reused.
+fn image() -> String {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake-claude");
+    let mut h = Sha256::new();
+    for f in ["Dockerfile", "claude", "entrypoint.sh"] {
+        h.update(std::fs::read(dir.join(f)).expect("fixture file"));
+    }
+    let tag = format!("cmm-fake-claude:fed-{}", &hex::encode(h.finalize())[..12]);
+    build_fixture_image(&tag);
+    tag
+}
+
+fn node_id(home: &Cmm) -> String {
+    let paths = Paths::in_one_dir(home.path().to_path_buf());
+    Identity::load_or_generate(&paths, &AuditLog::new(&paths))
+        .expect("node identity")
+        .node_id()
+        .to_string()
+}
+
+/// Read a child's stdout (JSON lines) or stderr (text lines) into a list.
+fn collect<R: std::io::Read + Send + 'static>(r: R) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let l2 = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            l2.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+fn wait_line(lines: &Arc<Mutex<Vec<String>>>, secs: u64, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(l) = lines.lock().unwrap().iter().find(|l| pred(l)) {
+            return l.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} within {secs}s; got:\n{}",
+            lines.lock().unwrap().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `advertise --auto-accept` running the fake image.
+struct Provider {
+    home: Cmm,
+    node_id: String,
+    child: Option<Child>,
+    out: Arc<Mutex<Vec<String>>>,
+    err: Arc<Mutex<Vec<String>>>,
+}
+
+impl Provider {
+    fn new(server: &Server, image: &str, setup: impl FnOnce(&Cmm)) -> Provider {
+        let home = job_env();
+        home.run(&["opt-in", "--accept-terms", "--claude-jobs"]).code(0);
+        home.run(&["config", "--set", "limits.maxTokensPerTask=4000"]).code(0);
+        setup(&home);
+        let node_id = node_id(&home);
+        let mut cmd = home
+            .cmd(&[
+                "--json",
+                "advertise",
+                "--slots",
+                "1",
+                "--price",
+                "5",
+                "--auto-accept",
+                "--image",
+                image,
+                "--endpoint",
+                &server.endpoint,
+            ])
+            .cmd;
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn advertise");
+        let out = collect(child.stdout.take().unwrap());
+        let err = collect(child.stderr.take().unwrap());
+        let p = Provider {
+            home,
+            node_id,
+            child: Some(child),
+            out,
+            err,
+        };
+        p.wait(20, "offer", |v| v["event"] == "offer");
+        p
+    }
+
+    fn wait(&self, secs: u64, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let l = wait_line(&self.out, secs, what, |l| {
+            serde_json::from_str::<Value>(l).is_ok_and(|v| pred(&v))
+        });
+        serde_json::from_str(&l).unwrap()
+    }
+
+    fn events(&self, name: &str) -> Vec<Value> {
+        self.out
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["event"] == name)
+            .collect()
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Ctrl-C, and the exit code.
+    fn interrupt(&mut self) -> i32 {
+        let mut c = self.child.take().expect("running provider");
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGINT);
+        }
+        c.wait().expect("wait").code().unwrap_or(-1)
+    }
+
+    fn stderr(&self) -> String {
+        self.err.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn status(home: &Cmm, server: &Server) -> Value {
+    let out = home.run(&["--json", "market", "status", "--endpoint", &server.endpoint]);
+    out.code(0);
+    out.json()["status"].clone()
+}
+
+#[track_caller]
+fn audit_verifies(home: &Cmm) {
+    home.run(&["audit", "verify"]).code(0);
+}
+
+fn bid<'a>(server: &'a Server, prompt: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--json",
+        "bid",
+        "--prompt",
+        prompt,
+        "--max-price",
+        "20",
+        "--max-tokens",
+        "1000",
+        "--wait",
+        "--endpoint",
+        &server.endpoint,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+fn canary(tag: &str) -> String {
+    format!("cmmcanary{tag}{}", hex::encode(rand::random::<[u8; 6]>()))
+}
+
+/// Every byte under `dir`, searched for `needle`.
+fn dir_contains(dir: &std::path::Path, needle: &str) -> Vec<String> {
+    let mut hits = Vec::new();
+    for e in walk(dir) {
+        if let Ok(bytes) = std::fs::read(&e) {
+            if bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                hits.push(e.display().to_string());
+            }
+        }
+    }
+    hits
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn happy_path_settles_exactly_and_the_coordinator_never_sees_plaintext() {
+    if !docker_available("happy_path_settles_exactly_and_the_coordinator_never_sees_plaintext") {
+        return;
+    }
+    let img = image();
+    let server = Server::start(&["--lease-ms", "10000"]);
+    let p1 = Provider::new(&server, &img, |_| {});
+    let p2 = Provider::new(&server, &img, |_| {});
+    let requester = Cmm::new();
+    let secret = canary("prompt");
+    let prompt = format!("scenario:echo {secret}");
+    let out = requester.run(&bid(&server, &prompt, &[]));
+    out.code(0);
+    let v = out.json();
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["status"], "completed");
+    let result = v["result"]["result"].as_str().expect("result text");
+    assert!(result.contains(&secret), "the job's result comes back: {result}");
+    assert_eq!(v["attempt"], 1);
+    assert_eq!(v["settlement"]["paid"], 5);
+    assert_eq!(v["settlement"]["refunded"], 15);
+    for step in ["posted", "assigned to node", "running on node", "delivered", "settled"] {
+        assert!(out.stderr.contains(step), "progress shows `{step}`:\n{}", out.stderr);
+    }
+    let (ran, idle) = if v["provider"] == p1.node_id.as_str() {
+        (&p1, &p2)
+    } else {
+        (&p2, &p1)
+    };
+    assert_eq!(v["provider"], ran.node_id.as_str());
+    ran.wait(10, "settled", |e| e["event"] == "settled");
+
+    // Balances move exactly; escrow is empty; reputation counts the work.
+    let rs = status(&requester, &server);
+    assert_eq!(rs["balance"], 995, "requester pays the ask: {rs:#}");
+    assert_eq!(rs["escrow"], 0);
+    let ps = status(&ran.home, &server);
+    assert_eq!(ps["balance"], 1005, "provider earns its ask");
+    assert_eq!(ps["reputation"]["successes"], 1);
+    assert_eq!(status(&idle.home, &server)["balance"], 1000);
+    assert_eq!(rs["server"]["ledger"]["escrow"], 0);
+    server.verify();
+
+    // The job went through the pipeline on the provider, as a market job.
+    let events = docker_common::audit_events(&ran.home);
+    let started: Vec<_> = events.iter().filter(|e| e["event"] == "job.started").collect();
+    assert_eq!(started.len(), 1);
+    assert_eq!(started[0]["source"], "market");
+    assert!(events.iter().any(|e| e["event"] == "market.approved"));
+    assert!(events.iter().any(|e| e["event"] == "market.delivered"));
+
+    // Every node's log verifies.
+    for h in [&requester, &p1.home, &p2.home] {
+        audit_verifies(h);
+    }
+    // The coordinator (database, WAL, logs) and the providers' audit logs
+    // never hold the prompt or the result.
+    let result_marker = format!("echo:scenario:echo{secret}");
+    assert!(result.contains(&result_marker));
+    for needle in [&prompt, &secret, &result_marker] {
+        let hits = dir_contains(server.home.path(), needle);
+        assert!(hits.is_empty(), "coordinator files hold plaintext: {hits:?}");
+        for p in [&p1, &p2] {
+            assert!(!p.home.read("audit.jsonl").contains(needle.as_str()));
+            assert!(!p.stderr().contains(needle.as_str()));
+        }
+        assert!(!requester.read("audit.jsonl").contains(needle.as_str()));
+        // Nor any file of the provider that ran it (its job record keeps
+        // hashes, not the requester's prompt or result).
+        let hits = dir_contains(ran.home.path(), needle);
+        assert!(hits.is_empty(), "provider files hold plaintext: {hits:?}");
+    }
+    assert!(!p1.out.lock().unwrap().join("\n").contains(&secret));
+}
+
+#[test]
+fn a_failing_job_is_reported_reoffered_and_refunded_after_the_last_attempt() {
+    if !docker_available("a_failing_job_is_reported_reoffered_and_refunded_after_the_last_attempt") {
+        return;
+    }
+    let img = image();
+    let server = Server::start(&["--lease-ms", "10000"]);
+    let p1 = Provider::new(&server, &img, |_| {});
+    let p2 = Provider::new(&server, &img, |_| {});
+    let requester = Cmm::new();
+    let out = requester.run(&bid(&server, "scenario:auth", &["--max-attempts", "2"]));
+    out.code(1);
+    assert!(out.stderr.contains("attempt 1"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("authentication_failed") || out.stderr.contains("could not log in"),
+        "the signed failure report is shown:\n{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("attempt 2"), "{}", out.stderr);
+    assert!(out.stderr.contains("refunded 20 RUV"), "{}", out.stderr);
+    let rs = status(&requester, &server);
+    assert_eq!(rs["balance"], 1000, "refunded in full");
+    assert_eq!(rs["escrow"], 0);
+    let failures: i64 = [&p1, &p2]
+        .iter()
+        .map(|p| status(&p.home, &server)["reputation"]["failures"].as_i64().unwrap())
+        .sum();
+    assert_eq!(failures, 2, "each failed attempt counts against its provider");
+    let mut reported = 0;
+    for p in [&p1, &p2] {
+        assert_eq!(status(&p.home, &server)["balance"], 1000);
+        let events = docker_common::audit_events(&p.home);
+        reported += events
+            .iter()
+            .filter(|e| e["event"] == "market.abandoned" && e["reason"] == "failed")
+            .count();
+        audit_verifies(&p.home);
+    }
+    assert_eq!(reported, 2, "each failure is reported, not dropped");
+    let events = docker_common::audit_events(&requester);
+    assert!(events.iter().any(|e| e["event"] == "market.refunded"));
+    audit_verifies(&requester);
+    server.verify();
+}
+
+#[test]
+fn provider_killed_mid_job_lapses_and_the_other_completes_attempt_two() {
+    if !docker_available("provider_killed_mid_job_lapses_and_the_other_completes_attempt_two") {
+        return;
+    }
+    let img = image();
+    let server = Server::start(&["--lease-ms", "3000"]);
+    let mut p1 = Provider::new(&server, &img, |_| {});
+    let mut p2 = Provider::new(&server, &img, |_| {});
+    let requester = Cmm::new();
+    let secret = canary("kill");
+    let prompt = format!("scenario:slowecho {secret}");
+    let mut cmd = requester.cmd(&bid(&server, &prompt, &[])).cmd;
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn bid");
+    let out = collect(child.stdout.take().unwrap());
+    let err = collect(child.stderr.take().unwrap());
+    wait_line(&err, 30, "running", |l| l.contains("running on node"));
+    // Whichever provider runs it is killed once its job has started.
+    let first = {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if p1.events("running").len() == 1 {
+                break 1;
+            }
+            if p2.events("running").len() == 1 {
+                break 2;
+            }
+            assert!(Instant::now() < deadline, "no provider started the job");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let (killed, other) = if first == 1 { (&mut p1, &p2) } else { (&mut p2, &p1) };
+    std::thread::sleep(Duration::from_millis(300));
+    killed.kill9();
+    // Its orphaned job container is ours to remove.
+    for e in docker_common::audit_events(&killed.home) {
+        if e["event"] == "job.started" {
+            for c in containers_of_job(e["job_id"].as_str().unwrap()) {
+                docker(&["rm", "-f", &c]);
+            }
+        }
+    }
+    let status_code = child.wait().expect("bid exits").code();
+    std::thread::sleep(Duration::from_millis(100));
+    let stdout = out.lock().unwrap().join("\n");
+    assert_eq!(status_code, Some(0), "{stdout}\n{}", err.lock().unwrap().join("\n"));
+    let v: Value = serde_json::from_str(&stdout).expect("bid --json");
+    assert_eq!(v["attempt"], 2, "attempt 2 delivered the result");
+    assert_eq!(v["provider"], other.node_id.as_str());
+    assert!(v["result"]["result"].as_str().unwrap().contains(&secret));
+
+    // A late result from attempt 1 is refused by the fence.
+    let task_id = v["task_id"].as_str().unwrap().to_string();
+    let paths = Paths::in_one_dir(killed.home.path().to_path_buf());
+    let id = Identity::load(&paths).expect("killed provider's keys");
+    let reason = rt().block_on(async {
+        let c = Client::connect(&server.endpoint, &id).await.expect("reconnect");
+        c.request(&Request::Deliver {
+            task_id,
+            attempt: 1,
+            data: "bGF0ZQ==".into(),
+        })
+        .await
+        .unwrap_err()
+        .reason()
+    });
+    assert_eq!(reason, Some(Reason::StaleAttempt));
+    assert_eq!(status(&requester, &server)["balance"], 995);
+    assert_eq!(status(&other.home, &server)["balance"], 1005);
+    assert_eq!(status(&killed.home, &server)["reputation"]["failures"], 1);
+    server.verify();
+}
+
+#[test]
+fn an_offline_requester_fetches_the_result_later() {
+    if !docker_available("an_offline_requester_fetches_the_result_later") {
+        return;
+    }
+    let img = image();
+    let server = Server::start(&["--lease-ms", "10000"]);
+    let _p1 = Provider::new(&server, &img, |_| {});
+    let requester = Cmm::new();
+    let secret = canary("offline");
+    let prompt = format!("scenario:slowecho {secret}");
+    let mut cmd = requester.cmd(&bid(&server, &prompt, &[])).cmd;
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn bid");
+    let err = collect(child.stderr.take().unwrap());
+    let posted = wait_line(&err, 30, "posted", |l| l.starts_with("posted "));
+    let task_id = posted
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(';')
+        .to_string();
+    wait_line(&err, 30, "running", |l| l.contains("running on node"));
+    let _ = child.kill();
+    let _ = child.wait();
+    // The result arrives while the requester is away.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = status(&requester, &server);
+        let state = st["tasks"][0]["state"].clone();
+        if state == "delivered" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never delivered: {st:#}\nprovider: {}\n{}",
+            _p1.out.lock().unwrap().join("\n"),
+            _p1.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = requester.run(&["--json", "market", "result", &task_id, "--endpoint", &server.endpoint]);
+    out.code(0);
+    let v = out.json();
+    assert!(v["result"]["result"].as_str().unwrap().contains(&secret));
+    assert_eq!(v["settlement"]["paid"], 5);
+    let rs = status(&requester, &server);
+    assert_eq!(rs["balance"], 995);
+    assert_eq!(rs["escrow"], 0);
+    // Once settled the coordinator holds no result any more.
+    let again = requester.run(&["--json", "market", "result", &task_id, "--endpoint", &server.endpoint]);
+    assert_ne!(again.status, 0);
+    audit_verifies(&requester);
+    server.verify();
+}
+
+#[test]
+fn a_provider_at_its_cap_declines_and_one_that_opted_out_gets_nothing() {
+    if !docker_available("a_provider_at_its_cap_declines_and_one_that_opted_out_gets_nothing") {
+        return;
+    }
+    let img = image();
+    let server = Server::start(&["--lease-ms", "10000"]);
+    let capped = Provider::new(&server, &img, |h| {
+        h.run(&["config", "--set", "limits.dailyTasks=0"]).code(0);
+    });
+    let mut gone = Provider::new(&server, &img, |_| {});
+    gone.home.run(&["opt-out", "--yes"]).code(0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(c) = gone.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            break c.code();
+        }
+        assert!(Instant::now() < deadline, "advertise did not stop on opt-out");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(3), "opt-out stops advertising (exit 3)");
+    let requester = Cmm::new();
+    let out = requester.run(&bid(&server, "scenario:echo capped", &["--deadline", "3"]));
+    out.code(1);
+    assert!(out.stderr.contains("refunded"), "{}", out.stderr);
+    let offered = capped.wait(10, "declined offer", |e| e["event"] == "task_offered");
+    assert_eq!(offered["accept"], false);
+    assert!(offered["declined"].as_str().unwrap().contains("daily"), "{offered:#}");
+    let events = docker_common::audit_events(&capped.home);
+    assert!(events.iter().any(|e| e["event"] == "market.declined"));
+    assert!(!events.iter().any(|e| e["event"] == "job.started"));
+    assert!(
+        gone.events("task_offered").is_empty(),
+        "an opted-out node is told nothing"
+    );
+    assert_eq!(status(&requester, &server)["balance"], 1000);
+    drop(capped);
+    let _ = TOKEN;
+}
+
+/// Which frames a [`TamperProxy`] alters.
+#[derive(Clone, Copy, PartialEq)]
+enum Tamper {
+    /// The requester's `payload` request (client to coordinator, masked).
+    Payload,
+    /// The `delivered` event to the requester (coordinator to client).
+    Result,
+}
+
+/// A TCP proxy in front of the coordinator for one node: passes the
+/// WebSocket handshake through, then re-frames every frame, flipping one
+/// byte of the sealed envelope inside the chosen frames (same length, so
+/// only the cryptography can notice).
+struct TamperProxy {
+    endpoint: String,
+    flipped: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TamperProxy {
+    fn start(upstream: &str, what: Tamper) -> TamperProxy {
+        use std::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("ws://{}", listener.local_addr().unwrap());
+        let upstream = upstream.trim_start_matches("ws://").to_string();
+        let flipped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let f2 = flipped.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(down) = conn else { return };
+                let Ok(up) = TcpStream::connect(&upstream) else { return };
+                let (d2, u2) = (down.try_clone().unwrap(), up.try_clone().unwrap());
+                let (fa, fb) = (f2.clone(), f2.clone());
+                std::thread::spawn(move || pump(down, up, what == Tamper::Payload, "\"type\":\"payload\"", fa));
+                std::thread::spawn(move || pump(u2, d2, what == Tamper::Result, "\"type\":\"delivered\"", fb));
+            }
+        });
+        TamperProxy { endpoint, flipped }
+    }
+
+    fn flipped(&self) -> usize {
+        self.flipped.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    tamper: bool,
+    marker: &'static str,
+    flipped: Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::io::{Read, Write};
+    // The HTTP upgrade head, byte by byte up to the blank line.
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if from.read_exact(&mut b).is_err() {
+            return;
+        }
+        head.push(b[0]);
+    }
+    if to.write_all(&head).is_err() {
+        return;
+    }
+    loop {
+        let mut h = [0u8; 2];
+        if from.read_exact(&mut h).is_err() {
+            let _ = to.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        let mut header = h.to_vec();
+        let masked = h[1] & 0x80 != 0;
+        let mut len = (h[1] & 0x7f) as u64;
+        if len == 126 {
+            let mut x = [0u8; 2];
+            from.read_exact(&mut x).unwrap();
+            header.extend_from_slice(&x);
+            len = u16::from_be_bytes(x) as u64;
+        } else if len == 127 {
+            let mut x = [0u8; 8];
+            from.read_exact(&mut x).unwrap();
+            header.extend_from_slice(&x);
+            len = u64::from_be_bytes(x);
+        }
+        let mut mask = [0u8; 4];
+        if masked {
+            from.read_exact(&mut mask).unwrap();
+            header.extend_from_slice(&mask);
+        }
+        let mut body = vec![0u8; len as usize];
+        if from.read_exact(&mut body).is_err() {
+            return;
+        }
+        if masked {
+            for (i, x) in body.iter_mut().enumerate() {
+                *x ^= mask[i % 4];
+            }
+        }
+        if tamper && h[0] & 0x0f == 1 {
+            if let Some(t) = flip_envelope(&body, marker) {
+                body = t;
+                flipped.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        if masked {
+            for (i, x) in body.iter_mut().enumerate() {
+                *x ^= mask[i % 4];
+            }
+        }
+        if to.write_all(&header).is_err() || to.write_all(&body).is_err() {
+            return;
+        }
+    }
+}
+
+/// In a frame holding `marker`, flip one byte in the middle of the sealed
+/// envelope inside `data` (base64 of JSON holding base64), keeping lengths.
+fn flip_envelope(frame: &[u8], marker: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let text = std::str::from_utf8(frame).ok()?;
+    if !text.contains(marker) {
+        return None;
+    }
+    let start = text.find("\"data\":\"")? + 8;
+    let end = start + text[start..].find('"')?;
+    let wire: Value = serde_json::from_slice(&b64.decode(&text[start..end]).ok()?).ok()?;
+    let mut env = b64.decode(wire["envelope"].as_str()?).ok()?;
+    let mid = env.len() / 2;
+    env[mid] ^= 0x01;
+    let old_env = wire["envelope"].as_str()?.to_string();
+    let new_env = b64.encode(&env);
+    let inner = String::from_utf8(b64.decode(&text[start..end]).ok()?).ok()?;
+    let inner = inner.replace(&old_env, &new_env);
+    let outer = b64.encode(inner.as_bytes());
+    assert_eq!(outer.len(), end - start, "same length");
+    Some(format!("{}{}{}", &text[..start], outer, &text[end..]).into_bytes())
+}
+
+#[test]
+fn a_payload_altered_in_transit_is_refused_before_decryption_and_nothing_settles() {
+    if !docker_available("a_payload_altered_in_transit_is_refused_before_decryption_and_nothing_settles") {
+        return;
+    }
+    let img = image();
+    let server = Server::start(&["--lease-ms", "10000"]);
+    let p1 = Provider::new(&server, &img, |_| {});
+    let proxy = TamperProxy::start(&server.endpoint, Tamper::Payload);
+    let requester = Cmm::new();
+    let secret = canary("tamperp");
+    let prompt = format!("scenario:echo {secret}");
+    let mut args = bid(&server, &prompt, &["--max-attempts", "1"]);
+    let at = args.iter().position(|a| *a == server.endpoint).unwrap();
+    args[at] = &proxy.endpoint;
+    let out = requester.run(&args);
+    out.code(1);
+    assert!(proxy.flipped() >= 1, "the proxy altered the payload");
+    assert!(out.stderr.contains("refunded 20 RUV"), "{}", out.stderr);
+    assert!(!out.stdout.contains(&secret));
+    let events = docker_common::audit_events(&p1.home);
+    let refused: Vec<_> = events
+        .iter()
+        .filter(|e| e["event"] == "market.payload_refused")
+        .collect();
+    assert_eq!(refused.len(), 1, "{events:#?}");
+    assert!(
+        refused[0]["error"].as_str().unwrap().contains("signature"),
+        "refused by signature: {}",
+        refused[0]
+    );
+    assert!(!events.iter().any(|e| e["event"] == "job.started"), "nothing ran");
+    assert_eq!(status(&requester, &server)["balance"], 1000, "nothing settled");
+    assert_eq!(status(&p1.home, &server)["balance"], 1000);
+    server.verify();
+}
+
+#[test]
+fn a_result_altered_in_transit_is_rejected_never_printed_and_nothing_settles() {
+    if !docker_available("a_result_altered_in_transit_is_rejected_never_printed_and_nothing_settles") {
+        return;
+    }
+    let img = image();
+    let server = Server::start(&["--lease-ms", "10000"]);
+    let p1 = Provider::new(&server, &img, |_| {});
+    let proxy = TamperProxy::start(&server.endpoint, Tamper::Result);
+    let requester = Cmm::new();
+    let secret = canary("tamperr");
+    let prompt = format!("scenario:echo {secret}");
+    let mut args = bid(&server, &prompt, &[]);
+    let at = args.iter().position(|a| *a == server.endpoint).unwrap();
+    args[at] = &proxy.endpoint;
+    let out = requester.run(&args);
+    out.code(5);
+    assert_eq!(proxy.flipped(), 1, "the proxy altered the result");
+    assert!(out.stdout.contains("signature"), "refused by signature: {}", out.stdout);
+    assert!(
+        !out.stdout.contains(&secret) && !out.stderr.contains(&secret),
+        "never printed"
+    );
+    let events = docker_common::audit_events(&requester);
+    assert!(events.iter().any(|e| e["event"] == "market.result_rejected"));
+    assert!(!events.iter().any(|e| e["event"] == "market.settled"));
+    let rs = status(&requester, &server);
+    assert_eq!(rs["balance"], 1000, "nothing paid: {rs:#}");
+    assert_eq!(rs["escrow"], 0);
+    assert_eq!(status(&p1.home, &server)["balance"], 1000);
+    server.verify();
+}
+
+#[test]
+fn ctrl_c_gives_the_lease_back_and_the_task_is_reoffered_at_once() {
+    if !docker_available("ctrl_c_gives_the_lease_back_and_the_task_is_reoffered_at_once") {
+        return;
+    }
+    let img = image();
+    // A lease long enough that only a clean give-back explains a quick re-offer.
+    let server = Server::start(&["--lease-ms", "30000"]);
+    let mut p1 = Provider::new(&server, &img, |_| {});
+    let mut p2 = Provider::new(&server, &img, |_| {});
+    let requester = Cmm::new();
+    let secret = canary("ctrlc");
+    let prompt = format!("scenario:slowecho {secret}");
+    let started = Instant::now();
+    let mut cmd = requester.cmd(&bid(&server, &prompt, &[])).cmd;
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn bid");
+    let out = collect(child.stdout.take().unwrap());
+    let err = collect(child.stderr.take().unwrap());
+    wait_line(&err, 30, "running", |l| l.contains("running on node"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        if !p1.events("running").is_empty() {
+            break 1;
+        }
+        if !p2.events("running").is_empty() {
+            break 2;
+        }
+        assert!(Instant::now() < deadline, "no provider started the job");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (stopped, other) = if first == 1 { (&mut p1, &p2) } else { (&mut p2, &p1) };
+    assert_eq!(stopped.interrupt(), 0, "Ctrl-C is a clean stop: {}", stopped.stderr());
+    // (The reader thread may still be draining the pipe.)
+    let gave_back = stopped.wait(5, "abandoned", |e| e["event"] == "abandoned");
+    assert_eq!(gave_back["reason"], "withdrawn", "the lease is given back");
+    stopped.wait(5, "withdrawn", |e| e["event"] == "withdrawn");
+    assert_eq!(stopped.events("abandoned").len(), 1);
+    let code = child.wait().unwrap().code();
+    std::thread::sleep(Duration::from_millis(100));
+    let v: Value = serde_json::from_str(&out.lock().unwrap().join("\n")).expect("bid --json");
+    assert_eq!(code, Some(0));
+    assert_eq!(v["attempt"], 2);
+    assert_eq!(v["provider"], other.node_id.as_str());
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "re-offered at once, not after the 30 s lease: {:?}",
+        started.elapsed()
+    );
+    // No container of the stopped job is left behind; its log verifies.
+    for e in docker_common::audit_events(&stopped.home) {
+        if e["event"] == "job.started" {
+            assert!(containers_of_job(e["job_id"].as_str().unwrap()).is_empty());
+        }
+    }
+    audit_verifies(&stopped.home);
+    assert_eq!(status(&stopped.home, &server)["reputation"]["failures"], 0);
+    server.verify();
+}
+
+#[test]
+fn a_delivered_result_nobody_settles_is_settled_after_the_ttl() {
+    use claude_max_market::market::protocol::Event;
+    use market_support::{expect_event, offer, post, Node};
+    let server = Server::start(&["--settle-ttl-ms", "1000"]);
+    let (req, prov) = (Node::new(), Node::new());
+    rt().block_on(async {
+        let r = req.connect(&server).await;
+        let mut p = prov.connect(&server).await;
+        p.request(&offer(5)).await.unwrap();
+        let t = r.request(&post(20)).await.unwrap();
+        let task_id = t["task"]["task_id"].as_str().unwrap().to_string();
+        p.request(&Request::Accept {
+            task_id: task_id.clone(),
+            attempt: 1,
+        })
+        .await
+        .unwrap();
+        p.request(&Request::Deliver {
+            task_id: task_id.clone(),
+            attempt: 1,
+            data: "c2VhbGVk".into(),
+        })
+        .await
+        .unwrap();
+        // Held for the requester until then: only the requester may read it.
+        let held = r
+            .request(&Request::Result {
+                task_id: task_id.clone(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(held["data"], "c2VhbGVk");
+        assert_eq!(held["provider"], prov.node_id().as_str());
+        let other = p
+            .request(&Request::Result {
+                task_id: task_id.clone(),
+            })
+            .await;
+        assert_eq!(market_support::reason_of(other), Reason::NotOwner);
+        let ev = expect_event(&mut p, 10, "settled", |e| matches!(e, Event::Settled { .. })).await;
+        assert!(matches!(
+            ev,
+            Event::Settled {
+                paid: 5,
+                refunded: 15,
+                ..
+            }
+        ));
+        // Settled: the stored bytes are gone.
+        let gone = r.request(&Request::Result { task_id }).await;
+        assert_eq!(market_support::reason_of(gone), Reason::WrongState);
+        let st = r.request(&Request::Status {}).await.unwrap();
+        assert_eq!(st["balance"], 995);
+        assert_eq!(st["escrow"], 0);
+    });
+    server.verify();
+}
+
+#[test]
+fn one_provider_fails_an_attempt_and_serves_the_next_attempt_of_the_same_task() {
+    if !docker_available("one_provider_fails_an_attempt_and_serves_the_next_attempt_of_the_same_task") {
+        return;
+    }
+    // Regression: finishing attempt 1 used to drop the provider's record of
+    // attempt 2 of the same task, so its payload found no lease.
+    let img = image();
+    let server = Server::start(&["--lease-ms", "10000"]);
+    let p1 = Provider::new(&server, &img, |_| {});
+    let requester = Cmm::new();
+    let out = requester.run(&bid(&server, "scenario:auth", &["--max-attempts", "2"]));
+    out.code(1);
+    let failed: Vec<Value> = docker_common::audit_events(&p1.home)
+        .into_iter()
+        .filter(|e| e["event"] == "market.abandoned")
+        .collect();
+    assert_eq!(failed.len(), 2, "{failed:#?}");
+    assert!(
+        failed.iter().all(|e| e["reason"] == "failed"),
+        "both attempts ran and failed: {failed:#?}"
+    );
+    assert_eq!(status(&p1.home, &server)["reputation"]["failures"], 2);
+    assert_eq!(status(&requester, &server)["balance"], 1000);
+    server.verify();
+}
