@@ -31,6 +31,18 @@ struct LoadSigner {
     public: PublicIdentity,
 }
 
+/// One real RSA-3072 public key shared by every synthetic node: the
+/// coordinator validates it, and generating 10,000 of them would take hours.
+/// Node ids still come from each node's own Ed25519 key.
+fn shared_rsa_pem() -> &'static str {
+    static PEM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PEM.get_or_init(|| {
+        use rsa::pkcs8::{EncodePublicKey, LineEnding};
+        let key = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 3072).expect("RSA key");
+        key.to_public_key().to_public_key_pem(LineEnding::LF).expect("PEM")
+    })
+}
+
 impl LoadSigner {
     fn new() -> LoadSigner {
         let key = SigningKey::generate(&mut rand::rngs::OsRng);
@@ -38,8 +50,8 @@ impl LoadSigner {
         let public = PublicIdentity {
             node_id: hex::encode(Sha256::digest(vk.as_bytes())),
             ed25519: base64::engine::general_purpose::STANDARD.encode(vk.as_bytes()),
-            rsa_public_pem: String::new(),
-            created: String::new(),
+            rsa_public_pem: shared_rsa_pem().to_string(),
+            created: chrono::Utc::now().to_rfc3339(),
         };
         LoadSigner { key, public }
     }
@@ -135,7 +147,7 @@ fn metric(addr: &str, name: &str) -> i64 {
 fn main() {
     let conns: usize = arg("--conns", "10000").parse().expect("--conns N");
     let secs: u64 = arg("--secs", "10").parse().expect("--secs S");
-    let workers: usize = arg("--workers", "96").parse().expect("--workers W");
+    let workers: usize = arg("--workers", "48").parse().expect("--workers W");
     let sync = arg("--sync", "full");
     let limit = raise_nofile();
     println!("open-files limit: {limit}");
