@@ -44,6 +44,6 @@ pub use audit::{AuditError, AuditLog, VerifyReport};
 pub use config::{Config, ConfigError};
 pub use consent::Consent;
 pub use exit::Exit;
-pub use job::{Approval, ApprovedBy, JobRecord, JobSource, JobSpec};
+pub use job::{Approval, ApprovedBy, Cancel, JobRecord, JobSource, JobSpec, Progress, Unattended};
 pub use paths::Paths;
 pub use usage::{Caps, Ledger, Reservation};
