@@ -174,22 +174,9 @@ pub fn encrypt_file(
     sink: &Sink,
     force: bool,
 ) -> Result<u64, CryptoError> {
-    let pending = match sink {
-        Sink::File(p) => Some(Pending::new(source, p, force)?),
-        Sink::Stdout => None,
-    };
-    let input = open_source(source)?;
-    match pending {
-        Some(mut pending) => {
-            let n = envelope::encrypt_stream(recipients, sign_with, input, pending.tmp.as_file_mut())?;
-            pending.commit()?;
-            Ok(n)
-        }
-        None => {
-            let mut out = raw_stdout();
-            envelope::encrypt_stream(recipients, sign_with, input, &mut *out)
-        }
-    }
+    through_sink(source, sink, force, |input, out| {
+        envelope::encrypt_stream(recipients, sign_with, input, out)
+    })
 }
 
 /// Decrypt `source` to `sink`. A file is committed only after everything
@@ -202,6 +189,20 @@ pub fn decrypt_file(
     force: bool,
     require_signer: Option<&PublicIdentity>,
 ) -> Result<StreamReport, CryptoError> {
+    through_sink(source, sink, force, |input, out| {
+        envelope::decrypt_stream(me, input, out, require_signer)
+    })
+}
+
+/// Run `work` from `source` into `sink`: a file sink gets a temporary file
+/// next to it, renamed into place only when `work` succeeded; stdout is
+/// written directly.
+fn through_sink<T>(
+    source: &Source,
+    sink: &Sink,
+    force: bool,
+    work: impl FnOnce(Box<dyn Read>, &mut File) -> Result<T, CryptoError>,
+) -> Result<T, CryptoError> {
     let pending = match sink {
         Sink::File(p) => Some(Pending::new(source, p, force)?),
         Sink::Stdout => None,
@@ -209,14 +210,14 @@ pub fn decrypt_file(
     let input = open_source(source)?;
     match pending {
         Some(mut pending) => {
-            let report = envelope::decrypt_stream(me, input, pending.tmp.as_file_mut(), require_signer)?;
+            let out = work(input, pending.tmp.as_file_mut())?;
             pending.commit()?;
-            Ok(report)
+            Ok(out)
         }
         None => {
-            let mut out = raw_stdout();
-            let r = envelope::decrypt_stream(me, input, &mut *out, require_signer);
-            out.flush()?;
+            let mut stdout = raw_stdout();
+            let r = work(input, &mut stdout);
+            stdout.flush()?;
             r
         }
     }
