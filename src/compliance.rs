@@ -445,9 +445,9 @@ fn credential_kind_market(i: &Inputs) -> Outcome {
     }
 }
 
-/// Egress: the request `execute` would send keeps the container on the
-/// internal network behind the proxy, and the network the engine holds under
-/// that name (if any yet) is ours and internal.
+/// Egress: the request `execute` would send gives the container no network
+/// and no way out but the relay to its proxy, and the relay's directory is
+/// usable.
 fn egress_restricted(i: &Inputs) -> Outcome {
     use crate::docker::{egress, hardening};
     let cfg = need_config!(i);
@@ -465,8 +465,9 @@ fn egress_restricted(i: &Inputs) -> Outcome {
         Ok(r) => r,
         Err(err) => return Outcome::Fail(format!("{err}: execute would refuse to run")),
     };
-    // The port is chosen when a job starts; any address shows the shape.
-    resources.proxy = Some("http://gateway:port".into());
+    // The socket and copy paths are chosen when a job starts; placeholders
+    // show the shape.
+    resources.relay = Some(hardening::example_relay(e));
     let body = hardening::create_body(
         profile,
         &resources,
@@ -482,34 +483,13 @@ fn egress_restricted(i: &Inputs) -> Outcome {
         ));
     }
     let allow = e.allowlist(credential_kind(cfg)).join(", ");
-    // On a thread of its own: the caller may already be inside a runtime
-    // (the MCP server), where starting another one panics.
-    let network = std::thread::spawn(move || {
-        let rt = crate::docker::runtime().ok()?;
-        rt.block_on(async {
-            let docker = crate::docker::connect_within(std::time::Duration::from_millis(1500))
-                .await
-                .ok()?;
-            Some(egress::inspect(&docker, e, &profile.label).await)
-        })
-    })
-    .join()
-    .ok()
-    .flatten();
-    match network {
-        Some(Ok(Some(n))) => Outcome::Pass(format!(
-            "internal network `{}` (gateway {}), no IPv6, HTTPS_PROXY only; the proxy allows {allow}",
-            n.name, n.gateway
+    match crate::docker::relay::base_dir() {
+        Ok(dir) => Outcome::Pass(format!(
+            "no network (mode `none`, IPv6 off); the only way out is the relay on {} to the job's own proxy (socket under {}), which allows {allow}",
+            e.relay_listen,
+            dir.display()
         )),
-        Some(Ok(None)) => Outcome::Pass(format!(
-            "HTTPS_PROXY only, internal network `{}` created on the first job; the proxy allows {allow}",
-            e.network
-        )),
-        Some(Err(err)) => Outcome::Fail(format!("{err}: execute would refuse to run")),
-        None => Outcome::Pass(format!(
-            "HTTPS_PROXY only on internal network `{}` (engine not reachable, network not inspected); the proxy allows {allow}",
-            e.network
-        )),
+        Err(err) => Outcome::Fail(format!("{err}: execute would refuse to run")),
     }
 }
 

@@ -356,8 +356,8 @@ fn egress_check(cfg: &Config) -> Check {
             name: "egress",
             level: Level::Ok,
             message: format!(
-                "restricted: internal network `{}`, proxy allows {}",
-                e.network,
+                "restricted: no network, relay on {} to a per-job proxy that allows {}",
+                e.relay_listen,
                 e.allowlist(crate::compliance::credential_kind(cfg)).join(", ")
             ),
         },

@@ -22,7 +22,7 @@ use crate::consent::{Consent, JOB_LOCAL, JOB_MARKET};
 use crate::docker::container::{self, Ending, KillReason, Verdict};
 use crate::docker::egress::{self, EgressReport, Proxy};
 use crate::docker::image::{self, ImageProgress, Provenance};
-use crate::docker::{hardening, DockerError};
+use crate::docker::{hardening, relay, DockerError};
 use crate::exit::{Exit, Failure, HasExit};
 use crate::fsutil;
 use crate::paths::Paths;
@@ -542,31 +542,40 @@ pub async fn run(
             };
             let _: Provenance = ensured?;
         }
-        // 5b. Restricted egress: the shared internal network, and this
-        // job's own proxy on its gateway, allowing only what this
-        // credential kind needs.
-        let proxy = match &resources.proxy {
+        // 5b. Restricted egress: this job's own proxy on a Unix socket,
+        // allowing only what this credential kind needs, and the relay
+        // that carries the container's HTTPS_PROXY to it.
+        let egress = match &resources.proxy {
             Some(_) => {
                 let e = egress::profile()?;
-                let net = egress::ensure_network(&docker, e, &profile.label).await?;
+                let files = tokio::task::spawn_blocking(|| {
+                    let base = relay::base_dir()?;
+                    relay::RelayFiles::prepare(&base).map(|f| (base, f))
+                });
+                let (ep, files) = tokio::join!(image::entrypoint(&docker, &spec.image), files);
+                let (base, files) = files
+                    .map_err(joined)?
+                    .map_err(|err| DockerError::Relay(err.to_string()))?;
+                let socket = base.join(format!("egress-{job_id}.sock"));
                 let policy = egress::Policy::new(e, credential.kind.name());
-                let proxy = Proxy::start(net.gateway, policy).await.map_err(|err| {
-                    DockerError::Unreachable(format!(
-                        "cannot listen for the egress proxy on {} (the `{}` network's gateway): {err}",
-                        net.gateway, net.name
-                    ))
-                })?;
-                Some(proxy)
+                let proxy = Proxy::start_unix(&socket, policy)
+                    .await
+                    .map_err(|err| DockerError::Relay(format!("cannot listen on {}: {err}", socket.display())))?;
+                let setup = hardening::RelaySetup {
+                    entrypoint: files.entrypoint(e.relay_listen, &ep?),
+                    binds: files.binds(&socket),
+                };
+                Some((proxy, setup))
             }
             None => None,
         };
         if cancel.is_cancelled() {
             return Err(JobError::Cancelled);
         }
-        Ok((credential, docker, proxy))
+        Ok((credential, docker, egress))
     }
     .await;
-    let (credential, docker, proxy) = match prepared {
+    let (credential, docker, egress) = match prepared {
         Ok(p) => p,
         Err(e) => {
             audit.append("job.approved", approved)?;
@@ -589,9 +598,10 @@ pub async fn run(
     });
     // The container is created (not started) while the start is audited;
     // it starts only once the audit line is on disk.
-    if let Some(p) = &proxy {
-        resources.proxy = Some(p.url());
-    }
+    let proxy = egress.map(|(proxy, setup)| {
+        resources.relay = Some(setup);
+        proxy
+    });
     let body = hardening::create_body(profile, &resources, &spec.image, &spec.model, &job_id);
     let append = {
         let paths = paths.clone();

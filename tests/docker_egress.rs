@@ -1,5 +1,5 @@
 //! Egress on the real engine, with no internet: a job reaches the allowed
-//! host through our proxy and nothing else.
+//! host through our proxy and nothing else, not even the host it runs on.
 //!
 //! The "HTTPS endpoint" standing in for `api.anthropic.com:443` is a plain
 //! TCP echo server (busybox `nc -e cat`) in a container on a separate,
@@ -24,7 +24,6 @@ use sha2::{Digest, Sha256};
 /// Tests here share the one egress network (and `clean` removes it).
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-const EGRESS_NETWORK: &str = "cmm-egress";
 const TEST_LABEL: &str = "dev.claude-max-market.test";
 
 /// The fake-claude image for this fixture's contents: a tag of its own, so
@@ -131,6 +130,66 @@ fn echo_from_host(addr: &str) -> String {
     String::new()
 }
 
+/// A service on the host listening on all interfaces, counting who connects.
+struct HostService {
+    port: u16,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl HostService {
+    fn start() -> HostService {
+        let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n = accepted.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(c);
+            }
+        });
+        HostService { port, accepted }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Every IPv4 address of this host but loopback, and the default bridge's
+/// gateway: the addresses a container could try to reach the host by.
+fn host_addresses() -> Vec<String> {
+    let mut out = Vec::new();
+    let (ok, gw, _) = docker(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{range .IPAM.Config}}{{.Gateway}} {{end}}",
+        "bridge",
+    ]);
+    if ok {
+        out.extend(gw.split_whitespace().map(str::to_string));
+    }
+    let ip = std::process::Command::new("ip")
+        .args(["-4", "-o", "addr", "show"])
+        .output();
+    if let Ok(o) = ip {
+        for line in String::from_utf8_lossy(&o.stdout).lines() {
+            let mut w = line.split_whitespace();
+            while let Some(x) = w.next() {
+                if x == "inet" {
+                    if let Some(a) = w.next().and_then(|a| a.split('/').next()) {
+                        if !a.starts_with("127.") && !out.iter().any(|o| o == a) {
+                            out.push(a.to_string());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 #[test]
 fn a_job_reaches_the_allowed_host_through_the_proxy_and_nothing_else() {
     if !docker_available("a_job_reaches_the_allowed_host_through_the_proxy_and_nothing_else") {
@@ -140,6 +199,37 @@ fn a_job_reaches_the_allowed_host_through_the_proxy_and_nothing_else() {
     let image = egress_image();
     let stand_in = StandIn::start(&image);
     assert_eq!(echo_from_host(&stand_in.addr()), "ping-host\n");
+    // A host service on all interfaces. An ordinary container reaches it
+    // (so "blocked" below means the job's network blocks it).
+    let service = HostService::start();
+    let hosts: Vec<String> = host_addresses()
+        .iter()
+        .map(|a| format!("{a}:{}", service.port))
+        .collect();
+    assert!(!hosts.is_empty(), "no host address found");
+    let gateway = &hosts[0];
+    let (ok, _, err) = docker(&[
+        "run",
+        "--rm",
+        "--label",
+        &format!("{TEST_LABEL}=egress"),
+        "--entrypoint",
+        "/bin/busybox",
+        &image,
+        "sh",
+        "-c",
+        &format!(
+            "echo hi | nc -w 3 {} {}",
+            gateway.rsplit_once(':').unwrap().0,
+            service.port
+        ),
+    ]);
+    assert!(ok, "control: {err}");
+    let control = service.accepted();
+    assert!(
+        control >= 1,
+        "an ordinary container reaches the host service at {gateway}"
+    );
 
     let t = job_env().env(
         "CMM_EGRESS_RESOLVE",
@@ -155,16 +245,17 @@ fn a_job_reaches_the_allowed_host_through_the_proxy_and_nothing_else() {
         "--image",
         &image,
         "--prompt",
-        &format!("scenario:egress direct={}", stand_in.addr()),
+        &format!("scenario:egress direct={} hosts={}", stand_in.addr(), hosts.join(",")),
     ]);
     out.code(0);
     let v = out.json();
     // What the job itself could reach, in its own words.
     assert_eq!(
         v["result"],
-        "egress allowed=reached other=403 plain=403 direct=blocked udp=blocked dns=blocked ipv6=blocked ipv6_disabled=1",
+        "egress allowed=reached other=403 plain=403 direct=blocked host=blocked udp=blocked dns=blocked ipv6=blocked ipv6_disabled=1",
         "{v:#}"
     );
+    assert_eq!(service.accepted(), control, "the host service saw nothing from the job");
 
     // The proxy's counts, per target, in the record.
     let job_id = v["job_id"].as_str().unwrap();
@@ -198,53 +289,44 @@ fn a_job_reaches_the_allowed_host_through_the_proxy_and_nothing_else() {
     assert_eq!(term["egress_refused"], 2);
     assert!(!t.read("audit.jsonl").contains("other.example.com"));
 
-    // The shared network is ours, internal, IPv4 only; the job left no container.
-    let (ok, net, err) = docker(&[
-        "network",
-        "inspect",
-        "-f",
-        "{{.Internal}} {{.EnableIPv6}} {{index .Labels \"dev.claude-max-market.managed\"}} {{index .Options \"com.docker.network.bridge.enable_icc\"}} {{index .Options \"com.docker.network.bridge.name\"}}",
-        EGRESS_NETWORK,
-    ]);
-    assert!(ok, "{err}");
-    assert_eq!(net.trim(), "true false true false cmm-egress0");
+    // The job left no container and no socket.
     assert!(containers_of_job(job_id).is_empty());
+    let base = relay_base();
+    let sock = base.join(format!("egress-{job_id}.sock"));
+    assert!(!sock.exists(), "{} is left behind", sock.display());
+}
 
-    // `clean` knows it: the idle network goes.
-    let c = t.run(&["clean", "--json"]).code(0).json();
-    assert_eq!(c["networks_removed"], 1, "{c:#}");
-    assert!(!docker(&["network", "inspect", EGRESS_NETWORK]).0);
+/// Where `execute` puts relay copies and proxy sockets for this user.
+fn relay_base() -> std::path::PathBuf {
+    let uid = String::from_utf8(std::process::Command::new("id").arg("-u").output().unwrap().stdout).unwrap();
+    match std::env::var_os("XDG_RUNTIME_DIR").map(std::path::PathBuf::from) {
+        Some(d) if d.is_absolute() && d.is_dir() => d.join("claude-max-market"),
+        _ => std::env::temp_dir().join(format!("claude-max-market-{}", uid.trim())),
+    }
 }
 
 #[test]
-fn a_network_of_that_name_that_is_not_ours_is_refused() {
-    if !docker_available("a_network_of_that_name_that_is_not_ours_is_refused") {
+fn a_killed_jobs_socket_is_swept_by_clean() {
+    if !docker_available("a_killed_jobs_socket_is_swept_by_clean") {
         return;
     }
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let image = egress_image();
-    // Squat the name with an ordinary (routable) network.
-    docker(&["network", "rm", EGRESS_NETWORK]);
-    let (ok, _, err) = docker(&[
-        "network",
-        "create",
-        "--label",
-        &format!("{TEST_LABEL}=egress"),
-        EGRESS_NETWORK,
-    ]);
-    assert!(ok, "{err}");
-    let out = job_env().run(&[
-        "execute",
-        "--json",
-        "--approve-all",
-        "--image",
-        &image,
-        "--prompt",
-        "hi",
-    ]);
-    docker(&["network", "rm", EGRESS_NETWORK]);
-    out.code(3);
-    assert!(out.stdout.contains("not our internal network"), "{}", out.stdout);
+    let base = relay_base();
+    std::fs::create_dir_all(&base).unwrap();
+    // A socket whose listener is gone, as a `kill -9`ed execute leaves it.
+    let stale = base.join("egress-test-stale.sock");
+    let _ = std::fs::remove_file(&stale);
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    // And a live one that must stay.
+    let live = base.join("egress-test-live.sock");
+    let _ = std::fs::remove_file(&live);
+    let _listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+    let t = job_env();
+    let c = t.run(&["clean", "--json"]).code(0).json();
+    assert!(c["relay_files_removed"].as_u64().unwrap() >= 1, "{c:#}");
+    assert!(!stale.exists());
+    assert!(live.exists());
+    std::fs::remove_file(&live).unwrap();
 }
 
 #[test]

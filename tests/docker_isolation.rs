@@ -166,20 +166,47 @@ fn the_canary_token_appears_nowhere_and_the_container_is_hardened() {
         .iter()
         .any(|s| s.as_str().unwrap().starts_with("no-new-privileges")));
     assert_eq!(h["Privileged"], false);
+    // No host mounts but the egress relay's two, both read-only: its
+    // files and the job's proxy socket.
+    let binds: Vec<&str> = h["Binds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_str().unwrap())
+        .collect();
+    assert_eq!(binds.len(), 2, "{binds:?}");
     assert!(
-        h["Binds"].is_null() || h["Binds"].as_array().unwrap().is_empty(),
-        "no host mounts"
+        binds[0].ends_with(":/.cmm:ro") && binds[0].contains("/relay-"),
+        "{binds:?}"
     );
-    assert!(c["Mounts"].as_array().unwrap().is_empty(), "no mounts: {}", c["Mounts"]);
-    // Restricted egress (the default): the internal network, the proxy as
-    // the only way out, no IPv6.
-    assert_eq!(h["NetworkMode"], "cmm-egress");
+    assert!(
+        binds[1].ends_with(&format!("egress-{job_id}.sock:/.cmm-egress.sock:ro")),
+        "{binds:?}"
+    );
+    let mounts = c["Mounts"].as_array().unwrap();
+    assert_eq!(mounts.len(), 2, "{mounts:?}");
+    assert!(mounts.iter().all(|m| m["RW"] == false), "{mounts:?}");
+    // Restricted egress (the default): no network at all, the relay to the
+    // proxy as the only way out, no IPv6.
+    assert_eq!(h["NetworkMode"], "none");
     assert_eq!(h["Sysctls"]["net.ipv6.conf.all.disable_ipv6"], "1");
     assert!(c["Config"]["Env"]
         .as_array()
         .unwrap()
         .iter()
-        .any(|e| e.as_str().unwrap().starts_with("HTTPS_PROXY=http://")));
+        .any(|e| e.as_str().unwrap() == "HTTPS_PROXY=http://127.0.0.1:3128"));
+    let entrypoint: Vec<&str> = c["Config"]["Entrypoint"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(entrypoint.contains(&"__egress-relay"), "{entrypoint:?}");
+    assert_eq!(
+        entrypoint.last(),
+        Some(&"/usr/local/bin/entrypoint.sh"),
+        "then the image's own entrypoint: {entrypoint:?}"
+    );
     assert_eq!(c["Config"]["Labels"][LABEL], "true");
     assert_eq!(c["Config"]["Labels"][JOB_LABEL], job_id.as_str());
     assert_eq!(c["Config"]["Cmd"], serde_json::json!(["sonnet"]));

@@ -36,8 +36,8 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
         p.json(v);
     } else {
         let mut line = format!(
-            "Removed {} container(s), {} network(s)",
-            report.containers_removed, report.networks_removed
+            "Removed {} container(s), {} network(s), {} stale egress relay file(s)",
+            report.containers_removed, report.networks_removed, report.relay_files_removed
         );
         if args.images {
             line.push_str(&format!(" and {} image(s)", report.images_removed));

@@ -30,10 +30,14 @@ pub enum Sub {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("where").required(true).args(["listen", "socket"])))]
 pub struct EgressProxyArgs {
-    /// Address to listen on (the port comes from `egress.proxyPorts`)
-    #[arg(long, value_name = "IP")]
-    pub listen: std::net::IpAddr,
+    /// TCP address to listen on (port 0: any free port)
+    #[arg(long, value_name = "IP:PORT")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Unix socket to listen on (as `execute` does for each job)
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
     /// Credential kind whose allowlist applies: `api-key` or `subscription`
     #[arg(long, default_value = "api-key")]
     pub credential_kind: String,
@@ -107,9 +111,17 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
             let e = crate::docker::egress::profile()?;
             let policy = crate::docker::egress::Policy::new(e, &a.credential_kind);
             let report = rt.block_on(async {
-                let proxy = crate::docker::egress::Proxy::start(a.listen, policy).await?;
+                use crate::docker::egress::{Listen, Proxy};
+                let proxy = match (a.listen, &a.socket) {
+                    (Some(addr), _) => Proxy::start_tcp(addr, policy).await?,
+                    (None, Some(path)) => Proxy::start_unix(path, policy).await?,
+                    (None, None) => unreachable!("clap requires --listen or --socket"),
+                };
                 // First line on stdout: where it listens, for the caller to read.
-                println!("{}", proxy.addr);
+                match &proxy.listen {
+                    Listen::Tcp(addr) => println!("{addr}"),
+                    Listen::Unix(path) => println!("{}", path.display()),
+                }
                 let mut stdin = tokio::io::stdin();
                 let mut sink = Vec::new();
                 tokio::select! {

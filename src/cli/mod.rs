@@ -151,7 +151,13 @@ pub fn rewrite_colon_form(args: Vec<String>) -> Vec<String> {
 
 /// Parse argv, run the command, and return the process exit code.
 pub fn main_entry() -> i32 {
-    let args = rewrite_colon_form(std::env::args().collect());
+    let args: Vec<String> = std::env::args().collect();
+    // Inside a job container, before anything else (and before any thread):
+    // the egress relay.
+    if args.get(1).map(String::as_str) == Some(crate::docker::relay::MODE) {
+        return crate::docker::relay::main(&args[2..]);
+    }
+    let args = rewrite_colon_form(args);
     let json = args.iter().any(|a| a == "--json");
     let cli = match Cli::try_parse_from(&args) {
         Ok(c) => c,

@@ -16,8 +16,12 @@ pub struct CleanReport {
     /// Running containers left alone (no `--force`).
     pub containers_running_kept: usize,
     pub images_removed: usize,
-    /// Our labelled networks (the egress network) that no container used.
+    /// Our labelled networks (from earlier versions' egress) that no
+    /// container used.
     pub networks_removed: usize,
+    /// Egress relay copies of other builds and sockets of jobs that ended
+    /// without removing them.
+    pub relay_files_removed: usize,
     /// Images the engine would not remove (in use, ...), with the reason.
     pub images_failed: Vec<String>,
 }
@@ -36,6 +40,11 @@ pub async fn clean(docker: &Docker, profile: &Profile, force: bool, images: bool
     // After the containers, so a network they held is idle now; one still
     // in use (a running job) is refused by the engine and stays.
     report.networks_removed = super::egress::remove_idle_networks(docker, &profile.label).await?;
+    // Sockets nobody listens on; copies of other builds unused for an hour.
+    if let Ok(base) = super::relay::base_dir() {
+        let keep = super::relay::RelayFiles::dir_for_this_build(&base).ok();
+        report.relay_files_removed = super::relay::sweep(&base, keep.as_deref(), std::time::Duration::from_secs(3600));
+    }
     if images {
         let filters = HashMap::from([("label".to_string(), vec![format!("{label}=true")])]);
         let list = docker

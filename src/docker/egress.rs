@@ -1,16 +1,18 @@
-//! The job container's only way out: an internal Docker network with no
-//! route off the host, and an HTTPS `CONNECT` proxy of ours listening on that
-//! network's gateway address (the host side of the bridge).
+//! The job container's only way out: an HTTPS `CONNECT` proxy of ours,
+//! reached through a Unix socket.
 //!
 //! Why this shape: a firewall script inside the container needs NET_ADMIN,
-//! resolves names once and usually forgets IPv6 and UDP. Here the container
-//! has no capability at all and no route out (Docker drops forwarding from
-//! an internal bridge), IPv6 is switched off in its namespace, and the one
-//! address it can reach is the gateway, where this process listens. The
-//! proxy runs inside the `execute` process as a tokio task, so its counters
-//! belong to exactly one job and it ends when the job does. The network is
-//! shared and labelled: created on first use, reused, and removed by
-//! `clean` once no container is attached.
+//! resolves names once and usually forgets IPv6 and UDP; an internal Docker
+//! network still leaves the host's own addresses (its bridge gateway)
+//! reachable, so a host service listening on all interfaces would be too.
+//! Here the job container has no network at all (`NetworkMode: none`: no
+//! route, no DNS, no IPv6, no host address) and no capability. Its one way
+//! out is a Unix socket, mounted read-only, on which this proxy listens in
+//! the `execute` process; the relay ([`super::relay`]) turns the container's
+//! `HTTPS_PROXY=http://127.0.0.1:3128` into connections on that socket. The
+//! proxy runs as a tokio task of `execute`, so its counters belong to exactly
+//! one job and it ends when the job does; its socket is removed with it, and
+//! `clean` removes any a killed `execute` left.
 //!
 //! The policy is read from the `egress` section of `security-config.json`.
 
@@ -19,15 +21,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use bollard::models::NetworkCreateRequest;
 use bollard::query_parameters::ListNetworksOptions;
 use bollard::Docker;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
 
-use super::{hardening::SECURITY_CONFIG, is_not_found, DockerError};
+use super::{hardening::SECURITY_CONFIG, DockerError};
 
 /// Test-only name mapping: `host:port=ip:port[,…]`. The proxy still checks
 /// the allowlist against the requested name; this only changes where an
@@ -41,13 +42,9 @@ pub const RESOLVE_ENV: &str = "CMM_EGRESS_RESOLVE";
 pub struct EgressProfile {
     #[serde(default)]
     pub note: Option<String>,
-    /// Name of the shared internal network.
-    pub network: String,
-    /// Its bridge interface on the host, named so a host firewall rule can
-    /// refer to it (see README, "Egress").
-    pub bridge: String,
-    /// Inclusive range the per-job proxies listen in, for the same reason.
-    pub proxy_ports: [u16; 2],
+    /// Where the relay listens inside the job container (its loopback):
+    /// the container's `HTTPS_PROXY`.
+    pub relay_listen: SocketAddr,
     /// `host:port` targets every job may reach.
     pub allow: Vec<String>,
     /// Extra targets by credential kind (`subscription`, `api-key`).
@@ -92,14 +89,11 @@ pub fn parse(text: &str) -> Result<EgressProfile, String> {
             return Err(format!("egress: `{t}` is not host:port"));
         }
     }
-    if p.network.is_empty() || p.max_header_bytes < 64 || p.max_connections == 0 {
-        return Err("egress: network, maxHeaderBytes and maxConnections must be set".into());
+    if p.max_header_bytes < 64 || p.max_connections == 0 {
+        return Err("egress: maxHeaderBytes and maxConnections must be set".into());
     }
-    if p.bridge.is_empty() || p.bridge.len() > 15 {
-        return Err("egress: bridge must be an interface name of 1 to 15 characters".into());
-    }
-    if p.proxy_ports[0] == 0 || p.proxy_ports[0] > p.proxy_ports[1] {
-        return Err("egress: proxyPorts must be a range [low, high] of non-zero ports".into());
+    if !p.relay_listen.ip().is_loopback() || p.relay_listen.port() == 0 {
+        return Err("egress: relayListen must be a loopback address with a port".into());
     }
     Ok(p)
 }
@@ -124,95 +118,12 @@ fn split_target(t: &str) -> Option<(&str, u16)> {
 }
 
 // ---------------------------------------------------------------------------
-// The network
+// Networks of earlier versions
 
-/// The shared internal network, ready for a job.
-#[derive(Debug, Clone)]
-pub struct EgressNetwork {
-    pub name: String,
-    /// The host side of the bridge: where the proxy listens.
-    pub gateway: IpAddr,
-}
-
-/// Find or create the labelled internal network. A network of that name
-/// that is not ours, or not internal, is refused rather than used.
-pub async fn ensure_network(docker: &Docker, p: &EgressProfile, label: &str) -> Result<EgressNetwork, DockerError> {
-    for attempt in 0..10u64 {
-        match docker
-            .inspect_network(&p.network, None::<bollard::query_parameters::InspectNetworkOptions>)
-            .await
-        {
-            Ok(n) => return checked(n, &p.network, label),
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let req = NetworkCreateRequest {
-            name: p.network.clone(),
-            driver: Some("bridge".into()),
-            internal: Some(true),
-            enable_ipv6: Some(false),
-            attachable: Some(false),
-            labels: Some(HashMap::from([(label.to_string(), "true".to_string())])),
-            // Job containers cannot reach each other either.
-            options: Some(HashMap::from([
-                ("com.docker.network.bridge.enable_icc".to_string(), "false".to_string()),
-                ("com.docker.network.bridge.name".to_string(), p.bridge.clone()),
-            ])),
-            ..Default::default()
-        };
-        match docker.create_network(req).await {
-            Ok(_) => {}
-            // Another `execute` created it meanwhile: 409 (name taken) or
-            // 403 (its fixed bridge name is taken). Inspect again and use it.
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 409 | 403, ..
-            }) => tokio::time::sleep(std::time::Duration::from_millis(20 * (attempt + 1))).await,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(DockerError::Refused(format!(
-        "the egress network `{}` could not be created",
-        p.network
-    )))
-}
-
-fn checked(n: bollard::models::Network, name: &str, label: &str) -> Result<EgressNetwork, DockerError> {
-    let ours = n
-        .labels
-        .as_ref()
-        .is_some_and(|l| l.get(label).map(String::as_str) == Some("true"));
-    if !ours || n.internal != Some(true) || n.enable_ipv6 == Some(true) {
-        return Err(DockerError::Refused(format!(
-            "a Docker network named `{name}` exists but is not our internal network (label {label}, Internal, no IPv6); remove or rename it"
-        )));
-    }
-    let gateway = n
-        .ipam
-        .and_then(|i| i.config)
-        .into_iter()
-        .flatten()
-        .filter_map(|c| c.gateway)
-        .find_map(|g| g.parse::<IpAddr>().ok().filter(IpAddr::is_ipv4))
-        .ok_or_else(|| DockerError::Refused(format!("the egress network `{name}` has no IPv4 gateway")))?;
-    Ok(EgressNetwork {
-        name: name.to_string(),
-        gateway,
-    })
-}
-
-/// Inspect the network without creating it: `Ok(None)` when absent.
-pub async fn inspect(docker: &Docker, p: &EgressProfile, label: &str) -> Result<Option<EgressNetwork>, DockerError> {
-    match docker
-        .inspect_network(&p.network, None::<bollard::query_parameters::InspectNetworkOptions>)
-        .await
-    {
-        Ok(n) => checked(n, &p.network, label).map(Some),
-        Err(e) if is_not_found(&e) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Remove our labelled networks that no container uses. Returns how many.
+/// Earlier versions put job containers on a shared, labelled internal
+/// network; `clean` removes such networks (ours by label) that no container
+/// uses.
+/// Returns how many were removed.
 pub async fn remove_idle_networks(docker: &Docker, label: &str) -> Result<usize, DockerError> {
     let filters = HashMap::from([("label".to_string(), vec![format!("{label}=true")])]);
     let list = docker
@@ -305,7 +216,6 @@ pub struct Policy {
     pub header_timeout: Duration,
     pub connect_timeout: Duration,
     pub max_connections: usize,
-    pub ports: [u16; 2],
 }
 
 impl Policy {
@@ -317,7 +227,6 @@ impl Policy {
             header_timeout: Duration::from_millis(p.header_timeout_ms),
             connect_timeout: Duration::from_millis(p.connect_timeout_ms),
             max_connections: p.max_connections,
-            ports: p.proxy_ports,
         }
     }
 }
@@ -332,48 +241,52 @@ fn resolve_overrides(text: Option<&str>) -> HashMap<String, SocketAddr> {
         .collect()
 }
 
-/// A running proxy. Dropping it stops accepting and ends open tunnels.
+/// Where a proxy listens.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Listen {
+    /// A Unix socket (a job's: mounted into its container).
+    Unix(std::path::PathBuf),
+    /// A TCP address (the stand-alone diagnosis mode).
+    Tcp(SocketAddr),
+}
+
+/// A running proxy. Dropping it stops accepting, ends open tunnels and
+/// removes its socket.
 pub struct Proxy {
-    pub addr: SocketAddr,
+    pub listen: Listen,
     counters: Arc<Mutex<Counters>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Proxy {
-    /// Listen on `ip`, on the first free port of the policy's range from a
-    /// random start (concurrent jobs each get their own), and serve until
-    /// dropped.
-    pub async fn start(ip: IpAddr, policy: Policy) -> std::io::Result<Proxy> {
-        let [low, high] = policy.ports;
-        let span = u32::from(high - low) + 1;
-        let first = rand::random::<u32>() % span;
-        let mut bound = None;
-        for i in 0..span {
-            let port = low + ((first + i) % span) as u16;
-            match TcpListener::bind(SocketAddr::new(ip, port)).await {
-                Ok(l) => {
-                    bound = Some(l);
-                    break;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        let listener = bound.ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("every port in {low}..={high} is taken"),
-            )
-        })?;
-        let addr = listener.local_addr()?;
+    /// Listen on the Unix socket `path` (which must not exist; its
+    /// directory should be private) and serve until dropped. The socket is
+    /// made connectable by any uid: the container's user differs from
+    /// ours, and the directory, not the socket, keeps other users out.
+    pub async fn start_unix(path: &std::path::Path, policy: Policy) -> std::io::Result<Proxy> {
+        use std::os::unix::fs::PermissionsExt;
+        let listener = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
         let counters = Arc::new(Mutex::new(Counters::default()));
-        let task = tokio::spawn(serve(listener, Arc::new(policy), counters.clone()));
-        Ok(Proxy { addr, counters, task })
+        let task = tokio::spawn(serve_unix(listener, Arc::new(policy), counters.clone()));
+        Ok(Proxy {
+            listen: Listen::Unix(path.to_path_buf()),
+            counters,
+            task,
+        })
     }
 
-    /// The `HTTPS_PROXY` value for containers.
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+    /// Listen on `addr` (port 0: any free port) and serve until dropped.
+    pub async fn start_tcp(addr: SocketAddr, policy: Policy) -> std::io::Result<Proxy> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let counters = Arc::new(Mutex::new(Counters::default()));
+        let task = tokio::spawn(serve_tcp(listener, Arc::new(policy), counters.clone()));
+        Ok(Proxy {
+            listen: Listen::Tcp(addr),
+            counters,
+            task,
+        })
     }
 
     /// Counts so far.
@@ -400,18 +313,39 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
+        if let Listen::Unix(p) = &self.listen {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 
-async fn serve(listener: TcpListener, policy: Arc<Policy>, counters: Arc<Mutex<Counters>>) {
+async fn serve_tcp(listener: TcpListener, policy: Arc<Policy>, counters: Arc<Mutex<Counters>>) {
+    let accept = || async {
+        let (c, _) = listener.accept().await?;
+        let _ = c.set_nodelay(true);
+        Ok(c)
+    };
+    serve(accept, policy, counters).await
+}
+
+async fn serve_unix(listener: UnixListener, policy: Arc<Policy>, counters: Arc<Mutex<Counters>>) {
+    serve(|| async { listener.accept().await.map(|(c, _)| c) }, policy, counters).await
+}
+
+async fn serve<C, F, Fut>(accept: F, policy: Arc<Policy>, counters: Arc<Mutex<Counters>>)
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<C>>,
+{
     let slots = Arc::new(tokio::sync::Semaphore::new(policy.max_connections));
     // Tunnels live in this set, so aborting `serve` (dropping the Proxy)
     // ends them too.
     let mut tunnels = tokio::task::JoinSet::new();
     loop {
-        let (conn, _) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(a) => a,
+        let conn = tokio::select! {
+            a = accept() => match a {
+                Ok(c) => c,
                 Err(_) => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
@@ -483,7 +417,7 @@ fn record_target(t: &str) -> String {
     }
 }
 
-async fn handle(mut conn: TcpStream, policy: &Policy, counters: &Mutex<Counters>) {
+async fn handle<C: AsyncRead + AsyncWrite + Unpin>(mut conn: C, policy: &Policy, counters: &Mutex<Counters>) {
     let mut head = Vec::with_capacity(512);
     let read = tokio::time::timeout(policy.header_timeout, async {
         let mut chunk = [0u8; 1024];
@@ -536,7 +470,6 @@ async fn handle(mut conn: TcpStream, policy: &Policy, counters: &Mutex<Counters>
         }
     };
     let _ = upstream.set_nodelay(true);
-    let _ = conn.set_nodelay(true);
     if conn
         .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
         .await
@@ -637,13 +570,18 @@ mod tests {
             ("api.anthropic.com:443".to_string(), up),
             ("evil.example:443".to_string(), up),
         ]);
-        let proxy = Proxy::start("127.0.0.1".parse().unwrap(), policy).await.unwrap();
-        let ask = |req: &'static str| async move {
-            let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-            s.write_all(req.as_bytes()).await.unwrap();
-            let mut out = Vec::new();
-            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-            String::from_utf8_lossy(&out).into_owned()
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("e.sock");
+        let proxy = Proxy::start_unix(&sock, policy).await.unwrap();
+        let ask = |req: &'static str| {
+            let sock = sock.clone();
+            async move {
+                let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+                s.write_all(req.as_bytes()).await.unwrap();
+                let mut out = Vec::new();
+                let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+                String::from_utf8_lossy(&out).into_owned()
+            }
         };
         let ok = ask("CONNECT api.anthropic.com:443 HTTP/1.1\r\nHost: api.anthropic.com:443\r\n\r\nping").await;
         assert!(ok.starts_with("HTTP/1.1 200") && ok.ends_with("ping"), "{ok}");
@@ -662,5 +600,7 @@ mod tests {
         assert_eq!(t("api.anthropic.com:443").allowed, 1);
         assert_eq!(t("evil.example:443").refused, 1);
         assert_eq!(t("api.anthropic.com").refused, 1);
+        drop(proxy);
+        assert!(!sock.exists(), "the socket goes with the proxy");
     }
 }

@@ -77,10 +77,24 @@ pub struct Resources {
     pub memory: i64,
     pub cpu_shares: i64,
     pub network: String,
-    /// `HTTPS_PROXY` for the container when egress is restricted (set by
-    /// `execute` once its proxy listens); `None` means `docker.egress=open`.
+    /// `HTTPS_PROXY` for the container when egress is restricted (the
+    /// relay on its loopback); `None` means `docker.egress=open`.
     pub proxy: Option<String>,
+    /// The relay's entrypoint and read-only mounts (filled in by `execute`
+    /// once its proxy listens and the image's entrypoint is known).
+    pub relay: Option<RelaySetup>,
 }
+
+/// How the egress relay goes into a restricted job container.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelaySetup {
+    pub entrypoint: Vec<String>,
+    pub binds: Vec<String>,
+}
+
+/// The network mode of a restricted job container: no interface but
+/// loopback.
+pub const NO_NETWORK: &str = "none";
 
 /// The sysctl that switches IPv6 off inside a restricted job container.
 pub const DISABLE_IPV6: (&str, &str) = ("net.ipv6.conf.all.disable_ipv6", "1");
@@ -101,10 +115,11 @@ impl Resources {
                 "docker.network `{network}` would share the host's or another container's network, which job containers may not"
             )));
         }
-        // Restricted egress: the internal network, and a proxy address that
-        // `execute` fills in once its proxy listens.
+        // Restricted egress: no network, and the relay on loopback as the
+        // only proxy.
         let (network, proxy) = if super::egress::restricted(cfg) {
-            (super::egress::profile()?.network.clone(), Some(String::new()))
+            let e = super::egress::profile()?;
+            (NO_NETWORK.to_string(), Some(format!("http://{}", e.relay_listen)))
         } else {
             (network, None)
         };
@@ -113,6 +128,7 @@ impl Resources {
             cpu_shares: cfg.get_i64("docker.cpuShares"),
             network,
             proxy,
+            relay: None,
         })
     }
 }
@@ -133,8 +149,8 @@ pub fn host_config(p: &Profile, r: &Resources) -> HostConfig {
         tmpfs: Some(p.tmpfs.clone()),
         network_mode: Some(r.network.clone()),
         privileged: Some(false),
-        // No host mounts of any kind.
-        binds: None,
+        // No host mounts but the relay's two read-only ones.
+        binds: r.relay.as_ref().map(|x| x.binds.clone()),
         mounts: None,
         auto_remove: Some(false),
         sysctls: r
@@ -164,6 +180,7 @@ pub fn create_body(p: &Profile, r: &Resources, image: &str, model: &str, job_id:
     ContainerCreateBody {
         image: Some(image.to_string()),
         user: Some(p.user.clone()),
+        entrypoint: r.relay.as_ref().map(|x| x.entrypoint.clone()),
         cmd: Some(vec![model.to_string()]),
         env: Some(env),
         working_dir: Some(p.home.clone()),
@@ -214,8 +231,9 @@ pub fn mismatches(p: &Profile, body: &ContainerCreateBody) -> Vec<String> {
     );
     want(h.privileged != Some(true), "not privileged");
     want(
-        h.binds.as_ref().is_none_or(|b| b.is_empty()) && h.mounts.as_ref().is_none_or(|m| m.is_empty()),
-        "no host mounts",
+        h.binds.as_ref().is_none_or(|b| b.iter().all(|b| is_relay_bind(b)))
+            && h.mounts.as_ref().is_none_or(|m| m.is_empty()),
+        "no host mounts but the egress relay's read-only ones",
     );
     want(
         h.network_mode
@@ -232,17 +250,37 @@ pub fn mismatches(p: &Profile, body: &ContainerCreateBody) -> Vec<String> {
     bad
 }
 
+/// One of the relay's mounts: its files or the proxy socket, read-only.
+fn is_relay_bind(b: &str) -> bool {
+    use super::relay::{MOUNT, SOCKET};
+    b.strip_suffix(":ro")
+        .and_then(|b| b.rsplit_once(':'))
+        .is_some_and(|(_, target)| target == MOUNT || target == SOCKET)
+}
+
 /// For a restricted config: what in the request would let the container
-/// out another way than the proxy. Empty when the request is restricted.
+/// out another way than the relay to our proxy. Empty when the request is
+/// restricted.
 pub fn egress_mismatches(e: &super::egress::EgressProfile, body: &ContainerCreateBody) -> Vec<String> {
     let mut bad = Vec::new();
     let h = body.host_config.clone().unwrap_or_default();
-    if h.network_mode.as_deref() != Some(e.network.as_str()) {
-        bad.push(format!("network is not the internal `{}`", e.network));
+    if h.network_mode.as_deref() != Some(NO_NETWORK) {
+        bad.push(format!("network mode is not `{NO_NETWORK}`"));
     }
     let env = body.env.clone().unwrap_or_default();
-    if !env.iter().any(|v| v.starts_with("HTTPS_PROXY=")) {
-        bad.push("no HTTPS_PROXY".into());
+    if !env.contains(&format!("HTTPS_PROXY=http://{}", e.relay_listen)) {
+        bad.push("HTTPS_PROXY is not the relay".into());
+    }
+    let relay_first = body
+        .entrypoint
+        .as_ref()
+        .is_some_and(|ep| ep.iter().take(6).any(|a| a == super::relay::MODE));
+    let socket_mounted = h
+        .binds
+        .as_ref()
+        .is_some_and(|b| b.iter().any(|b| b.ends_with(&format!(":{}:ro", super::relay::SOCKET))));
+    if !relay_first || !socket_mounted {
+        bad.push("no egress relay".into());
     }
     let ipv6_off = h
         .sysctls
@@ -263,6 +301,19 @@ pub fn egress_mismatches(e: &super::egress::EgressProfile, body: &ContainerCreat
     bad
 }
 
+/// The relay setup as a job gets it, with placeholder paths: for checks
+/// that look at the request's shape without starting a job.
+pub fn example_relay(e: &super::egress::EgressProfile) -> RelaySetup {
+    let files = super::relay::RelayFiles {
+        dir: "/run/user/UID/claude-max-market/relay-ID".into(),
+        loader: Some("ld-linux-x86-64.so.2".into()),
+    };
+    RelaySetup {
+        entrypoint: files.entrypoint(e.relay_listen, &["/usr/local/bin/entrypoint.sh".to_string()]),
+        binds: files.binds(std::path::Path::new("/run/user/UID/claude-max-market/egress-JOB.sock")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,9 +326,16 @@ mod tests {
             cpu_shares: 512,
             network: "bridge".into(),
             proxy: None,
+            relay: None,
         };
         let body = create_body(p, &r, "img", "sonnet", "job1");
         assert_eq!(mismatches(p, &body), Vec::<String>::new());
+        let mut mounted = body.clone();
+        mounted.host_config.as_mut().unwrap().binds = Some(vec!["/home/u:/work".into()]);
+        assert_eq!(
+            mismatches(p, &mounted),
+            vec!["no host mounts but the egress relay's read-only ones".to_string()]
+        );
         let mut loose = body.clone();
         loose.host_config.as_mut().unwrap().readonly_rootfs = Some(false);
         assert_eq!(mismatches(p, &loose), vec!["read-only rootfs".to_string()]);
@@ -290,8 +348,9 @@ mod tests {
         let r = Resources {
             memory: 512 << 20,
             cpu_shares: 512,
-            network: e.network.clone(),
-            proxy: Some("http://172.18.0.1:47100".into()),
+            network: NO_NETWORK.into(),
+            proxy: Some(format!("http://{}", e.relay_listen)),
+            relay: Some(example_relay(e)),
         };
         let body = create_body(p, &r, "img", "sonnet", "job1");
         assert_eq!(mismatches(p, &body), Vec::<String>::new());
@@ -301,6 +360,7 @@ mod tests {
             &Resources {
                 network: "bridge".into(),
                 proxy: None,
+                relay: None,
                 ..r
             },
             "img",
@@ -309,8 +369,16 @@ mod tests {
         );
         assert_eq!(
             egress_mismatches(e, &open).len(),
-            3,
-            "network, proxy and IPv6 all named"
+            4,
+            "network, proxy, relay and IPv6 all named"
+        );
+        // A writable relay mount is a host mount like any other.
+        let mut rw = body.clone();
+        let binds = rw.host_config.as_mut().unwrap().binds.as_mut().unwrap();
+        binds[0] = binds[0].trim_end_matches(":ro").to_string();
+        assert_eq!(
+            mismatches(p, &rw),
+            vec!["no host mounts but the egress relay's read-only ones".to_string()]
         );
     }
 

@@ -231,6 +231,15 @@ pub async fn exists(docker: &Docker, image: &str) -> Result<bool, DockerError> {
     }
 }
 
+/// The image's own entrypoint (empty when it has none).
+pub async fn entrypoint(docker: &Docker, image: &str) -> Result<Vec<String>, DockerError> {
+    match docker.inspect_image(image).await {
+        Ok(i) => Ok(i.config.and_then(|c| c.entrypoint).unwrap_or_default()),
+        Err(e) if is_not_found(&e) => Err(DockerError::ImageMissing(image.to_string())),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// How `ensure` got the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Provenance {

@@ -16,6 +16,7 @@ pub mod container;
 pub mod egress;
 pub mod hardening;
 pub mod image;
+pub mod relay;
 
 /// The engine must answer within this long, or it counts as unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -45,6 +46,8 @@ pub enum DockerError {
     Profile(String),
     #[error("{0}")]
     Refused(String),
+    #[error("cannot set up the egress relay: {0}")]
+    Relay(String),
 }
 
 impl HasExit for DockerError {
@@ -57,6 +60,7 @@ impl HasExit for DockerError {
             DockerError::Build { .. } => Exit::Failed,
             DockerError::Context { .. } => Exit::Usage,
             DockerError::Profile(_) => Exit::Integrity,
+            DockerError::Relay(_) => Exit::Unavailable,
             DockerError::Refused(_) => Exit::Refused,
         }
     }
