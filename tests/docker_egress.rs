@@ -296,15 +296,6 @@ fn a_job_reaches_the_allowed_host_through_the_proxy_and_nothing_else() {
     assert!(!sock.exists(), "{} is left behind", sock.display());
 }
 
-/// Where `execute` puts relay copies and proxy sockets for this user.
-fn relay_base() -> std::path::PathBuf {
-    let uid = String::from_utf8(std::process::Command::new("id").arg("-u").output().unwrap().stdout).unwrap();
-    match std::env::var_os("XDG_RUNTIME_DIR").map(std::path::PathBuf::from) {
-        Some(d) if d.is_absolute() && d.is_dir() => d.join("claude-max-market"),
-        _ => std::env::temp_dir().join(format!("claude-max-market-{}", uid.trim())),
-    }
-}
-
 #[test]
 fn a_killed_jobs_socket_is_swept_by_clean() {
     if !docker_available("a_killed_jobs_socket_is_swept_by_clean") {

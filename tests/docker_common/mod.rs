@@ -152,3 +152,12 @@ pub fn usage_today(t: &Cmm) -> (u64, u64, usize) {
         v["reservations"].as_array().map(|a| a.len()).unwrap_or(0),
     )
 }
+
+/// Where `execute` keeps this user's relay copies and proxy sockets.
+pub fn relay_base() -> std::path::PathBuf {
+    let uid = String::from_utf8(std::process::Command::new("id").arg("-u").output().unwrap().stdout).unwrap();
+    match std::env::var_os("XDG_RUNTIME_DIR").map(std::path::PathBuf::from) {
+        Some(d) if d.is_absolute() && d.is_dir() => d.join("claude-max-market"),
+        _ => std::env::temp_dir().join(format!("claude-max-market-{}", uid.trim())),
+    }
+}
