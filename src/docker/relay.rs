@@ -122,6 +122,10 @@ impl RelayFiles {
                 crate::fsutil::sync_dir(base)
             })();
             let placed = made.and_then(|()| fs::rename(&tmp, &dir));
+            if placed.is_ok() {
+                // A new build: copies of builds unused for a day go.
+                sweep(base, Some(&dir), std::time::Duration::from_secs(86_400));
+            }
             if let Err(e) = placed {
                 remove_tree(&tmp);
                 // Another job put the same files in place meanwhile.
