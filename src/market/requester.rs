@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use crate::crypto::keys::{Identity, PublicIdentity};
 use crate::exit::{Exit, HasExit};
 use crate::market::client::{Client, ClientError};
-use crate::market::protocol::{AbandonReason, Event, IdentityProof, Request};
+use crate::market::protocol::{AbandonReason, Event, IdentityProof, Reason, Request};
 use crate::market::sealed::{self, Binding, SealError};
 
 #[derive(Debug, thiserror::Error)]
@@ -271,7 +271,8 @@ async fn follow_inner(
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let Some(ev) = client.next_event(left).await else {
-            return Err(if left.is_zero() {
+            // (`left` was measured before waiting: ask the clock again.)
+            return Err(if tokio::time::Instant::now() >= deadline {
                 RequesterError::TimedOut {
                     task_id,
                     secs: wait.as_secs(),
@@ -448,7 +449,15 @@ async fn resume_on(
     r: &Resume<'_>,
     progress: &mut dyn FnMut(Value),
 ) -> Result<Resumed, RequesterError> {
-    let task = look_up(client, r.task_id).await?;
+    let task = match look_up(client, r.task_id).await {
+        // A coordinator from before `task` can still hand back a held result.
+        Err(RequesterError::Market(e)) if e.reason() == Some(Reason::UnknownType) => {
+            return fetch_held(client, me, r.task_id, r.posted_hash.clone())
+                .await
+                .map(Resumed::Settled)
+        }
+        other => other?,
+    };
     let state = task["state"].as_str().unwrap_or_default().to_string();
     match state.as_str() {
         "delivered" => {
