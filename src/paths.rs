@@ -79,6 +79,11 @@ impl Paths {
     pub fn market_db(&self) -> PathBuf {
         self.data_dir.join("market.db")
     }
+    /// Prompts of posted tasks still waiting for a provider, each encrypted
+    /// to this node's own key (`market/pending/<task_id>.cmme`).
+    pub fn pending_dir(&self) -> PathBuf {
+        self.data_dir.join("market").join("pending")
+    }
 
     /// The files and directories whose permissions `health` and
     /// `compliance-check` inspect: (path, is_dir).
@@ -94,6 +99,7 @@ impl Paths {
             (self.usage_file(), false),
             (self.keys_dir(), true),
             (self.jobs_dir(), true),
+            (self.pending_dir(), true),
         ] {
             if exists(&p) {
                 v.push((p, d));

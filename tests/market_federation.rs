@@ -442,6 +442,10 @@ fn an_offline_requester_fetches_the_result_later() {
     wait_line(&err, 30, "running", |l| l.contains("running on node"));
     let _ = child.kill();
     let _ = child.wait();
+    assert!(
+        pending_file(&requester, &task_id).exists(),
+        "an interrupted `bid --wait` leaves its prompt for `market result`"
+    );
     // The result arrives while the requester is away.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -466,6 +470,7 @@ fn an_offline_requester_fetches_the_result_later() {
     let rs = status(&requester, &server);
     assert_eq!(rs["balance"], 995);
     assert_eq!(rs["escrow"], 0);
+    assert!(!pending_file(&requester, &task_id).exists(), "deleted once settled");
     // Once settled the coordinator holds no result any more.
     let again = requester.run(&["--json", "market", "result", &task_id, "--endpoint", &server.endpoint]);
     assert_ne!(again.status, 0);
@@ -865,5 +870,240 @@ fn one_provider_fails_an_attempt_and_serves_the_next_attempt_of_the_same_task() 
     );
     assert_eq!(status(&p1.home, &server)["reputation"]["failures"], 2);
     assert_eq!(status(&requester, &server)["balance"], 1000);
+    server.verify();
+}
+
+/// `bid` without `--wait`: post, print the task id, keep the prompt.
+fn post_only<'a>(server: &'a Server, prompt: &'a str) -> Vec<&'a str> {
+    let mut args = bid(server, prompt, &[]);
+    args.retain(|a| *a != "--wait");
+    args
+}
+
+fn pending_file(home: &Cmm, task_id: &str) -> std::path::PathBuf {
+    home.path().join("market/pending").join(format!("{task_id}.cmme"))
+}
+
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn a_task_posted_without_waiting_is_sent_and_collected_by_market_result() {
+    if !docker_available("a_task_posted_without_waiting_is_sent_and_collected_by_market_result") {
+        return;
+    }
+    let img = image();
+    let server = Server::start(&["--lease-ms", "10000"]);
+    let p1 = Provider::new(&server, &img, |_| {});
+    let requester = Cmm::new();
+    let secret = canary("nowait");
+    let prompt = format!("scenario:echo {secret}");
+    let out = requester.run(&post_only(&server, &prompt));
+    out.code(0);
+    let v = out.json();
+    let task_id = v["task_id"].as_str().expect("task id").to_string();
+    assert_eq!(v["pending"], true, "{v:#}");
+    // The prompt is kept for `market result`, private and never in plaintext.
+    let kept = pending_file(&requester, &task_id);
+    assert_eq!(mode(&kept), 0o600);
+    assert_eq!(mode(kept.parent().unwrap()), 0o700);
+    let bytes = std::fs::read(&kept).unwrap();
+    for needle in [&prompt, &secret] {
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "the kept prompt is encrypted"
+        );
+    }
+    // The provider takes it while the requester is away: its `assigned`
+    // event goes nowhere.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = status(&requester, &server);
+        if st["tasks"][0]["state"] == "assigned" {
+            assert_eq!(st["tasks"][0]["provider"], p1.node_id.as_str());
+            break;
+        }
+        assert!(Instant::now() < deadline, "never assigned: {st:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = requester.run(&["--json", "market", "result", &task_id, "--endpoint", &server.endpoint]);
+    out.code(0);
+    let v = out.json();
+    assert_eq!(v["status"], "completed");
+    let result = v["result"]["result"].as_str().expect("result text");
+    assert!(result.contains(&secret), "the job's result comes back: {result}");
+    assert_eq!(v["attempt"], 1);
+    assert_eq!(v["provider"], p1.node_id.as_str());
+    assert_eq!(v["settlement"]["paid"], 5);
+    assert_eq!(v["settlement"]["refunded"], 15);
+    for step in ["assigned to node", "running on node", "delivered", "settled"] {
+        assert!(out.stderr.contains(step), "progress shows `{step}`:\n{}", out.stderr);
+    }
+    p1.wait(10, "settled", |e| e["event"] == "settled");
+    let rs = status(&requester, &server);
+    assert_eq!(rs["balance"], 995, "requester pays the ask: {rs:#}");
+    assert_eq!(rs["escrow"], 0);
+    assert_eq!(status(&p1.home, &server)["balance"], 1005, "provider earns its ask");
+    assert!(!kept.exists(), "the kept prompt is deleted once settled");
+    assert!(!requester.read("audit.jsonl").contains(&secret));
+    let events = docker_common::audit_events(&requester);
+    assert!(events.iter().any(|e| e["event"] == "market.settled"));
+    audit_verifies(&requester);
+    server.verify();
+}
+
+#[test]
+fn market_result_no_wait_on_an_undelivered_task_exits_1_with_a_hint() {
+    // No provider: the task stays open.
+    let server = Server::start(&[]);
+    let requester = Cmm::new();
+    let out = requester.run(&post_only(&server, "scenario:echo later"));
+    out.code(0);
+    let task_id = out.json()["task_id"].as_str().unwrap().to_string();
+    let human = requester.run(&[
+        "market",
+        "result",
+        &task_id,
+        "--no-wait",
+        "--endpoint",
+        &server.endpoint,
+    ]);
+    human.code(1);
+    human.stderr_has(&format!("task {task_id} is open"));
+    human.stderr_has("no provider holds it yet");
+    human.stderr_has(&format!("market result {task_id}` without `--no-wait`"));
+    assert!(human.stdout.is_empty(), "no result: {}", human.stdout);
+    let json = requester.run(&[
+        "--json",
+        "market",
+        "result",
+        &task_id,
+        "--no-wait",
+        "--endpoint",
+        &server.endpoint,
+    ]);
+    json.code(1);
+    let v = json.json();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["state"], "open");
+    assert_eq!(v["task"]["attempt"], 1);
+    assert_eq!(v["pending"], true);
+    assert_eq!(v["payload_sent"], false);
+    assert!(pending_file(&requester, &task_id).exists(), "still kept");
+
+    // A kept prompt that is not the one posted is never sent (exit 5).
+    let paths = Paths::in_one_dir(requester.path().to_path_buf());
+    let id = Identity::load(&paths).unwrap();
+    claude_max_market::market::pending::store(&paths, &id, &task_id, b"scenario:echo swapped").unwrap();
+    let swapped = requester.run(&["market", "result", &task_id, "--endpoint", &server.endpoint]);
+    swapped.code(5);
+    swapped.stderr_has("not to the");
+
+    // Without a kept prompt there is nothing to send from here.
+    std::fs::remove_file(pending_file(&requester, &task_id)).unwrap();
+    let none = requester.run(&["market", "result", &task_id, "--endpoint", &server.endpoint]);
+    none.code(1);
+    none.stderr_has("its prompt is not kept on this node");
+
+    // A hostile task id never reaches the file system.
+    requester
+        .run(&["market", "result", "../../x", "--endpoint", &server.endpoint])
+        .code(2);
+    server.verify();
+}
+
+#[test]
+fn only_the_requester_looks_up_a_task() {
+    use market_support::{post, Node};
+    let server = Server::start(&[]);
+    let (req, other) = (Node::new(), Node::new());
+    rt().block_on(async {
+        let r = req.connect(&server).await;
+        let o = other.connect(&server).await;
+        let t = r.request(&post(20)).await.unwrap();
+        let task_id = t["task"]["task_id"].as_str().unwrap().to_string();
+        let v = r
+            .request(&Request::Task {
+                task_id: task_id.clone(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(v["state"], "open");
+        assert_eq!(v["attempt"], 1);
+        assert_eq!(v["payload_hash"], market_support::hash("a prompt"));
+        assert!(v["provider"].is_null());
+        assert!(v["deadline"].is_string());
+        let theirs = o.request(&Request::Task { task_id }).await;
+        assert_eq!(market_support::reason_of(theirs), Reason::NotOwner);
+        let unknown = r
+            .request(&Request::Task {
+                task_id: "t-000000000000000000000000".into(),
+            })
+            .await;
+        assert_eq!(market_support::reason_of(unknown), Reason::NotFound);
+    });
+    server.verify();
+}
+
+#[test]
+fn an_interrupted_bid_wait_is_resumed_by_market_result() {
+    if !docker_available("an_interrupted_bid_wait_is_resumed_by_market_result") {
+        return;
+    }
+    let img = image();
+    let server = Server::start(&["--lease-ms", "10000"]);
+    let requester = Cmm::new();
+    let secret = canary("resume");
+    let prompt = format!("scenario:echo {secret}");
+    // Posted, then killed before any provider is there.
+    let mut cmd = requester.cmd(&bid(&server, &prompt, &[])).cmd;
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn bid");
+    let err = collect(child.stderr.take().unwrap());
+    let posted = wait_line(&err, 30, "posted", |l| l.starts_with("posted "));
+    let task_id = posted
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(';')
+        .to_string();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(pending_file(&requester, &task_id).exists());
+    // `market result` picks the open task up and follows it: a provider
+    // that comes online takes it, gets the payload, and delivers.
+    let mut cmd = requester
+        .cmd(&[
+            "--json",
+            "market",
+            "result",
+            &task_id,
+            "--timeout",
+            "60",
+            "--endpoint",
+            &server.endpoint,
+        ])
+        .cmd;
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn market result");
+    let out = collect(child.stdout.take().unwrap());
+    let err = collect(child.stderr.take().unwrap());
+    let p1 = Provider::new(&server, &img, |_| {});
+    let code = child.wait().expect("market result exits").code();
+    std::thread::sleep(Duration::from_millis(100));
+    let stderr = err.lock().unwrap().join("\n");
+    assert_eq!(code, Some(0), "{stderr}");
+    let v: Value = serde_json::from_str(&out.lock().unwrap().join("\n")).expect("market result --json");
+    assert!(v["result"]["result"].as_str().unwrap().contains(&secret));
+    assert_eq!(v["provider"], p1.node_id.as_str());
+    assert_eq!(v["settlement"]["paid"], 5);
+    for step in ["assigned to node", "running on node", "delivered"] {
+        assert!(stderr.contains(step), "progress shows `{step}`:\n{stderr}");
+    }
+    assert!(!pending_file(&requester, &task_id).exists());
+    assert_eq!(status(&requester, &server)["balance"], 995);
+    audit_verifies(&requester);
     server.verify();
 }

@@ -1,6 +1,8 @@
 //! `bid`: post a task (its hash and metadata only) or raise a task's bid;
 //! with `--wait`, see it through: send the payload sealed to the provider
-//! that wins the lease, then verify, print and settle the result.
+//! that wins the lease, then verify, print and settle the result. Without
+//! it, the prompt is kept encrypted to this node's own key, and
+//! `market result TASK_ID` sends it and collects the result later.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,6 +15,7 @@ use crate::context::Ctx;
 use crate::crypto::keys::Identity;
 use crate::exit::Failure;
 use crate::market::client::{Backoff, Client, ClientError};
+use crate::market::pending;
 use crate::market::protocol::Request;
 use crate::market::requester::{self, Outcome, RequesterError};
 
@@ -50,8 +53,9 @@ pub struct Args {
     #[arg(long)]
     pub endpoint: Option<String>,
     /// Stay until the result: send the payload encrypted to the assigned provider,
-    /// verify and print the result, and settle (without it, print the task id;
-    /// `market result TASK_ID` fetches a result later)
+    /// verify and print the result, and settle (without it, print the task id and
+    /// keep the prompt encrypted to your own key; `market result TASK_ID` sends it
+    /// once a provider takes the task and collects the result)
     #[arg(long, conflicts_with = "task_id")]
     pub wait: bool,
 }
@@ -122,22 +126,32 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
     }
     let result = runtime()?.block_on(send_once(&endpoint, &id, &req))?;
     let p = ctx.out();
-    match payload_hash {
-        Some(hash) => {
+    match (payload_hash, prompt) {
+        (Some(hash), Some(prompt)) => {
             let task_id = result["task"]["task_id"].as_str().unwrap_or_default().to_string();
             ctx.audit().append(
                 "market.bid",
                 json!({ "task_id": task_id, "payload_hash": hash, "max_price": a.max_price,
                         "model": a.model, "escrow": result["escrow"] }),
             )?;
+            let pending = keep_prompt(ctx, &id, &task_id, &prompt);
             if p.json {
-                p.json(json!({ "ok": true, "task_id": task_id, "task": result["task"], "escrow": result["escrow"] }));
+                p.json(
+                    json!({ "ok": true, "task_id": task_id, "task": result["task"], "escrow": result["escrow"],
+                               "pending": pending }),
+                );
             } else {
                 p.note(&format!("posted; {} RUV locked in escrow", a.max_price));
+                if pending {
+                    p.note(&format!(
+                        "run `claude-max-market market result {task_id}` soon to send the payload once a provider \
+                         takes it and collect the result"
+                    ));
+                }
                 p.out(&task_id);
             }
         }
-        None => {
+        _ => {
             ctx.audit().append(
                 "market.raise",
                 json!({ "task_id": a.task_id, "max_price": a.max_price, "escrow_added": result["escrow_added"] }),
@@ -169,44 +183,65 @@ fn wait_for_result(
     let p = ctx.out().clone();
     let audit = ctx.audit();
     let mut progress = |v: Value| {
-        let short = |k: &Value| {
-            let s = k.as_str().unwrap_or("?");
-            s[..s.len().min(16)].to_string()
-        };
-        let line = match v["event"].as_str().unwrap_or("") {
-            "posted" => {
-                // The record a later `market result` checks the result against.
-                if let Err(e) = audit.append(
-                    "market.bid",
-                    json!({ "task_id": v["task_id"], "payload_hash": req_hash(req), "max_price": a.max_price,
-                            "model": a.model, "escrow": v["escrow"] }),
-                ) {
-                    p.warn(&format!("cannot write the audit log: {e}"));
-                }
-                format!(
-                    "posted {}; {} RUV locked in escrow",
-                    v["task_id"].as_str().unwrap_or("?"),
-                    v["escrow"]
-                )
+        if v["event"] == "posted" {
+            let task_id = v["task_id"].as_str().unwrap_or_default();
+            // The record a later `market result` checks the result against.
+            if let Err(e) = audit.append(
+                "market.bid",
+                json!({ "task_id": task_id, "payload_hash": req_hash(req), "max_price": a.max_price,
+                        "model": a.model, "escrow": v["escrow"] }),
+            ) {
+                p.warn(&format!("cannot write the audit log: {e}"));
             }
-            "assigned" => format!("assigned to node {} (attempt {})", short(&v["provider"]), v["attempt"]),
-            "running" => format!("payload sent encrypted; running on node {}", short(&v["provider"])),
-            "payload_refused" => format!("payload not relayed: {}", v["error"].as_str().unwrap_or("?")),
-            "delivered" => format!("result delivered (attempt {}); verifying", v["attempt"]),
-            "attempt_failed" => format!(
-                "attempt {} on node {} {}: {}; the task is re-offered",
-                v["attempt"],
-                short(&v["provider"]),
-                v["reason"].as_str().unwrap_or("?"),
-                v["error"].as_str().unwrap_or("no report")
-            ),
-            "refunded" => format!("refunded {} RUV: {}", v["amount"], v["why"].as_str().unwrap_or("?")),
-            other => other.to_string(),
-        };
-        p.note(&line);
+            // So that `market result` can carry on if this run is cut short.
+            keep_prompt(ctx, id, task_id, prompt);
+        }
+        p.note(&progress_line(&v));
     };
     let r = runtime()?.block_on(requester::post_and_wait(endpoint, id, req, prompt, wait, &mut progress));
     finish(ctx, r)
+}
+
+/// Keep the prompt of a posted task, encrypted to our own key, for
+/// `market result`; says so (and carries on) if it cannot.
+fn keep_prompt(ctx: &Ctx, id: &Identity, task_id: &str, prompt: &[u8]) -> bool {
+    match pending::store(&ctx.paths, id, task_id, prompt) {
+        Ok(_) => true,
+        Err(e) => {
+            ctx.out().warn(&format!(
+                "{e}; `market result {task_id}` will not be able to send the payload"
+            ));
+            false
+        }
+    }
+}
+
+/// One line of progress (stderr) for a step of following a task.
+pub fn progress_line(v: &Value) -> String {
+    let short = |k: &Value| {
+        let s = k.as_str().unwrap_or("?");
+        s[..s.len().min(16)].to_string()
+    };
+    match v["event"].as_str().unwrap_or("") {
+        "posted" => format!(
+            "posted {}; {} RUV locked in escrow",
+            v["task_id"].as_str().unwrap_or("?"),
+            v["escrow"]
+        ),
+        "assigned" => format!("assigned to node {} (attempt {})", short(&v["provider"]), v["attempt"]),
+        "running" => format!("payload sent encrypted; running on node {}", short(&v["provider"])),
+        "payload_refused" => format!("payload not relayed: {}", v["error"].as_str().unwrap_or("?")),
+        "delivered" => format!("result delivered (attempt {}); verifying", v["attempt"]),
+        "attempt_failed" => format!(
+            "attempt {} on node {} {}: {}; the task is re-offered",
+            v["attempt"],
+            short(&v["provider"]),
+            v["reason"].as_str().unwrap_or("?"),
+            v["error"].as_str().unwrap_or("no report")
+        ),
+        "refunded" => format!("refunded {} RUV: {}", v["amount"], v["why"].as_str().unwrap_or("?")),
+        other => other.to_string(),
+    }
 }
 
 fn req_hash(req: &Request) -> Value {
@@ -221,6 +256,19 @@ fn req_hash(req: &Request) -> Value {
 pub fn finish(ctx: &Ctx, r: Result<Outcome, RequesterError>) -> anyhow::Result<()> {
     let p = ctx.out();
     let audit = ctx.audit();
+    // Settled or refunded: the kept prompt is of no more use.
+    let done = match &r {
+        Ok(o) => Some(o.task_id.as_str()),
+        Err(RequesterError::Refunded { task_id, .. })
+        | Err(RequesterError::Rejected { task_id, .. })
+        | Err(RequesterError::Finished { task_id, .. }) => Some(task_id.as_str()),
+        Err(_) => None,
+    };
+    if let Some(task_id) = done {
+        if let Err(e) = pending::remove(&ctx.paths, task_id) {
+            p.warn(&e.to_string());
+        }
+    }
     match r {
         Ok(o) => {
             let text = o.body["result"].as_str().unwrap_or_default();

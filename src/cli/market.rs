@@ -2,14 +2,18 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use crate::context::Ctx;
 use crate::crypto::keys::Identity;
 use crate::exit::{Exit, Failure};
 use crate::market::client::Client;
+use crate::market::pending;
 use crate::market::protocol::Request;
+use crate::market::requester::{self, Resume, Resumed};
 use crate::market::server::{self, book::MAX_ATTEMPTS, ledger, store};
 
 #[derive(Debug, clap::Args)]
@@ -26,7 +30,8 @@ pub enum MarketCommand {
     Status(StatusArgs),
     /// Ledger totals; `--verify` checks every invariant of a coordinator's database
     Ledger(LedgerArgs),
-    /// Fetch a delivered result of your task, verify and print it, and settle
+    /// Collect your task's result: send the kept prompt to the provider holding
+    /// the task, wait, verify and print the result, and settle
     Result(ResultArgs),
 }
 
@@ -37,6 +42,13 @@ pub struct ResultArgs {
     /// Coordinator URL (default: `market.endpoint`)
     #[arg(long)]
     pub endpoint: Option<String>,
+    /// Seconds to wait for the result (default: until the task's deadline + 30 s)
+    #[arg(long, value_name = "SECS", conflicts_with = "no_wait")]
+    pub timeout: Option<u64>,
+    /// One look: print the result if it was delivered, else say where the task
+    /// stands (sending the payload if a provider holds it) and exit 1
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -103,12 +115,14 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
         MarketCommand::Serve(a) => serve(ctx, a).map(|_| 0),
         MarketCommand::Status(a) => status(ctx, a).map(|_| 0),
         MarketCommand::Ledger(a) => ledger_cmd(ctx, a),
-        MarketCommand::Result(a) => result(ctx, a).map(|_| 0),
+        MarketCommand::Result(a) => result(ctx, a),
     }
 }
 
-fn result(ctx: &Ctx, a: ResultArgs) -> anyhow::Result<()> {
+fn result(ctx: &Ctx, a: ResultArgs) -> anyhow::Result<i32> {
     let endpoint = endpoint(ctx, a.endpoint)?;
+    // A task id becomes a file name below: refuse anything else first.
+    pending::path(&ctx.paths, &a.task_id)?;
     let id = Identity::load_or_generate(&ctx.paths, &ctx.audit())?;
     // The payload hash this node posted, from its own log: the result must
     // be bound to it, whatever the coordinator says.
@@ -118,14 +132,93 @@ fn result(ctx: &Ctx, a: ResultArgs) -> anyhow::Result<()> {
         .filter(|e| e.event == "market.bid" && e.raw.get("task_id").and_then(Value::as_str) == Some(&a.task_id))
         .filter_map(|e| e.raw.get("payload_hash").and_then(Value::as_str).map(str::to_string))
         .last();
-    if posted.is_none() {
+    let prompt = pending::load(&ctx.paths, &id, &a.task_id)?;
+    if let Some(prompt) = &prompt {
+        // Send nothing but the prompt this node posted under this task.
+        let have = hex::encode(Sha256::digest(prompt));
+        match &posted {
+            Some(h) if *h == have => {}
+            Some(h) => {
+                return Err(Failure::new(
+                    Exit::Integrity,
+                    format!(
+                        "the kept prompt of task {} hashes to {have}, not to the {h} you posted; nothing was sent",
+                        a.task_id
+                    ),
+                )
+                .hint(format!(
+                    "remove {} and post the task again",
+                    pending::path(&ctx.paths, &a.task_id)?.display()
+                ))
+                .into())
+            }
+            None => {
+                return Err(Failure::new(
+                    Exit::Integrity,
+                    format!(
+                        "a prompt is kept for task {} but your audit log has no `market.bid` for it, \
+                         so it cannot be checked; nothing was sent",
+                        a.task_id
+                    ),
+                )
+                .into())
+            }
+        }
+    } else if posted.is_none() {
         ctx.out()
             .warn("this task is not in your audit log; checking the result against the market's payload hash");
     }
-    let r = runtime()?.block_on(crate::market::requester::fetch_result(
-        &endpoint, &id, &a.task_id, posted,
-    ));
-    crate::cli::bid::finish(ctx, r)
+    let p = ctx.out().clone();
+    let mut progress = |v: Value| p.note(&crate::cli::bid::progress_line(&v));
+    let spec = Resume {
+        task_id: &a.task_id,
+        posted_hash: posted,
+        prompt: prompt.as_deref(),
+        wait: (!a.no_wait).then(|| a.timeout.map(Duration::from_secs)),
+    };
+    let r = runtime()?.block_on(requester::resume(&endpoint, &id, &spec, &mut progress));
+    let (task, payload_sent) = match r {
+        Ok(Resumed::Settled(o)) => return crate::cli::bid::finish(ctx, Ok(o)).map(|_| 0),
+        Ok(Resumed::NotYet { task, payload_sent }) => (task, payload_sent),
+        Err(e) => return crate::cli::bid::finish(ctx, Err(e)).map(|_| 0),
+    };
+    // Not delivered, and not waited for.
+    let state = task["state"].as_str().unwrap_or("?").to_string();
+    let (message, hint) = if prompt.is_none() {
+        (
+            format!("task {} is {state}, and its prompt is not kept on this node", a.task_id),
+            "the payload goes out from the node that keeps the prompt: the machine that posted the task with \
+             `bid` (without `--wait`), or a `bid --wait` still running; this node can fetch the result \
+             once it is delivered"
+                .to_string(),
+        )
+    } else {
+        let holder = match task["provider"].as_str() {
+            Some(prov) if payload_sent => format!("; payload sent to node {}", &prov[..prov.len().min(16)]),
+            _ => "; no provider holds it yet".to_string(),
+        };
+        (
+            format!(
+                "task {} is {state} (attempt {} of {}){holder}; no result yet",
+                a.task_id, task["attempt"], task["max_attempts"]
+            ),
+            format!(
+                "run `claude-max-market market result {}` without `--no-wait` to send the payload when a provider \
+                 takes it and wait for the result",
+                a.task_id
+            ),
+        )
+    };
+    if p.json {
+        p.json(json!({ "ok": false, "task_id": a.task_id, "state": state, "task": task,
+                       "pending": prompt.is_some(), "payload_sent": payload_sent,
+                       "message": message, "hint": hint }));
+    } else {
+        // The answer to this command, so shown even with `-q`.
+        eprintln!("{message}");
+        eprintln!("{} {hint}", p.bold("hint:"));
+    }
+    Ok(Exit::Failed.code())
 }
 
 /// The coordinator URL: flag, else config (env and file already folded in).

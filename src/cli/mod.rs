@@ -288,6 +288,7 @@ pub fn classify(err: &anyhow::Error) -> (Exit, Option<String>) {
             crate::docker::DockerError,
             crate::claude::credentials::CredentialError,
             crate::market::requester::RequesterError,
+            crate::market::pending::PendingError,
             crate::market::sealed::SealError,
             crate::market::client::ClientError,
             crate::market::server::ServeError

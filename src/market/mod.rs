@@ -2,6 +2,7 @@
 //! client, the provider loop and the coordinator.
 
 pub mod client;
+pub mod pending;
 pub mod protocol;
 pub mod provider;
 pub mod requester;

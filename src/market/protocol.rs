@@ -219,6 +219,11 @@ pub enum Request {
     Result {
         task_id: String,
     },
+    /// Requester: where one of its tasks stands (state, attempt, lease
+    /// holder, payload hash, deadlines), e.g. after being offline.
+    Task {
+        task_id: String,
+    },
     /// Lease holder gives the task back before the lease lapses: the job
     /// failed (`data` carries the signed failure report for the requester)
     /// or the provider is stopping. The task is re-offered at once.
@@ -294,6 +299,7 @@ impl Request {
         "reputation",
         "identity",
         "result",
+        "task",
         "abandon",
     ];
 
@@ -315,6 +321,7 @@ impl Request {
             Request::Reputation { .. } => "reputation",
             Request::Identity { .. } => "identity",
             Request::Result { .. } => "result",
+            Request::Task { .. } => "task",
             Request::Abandon { .. } => "abandon",
         }
     }
@@ -570,6 +577,21 @@ mod tests {
         let (id, back) = decode_request(&text).unwrap();
         assert_eq!(id.as_deref(), Some("m1"));
         assert!(matches!(back, Request::Accept { attempt: 2, .. }));
+    }
+
+    #[test]
+    fn every_request_type_is_known_and_named() {
+        let r = Request::Task { task_id: "t-1".into() };
+        assert!(Request::TYPES.contains(&r.kind()));
+        let (_, back) = decode_request(&encode_request(Some("m2"), &r)).unwrap();
+        assert!(matches!(back, Request::Task { ref task_id } if task_id == "t-1"));
+        assert_eq!(
+            decode_request(r#"{"v":1,"type":"task","id":"a"}"#)
+                .unwrap_err()
+                .1
+                .reason,
+            Reason::Malformed
+        );
     }
 
     #[test]

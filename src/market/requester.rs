@@ -1,6 +1,8 @@
 //! The requester side of a federated job: post a task, send the payload
 //! sealed to whichever provider wins the lease, and verify, open and settle
-//! the result. Also reads a held result back later (`market result`).
+//! the result. `market result` picks a task up later: it reads a held
+//! result back, or sends a kept prompt to the current lease holder and
+//! follows the task with the same loop as `bid --wait`.
 //!
 //! A result is printed only after the provider's signature over (task,
 //! attempt, payload hash, status, ciphertext) verifies and the envelope
@@ -14,7 +16,7 @@ use serde_json::{json, Value};
 use crate::crypto::keys::{Identity, PublicIdentity};
 use crate::exit::{Exit, HasExit};
 use crate::market::client::{Client, ClientError};
-use crate::market::protocol::{AbandonReason, Event, IdentityProof, Request};
+use crate::market::protocol::{AbandonReason, Event, IdentityProof, Reason, Request};
 use crate::market::sealed::{self, Binding, SealError};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +35,14 @@ pub enum RequesterError {
     Refunded { task_id: String, why: String },
     #[error("no result for task {task_id} within {secs} s")]
     TimedOut { task_id: String, secs: u64 },
+    #[error("task {task_id} is {state}: the market holds no result for it")]
+    Finished { task_id: String, state: String },
+    #[error("task {task_id}: the market's payload hash {market} is not the {posted} this node posted")]
+    HashMismatch {
+        task_id: String,
+        posted: String,
+        market: String,
+    },
     #[error("{0}")]
     Protocol(String),
 }
@@ -41,10 +51,13 @@ impl HasExit for RequesterError {
     fn exit(&self) -> Exit {
         match self {
             RequesterError::Market(e) => e.exit(),
-            RequesterError::Rejected { .. } | RequesterError::BadIdentity(_) => Exit::Integrity,
-            RequesterError::Refunded { .. } | RequesterError::TimedOut { .. } | RequesterError::Protocol(_) => {
-                Exit::Failed
+            RequesterError::Rejected { .. } | RequesterError::BadIdentity(_) | RequesterError::HashMismatch { .. } => {
+                Exit::Integrity
             }
+            RequesterError::Refunded { .. }
+            | RequesterError::TimedOut { .. }
+            | RequesterError::Finished { .. }
+            | RequesterError::Protocol(_) => Exit::Failed,
         }
     }
     fn hint(&self) -> Option<String> {
@@ -56,6 +69,13 @@ impl HasExit for RequesterError {
             RequesterError::TimedOut { task_id, .. } => Some(format!(
                 "fetch it later with `claude-max-market market result {task_id}`"
             )),
+            RequesterError::Finished { state, .. } if state == "settled" => Some(
+                "a settled task's result is dropped by the coordinator; it was fetched before, or settled after the settle deadline".into(),
+            ),
+            RequesterError::Finished { .. } => Some("its escrow was refunded; post the task again with `bid`".into()),
+            RequesterError::HashMismatch { .. } => {
+                Some("nothing was sent; the coordinator describes a different prompt than the one you posted".into())
+            }
             _ => None,
         }
     }
@@ -135,9 +155,9 @@ pub async fn verify_and_settle(
     })
 }
 
-/// Post `post` (whose payload hash is `prompt`'s), then see it through:
-/// send the sealed payload to each lease holder, and verify, print and
-/// settle the result. `progress` receives one document per step.
+/// Post `post` (whose payload hash is `prompt`'s), then see it through
+/// with [`follow`]. `progress` receives one document per step, the first
+/// being `posted` (the task id is known from then on).
 pub async fn post_and_wait(
     endpoint: &str,
     me: &Identity,
@@ -147,17 +167,112 @@ pub async fn post_and_wait(
     progress: &mut dyn FnMut(Value),
 ) -> Result<Outcome, RequesterError> {
     let mut client = Client::connect(endpoint, me).await?;
-    let posted = client.request(post).await?;
+    let posted = match client.request(post).await {
+        Ok(p) => p,
+        Err(e) => {
+            client.close();
+            return Err(e.into());
+        }
+    };
     let task_id = posted["task"]["task_id"].as_str().unwrap_or_default().to_string();
     let payload_hash = posted["task"]["payload_hash"].as_str().unwrap_or_default().to_string();
     progress(json!({ "event": "posted", "task_id": task_id, "escrow": posted["escrow"] }));
+    let task = Followed {
+        task_id: &task_id,
+        payload_hash: &payload_hash,
+        prompt,
+    };
+    follow(&mut client, me, &task, None, wait, progress).await
+}
+
+/// A posted task this node is seeing through.
+pub struct Followed<'a> {
+    pub task_id: &'a str,
+    /// The hash this node posted: payloads and results are bound to it.
+    pub payload_hash: &'a str,
+    pub prompt: &'a [u8],
+}
+
+/// Seal the prompt to `provider` for `attempt` and send it; returns the
+/// provider's verified identity (results of that attempt must be its).
+async fn send_payload(
+    client: &Client,
+    me: &Identity,
+    task: &Followed<'_>,
+    attempt: u32,
+    provider: &str,
+    progress: &mut dyn FnMut(Value),
+) -> Result<PublicIdentity, RequesterError> {
+    let task_id = task.task_id;
+    let peer = peer_identity(client, provider).await?;
+    let binding = Binding {
+        task_id: task_id.to_string(),
+        attempt,
+        payload_hash: task.payload_hash.to_string(),
+    };
+    let data = sealed::seal_payload(me, &peer, &binding, task.prompt)
+        .map_err(|e| RequesterError::Protocol(format!("cannot seal the payload: {e}")))?;
+    match client
+        .request(&Request::Payload {
+            task_id: task_id.to_string(),
+            attempt,
+            data,
+        })
+        .await
+    {
+        Ok(r) => progress(
+            json!({ "event": "running", "task_id": task_id, "attempt": attempt, "provider": provider, "bytes": r["bytes"] }),
+        ),
+        // The lease moved on meanwhile; the next assignment gets it.
+        Err(e) => progress(
+            json!({ "event": "payload_refused", "task_id": task_id, "attempt": attempt,
+                                   "error": e.to_string() }),
+        ),
+    }
+    Ok(peer)
+}
+
+/// See a posted task through on `client`: send the sealed payload to each
+/// lease holder, report failed attempts, and verify, open and settle the
+/// result, until it settles, is refunded, or `wait` ends. `current` is a
+/// lease already held when following starts (attempt, provider): its
+/// `assigned` event went to a session that is gone, so the payload is sent
+/// at once. Closes the client.
+pub async fn follow(
+    client: &mut Client,
+    me: &Identity,
+    task: &Followed<'_>,
+    current: Option<(u32, String)>,
+    wait: Duration,
+    progress: &mut dyn FnMut(Value),
+) -> Result<Outcome, RequesterError> {
+    let r = follow_inner(client, me, task, current, wait, progress).await;
+    client.close();
+    r
+}
+
+async fn follow_inner(
+    client: &mut Client,
+    me: &Identity,
+    task: &Followed<'_>,
+    current: Option<(u32, String)>,
+    wait: Duration,
+    progress: &mut dyn FnMut(Value),
+) -> Result<Outcome, RequesterError> {
+    let task_id = task.task_id.to_string();
+    let payload_hash = task.payload_hash.to_string();
     let deadline = tokio::time::Instant::now() + wait;
     let mut assigned: Option<(u32, PublicIdentity)> = None;
+    if let Some((attempt, provider)) = current {
+        progress(json!({ "event": "assigned", "task_id": task_id, "attempt": attempt, "provider": provider }));
+        let peer = send_payload(client, me, task, attempt, &provider, progress).await?;
+        assigned = Some((attempt, peer));
+    }
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let Some(ev) = client.next_event(left).await else {
-            client.close();
-            return Err(if left.is_zero() {
+            // (`left` was measured before waiting: ask the clock again.)
+            return Err(if tokio::time::Instant::now() >= deadline {
                 RequesterError::TimedOut {
                     task_id,
                     secs: wait.as_secs(),
@@ -167,37 +282,14 @@ pub async fn post_and_wait(
             });
         };
         match ev {
+            // (The lease this follow started with may also arrive as an event.)
             Event::Assigned {
                 task_id: t,
                 attempt,
                 provider,
-            } if t == task_id => {
+            } if t == task_id && assigned.as_ref().is_none_or(|(a, _)| *a != attempt) => {
                 progress(json!({ "event": "assigned", "task_id": task_id, "attempt": attempt, "provider": provider }));
-                let peer = peer_identity(&client, &provider).await?;
-                let binding = Binding {
-                    task_id: task_id.clone(),
-                    attempt,
-                    payload_hash: payload_hash.clone(),
-                };
-                let data = sealed::seal_payload(me, &peer, &binding, prompt)
-                    .map_err(|e| RequesterError::Protocol(format!("cannot seal the payload: {e}")))?;
-                match client
-                    .request(&Request::Payload {
-                        task_id: task_id.clone(),
-                        attempt,
-                        data,
-                    })
-                    .await
-                {
-                    Ok(r) => progress(
-                        json!({ "event": "running", "task_id": task_id, "attempt": attempt, "provider": provider, "bytes": r["bytes"] }),
-                    ),
-                    // The lease moved on meanwhile; the next assignment gets it.
-                    Err(e) => progress(
-                        json!({ "event": "payload_refused", "task_id": task_id, "attempt": attempt,
-                                               "error": e.to_string() }),
-                    ),
-                }
+                let peer = send_payload(client, me, task, attempt, &provider, progress).await?;
                 assigned = Some((attempt, peer));
             }
             Event::Delivered {
@@ -214,9 +306,7 @@ pub async fn post_and_wait(
                     attempt,
                     payload_hash: payload_hash.clone(),
                 };
-                let r = verify_and_settle(&client, me, peer, &binding, &data).await;
-                client.close();
-                return r;
+                return verify_and_settle(client, me, peer, &binding, &data).await;
             }
             Event::Abandoned {
                 task_id: t,
@@ -253,7 +343,6 @@ pub async fn post_and_wait(
                 why,
             } if t == task_id => {
                 progress(json!({ "event": "refunded", "task_id": task_id, "amount": amount, "why": why }));
-                client.close();
                 return Err(RequesterError::Refunded { task_id, why });
             }
             _ => {}
@@ -261,16 +350,24 @@ pub async fn post_and_wait(
     }
 }
 
-/// Read a held result back, verify, open and settle it. `payload_hash` is
-/// the hash this node posted (from its own audit log) when known; the
-/// coordinator's copy is used otherwise.
-pub async fn fetch_result(
-    endpoint: &str,
+/// Where one of this node's tasks stands (the coordinator's `task` view).
+pub async fn look_up(client: &Client, task_id: &str) -> Result<Value, RequesterError> {
+    Ok(client
+        .request(&Request::Task {
+            task_id: task_id.to_string(),
+        })
+        .await?)
+}
+
+/// Read a held result back on `client`, verify, open and settle it.
+/// `payload_hash` is the hash this node posted (from its own audit log)
+/// when known; the coordinator's copy is used otherwise.
+pub async fn fetch_held(
+    client: &Client,
     me: &Identity,
     task_id: &str,
     payload_hash: Option<String>,
 ) -> Result<Outcome, RequesterError> {
-    let client = Client::connect(endpoint, me).await?;
     let v = client
         .request(&Request::Result {
             task_id: task_id.to_string(),
@@ -281,13 +378,146 @@ pub async fn fetch_result(
     let data = v["data"]
         .as_str()
         .ok_or_else(|| RequesterError::Protocol("the market holds no result bytes for this task".into()))?;
-    let peer = peer_identity(&client, &provider).await?;
+    let peer = peer_identity(client, &provider).await?;
     let binding = Binding {
         task_id: task_id.to_string(),
         attempt,
         payload_hash: payload_hash.unwrap_or_else(|| v["payload_hash"].as_str().unwrap_or_default().to_string()),
     };
-    let r = verify_and_settle(&client, me, &peer, &binding, data).await;
+    verify_and_settle(client, me, &peer, &binding, data).await
+}
+
+/// Read a held result back, verify, open and settle it (see [`fetch_held`]).
+pub async fn fetch_result(
+    endpoint: &str,
+    me: &Identity,
+    task_id: &str,
+    payload_hash: Option<String>,
+) -> Result<Outcome, RequesterError> {
+    let client = Client::connect(endpoint, me).await?;
+    let r = fetch_held(&client, me, task_id, payload_hash).await;
     client.close();
     r
+}
+
+/// What [`resume`] came to, short of an error.
+#[derive(Debug)]
+pub enum Resumed {
+    /// The result was verified, opened and settled.
+    Settled(Outcome),
+    /// Not delivered, and not waited for (`--no-wait`, or no prompt here to
+    /// send): the coordinator's view of the task, and whether this call
+    /// sent the payload to the current lease holder.
+    NotYet { task: Value, payload_sent: bool },
+}
+
+/// What `market result` knows locally about one of its tasks.
+pub struct Resume<'a> {
+    pub task_id: &'a str,
+    /// The payload hash this node posted (its own audit log), if known.
+    pub posted_hash: Option<String>,
+    /// The kept prompt (already checked against `posted_hash`), if any.
+    pub prompt: Option<&'a [u8]>,
+    /// `None`: one look. `Some(None)`: wait until the task's deadline + 30 s.
+    pub wait: Option<Option<Duration>>,
+}
+
+/// Slack past a task's deadline for the last attempt's result to arrive.
+pub const DEADLINE_SLACK: Duration = Duration::from_secs(30);
+
+/// Pick up one of this node's tasks where it stands: a delivered result is
+/// verified, opened and settled; an undelivered task whose prompt is kept
+/// here gets its payload sent to the current lease holder (whose
+/// `assigned` event may have gone to a session that is gone) and, unless
+/// this is one look, is followed like `bid --wait` until it settles, is
+/// refunded, or the wait ends.
+pub async fn resume(
+    endpoint: &str,
+    me: &Identity,
+    r: &Resume<'_>,
+    progress: &mut dyn FnMut(Value),
+) -> Result<Resumed, RequesterError> {
+    let mut client = Client::connect(endpoint, me).await?;
+    let out = resume_on(&mut client, me, r, progress).await;
+    client.close();
+    out
+}
+
+async fn resume_on(
+    client: &mut Client,
+    me: &Identity,
+    r: &Resume<'_>,
+    progress: &mut dyn FnMut(Value),
+) -> Result<Resumed, RequesterError> {
+    let task = match look_up(client, r.task_id).await {
+        // A coordinator from before `task` can still hand back a held result.
+        Err(RequesterError::Market(e)) if e.reason() == Some(Reason::UnknownType) => {
+            return fetch_held(client, me, r.task_id, r.posted_hash.clone())
+                .await
+                .map(Resumed::Settled)
+        }
+        other => other?,
+    };
+    let state = task["state"].as_str().unwrap_or_default().to_string();
+    match state.as_str() {
+        "delivered" => {
+            return fetch_held(client, me, r.task_id, r.posted_hash.clone())
+                .await
+                .map(Resumed::Settled)
+        }
+        "open" | "assigned" => {}
+        _ => {
+            return Err(RequesterError::Finished {
+                task_id: r.task_id.to_string(),
+                state,
+            })
+        }
+    }
+    let (Some(prompt), Some(hash)) = (r.prompt, r.posted_hash.as_deref()) else {
+        return Ok(Resumed::NotYet {
+            task,
+            payload_sent: false,
+        });
+    };
+    let market_hash = task["payload_hash"].as_str().unwrap_or_default();
+    if market_hash != hash {
+        return Err(RequesterError::HashMismatch {
+            task_id: r.task_id.to_string(),
+            posted: hash.to_string(),
+            market: market_hash.to_string(),
+        });
+    }
+    let current = match (state.as_str(), task["provider"].as_str()) {
+        ("assigned", Some(p)) => Some((task["attempt"].as_u64().unwrap_or(0) as u32, p.to_string())),
+        _ => None,
+    };
+    let followed = Followed {
+        task_id: r.task_id,
+        payload_hash: hash,
+        prompt,
+    };
+    let Some(wait) = r.wait else {
+        let mut payload_sent = false;
+        if let Some((attempt, provider)) = current {
+            progress(json!({ "event": "assigned", "task_id": r.task_id, "attempt": attempt, "provider": provider }));
+            send_payload(client, me, &followed, attempt, &provider, progress).await?;
+            payload_sent = true;
+        }
+        return Ok(Resumed::NotYet { task, payload_sent });
+    };
+    let wait = wait.unwrap_or_else(|| {
+        let left = task["deadline"]
+            .as_str()
+            .and_then(|d| chrono::DateTime::parse_from_rfc3339(d).ok())
+            .map(|d| {
+                (d.with_timezone(&chrono::Utc) - chrono::Utc::now())
+                    .to_std()
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default();
+        left + DEADLINE_SLACK
+    });
+    follow(client, me, &followed, current, wait, progress)
+        .await
+        .map(Resumed::Settled)
 }

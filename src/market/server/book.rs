@@ -693,6 +693,13 @@ pub fn apply(
                        "payload_hash": t.payload_hash, "data": data }),
             )
         }
+        Request::Task { task_id } => {
+            let t = load_task(c, &task_id)?;
+            if t.requester != node {
+                return reject(Reason::NotOwner, "only the requester looks up a task");
+            }
+            Ok(t.view())
+        }
         Request::Abandon {
             task_id,
             attempt,

@@ -581,7 +581,11 @@ fn apply_one(
     // Read-only requests are not remembered: replaying them changes nothing.
     let remember = !matches!(
         req,
-        Request::Status {} | Request::Reputation { .. } | Request::Identity { .. } | Request::Result { .. }
+        Request::Status {}
+            | Request::Reputation { .. }
+            | Request::Identity { .. }
+            | Request::Result { .. }
+            | Request::Task { .. }
     );
     let sp = match tx.unchecked_transaction_savepoint() {
         Ok(sp) => sp,
