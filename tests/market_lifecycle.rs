@@ -218,6 +218,91 @@ fn lapsed_lease_reoffers_with_a_new_attempt_and_fences_the_old_one() {
 }
 
 #[test]
+fn a_task_waits_for_its_requester_and_a_lease_without_payload_is_recalled_free() {
+    let server = Server::start(&[]);
+    rt().block_on(async {
+        let (r, p1) = (Node::new(), Node::new());
+        let rc = r.connect(&server).await;
+        let mut c1 = p1.connect(&server).await;
+        c1.request(&offer(5)).await.unwrap();
+        let posted = rc.request(&post(20)).await.unwrap();
+        let tid = task_id(&posted);
+        let max_attempts = posted["task"]["max_attempts"].as_u64().unwrap();
+        c1.request(&Request::Accept {
+            task_id: tid.clone(),
+            attempt: 1,
+        })
+        .await
+        .unwrap();
+        // The requester leaves before sending the payload: the lease is
+        // recalled, and the attempt it used is given back.
+        rc.close();
+        expect_event(&mut c1, 5, "recall", |e| {
+            matches!(e, Event::LeaseLapsed { attempt: 1, .. })
+        })
+        .await;
+        // While it is away the task is not offered, and cannot be taken.
+        assert_eq!(
+            reason_of(
+                c1.request(&Request::Accept {
+                    task_id: tid.clone(),
+                    attempt: 2
+                })
+                .await
+            ),
+            Reason::RequesterOffline
+        );
+        // Back again: the task is offered at once, with its attempts intact.
+        let rc = r.connect(&server).await;
+        let ev = expect_event(
+            &mut c1,
+            5,
+            "offer on the requester's return",
+            |e| matches!(e, Event::TaskOffered { task } if task["task_id"] == tid.as_str()),
+        )
+        .await;
+        let Event::TaskOffered { task } = ev else {
+            unreachable!()
+        };
+        assert_eq!(task["attempt"], 2);
+        assert_eq!(
+            task["max_attempts"].as_u64(),
+            Some(max_attempts + 1),
+            "the recall used no attempt"
+        );
+        c1.request(&Request::Accept {
+            task_id: tid.clone(),
+            attempt: 2,
+        })
+        .await
+        .unwrap();
+        // Once the payload is relayed, the requester may go: the job goes on.
+        rc.request(&Request::Payload {
+            task_id: tid.clone(),
+            attempt: 2,
+            data: "eA==".into(),
+        })
+        .await
+        .unwrap();
+        rc.close();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c1.request(&Request::Deliver {
+            task_id: tid.clone(),
+            attempt: 2,
+            data: "eQ==".into(),
+        })
+        .await
+        .unwrap();
+        let st = c1.request(&Request::Status {}).await.unwrap();
+        assert_eq!(
+            st["reputation"]["failures"], 0,
+            "a recall does not count against the provider"
+        );
+    });
+    server.verify();
+}
+
+#[test]
 fn the_last_lapsed_attempt_refunds_the_requester() {
     let server = Server::start(&["--lease-ms", "200"]);
     rt().block_on(async {

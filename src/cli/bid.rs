@@ -144,8 +144,8 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
                 p.note(&format!("posted; {} RUV locked in escrow", a.max_price));
                 if pending {
                     p.note(&format!(
-                        "run `claude-max-market market result {task_id}` soon to send the payload once a provider \
-                         takes it and collect the result"
+                        "run `claude-max-market market result {task_id}` to send the payload once a provider \
+                         takes it and collect the result (the task is offered only while you are connected)"
                     ));
                 }
                 p.out(&task_id);

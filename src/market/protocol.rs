@@ -71,6 +71,9 @@ pub enum Reason {
     ReputationTooLow,
     /// A bid may only go up.
     PriceTooLow,
+    /// The requester is not connected, so no payload could reach a lease
+    /// holder; the task is offered again when it returns.
+    RequesterOffline,
     /// The coordinator failed; nothing was changed.
     Internal,
 }
@@ -99,6 +102,7 @@ impl Reason {
         Reason::NoMatchingOffer,
         Reason::ReputationTooLow,
         Reason::PriceTooLow,
+        Reason::RequesterOffline,
         Reason::Internal,
     ];
 
@@ -126,6 +130,7 @@ impl Reason {
             Reason::NoMatchingOffer => "no_matching_offer",
             Reason::ReputationTooLow => "reputation_too_low",
             Reason::PriceTooLow => "price_too_low",
+            Reason::RequesterOffline => "requester_offline",
             Reason::Internal => "internal",
         }
     }

@@ -232,12 +232,61 @@ pub fn login(
     Ok((ledger::balance(c, &account)?, granted))
 }
 
+/// `node` has a session again: offer its open tasks, held back while it
+/// was away, to the providers online now.
+pub fn requester_back(
+    c: &Connection,
+    node: &str,
+    now: i64,
+    online: &dyn Fn(&str) -> bool,
+    out: &mut Outbox,
+) -> Result<(), Fail> {
+    let open: Vec<Task> = c
+        .prepare_cached(&format!(
+            "SELECT {TASK_COLS} FROM tasks WHERE requester = ?1 AND state = 'open' AND deadline > ?2
+             ORDER BY created_at LIMIT 256"
+        ))?
+        .query_map(params![node, now], Task::from_row)?
+        .collect::<Result<_, _>>()?;
+    for t in &open {
+        announce(c, t, online, out)?;
+    }
+    Ok(())
+}
+
 /// The session of `node` ended: its offers start their grace period.
-pub fn disconnected(c: &Connection, node: &str, now: i64) -> rusqlite::Result<()> {
+///
+/// A lease on one of its tasks whose payload it never sent is recalled: no
+/// payload can come now. The lease holder is told (`lease_lapsed`) and the
+/// task is open again under a new attempt that does not count against its
+/// attempts, offered once the requester is back ([`requester_back`]).
+pub fn disconnected(c: &Connection, node: &str, now: i64, out: &mut Outbox) -> Result<(), Fail> {
     c.prepare_cached(
         "UPDATE offers SET disconnected_at = ?2 WHERE node_id = ?1 AND state = 'active' AND disconnected_at IS NULL",
     )?
     .execute(params![node, now])?;
+    let waiting: Vec<Task> = c
+        .prepare_cached(&format!(
+            "SELECT {TASK_COLS} FROM tasks WHERE requester = ?1 AND state = 'assigned' AND payload_at IS NULL"
+        ))?
+        .query_map([node], Task::from_row)?
+        .collect::<Result<_, _>>()?;
+    for t in waiting {
+        c.prepare_cached(
+            "UPDATE tasks SET state = 'open', attempt = attempt + 1, max_attempts = max_attempts + 1, provider = NULL,
+               offer_id = NULL, ask = NULL, lease_deadline = NULL, updated_at = ?2 WHERE task_id = ?1",
+        )?
+        .execute(params![t.task_id, now])?;
+        if let Some(p) = t.provider {
+            out.push((
+                p,
+                Event::LeaseLapsed {
+                    task_id: t.task_id.clone(),
+                    attempt: t.attempt,
+                },
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -306,7 +355,13 @@ fn matching_providers(c: &Connection, task: &Task, online: &dyn Fn(&str) -> bool
     Ok(out)
 }
 
+/// Offer `task` to matching online providers, if its requester is online:
+/// only the requester can send a lease holder the payload, so a task whose
+/// requester is away waits for its return ([`requester_back`]).
 fn announce(c: &Connection, task: &Task, online: &dyn Fn(&str) -> bool, out: &mut Outbox) -> Result<(), Fail> {
+    if !online(&task.requester) {
+        return Ok(());
+    }
     for node in matching_providers(c, task, online)? {
         out.push((node, Event::TaskOffered { task: task.view() }));
     }
@@ -387,7 +442,9 @@ pub fn apply(
                 .collect::<Result<_, _>>()?;
             for t in open
                 .into_iter()
-                .filter(|t| models.contains(&t.model) && reputation(succ, fail) >= t.min_reputation)
+                .filter(|t| {
+                    models.contains(&t.model) && reputation(succ, fail) >= t.min_reputation && online(&t.requester)
+                })
                 .take(FANOUT)
             {
                 out.push((node.to_string(), Event::TaskOffered { task: t.view() }));
@@ -553,6 +610,12 @@ pub fn apply(
             if t.deadline <= now {
                 return reject(Reason::WrongState, "task deadline has passed");
             }
+            if !online(&t.requester) {
+                return reject(
+                    Reason::RequesterOffline,
+                    "the requester is not connected; the task is offered again when it returns",
+                );
+            }
             let (succ, fail) = node_reputation(c, node)?;
             if reputation(succ, fail) < t.min_reputation {
                 return reject(
@@ -583,7 +646,7 @@ pub fn apply(
             let lease = now + s.lease_ms;
             c.prepare_cached(
                 "UPDATE tasks SET state = 'assigned', provider = ?2, offer_id = ?3, ask = ?4, lease_deadline = ?5,
-                   updated_at = ?6 WHERE task_id = ?1",
+                   updated_at = ?6, payload_at = NULL WHERE task_id = ?1",
             )?
             .execute(params![task_id, node, offer_id, ask, lease, now])?;
             out.push((
@@ -632,6 +695,8 @@ pub fn apply(
             }
             let provider = t.provider.clone().unwrap_or_default();
             let bytes = data.len();
+            c.prepare_cached("UPDATE tasks SET payload_at = ?2 WHERE task_id = ?1")?
+                .execute(params![task_id, now])?;
             out.push((
                 provider.clone(),
                 Event::Payload {

@@ -407,6 +407,9 @@ fn writer(mut conn: Connection, s: Settings, rx: std_mpsc::Receiver<Cmd>, metric
                                 let _ = old.send(Out::Close);
                             }
                         }
+                        // Its open tasks were held back while it was away.
+                        let online = |n: &str| sessions.contains_key(n);
+                        let _ = book::requester_back(&tx, &identity.node_id, now, &online, &mut out);
                         ops += 1;
                         logins.push((reply, r));
                     }
@@ -417,7 +420,7 @@ fn writer(mut conn: Connection, s: Settings, rx: std_mpsc::Receiver<Cmd>, metric
                 Cmd::Gone { node, conn_id } => {
                     if sessions.get(&node).is_some_and(|(id, _)| *id == conn_id) {
                         sessions.remove(&node);
-                        let _ = book::disconnected(&tx, &node, now);
+                        let _ = book::disconnected(&tx, &node, now, &mut out);
                     }
                 }
                 Cmd::Request { node, id, req, reply } => {

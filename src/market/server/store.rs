@@ -113,6 +113,12 @@ ALTER TABLE tasks ADD COLUMN delivered_at INTEGER;
 ALTER TABLE tasks ADD COLUMN payload_bytes INTEGER;
 CREATE INDEX tasks_delivered ON tasks(state, delivered_at);
 "#,
+    // v5: when the requester's payload was relayed for the current attempt.
+    // A lease whose requester leaves before sending it is recalled without
+    // using up an attempt.
+    r#"
+ALTER TABLE tasks ADD COLUMN payload_at INTEGER;
+"#,
 ];
 
 /// Open (creating if needed) and migrate. `sync_full` picks
