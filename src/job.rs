@@ -71,6 +71,10 @@ pub struct JobSpec {
     pub timeout: Duration,
     pub image: String,
     pub source: JobSource,
+    /// A cap reservation already held for this job (a market provider
+    /// reserves when it takes an offer, before the lease): used instead of
+    /// reserving again, and released if the job never starts.
+    pub reservation: Option<String>,
 }
 
 impl JobSpec {
@@ -83,6 +87,7 @@ impl JobSpec {
             timeout: Duration::from_millis(cfg.get_i64("docker.timeout").max(1000) as u64),
             image: default_image(cfg),
             source,
+            reservation: None,
         }
     }
 }
@@ -432,11 +437,17 @@ impl Drop for ReservationGuard {
 pub async fn run(
     paths: &Paths,
     cfg: &Config,
-    spec: JobSpec,
+    mut spec: JobSpec,
     approval: Approval,
     progress: Arc<dyn Progress>,
     cancel: Cancel,
 ) -> Result<JobRecord, JobError> {
+    // Guarded from the first line: any early return releases it.
+    let held = spec.reservation.take().map(|id| ReservationGuard {
+        ledger: Ledger::new(paths),
+        id,
+        settled: false,
+    });
     let audit = AuditLog::new(paths);
     let job_id = new_job_id();
     let caps = Caps::from_config(cfg);
@@ -467,16 +478,22 @@ pub async fn run(
 
     // 2. Caps, reserved under the ledger lock.
     let ledger = Ledger::new(paths);
-    let (reservation, reclaimed) = {
-        let (ledger, caps, job_id) = (ledger.clone(), caps.clone(), job_id.clone());
-        tokio::task::spawn_blocking(move || ledger.reserve(&caps, &job_id, Local::now()))
-            .await
-            .map_err(joined)??
-    };
-    let mut guard = ReservationGuard {
-        ledger: ledger.clone(),
-        id: reservation.id.clone(),
-        settled: false,
+    let (mut guard, reclaimed) = match held {
+        Some(g) => (g, Vec::new()),
+        None => {
+            let (reservation, reclaimed) = {
+                let (ledger, caps, job_id) = (ledger.clone(), caps.clone(), job_id.clone());
+                tokio::task::spawn_blocking(move || ledger.reserve(&caps, &job_id, Local::now()))
+                    .await
+                    .map_err(joined)??
+            };
+            let guard = ReservationGuard {
+                ledger: ledger.clone(),
+                id: reservation.id.clone(),
+                settled: false,
+            };
+            (guard, reclaimed)
+        }
     };
     if !reclaimed.is_empty() {
         let ids: Vec<&str> = reclaimed.iter().map(|r| r.job_id.as_str()).collect();

@@ -81,6 +81,10 @@ struct Provider {
 
 impl Provider {
     fn new(server: &Server, image: &str, setup: impl FnOnce(&Cmm)) -> Provider {
+        Provider::with_slots(server, image, "1", setup)
+    }
+
+    fn with_slots(server: &Server, image: &str, slots: &str, setup: impl FnOnce(&Cmm)) -> Provider {
         let home = job_env();
         home.run(&["opt-in", "--accept-terms", "--claude-jobs"]).code(0);
         home.run(&["config", "--set", "limits.maxTokensPerTask=4000"]).code(0);
@@ -91,7 +95,7 @@ impl Provider {
                 "--json",
                 "advertise",
                 "--slots",
-                "1",
+                slots,
                 "--price",
                 "5",
                 "--auto-accept",
@@ -516,6 +520,59 @@ fn a_provider_at_its_cap_declines_and_one_that_opted_out_gets_nothing() {
     assert_eq!(status(&requester, &server)["balance"], 1000);
     drop(capped);
     let _ = TOKEN;
+}
+
+#[test]
+fn a_provider_reserves_its_cap_when_it_takes_an_offer_so_two_offers_cannot_both_pass() {
+    if !docker_available("a_provider_reserves_its_cap_when_it_takes_an_offer_so_two_offers_cannot_both_pass") {
+        return;
+    }
+    let img = image();
+    let server = Server::start(&["--lease-ms", "10000"]);
+    // Room for one task today, and a job that takes a while: the second
+    // offer arrives while the first task is held.
+    let p = Provider::with_slots(&server, &img, "2", |h| {
+        h.run(&["config", "--set", "limits.dailyTasks=1"]).code(0);
+        h.run(&["config", "--set", "limits.concurrentJobs=2"]).code(0);
+    });
+    let (a, b) = (Cmm::new(), Cmm::new());
+    let (out_a, out_b) = std::thread::scope(|sc| {
+        let ta = sc.spawn(|| a.run(&bid(&server, "scenario:slowecho first", &["--deadline", "8"])));
+        let tb = sc.spawn(|| b.run(&bid(&server, "scenario:slowecho second", &["--deadline", "8"])));
+        (ta.join().unwrap(), tb.join().unwrap())
+    });
+    let mut codes = [out_a.status, out_b.status];
+    codes.sort();
+    assert_eq!(
+        codes,
+        [0, 1],
+        "one runs, the other is refunded:\n{}\n{}",
+        out_a.stderr,
+        out_b.stderr
+    );
+    let offered = p.events("task_offered");
+    let taken: Vec<&Value> = offered.iter().filter(|e| e["accept"] == true).collect();
+    let declined: Vec<&Value> = offered.iter().filter(|e| e["accept"] == false).collect();
+    assert_eq!(taken.len(), 1, "{offered:#?}");
+    assert!(!declined.is_empty(), "{offered:#?}");
+    assert!(
+        declined
+            .iter()
+            .all(|e| e["declined"].as_str().unwrap_or_default().contains("daily")),
+        "declined at the cap: {declined:#?}"
+    );
+    // No attempt failed for want of room: the reservation held from the offer.
+    assert!(p.events("abandoned").is_empty(), "{:#?}", p.events("abandoned"));
+    let events = docker_common::audit_events(&p.home);
+    assert_eq!(events.iter().filter(|e| e["event"] == "job.started").count(), 1);
+    let usage = p.home.run(&["--json", "status"]).code(0).json();
+    assert_eq!(
+        usage["usage"]["reservations"],
+        serde_json::json!([]),
+        "nothing left reserved: {usage:#}"
+    );
+    assert_eq!(usage["usage"]["windows"][0]["tasks"], 1, "{usage:#}");
+    audit_verifies(&p.home);
 }
 
 /// Which frames a [`TamperProxy`] alters.

@@ -463,6 +463,16 @@ fn client_commands_post_raise_show_status_and_need_consent_to_advertise() {
     .code(3)
     .stderr_has("opt-in");
     prov.run(&["opt-in", "--accept-terms", "--claude-jobs"]).code(0);
+    // A task is offered only while its requester is connected (only it can
+    // send the payload): keep a session of the requester's open.
+    let online = tokio::runtime::Runtime::new().unwrap();
+    let requester_session = online.block_on(async {
+        let paths = claude_max_market::Paths::in_one_dir(req.path().to_path_buf());
+        let id = claude_max_market::crypto::keys::Identity::load(&paths).unwrap();
+        claude_max_market::market::client::Client::connect(ep, &id)
+            .await
+            .unwrap()
+    });
     let out = prov.run(&[
         "--json",
         "advertise",
@@ -483,6 +493,7 @@ fn client_commands_post_raise_show_status_and_need_consent_to_advertise() {
         assert!(kinds.contains(&k), "advertise shows {k}: {kinds:?}");
     }
     assert!(prov.read("audit.jsonl").contains("\"market.accept\""));
+    requester_session.close();
 
     // No coordinator: exit 4 with a hint.
     let dead = Cmm::new();

@@ -87,8 +87,30 @@ pub fn passes_rules(spec: &AdvertiseSpec, task: &Value) -> Result<(), String> {
 
 /// The outcome of the gates for one offer.
 enum Decision {
-    Accept(ApprovedBy),
+    Accept(ApprovedBy, OfferReservation),
     Decline(String),
+}
+
+/// The cap reservation a provider takes when it decides to accept an offer.
+/// It is handed to the job that runs the task; if none does (the accept is
+/// refused, no payload comes, the lease is lost) it is released on drop.
+struct OfferReservation {
+    ledger: Ledger,
+    id: Option<String>,
+}
+
+impl OfferReservation {
+    fn hand_over(mut self) -> Option<String> {
+        self.id.take()
+    }
+}
+
+impl Drop for OfferReservation {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            let _ = self.ledger.release(&id, Local::now());
+        }
+    }
 }
 
 /// Consent, caps, then approval: the order a local job meets them.
@@ -109,26 +131,30 @@ async fn decide(paths: &Paths, spec: &AdvertiseSpec, client: &Client, task: &Val
             caps.max_tokens_per_task
         ));
     }
-    // Room under every cap right now: reserve and release at once. The job
-    // reserves again when it runs (the binding check); this one only keeps
-    // a node at its cap from taking leases it would have to give back.
+    // Reserve under every cap now, before approval, as a local job does:
+    // concurrent offers cannot all pass a cap that has room for one. The
+    // job that runs the task uses this reservation.
     let ledger = Ledger::new(paths);
-    let probe = format!("offer-{}", job::new_job_id());
-    let room = {
+    let label = format!(
+        "market-{}-{}",
+        task["task_id"].as_str().unwrap_or("?"),
+        task["attempt"].as_u64().unwrap_or(1)
+    );
+    let reserved = {
         let (ledger, caps) = (ledger.clone(), caps.clone());
         tokio::task::spawn_blocking(move || {
-            let r = ledger.reserve(&caps, &probe, Local::now());
-            if let Ok((res, _)) = &r {
-                let _ = ledger.release(&res.id, Local::now());
-            }
-            r.map(drop).map_err(|e| e.to_string())
+            ledger
+                .reserve(&caps, &label, Local::now())
+                .map(|(r, _)| r.id)
+                .map_err(|e| e.to_string())
         })
         .await
         .unwrap_or_else(|e| Err(e.to_string()))
     };
-    if let Err(e) = room {
-        return Decision::Decline(e);
-    }
+    let reservation = match reserved {
+        Ok(id) => OfferReservation { ledger, id: Some(id) },
+        Err(e) => return Decision::Decline(e),
+    };
     // A standing rule that matches decides without asking; otherwise the
     // person at the terminal does; with neither, the offer is declined.
     let rules = if spec.auto_accept {
@@ -137,7 +163,7 @@ async fn decide(paths: &Paths, spec: &AdvertiseSpec, client: &Client, task: &Val
         Err("no standing rule (`--auto-accept`)".to_string())
     };
     if rules.is_ok() {
-        return Decision::Accept(ApprovedBy::StandingRule);
+        return Decision::Accept(ApprovedBy::StandingRule, reservation);
     }
     let Some(ask) = &spec.ask else {
         return Decision::Decline(match rules {
@@ -169,7 +195,7 @@ async fn decide(paths: &Paths, spec: &AdvertiseSpec, client: &Client, task: &Val
     );
     let ask = ask.clone();
     match tokio::task::spawn_blocking(move || ask(question)).await {
-        Ok(Some(true)) => Decision::Accept(ApprovedBy::Interactive),
+        Ok(Some(true)) => Decision::Accept(ApprovedBy::Interactive, reservation),
         Ok(Some(false)) => Decision::Decline("declined at the prompt".into()),
         _ => Decision::Decline("the prompt could not be read".into()),
     }
@@ -273,12 +299,12 @@ pub async fn advertise(
                             let attempt = task["attempt"].as_u64().unwrap_or(1) as u32;
                             let decision = decide(paths, spec, &client, &task).await;
                             let (take, why, how) = match &decision {
-                                Decision::Accept(by) => (true, None, Some(by.how())),
+                                Decision::Accept(by, _) => (true, None, Some(by.how())),
                                 Decision::Decline(w) => (false, Some(w.clone()), None),
                             };
                             report(json!({ "event": "task_offered", "task": task, "accept": take,
                                            "approved_by": how, "declined": why }));
-                            let Decision::Accept(by) = decision else { continue };
+                            let Decision::Accept(by, reservation) = decision else { continue };
                             let accept = Request::Accept { task_id: task_id.clone(), attempt };
                             match client.request(&accept).await {
                                 Ok(lease) => {
@@ -301,6 +327,7 @@ pub async fn advertise(
                                         max_tokens: lease["max_tokens"].as_u64().unwrap_or(1),
                                         lease_deadline: lease["lease_deadline"].as_str().unwrap_or_default().to_string(),
                                         approved_by: by,
+                                        reservation: std::sync::Mutex::new(Some(reservation)),
                                         report: rep_tx.clone(),
                                     };
                                     running.spawn_local(async move {
@@ -375,6 +402,8 @@ struct Lease {
     max_tokens: u64,
     lease_deadline: String,
     approved_by: ApprovedBy,
+    /// The cap reservation taken for the offer, handed to the job.
+    reservation: std::sync::Mutex<Option<OfferReservation>>,
     report: mpsc::UnboundedSender<Value>,
 }
 
@@ -483,6 +512,12 @@ impl Lease {
         );
         spec.model = self.model.clone();
         spec.max_tokens = self.max_tokens;
+        spec.reservation = self
+            .reservation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .and_then(OfferReservation::hand_over);
         if let Some(i) = &self.image {
             spec.image = i.clone();
         }
