@@ -438,6 +438,9 @@ async fn handle<C: AsyncRead + AsyncWrite + Unpin>(mut conn: C, policy: &Policy,
     .await;
     let end = match read {
         Ok(Some(end)) if end <= policy.max_header_bytes => end,
+        // Closed without a byte: no request at all (`clean` checking that
+        // the socket is alive), nothing to count.
+        Ok(None) if head.is_empty() => return,
         // Too slow, too big, or closed before a full head.
         _ => {
             let _ = conn.write_all(&response(400, "Bad Request")).await;
@@ -594,6 +597,9 @@ mod tests {
             platform.starts_with("HTTP/1.1 403"),
             "api keys do not get the platform host: {platform}"
         );
+        // A connection that closes without a byte is no request.
+        drop(tokio::net::UnixStream::connect(&sock).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
         let r = proxy.report();
         assert_eq!((r.allowed, r.refused), (1, 3));
         let t = |h: &str| r.targets.iter().find(|t| t.host == h).cloned().unwrap_or_default();
