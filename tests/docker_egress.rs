@@ -355,7 +355,9 @@ fn open_egress_is_a_warning_in_health_and_compliance() {
     }
     assert_eq!(egress["level"], "WARNING", "{h:#}");
 
-    // An open job runs on `docker.network` without a proxy, and says so.
+    // An open job runs on `docker.network` without a proxy, and says so
+    // (not while another test here runs `clean`).
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let image = egress_image();
     let t = t.env("CLAUDE_CODE_OAUTH_TOKEN", TOKEN);
     let v = t
