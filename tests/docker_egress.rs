@@ -321,6 +321,25 @@ fn a_killed_jobs_socket_is_swept_by_clean() {
 }
 
 #[test]
+fn a_relay_directory_that_is_not_ours_stops_the_job_before_it_starts() {
+    if !docker_available("a_relay_directory_that_is_not_ours_stops_the_job_before_it_starts") {
+        return;
+    }
+    let image = egress_image();
+    let runtime = tempfile::tempdir().unwrap();
+    // Something else holds the relay directory's name.
+    std::fs::write(runtime.path().join("claude-max-market"), b"not a directory").unwrap();
+    let t = job_env().env("XDG_RUNTIME_DIR", runtime.path().to_str().unwrap());
+    let out = t.run(&["execute", "--approve-all", "--image", &image, "--prompt", "hi"]);
+    out.code(4)
+        .stderr_has("egress relay")
+        .stderr_has("must be a directory owned by you");
+    let events = audit_events(&t);
+    assert!(events_named(&events, "job.started").is_empty(), "the job never started");
+    assert_eq!(usage_today(&t), (0, 0, 0), "nothing counted or left reserved");
+}
+
+#[test]
 fn open_egress_is_a_warning_in_health_and_compliance() {
     let t = Cmm::opted_in();
     let v = t.run(&["compliance-check", "--json"]).json();

@@ -73,6 +73,9 @@ impl HasExit for DockerError {
             DockerError::ImageMissing(i) => Some(format!("build it with `claude-max-market docker build --tag {i}`")),
             DockerError::Build { .. } => Some("fix the failing step above, then run `claude-max-market docker build` again".into()),
             DockerError::Pull { .. } => Some("build it locally with `claude-max-market docker build`".into()),
+            DockerError::Relay(_) => Some(
+                "the relay lives in $XDG_RUNTIME_DIR/claude-max-market (or /tmp/claude-max-market-<uid>): it must be yours, writable, and visible to a local Docker engine".into(),
+            ),
             _ => None,
         }
     }
