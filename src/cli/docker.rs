@@ -23,24 +23,6 @@ pub enum Sub {
     Build(BuildArgs),
     /// Pull the runner image; build it locally if the pull fails
     Pull(PullArgs),
-    /// Run the egress proxy on its own until stdin closes or Ctrl-C (for
-    /// benchmarks and diagnosis; `execute` runs its own per job)
-    #[command(hide = true)]
-    EgressProxy(EgressProxyArgs),
-}
-
-#[derive(Debug, clap::Args)]
-#[command(group(clap::ArgGroup::new("where").required(true).args(["listen", "socket"])))]
-pub struct EgressProxyArgs {
-    /// TCP address to listen on (port 0: any free port)
-    #[arg(long, value_name = "IP:PORT")]
-    pub listen: Option<std::net::SocketAddr>,
-    /// Unix socket to listen on (as `execute` does for each job)
-    #[arg(long, value_name = "PATH")]
-    pub socket: Option<PathBuf>,
-    /// Credential kind whose allowlist applies: `api-key` or `subscription`
-    #[arg(long, default_value = "api-key")]
-    pub credential_kind: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -105,32 +87,6 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
             } else {
                 p.out(&format!("Built `{}` ({})", req.tag, short(&id)));
             }
-            Ok(0)
-        }
-        Sub::EgressProxy(a) => {
-            let e = crate::docker::egress::profile()?;
-            let policy = crate::docker::egress::Policy::new(e, &a.credential_kind);
-            let report = rt.block_on(async {
-                use crate::docker::egress::{Listen, Proxy};
-                let proxy = match (a.listen, &a.socket) {
-                    (Some(addr), _) => Proxy::start_tcp(addr, policy).await?,
-                    (None, Some(path)) => Proxy::start_unix(path, policy).await?,
-                    (None, None) => unreachable!("clap requires --listen or --socket"),
-                };
-                // First line on stdout: where it listens, for the caller to read.
-                match &proxy.listen {
-                    Listen::Tcp(addr) => println!("{addr}"),
-                    Listen::Unix(path) => println!("{}", path.display()),
-                }
-                let mut stdin = tokio::io::stdin();
-                let mut sink = Vec::new();
-                tokio::select! {
-                    _ = tokio::io::AsyncReadExt::read_to_end(&mut stdin, &mut sink) => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-                Ok::<_, std::io::Error>(proxy.report())
-            })?;
-            p.json(serde_json::to_value(&report)?);
             Ok(0)
         }
         Sub::Pull(a) => {

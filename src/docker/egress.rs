@@ -26,7 +26,7 @@ use bollard::Docker;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio::net::{TcpStream, UnixListener};
 
 use super::{hardening::SECURITY_CONFIG, DockerError};
 
@@ -241,19 +241,11 @@ fn resolve_overrides(text: Option<&str>) -> HashMap<String, SocketAddr> {
         .collect()
 }
 
-/// Where a proxy listens.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Listen {
-    /// A Unix socket (a job's: mounted into its container).
-    Unix(std::path::PathBuf),
-    /// A TCP address (the stand-alone diagnosis mode).
-    Tcp(SocketAddr),
-}
-
 /// A running proxy. Dropping it stops accepting, ends open tunnels and
 /// removes its socket.
 pub struct Proxy {
-    pub listen: Listen,
+    /// The socket it listens on.
+    pub socket: std::path::PathBuf,
     counters: Arc<Mutex<Counters>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -270,20 +262,7 @@ impl Proxy {
         let counters = Arc::new(Mutex::new(Counters::default()));
         let task = tokio::spawn(serve_unix(listener, Arc::new(policy), counters.clone()));
         Ok(Proxy {
-            listen: Listen::Unix(path.to_path_buf()),
-            counters,
-            task,
-        })
-    }
-
-    /// Listen on `addr` (port 0: any free port) and serve until dropped.
-    pub async fn start_tcp(addr: SocketAddr, policy: Policy) -> std::io::Result<Proxy> {
-        let listener = TcpListener::bind(addr).await?;
-        let addr = listener.local_addr()?;
-        let counters = Arc::new(Mutex::new(Counters::default()));
-        let task = tokio::spawn(serve_tcp(listener, Arc::new(policy), counters.clone()));
-        Ok(Proxy {
-            listen: Listen::Tcp(addr),
+            socket: path.to_path_buf(),
             counters,
             task,
         })
@@ -313,19 +292,8 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
-        if let Listen::Unix(p) = &self.listen {
-            let _ = std::fs::remove_file(p);
-        }
+        let _ = std::fs::remove_file(&self.socket);
     }
-}
-
-async fn serve_tcp(listener: TcpListener, policy: Arc<Policy>, counters: Arc<Mutex<Counters>>) {
-    let accept = || async {
-        let (c, _) = listener.accept().await?;
-        let _ = c.set_nodelay(true);
-        Ok(c)
-    };
-    serve(accept, policy, counters).await
 }
 
 async fn serve_unix(listener: UnixListener, policy: Arc<Policy>, counters: Arc<Mutex<Counters>>) {
@@ -556,7 +524,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_proxy_tunnels_allowed_targets_and_refuses_the_rest() {
-        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let up = upstream.local_addr().unwrap();
         tokio::spawn(async move {
             while let Ok((mut s, _)) = upstream.accept().await {
