@@ -43,8 +43,11 @@ fn node_id(home: &Cmm) -> String {
         .to_string()
 }
 
+/// Lines of a child's output, as they come.
+type Lines = Arc<Mutex<Vec<String>>>;
+
 /// Read a child's stdout (JSON lines) or stderr (text lines) into a list.
-fn collect<R: std::io::Read + Send + 'static>(r: R) -> Arc<Mutex<Vec<String>>> {
+fn collect<R: std::io::Read + Send + 'static>(r: R) -> Lines {
     let lines = Arc::new(Mutex::new(Vec::new()));
     let l2 = lines.clone();
     std::thread::spawn(move || {
@@ -55,7 +58,7 @@ fn collect<R: std::io::Read + Send + 'static>(r: R) -> Arc<Mutex<Vec<String>>> {
     lines
 }
 
-fn wait_line(lines: &Arc<Mutex<Vec<String>>>, secs: u64, what: &str, pred: impl Fn(&str) -> bool) -> String {
+fn wait_line(lines: &Lines, secs: u64, what: &str, pred: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         if let Some(l) = lines.lock().unwrap().iter().find(|l| pred(l)) {
@@ -75,8 +78,8 @@ struct Provider {
     home: Cmm,
     node_id: String,
     child: Option<Child>,
-    out: Arc<Mutex<Vec<String>>>,
-    err: Arc<Mutex<Vec<String>>>,
+    out: Lines,
+    err: Lines,
 }
 
 impl Provider {
@@ -192,6 +195,27 @@ fn bid<'a>(server: &'a Server, prompt: &'a str, extra: &[&'a str]) -> Vec<&'a st
     ];
     args.extend_from_slice(extra);
     args
+}
+
+/// `bid --wait` in the background: the child and its stdout and stderr lines.
+fn spawn_bid(requester: &Cmm, server: &Server, prompt: &str) -> (Child, Lines, Lines) {
+    let mut cmd = requester.cmd(&bid(server, prompt, &[])).cmd;
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn bid");
+    let out = collect(child.stdout.take().unwrap());
+    let err = collect(child.stderr.take().unwrap());
+    (child, out, err)
+}
+
+/// The task id from a `bid` progress line `posted t-...; N RUV locked ...`.
+fn posted_task_id(err: &Lines) -> String {
+    let posted = wait_line(err, 30, "posted", |l| l.starts_with("posted "));
+    posted
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(';')
+        .to_string()
 }
 
 fn canary(tag: &str) -> String {
@@ -359,11 +383,7 @@ fn provider_killed_mid_job_lapses_and_the_other_completes_attempt_two() {
     let requester = Cmm::new();
     let secret = canary("kill");
     let prompt = format!("scenario:slowecho {secret}");
-    let mut cmd = requester.cmd(&bid(&server, &prompt, &[])).cmd;
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn bid");
-    let out = collect(child.stdout.take().unwrap());
-    let err = collect(child.stderr.take().unwrap());
+    let (mut child, out, err) = spawn_bid(&requester, &server, &prompt);
     wait_line(&err, 30, "running", |l| l.contains("running on node"));
     // Whichever provider runs it is killed once its job has started.
     let first = {
@@ -432,17 +452,8 @@ fn an_offline_requester_fetches_the_result_later() {
     let requester = Cmm::new();
     let secret = canary("offline");
     let prompt = format!("scenario:slowecho {secret}");
-    let mut cmd = requester.cmd(&bid(&server, &prompt, &[])).cmd;
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn bid");
-    let err = collect(child.stderr.take().unwrap());
-    let posted = wait_line(&err, 30, "posted", |l| l.starts_with("posted "));
-    let task_id = posted
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .trim_end_matches(';')
-        .to_string();
+    let (mut child, _, err) = spawn_bid(&requester, &server, &prompt);
+    let task_id = posted_task_id(&err);
     wait_line(&err, 30, "running", |l| l.contains("running on node"));
     let _ = child.kill();
     let _ = child.wait();
@@ -805,11 +816,7 @@ fn ctrl_c_gives_the_lease_back_and_the_task_is_reoffered_at_once() {
     let secret = canary("ctrlc");
     let prompt = format!("scenario:slowecho {secret}");
     let started = Instant::now();
-    let mut cmd = requester.cmd(&bid(&server, &prompt, &[])).cmd;
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn bid");
-    let out = collect(child.stdout.take().unwrap());
-    let err = collect(child.stderr.take().unwrap());
+    let (mut child, out, err) = spawn_bid(&requester, &server, &prompt);
     wait_line(&err, 30, "running", |l| l.contains("running on node"));
     let deadline = Instant::now() + Duration::from_secs(20);
     let first = loop {
@@ -1125,17 +1132,8 @@ fn an_interrupted_bid_wait_is_resumed_by_market_result() {
     let secret = canary("resume");
     let prompt = format!("scenario:echo {secret}");
     // Posted, then killed before any provider is there.
-    let mut cmd = requester.cmd(&bid(&server, &prompt, &[])).cmd;
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn bid");
-    let err = collect(child.stderr.take().unwrap());
-    let posted = wait_line(&err, 30, "posted", |l| l.starts_with("posted "));
-    let task_id = posted
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .trim_end_matches(';')
-        .to_string();
+    let (mut child, _, err) = spawn_bid(&requester, &server, &prompt);
+    let task_id = posted_task_id(&err);
     let _ = child.kill();
     let _ = child.wait();
     assert!(pending_file(&requester, &task_id).exists());
