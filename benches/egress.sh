@@ -33,17 +33,15 @@ TOKEN=sk-ant-oat01-bench-token
 [ -x "$BIN" ] || { echo "no binary at $BIN (cargo build --release, or set BIN)" >&2; exit 2; }
 
 export CMM_HOME="$(mktemp -d)"
-CTX="$(mktemp -d)"
 cleanup() {
     docker rm -f "cmm-bench-bulk-$$" "cmm-bench-client-$$" >/dev/null 2>&1 || true
     docker network rm "$NET" >/dev/null 2>&1 || true
-    rm -rf "$CMM_HOME" "$CTX"
+    rm -rf "$CMM_HOME"
 }
 trap cleanup EXIT
 
-cp -L "$ROOT"/tests/fixtures/fake-claude/* "$CTX"/
-cp "${CMM_BUSYBOX:-/bin/busybox}" "$CTX"/busybox
-"$BIN" -q docker build --context "$CTX" --tag "$IMAGE" >/dev/null
+. "$ROOT/benches/fake_image.sh"
+build_fake_image "$IMAGE"
 "$BIN" -q opt-in --accept-terms >/dev/null
 "$BIN" -q limits --daily 1000 --tokens 100000000 >/dev/null
 export CLAUDE_CODE_OAUTH_TOKEN="$TOKEN"

@@ -20,12 +20,10 @@ TOKEN=sk-ant-oat01-bench-token
 [ "$N" -ge 10 ] || { echo "use at least 10 pairs" >&2; exit 2; }
 
 export CMM_HOME="$(mktemp -d)"
-CTX="$(mktemp -d)"
-trap 'rm -rf "$CMM_HOME" "$CTX"' EXIT
-cp -L "$ROOT"/tests/fixtures/fake-claude/* "$CTX"/
-cp "${CMM_BUSYBOX:-/bin/busybox}" "$CTX"/busybox
+trap 'rm -rf "$CMM_HOME"' EXIT
+. "$ROOT/benches/fake_image.sh"
 
-"$BIN" -q docker build --context "$CTX" --tag "$IMAGE" >/dev/null
+build_fake_image "$IMAGE"
 "$BIN" -q opt-in --accept-terms >/dev/null
 "$BIN" -q limits --daily 1000 --tokens 100000000 >/dev/null
 export CLAUDE_CODE_OAUTH_TOKEN="$TOKEN"

@@ -22,18 +22,17 @@ TOKEN=sk-ant-oat01-bench-token
 [ -x "$BIN" ] || { echo "no binary at $BIN (cargo build --release, or set BIN)" >&2; exit 2; }
 [ "$N" -ge 10 ] || { echo "use at least 10 pairs" >&2; exit 2; }
 
-SRV="$(mktemp -d)"; PROV="$(mktemp -d)"; REQ="$(mktemp -d)"; CTX="$(mktemp -d)"; OUT="$(mktemp -d)"
+SRV="$(mktemp -d)"; PROV="$(mktemp -d)"; REQ="$(mktemp -d)"; OUT="$(mktemp -d)"
 chmod 700 "$SRV" "$PROV" "$REQ"
 cleanup() {
     [ -n "${ADV:-}" ] && kill "$ADV" 2>/dev/null || true
     [ -n "${SERVE:-}" ] && kill "$SERVE" 2>/dev/null || true
     wait 2>/dev/null || true
-    rm -rf "$SRV" "$PROV" "$REQ" "$CTX" "$OUT"
+    rm -rf "$SRV" "$PROV" "$REQ" "$OUT"
 }
 trap cleanup EXIT
-cp -L "$ROOT"/tests/fixtures/fake-claude/* "$CTX"/
-cp "${CMM_BUSYBOX:-/bin/busybox}" "$CTX"/busybox
-CMM_HOME="$PROV" "$BIN" -q docker build --context "$CTX" --tag "$IMAGE" >/dev/null
+. "$ROOT/benches/fake_image.sh"
+(CMM_HOME="$PROV"; export CMM_HOME; build_fake_image "$IMAGE")
 
 CMM_HOME="$SRV" "$BIN" market serve --listen 127.0.0.1:0 --initial-grant 100000 >"$OUT/serve" 2>&1 &
 SERVE=$!
