@@ -86,28 +86,16 @@ impl RelayFiles {
     /// temporary directory and renamed into place, so a half-made one is
     /// never used.
     pub fn prepare(base: &Path) -> io::Result<RelayFiles> {
-        let exe = fs::read_link("/proc/self/exe")?;
-        let dir = Self::dir_for_this_build(base)?;
-        let id = dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_prefix("relay-"))
-            .unwrap_or("x")
-            .to_string();
-        let libs = mapped_libraries()?;
-        let loader = libs
-            .iter()
-            .filter_map(|p| p.file_name()?.to_str())
-            .find(|n| n.starts_with("ld-linux") || n.starts_with("ld-musl"))
-            .map(str::to_string);
+        let (exe, id) = this_build()?;
+        let dir = base.join(format!("relay-{id}"));
         if !dir.join("cmm").exists() {
             let tmp = base.join(format!(".relay-{id}.tmp-{}", hex::encode(rand::random::<[u8; 6]>())));
             let made = (|| {
                 fs::create_dir_all(tmp.join("lib"))?;
                 fs::copy(&exe, tmp.join("cmm"))?;
-                for lib in &libs {
+                for lib in mapped_libraries(&exe)? {
                     if let Some(name) = lib.file_name() {
-                        fs::copy(lib, tmp.join("lib").join(name))?;
+                        fs::copy(&lib, tmp.join("lib").join(name))?;
                     }
                 }
                 // Readable by the container's own user, writable by nobody.
@@ -134,27 +122,18 @@ impl RelayFiles {
                 }
             }
         }
+        // The loader, from the copy itself: once the copy exists, nothing
+        // of this process needs reading again.
+        let loader = fs::read_dir(dir.join("lib"))?
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .find(|n| n.starts_with("ld-linux") || n.starts_with("ld-musl"));
         Ok(RelayFiles { dir, loader })
     }
 
-    /// `relay-<id>` under `base` for this binary: the id hashes its path and
-    /// identity on disk, so a rebuilt or upgraded binary gets a new copy.
+    /// `relay-<id>` under `base` for this binary (see [`this_build`]).
     pub fn dir_for_this_build(base: &Path) -> io::Result<PathBuf> {
-        let exe = fs::read_link("/proc/self/exe")?;
-        let meta = fs::metadata(&exe)?;
-        let mut h = Sha256::new();
-        h.update(env!("CARGO_PKG_VERSION"));
-        h.update(exe.as_os_str().as_encoded_bytes());
-        for n in [
-            meta.dev(),
-            meta.ino(),
-            meta.size(),
-            meta.mtime() as u64,
-            meta.mtime_nsec() as u64,
-        ] {
-            h.update(n.to_le_bytes());
-        }
-        Ok(base.join(format!("relay-{}", hex::encode(&h.finalize()[..8]))))
+        Ok(base.join(format!("relay-{}", this_build()?.1)))
     }
 
     /// The container entrypoint: the relay, then (after `--`) the image's
@@ -188,10 +167,29 @@ impl RelayFiles {
     }
 }
 
-/// Every file-backed executable mapping of this process but the binary
-/// itself: the loader and the shared libraries, exactly the ones in use.
-fn mapped_libraries() -> io::Result<Vec<PathBuf>> {
+/// This binary's path, and an id for this build: a hash of the path and
+/// its identity on disk, so a rebuilt or upgraded binary gets a new copy.
+fn this_build() -> io::Result<(PathBuf, String)> {
     let exe = fs::read_link("/proc/self/exe")?;
+    let meta = fs::metadata(&exe)?;
+    let mut h = Sha256::new();
+    h.update(env!("CARGO_PKG_VERSION"));
+    h.update(exe.as_os_str().as_encoded_bytes());
+    for n in [
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime() as u64,
+        meta.mtime_nsec() as u64,
+    ] {
+        h.update(n.to_le_bytes());
+    }
+    Ok((exe, hex::encode(&h.finalize()[..8])))
+}
+
+/// Every file-backed executable mapping of this process but the binary
+/// `exe` itself: the loader and the shared libraries, exactly the ones in use.
+fn mapped_libraries(exe: &Path) -> io::Result<Vec<PathBuf>> {
     let maps = fs::read_to_string("/proc/self/maps")?;
     let mut out: Vec<PathBuf> = Vec::new();
     for line in maps.lines() {
@@ -202,7 +200,7 @@ fn mapped_libraries() -> io::Result<Vec<PathBuf>> {
             continue;
         }
         let p = PathBuf::from(path);
-        if p != exe && !out.contains(&p) {
+        if p != *exe && !out.contains(&p) {
             out.push(p);
         }
     }
@@ -371,7 +369,7 @@ mod tests {
 
     #[test]
     fn this_process_maps_its_loader_and_libc() {
-        let libs = mapped_libraries().unwrap();
+        let libs = mapped_libraries(&fs::read_link("/proc/self/exe").unwrap()).unwrap();
         let names: Vec<String> = libs
             .iter()
             .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
