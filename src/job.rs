@@ -403,32 +403,6 @@ pub fn prompt_sha256(prompt: &[u8]) -> String {
     hex::encode(Sha256::digest(prompt))
 }
 
-/// Releases the reservation unless the job's usage was committed.
-struct ReservationGuard {
-    ledger: Ledger,
-    id: String,
-    settled: bool,
-}
-
-impl ReservationGuard {
-    fn commit(&mut self, tokens: u64) -> Result<(), UsageError> {
-        self.settled = true;
-        self.ledger.commit(&self.id, tokens, Local::now()).map(drop)
-    }
-    fn release(&mut self) -> Result<(), UsageError> {
-        self.settled = true;
-        self.ledger.release(&self.id, Local::now()).map(drop)
-    }
-}
-
-impl Drop for ReservationGuard {
-    fn drop(&mut self) {
-        if !self.settled {
-            let _ = self.ledger.release(&self.id, Local::now());
-        }
-    }
-}
-
 /// Run one job through the whole pipeline.
 ///
 /// `Ok` carries the record of a job that started, whatever its status;
@@ -443,11 +417,7 @@ pub async fn run(
     cancel: Cancel,
 ) -> Result<JobRecord, JobError> {
     // Guarded from the first line: any early return releases it.
-    let held = spec.reservation.take().map(|id| ReservationGuard {
-        ledger: Ledger::new(paths),
-        id,
-        settled: false,
-    });
+    let held = spec.reservation.take().map(|id| Ledger::new(paths).held(id));
     let audit = AuditLog::new(paths);
     let job_id = new_job_id();
     let caps = Caps::from_config(cfg);
@@ -487,12 +457,7 @@ pub async fn run(
                     .await
                     .map_err(joined)??
             };
-            let guard = ReservationGuard {
-                ledger: ledger.clone(),
-                id: reservation.id.clone(),
-                settled: false,
-            };
-            (guard, reclaimed)
+            (ledger.held(reservation.id), reclaimed)
         }
     };
     if !reclaimed.is_empty() {

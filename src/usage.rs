@@ -239,6 +239,40 @@ pub struct ReservationView {
     pub stale: bool,
 }
 
+/// A reservation someone holds: released on drop unless committed,
+/// released or handed over first, so no path forgets it.
+#[derive(Debug)]
+pub struct HeldReservation {
+    ledger: Ledger,
+    id: Option<String>,
+}
+
+impl HeldReservation {
+    /// Count `tokens` of real usage against it.
+    pub fn commit(&mut self, tokens: u64) -> Result<(), UsageError> {
+        match self.id.take() {
+            Some(id) => self.ledger.commit(&id, tokens, Local::now()).map(drop),
+            None => Ok(()),
+        }
+    }
+    pub fn release(&mut self) -> Result<(), UsageError> {
+        match self.id.take() {
+            Some(id) => self.ledger.release(&id, Local::now()).map(drop),
+            None => Ok(()),
+        }
+    }
+    /// Give the reservation to whoever settles it next (its id).
+    pub fn hand_over(mut self) -> Option<String> {
+        self.id.take()
+    }
+}
+
+impl Drop for HeldReservation {
+    fn drop(&mut self) {
+        let _ = self.release();
+    }
+}
+
 /// Handle on the usage store.
 #[derive(Debug, Clone)]
 pub struct Ledger {
@@ -248,6 +282,14 @@ pub struct Ledger {
 }
 
 impl Ledger {
+    /// Hold the reservation `id` (see [`HeldReservation`]).
+    pub fn held(&self, id: String) -> HeldReservation {
+        HeldReservation {
+            ledger: self.clone(),
+            id: Some(id),
+        }
+    }
+
     pub fn new(paths: &Paths) -> Ledger {
         Ledger {
             file: paths.usage_file(),

@@ -30,7 +30,7 @@ use crate::market::client::{Backoff, Client, ClientError};
 use crate::market::protocol::{AbandonReason, Event, IdentityProof, Request};
 use crate::market::sealed::{self, Binding};
 use crate::paths::Paths;
-use crate::usage::{Caps, Ledger};
+use crate::usage::{Caps, HeldReservation, Ledger};
 
 /// Asks the person at the terminal; `None` when nobody can answer.
 pub type Ask = Arc<dyn Fn(String) -> Option<bool> + Send + Sync>;
@@ -87,30 +87,10 @@ pub fn passes_rules(spec: &AdvertiseSpec, task: &Value) -> Result<(), String> {
 
 /// The outcome of the gates for one offer.
 enum Decision {
-    Accept(ApprovedBy, OfferReservation),
+    /// With the cap reservation taken for it: handed to the job that runs
+    /// the task, released if none does (refused accept, no payload, lost lease).
+    Accept(ApprovedBy, HeldReservation),
     Decline(String),
-}
-
-/// The cap reservation a provider takes when it decides to accept an offer.
-/// It is handed to the job that runs the task; if none does (the accept is
-/// refused, no payload comes, the lease is lost) it is released on drop.
-struct OfferReservation {
-    ledger: Ledger,
-    id: Option<String>,
-}
-
-impl OfferReservation {
-    fn hand_over(mut self) -> Option<String> {
-        self.id.take()
-    }
-}
-
-impl Drop for OfferReservation {
-    fn drop(&mut self) {
-        if let Some(id) = self.id.take() {
-            let _ = self.ledger.release(&id, Local::now());
-        }
-    }
 }
 
 /// Consent, caps, then approval: the order a local job meets them.
@@ -152,7 +132,7 @@ async fn decide(paths: &Paths, spec: &AdvertiseSpec, client: &Client, task: &Val
         .unwrap_or_else(|e| Err(e.to_string()))
     };
     let reservation = match reserved {
-        Ok(id) => OfferReservation { ledger, id: Some(id) },
+        Ok(id) => ledger.held(id),
         Err(e) => return Decision::Decline(e),
     };
     // A standing rule that matches decides without asking; otherwise the
@@ -403,7 +383,7 @@ struct Lease {
     lease_deadline: String,
     approved_by: ApprovedBy,
     /// The cap reservation taken for the offer, handed to the job.
-    reservation: std::sync::Mutex<Option<OfferReservation>>,
+    reservation: std::sync::Mutex<Option<HeldReservation>>,
     report: mpsc::UnboundedSender<Value>,
 }
 
@@ -517,7 +497,7 @@ impl Lease {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
-            .and_then(OfferReservation::hand_over);
+            .and_then(HeldReservation::hand_over);
         if let Some(i) = &self.image {
             spec.image = i.clone();
         }
