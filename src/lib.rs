@@ -46,4 +46,4 @@ pub use consent::Consent;
 pub use exit::Exit;
 pub use job::{Approval, ApprovedBy, Cancel, JobRecord, JobSource, JobSpec, Progress, Unattended};
 pub use paths::Paths;
-pub use usage::{Caps, Ledger, Reservation};
+pub use usage::{Budget, Caps, Ledger, Reservation, Spent};

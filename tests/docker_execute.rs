@@ -107,21 +107,30 @@ fn a_job_succeeds_with_real_usage_recorded() {
     assert_eq!(record["result"], "Hello from the fake claude");
     assert_eq!(record["model"], "sonnet");
     assert_eq!(record["model_resolved"], "claude-sonnet-4-5-20250929");
+    // The shape of one real `claude -p` request: ~12,000 tokens of system
+    // prompt and tools written to the cache, ~9,000 read from it.
     assert_eq!(record["usage"]["input_tokens"], 4);
-    assert_eq!(record["usage"]["output_tokens"], 38);
-    assert_eq!(record["usage"]["cache_creation_input_tokens"], 412);
-    assert_eq!(record["usage"]["cache_read_input_tokens"], 120);
-    assert_eq!(record["total_tokens"], 574);
-    assert_eq!(record["cost_usd"], 0.0052);
+    assert_eq!(record["usage"]["output_tokens"], 60);
+    assert_eq!(record["usage"]["cache_creation_input_tokens"], 12000);
+    assert_eq!(record["usage"]["cache_read_input_tokens"], 9000);
+    assert_eq!(record["total_tokens"], 21064);
+    assert_eq!(record["fresh_tokens"], 12064);
+    assert_eq!(record["cost_usd"], 0.048612);
+    assert_eq!(record["cost_estimated"], false);
     assert_eq!(record["num_turns"], 1);
     assert_eq!(record["exit_code"], 0);
     assert_eq!(record["exit"], 0);
     assert!(record["duration_ms"].as_u64().unwrap() > 0);
     assert_eq!(record["claude_duration_ms"], 1834);
     assert_eq!(terminal["event"], "job.completed");
-    assert_eq!(terminal["usage"]["total_tokens"], 574);
-    assert_eq!(terminal["cost_usd"], 0.0052);
-    assert_eq!(usage_today(&t), (1, 574, 0), "the ledger counts the real total");
+    assert_eq!(terminal["usage"]["total_tokens"], 21064);
+    assert_eq!(terminal["usage"]["fresh_tokens"], 12064);
+    assert_eq!(terminal["cost_usd"], 0.048612);
+    assert_eq!(
+        usage_today(&t),
+        (1, 12064, 0),
+        "the ledger counts fresh tokens; cache reads apart"
+    );
 
     // Human output: the result on stdout, the summary on stderr.
     let out = t.run(&[
@@ -132,16 +141,22 @@ fn a_job_succeeds_with_real_usage_recorded() {
         "--prompt",
         "scenario:ok again",
     ]);
-    out.code(0).stderr_has("574 tokens");
+    out.code(0)
+        .stderr_has("12064 fresh tokens")
+        .stderr_has("9000 cache reads")
+        .stderr_has("$0.0486");
     assert_eq!(out.stdout.trim(), "Hello from the fake claude");
-    assert_eq!(usage_today(&t), (2, 1148, 0));
+    assert_eq!(usage_today(&t), (2, 2 * 12064, 0));
+    let day = &t.run(&["status", "--json"]).code(0).json()["usage"]["windows"][0];
+    assert_eq!(day["cache_read_tokens"], 18000);
+    assert_eq!(day["cost_usd"], 2.0 * 0.048612);
 
     // `logs --job` shows the record.
     let id = record["job_id"].as_str().unwrap();
     t.run(&["logs", "--job", id])
         .code(0)
         .stdout_has("completed")
-        .stdout_has("574");
+        .stdout_has("21064");
     let shown = t.run(&["logs", "--json", "--job", id]).code(0).json();
     assert_eq!(shown["job_id"], id);
     t.run(&["logs", "--job", "../config"]).code(2);
@@ -230,14 +245,19 @@ fn the_per_task_token_cap_kills_the_job() {
     assert_eq!(record["status"], "killed");
     assert_eq!(record["kill_reason"], "token-cap");
     assert_eq!(record["max_tokens"], 700);
-    let used = record["total_tokens"].as_u64().unwrap();
+    let used = record["fresh_tokens"].as_u64().unwrap();
     assert!(used > 700 && used < 2000, "stopped just past the cap: {used}");
     assert_eq!(terminal["event"], "job.killed");
     assert_eq!(terminal["reason"], "token-cap");
-    assert_eq!(terminal["usage"]["total_tokens"].as_u64().unwrap(), used);
+    assert_eq!(terminal["usage"]["fresh_tokens"].as_u64().unwrap(), used);
     assert_eq!(usage_today(&t), (1, used, 0), "tokens spent before the kill count");
+    // Killed before its result: the cost is estimated from the usage, and counted.
+    assert_eq!(record["cost_estimated"], true);
+    assert!(record["cost_usd"].as_f64().unwrap() > 0.0);
     // More than limits.maxTokensPerTask cannot be asked for.
-    execute(&t, "scenario:ok", &["--max-tokens", "1001"]).code(2);
+    execute(&t, "scenario:ok", &["--max-tokens", "500001"])
+        .code(2)
+        .stdout_has("limits.maxTokensPerTask");
 }
 
 #[test]

@@ -250,7 +250,7 @@ fn twenty_parallel_jobs_with_a_daily_cap_of_five_run_exactly_five() {
     let _turn = turn();
     fake_image();
     let t = job_env();
-    t.run(&["limits", "--daily", "5", "--concurrent", "20", "--tokens", "100000"])
+    t.run(&["limits", "--daily", "5", "--concurrent", "20", "--tokens", "10000000"])
         .code(0);
     // Start with no copy of the egress relay, so the jobs that get through
     // race to make it (the losers must use the winner's, never a half-made
@@ -270,7 +270,7 @@ fn twenty_parallel_jobs_with_a_daily_cap_of_five_run_exactly_five() {
     }
     assert_eq!(codes.iter().filter(|c| **c == 0).count(), 5, "{codes:?}");
     assert_eq!(codes.iter().filter(|c| **c == 3).count(), 15, "{codes:?}");
-    assert_eq!(usage_today(&t), (5, 5 * 574, 0));
+    assert_eq!(usage_today(&t), (5, 5 * 12064, 0));
     let events = audit_events(&t);
     assert_eq!(events_named(&events, "job.started").len(), 5);
     assert_eq!(events_named(&events, "job.completed").len(), 5);
@@ -279,7 +279,7 @@ fn twenty_parallel_jobs_with_a_daily_cap_of_five_run_exactly_five() {
     let day = &status["usage"]["windows"][0];
     assert_eq!(day["window"], "day");
     assert_eq!(day["tasks"], 5, "status shows 5 jobs: {status}");
-    assert_eq!(day["tokens"], 5 * 574);
+    assert_eq!(day["tokens"], 5 * 12064);
     assert_eq!(status["usage"]["reservations"], serde_json::json!([]));
     // No container left by any of this test's jobs (other tests may be
     // running jobs of their own on the same engine).
