@@ -232,7 +232,9 @@ async fn drive(
         .await
     {
         writer.abort();
-        if is_not_found(&e) {
+        // Removed from outside between create and start: the engine says
+        // 404, or (a removal under way) a conflict.
+        if is_not_found(&e) || being_removed(docker, id).await {
             return Ok((Ending::Exited(EXIT_REMOVED), String::new()));
         }
         return Err(e.into());
@@ -337,6 +339,20 @@ async fn wait(docker: &Docker, id: &str) -> Result<i64, DockerError> {
             }
         }
         Err(_) => Ok(code),
+    }
+}
+
+/// Is the container gone or on its way out?
+async fn being_removed(docker: &Docker, id: &str) -> bool {
+    match docker
+        .inspect_container(id, None::<bollard::query_parameters::InspectContainerOptions>)
+        .await
+    {
+        Err(e) => is_not_found(&e),
+        Ok(i) => i
+            .state
+            .and_then(|s| s.status)
+            .is_some_and(|s| matches!(s.to_string().as_str(), "removing" | "dead")),
     }
 }
 

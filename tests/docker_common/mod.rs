@@ -14,6 +14,7 @@ use crate::common::Cmm;
 pub const FAKE_IMAGE: &str = "cmm-fake-claude:test";
 pub const LABEL: &str = "dev.claude-max-market.managed";
 pub const JOB_LABEL: &str = "dev.claude-max-market.job";
+pub const INSTALL_LABEL: &str = "dev.claude-max-market.install";
 pub const TOKEN: &str = "sk-ant-oat01-test-token-not-a-secret";
 
 static BUILD: Mutex<()> = Mutex::new(());
@@ -119,6 +120,12 @@ pub fn containers_of_job(job_id: &str) -> Vec<String> {
 pub fn our_containers() -> Vec<String> {
     let (_, out, _) = docker(&["ps", "-aq", "--filter", &format!("label={LABEL}=true")]);
     out.split_whitespace().map(str::to_string).collect()
+}
+
+/// This install's id: its audit log's id, which its job containers carry.
+pub fn install_id(t: &Cmm) -> String {
+    let head: Value = serde_json::from_str(&t.read("audit.head")).expect("audit.head is JSON");
+    head["log_id"].as_str().expect("log_id").to_string()
 }
 
 /// An opted-in install whose commands see a subscription token.
