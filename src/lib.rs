@@ -39,6 +39,7 @@ pub mod paths;
 pub mod status;
 pub mod timespec;
 pub mod usage;
+pub mod workspace;
 
 pub use audit::{AuditError, AuditLog, VerifyReport};
 pub use config::{Config, ConfigError};
