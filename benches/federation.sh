@@ -55,7 +55,7 @@ CMM_HOME="$REQ" "$BIN" -q keys generate >/dev/null 2>&1 || true
 
 now_ms() { date +%s%3N; }
 local_job() { CMM_HOME="$PROV" "$BIN" -q execute --approve-all --image "$IMAGE" --prompt "$PROMPT" >/dev/null 2>&1; }
-market_job() { CMM_HOME="$REQ" "$BIN" -q bid --wait --prompt "$PROMPT" --max-price 2 --max-tokens 1000 --endpoint "$EP" >"$OUT/bid" 2>&1 || { cat "$OUT/bid" >&2; exit 1; }; }
+market_job() { CMM_HOME="$REQ" "$BIN" -q bid --wait --prompt "$PROMPT" --max-price 2 --max-tokens 20000 --endpoint "$EP" >"$OUT/bid" 2>&1 || { cat "$OUT/bid" >&2; exit 1; }; }
 
 # Warm both paths once.
 local_job

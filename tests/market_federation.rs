@@ -90,7 +90,7 @@ impl Provider {
     fn with_slots(server: &Server, image: &str, slots: &str, setup: impl FnOnce(&Cmm)) -> Provider {
         let home = job_env();
         home.run(&["opt-in", "--accept-terms", "--claude-jobs"]).code(0);
-        home.run(&["config", "--set", "limits.maxTokensPerTask=4000"]).code(0);
+        home.run(&["config", "--set", "limits.maxTokensPerTask=40000"]).code(0);
         setup(&home);
         let node_id = node_id(&home);
         let mut cmd = home
@@ -188,7 +188,7 @@ fn bid<'a>(server: &'a Server, prompt: &'a str, extra: &[&'a str]) -> Vec<&'a st
         "--max-price",
         "20",
         "--max-tokens",
-        "1000",
+        "20000",
         "--wait",
         "--endpoint",
         &server.endpoint,

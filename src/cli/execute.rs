@@ -53,6 +53,22 @@ pub struct Args {
     /// Tools Claude Code may not use, e.g. "WebFetch,Bash(rm *)"
     #[arg(long, value_name = "LIST")]
     pub disallowed_tools: Option<String>,
+    /// Copy this directory in as the job's working directory (never mounted:
+    /// an archive of it, after `.gitignore` excludes, at most
+    /// `docker.workspaceLimit`); its changes come back as a patch, saved with
+    /// the job and shown by `logs --job ID --patch`. DIR is never touched
+    /// without `--apply`
+    #[arg(long, value_name = "DIR")]
+    pub workspace: Option<PathBuf>,
+    /// With `--workspace`: also copy `.git` (left out by default). Changes
+    /// the job makes there (hooks included) come back with the rest
+    #[arg(long, requires = "workspace")]
+    pub include_git: bool,
+    /// With `--workspace`: apply the job's patch to DIR once it completes,
+    /// only if DIR has not changed since the copy (else refuse, exit 3, and
+    /// keep the patch)
+    #[arg(long, requires = "workspace")]
+    pub apply: bool,
     /// What stdout carries: `text` (the answer), `json` (the job record, like
     /// `--json`) or `stream-json` (Claude Code's own events, unchanged, one per line)
     #[arg(long, value_name = "FORMAT", value_enum, default_value_t = OutputFormat::Text)]
@@ -106,6 +122,11 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
     }
     spec.allowed_tools = args.allowed_tools;
     spec.disallowed_tools = args.disallowed_tools;
+    spec.workspace = args.workspace.map(|dir| job::WorkspaceSpec {
+        dir,
+        include_git: args.include_git,
+        apply: args.apply,
+    });
     if let Some(s) = args.timeout {
         spec.timeout = Duration::from_secs(s);
     }
@@ -209,6 +230,9 @@ fn report_on_stderr(p: &crate::context::Printer, record: &job::JobRecord) {
         record.num_turns,
         record.duration_ms as f64 / 1000.0
     );
+    if let Some(w) = &record.workspace {
+        workspace_on_stderr(p, record, w);
+    }
     if record.status == Status::Completed {
         p.note(&summary);
         return;
@@ -222,6 +246,32 @@ fn report_on_stderr(p: &crate::context::Printer, record: &job::JobRecord) {
     p.note(&summary);
     if let Some(h) = record.failure_hint() {
         eprintln!("{} {h}", p.bold("hint:"));
+    }
+}
+
+fn workspace_on_stderr(p: &crate::context::Printer, record: &job::JobRecord, w: &job::WorkspaceReport) {
+    if let Some(c) = &record.changes {
+        let summary = c["summary"].as_str().unwrap_or("changes");
+        match &w.patch {
+            Some(path) => p.note(&format!("workspace: {summary}; patch saved to {}", path.display())),
+            None => p.note(&format!("workspace: {summary}")),
+        }
+    }
+    if let Some(e) = &w.error {
+        p.warn(&format!("workspace: {e}"));
+    }
+    if let Some(a) = &w.applied {
+        p.note(&format!("workspace: {} in {}", a.summary(), w.dir.display()));
+    }
+    if let Some(e) = &w.apply_error {
+        eprintln!("{} workspace: {e}", p.red(&p.bold("error:")));
+        if let Some(path) = &w.patch {
+            eprintln!(
+                "{} the patch is kept at {}; apply it yourself with `git apply` once you have checked it",
+                p.bold("hint:"),
+                path.display()
+            );
+        }
     }
 }
 

@@ -25,10 +25,16 @@ pub struct Args {
     /// Show one job's record (result, usage, durations) instead of the log
     #[arg(long, value_name = "ID", conflicts_with_all = ["tail", "follow", "since"])]
     pub job: Option<String>,
+    /// With `--job`: print the job's workspace patch (a unified diff `git apply` accepts)
+    #[arg(long, requires = "job")]
+    pub patch: bool,
 }
 
 pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
     if let Some(id) = &args.job {
+        if args.patch {
+            return show_patch(ctx, id);
+        }
         return show_job(ctx, id);
     }
     let since = match &args.since {
@@ -115,6 +121,49 @@ fn follow(ctx: &Ctx, p: &Printer, keep: &dyn Fn(&Entry) -> bool) -> anyhow::Resu
     }
 }
 
+/// `logs --job ID --patch`: the patch, byte for byte (`--json`: its path,
+/// hash and text).
+fn show_patch(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
+    let record = crate::job::read_record(&ctx.paths, id)?;
+    let path = crate::job::patch_path(&ctx.paths, id);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let why = if record.get("workspace").is_none_or(|w| w.is_null()) {
+                "it had no workspace (`execute --workspace DIR`)"
+            } else {
+                "it changed nothing in its workspace"
+            };
+            return Err(Failure::new(crate::exit::Exit::Failed, format!("job `{id}` has no patch: {why}")).into());
+        }
+        Err(e) => {
+            return Err(Failure::new(
+                crate::exit::Exit::Failed,
+                format!("cannot read {}: {e}", path.display()),
+            )
+            .into())
+        }
+    };
+    let p = ctx.out();
+    if p.json {
+        use sha2::Digest;
+        p.json(serde_json::json!({
+            "ok": true,
+            "job_id": id,
+            "path": path,
+            "sha256": hex::encode(sha2::Sha256::digest(&bytes)),
+            "patch": String::from_utf8_lossy(&bytes),
+        }));
+        return Ok(());
+    }
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(&bytes).and_then(|_| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
 /// `logs --job ID`: the job record (`--json`: the record itself).
 fn show_job(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
     let record = crate::job::read_record(&ctx.paths, id)?;
@@ -154,7 +203,15 @@ fn show_job(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
         format!("exit      {} (container {})", s("exit"), s("exit_code")),
         format!("prompt    sha256 {}", s("prompt_sha256")),
     ];
-    for k in ["error", "kill_reason", "terminal_reason"] {
+    if let Some(c) = record.get("changes").filter(|c| !c.is_null()) {
+        out.push(format!(
+            "changes   {} (patch sha256 {}; `logs --job {} --patch`)",
+            c["summary"].as_str().unwrap_or("-"),
+            c["patch"]["sha256"].as_str().unwrap_or("-"),
+            s("job_id")
+        ));
+    }
+    for k in ["error", "claude_error", "kill_reason", "terminal_reason"] {
         if record.get(k).is_some_and(|v| !v.is_null()) {
             out.push(format!("{k:<9} {}", s(k)));
         }

@@ -59,7 +59,37 @@ pub struct Run {
     pub container_id: String,
     pub ending: Ending,
     pub stderr_tail: String,
+    /// A job with a [`Hold`]: its workspace as a tar (an unlinked temporary
+    /// file, at its start), or why it could not be copied out.
+    pub workspace_out: Option<Result<std::fs::File, String>>,
 }
+
+/// A job with a workspace. The container's init is our hold (see
+/// `relay::main`): the workspace goes in by `docker exec` of our own binary
+/// before the job reads its stdin, and comes out the same way once the job
+/// has ended, while the container and its size-limited tmpfs still exist.
+/// The archive API cannot reach a tmpfs of a read-only-rootfs container,
+/// and a bind mount of the user's directory is what this avoids.
+#[derive(Debug)]
+pub struct Hold {
+    /// Names the hold's end-of-job line (see `relay::hold_marker`).
+    pub nonce: String,
+    /// Who the copies run as (the job's own user).
+    pub user: String,
+    /// The workspace as a tar, at its start.
+    pub tar_in: std::fs::File,
+    /// Commands (inside the container) that unpack a tar from stdin into
+    /// the workspace and pack the workspace as a tar on stdout.
+    pub unpack: Vec<String>,
+    pub pack: Vec<String>,
+    /// Most bytes the copy-out may bring back.
+    pub out_limit: u64,
+}
+
+/// How long the hold has to report the end of a job it was told to stop.
+const HOLD_GRACE: Duration = Duration::from_secs(10);
+/// How long copying the workspace in or out may take.
+const COPY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A job container that has stopped and still has to be removed. Call
 /// [`Exited::remove`] (the caller can do its bookkeeping meanwhile); if it is
@@ -119,6 +149,7 @@ pub async fn run(
         docker,
         create(docker, name, body).await,
         stdin,
+        None,
         timeout,
         cancel,
         on_line,
@@ -140,11 +171,13 @@ pub async fn create(docker: &Docker, name: &str, body: ContainerCreateBody) -> R
     Ok(created.id)
 }
 
-/// [`run`] for a container from [`create`] (or the error creating it).
+/// [`run`] for a container from [`create`] (or the error creating it),
+/// with the [`Hold`] of a workspace job.
 pub async fn run_created(
     docker: &Docker,
     created: Result<String, DockerError>,
     stdin: Vec<u8>,
+    hold: Option<Hold>,
     timeout: Duration,
     cancel: impl Future<Output = ()>,
     on_line: impl FnMut(&str) -> Verdict,
@@ -157,13 +190,14 @@ pub async fn run_created(
             return Err(e);
         }
     };
-    match drive(docker, &id, stdin, timeout, cancel, on_line).await {
-        Ok((ending, stderr_tail)) => Ok(Exited {
+    match drive(docker, &id, stdin, hold, timeout, cancel, on_line).await {
+        Ok((ending, stderr_tail, workspace_out)) => Ok(Exited {
             docker: docker.clone(),
             run: Run {
                 container_id: id,
                 ending,
                 stderr_tail,
+                workspace_out,
             },
             removed: false,
         }),
@@ -174,17 +208,29 @@ pub async fn run_created(
     }
 }
 
+type Drove = (Ending, String, Option<Result<std::fs::File, String>>);
+
+/// Bytes zeroed when dropped, on every path: the stdin carries the credential.
+struct Wiped(Vec<u8>);
+
+impl Drop for Wiped {
+    fn drop(&mut self) {
+        self.0.fill(0);
+        std::hint::black_box(&self.0);
+    }
+}
+
 async fn drive(
     docker: &Docker,
     id: &str,
-    mut stdin: Vec<u8>,
+    stdin: Vec<u8>,
+    mut hold: Option<Hold>,
     timeout: Duration,
     cancel: impl Future<Output = ()>,
     mut on_line: impl FnMut(&str) -> Verdict,
-) -> Result<(Ending, String), DockerError> {
-    let deadline = tokio::time::sleep(timeout);
-    tokio::pin!(deadline);
+) -> Result<Drove, DockerError> {
     tokio::pin!(cancel);
+    let stdin = Wiped(stdin);
 
     let attached = docker
         .attach_container(
@@ -202,66 +248,131 @@ async fn drive(
     let attached = match attached {
         Ok(a) => a,
         Err(e) => {
-            stdin.fill(0);
             // Removed between create and attach (`opt-out`, `clean --force`).
             if is_not_found(&e) {
-                return Ok((Ending::Exited(EXIT_REMOVED), String::new()));
+                return Ok((Ending::Exited(EXIT_REMOVED), String::new(), None));
             }
             return Err(e.into());
         }
     };
     let mut output = attached.output;
     let mut input = attached.input;
+    let mut send_stdin = Some(move || {
+        tokio::spawn(async move {
+            input.write_all(&stdin.0).await?;
+            input.flush().await?;
+            input.shutdown().await
+        })
+    });
     // Stdin goes out before the start request, like `docker run -i`: the
     // engine buffers it and the job reads it the moment it runs, instead of
     // after the start call returns. Written concurrently with reading, so a
-    // large prompt cannot deadlock against a job that prints first.
-    let writer = tokio::spawn(async move {
-        let r = async {
-            input.write_all(&stdin).await?;
-            input.flush().await?;
-            input.shutdown().await
-        }
-        .await;
-        stdin.fill(0);
-        std::hint::black_box(&stdin);
-        r
-    });
+    // large prompt cannot deadlock against a job that prints first. A job
+    // with a workspace gets it only once the workspace is in.
+    let mut writer = if hold.is_none() {
+        send_stdin.take().map(|send| send())
+    } else {
+        None
+    };
     if let Err(e) = docker
         .start_container(id, None::<bollard::query_parameters::StartContainerOptions>)
         .await
     {
-        writer.abort();
+        if let Some(w) = &writer {
+            w.abort();
+        }
         // Removed from outside between create and start: the engine says
         // 404, or (a removal under way) a conflict.
         if is_not_found(&e) || being_removed(docker, id).await {
-            return Ok((Ending::Exited(EXIT_REMOVED), String::new()));
+            return Ok((Ending::Exited(EXIT_REMOVED), String::new(), None));
         }
         return Err(e.into());
     }
+    if let Some(h) = hold.as_mut() {
+        let tar = h
+            .tar_in
+            .try_clone()
+            .map_err(|e| DockerError::Workspace(format!("cannot read the workspace archive: {e}")))?;
+        let copied = tokio::time::timeout(
+            COPY_TIMEOUT,
+            exec_io(docker, id, &h.user, h.unpack.clone(), Some(tar), None),
+        )
+        .await;
+        match copied {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(DockerError::Workspace(format!("cannot copy the workspace in: {e}"))),
+            Err(_) => {
+                return Err(DockerError::Workspace(format!(
+                    "copying the workspace in took longer than {} s",
+                    COPY_TIMEOUT.as_secs()
+                )))
+            }
+        }
+        writer = send_stdin.take().map(|send| send());
+    }
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    let marker = hold.as_ref().map(|h| super::relay::hold_marker(&h.nonce, 0));
+    let marker_prefix = marker.as_deref().map(|m| &m[..m.len() - "0}".len()]);
 
     let mut pending: Vec<u8> = Vec::new();
     let mut stderr_tail: Vec<u8> = Vec::new();
     let mut verdict = Verdict::Continue;
-    let mut handle = |bytes: &[u8], pending: &mut Vec<u8>, verdict: &mut Verdict| {
+    // The job's own exit code, from the hold's end-of-job line.
+    let mut held_exit: Option<i64> = None;
+    let mut handle = |bytes: &[u8], pending: &mut Vec<u8>, verdict: &mut Verdict, held_exit: &mut Option<i64>| {
         pending.extend_from_slice(bytes);
-        while let Some(pos) = memchr::memchr(b'\n', pending) {
+        while let Some(pos) = memchr::memmem::find(pending, b"\n") {
             let line: Vec<u8> = pending.drain(..=pos).collect();
+            let text = String::from_utf8_lossy(&line[..line.len() - 1]);
+            if let Some(code) = marker_prefix
+                .and_then(|p| text.strip_prefix(p))
+                .and_then(|r| r.strip_suffix('}'))
+            {
+                *held_exit = Some(code.parse().unwrap_or(-1));
+                continue;
+            }
             if *verdict == Verdict::Continue {
-                let text = String::from_utf8_lossy(&line[..line.len() - 1]);
                 *verdict = on_line(&text);
             }
         }
     };
+    // Why we stopped the job, while a held job's end is awaited.
+    let mut stopping: Option<Ending> = None;
+    let stop_held = |docker: &Docker| {
+        let docker = docker.clone();
+        let id = id.to_string();
+        async move {
+            let _ = docker
+                .kill_container(
+                    &id,
+                    Some(KillContainerOptions {
+                        signal: "SIGUSR1".into(),
+                    }),
+                )
+                .await;
+        }
+    };
+    let grace = tokio::time::sleep(Duration::from_secs(u32::MAX as u64));
+    tokio::pin!(grace);
 
     let ending = loop {
+        if let Some(code) = held_exit {
+            break stopping.take().unwrap_or(Ending::Exited(code));
+        }
         tokio::select! {
             item = output.next() => match item {
                 Some(Ok(LogOutput::StdOut { message } | LogOutput::Console { message })) => {
-                    handle(&message, &mut pending, &mut verdict);
-                    if let Verdict::Kill(reason) = verdict {
-                        kill(docker, id).await;
-                        break Ending::Killed(reason);
+                    handle(&message, &mut pending, &mut verdict, &mut held_exit);
+                    if let (Verdict::Kill(reason), None) = (verdict, &stopping) {
+                        if hold.is_some() {
+                            stop_held(docker).await;
+                            stopping = Some(Ending::Killed(reason));
+                            grace.as_mut().reset(tokio::time::Instant::now() + HOLD_GRACE);
+                        } else {
+                            kill(docker, id).await;
+                            break Ending::Killed(reason);
+                        }
                     }
                 }
                 Some(Ok(LogOutput::StdErr { message })) => {
@@ -280,8 +391,11 @@ async fn drive(
                         }
                         if let Verdict::Kill(reason) = verdict {
                             kill(docker, id).await;
-                            break Ending::Killed(reason);
+                            break stopping.take().unwrap_or(Ending::Killed(reason));
                         }
+                    }
+                    if let Some(s) = stopping.take() {
+                        break s;
                     }
                     tokio::select! {
                         code = wait(docker, id) => break Ending::Exited(code?),
@@ -296,19 +410,169 @@ async fn drive(
                     }
                 }
             },
-            _ = &mut deadline => {
-                kill(docker, id).await;
-                break Ending::Killed(KillReason::Timeout);
+            _ = &mut deadline, if stopping.is_none() => {
+                if hold.is_some() {
+                    stop_held(docker).await;
+                    stopping = Some(Ending::Killed(KillReason::Timeout));
+                    grace.as_mut().reset(tokio::time::Instant::now() + HOLD_GRACE);
+                } else {
+                    kill(docker, id).await;
+                    break Ending::Killed(KillReason::Timeout);
+                }
             }
-            _ = &mut cancel => {
+            _ = &mut cancel, if stopping.is_none() => {
+                if hold.is_some() {
+                    stop_held(docker).await;
+                    stopping = Some(Ending::Cancelled);
+                    grace.as_mut().reset(tokio::time::Instant::now() + HOLD_GRACE);
+                } else {
+                    kill(docker, id).await;
+                    break Ending::Cancelled;
+                }
+            }
+            _ = &mut grace => {
+                // The hold did not report: the workspace cannot be trusted.
                 kill(docker, id).await;
-                break Ending::Cancelled;
+                break stopping.take().unwrap_or(Ending::Killed(KillReason::Timeout));
             }
         }
     };
-    writer.abort();
+    if let Some(w) = writer {
+        w.abort();
+    }
     let tail = String::from_utf8_lossy(&stderr_tail).into_owned();
-    Ok((ending, tail))
+    let workspace_out = match (&hold, held_exit) {
+        (None, _) => None,
+        (Some(_), None) => Some(Err(
+            "the job's container ended before its workspace could be copied out".to_string(),
+        )),
+        (Some(h), Some(_)) => Some(copy_out(docker, id, h).await),
+    };
+    Ok((ending, tail, workspace_out))
+}
+
+/// The workspace of a held job, packed by our binary inside the container,
+/// into an unlinked temporary file.
+async fn copy_out(docker: &Docker, id: &str, h: &Hold) -> Result<std::fs::File, String> {
+    let file = tempfile::tempfile().map_err(|e| format!("cannot make a temporary file: {e}"))?;
+    let sink = file.try_clone().map_err(|e| e.to_string())?;
+    let copied = tokio::time::timeout(
+        COPY_TIMEOUT,
+        exec_io(docker, id, &h.user, h.pack.clone(), None, Some((sink, h.out_limit))),
+    )
+    .await;
+    match copied {
+        Ok(Ok(_)) => {
+            use std::io::Seek;
+            let mut file = file;
+            file.seek(std::io::SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+            Ok(file)
+        }
+        Ok(Err(e)) => Err(format!("cannot copy the workspace out: {e}")),
+        Err(_) => Err(format!(
+            "copying the workspace out took longer than {} s",
+            COPY_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// Run `cmd` in the container as `user`: feed it `input`, keep its stdout
+/// in `out` (at most the given number of bytes), and fail with its stderr
+/// unless it exits 0.
+async fn exec_io(
+    docker: &Docker,
+    id: &str,
+    user: &str,
+    cmd: Vec<String>,
+    input: Option<std::fs::File>,
+    out: Option<(std::fs::File, u64)>,
+) -> Result<(), String> {
+    use bollard::exec::{StartExecOptions, StartExecResults};
+    use tokio::io::AsyncReadExt;
+    let created = docker
+        .create_exec(
+            id,
+            bollard::models::ExecConfig {
+                attach_stdin: Some(input.is_some()),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                tty: Some(false),
+                user: Some(user.to_string()),
+                cmd: Some(cmd),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let started = docker
+        .start_exec(
+            &created.id,
+            Some(StartExecOptions {
+                detach: false,
+                tty: false,
+                output_capacity: Some(256 << 10),
+            }),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let StartExecResults::Attached {
+        mut output,
+        input: mut sink,
+    } = started
+    else {
+        return Err("the engine did not attach to the copy".into());
+    };
+    let feed = async {
+        if let Some(f) = input {
+            let mut f = tokio::fs::File::from_std(f);
+            let mut buf = vec![0u8; 256 << 10];
+            loop {
+                let n = f.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                sink.write_all(&buf[..n]).await?;
+            }
+        }
+        sink.shutdown().await
+    };
+    let drain = async {
+        let mut err = Vec::new();
+        let (mut file, limit) = match out {
+            Some((f, limit)) => (Some(f), limit),
+            None => (None, 0),
+        };
+        let mut written = 0u64;
+        while let Some(item) = output.next().await {
+            match item.map_err(|e| e.to_string())? {
+                LogOutput::StdOut { message } => {
+                    if let Some(f) = file.as_mut() {
+                        written += message.len() as u64;
+                        if written > limit {
+                            return Err(format!("the workspace grew past its limit of {limit} bytes"));
+                        }
+                        use std::io::Write;
+                        f.write_all(&message).map_err(|e| e.to_string())?;
+                    }
+                }
+                LogOutput::StdErr { message } if err.len() < 4096 => err.extend_from_slice(&message),
+                _ => {}
+            }
+        }
+        Ok::<_, String>(err)
+    };
+    let (fed, drained) = tokio::join!(feed, drain);
+    let err = drained?;
+    fed.map_err(|e| format!("cannot send the workspace: {e}"))?;
+    let inspected = docker.inspect_exec(&created.id).await.map_err(|e| e.to_string())?;
+    match inspected.exit_code {
+        Some(0) => Ok(()),
+        code => Err(format!(
+            "exit {}: {}",
+            code.map(|c| c.to_string()).unwrap_or_else(|| "?".into()),
+            String::from_utf8_lossy(&err).trim()
+        )),
+    }
 }
 
 /// Exit code meaning "removed from outside" (`opt-out`, `clean --force`).

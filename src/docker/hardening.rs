@@ -38,6 +38,8 @@ pub struct Profile {
     pub read_only_rootfs: bool,
     /// Mount point -> tmpfs options (size-limited, noexec, nosuid).
     pub tmpfs: HashMap<String, String>,
+    /// Where a job's workspace copy lives.
+    pub workspace: WorkspaceMount,
     pub pids_limit: i64,
     pub nano_cpus: i64,
     pub cap_drop: Vec<String>,
@@ -45,6 +47,24 @@ pub struct Profile {
     pub network_default: String,
     #[serde(default)]
     pub forbidden_networks: Vec<String>,
+}
+
+/// The `workspace` part of the profile.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkspaceMount {
+    #[serde(default)]
+    pub note: Option<String>,
+    pub mount: String,
+    /// tmpfs options without the size (that is `docker.workspaceLimit`).
+    pub tmpfs: String,
+}
+
+impl WorkspaceMount {
+    /// The tmpfs options for a workspace of `size` bytes.
+    pub fn options(&self, size: u64) -> String {
+        format!("{},size={size}", self.tmpfs)
+    }
 }
 
 /// The profile, parsed once.
@@ -71,6 +91,15 @@ pub fn parse(text: &str) -> Result<Profile, String> {
             ));
         }
     }
+    let ws: Vec<&str> = p.workspace.tmpfs.split(',').collect();
+    if !ws.contains(&"nosuid") || !ws.contains(&"nodev") || ws.iter().any(|w| w.starts_with("size=")) {
+        return Err(
+            "container.workspace.tmpfs must be nosuid and nodev, and leave the size to docker.workspaceLimit".into(),
+        );
+    }
+    if !p.workspace.mount.starts_with('/') || p.tmpfs.contains_key(&p.workspace.mount) {
+        return Err("container.workspace.mount must be an absolute path of its own".into());
+    }
     Ok(p)
 }
 
@@ -86,6 +115,8 @@ pub struct Resources {
     /// The relay's entrypoint and read-only mounts (filled in by `execute`
     /// once its proxy listens and the image's entrypoint is known).
     pub relay: Option<RelaySetup>,
+    /// Bytes of the job's workspace tmpfs, for a job with a workspace.
+    pub workspace: Option<u64>,
 }
 
 /// How the egress relay goes into a restricted job container.
@@ -132,8 +163,18 @@ impl Resources {
             network,
             proxy,
             relay: None,
+            workspace: None,
         })
     }
+}
+
+/// The profile's tmpfs mounts, and a job's workspace.
+fn tmpfs(p: &Profile, r: &Resources) -> HashMap<String, String> {
+    let mut t = p.tmpfs.clone();
+    if let Some(size) = r.workspace {
+        t.insert(p.workspace.mount.clone(), p.workspace.options(size));
+    }
+    t
 }
 
 /// The host config every job container gets.
@@ -149,7 +190,7 @@ pub fn host_config(p: &Profile, r: &Resources) -> HostConfig {
         cap_add: None,
         security_opt: Some(p.security_opt.clone()),
         readonly_rootfs: Some(p.read_only_rootfs),
-        tmpfs: Some(p.tmpfs.clone()),
+        tmpfs: Some(tmpfs(p, r)),
         network_mode: Some(r.network.clone()),
         privileged: Some(false),
         // No host mounts but the relay's two read-only ones.
@@ -218,7 +259,11 @@ pub fn create_body(p: &Profile, r: &Resources, l: &Launch<'_>) -> ContainerCreat
                 .collect(),
         ),
         env: Some(env),
-        working_dir: Some(p.home.clone()),
+        working_dir: Some(if r.workspace.is_some() {
+            p.workspace.mount.clone()
+        } else {
+            p.home.clone()
+        }),
         labels: Some(labels),
         attach_stdin: Some(true),
         attach_stdout: Some(true),
@@ -249,7 +294,24 @@ pub fn mismatches(p: &Profile, body: &ContainerCreateBody) -> Vec<String> {
         h.readonly_rootfs == Some(p.read_only_rootfs) && p.read_only_rootfs,
         "read-only rootfs",
     );
-    want(h.tmpfs.as_ref() == Some(&p.tmpfs), "tmpfs mounts");
+    // The profile's tmpfs mounts exactly, and at most a workspace of the
+    // profile's shape (size-limited, nosuid, nodev) beside them.
+    want(
+        h.tmpfs.as_ref().is_some_and(|t| {
+            let workspace_ok = t.get(&p.workspace.mount).is_none_or(|o| {
+                o.strip_prefix(p.workspace.tmpfs.as_str())
+                    .and_then(|rest| rest.strip_prefix(",size="))
+                    .is_some_and(|n| n.parse::<u64>().is_ok_and(|n| n > 0))
+            });
+            let others: HashMap<String, String> = t
+                .iter()
+                .filter(|(k, _)| **k != p.workspace.mount)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            workspace_ok && others == p.tmpfs
+        }),
+        "tmpfs mounts",
+    );
     want(h.memory.is_some() && h.memory == h.memory_swap, "memory = memory-swap");
     want(h.cpu_shares.is_some(), "cpu shares");
     want(h.nano_cpus == Some(p.nano_cpus), "cpu cap (nano cpus)");
@@ -368,9 +430,31 @@ mod tests {
             network: "bridge".into(),
             proxy: None,
             relay: None,
+            workspace: None,
         };
         let body = create_body(p, &r, &Launch::example("img"));
         assert_eq!(mismatches(p, &body), Vec::<String>::new());
+        // A workspace of the profile's shape is allowed; another is not.
+        let ws = create_body(
+            p,
+            &Resources {
+                workspace: Some(100 << 20),
+                ..r.clone()
+            },
+            &Launch::example("img"),
+        );
+        assert_eq!(mismatches(p, &ws), Vec::<String>::new());
+        assert_eq!(ws.working_dir.as_deref(), Some("/workspace"));
+        let mut loose_ws = ws.clone();
+        loose_ws
+            .host_config
+            .as_mut()
+            .unwrap()
+            .tmpfs
+            .as_mut()
+            .unwrap()
+            .insert("/workspace".into(), "rw,size=1g".into());
+        assert_eq!(mismatches(p, &loose_ws), vec!["tmpfs mounts".to_string()]);
         let mut mounted = body.clone();
         mounted.host_config.as_mut().unwrap().binds = Some(vec!["/home/u:/work".into()]);
         assert_eq!(
@@ -392,6 +476,7 @@ mod tests {
             network: NO_NETWORK.into(),
             proxy: Some(format!("http://{}", e.relay_listen)),
             relay: Some(example_relay(e)),
+            workspace: None,
         };
         let body = create_body(p, &r, &Launch::example("img"));
         assert_eq!(mismatches(p, &body), Vec::<String>::new());

@@ -48,6 +48,8 @@ pub enum DockerError {
     Refused(String),
     #[error("cannot set up the egress relay: {0}")]
     Relay(String),
+    #[error("{0}")]
+    Workspace(String),
 }
 
 impl HasExit for DockerError {
@@ -61,6 +63,7 @@ impl HasExit for DockerError {
             DockerError::Context { .. } => Exit::Usage,
             DockerError::Profile(_) => Exit::Integrity,
             DockerError::Relay(_) => Exit::Unavailable,
+            DockerError::Workspace(_) => Exit::Failed,
             DockerError::Refused(_) => Exit::Refused,
         }
     }

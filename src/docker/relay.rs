@@ -136,9 +136,9 @@ impl RelayFiles {
         Ok(base.join(format!("relay-{}", this_build()?.1)))
     }
 
-    /// The container entrypoint: the relay, then (after `--`) the image's
-    /// own entrypoint, which the relay `exec`s once it listens.
-    pub fn entrypoint(&self, listen: SocketAddr, image_entrypoint: &[String]) -> Vec<String> {
+    /// How to run this binary inside the container (through its own
+    /// loader, so the image needs nothing).
+    pub fn command(&self, args: &[&str]) -> Vec<String> {
         let mut argv = match &self.loader {
             Some(ld) => vec![
                 format!("{MOUNT}/lib/{ld}"),
@@ -148,22 +148,47 @@ impl RelayFiles {
             ],
             None => vec![format!("{MOUNT}/cmm")],
         };
-        argv.extend([
-            MODE.to_string(),
-            listen.to_string(),
-            SOCKET.to_string(),
-            "--".to_string(),
-        ]);
+        argv.extend(args.iter().map(|a| a.to_string()));
+        argv
+    }
+
+    /// The container entrypoint: the relay, then (after `--`) the image's
+    /// own entrypoint, which the relay `exec`s once it listens.
+    pub fn entrypoint(&self, listen: SocketAddr, image_entrypoint: &[String]) -> Vec<String> {
+        self.entrypoint_with(Some(listen), None, image_entrypoint)
+    }
+
+    /// The entrypoint with the relay (`listen`) or without it (open
+    /// egress), and with or without the hold of a workspace job (`hold`:
+    /// its nonce; see [`main`]).
+    pub fn entrypoint_with(
+        &self,
+        listen: Option<SocketAddr>,
+        hold: Option<&str>,
+        image_entrypoint: &[String],
+    ) -> Vec<String> {
+        let (l, s) = match listen {
+            Some(l) => (l.to_string(), SOCKET.to_string()),
+            None => ("-".to_string(), "-".to_string()),
+        };
+        let mut args = vec![MODE, &l, &s];
+        if let Some(nonce) = hold {
+            args.extend(["--hold", nonce]);
+        }
+        args.push("--");
+        let mut argv = self.command(&args);
         argv.extend(image_entrypoint.iter().cloned());
         argv
     }
 
+    /// The read-only mount of these files alone (a job with no relay).
+    pub fn files_bind(&self) -> String {
+        format!("{}:{MOUNT}:ro", self.dir.display())
+    }
+
     /// The two read-only mounts: these files, and the proxy's socket.
     pub fn binds(&self, socket: &Path) -> Vec<String> {
-        vec![
-            format!("{}:{MOUNT}:ro", self.dir.display()),
-            format!("{}:{SOCKET}:ro", socket.display()),
-        ]
+        vec![self.files_bind(), format!("{}:{SOCKET}:ro", socket.display())]
     }
 }
 
@@ -251,57 +276,180 @@ pub fn sweep(base: &Path, keep: Option<&Path>, min_age: std::time::Duration) -> 
 // ---------------------------------------------------------------------------
 // Relay mode (inside the container)
 
-/// `__egress-relay LISTEN SOCKET -- ENTRYPOINT...`: bind LISTEN, fork a child
-/// that carries every connection to SOCKET, and `exec` the entrypoint in
-/// this process. Returns only on failure (an exit code).
+/// `__egress-relay LISTEN SOCKET [--hold NONCE] -- ENTRYPOINT...`: bind
+/// LISTEN, fork a child that carries every connection to SOCKET, and `exec`
+/// the entrypoint in this process. Returns only on failure (an exit code).
+///
+/// LISTEN and SOCKET may both be `-`: no relay (open egress), for a job
+/// that still needs the hold.
+///
+/// With `--hold NONCE` (a job with a workspace) this process stays the
+/// container's init instead of becoming the entrypoint: it runs the
+/// entrypoint as a child, and when that ends (or on `SIGUSR1`, which kills
+/// it) it stops every other process of the job, prints
+/// `{"type":"cmm_hold","nonce":NONCE,"exit_code":N}` on stdout, after all
+/// of the job's own output, and waits to be removed. Meanwhile the host
+/// copies the workspace out with `docker exec`: the container, its
+/// size-limited workspace tmpfs included, outlives the job.
 pub fn main(args: &[String]) -> i32 {
     let fail = |msg: String| {
         eprintln!("claude-max-market egress relay: {msg}");
         // EX_UNAVAILABLE: the job cannot run without its way out.
         69
     };
-    let (listen, socket, rest) = match args {
-        [listen, socket, dash, rest @ ..] if dash == "--" && !rest.is_empty() => (listen, socket, rest),
-        _ => return fail(format!("usage: {MODE} LISTEN SOCKET -- COMMAND...")),
+    let usage = || format!("usage: {MODE} LISTEN SOCKET [--hold NONCE] -- COMMAND...");
+    let (listen, socket, hold, rest) = match args {
+        [listen, socket, flag, nonce, dash, rest @ ..] if flag == "--hold" && dash == "--" && !rest.is_empty() => {
+            (listen, socket, Some(nonce.as_str()), rest)
+        }
+        [listen, socket, dash, rest @ ..] if dash == "--" && !rest.is_empty() => (listen, socket, None, rest),
+        _ => return fail(usage()),
     };
-    let Ok(listen) = listen.parse::<SocketAddr>() else {
-        return fail(format!("`{listen}` is not an address"));
-    };
-    let listener = match std::net::TcpListener::bind(listen) {
-        Ok(l) => l,
-        Err(e) => return fail(format!("cannot listen on {listen}: {e}")),
+    let listener = if listen == "-" && socket == "-" {
+        None
+    } else {
+        let Ok(addr) = listen.parse::<SocketAddr>() else {
+            return fail(format!("`{listen}` is not an address"));
+        };
+        match std::net::TcpListener::bind(addr) {
+            Ok(l) => Some(l),
+            Err(e) => return fail(format!("cannot listen on {addr}: {e}")),
+        }
     };
     let argv: Vec<CString> = match rest.iter().map(|a| CString::new(a.as_bytes())).collect() {
         Ok(v) => v,
         Err(_) => return fail("an argument contains a NUL byte".into()),
     };
-    // SAFETY: this process is single-threaded here (nothing has started a
-    // thread before relay mode), so the child may run arbitrary code.
-    match unsafe { libc::fork() } {
-        -1 => fail(format!("fork: {}", io::Error::last_os_error())),
-        0 => {
-            // The child: no stdio (stdout is the job's event stream, stdin
-            // its credential and prompt).
-            // SAFETY: plain syscalls on valid fds and a NUL-terminated path.
-            unsafe {
-                let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
-                if null >= 0 {
-                    for fd in 0..3 {
-                        libc::dup2(null, fd);
+    if let Some(listener) = listener {
+        // SAFETY: this process is single-threaded here (nothing has started a
+        // thread before relay mode), so the child may run arbitrary code.
+        match unsafe { libc::fork() } {
+            -1 => return fail(format!("fork: {}", io::Error::last_os_error())),
+            0 => {
+                // The child: no stdio (stdout is the job's event stream, stdin
+                // its credential and prompt).
+                // SAFETY: plain syscalls on valid fds and a NUL-terminated path.
+                unsafe {
+                    let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+                    if null >= 0 {
+                        for fd in 0..3 {
+                            libc::dup2(null, fd);
+                        }
                     }
                 }
+                serve(listener, PathBuf::from(socket));
+                // SAFETY: leaving the child without running the parent's atexit.
+                unsafe { libc::_exit(0) }
             }
-            serve(listener, PathBuf::from(socket));
-            // SAFETY: leaving the child without running the parent's atexit.
-            unsafe { libc::_exit(0) }
+            _ => drop(listener),
         }
-        _ => {
-            drop(listener);
-            let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
-            ptrs.push(std::ptr::null());
-            // SAFETY: argv is a NULL-terminated array of NUL-terminated strings.
-            unsafe { libc::execvp(ptrs[0], ptrs.as_ptr()) };
+    }
+    match hold {
+        None => {
+            exec(&argv);
             fail(format!("cannot run `{}`: {}", rest[0], io::Error::last_os_error()))
+        }
+        Some(nonce) => hold_main(&argv, nonce),
+    }
+}
+
+/// The line the hold prints once the job has ended (see [`main`]).
+pub fn hold_marker(nonce: &str, exit_code: i32) -> String {
+    format!(r#"{{"type":"cmm_hold","nonce":"{nonce}","exit_code":{exit_code}}}"#)
+}
+
+/// `exec` argv; returns only if that failed.
+fn exec(argv: &[CString]) {
+    let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
+    // SAFETY: argv is a NULL-terminated array of NUL-terminated strings.
+    unsafe { libc::execvp(ptrs[0], ptrs.as_ptr()) };
+}
+
+/// The job's entrypoint, as the hold's child: its pid, for the SIGUSR1
+/// handler.
+static JOB_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn stop_job(_: libc::c_int) {
+    let pid = JOB_PID.load(std::sync::atomic::Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill is async-signal-safe.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
+fn hold_main(argv: &[CString], nonce: &str) -> i32 {
+    // SAFETY: still single-threaded; the handler only calls kill(2).
+    unsafe {
+        libc::signal(
+            libc::SIGUSR1,
+            stop_job as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+    }
+    // SAFETY: as above; the child only sets its process group and execs.
+    let child = unsafe { libc::fork() };
+    if child == -1 {
+        eprintln!("claude-max-market hold: fork: {}", io::Error::last_os_error());
+        return 69;
+    }
+    if child == 0 {
+        // SAFETY: plain syscalls in the child of a single-threaded process.
+        unsafe {
+            libc::setpgid(0, 0);
+            libc::signal(libc::SIGUSR1, libc::SIG_DFL);
+        }
+        exec(argv);
+        eprintln!(
+            "claude-max-market hold: cannot run the entrypoint: {}",
+            io::Error::last_os_error()
+        );
+        // SAFETY: leaving the child without running the parent's atexit.
+        unsafe { libc::_exit(127) }
+    }
+    JOB_PID.store(child, std::sync::atomic::Ordering::SeqCst);
+    // Reap everything that ends (orphans are ours as init) until the job's
+    // own entrypoint does.
+    let code = loop {
+        let mut status = 0;
+        // SAFETY: waitpid on any child with a valid status pointer.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid == child {
+            break if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                128 + libc::WTERMSIG(status)
+            };
+        }
+        if pid == -1 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            break 1;
+        }
+    };
+    JOB_PID.store(0, std::sync::atomic::Ordering::SeqCst);
+    // Nothing of the job may go on touching the workspace while it is
+    // copied out: stop whatever it left running (the relay too: the job
+    // needs no network any more), then reap it.
+    // SAFETY: kill(-1) from init signals every other process in the
+    // container's namespace; waitpid as above.
+    unsafe {
+        libc::kill(-1, libc::SIGKILL);
+        let mut status = 0;
+        while libc::waitpid(-1, &mut status, 0) > 0 {}
+    }
+    let line = format!("\n{}\n", hold_marker(nonce, code));
+    // SAFETY: write(2) on stdout with a valid buffer.
+    unsafe {
+        libc::write(1, line.as_ptr().cast(), line.len());
+    }
+    // Wait to be removed; keep reaping what the copy-out leaves.
+    loop {
+        let mut status = 0;
+        // SAFETY: as above.
+        if unsafe { libc::waitpid(-1, &mut status, 0) } == -1 {
+            // SAFETY: pause(2) has no preconditions.
+            unsafe { libc::pause() };
         }
     }
 }

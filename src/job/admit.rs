@@ -33,6 +33,10 @@ pub(super) struct Admitted {
     pub profile: &'static Profile,
     pub resources: Resources,
     pub engine: Option<EngineProbe>,
+    /// The workspace as selected before anything ran.
+    pub snapshot: Option<std::sync::Arc<crate::workspace::Snapshot>>,
+    /// `docker.workspaceLimit`: the selection's limit and the tmpfs size.
+    pub workspace_limit: u64,
 }
 
 /// The job's own limits, checked against the caps before anything runs.
@@ -96,6 +100,13 @@ pub(super) async fn admit(
     validate(&spec, &caps)?;
     let profile = hardening::profile()?;
     let resources = hardening::Resources::from_config(cfg, profile)?;
+    // The workspace is checked before anything runs: over its limit, a link
+    // out of it, a special file: refused with nothing reserved or started.
+    let workspace_limit = super::workspace::limit(cfg)?;
+    let snapshot = match &spec.workspace {
+        Some(w) => Some(super::workspace::select(w, workspace_limit).await?),
+        None => None,
+    };
 
     // 1. Consent.
     Consent::from_config(cfg).require(spec.source.consent_type())?;
@@ -143,7 +154,7 @@ pub(super) async fn admit(
         Approval::AskOnTty if !cfg.get_bool("compliance.requireApproval") => ApprovedBy::StandingRule.how(),
         Approval::AskOnTty => {
             let question = format!(
-                "Run this {} job with model `{}` (prompt {} bytes, up to {} fresh tokens{}, {} turns, {} s, permission mode {})?",
+                "Run this {} job with model `{}` (prompt {} bytes, up to {} fresh tokens{}, {} turns, {} s, permission mode {}{})?",
                 spec.source.name(),
                 spec.model,
                 spec.prompt.len(),
@@ -152,6 +163,10 @@ pub(super) async fn admit(
                 spec.max_turns,
                 spec.timeout.as_secs(),
                 spec.effective_permission_mode(),
+                snapshot
+                    .as_ref()
+                    .map(|s| format!("; a copy of {}", s.summary()))
+                    .unwrap_or_default(),
             );
             let p = progress.clone();
             // Blocking read on the terminal, raced against Ctrl-C.
@@ -180,11 +195,14 @@ pub(super) async fn admit(
     // The approval is audited together with the start (one lock, one
     // sync) on the common path; any path that stops before the start
     // audits it on its own first, so every decision is still recorded.
-    let approved = json!({
+    let mut approved = json!({
         "job_id": job_id,
         "how": how,
         "permission_mode": spec.effective_permission_mode(),
     });
+    if let Some(s) = &snapshot {
+        approved["workspace"] = json!({ "files": s.file_count(), "bytes": s.total_bytes() });
+    }
     progress.job_event(JobEvent::Approved { how });
     Ok(Admitted {
         spec,
@@ -195,6 +213,8 @@ pub(super) async fn admit(
         profile,
         resources,
         engine: Some(engine),
+        snapshot,
+        workspace_limit,
     })
 }
 

@@ -36,6 +36,9 @@ use crate::usage::UsageError;
 mod admit;
 mod outcome;
 mod prepare;
+mod workspace;
+
+pub use workspace::{patch_path, WorkspaceReport, WorkspaceSpec};
 
 /// Where a job came from.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -96,6 +99,9 @@ pub struct JobSpec {
     /// reserves when it takes an offer, before the lease): used instead of
     /// reserving again, and released if the job never starts.
     pub reservation: Option<String>,
+    /// A directory copied in as the job's working directory, its changes
+    /// brought back as a patch.
+    pub workspace: Option<WorkspaceSpec>,
 }
 
 impl JobSpec {
@@ -114,12 +120,19 @@ impl JobSpec {
             image: default_image(cfg),
             source,
             reservation: None,
+            workspace: None,
         }
     }
 
-    /// The permission mode this job runs in.
+    /// The permission mode this job runs in: as asked, else `acceptEdits`
+    /// with a workspace (the container is what makes edits safe) and
+    /// `default` without.
     pub fn effective_permission_mode(&self) -> &str {
-        self.permission_mode.as_deref().unwrap_or("default")
+        match (&self.permission_mode, &self.workspace) {
+            (Some(m), _) => m,
+            (None, Some(_)) => "acceptEdits",
+            (None, None) => "default",
+        }
     }
 
     /// What the entrypoint passes on to `claude` after the model. The raw
@@ -374,6 +387,10 @@ pub struct JobRecord {
     pub container_id: String,
     /// What the job's network traffic was allowed and refused, by target.
     pub egress: EgressReport,
+    /// What the job changed in its workspace (files, totals, the patch's
+    /// hash), when it had one.
+    pub changes: Option<Value>,
+    pub workspace: Option<WorkspaceReport>,
 }
 
 impl JobRecord {
@@ -418,6 +435,8 @@ pub enum JobError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Workspace(#[from] crate::workspace::WorkspaceError),
     /// Cancelled before the container started (nothing ran).
     #[error("cancelled before the job started")]
     Cancelled,
@@ -434,6 +453,7 @@ impl HasExit for JobError {
             JobError::Audit(e) => e.exit(),
             JobError::Record { .. } => Exit::Failed,
             JobError::Invalid(_) => Exit::Usage,
+            JobError::Workspace(e) => e.exit(),
             JobError::Cancelled => Exit::Failed,
         }
     }
@@ -447,6 +467,7 @@ impl HasExit for JobError {
             JobError::Credentials(e) => e.hint(),
             JobError::Docker(e) => e.hint(),
             JobError::Audit(e) => e.hint(),
+            JobError::Workspace(e) => e.hint(),
             _ => None,
         }
     }
@@ -494,6 +515,8 @@ pub async fn run(
         credential,
         docker,
         proxy,
+        relay,
+        hold,
     } = match prepared {
         Ok(p) => p,
         Err(e) => {
@@ -505,12 +528,16 @@ pub async fn run(
     };
     let spec = &admitted.spec;
     let mut resources = admitted.resources.clone();
+    resources.relay = relay;
+    if admitted.snapshot.is_some() {
+        resources.workspace = Some(admitted.workspace_limit);
+    }
 
     // 6. Started: from here exactly one terminal event follows.
     let prompt_sha = prompt_sha256(&spec.prompt);
     let timeout_s = spec.timeout.as_secs();
     let mode = spec.effective_permission_mode().to_string();
-    let started = json!({
+    let mut started = json!({
         "job_id": job_id,
         "model": spec.model,
         "image": spec.image,
@@ -522,11 +549,12 @@ pub async fn run(
         "timeout_s": timeout_s,
         "source": spec.source.name(),
     });
+    if let Some(s) = &admitted.snapshot {
+        started["workspace_files"] = json!(s.file_count());
+        started["workspace_bytes"] = json!(s.total_bytes());
+    }
     // The container is created (not started) while the start is audited;
     // it starts only once the audit line is on disk.
-    if let Some((_, setup)) = &proxy {
-        resources.relay = Some(setup.clone());
-    }
     let claude_args = spec.claude_args();
     let body = hardening::create_body(
         admitted.profile,
@@ -573,6 +601,7 @@ pub async fn run(
         &docker,
         created,
         stdin,
+        hold,
         spec.timeout,
         async {
             cancel.cancelled().await;
@@ -583,10 +612,7 @@ pub async fn run(
     .await;
     let duration_ms = t0.elapsed().as_millis() as u64;
     // The container has stopped: nothing can use the proxy any more.
-    let egress = proxy
-        .as_ref()
-        .map(|(p, _)| Proxy::report(p))
-        .unwrap_or_else(EgressReport::open);
+    let egress = proxy.as_ref().map(Proxy::report).unwrap_or_else(EgressReport::open);
     drop(proxy);
     let facts = outcome::Facts {
         job_id: &job_id,
@@ -597,7 +623,7 @@ pub async fn run(
         duration_ms,
         egress,
     };
-    let exited = match run {
+    let mut exited = match run {
         Ok(r) => r,
         Err(e) => {
             // The engine failed mid-job: record it as failed, with what we saw.
@@ -612,15 +638,22 @@ pub async fn run(
     }
 
     // 10-13. Decide, record, count, audit.
-    let record = outcome::record(&facts, &state, &exited.run);
-    let fields = outcome::terminal_fields(&record);
-    // Bookkeeping (record, usage, audit: several fsyncs) runs on a blocking
-    // thread while the engine removes the container, so it adds no latency.
+    let mut record = outcome::record(&facts, &state, &exited.run);
+    let workspace_out = exited.run.workspace_out.take();
+    // Bookkeeping (workspace diff, record, usage, audit: several fsyncs)
+    // runs on a blocking thread while the engine removes the container, so
+    // it adds no latency.
     let mut guard = admitted.guard;
+    let ws = admitted.spec.workspace.clone().zip(admitted.snapshot.clone());
+    let limit = admitted.workspace_limit;
     let book = {
         let paths = paths.clone();
-        let record = record.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), JobError> {
+        tokio::task::spawn_blocking(move || -> Result<JobRecord, JobError> {
+            let events = match &ws {
+                Some((spec, snapshot)) => workspace::finish(&paths, &mut record, spec, snapshot, workspace_out, limit)?,
+                None => Vec::new(),
+            };
+            let fields = outcome::terminal_fields(&record);
             // A market job's output belongs to the requester: it leaves this
             // node only sealed to them, and the provider keeps no copy.
             let mut kept = record.clone();
@@ -635,16 +668,17 @@ pub async fn run(
             } else {
                 guard.commit(&record.spent())?;
             }
-            AuditLog::new(&paths).append(record.status.event(), fields)?;
-            Ok(())
+            let mut all = vec![(record.status.event(), fields)];
+            all.extend(events);
+            AuditLog::new(&paths).append_many(&all)?;
+            Ok(record)
         })
     };
     let ((), book) = tokio::join!(exited.remove(), book);
     book.map_err(|e| JobError::Record {
         path: record_path(paths, &job_id),
         source: io::Error::other(e.to_string()),
-    })??;
-    Ok(record)
+    })?
 }
 
 /// One stdout line: update the state, show progress, and decide whether the

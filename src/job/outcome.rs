@@ -230,6 +230,8 @@ fn build(
         stderr_tail,
         container_id,
         egress: f.egress.clone(),
+        changes: None,
+        workspace: None,
     }
 }
 
@@ -264,6 +266,7 @@ pub(super) fn terminal_fields(r: &JobRecord) -> Value {
     m.insert("egress_allowed".into(), json!(r.egress.allowed));
     m.insert("egress_failed".into(), json!(r.egress.failed));
     m.insert("egress_refused".into(), json!(r.egress.refused));
+    super::workspace::audit_fields(&mut m, r);
     Value::Object(m)
 }
 

@@ -8,18 +8,24 @@ use super::admit::{Admitted, EngineProbe};
 use super::{default_image, joined, Cancel, JobError, Progress};
 use crate::claude::credentials::{self, Credential};
 use crate::config::Config;
+use crate::docker::container::Hold;
 use crate::docker::egress::{self, Proxy};
 use crate::docker::hardening;
 use crate::docker::image::{self, Provenance};
 use crate::docker::{relay, DockerError};
+use crate::workspace;
 
 /// What a job needs to start.
 pub(super) struct Prepared {
     pub credential: Credential,
     pub docker: bollard::Docker,
-    /// The job's proxy and the relay setup that leads to it (restricted
-    /// egress only).
-    pub proxy: Option<(Proxy, hardening::RelaySetup)>,
+    /// The job's proxy (restricted egress only).
+    pub proxy: Option<Proxy>,
+    /// Our binary in the container: the relay to the proxy, the hold of a
+    /// workspace job, or both.
+    pub relay: Option<hardening::RelaySetup>,
+    /// A workspace job: how its workspace goes in and comes out.
+    pub hold: Option<Hold>,
 }
 
 pub(super) async fn prepare(
@@ -46,33 +52,74 @@ pub(super) async fn prepare(
         };
         let _: Provenance = ensured?;
     }
-    // 5b. Restricted egress: this job's own proxy on a Unix socket,
-    // allowing only what this credential kind needs, and the relay that
-    // carries the container's HTTPS_PROXY to it.
-    let proxy = match &resources.proxy {
+    // 5b. Our binary in the container. Restricted egress: this job's own
+    // proxy on a Unix socket, allowing only what this credential kind
+    // needs, and the relay that carries the container's HTTPS_PROXY to it.
+    // A workspace: the hold, and the copies in and out.
+    let snapshot = admitted.snapshot.clone();
+    if resources.proxy.is_none() && snapshot.is_none() {
+        return ready(cancel, credential, docker, None, None, None);
+    }
+    let files = tokio::task::spawn_blocking(|| {
+        let base = relay::base_dir()?;
+        relay::RelayFiles::prepare(&base).map(|f| (base, f))
+    });
+    let tar = async {
+        match snapshot {
+            Some(s) => super::workspace::pack(s).await.map(Some),
+            None => Ok(None),
+        }
+    };
+    let (ep, files, tar) = tokio::join!(image::entrypoint(&docker, &spec.image), files, tar);
+    let (base, files) = files
+        .map_err(joined)?
+        .map_err(|err| DockerError::Relay(err.to_string()))?;
+    let (ep, tar) = (ep?, tar?);
+    let nonce = hex::encode(rand::random::<[u8; 16]>());
+    let hold_nonce = tar.as_ref().map(|_| nonce.as_str());
+    let (proxy, relay) = match &resources.proxy {
         Some(_) => {
             let e = egress::profile()?;
-            let files = tokio::task::spawn_blocking(|| {
-                let base = relay::base_dir()?;
-                relay::RelayFiles::prepare(&base).map(|f| (base, f))
-            });
-            let (ep, files) = tokio::join!(image::entrypoint(&docker, &spec.image), files);
-            let (base, files) = files
-                .map_err(joined)?
-                .map_err(|err| DockerError::Relay(err.to_string()))?;
             let socket = base.join(format!("egress-{job_id}.sock"));
             let policy = egress::Policy::new(e, credential.kind.name());
             let proxy = Proxy::start_unix(&socket, policy)
                 .await
                 .map_err(|err| DockerError::Relay(format!("cannot listen on {}: {err}", socket.display())))?;
             let setup = hardening::RelaySetup {
-                entrypoint: files.entrypoint(e.relay_listen, &ep?),
+                entrypoint: files.entrypoint_with(Some(e.relay_listen), hold_nonce, &ep),
                 binds: files.binds(&socket),
             };
-            Some((proxy, setup))
+            (Some(proxy), setup)
         }
-        None => None,
+        // Open egress: no relay, but the hold still needs our binary.
+        None => (
+            None,
+            hardening::RelaySetup {
+                entrypoint: files.entrypoint_with(None, hold_nonce, &ep),
+                binds: vec![files.files_bind()],
+            },
+        ),
     };
+    let mount = &profile.workspace.mount;
+    let hold = tar.map(|tar_in| Hold {
+        nonce,
+        user: profile.user.clone(),
+        tar_in,
+        unpack: files.command(&[workspace::UNPACK_MODE, mount]),
+        pack: files.command(&[workspace::PACK_MODE, mount]),
+        out_limit: super::workspace::out_limit(admitted.workspace_limit),
+    });
+    ready(cancel, credential, docker, proxy, Some(relay), hold)
+}
+
+fn ready(
+    cancel: &Cancel,
+    credential: Credential,
+    docker: bollard::Docker,
+    proxy: Option<Proxy>,
+    relay: Option<hardening::RelaySetup>,
+    hold: Option<Hold>,
+) -> Result<Prepared, JobError> {
     if cancel.is_cancelled() {
         return Err(JobError::Cancelled);
     }
@@ -80,5 +127,7 @@ pub(super) async fn prepare(
         credential,
         docker,
         proxy,
+        relay,
+        hold,
     })
 }
