@@ -807,3 +807,48 @@ fn a_refused_credential_ends_the_job_at_once_with_a_hint_for_its_kind() {
         .stderr_has("the API key was rejected")
         .stderr_has("console.anthropic.com");
 }
+
+#[test]
+fn stream_json_prints_claude_code_s_own_events_unchanged() {
+    if !docker_available("stream_json_prints_claude_code_s_own_events_unchanged") {
+        return;
+    }
+    fake_image();
+    let t = job_env();
+    let out = t.run(&[
+        "execute",
+        "--approve-all",
+        "--image",
+        FAKE_IMAGE,
+        "--output-format",
+        "stream-json",
+        "--prompt",
+        "scenario:ok",
+    ]);
+    out.code(0);
+    let lines: Vec<Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let kinds: Vec<&str> = lines.iter().map(|v| v["type"].as_str().unwrap()).collect();
+    // What `claude -p --output-format stream-json --verbose` prints, and
+    // nothing of the raw API events the pipeline asks for its own accounting.
+    assert_eq!(kinds, ["system", "assistant", "result"], "{}", out.stdout);
+    assert_eq!(lines[2]["result"], "Hello from the fake claude");
+    // Progress and the summary stay on stderr.
+    out.stderr_has("12064 fresh tokens");
+    // `json` is the record, as with --json.
+    let out = t.run(&[
+        "execute",
+        "--approve-all",
+        "--image",
+        FAKE_IMAGE,
+        "--output-format",
+        "json",
+        "--prompt",
+        "scenario:ok",
+    ]);
+    out.code(0);
+    assert_eq!(out.json()["status"], "completed");
+}
