@@ -1018,8 +1018,18 @@ fn stand_in_answers_other_endpoints_like_the_api() {
         serde_json::from_str::<Value>(&body).expect("JSON")["error"]["message"],
         "invalid x-api-key"
     );
+    let typo = json!({ "model": "m", "messages": [{ "role": "user", "content": "scenario:wirte path=x" }] });
+    let (status, _, body) = https(
+        &api,
+        "api.anthropic.com",
+        "POST /v1/messages HTTP/1.1",
+        &typo.to_string(),
+    );
+    assert_eq!(status, 400);
+    let msg = serde_json::from_str::<Value>(&body).expect("JSON")["error"]["message"].to_string();
+    assert!(msg.contains("unknown stand-in scenario `wirte`"), "{msg}");
     let seen = api.requests();
-    assert_eq!(seen.len(), 3);
+    assert_eq!(seen.len(), 4);
     assert_eq!(
         seen[2].api_key_sha256.as_deref(),
         Some(sha("k").as_str()),

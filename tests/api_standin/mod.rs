@@ -11,13 +11,14 @@
 //!
 //! # What the conversation decides
 //!
-//! The server keeps no conversation state: every reply is decided from the
-//! request body alone, so a multi-turn job works across connections and
-//! retries. The scenario is the first `scenario:NAME` marker in any text
+//! The server keeps no conversation state (only the try counts `fail=N`
+//! needs): every reply is decided from the request body alone, so a
+//! multi-turn job works across connections and retries. The scenario is the first `scenario:NAME` marker in any text
 //! block of a user message (Claude Code prepends its own blocks, such as a
 //! `<system-reminder>`, so every block is searched), followed on the same
 //! line by optional `key=value` words (`key="two words"` for spaces). No
-//! marker means `text`. The step within a scenario is the number of
+//! marker means `text`; an unknown name gets a 400 `invalid_request_error`
+//! that names it. The step within a scenario is the number of
 //! `tool_result` blocks the request carries.
 //!
 //! | scenario | replies |
@@ -89,6 +90,20 @@ pub const CERT_NAMES: &[&str] = &["api.anthropic.com", "platform.claude.com", "l
 
 /// `CONNECT` targets the proxy carries to the stand-in; anything else gets 403.
 pub const PROXY_ALLOW: &[&str] = &["api.anthropic.com:443", "platform.claude.com:443"];
+
+/// The scenario names a marker may carry (see the module documentation).
+pub const SCENARIOS: &[&str] = &[
+    "text",
+    "write",
+    "edit",
+    "bash",
+    "expensive",
+    "stall",
+    "auth",
+    "overloaded",
+    "fail500",
+    "ratelimit",
+];
 
 /// Request bodies above this are refused (413), like the real API's 32 MB.
 const MAX_BODY: usize = 32 << 20;
@@ -882,6 +897,12 @@ fn messages(state: &State, conv: &Conversation, body: &Value, session: &str, rec
         api_error(state, status, kind, message)
     };
     match sc.name.as_str() {
+        // A misspelt marker must not pass for a plain answer.
+        name if !SCENARIOS.contains(&name) => {
+            let known = SCENARIOS.join(", ");
+            let message = format!("unknown stand-in scenario `{name}`; known: {known}");
+            return error(rec, 400, "invalid_request_error", &message);
+        }
         "auth" => return error(rec, 401, "authentication_error", "invalid x-api-key"),
         "overloaded" if failing(529) => return error(rec, 529, "overloaded_error", "Overloaded"),
         "fail500" if failing(500) => return error(rec, 500, "api_error", "Internal server error"),
@@ -975,7 +996,7 @@ fn messages(state: &State, conv: &Conversation, body: &Value, session: &str, rec
             };
             return answer(state, rec, model, stream, block, usage);
         }
-        // `text` and anything unknown: the plain answer, after `turns - 1` reads.
+        // `text`: the plain answer, after `turns - 1` idle turns.
         _ if step + 1 < sc.num("turns", 1) => idle(step + 1),
         _ => Block::Text(say),
     };
