@@ -8,11 +8,32 @@
 #           (sk-ant-oat... is an OAuth token, anything else an API key).
 #   rest    the prompt, passed on to `claude -p` as its stdin.
 #
-# Argument 1 is the model (alias or id). The credential is never written to
-# disk, never echoed, and only the one matching variable is exported.
+# Argument 1 is the model (alias or id); the rest are passed on to `claude`,
+# and only these options are accepted (each takes one value, but
+# --include-partial-messages): --include-partial-messages, --max-turns,
+# --max-budget-usd, --permission-mode, --allowed-tools, --disallowed-tools.
+# The credential is never written to disk, never echoed, and only the one
+# matching variable is exported.
 set -eu
 
 model="${1:-sonnet}"
+[ $# -gt 0 ] && shift
+n=$#
+i=0
+while [ "$i" -lt "$n" ]; do
+    case "$1" in
+        --include-partial-messages) set -- "$@" "$1"; shift; i=$((i + 1)) ;;
+        --max-turns|--max-budget-usd|--permission-mode|--allowed-tools|--disallowed-tools)
+            if [ "$((i + 1))" -ge "$n" ]; then
+                echo "entrypoint: $1 needs a value" >&2
+                exit 64
+            fi
+            set -- "$@" "$1" "$2"; shift 2; i=$((i + 2)) ;;
+        *)
+            echo "entrypoint: refusing claude option \`$1\`" >&2
+            exit 64 ;;
+    esac
+done
 
 if ! IFS= read -r cred; then
     echo "entrypoint: stdin closed before the credential line" >&2
@@ -44,5 +65,6 @@ fi
 unset cred kind
 
 # Never --bare (it ignores subscription tokens) and never
-# --dangerously-skip-permissions: the job runs with Claude Code's defaults.
-exec claude -p --output-format stream-json --verbose --model "$model"
+# --dangerously-skip-permissions: the permission mode is chosen per job
+# (`--permission-mode`), and audited with it.
+exec claude -p --output-format stream-json --verbose --model "$model" "$@"

@@ -293,6 +293,19 @@ fn caps_enforced(i: &Inputs) -> Outcome {
             caps.max_tokens_per_task, caps.daily_tokens
         ));
     }
+    if let (Some(per), Some(day)) = (caps.max_cost_per_task, caps.daily_cost_usd) {
+        if per > day {
+            return Outcome::Fail(format!(
+                "limits.maxCostPerTask (${per}) exceeds limits.dailyCostUsd (${day}): no job can reserve its budget"
+            ));
+        }
+    }
+    if caps.max_tokens_per_task < crate::usage::MIN_USEFUL_TASK_TOKENS {
+        return Outcome::Warn(format!(
+            "limits.maxTokensPerTask ({}) is below what one Claude Code request uses (~12,000 fresh tokens): every job would be stopped",
+            caps.max_tokens_per_task
+        ));
+    }
     let snap = match Ledger::new(i.paths).snapshot(&caps, chrono::Local::now()) {
         Ok(s) => s,
         Err(e) => return Outcome::Fail(format!("usage state unreadable: {e}")),
@@ -318,8 +331,18 @@ fn caps_enforced(i: &Inputs) -> Outcome {
         }
     }
     Outcome::Pass(format!(
-        "{} jobs and {} tokens per day, {} tokens per job, {} at once; usage within caps",
-        caps.daily_tasks, caps.daily_tokens, caps.max_tokens_per_task, caps.concurrent_jobs
+        "{} jobs, {} fresh tokens and {} per day; {} tokens, {} turns and {} per job; {} at once; usage within caps",
+        caps.daily_tasks,
+        caps.daily_tokens,
+        caps.daily_cost_usd
+            .map(|c| format!("${c:.2}"))
+            .unwrap_or_else(|| "no cost cap".into()),
+        caps.max_tokens_per_task,
+        caps.max_turns_per_task,
+        caps.max_cost_per_task
+            .map(|c| format!("${c:.2}"))
+            .unwrap_or_else(|| "no cost cap".into()),
+        caps.concurrent_jobs
     ))
 }
 
@@ -387,7 +410,7 @@ fn container_hardening(i: &Inputs) -> Outcome {
         Err(e) => return Outcome::Fail(format!("{e}: execute would refuse to run")),
     };
     let image = crate::job::default_image(cfg);
-    let body = hardening::create_body(profile, &resources, &image, "sonnet", "compliance-check");
+    let body = hardening::create_body(profile, &resources, &hardening::Launch::example(&image));
     let bad = hardening::mismatches(profile, &body);
     if bad.is_empty() {
         Outcome::Pass(format!(
@@ -468,13 +491,8 @@ fn egress_restricted(i: &Inputs) -> Outcome {
     // The socket and copy paths are chosen when a job starts; placeholders
     // show the shape.
     resources.relay = Some(hardening::example_relay(e));
-    let body = hardening::create_body(
-        profile,
-        &resources,
-        &crate::job::default_image(cfg),
-        "sonnet",
-        "compliance-check",
-    );
+    let image = crate::job::default_image(cfg);
+    let body = hardening::create_body(profile, &resources, &hardening::Launch::example(&image));
     let bad = hardening::egress_mismatches(e, &body);
     if !bad.is_empty() {
         return Outcome::Fail(format!(

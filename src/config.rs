@@ -39,6 +39,16 @@ pub enum Kind {
     Size,
     /// One of a fixed set of words.
     Enum(&'static [&'static str]),
+    /// One of a fixed set of words, or `null` (the per-job default).
+    OptEnum(&'static [&'static str]),
+    /// An amount of US dollars from 0 to `max` (`5`, `0.25`, `$2.50`).
+    Usd {
+        max: f64,
+    },
+    /// An amount of US dollars, or `null` meaning "no cap".
+    OptUsd {
+        max: f64,
+    },
     /// A comma-separated list (`null` when unset), each item checked.
     OptList(ListItem),
 }
@@ -98,6 +108,9 @@ macro_rules! key {
 
 const MS_DAY: i64 = 86_400_000;
 
+/// Claude Code's permission modes a job may run in (`--permission-mode`).
+pub const PERMISSION_MODES: &[&str] = &["default", "acceptEdits", "plan", "bypassPermissions", "dontAsk"];
+
 /// Every key, in display order.
 pub const SCHEMA: &[KeyDef] = &[
     key!(
@@ -146,6 +159,18 @@ pub const SCHEMA: &[KeyDef] = &[
         "`restricted`: job containers reach only the Claude API, through the egress proxy; `open`: `docker.network` as is (compliance WARNING)"
     ),
     key!(
+        "docker.workspaceLimit",
+        Kind::Size,
+        r#""100m""#,
+        "Largest workspace `execute --workspace` copies into a job (after .gitignore excludes); also the job's writable workspace size"
+    ),
+    key!(
+        "docker.permissionMode",
+        Kind::OptEnum(PERMISSION_MODES),
+        "null",
+        "Claude Code permission mode for jobs (null: acceptEdits with a workspace, default without)"
+    ),
+    key!(
         "security.enableEncryption",
         Kind::Bool,
         "true",
@@ -169,7 +194,7 @@ pub const SCHEMA: &[KeyDef] = &[
     key!(
         "limits.dailyTasks",
         Kind::Int { min: 0, max: 1_000_000 },
-        "5",
+        "25",
         "Jobs per local calendar day"
     ),
     key!(
@@ -178,8 +203,8 @@ pub const SCHEMA: &[KeyDef] = &[
             min: 0,
             max: 1_000_000_000_000
         },
-        "5000",
-        "Tokens per local calendar day"
+        "5000000",
+        "Fresh tokens (input + cache creation + output; cache reads apart) per local calendar day"
     ),
     key!(
         "limits.weeklyTasks",
@@ -194,7 +219,7 @@ pub const SCHEMA: &[KeyDef] = &[
             max: 1_000_000_000_000
         },
         "null",
-        "Tokens per ISO week (null: no weekly cap)"
+        "Fresh tokens per ISO week (null: no weekly cap)"
     ),
     key!(
         "limits.monthlyTasks",
@@ -209,7 +234,7 @@ pub const SCHEMA: &[KeyDef] = &[
             max: 1_000_000_000_000
         },
         "null",
-        "Tokens per calendar month (null: no monthly cap)"
+        "Fresh tokens per calendar month (null: no monthly cap)"
     ),
     key!(
         "limits.maxTokensPerTask",
@@ -217,8 +242,38 @@ pub const SCHEMA: &[KeyDef] = &[
             min: 1,
             max: 100_000_000
         },
-        "1000",
-        "Token cap for one job; reserved up front against the token caps"
+        "500000",
+        "Fresh-token cap for one job; reserved up front against the token caps; the job is stopped past it"
+    ),
+    key!(
+        "limits.maxTurnsPerTask",
+        Kind::Int { min: 1, max: 10_000 },
+        "100",
+        "Turns one job may take (passed to Claude Code as --max-turns)"
+    ),
+    key!(
+        "limits.maxCostPerTask",
+        Kind::OptUsd { max: 100_000.0 },
+        "5.0",
+        "Cost cap for one job in USD (passed to Claude Code as --max-budget-usd; reserved up front against the cost caps; null: none)"
+    ),
+    key!(
+        "limits.dailyCostUsd",
+        Kind::OptUsd { max: 1_000_000.0 },
+        "25.0",
+        "USD per local calendar day, from the cost Claude Code reports (null: no daily cost cap)"
+    ),
+    key!(
+        "limits.weeklyCostUsd",
+        Kind::OptUsd { max: 1_000_000.0 },
+        "null",
+        "USD per ISO week (null: no weekly cost cap)"
+    ),
+    key!(
+        "limits.monthlyCostUsd",
+        Kind::OptUsd { max: 1_000_000.0 },
+        "null",
+        "USD per calendar month (null: no monthly cost cap)"
     ),
     key!(
         "limits.concurrentJobs",
@@ -443,6 +498,11 @@ pub fn kind_help(kind: Kind) -> String {
         Kind::OptStr => "text, or `none` to clear".into(),
         Kind::Size => "a size such as `512m`, `1g` or `262144k` (at least 6m)".into(),
         Kind::Enum(words) => format!("one of: {}", words.join(", ")),
+        Kind::OptEnum(words) => format!("one of: {}, or `none` for the default", words.join(", ")),
+        Kind::Usd { max } => format!("an amount of US dollars from 0 to {max} (e.g. `5` or `0.25`)"),
+        Kind::OptUsd { max } => {
+            format!("an amount of US dollars from 0 to {max} (e.g. `5` or `0.25`), or `none` for no cap")
+        }
         Kind::OptList(ListItem::Model) => "comma-separated model names, or `none` to clear".into(),
         Kind::OptList(ListItem::NodeId) => "comma-separated node ids (64 hex digits), or `none` to clear".into(),
     }
@@ -457,6 +517,9 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::OptStr => "string|null",
         Kind::Size => "size",
         Kind::Enum(_) => "enum",
+        Kind::OptEnum(_) => "enum|null",
+        Kind::Usd { .. } => "usd",
+        Kind::OptUsd { .. } => "usd|null",
         Kind::OptList(_) => "list|null",
     }
 }
@@ -480,9 +543,24 @@ pub fn parse_text(d: &KeyDef, text: &str) -> Result<Value, String> {
                 .map_err(|_| format!("`{t}` is not a whole number"))?;
             check(d, &Value::from(n))
         }
-        Kind::OptStr | Kind::OptList(_) if matches!(t, "none" | "null" | "") => Ok(Value::Null),
+        Kind::OptStr | Kind::OptList(_) | Kind::OptEnum(_) | Kind::OptUsd { .. }
+            if matches!(t, "none" | "null" | "") =>
+        {
+            Ok(Value::Null)
+        }
+        Kind::Usd { .. } | Kind::OptUsd { .. } => {
+            let n = parse_usd(t)?;
+            check(
+                d,
+                &serde_json::Number::from_f64(n)
+                    .map(Value::Number)
+                    .unwrap_or(Value::Null),
+            )
+        }
         Kind::OptList(_) => check(d, &Value::String(t.to_string())),
-        Kind::Str | Kind::OptStr | Kind::Size | Kind::Enum(_) => check(d, &Value::String(t.to_string())),
+        Kind::Str | Kind::OptStr | Kind::Size | Kind::Enum(_) | Kind::OptEnum(_) => {
+            check(d, &Value::String(t.to_string()))
+        }
     }
 }
 
@@ -498,7 +576,24 @@ pub fn check(d: &KeyDef, v: &Value) -> Result<Value, String> {
                 Ok(Value::from(n))
             }
         }
-        (Kind::OptInt { .. } | Kind::OptStr | Kind::OptList(_), Value::Null) => Ok(Value::Null),
+        (
+            Kind::OptInt { .. } | Kind::OptStr | Kind::OptList(_) | Kind::OptEnum(_) | Kind::OptUsd { .. },
+            Value::Null,
+        ) => Ok(Value::Null),
+        (Kind::Usd { max } | Kind::OptUsd { max }, Value::Number(n)) => {
+            let x = n
+                .as_f64()
+                .filter(|x| x.is_finite())
+                .ok_or_else(|| format!("`{n}` is not an amount"))?;
+            if !(0.0..=max).contains(&x) {
+                return Err(format!("{x} is out of range (0 to {max} US dollars)"));
+            }
+            // Whole micro-dollars: what the caps ledger counts in.
+            let micros = (x * 1e6).round() / 1e6;
+            serde_json::Number::from_f64(micros)
+                .map(Value::Number)
+                .ok_or_else(|| format!("`{n}` is not an amount"))
+        }
         (Kind::OptList(item), Value::String(s)) => {
             let items: Vec<&str> = s.split(',').map(str::trim).filter(|x| !x.is_empty()).collect();
             if items.is_empty() {
@@ -522,7 +617,7 @@ pub fn check(d: &KeyDef, v: &Value) -> Result<Value, String> {
             .filter(|b| *b >= MIN_MEMORY)
             .map(|_| v.clone())
             .ok_or_else(|| format!("{n} bytes is below the minimum of 6m")),
-        (Kind::Enum(words), Value::String(s)) => {
+        (Kind::Enum(words) | Kind::OptEnum(words), Value::String(s)) => {
             if words.contains(&s.as_str()) {
                 Ok(v.clone())
             } else {
@@ -565,6 +660,17 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         return Err(format!("`{s}` is below the minimum of 6m"));
     }
     Ok(bytes)
+}
+
+/// Parse an amount of US dollars (`5`, `0.25`, `$2.50`, `1_000`).
+pub fn parse_usd(text: &str) -> Result<f64, String> {
+    let t = text.trim();
+    let t = t.strip_prefix('$').unwrap_or(t).replace('_', "");
+    let ok = !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit() || b == b'.') && t.matches('.').count() <= 1;
+    match t.parse::<f64>() {
+        Ok(x) if ok && x.is_finite() => Ok(x),
+        _ => Err(format!("`{text}` is not an amount of US dollars such as 5 or 0.25")),
+    }
 }
 
 /// The env var that overrides `key`: `limits.dailyTasks` -> `CMM_LIMITS_DAILYTASKS`.
@@ -665,6 +771,11 @@ impl Config {
 
     pub fn get_opt_i64(&self, key: &str) -> Option<i64> {
         self.get(key).as_i64()
+    }
+
+    /// A dollar amount (`Kind::Usd` / `Kind::OptUsd`); `None` when unset.
+    pub fn get_opt_f64(&self, key: &str) -> Option<f64> {
+        self.get(key).as_f64()
     }
 
     pub fn get_bool(&self, key: &str) -> bool {

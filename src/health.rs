@@ -181,7 +181,7 @@ pub fn check(paths: &Paths) -> HealthReport {
     }
 
     if let Some(cfg) = &config {
-        docker_checks(cfg, &mut checks, &mut perf);
+        docker_checks(paths, cfg, &mut checks, &mut perf);
     }
 
     let level = checks.iter().map(|c| c.level).max().unwrap_or(Level::Ok);
@@ -288,9 +288,11 @@ const DOCKER_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(150
 
 /// Engine reachable (and its API version), runner image present, credentials
 /// resolvable (never read or printed; `tokenCommand` is not run), running jobs.
-fn docker_checks(cfg: &Config, checks: &mut Vec<Check>, perf: &mut Vec<Perf>) {
+fn docker_checks(paths: &Paths, cfg: &Config, checks: &mut Vec<Check>, perf: &mut Vec<Perf>) {
     let image = crate::job::default_image(cfg);
-    let probe = crate::docker::probe(&image, DOCKER_TIMEOUT);
+    // Running jobs are this install's only: another home's jobs are not ours to report.
+    let scope = crate::docker::container::Scope::this_install(paths);
+    let probe = crate::docker::probe(&image, &scope, DOCKER_TIMEOUT);
     match &probe.engine {
         Ok(api) => checks.push(Check {
             name: "docker",

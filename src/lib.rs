@@ -39,6 +39,7 @@ pub mod paths;
 pub mod status;
 pub mod timespec;
 pub mod usage;
+pub mod workspace;
 
 pub use audit::{AuditError, AuditLog, VerifyReport};
 pub use config::{Config, ConfigError};
@@ -46,4 +47,4 @@ pub use consent::Consent;
 pub use exit::Exit;
 pub use job::{Approval, ApprovedBy, Cancel, JobRecord, JobSource, JobSpec, Progress, Unattended};
 pub use paths::Paths;
-pub use usage::{Caps, Ledger, Reservation};
+pub use usage::{Budget, Caps, Ledger, Reservation, Spent};

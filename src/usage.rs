@@ -4,8 +4,16 @@
 //! window) and the open reservations. Every check-and-reserve happens under
 //! `.usage.lock`, so N processes racing against a cap of K get exactly K
 //! reservations (invariant 4). A reservation counts against every window as
-//! one task plus `maxTokensPerTask` tokens until it is committed with the
+//! one task plus the job's token and cost budget (at most
+//! `maxTokensPerTask` / `maxCostPerTask`) until it is committed with the
 //! real usage or released.
+//!
+//! What the caps count: token caps count *fresh* tokens (input, cache
+//! creation and output), the part of a job that grows with its work. Cache
+//! reads (Claude Code re-reads its ~12,000-token system prompt and the
+//! history on every turn, at a tenth of the input price) are kept apart and
+//! shown next to them; the cost caps (from the `total_cost_usd` Claude Code
+//! reports) include them. Costs are counted in whole micro-dollars.
 //!
 //! A reservation remembers its process (pid and start time); one whose
 //! process is gone is reclaimed on the next locked operation. Reclaiming is
@@ -24,11 +32,54 @@ use crate::paths::Paths;
 
 const KEEP_DAYS: i64 = 70;
 
+/// Below this, a per-job token cap cannot fit even one real Claude Code
+/// request (~12,000 fresh tokens of system prompt and tool definitions).
+pub const MIN_USEFUL_TASK_TOKENS: u64 = 15_000;
+
 /// Totals for one local calendar day.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DayUsage {
     pub tasks: u64,
+    /// Fresh tokens: input + cache creation + output.
     pub tokens: u64,
+    /// Cache reads, shown apart (not counted by the token caps).
+    #[serde(default)]
+    pub cache_read_tokens: u64,
+    /// Cost in micro-dollars (reported by Claude Code, or estimated for a
+    /// job that ended without its result).
+    #[serde(default)]
+    pub cost_micros: u64,
+}
+
+/// What one job may spend: reserved up front.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Budget {
+    /// Fresh tokens.
+    pub tokens: u64,
+    /// Micro-dollars (0 when there is no cost cap for the job).
+    pub cost_micros: u64,
+}
+
+/// What one job spent, as the caps count it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Spent {
+    pub tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cost_micros: u64,
+}
+
+/// Dollars as whole micro-dollars (negative and non-finite amounts are 0).
+pub fn usd_to_micros(usd: f64) -> u64 {
+    if usd.is_finite() && usd > 0.0 {
+        (usd * 1e6).round() as u64
+    } else {
+        0
+    }
+}
+
+/// Micro-dollars as dollars.
+pub fn micros_to_usd(micros: u64) -> f64 {
+    micros as f64 / 1e6
 }
 
 /// An open claim on capacity.
@@ -44,6 +95,8 @@ pub struct Reservation {
     /// Local day the reservation (and its usage) counts for.
     pub day: NaiveDate,
     pub tokens: u64,
+    #[serde(default)]
+    pub cost_micros: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -58,12 +111,19 @@ struct State {
 #[derive(Debug, Clone, Serialize)]
 pub struct Caps {
     pub daily_tasks: u64,
+    /// Fresh tokens per day (cache reads are not counted; see the module doc).
     pub daily_tokens: u64,
     pub weekly_tasks: Option<u64>,
     pub weekly_tokens: Option<u64>,
     pub monthly_tasks: Option<u64>,
     pub monthly_tokens: Option<u64>,
     pub max_tokens_per_task: u64,
+    pub max_turns_per_task: u64,
+    /// USD.
+    pub max_cost_per_task: Option<f64>,
+    pub daily_cost_usd: Option<f64>,
+    pub weekly_cost_usd: Option<f64>,
+    pub monthly_cost_usd: Option<f64>,
     pub concurrent_jobs: u64,
 }
 
@@ -71,6 +131,7 @@ impl Caps {
     pub fn from_config(cfg: &Config) -> Caps {
         let u = |k| cfg.get_i64(k).max(0) as u64;
         let o = |k| cfg.get_opt_i64(k).map(|v| v.max(0) as u64);
+        let usd = |k| cfg.get_opt_f64(k).map(|v| v.max(0.0));
         Caps {
             daily_tasks: u("limits.dailyTasks"),
             daily_tokens: u("limits.dailyTokens"),
@@ -79,7 +140,20 @@ impl Caps {
             monthly_tasks: o("limits.monthlyTasks"),
             monthly_tokens: o("limits.monthlyTokens"),
             max_tokens_per_task: u("limits.maxTokensPerTask"),
+            max_turns_per_task: u("limits.maxTurnsPerTask").max(1),
+            max_cost_per_task: usd("limits.maxCostPerTask"),
+            daily_cost_usd: usd("limits.dailyCostUsd"),
+            weekly_cost_usd: usd("limits.weeklyCostUsd"),
+            monthly_cost_usd: usd("limits.monthlyCostUsd"),
             concurrent_jobs: u("limits.concurrentJobs"),
+        }
+    }
+
+    /// The budget a job reserves when it asks for nothing smaller.
+    pub fn full_budget(&self) -> Budget {
+        Budget {
+            tokens: self.max_tokens_per_task,
+            cost_micros: self.max_cost_per_task.map(usd_to_micros).unwrap_or(0),
         }
     }
 }
@@ -149,6 +223,14 @@ impl Window {
             Window::Month => caps.monthly_tokens,
         }
     }
+
+    fn cost_cap(self, caps: &Caps) -> Option<f64> {
+        match self {
+            Window::Day => caps.daily_cost_usd,
+            Window::Week => caps.weekly_cost_usd,
+            Window::Month => caps.monthly_cost_usd,
+        }
+    }
 }
 
 fn local_midnight(day: NaiveDate) -> DateTime<Local> {
@@ -175,6 +257,13 @@ pub enum UsageError {
         limit: u64,
         resets: Option<DateTime<Local>>,
     },
+    #[error("{cap} reached: ${used:.2} of ${limit:.2} used{}", resets.map(|r| format!("; resets {}", r.format("%Y-%m-%d %H:%M %Z"))).unwrap_or_default())]
+    CostCapReached {
+        cap: String,
+        used: f64,
+        limit: f64,
+        resets: Option<DateTime<Local>>,
+    },
     #[error("cannot update {path}: {source}")]
     Io {
         path: std::path::PathBuf,
@@ -187,7 +276,7 @@ pub enum UsageError {
 impl HasExit for UsageError {
     fn exit(&self) -> Exit {
         match self {
-            UsageError::CapReached { .. } => Exit::Refused,
+            UsageError::CapReached { .. } | UsageError::CostCapReached { .. } => Exit::Refused,
             UsageError::Io { .. } => Exit::Failed,
             UsageError::Corrupt { .. } => Exit::Integrity,
         }
@@ -201,6 +290,9 @@ impl HasExit for UsageError {
             UsageError::CapReached { .. } => {
                 Some("wait for the window to reset, or raise the cap with `claude-max-market limits`".into())
             }
+            UsageError::CostCapReached { .. } => Some(
+                "wait for the window to reset, lower this job's `--max-budget-usd`, or raise the cap with `claude-max-market limits --daily-cost USD`".into(),
+            ),
             UsageError::Corrupt { path, .. } => Some(format!(
                 "move it aside (`mv {} {}.bad`); usage history since then is lost, the audit log still has it",
                 path.display(),
@@ -216,12 +308,22 @@ impl HasExit for UsageError {
 pub struct WindowUsage {
     pub window: Window,
     pub tasks: u64,
+    /// Fresh tokens (what the token caps count).
     pub tokens: u64,
+    /// Cache reads, shown apart.
+    pub cache_read_tokens: u64,
+    pub cost_usd: f64,
     pub reserved_tasks: u64,
     pub reserved_tokens: u64,
+    pub reserved_cost_usd: f64,
     pub task_cap: Option<u64>,
     pub token_cap: Option<u64>,
+    pub cost_cap_usd: Option<f64>,
     pub resets_at: DateTime<Local>,
+    #[serde(skip)]
+    cost_micros: u64,
+    #[serde(skip)]
+    reserved_cost_micros: u64,
 }
 
 /// Point-in-time view for `status`.
@@ -248,10 +350,10 @@ pub struct HeldReservation {
 }
 
 impl HeldReservation {
-    /// Count `tokens` of real usage against it.
-    pub fn commit(&mut self, tokens: u64) -> Result<(), UsageError> {
+    /// Count what the job really spent against it.
+    pub fn commit(&mut self, spent: &Spent) -> Result<(), UsageError> {
         match self.id.take() {
-            Some(id) => self.ledger.commit(&id, tokens, Local::now()).map(drop),
+            Some(id) => self.ledger.commit(&id, spent, Local::now()).map(drop),
             None => Ok(()),
         }
     }
@@ -338,12 +440,14 @@ impl Ledger {
         Ok((out, reclaimed))
     }
 
-    /// Reserve one task against every cap, or say which cap is reached.
-    /// Also returns reservations reclaimed from dead processes (to audit).
+    /// Reserve one task and `budget` against every cap, or say which cap
+    /// is reached. Also returns reservations reclaimed from dead processes
+    /// (to audit).
     pub fn reserve(
         &self,
         caps: &Caps,
         job_id: &str,
+        budget: Budget,
         now: DateTime<Local>,
     ) -> Result<(Reservation, Vec<Reservation>), UsageError> {
         self.locked(now, |state| {
@@ -369,15 +473,31 @@ impl Ledger {
                     }
                 }
                 if let Some(cap) = u.token_cap {
-                    if u.tokens + u.reserved_tokens + caps.max_tokens_per_task > cap {
+                    if u.tokens + u.reserved_tokens + budget.tokens > cap {
                         return Err(UsageError::CapReached {
                             cap: format!(
-                                "{} token cap (limits.{}Tokens; each job reserves limits.maxTokensPerTask = {})",
+                                "{} token cap (limits.{}Tokens, fresh tokens; this job reserves {})",
                                 adjective(w),
                                 adjective(w),
-                                caps.max_tokens_per_task
+                                budget.tokens
                             ),
                             used: u.tokens + u.reserved_tokens,
+                            limit: cap,
+                            resets: Some(u.resets_at),
+                        });
+                    }
+                }
+                if let Some(cap) = u.cost_cap_usd {
+                    let cap_micros = usd_to_micros(cap);
+                    if u.cost_micros + u.reserved_cost_micros + budget.cost_micros > cap_micros {
+                        return Err(UsageError::CostCapReached {
+                            cap: format!(
+                                "{} cost cap (limits.{}CostUsd; this job reserves ${:.2})",
+                                adjective(w),
+                                adjective(w),
+                                micros_to_usd(budget.cost_micros)
+                            ),
+                            used: micros_to_usd(u.cost_micros + u.reserved_cost_micros),
                             limit: cap,
                             resets: Some(u.resets_at),
                         });
@@ -392,15 +512,16 @@ impl Ledger {
                 pid_start: process_start(pid),
                 created: now,
                 day: today,
-                tokens: caps.max_tokens_per_task,
+                tokens: budget.tokens,
+                cost_micros: budget.cost_micros,
             };
             state.reservations.push(r.clone());
             Ok(r)
         })
     }
 
-    /// Replace a reservation with real usage: one task and `tokens` tokens.
-    pub fn commit(&self, reservation_id: &str, tokens: u64, now: DateTime<Local>) -> Result<bool, UsageError> {
+    /// Replace a reservation with real usage: one task and what it spent.
+    pub fn commit(&self, reservation_id: &str, spent: &Spent, now: DateTime<Local>) -> Result<bool, UsageError> {
         self.locked(now, |state| {
             let Some(i) = state.reservations.iter().position(|r| r.id == reservation_id) else {
                 return Ok(false);
@@ -408,7 +529,9 @@ impl Ledger {
             let r = state.reservations.remove(i);
             let d = state.days.entry(r.day).or_default();
             d.tasks += 1;
-            d.tokens += tokens;
+            d.tokens += spent.tokens;
+            d.cache_read_tokens += spent.cache_read_tokens;
+            d.cost_micros += spent.cost_micros;
             Ok(true)
         })
         .map(|(found, _)| found)
@@ -454,29 +577,38 @@ fn adjective(w: Window) -> &'static str {
 }
 
 fn window_usage(state: &State, caps: &Caps, w: Window, today: NaiveDate) -> WindowUsage {
-    let (mut tasks, mut tokens) = (0, 0);
+    let mut used = DayUsage::default();
     for (day, u) in &state.days {
         if w.contains(today, *day) {
-            tasks += u.tasks;
-            tokens += u.tokens;
+            used.tasks += u.tasks;
+            used.tokens += u.tokens;
+            used.cache_read_tokens += u.cache_read_tokens;
+            used.cost_micros += u.cost_micros;
         }
     }
-    let (mut rt, mut rtok) = (0, 0);
+    let (mut rt, mut rtok, mut rcost) = (0, 0, 0);
     for r in &state.reservations {
         if w.contains(today, r.day) {
             rt += 1;
             rtok += r.tokens;
+            rcost += r.cost_micros;
         }
     }
     WindowUsage {
         window: w,
-        tasks,
-        tokens,
+        tasks: used.tasks,
+        tokens: used.tokens,
+        cache_read_tokens: used.cache_read_tokens,
+        cost_usd: micros_to_usd(used.cost_micros),
         reserved_tasks: rt,
         reserved_tokens: rtok,
+        reserved_cost_usd: micros_to_usd(rcost),
         task_cap: w.task_cap(caps),
         token_cap: w.token_cap(caps),
+        cost_cap_usd: w.cost_cap(caps),
         resets_at: w.resets_at(today),
+        cost_micros: used.cost_micros,
+        reserved_cost_micros: rcost,
     }
 }
 
@@ -490,6 +622,7 @@ fn reclaim(state: &mut State) -> Vec<Reservation> {
         let d = state.days.entry(r.day).or_default();
         d.tasks += 1;
         d.tokens += r.tokens;
+        d.cost_micros += r.cost_micros;
     }
     dead
 }
@@ -531,6 +664,11 @@ mod tests {
             monthly_tasks: None,
             monthly_tokens: None,
             max_tokens_per_task: 100,
+            max_turns_per_task: 10,
+            max_cost_per_task: Some(1.0),
+            daily_cost_usd: Some(2.5),
+            weekly_cost_usd: None,
+            monthly_cost_usd: None,
             concurrent_jobs: 10,
         }
     }
@@ -554,18 +692,58 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let l = Ledger::new(&Paths::in_one_dir(dir.path().into()));
         let now = Local::now();
-        let (a, _) = l.reserve(&caps(2), "a", now).unwrap();
-        let (b, _) = l.reserve(&caps(2), "b", now).unwrap();
+        let full = caps(2).full_budget();
+        let (a, _) = l.reserve(&caps(2), "a", full, now).unwrap();
+        let (b, _) = l.reserve(&caps(2), "b", full, now).unwrap();
         assert!(matches!(
-            l.reserve(&caps(2), "c", now),
+            l.reserve(&caps(2), "c", full, now),
             Err(UsageError::CapReached { .. })
         ));
         assert!(l.release(&b.id, now).unwrap());
-        assert!(l.commit(&a.id, 42, now).unwrap());
+        let spent = Spent {
+            tokens: 42,
+            cache_read_tokens: 9000,
+            cost_micros: 1_250_000,
+        };
+        assert!(l.commit(&a.id, &spent, now).unwrap());
         let s = l.snapshot(&caps(2), now).unwrap();
         assert_eq!(s.windows[0].tasks, 1);
         assert_eq!(s.windows[0].tokens, 42);
+        assert_eq!(s.windows[0].cache_read_tokens, 9000);
+        assert_eq!(s.windows[0].cost_usd, 1.25);
         assert!(s.reservations.is_empty());
+    }
+
+    #[test]
+    fn cost_caps_count_spent_and_reserved_dollars() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::new(&Paths::in_one_dir(dir.path().into()));
+        let now = Local::now();
+        let c = Caps {
+            daily_tasks: 100,
+            ..caps(100)
+        };
+        // $2.50 a day, $1 reserved per job: two fit, the third would pass it.
+        let (a, _) = l.reserve(&c, "a", c.full_budget(), now).unwrap();
+        let (_b, _) = l.reserve(&c, "b", c.full_budget(), now).unwrap();
+        match l.reserve(&c, "c", c.full_budget(), now) {
+            Err(e @ UsageError::CostCapReached { .. }) => {
+                assert!(e.to_string().contains("daily cost cap"), "{e}");
+                assert_eq!(e.exit(), Exit::Refused);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A job that spent less frees the rest of its budget.
+        l.commit(
+            &a.id,
+            &Spent {
+                cost_micros: 100_000,
+                ..Spent::default()
+            },
+            now,
+        )
+        .unwrap();
+        l.reserve(&c, "d", c.full_budget(), now).unwrap();
     }
 
     #[test]
@@ -585,6 +763,7 @@ mod tests {
                 created: Local::now(),
                 day: Local::now().date_naive(),
                 tokens: 100,
+                cost_micros: 0,
             }],
         };
         l.save(&state).unwrap();
@@ -592,7 +771,7 @@ mod tests {
             concurrent_jobs: 1,
             ..caps(5)
         };
-        let (_, reclaimed) = l.reserve(&c, "y", Local::now()).unwrap();
+        let (_, reclaimed) = l.reserve(&c, "y", c.full_budget(), Local::now()).unwrap();
         assert_eq!(reclaimed.len(), 1);
     }
 }

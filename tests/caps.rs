@@ -9,7 +9,14 @@ use common::*;
 use std::process::{Command, Stdio};
 
 use chrono::Local;
-use claude_max_market::{Caps, Config, Ledger, Paths};
+use claude_max_market::{Caps, Config, Ledger, Paths, Spent};
+
+fn spent(tokens: u64) -> Spent {
+    Spent {
+        tokens,
+        ..Spent::default()
+    }
+}
 
 const CHILD_ENV: &str = "CMM_CAPS_CHILD";
 
@@ -20,16 +27,18 @@ fn caps_child() {
     let paths = Paths::in_one_dir(home.into());
     let cfg = Config::load(&paths).unwrap();
     let ledger = Ledger::new(&paths);
+    let caps = Caps::from_config(&cfg);
     match ledger.reserve(
-        &Caps::from_config(&cfg),
+        &caps,
         &format!("job-{}", std::process::id()),
+        caps.full_budget(),
         Local::now(),
     ) {
         Ok((r, _)) => {
             // Hold the slot a moment so the others race against it, then
             // record real usage.
             std::thread::sleep(std::time::Duration::from_millis(200));
-            ledger.commit(&r.id, 120, Local::now()).unwrap();
+            ledger.commit(&r.id, &spent(120), Local::now()).unwrap();
             println!("RESERVED");
         }
         Err(e) => println!("REFUSED {e}"),
@@ -39,8 +48,18 @@ fn caps_child() {
 #[test]
 fn exactly_the_cap_succeeds() {
     let t = Cmm::opted_in();
-    t.run(&["limits", "--daily", "5", "--concurrent", "50", "--tokens", "1000000"])
-        .code(0);
+    t.run(&[
+        "limits",
+        "--daily",
+        "5",
+        "--concurrent",
+        "50",
+        "--tokens",
+        "1000000",
+        "--max-tokens-per-task",
+        "1000",
+    ])
+    .code(0);
     let exe = std::env::current_exe().unwrap();
     let children: Vec<_> = (0..50)
         .map(|_| {
@@ -85,14 +104,17 @@ fn token_and_concurrency_caps_and_stale_reservations() {
     let cfg = Config::load(&paths).unwrap();
     let caps = Caps::from_config(&cfg);
     let ledger = Ledger::new(&paths);
-    let (a, _) = ledger.reserve(&caps, "a", Local::now()).unwrap();
-    let (_b, _) = ledger.reserve(&caps, "b", Local::now()).unwrap();
-    let err = ledger.reserve(&caps, "c", Local::now()).unwrap_err().to_string();
+    let (a, _) = ledger.reserve(&caps, "a", caps.full_budget(), Local::now()).unwrap();
+    let (_b, _) = ledger.reserve(&caps, "b", caps.full_budget(), Local::now()).unwrap();
+    let err = ledger
+        .reserve(&caps, "c", caps.full_budget(), Local::now())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("daily token cap"), "{err}");
     assert!(err.contains("resets"), "{err}");
-    ledger.commit(&a.id, 100, Local::now()).unwrap();
+    ledger.commit(&a.id, &spent(100), Local::now()).unwrap();
     // 100 used + 1000 reserved + 1000 for the new job <= 2500.
-    ledger.reserve(&caps, "c", Local::now()).unwrap();
+    ledger.reserve(&caps, "c", caps.full_budget(), Local::now()).unwrap();
 
     // Status shows open reservations; ours (this process) are live.
     let s = t.run(&["status", "--json"]).code(0).json();
@@ -122,7 +144,7 @@ fn token_and_concurrency_caps_and_stale_reservations() {
         daily_tokens: 1_000_000,
         ..caps
     };
-    let (_, reclaimed) = ledger.reserve(&caps1, "d", Local::now()).unwrap();
+    let (_, reclaimed) = ledger.reserve(&caps1, "d", caps1.full_budget(), Local::now()).unwrap();
     assert_eq!(reclaimed.len(), 2);
     // Reclaimed pessimistically: counted as used with their reserved tokens.
     let s = t.run(&["status", "--json"]).code(0).json();

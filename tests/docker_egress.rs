@@ -294,6 +294,48 @@ fn a_job_reaches_the_allowed_host_through_the_proxy_and_nothing_else() {
     let base = relay_base();
     let sock = base.join(format!("egress-{job_id}.sock"));
     assert!(!sock.exists(), "{} is left behind", sock.display());
+
+    // An allowed name whose upstream is down is a failed tunnel, with the
+    // reason, not an allowed one.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let t = job_env().env("CMM_EGRESS_RESOLVE", &format!("api.anthropic.com:443={dead}"));
+    let out = t.run(&[
+        "execute",
+        "--json",
+        "--approve-all",
+        "--image",
+        &image,
+        "--prompt",
+        "scenario:egress",
+    ]);
+    out.code(0);
+    let v = out.json();
+    assert!(v["result"].as_str().unwrap().contains("allowed=failed"), "{v:#}");
+    let e = &v["egress"];
+    assert_eq!(
+        (e["allowed"].as_u64(), e["failed"].as_u64()),
+        (Some(0), Some(1)),
+        "{e:#}"
+    );
+    let api = e["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["host"] == "api.anthropic.com:443")
+        .cloned()
+        .unwrap();
+    assert!(
+        api["last_error"].as_str().unwrap().contains("refused"),
+        "the reason is kept: {api:#}"
+    );
+    let term = terminal_event(&t, v["job_id"].as_str().unwrap());
+    assert_eq!(
+        (term["egress_allowed"].as_u64(), term["egress_failed"].as_u64()),
+        (Some(0), Some(1))
+    );
 }
 
 #[test]

@@ -107,21 +107,30 @@ fn a_job_succeeds_with_real_usage_recorded() {
     assert_eq!(record["result"], "Hello from the fake claude");
     assert_eq!(record["model"], "sonnet");
     assert_eq!(record["model_resolved"], "claude-sonnet-4-5-20250929");
+    // The shape of one real `claude -p` request: ~12,000 tokens of system
+    // prompt and tools written to the cache, ~9,000 read from it.
     assert_eq!(record["usage"]["input_tokens"], 4);
-    assert_eq!(record["usage"]["output_tokens"], 38);
-    assert_eq!(record["usage"]["cache_creation_input_tokens"], 412);
-    assert_eq!(record["usage"]["cache_read_input_tokens"], 120);
-    assert_eq!(record["total_tokens"], 574);
-    assert_eq!(record["cost_usd"], 0.0052);
+    assert_eq!(record["usage"]["output_tokens"], 60);
+    assert_eq!(record["usage"]["cache_creation_input_tokens"], 12000);
+    assert_eq!(record["usage"]["cache_read_input_tokens"], 9000);
+    assert_eq!(record["total_tokens"], 21064);
+    assert_eq!(record["fresh_tokens"], 12064);
+    assert_eq!(record["cost_usd"], 0.048612);
+    assert_eq!(record["cost_estimated"], false);
     assert_eq!(record["num_turns"], 1);
     assert_eq!(record["exit_code"], 0);
     assert_eq!(record["exit"], 0);
     assert!(record["duration_ms"].as_u64().unwrap() > 0);
     assert_eq!(record["claude_duration_ms"], 1834);
     assert_eq!(terminal["event"], "job.completed");
-    assert_eq!(terminal["usage"]["total_tokens"], 574);
-    assert_eq!(terminal["cost_usd"], 0.0052);
-    assert_eq!(usage_today(&t), (1, 574, 0), "the ledger counts the real total");
+    assert_eq!(terminal["usage"]["total_tokens"], 21064);
+    assert_eq!(terminal["usage"]["fresh_tokens"], 12064);
+    assert_eq!(terminal["cost_usd"], 0.048612);
+    assert_eq!(
+        usage_today(&t),
+        (1, 12064, 0),
+        "the ledger counts fresh tokens; cache reads apart"
+    );
 
     // Human output: the result on stdout, the summary on stderr.
     let out = t.run(&[
@@ -132,16 +141,22 @@ fn a_job_succeeds_with_real_usage_recorded() {
         "--prompt",
         "scenario:ok again",
     ]);
-    out.code(0).stderr_has("574 tokens");
+    out.code(0)
+        .stderr_has("12064 fresh tokens")
+        .stderr_has("9000 cache reads")
+        .stderr_has("$0.0486");
     assert_eq!(out.stdout.trim(), "Hello from the fake claude");
-    assert_eq!(usage_today(&t), (2, 1148, 0));
+    assert_eq!(usage_today(&t), (2, 2 * 12064, 0));
+    let day = &t.run(&["status", "--json"]).code(0).json()["usage"]["windows"][0];
+    assert_eq!(day["cache_read_tokens"], 18000);
+    assert_eq!(day["cost_usd"], 2.0 * 0.048612);
 
     // `logs --job` shows the record.
     let id = record["job_id"].as_str().unwrap();
     t.run(&["logs", "--job", id])
         .code(0)
         .stdout_has("completed")
-        .stdout_has("574");
+        .stdout_has("21064");
     let shown = t.run(&["logs", "--json", "--job", id]).code(0).json();
     assert_eq!(shown["job_id"], id);
     t.run(&["logs", "--job", "../config"]).code(2);
@@ -230,14 +245,19 @@ fn the_per_task_token_cap_kills_the_job() {
     assert_eq!(record["status"], "killed");
     assert_eq!(record["kill_reason"], "token-cap");
     assert_eq!(record["max_tokens"], 700);
-    let used = record["total_tokens"].as_u64().unwrap();
+    let used = record["fresh_tokens"].as_u64().unwrap();
     assert!(used > 700 && used < 2000, "stopped just past the cap: {used}");
     assert_eq!(terminal["event"], "job.killed");
     assert_eq!(terminal["reason"], "token-cap");
-    assert_eq!(terminal["usage"]["total_tokens"].as_u64().unwrap(), used);
+    assert_eq!(terminal["usage"]["fresh_tokens"].as_u64().unwrap(), used);
     assert_eq!(usage_today(&t), (1, used, 0), "tokens spent before the kill count");
+    // Killed before its result: the cost is estimated from the usage, and counted.
+    assert_eq!(record["cost_estimated"], true);
+    assert!(record["cost_usd"].as_f64().unwrap() > 0.0);
     // More than limits.maxTokensPerTask cannot be asked for.
-    execute(&t, "scenario:ok", &["--max-tokens", "1001"]).code(2);
+    execute(&t, "scenario:ok", &["--max-tokens", "500001"])
+        .code(2)
+        .stdout_has("limits.maxTokensPerTask");
 }
 
 #[test]
@@ -547,4 +567,243 @@ fn docker_build_labels_the_image_and_shows_the_failing_step() {
         .stderr_has("about to fail")
         .stderr_has("returned a non-zero code: 3");
     t.run(&["docker", "build", "--context", "/nonexistent/ctx"]).code(2);
+}
+
+/// `execute` in the background with stdout piped, for tests that act on
+/// what it prints as the job runs.
+fn spawn_execute(t: &Cmm, prompt: &str, extra: &[&str]) -> std::process::Child {
+    let mut args = vec!["execute", "--approve-all", "--image", FAKE_IMAGE, "--prompt", prompt];
+    args.extend_from_slice(extra);
+    let mut run = t.cmd(&args);
+    run.cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    run.cmd.spawn().unwrap()
+}
+
+/// Read the child's stdout until a line contains `needle`; the reader is
+/// handed back so the rest can be drained.
+fn wait_for_line(out: std::process::ChildStdout, needle: &str) -> std::io::BufReader<std::process::ChildStdout> {
+    use std::io::BufRead;
+    let mut r = std::io::BufReader::new(out);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(r.read_line(&mut line).unwrap() > 0, "stdout ended before `{needle}`");
+        if line.contains(needle) {
+            return r;
+        }
+    }
+}
+
+#[test]
+fn default_caps_fit_real_jobs() {
+    if !docker_available("default_caps_fit_real_jobs") {
+        return;
+    }
+    fake_image();
+    // A fresh opt-in and nothing else: five one-turn jobs shaped like real
+    // Claude Code requests, then a ten-turn job of the same shape.
+    let t = job_env();
+    for i in 0..5 {
+        let out = execute(&t, &format!("scenario:ok job {i}"), &[]);
+        out.code(0);
+        assert_eq!(out.json()["fresh_tokens"], 12064);
+    }
+    let out = execute(&t, "scenario:turns turns=10", &[]);
+    out.code(0);
+    let r = out.json();
+    assert_eq!(r["status"], "completed", "{r:#}");
+    assert_eq!(r["num_turns"], 10);
+    assert_eq!(r["fresh_tokens"], 10 * 12064);
+    assert_eq!(r["usage"]["cache_read_input_tokens"], 90000);
+    let day = &t.run(&["status", "--json"]).code(0).json()["usage"]["windows"][0];
+    assert_eq!(day["tasks"], 6);
+    assert_eq!(day["tokens"], 15 * 12064);
+    assert_eq!(day["cache_read_tokens"], 15 * 9000);
+    // `limits` says what the token caps count.
+    t.run(&["limits"])
+        .code(0)
+        .stdout_has("fresh tokens (input + cache creation + output)")
+        .stdout_has("cache reads");
+}
+
+#[test]
+fn the_job_budget_reaches_claude_code_and_its_own_limits_end_the_job() {
+    if !docker_available("the_job_budget_reaches_claude_code_and_its_own_limits_end_the_job") {
+        return;
+    }
+    fake_image();
+    let t = job_env();
+    // Defaults from the caps, passed to Claude Code's own flags.
+    let out = execute(&t, "scenario:args", &[]);
+    out.code(0);
+    assert_eq!(
+        out.json()["result"],
+        "mode=default turns=100 budget=5 partial=yes allowed= disallowed="
+    );
+    // Per job, within the caps.
+    let out = execute(
+        &t,
+        "scenario:args",
+        &[
+            "--max-turns",
+            "3",
+            "--max-budget-usd",
+            "0.5",
+            "--permission-mode",
+            "plan",
+            "--allowed-tools",
+            "Read,Edit",
+            "--disallowed-tools",
+            "WebFetch",
+        ],
+    );
+    out.code(0);
+    let r = out.json();
+    assert_eq!(
+        r["result"],
+        "mode=plan turns=3 budget=0.5 partial=yes allowed=Read,Edit disallowed=WebFetch"
+    );
+    assert_eq!(r["permission_mode"], "plan");
+    // The mode is audited with the job.
+    let approved = events_named(&audit_events(&t), "job.approved")
+        .last()
+        .cloned()
+        .cloned()
+        .unwrap();
+    assert_eq!(approved["permission_mode"], "plan");
+    // Claude Code ends a job at its turn limit, with a result that says so.
+    let out = execute(&t, "scenario:turns turns=5", &["--max-turns", "2"]);
+    out.code(1);
+    let r = out.json();
+    assert_eq!(
+        (r["status"].as_str(), r["subtype"].as_str()),
+        (Some("failed"), Some("error_max_turns"))
+    );
+    assert_eq!(r["error"], "error_max_turns");
+    assert_eq!(r["num_turns"], 2);
+    // Beyond the caps is refused before anything runs.
+    execute(&t, "scenario:ok", &["--max-turns", "101"]).code(2);
+    execute(&t, "scenario:ok", &["--max-budget-usd", "6"])
+        .code(2)
+        .stdout_has("limits.maxCostPerTask");
+    execute(&t, "scenario:ok", &["--permission-mode", "yolo"]).code(2);
+}
+
+#[test]
+fn cost_caps_refuse_the_next_job_once_spent() {
+    if !docker_available("cost_caps_refuse_the_next_job_once_spent") {
+        return;
+    }
+    fake_image();
+    let t = job_env();
+    t.run(&["limits", "--daily-cost", "0.05", "--max-cost-per-task", "0.01"])
+        .code(0);
+    // The first job fits its reservation; it really costs $0.0486.
+    execute(&t, "scenario:ok", &[]).code(0);
+    let out = execute(&t, "scenario:ok", &[]);
+    out.code(3).stdout_has("daily cost cap");
+    let day = &t.run(&["status", "--json"]).code(0).json()["usage"]["windows"][0];
+    assert_eq!(day["cost_usd"], 0.048612);
+    assert_eq!(day["tasks"], 1);
+    t.run(&["limits"]).code(0).stdout_has("$0.05");
+}
+
+#[test]
+fn usage_reported_before_a_cancel_or_a_timeout_is_counted() {
+    if !docker_available("usage_reported_before_a_cancel_or_a_timeout_is_counted") {
+        return;
+    }
+    fake_image();
+    let t = job_env();
+    // Ctrl-C while the answer is still streaming: the API already reported
+    // the usage of the message, and it counts.
+    let mut child = spawn_execute(&t, "scenario:stall", &["--output-format", "stream-json"]);
+    let rest = wait_for_line(child.stdout.take().unwrap(), "\"streaming\"");
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    drop(rest);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = events_named(&audit_events(&t), "job.started")[0]["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let record = job_record(&t, &id);
+    assert_eq!(record["status"], "cancelled");
+    assert_eq!(record["usage"]["cache_creation_input_tokens"], 12000);
+    assert_eq!(record["fresh_tokens"], 12005);
+    assert_eq!(record["cost_estimated"], true);
+    let terminal = terminal_event(&t, &id);
+    assert_eq!(terminal["usage"]["fresh_tokens"], 12005);
+    assert_eq!(usage_today(&t), (1, 12005, 0), "the cancelled job's usage counts");
+
+    // The same at the timeout.
+    let out = execute(&t, "scenario:stall", &["--timeout", "3"]);
+    out.code(1);
+    let r = out.json();
+    assert_eq!(
+        (r["status"].as_str(), r["kill_reason"].as_str()),
+        (Some("killed"), Some("timeout"))
+    );
+    assert_eq!(r["fresh_tokens"], 12005);
+    assert_eq!(usage_today(&t), (2, 2 * 12005, 0));
+    let day = &t.run(&["status", "--json"]).code(0).json()["usage"]["windows"][0];
+    assert!(
+        day["cost_usd"].as_f64().unwrap() > 0.08,
+        "estimated cost counted: {day}"
+    );
+}
+
+#[test]
+fn a_refused_credential_ends_the_job_at_once_with_a_hint_for_its_kind() {
+    if !docker_available("a_refused_credential_ends_the_job_at_once_with_a_hint_for_its_kind") {
+        return;
+    }
+    fake_image();
+    // Claude Code would retry for minutes; the job ends at the first 401.
+    let t = job_env();
+    let t0 = std::time::Instant::now();
+    let out = t.run(&[
+        "execute",
+        "--approve-all",
+        "--image",
+        FAKE_IMAGE,
+        "--prompt",
+        "scenario:refused-login",
+    ]);
+    assert!(t0.elapsed().as_secs() < 15, "took {:?}", t0.elapsed());
+    out.code(1)
+        .stderr_has("could not log in: the subscription token was rejected")
+        .stderr_has("Claude Code said: HTTP 401: authentication_failed")
+        .stderr_has("claude setup-token");
+    // An API key gets the hint for API keys.
+    let k = Cmm::opted_in().env("ANTHROPIC_API_KEY", "sk-ant-api03-not-a-real-key");
+    let out = k.run(&[
+        "execute",
+        "--json",
+        "--approve-all",
+        "--image",
+        FAKE_IMAGE,
+        "--prompt",
+        "scenario:refused-login",
+    ]);
+    out.code(1);
+    let r = out.json();
+    assert_eq!(r["status"], "failed");
+    assert_eq!(r["error"], "authentication_failed");
+    assert_eq!(r["credential_kind"], "api-key");
+    assert_eq!(r["claude_error"], "HTTP 401: authentication_failed");
+    let human = k.run(&[
+        "execute",
+        "--approve-all",
+        "--image",
+        FAKE_IMAGE,
+        "--prompt",
+        "scenario:refused-login",
+    ]);
+    human
+        .code(1)
+        .stderr_has("the API key was rejected")
+        .stderr_has("console.anthropic.com");
 }

@@ -209,7 +209,21 @@ fn the_canary_token_appears_nowhere_and_the_container_is_hardened() {
     );
     assert_eq!(c["Config"]["Labels"][LABEL], "true");
     assert_eq!(c["Config"]["Labels"][JOB_LABEL], job_id.as_str());
-    assert_eq!(c["Config"]["Cmd"], serde_json::json!(["sonnet"]));
+    assert_eq!(c["Config"]["Labels"][INSTALL_LABEL], install_id(&t).as_str());
+    // The model, then the job's own limits for Claude Code: nothing secret.
+    assert_eq!(
+        c["Config"]["Cmd"],
+        serde_json::json!([
+            "sonnet",
+            "--include-partial-messages",
+            "--max-turns",
+            "100",
+            "--permission-mode",
+            "default",
+            "--max-budget-usd",
+            "5"
+        ])
+    );
     assert_eq!(c["Config"]["Tty"], false);
     assert_eq!(c["Config"]["StdinOnce"], true);
     assert!(containers_of_job(&job_id).is_empty());
@@ -250,7 +264,7 @@ fn twenty_parallel_jobs_with_a_daily_cap_of_five_run_exactly_five() {
     let _turn = turn();
     fake_image();
     let t = job_env();
-    t.run(&["limits", "--daily", "5", "--concurrent", "20", "--tokens", "100000"])
+    t.run(&["limits", "--daily", "5", "--concurrent", "20", "--tokens", "10000000"])
         .code(0);
     // Start with no copy of the egress relay, so the jobs that get through
     // race to make it (the losers must use the winner's, never a half-made
@@ -270,7 +284,7 @@ fn twenty_parallel_jobs_with_a_daily_cap_of_five_run_exactly_five() {
     }
     assert_eq!(codes.iter().filter(|c| **c == 0).count(), 5, "{codes:?}");
     assert_eq!(codes.iter().filter(|c| **c == 3).count(), 15, "{codes:?}");
-    assert_eq!(usage_today(&t), (5, 5 * 574, 0));
+    assert_eq!(usage_today(&t), (5, 5 * 12064, 0));
     let events = audit_events(&t);
     assert_eq!(events_named(&events, "job.started").len(), 5);
     assert_eq!(events_named(&events, "job.completed").len(), 5);
@@ -279,7 +293,7 @@ fn twenty_parallel_jobs_with_a_daily_cap_of_five_run_exactly_five() {
     let day = &status["usage"]["windows"][0];
     assert_eq!(day["window"], "day");
     assert_eq!(day["tasks"], 5, "status shows 5 jobs: {status}");
-    assert_eq!(day["tokens"], 5 * 574);
+    assert_eq!(day["tokens"], 5 * 12064);
     assert_eq!(status["usage"]["reservations"], serde_json::json!([]));
     // No container left by any of this test's jobs (other tests may be
     // running jobs of their own on the same engine).
@@ -309,7 +323,13 @@ fn opt_out_stops_running_job_containers() {
     assert_eq!(v["containers_stopped"], 1);
     assert!(containers_of_job(&job_id).is_empty());
     let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let terminal = terminal_event(&t, &job_id);
     assert_eq!(terminal["event"], "job.failed");
     assert!(job_record(&t, &job_id)["error"]
@@ -329,6 +349,36 @@ fn opt_out_stops_running_job_containers() {
     // Refused before any container: no second job started, none left.
     assert_eq!(events_named(&audit_events(&t), "job.started").len(), 1);
     assert!(containers_of_job(&job_id).is_empty());
+}
+
+#[test]
+fn a_job_of_one_install_outlives_another_install_s_opt_out_and_clean() {
+    if !docker_available("a_job_of_one_install_outlives_another_install_s_opt_out_and_clean") {
+        return;
+    }
+    let _turn = turn();
+    fake_image();
+    let a = job_env();
+    let b = job_env();
+    let child = spawn_execute(&a, "scenario:hang");
+    let (job_id, _) = wait_for_container(&a);
+    // Home B opts out and cleans by force: A's job is not B's.
+    let v = b.run(&["opt-out", "--yes", "--json"]).code(0).json();
+    assert_eq!(v["containers_stopped"], 0);
+    let v = b.run(&["clean", "--force", "--json"]).code(0).json();
+    assert_eq!(v["containers_removed"], 0);
+    assert!(!containers_of_job(&job_id).is_empty(), "A's job still runs");
+    // `health` and `status` of B see no job of theirs; A's health sees one.
+    b.run(&["health"]).stdout_has("'running_jobs'=0");
+    a.run(&["health"]).stdout_has("'running_jobs'=1");
+    // A's own opt-out stops it.
+    let v = a.run(&["opt-out", "--yes", "--json"]).code(0).json();
+    assert_eq!(v["containers_stopped"], 1);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(containers_of_job(&job_id).is_empty());
+    // The container carried A's install id.
+    assert_eq!(job_record(&a, &job_id)["status"], "failed");
 }
 
 #[test]
@@ -360,16 +410,33 @@ fn clean_removes_only_what_carries_our_label() {
     let foreign_running = format!("claude-foreign-running-{suffix}");
     assert!(docker(&["create", "--name", &foreign_stopped, &foreign_image]).0);
     assert!(docker(&["run", "-d", "--name", &foreign_running, &foreign_image]).0);
-    // Leftovers of ours: one stopped, one running.
+    // Leftovers of this install: one stopped, one running; and a running
+    // one of another install (another home or user on the same engine).
+    let t = Cmm::opted_in();
+    let install = format!("{INSTALL_LABEL}={}", install_id(&t));
     let label = format!("{LABEL}=true");
     // A job that crashed long ago: exited, not running.
-    assert!(docker(&["run", "--label", &label, "--entrypoint", "/bin/true", ours]).0);
+    assert!(
+        docker(&[
+            "run",
+            "--label",
+            &label,
+            "--label",
+            &install,
+            "--entrypoint",
+            "/bin/true",
+            ours
+        ])
+        .0
+    );
     assert!(
         docker(&[
             "run",
             "-d",
             "--label",
             &label,
+            "--label",
+            &install,
             "--entrypoint",
             "/bin/sleep",
             ours,
@@ -377,14 +444,38 @@ fn clean_removes_only_what_carries_our_label() {
         ])
         .0
     );
-    let t = Cmm::new();
+    let other = format!("cmm-other-install-{suffix}");
+    assert!(
+        docker(&[
+            "run",
+            "-d",
+            "--name",
+            &other,
+            "--label",
+            &label,
+            "--label",
+            &format!("{INSTALL_LABEL}=0123456789abcdef0123456789abcdef"),
+            "--entrypoint",
+            "/bin/sleep",
+            ours,
+            "300"
+        ])
+        .0
+    );
 
     let v = t.run(&["clean", "--json"]).code(0).json();
     assert_eq!(v["containers_removed"], 1);
     assert_eq!(v["containers_running_kept"], 1);
     let v = t.run(&["clean", "--force", "--json"]).code(0).json();
     assert_eq!(v["containers_removed"], 1);
-    assert!(our_containers().is_empty());
+    assert!(
+        docker(&["inspect", &other]).0,
+        "another install's job is not ours to clean"
+    );
+    // The explicit way to touch every install's.
+    let v = t.run(&["clean", "--force", "--all-installs", "--json"]).code(0).json();
+    assert!(v["containers_removed"].as_u64().unwrap() >= 1, "{v}");
+    assert!(!docker(&["inspect", &other]).0);
     let out = t.run(&["clean", "--images", "--force"]);
     out.code(0).stdout_has("image(s)");
     assert!(!image_exists(ours), "our image removed");

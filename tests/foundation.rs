@@ -141,7 +141,7 @@ fn interactive_opt_in_on_a_terminal() {
     assert_eq!(s["consent"]["accepted"], true);
     assert_eq!(s["consent"]["job_types"], serde_json::json!(["local"]));
     assert_eq!(s["caps"]["daily_tasks"], 4);
-    assert_eq!(s["caps"]["max_tokens_per_task"], 1000);
+    assert_eq!(s["caps"]["max_tokens_per_task"], 500_000);
     let line = t.read("audit.jsonl");
     assert!(line.contains("\"interactive\":true"));
 
@@ -193,7 +193,7 @@ fn opt_in_again_keeps_usage_history_and_opt_out_revokes() {
 fn limits_set_validate_and_show() {
     let t = Cmm::new();
     let v = t.run(&["limits", "--json"]).code(0).json();
-    assert_eq!(v["caps"]["daily_tasks"], 5);
+    assert_eq!(v["caps"]["daily_tasks"], 25);
     assert_eq!(v["timeout_seconds"], 300);
     t.run(&[
         "limits",
@@ -247,15 +247,20 @@ fn config_is_typed_audited_and_shows_origins() {
     let v = t.run(&["config", "--list", "--json"]).code(0).json();
     let keys = v["keys"].as_array().unwrap();
     let get = |k: &str| keys.iter().find(|e| e["key"] == k).unwrap().clone();
-    // Seed-compatible defaults.
+    // Seed-compatible keys; the caps' defaults fit a real Claude Code job
+    // (one request carries ~12,000 tokens of system prompt and tools).
     for (k, want) in [
         ("docker.image", serde_json::json!("synaptic-mesh/claude-max:latest")),
         ("docker.memory", serde_json::json!("512m")),
         ("docker.cpuShares", serde_json::json!(512)),
         ("docker.timeout", serde_json::json!(300000)),
-        ("limits.dailyTasks", serde_json::json!(5)),
-        ("limits.dailyTokens", serde_json::json!(5000)),
-        ("limits.maxTokensPerTask", serde_json::json!(1000)),
+        ("limits.dailyTasks", serde_json::json!(25)),
+        ("limits.dailyTokens", serde_json::json!(5_000_000)),
+        ("limits.maxTokensPerTask", serde_json::json!(500_000)),
+        ("limits.maxTurnsPerTask", serde_json::json!(100)),
+        ("limits.maxCostPerTask", serde_json::json!(5.0)),
+        ("limits.dailyCostUsd", serde_json::json!(25.0)),
+        ("limits.weeklyCostUsd", serde_json::Value::Null),
         ("limits.concurrentJobs", serde_json::json!(1)),
         ("security.enableEncryption", serde_json::json!(true)),
         ("security.keyRotationDays", serde_json::json!(30)),
@@ -309,11 +314,11 @@ fn config_is_typed_audited_and_shows_origins() {
     // Audited old -> new.
     let log = t.read("audit.jsonl");
     assert!(
-        log.contains(r#""event":"config.changed","key":"limits.dailyTasks","new":12,"old":5"#),
+        log.contains(r#""event":"config.changed","key":"limits.dailyTasks","new":12,"old":25"#),
         "{log}"
     );
     t.run(&["config", "--unset", "limits.dailyTasks"]).code(0);
-    assert_eq!(t.run(&["config", "--get", "limits.dailyTasks"]).stdout.trim(), "5");
+    assert_eq!(t.run(&["config", "--get", "limits.dailyTasks"]).stdout.trim(), "25");
     assert_eq!(t.run(&["config", "--get", "docker.memory"]).stdout.trim(), "1g");
 }
 

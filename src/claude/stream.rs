@@ -9,6 +9,12 @@
 //!   is counted once per message id.
 //! - `{"type":"system","subtype":"api_retry","attempt":n,"max_retries":m,"retry_delay_ms":d,"error":..}`
 //! - `{"type":"rate_limit_event","rate_limit_info":{"status":..,"resetsAt":unix_s,"rateLimitType":..}}`
+//! - `{"type":"stream_event","event":{"type":"message_start","message":{"id":..,"usage":{..}}},
+//!   "api_message_id":..}` and `message_delta` (`event.usage`): the raw API events
+//!   `--include-partial-messages` adds. They carry the usage the API has already
+//!   reported while an answer is still streaming, so a job stopped mid-answer
+//!   still counts what it spent. Counted under the same message id as the
+//!   `assistant` line that follows, so nothing is counted twice.
 //! - `{"type":"result","subtype":..,"is_error":b,"terminal_reason":..,"duration_ms":..,
 //!   "num_turns":..,"result":..,"total_cost_usd":..,"usage":{..}}`: the only event
 //!   that decides success. Claude Code reports a failed login as
@@ -33,7 +39,15 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// What caps count: input + output + cache creation + cache reads.
+    /// What the token caps count: input + cache creation + output. Cache
+    /// reads are kept apart (see `usage.rs`).
+    pub fn fresh(&self) -> u64 {
+        self.input_tokens
+            .saturating_add(self.output_tokens)
+            .saturating_add(self.cache_creation_input_tokens)
+    }
+
+    /// Every token: fresh ones and cache reads.
     pub fn total(&self) -> u64 {
         self.input_tokens
             .saturating_add(self.output_tokens)
@@ -48,6 +62,15 @@ impl Usage {
         self.cache_read_input_tokens += o.cache_read_input_tokens;
     }
 
+    /// Field by field, the larger: a message's usage only grows while it
+    /// streams, and its final report repeats what came before.
+    fn max(&mut self, o: &Usage) {
+        self.input_tokens = self.input_tokens.max(o.input_tokens);
+        self.output_tokens = self.output_tokens.max(o.output_tokens);
+        self.cache_creation_input_tokens = self.cache_creation_input_tokens.max(o.cache_creation_input_tokens);
+        self.cache_read_input_tokens = self.cache_read_input_tokens.max(o.cache_read_input_tokens);
+    }
+
     /// The JSON shape used in audit events and job records (with the total).
     pub fn to_json(&self) -> Value {
         serde_json::json!({
@@ -55,6 +78,7 @@ impl Usage {
             "output_tokens": self.output_tokens,
             "cache_creation_input_tokens": self.cache_creation_input_tokens,
             "cache_read_input_tokens": self.cache_read_input_tokens,
+            "fresh_tokens": self.fresh(),
             "total_tokens": self.total(),
         })
     }
@@ -66,7 +90,21 @@ pub struct Retry {
     pub attempt: u64,
     pub max_retries: u64,
     pub retry_delay_ms: u64,
+    /// The HTTP status of the failed request (`null` when none came back,
+    /// e.g. the connection failed).
+    pub error_status: Option<u64>,
     pub error: Option<String>,
+}
+
+impl Retry {
+    /// The API refused the credential: retrying cannot help.
+    pub fn is_auth_failure(&self) -> bool {
+        matches!(self.error_status, Some(401 | 403))
+            || self
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("authentication_error") || e.contains("permission_error"))
+    }
 }
 
 /// Rate-limit state from a `rate_limit_event`.
@@ -118,6 +156,9 @@ pub enum Event {
     },
     Retry(Retry),
     RateLimit(RateLimit),
+    /// A raw API event (`stream_event`, from `--include-partial-messages`);
+    /// with the running totals when it carried usage.
+    Partial(Option<PartialUsage>),
     Result(Outcome),
     /// Valid JSON we do not use.
     Other,
@@ -125,10 +166,28 @@ pub enum Event {
     Invalid(String),
 }
 
+/// The running totals after a raw API event that carried usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartialUsage {
+    pub tokens_so_far: u64,
+    pub turns: u64,
+}
+
+impl Event {
+    /// Did the line come from `--include-partial-messages` (so a consumer
+    /// of Claude Code's plain stream would not have seen it)?
+    pub fn is_raw_api_event(&self) -> bool {
+        matches!(self, Event::Partial(_))
+    }
+}
+
 /// Accumulates state over the stream.
 #[derive(Debug, Default)]
 pub struct StreamState {
     per_message: HashMap<String, Usage>,
+    /// The message each stream of raw API events is on, by
+    /// `parent_tool_use_id` (a sub-agent streams beside its parent).
+    streaming: HashMap<String, String>,
     anonymous: Usage,
     pub turns: u64,
     pub model: Option<String>,
@@ -146,9 +205,10 @@ const KEEP_INVALID: usize = 20;
 const INVALID_LINE_CHARS: usize = 300;
 
 impl StreamState {
-    /// Tokens seen so far in messages (the final result replaces this).
+    /// Fresh tokens seen so far (what the per-task cap counts; the final
+    /// result replaces this).
     pub fn tokens_so_far(&self) -> u64 {
-        self.usage_so_far().total()
+        self.usage_so_far().fresh()
     }
 
     pub fn usage_so_far(&self) -> Usage {
@@ -189,6 +249,7 @@ impl StreamState {
                     attempt: n(&v, "attempt").unwrap_or(0),
                     max_retries: n(&v, "max_retries").unwrap_or(0),
                     retry_delay_ms: n(&v, "retry_delay_ms").unwrap_or(0),
+                    error_status: n(&v, "error_status"),
                     error: s(&v, "error"),
                 };
                 self.retries.push(r.clone());
@@ -204,6 +265,7 @@ impl StreamState {
                 self.rate_limit = Some(r.clone());
                 Event::RateLimit(r)
             }
+            (Some("stream_event"), _) => self.stream_event(&v),
             (Some(kind @ ("assistant" | "user")), _) => {
                 let msg = v.get("message").cloned().unwrap_or(Value::Null);
                 if let Some(u) = msg
@@ -215,7 +277,7 @@ impl StreamState {
                             if !self.per_message.contains_key(&id) && kind == "assistant" {
                                 self.turns += 1;
                             }
-                            self.per_message.insert(id, u);
+                            self.per_message.entry(id).or_default().max(&u);
                         }
                         None => self.anonymous.add(&u),
                     }
@@ -253,6 +315,51 @@ impl StreamState {
         }
     }
 
+    /// A raw API event (`--include-partial-messages`): only its usage
+    /// matters here; everything else is already in the `assistant` lines.
+    fn stream_event(&mut self, v: &Value) -> Event {
+        let event = v.get("event").unwrap_or(&Value::Null);
+        let stream = v
+            .get("parent_tool_use_id")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let usage_of = |u: Option<&Value>| u.and_then(|u| serde_json::from_value::<Usage>(u.clone()).ok());
+        let (id, usage) = match event.get("type").and_then(Value::as_str) {
+            Some("message_start") => {
+                let msg = event.get("message").unwrap_or(&Value::Null);
+                let id = msg
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .or_else(|| v.get("api_message_id").and_then(Value::as_str))
+                    .map(str::to_string);
+                if let Some(id) = &id {
+                    self.streaming.insert(stream.clone(), id.clone());
+                }
+                (id, usage_of(msg.get("usage")))
+            }
+            Some("message_delta") => (
+                v.get("api_message_id")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                    .or_else(|| self.streaming.get(&stream).cloned()),
+                usage_of(event.get("usage")),
+            ),
+            _ => return Event::Partial(None),
+        };
+        let (Some(id), Some(u)) = (id, usage) else {
+            return Event::Partial(None);
+        };
+        if !self.per_message.contains_key(&id) {
+            self.turns += 1;
+        }
+        self.per_message.entry(id).or_default().max(&u);
+        Event::Partial(Some(PartialUsage {
+            tokens_so_far: self.tokens_so_far(),
+            turns: self.turns,
+        }))
+    }
+
     fn invalid(&mut self, line: &str) -> Event {
         self.invalid_count += 1;
         let kept: String = line.chars().take(INVALID_LINE_CHARS).collect();
@@ -273,7 +380,8 @@ mod tests {
         let a = r#"{"type":"assistant","message":{"id":"m1","usage":{"input_tokens":4,"output_tokens":10,"cache_creation_input_tokens":100,"cache_read_input_tokens":20}}}"#;
         s.feed(a);
         s.feed(a);
-        assert_eq!(s.tokens_so_far(), 134);
+        assert_eq!(s.tokens_so_far(), 114, "cache reads are not fresh tokens");
+        assert_eq!(s.usage_so_far().total(), 134);
         assert_eq!(s.turns, 1);
         let r = r#"{"type":"result","subtype":"success","is_error":false,"num_turns":1,"result":"hi","total_cost_usd":0.01,"usage":{"input_tokens":4,"output_tokens":12,"cache_creation_input_tokens":100,"cache_read_input_tokens":20}}"#;
         match s.feed(r) {
@@ -283,7 +391,45 @@ mod tests {
             }
             e => panic!("{e:?}"),
         }
-        assert_eq!(s.tokens_so_far(), 136);
+        assert_eq!(s.tokens_so_far(), 116);
+    }
+
+    #[test]
+    fn raw_api_events_count_usage_before_the_message_is_complete() {
+        let mut s = StreamState::default();
+        s.feed(r#"{"type":"stream_event","event":{"type":"message_start","message":{"id":"msg_1","usage":{"input_tokens":4,"cache_creation_input_tokens":12000,"cache_read_input_tokens":9000,"output_tokens":1}}},"parent_tool_use_id":null,"api_message_id":"msg_1"}"#);
+        assert_eq!(s.usage_so_far().total(), 21005, "counted while the answer streams");
+        assert_eq!(s.turns, 1);
+        s.feed(r#"{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}},"parent_tool_use_id":null}"#);
+        s.feed(r#"{"type":"stream_event","event":{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":60}},"parent_tool_use_id":null}"#);
+        assert_eq!(s.usage_so_far().output_tokens, 60);
+        // The complete message repeats the same usage: not counted twice.
+        s.feed(r#"{"type":"assistant","message":{"id":"msg_1","usage":{"input_tokens":4,"cache_creation_input_tokens":12000,"cache_read_input_tokens":9000,"output_tokens":60}}}"#);
+        assert_eq!(s.usage_so_far().total(), 21064);
+        assert_eq!(s.usage_so_far().fresh(), 12064);
+        assert_eq!(s.turns, 1);
+    }
+
+    #[test]
+    fn a_refused_credential_is_told_from_other_retries() {
+        let mut s = StreamState::default();
+        let auth = |status: &str, error: &str| {
+            format!(
+                r#"{{"type":"system","subtype":"api_retry","attempt":1,"max_retries":10,"retry_delay_ms":500,"error_status":{status},"error":"{error}"}}"#
+            )
+        };
+        match s.feed(&auth("401", "authentication_failed")) {
+            Event::Retry(r) => assert!(r.is_auth_failure()),
+            e => panic!("{e:?}"),
+        }
+        match s.feed(&auth("529", "overloaded_error")) {
+            Event::Retry(r) => assert!(!r.is_auth_failure()),
+            e => panic!("{e:?}"),
+        }
+        match s.feed(&auth("null", "unknown")) {
+            Event::Retry(r) => assert!(!r.is_auth_failure() && r.error_status.is_none()),
+            e => panic!("{e:?}"),
+        }
     }
 
     #[test]

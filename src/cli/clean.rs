@@ -5,6 +5,7 @@
 use serde_json::json;
 
 use crate::context::Ctx;
+use crate::docker::container::Scope;
 use crate::docker::{clean, hardening};
 
 #[derive(Debug, clap::Args)]
@@ -15,16 +16,25 @@ pub struct Args {
     /// Also remove images built by this tool
     #[arg(long)]
     pub images: bool,
+    /// Act on every install's job containers on this engine, not only this
+    /// install's (other users' or other `CMM_HOME`s' jobs included)
+    #[arg(long)]
+    pub all_installs: bool,
 }
 
 pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
     // Keys first: it needs no engine, so it happens even when Docker is down.
     let keys_removed = crate::crypto::keys::prune_expired(&ctx.paths, chrono::Utc::now())?;
     let profile = hardening::profile()?;
+    let scope = if args.all_installs {
+        Scope::AllInstalls
+    } else {
+        Scope::this_install(&ctx.paths)
+    };
     let rt = crate::docker::runtime()?;
     let report = rt.block_on(async {
         let docker = crate::docker::connect().await?;
-        clean::clean(&docker, profile, args.force, args.images).await
+        clean::clean(&docker, profile, &scope, args.force, args.images).await
     })?;
     let p = ctx.out();
     if p.json {
@@ -32,6 +42,7 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
         if let Some(m) = v.as_object_mut() {
             m.insert("ok".into(), json!(report.images_failed.is_empty()));
             m.insert("keys_removed".into(), json!(keys_removed));
+            m.insert("all_installs".into(), json!(args.all_installs));
         }
         p.json(v);
     } else {

@@ -29,9 +29,34 @@ pub struct Args {
     /// Claude Code model alias or id (default: `docker.model`, `sonnet`)
     #[arg(long, value_name = "M")]
     pub model: Option<String>,
-    /// Stop the job once it has used this many tokens (at most `limits.maxTokensPerTask`)
+    /// Stop the job once it has used this many fresh tokens: input, cache
+    /// creation and output; cache reads apart (default and most: `limits.maxTokensPerTask`)
     #[arg(long, value_name = "N")]
     pub max_tokens: Option<u64>,
+    /// Claude Code ends the job itself after N turns (default and most: `limits.maxTurnsPerTask`)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub max_turns: Option<u64>,
+    /// Claude Code ends the job itself once it has cost X US dollars; also what
+    /// the job reserves against the cost caps (default and most: `limits.maxCostPerTask`)
+    #[arg(long, value_name = "X", value_parser = parse_budget)]
+    pub max_budget_usd: Option<f64>,
+    /// Claude Code's permission mode: default, acceptEdits, plan, bypassPermissions,
+    /// dontAsk (default: `docker.permissionMode`, else `default`). `bypassPermissions`
+    /// is allowed only because the job's container is the sandbox: no network but
+    /// the Claude API, no host files, read-only root, no capabilities. It is
+    /// audited with the job, and never used for market jobs
+    #[arg(long, value_name = "MODE", value_parser = clap::builder::PossibleValuesParser::new(crate::config::PERMISSION_MODES))]
+    pub permission_mode: Option<String>,
+    /// Tools Claude Code may use without asking, e.g. "Read,Edit,Bash(git *)"
+    #[arg(long, value_name = "LIST")]
+    pub allowed_tools: Option<String>,
+    /// Tools Claude Code may not use, e.g. "WebFetch,Bash(rm *)"
+    #[arg(long, value_name = "LIST")]
+    pub disallowed_tools: Option<String>,
+    /// What stdout carries: `text` (the answer), `json` (the job record, like
+    /// `--json`) or `stream-json` (Claude Code's own events, unchanged, one per line)
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = OutputFormat::Text)]
+    pub output_format: OutputFormat,
     /// Kill the job after S seconds (default: `docker.timeout`)
     #[arg(long, value_name = "S", value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub timeout: Option<u64>,
@@ -41,6 +66,23 @@ pub struct Args {
     /// Run in this image instead of `docker.image` (not pulled or built automatically)
     #[arg(long, value_name = "I")]
     pub image: Option<String>,
+}
+
+/// What `execute` prints on stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+    StreamJson,
+}
+
+fn parse_budget(s: &str) -> Result<f64, String> {
+    let x = crate::config::parse_usd(s)?;
+    if x > 0.0 {
+        Ok(x)
+    } else {
+        Err("the budget must be above 0".into())
+    }
 }
 
 pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
@@ -53,6 +95,17 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
     if let Some(n) = args.max_tokens {
         spec.max_tokens = n;
     }
+    if let Some(n) = args.max_turns {
+        spec.max_turns = n;
+    }
+    if let Some(x) = args.max_budget_usd {
+        spec.max_budget_usd = Some(x);
+    }
+    if let Some(m) = args.permission_mode {
+        spec.permission_mode = Some(m);
+    }
+    spec.allowed_tools = args.allowed_tools;
+    spec.disallowed_tools = args.disallowed_tools;
     if let Some(s) = args.timeout {
         spec.timeout = Duration::from_secs(s);
     }
@@ -64,7 +117,12 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
     } else {
         Approval::AskOnTty
     };
-    let progress = Arc::new(StderrProgress::new(ctx.out()));
+    let format = if ctx.out().json {
+        OutputFormat::Json
+    } else {
+        args.output_format
+    };
+    let progress = Arc::new(StderrProgress::new(ctx.out()).stream_to_stdout(format == OutputFormat::StreamJson));
     let rt = crate::docker::runtime()?;
     let outcome = rt.block_on(async {
         let (handle, cancel) = Cancel::new();
@@ -91,49 +149,30 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
     let p = ctx.out();
     match outcome {
         Ok(record) => {
-            if p.json {
-                let mut v = serde_json::to_value(&record)?;
-                if let Some(m) = v.as_object_mut() {
-                    m.insert("ok".into(), json!(record.status == Status::Completed));
+            let ok = record.status == Status::Completed;
+            match format {
+                OutputFormat::Json => {
+                    let mut v = serde_json::to_value(&record)?;
+                    if let Some(m) = v.as_object_mut() {
+                        m.insert("ok".into(), json!(ok));
+                    }
+                    p.json(v);
                 }
-                p.json(v);
-            } else {
-                if let Some(text) = record.result.as_deref().filter(|_| record.status == Status::Completed) {
-                    p.out(text);
-                }
-                let summary = format!(
-                    "job {}: {} tokens (in {}, out {}, cache {}+{}){} in {:.1} s",
-                    record.job_id,
-                    record.total_tokens,
-                    record.usage.input_tokens,
-                    record.usage.output_tokens,
-                    record.usage.cache_creation_input_tokens,
-                    record.usage.cache_read_input_tokens,
-                    record.cost_usd.map(|c| format!(", ~${c:.4}")).unwrap_or_default(),
-                    record.duration_ms as f64 / 1000.0
-                );
-                match record.status {
-                    Status::Completed => p.note(&summary),
-                    _ => {
-                        eprintln!(
-                            "{} job {} {}",
-                            p.red(&p.bold("error:")),
-                            record.job_id,
-                            record.failure_message()
-                        );
-                        p.note(&summary);
-                        eprintln!(
-                            "{} see the record with `claude-max-market logs --job {}`",
-                            p.bold("hint:"),
-                            record.job_id
-                        );
+                OutputFormat::Text => {
+                    if let Some(text) = record.result.as_deref().filter(|_| ok) {
+                        p.out(text);
                     }
                 }
+                // Claude Code's own events already went out as they came.
+                OutputFormat::StreamJson => {}
+            }
+            if format != OutputFormat::Json {
+                report_on_stderr(p, &record);
             }
             Ok(record.exit)
         }
         Err(JobError::Cancelled) => {
-            if p.json {
+            if format == OutputFormat::Json {
                 p.json(json!({ "ok": false, "error": { "kind": "cancelled", "exit": 130, "message": "cancelled before the job started" } }));
             } else {
                 eprintln!("cancelled before the job started; nothing ran");
@@ -149,6 +188,40 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
             Err(e.into())
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// The summary line, and for a job that did not complete, why in one line
+/// (Claude Code's own words included) and what to do.
+fn report_on_stderr(p: &crate::context::Printer, record: &job::JobRecord) {
+    let summary = format!(
+        "job {}: {} fresh tokens (in {}, cache write {}, out {}) + {} cache reads{}, {} turn(s) in {:.1} s",
+        record.job_id,
+        record.fresh_tokens,
+        record.usage.input_tokens,
+        record.usage.cache_creation_input_tokens,
+        record.usage.output_tokens,
+        record.usage.cache_read_input_tokens,
+        record
+            .cost_usd
+            .map(|c| format!(", {}${c:.4}", if record.cost_estimated { "~" } else { "" }))
+            .unwrap_or_default(),
+        record.num_turns,
+        record.duration_ms as f64 / 1000.0
+    );
+    if record.status == Status::Completed {
+        p.note(&summary);
+        return;
+    }
+    eprintln!(
+        "{} job {} {}",
+        p.red(&p.bold("error:")),
+        record.job_id,
+        record.failure_message()
+    );
+    p.note(&summary);
+    if let Some(h) = record.failure_hint() {
+        eprintln!("{} {h}", p.bold("hint:"));
     }
 }
 

@@ -11,7 +11,8 @@ pub struct Args {
     /// Jobs per day (limits.dailyTasks)
     #[arg(long, value_name = "N")]
     pub daily: Option<String>,
-    /// Tokens per day (limits.dailyTokens)
+    /// Fresh tokens per day: input + cache creation + output; cache reads
+    /// are shown apart (limits.dailyTokens; the seed's flag)
     #[arg(long, value_name = "N")]
     pub tokens: Option<String>,
     /// Jobs per ISO week, or `none` (limits.weeklyTasks)
@@ -26,9 +27,25 @@ pub struct Args {
     /// Tokens per calendar month, or `none` (limits.monthlyTokens)
     #[arg(long, value_name = "N")]
     pub monthly_tokens: Option<String>,
-    /// Token cap for one job (limits.maxTokensPerTask)
+    /// Fresh-token cap for one job (limits.maxTokensPerTask)
     #[arg(long, value_name = "N")]
     pub max_tokens_per_task: Option<String>,
+    /// Turns one job may take, passed to Claude Code (limits.maxTurnsPerTask)
+    #[arg(long, value_name = "N")]
+    pub max_turns: Option<String>,
+    /// USD one job may cost, passed to Claude Code as its budget, or `none`
+    /// (limits.maxCostPerTask)
+    #[arg(long, value_name = "USD")]
+    pub max_cost_per_task: Option<String>,
+    /// USD per day, from the cost Claude Code reports, or `none` (limits.dailyCostUsd)
+    #[arg(long, value_name = "USD")]
+    pub daily_cost: Option<String>,
+    /// USD per ISO week, or `none` (limits.weeklyCostUsd)
+    #[arg(long, value_name = "USD")]
+    pub weekly_cost: Option<String>,
+    /// USD per calendar month, or `none` (limits.monthlyCostUsd)
+    #[arg(long, value_name = "USD")]
+    pub monthly_cost: Option<String>,
     /// Job timeout in seconds (docker.timeout, stored in milliseconds)
     #[arg(long, value_name = "S")]
     pub timeout: Option<String>,
@@ -55,6 +72,11 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
         ("limits.monthlyTasks", &args.monthly),
         ("limits.monthlyTokens", &args.monthly_tokens),
         ("limits.maxTokensPerTask", &args.max_tokens_per_task),
+        ("limits.maxTurnsPerTask", &args.max_turns),
+        ("limits.maxCostPerTask", &args.max_cost_per_task),
+        ("limits.dailyCostUsd", &args.daily_cost),
+        ("limits.weeklyCostUsd", &args.weekly_cost),
+        ("limits.monthlyCostUsd", &args.monthly_cost),
         ("limits.concurrentJobs", &args.concurrent),
     ] {
         if let Some(t) = val {

@@ -157,6 +157,13 @@ pub fn main_entry() -> i32 {
     if args.get(1).map(String::as_str) == Some(crate::docker::relay::MODE) {
         return crate::docker::relay::main(&args[2..]);
     }
+    // Inside a job container: fill or read back the workspace.
+    if args.get(1).map(String::as_str) == Some(crate::workspace::UNPACK_MODE) {
+        return crate::workspace::unpack_main(&args[2..]);
+    }
+    if args.get(1).map(String::as_str) == Some(crate::workspace::PACK_MODE) {
+        return crate::workspace::pack_main(&args[2..]);
+    }
     let args = rewrite_colon_form(args);
     let json = args.iter().any(|a| a == "--json");
     let cli = match Cli::try_parse_from(&args) {
@@ -286,6 +293,7 @@ pub fn classify(err: &anyhow::Error) -> (Exit, Option<String>) {
             crate::crypto::CryptoError,
             crate::job::JobError,
             crate::docker::DockerError,
+            crate::workspace::WorkspaceError,
             crate::claude::credentials::CredentialError,
             crate::market::requester::RequesterError,
             crate::market::pending::PendingError,

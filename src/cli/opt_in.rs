@@ -17,7 +17,8 @@ pub struct Args {
     /// Jobs per day (limits.dailyTasks)
     #[arg(long, value_name = "N")]
     pub max_daily: Option<String>,
-    /// Token cap per job (limits.maxTokensPerTask)
+    /// Fresh-token cap per job: input + cache creation + output, cache reads
+    /// apart (limits.maxTokensPerTask; the seed's flag)
     #[arg(long, value_name = "N")]
     pub max_tokens: Option<String>,
     /// Accept the terms without prompting (for scripts; read `terms` first)

@@ -36,6 +36,8 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
             return Err(Failure::usage("opt-out cancelled; consent unchanged").into());
         }
     }
+    // Only this install's jobs: another home's (or user's) are not ours to stop.
+    let scope = crate::docker::container::Scope::this_install(&ctx.paths);
     let revoked = Consent {
         accepted: false,
         job_types: vec![],
@@ -47,7 +49,7 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
     // containers of ours are stopped and removed (their `execute` processes
     // record the end). Both happen even when the audit log is broken:
     // stopping is always allowed. A failure to record it is still reported.
-    let stopped = crate::docker::clean::stop_jobs_blocking();
+    let stopped = crate::docker::clean::stop_jobs_blocking(&scope);
     ctx.audit()
         .append(
             "consent.revoked",

@@ -15,6 +15,9 @@ use crate::job::{JobEvent, Progress};
 pub struct StderrProgress {
     printer: Printer,
     tty: bool,
+    /// `execute --output-format stream-json`: Claude Code's own event lines
+    /// go to stdout as they come.
+    stream_stdout: bool,
     spinner: Mutex<Option<ProgressBar>>,
     layers: Mutex<Option<(MultiProgress, std::collections::HashMap<String, ProgressBar>)>>,
 }
@@ -24,9 +27,16 @@ impl StderrProgress {
         StderrProgress {
             printer: printer.clone(),
             tty: io::stderr().is_terminal() && !printer.quiet,
+            stream_stdout: false,
             spinner: Mutex::new(None),
             layers: Mutex::new(None),
         }
+    }
+
+    /// Pass Claude Code's own event lines through to stdout.
+    pub fn stream_to_stdout(mut self, on: bool) -> StderrProgress {
+        self.stream_stdout = on;
+        self
     }
 
     fn spin(&self, msg: String) {
@@ -145,6 +155,14 @@ impl Progress for StderrProgress {
                 let short: String = l.chars().take(80).collect();
                 self.printer
                     .warn(&format!("ignored a line that is not a stream-json event: {short}"));
+            }
+            JobEvent::StreamLine(l) => {
+                if self.stream_stdout {
+                    use std::io::Write;
+                    let mut out = io::stdout().lock();
+                    // A closed pipe is the reader's choice, not our failure.
+                    let _ = writeln!(out, "{l}").and_then(|_| out.flush());
+                }
             }
             JobEvent::Killing(r) => self.line(&format!("stopping the job: {}", r.name())),
             JobEvent::Cancelling => self.line("cancelling: removing the container"),

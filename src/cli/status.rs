@@ -68,27 +68,48 @@ pub fn run(ctx: &Ctx, _args: Args) -> anyhow::Result<()> {
 /// Caps against usage per window, with reset times (shared with `limits`).
 pub fn caps_table(report: &StatusReport, p: &Printer) -> String {
     let cap = |c: Option<u64>| c.map(|c| c.to_string()).unwrap_or_else(|| "no cap".into());
+    let usd_cap = |c: Option<f64>| c.map(|c| format!("${c:.2}")).unwrap_or_else(|| "no cap".into());
     let mut out = format!("{}\n", p.bold("Caps and usage:"));
     out.push_str(&format!(
-        "  {:<6} {:>10} {:>10} {:>12} {:>12}  {}\n",
-        "window", "tasks", "task cap", "tokens", "token cap", "resets"
+        "  {:<6} {:>7} {:>8} {:>12} {:>12} {:>13} {:>9} {:>9}  {}\n",
+        "window", "tasks", "task cap", "tokens", "token cap", "cache reads", "cost", "cost cap", "resets"
     ));
     for w in &report.usage.windows {
-        let tasks = w.tasks + w.reserved_tasks;
-        let tokens = w.tokens + w.reserved_tokens;
         out.push_str(&format!(
-            "  {:<6} {:>10} {:>10} {:>12} {:>12}  {}\n",
+            "  {:<6} {:>7} {:>8} {:>12} {:>12} {:>13} {:>9} {:>9}  {}\n",
             w.window.name(),
-            tasks,
+            w.tasks + w.reserved_tasks,
             cap(w.task_cap),
-            tokens,
+            w.tokens + w.reserved_tokens,
             cap(w.token_cap),
+            w.cache_read_tokens,
+            format!("${:.2}", w.cost_usd + w.reserved_cost_usd),
+            usd_cap(w.cost_cap_usd),
             w.resets_at.format("%Y-%m-%d %H:%M %Z")
         ));
     }
+    let c = &report.caps;
     out.push_str(&format!(
-        "  per job: {} tokens, {} s timeout; {} job(s) at once",
-        report.caps.max_tokens_per_task, report.timeout_seconds, report.caps.concurrent_jobs
+        "  per job: {} tokens, {} turns, {}, {} s timeout; {} job(s) at once\n",
+        c.max_tokens_per_task,
+        c.max_turns_per_task,
+        c.max_cost_per_task
+            .map(|x| format!("${x:.2}"))
+            .unwrap_or_else(|| "no cost cap".into()),
+        report.timeout_seconds,
+        c.concurrent_jobs
     ));
+    out.push_str(
+        "  tokens are fresh tokens (input + cache creation + output); cache reads are shown apart and count toward cost; usage includes running jobs' reservations",
+    );
+    // One Claude Code request carries ~12,000 tokens of system prompt and
+    // tool definitions: a smaller per-job cap stops every job at once.
+    if c.max_tokens_per_task < crate::usage::MIN_USEFUL_TASK_TOKENS {
+        out.push_str(&format!(
+            "\n  {} limits.maxTokensPerTask = {} is below what one Claude Code request uses (~12,000 fresh tokens): every job would be stopped; raise it with `limits --max-tokens-per-task 500000`",
+            p.yellow("warning:"),
+            c.max_tokens_per_task
+        ));
+    }
     out
 }

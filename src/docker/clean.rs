@@ -6,7 +6,7 @@ use bollard::query_parameters::{ListImagesOptions, RemoveImageOptions};
 use bollard::Docker;
 use serde::Serialize;
 
-use super::container::{self, list_ours};
+use super::container::{self, list_ours, Scope};
 use super::hardening::Profile;
 use super::DockerError;
 
@@ -26,10 +26,16 @@ pub struct CleanReport {
     pub images_failed: Vec<String>,
 }
 
-pub async fn clean(docker: &Docker, profile: &Profile, force: bool, images: bool) -> Result<CleanReport, DockerError> {
+pub async fn clean(
+    docker: &Docker,
+    profile: &Profile,
+    scope: &Scope,
+    force: bool,
+    images: bool,
+) -> Result<CleanReport, DockerError> {
     let mut report = CleanReport::default();
     let label = &profile.image_label;
-    for c in list_ours(docker, &profile.label, &profile.job_label).await? {
+    for c in list_ours(docker, profile, scope).await? {
         if (c.running || c.starting) && !force {
             report.containers_running_kept += 1;
             continue;
@@ -81,10 +87,11 @@ pub async fn clean(docker: &Docker, profile: &Profile, force: bool, images: bool
     Ok(report)
 }
 
-/// Stop and remove our running job containers (opt-out). Returns how many.
-pub async fn stop_jobs(docker: &Docker, profile: &Profile) -> Result<usize, DockerError> {
+/// Stop and remove the running job containers in `scope` (opt-out).
+/// Returns how many.
+pub async fn stop_jobs(docker: &Docker, profile: &Profile, scope: &Scope) -> Result<usize, DockerError> {
     let mut n = 0;
-    for c in list_ours(docker, &profile.label, &profile.job_label).await? {
+    for c in list_ours(docker, profile, scope).await? {
         if c.running || c.starting {
             container::remove(docker, &c.id).await;
             n += 1;
@@ -95,11 +102,14 @@ pub async fn stop_jobs(docker: &Docker, profile: &Profile) -> Result<usize, Dock
 
 /// `stop_jobs` for synchronous callers: `Ok(n)`, or why the engine could not
 /// be asked (no engine means no container of ours is running).
-pub fn stop_jobs_blocking() -> Result<usize, DockerError> {
+pub fn stop_jobs_blocking(scope: &Scope) -> Result<usize, DockerError> {
     let profile = super::hardening::profile()?;
+    if *scope == Scope::Install(None) {
+        return Ok(0);
+    }
     let rt = super::runtime().map_err(|e| DockerError::Unreachable(e.to_string()))?;
     rt.block_on(async {
         let docker = super::connect().await?;
-        stop_jobs(&docker, profile).await
+        stop_jobs(&docker, profile, scope).await
     })
 }

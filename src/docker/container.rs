@@ -24,6 +24,8 @@ const STDERR_TAIL: usize = 4096;
 pub enum KillReason {
     Timeout,
     TokenCap,
+    /// The API refused the credential: retrying cannot help.
+    AuthFailed,
 }
 
 impl KillReason {
@@ -31,6 +33,7 @@ impl KillReason {
         match self {
             KillReason::Timeout => "timeout",
             KillReason::TokenCap => "token-cap",
+            KillReason::AuthFailed => "auth-failed",
         }
     }
 }
@@ -229,7 +232,9 @@ async fn drive(
         .await
     {
         writer.abort();
-        if is_not_found(&e) {
+        // Removed from outside between create and start: the engine says
+        // 404, or (a removal under way) a conflict.
+        if is_not_found(&e) || being_removed(docker, id).await {
             return Ok((Ending::Exited(EXIT_REMOVED), String::new()));
         }
         return Err(e.into());
@@ -337,6 +342,20 @@ async fn wait(docker: &Docker, id: &str) -> Result<i64, DockerError> {
     }
 }
 
+/// Is the container gone or on its way out?
+async fn being_removed(docker: &Docker, id: &str) -> bool {
+    match docker
+        .inspect_container(id, None::<bollard::query_parameters::InspectContainerOptions>)
+        .await
+    {
+        Err(e) => is_not_found(&e),
+        Ok(i) => i
+            .state
+            .and_then(|s| s.status)
+            .is_some_and(|s| matches!(s.to_string().as_str(), "removing" | "dead")),
+    }
+}
+
 async fn wait_code(docker: &Docker, id: &str) -> Result<i64, DockerError> {
     let mut s = docker.wait_container(id, None::<bollard::query_parameters::WaitContainerOptions>);
     match s.next().await {
@@ -397,11 +416,58 @@ pub struct Ours {
     /// Created but not started yet: a live job between create and start.
     pub starting: bool,
     pub job_id: Option<String>,
+    /// The install that started it (absent on containers of versions
+    /// before install labels).
+    pub install_id: Option<String>,
 }
 
-/// Every container carrying our label (running or not).
-pub async fn list_ours(docker: &Docker, label: &str, job_label: &str) -> Result<Vec<Ours>, DockerError> {
-    let filters = std::collections::HashMap::from([("label".to_string(), vec![format!("{label}=true")])]);
+/// Whose containers a command may touch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Only this install's (the audit log's id); `None` when this install
+    /// has no log yet, so it can have started no job.
+    Install(Option<String>),
+    /// Every container carrying our label, whichever install started it
+    /// (`clean --all-installs`).
+    AllInstalls,
+}
+
+impl Scope {
+    /// This install's scope, from its audit log's id.
+    pub fn this_install(paths: &crate::paths::Paths) -> Scope {
+        Scope::Install(
+            crate::audit::AuditLog::new(paths)
+                .read_head()
+                .ok()
+                .flatten()
+                .map(|h| h.log_id),
+        )
+    }
+
+    fn admits(&self, install_id: Option<&str>) -> bool {
+        match self {
+            Scope::AllInstalls => true,
+            Scope::Install(Some(ours)) => install_id == Some(ours.as_str()),
+            Scope::Install(None) => false,
+        }
+    }
+}
+
+/// Every container carrying our label (running or not) within `scope`.
+pub async fn list_ours(
+    docker: &Docker,
+    profile: &super::hardening::Profile,
+    scope: &Scope,
+) -> Result<Vec<Ours>, DockerError> {
+    let (label, job_label, install_label) = (&profile.label, &profile.job_label, &profile.install_label);
+    let mut wanted = vec![format!("{label}=true")];
+    if let Scope::Install(Some(id)) = scope {
+        wanted.push(format!("{install_label}={id}"));
+    }
+    if *scope == Scope::Install(None) {
+        return Ok(Vec::new());
+    }
+    let filters = std::collections::HashMap::from([("label".to_string(), wanted)]);
     let list = docker
         .list_containers(Some(ListContainersOptions {
             all: true,
@@ -411,11 +477,12 @@ pub async fn list_ours(docker: &Docker, label: &str, job_label: &str) -> Result<
         .await?;
     Ok(list
         .into_iter()
-        // Belt and braces: only what really carries the label.
+        // Belt and braces: only what really carries the labels.
         .filter(|c| {
-            c.labels
-                .as_ref()
-                .is_some_and(|l| l.get(label).map(String::as_str) == Some("true"))
+            c.labels.as_ref().is_some_and(|l| {
+                l.get(label.as_str()).map(String::as_str) == Some("true")
+                    && scope.admits(l.get(install_label.as_str()).map(String::as_str))
+            })
         })
         .map(|c| Ours {
             id: c.id.unwrap_or_default(),
@@ -434,7 +501,8 @@ pub async fn list_ours(docker: &Docker, label: &str, job_label: &str) -> Result<
             // that stays "created" for long is a leftover.
             starting: c.state.as_ref().is_some_and(|s| s.to_string() == "created")
                 && c.created.is_some_and(|t| chrono::Utc::now().timestamp() - t < 120),
-            job_id: c.labels.and_then(|l| l.get(job_label).cloned()),
+            install_id: c.labels.as_ref().and_then(|l| l.get(install_label.as_str()).cloned()),
+            job_id: c.labels.and_then(|l| l.get(job_label.as_str()).cloned()),
         })
         .collect())
 }

@@ -158,16 +158,24 @@ pub async fn remove_idle_networks(docker: &Docker, label: &str) -> Result<usize,
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct TargetCount {
     pub host: String,
+    /// Tunnels established.
     pub allowed: u64,
+    /// Allowed by the list, but the upstream connect (or its DNS lookup)
+    /// failed.
+    pub failed: u64,
     pub refused: u64,
+    /// Why the last failed connect failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
-/// What the proxy let through and refused during one job.
+/// What the proxy let through, failed to reach, and refused during one job.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct EgressReport {
     /// `restricted` (through the proxy) or `open` (`docker.egress=open`).
     pub mode: &'static str,
     pub allowed: u64,
+    pub failed: u64,
     pub refused: u64,
     pub targets: Vec<TargetCount>,
 }
@@ -181,13 +189,23 @@ impl EgressReport {
     }
 }
 
+/// What became of one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate<'a> {
+    /// The tunnel was established.
+    Allowed,
+    /// Allowed, but the upstream could not be reached (the reason).
+    Failed(&'a str),
+    Refused,
+}
+
 #[derive(Debug, Default)]
 struct Counters {
-    by_target: BTreeMap<String, (u64, u64)>,
+    by_target: BTreeMap<String, TargetCount>,
 }
 
 impl Counters {
-    fn count(&mut self, target: &str, allowed: bool) {
+    fn count(&mut self, target: &str, fate: Fate<'_>) {
         // Refused targets are chosen by whatever runs in the container; cap
         // how many distinct ones we keep so a scan cannot grow the record.
         const MAX_TARGETS: usize = 256;
@@ -196,11 +214,17 @@ impl Counters {
         } else {
             "(other)"
         };
-        let e = self.by_target.entry(key.to_string()).or_default();
-        if allowed {
-            e.0 += 1;
-        } else {
-            e.1 += 1;
+        let e = self.by_target.entry(key.to_string()).or_insert_with(|| TargetCount {
+            host: key.to_string(),
+            ..TargetCount::default()
+        });
+        match fate {
+            Fate::Allowed => e.allowed += 1,
+            Fate::Failed(why) => {
+                e.failed += 1;
+                e.last_error = Some(why.chars().take(200).collect());
+            }
+            Fate::Refused => e.refused += 1,
         }
     }
 }
@@ -271,18 +295,11 @@ impl Proxy {
     /// Counts so far.
     pub fn report(&self) -> EgressReport {
         let c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
-        let targets: Vec<TargetCount> = c
-            .by_target
-            .iter()
-            .map(|(host, (a, r))| TargetCount {
-                host: host.clone(),
-                allowed: *a,
-                refused: *r,
-            })
-            .collect();
+        let targets: Vec<TargetCount> = c.by_target.values().cloned().collect();
         EgressReport {
             mode: "restricted",
             allowed: targets.iter().map(|t| t.allowed).sum(),
+            failed: targets.iter().map(|t| t.failed).sum(),
             refused: targets.iter().map(|t| t.refused).sum(),
             targets,
         }
@@ -324,7 +341,7 @@ where
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             let mut conn = conn;
             let _ = conn.write_all(&response(503, "Too Many Connections")).await;
-            count(&counters, "(over connection limit)", false);
+            count(&counters, "(over connection limit)", Fate::Refused);
             continue;
         };
         let (policy, counters) = (policy.clone(), counters.clone());
@@ -335,11 +352,8 @@ where
     }
 }
 
-fn count(counters: &Mutex<Counters>, target: &str, allowed: bool) {
-    counters
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .count(target, allowed);
+fn count(counters: &Mutex<Counters>, target: &str, fate: Fate<'_>) {
+    counters.lock().unwrap_or_else(|e| e.into_inner()).count(target, fate);
 }
 
 fn response(code: u16, reason: &str) -> Vec<u8> {
@@ -412,7 +426,7 @@ async fn handle<C: AsyncRead + AsyncWrite + Unpin>(mut conn: C, policy: &Policy,
         // Too slow, too big, or closed before a full head.
         _ => {
             let _ = conn.write_all(&response(400, "Bad Request")).await;
-            count(counters, "(incomplete request)", false);
+            count(counters, "(incomplete request)", Fate::Refused);
             return;
         }
     };
@@ -420,7 +434,7 @@ async fn handle<C: AsyncRead + AsyncWrite + Unpin>(mut conn: C, policy: &Policy,
         Request::Connect(t) => t,
         Request::Other(t) => {
             let _ = conn.write_all(&response(403, "Forbidden")).await;
-            count(counters, &t, false);
+            count(counters, &t, Fate::Refused);
             return;
         }
     };
@@ -428,18 +442,23 @@ async fn handle<C: AsyncRead + AsyncWrite + Unpin>(mut conn: C, policy: &Policy,
     // itself, so no name can be side-stepped by its address.
     if !policy.allow.contains(&target) {
         let _ = conn.write_all(&response(403, "Forbidden")).await;
-        count(counters, &target, false);
+        count(counters, &target, Fate::Refused);
         return;
     }
-    count(counters, &target, true);
     let upstream = tokio::time::timeout(policy.connect_timeout, connect(&target, policy)).await;
     let mut upstream = match upstream {
         Ok(Ok(s)) => s,
-        _ => {
+        failed => {
+            let why = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => format!("no connection within {} ms", policy.connect_timeout.as_millis()),
+            };
+            count(counters, &target, Fate::Failed(&why));
             let _ = conn.write_all(&response(502, "Bad Gateway")).await;
             return;
         }
     };
+    count(counters, &target, Fate::Allowed);
     let _ = upstream.set_nodelay(true);
     if conn
         .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
@@ -463,8 +482,11 @@ async fn connect(target: &str, policy: &Policy) -> std::io::Result<TcpStream> {
         return TcpStream::connect(addr).await;
     }
     let (host, port) = split_target(target).ok_or_else(|| std::io::Error::other("bad target"))?;
-    let mut last = std::io::Error::other("no address");
-    for addr in tokio::net::lookup_host((host, port)).await? {
+    let mut last = std::io::Error::other(format!("DNS: `{host}` has no address"));
+    let addrs = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("DNS lookup of `{host}` failed: {e}")))?;
+    for addr in addrs {
         match TcpStream::connect(addr).await {
             Ok(s) => return Ok(s),
             Err(e) => last = e,
@@ -537,9 +559,16 @@ mod tests {
         });
         let p = profile().unwrap();
         let mut policy = Policy::new(p, "api-key");
+        // A port nothing listens on: allowed, but the connect fails.
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        policy.allow.push("down.example:443".into());
         policy.resolve = HashMap::from([
             ("api.anthropic.com:443".to_string(), up),
             ("evil.example:443".to_string(), up),
+            ("down.example:443".to_string(), dead),
         ]);
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("e.sock");
@@ -565,11 +594,18 @@ mod tests {
             platform.starts_with("HTTP/1.1 403"),
             "api keys do not get the platform host: {platform}"
         );
+        let down = ask("CONNECT down.example:443 HTTP/1.1\r\n\r\n").await;
+        assert!(down.starts_with("HTTP/1.1 502"), "{down}");
         // A connection that closes without a byte is no request.
         drop(tokio::net::UnixStream::connect(&sock).await.unwrap());
         tokio::time::sleep(Duration::from_millis(50)).await;
         let r = proxy.report();
-        assert_eq!((r.allowed, r.refused), (1, 3));
+        assert_eq!((r.allowed, r.failed, r.refused), (1, 1, 3));
+        let failed = r.targets.iter().find(|t| t.host == "down.example:443").unwrap();
+        assert!(
+            failed.last_error.as_deref().is_some_and(|e| e.contains("refused")),
+            "{failed:?}"
+        );
         let t = |h: &str| r.targets.iter().find(|t| t.host == h).cloned().unwrap_or_default();
         assert_eq!(t("api.anthropic.com:443").allowed, 1);
         assert_eq!(t("evil.example:443").refused, 1);

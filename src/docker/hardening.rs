@@ -30,6 +30,9 @@ pub struct Profile {
     pub image_label: String,
     /// Label holding the job id.
     pub job_label: String,
+    /// Label holding the id of the install that started the job (its audit
+    /// log's id): only that install's `opt-out` and `clean` touch it.
+    pub install_label: String,
     pub user: String,
     pub home: String,
     pub read_only_rootfs: bool,
@@ -161,12 +164,40 @@ pub fn host_config(p: &Profile, r: &Resources) -> HostConfig {
     }
 }
 
+/// What one job container runs, and whose it is.
+#[derive(Debug, Clone, Copy)]
+pub struct Launch<'a> {
+    pub image: &'a str,
+    pub model: &'a str,
+    /// Arguments the entrypoint passes on to `claude` after the model
+    /// (`--max-turns N`, `--permission-mode M`, ...).
+    pub claude_args: &'a [String],
+    pub job_id: &'a str,
+    /// This install's id (the audit log's id).
+    pub install_id: &'a str,
+}
+
+impl<'a> Launch<'a> {
+    /// A launch with no extra arguments, for checks that look only at the
+    /// request's shape.
+    pub fn example(image: &'a str) -> Launch<'a> {
+        Launch {
+            image,
+            model: "sonnet",
+            claude_args: &[],
+            job_id: "compliance-check",
+            install_id: "compliance-check",
+        }
+    }
+}
+
 /// The full create request for one job. The credential is deliberately not
 /// a parameter: it travels only over the attached stdin.
-pub fn create_body(p: &Profile, r: &Resources, image: &str, model: &str, job_id: &str) -> ContainerCreateBody {
+pub fn create_body(p: &Profile, r: &Resources, l: &Launch<'_>) -> ContainerCreateBody {
     let labels = HashMap::from([
         (p.label.clone(), "true".to_string()),
-        (p.job_label.clone(), job_id.to_string()),
+        (p.job_label.clone(), l.job_id.to_string()),
+        (p.install_label.clone(), l.install_id.to_string()),
     ]);
     let mut env = vec![format!("HOME={}", p.home)];
     if let Some(proxy) = &r.proxy {
@@ -178,10 +209,14 @@ pub fn create_body(p: &Profile, r: &Resources, image: &str, model: &str, job_id:
         env.push("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1".into());
     }
     ContainerCreateBody {
-        image: Some(image.to_string()),
+        image: Some(l.image.to_string()),
         user: Some(p.user.clone()),
         entrypoint: r.relay.as_ref().map(|x| x.entrypoint.clone()),
-        cmd: Some(vec![model.to_string()]),
+        cmd: Some(
+            std::iter::once(l.model.to_string())
+                .chain(l.claude_args.iter().cloned())
+                .collect(),
+        ),
         env: Some(env),
         working_dir: Some(p.home.clone()),
         labels: Some(labels),
@@ -246,6 +281,12 @@ pub fn mismatches(p: &Profile, body: &ContainerCreateBody) -> Vec<String> {
             .as_ref()
             .is_some_and(|l| l.get(&p.label).map(String::as_str) == Some("true")),
         "our label",
+    );
+    want(
+        body.labels
+            .as_ref()
+            .is_some_and(|l| l.get(&p.install_label).is_some_and(|v| !v.is_empty())),
+        "this install's label",
     );
     bad
 }
@@ -328,7 +369,7 @@ mod tests {
             proxy: None,
             relay: None,
         };
-        let body = create_body(p, &r, "img", "sonnet", "job1");
+        let body = create_body(p, &r, &Launch::example("img"));
         assert_eq!(mismatches(p, &body), Vec::<String>::new());
         let mut mounted = body.clone();
         mounted.host_config.as_mut().unwrap().binds = Some(vec!["/home/u:/work".into()]);
@@ -352,7 +393,7 @@ mod tests {
             proxy: Some(format!("http://{}", e.relay_listen)),
             relay: Some(example_relay(e)),
         };
-        let body = create_body(p, &r, "img", "sonnet", "job1");
+        let body = create_body(p, &r, &Launch::example("img"));
         assert_eq!(mismatches(p, &body), Vec::<String>::new());
         assert_eq!(egress_mismatches(e, &body), Vec::<String>::new());
         let open = create_body(
@@ -363,9 +404,7 @@ mod tests {
                 relay: None,
                 ..r
             },
-            "img",
-            "sonnet",
-            "job1",
+            &Launch::example("img"),
         );
         assert_eq!(
             egress_mismatches(e, &open).len(),

@@ -183,13 +183,13 @@ pub struct Probe {
     pub engine: Result<String, String>,
     /// `Some(present)` when the engine answered.
     pub image_present: Option<bool>,
-    /// Our running job containers, when the engine answered.
+    /// This install's running job containers, when the engine answered.
     pub running_jobs: Option<usize>,
 }
 
 /// Ask the engine for version, image and running jobs at once, within
 /// `timeout` overall. Starts its own current-thread runtime.
-pub fn probe(image: &str, timeout: Duration) -> Probe {
+pub fn probe(image: &str, scope: &container::Scope, timeout: Duration) -> Probe {
     let unreachable = |e: String| Probe {
         engine: Err(e),
         image_present: None,
@@ -211,7 +211,7 @@ pub fn probe(image: &str, timeout: Duration) -> Probe {
             let v = docker.client_version();
             let (present, ours) = tokio::join!(
                 image::exists(&docker, image),
-                container::list_ours(&docker, &profile.label, &profile.job_label),
+                container::list_ours(&docker, profile, scope),
             );
             Ok::<_, String>(Probe {
                 engine: Ok(format!("{}.{}", v.major_version, v.minor_version)),

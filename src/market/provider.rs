@@ -30,7 +30,7 @@ use crate::market::client::{Backoff, Client, ClientError};
 use crate::market::protocol::{AbandonReason, Event, IdentityProof, Request};
 use crate::market::sealed::{self, Binding};
 use crate::paths::Paths;
-use crate::usage::{Caps, HeldReservation, Ledger};
+use crate::usage::{Budget, Caps, HeldReservation, Ledger};
 
 /// Asks the person at the terminal; `None` when nobody can answer.
 pub type Ask = Arc<dyn Fn(String) -> Option<bool> + Send + Sync>;
@@ -123,8 +123,14 @@ async fn decide(paths: &Paths, spec: &AdvertiseSpec, client: &Client, task: &Val
     let reserved = {
         let (ledger, caps) = (ledger.clone(), caps.clone());
         tokio::task::spawn_blocking(move || {
+            // The task's own token budget (checked against the cap above)
+            // and this node's per-task cost cap.
+            let budget = Budget {
+                tokens,
+                ..caps.full_budget()
+            };
             ledger
-                .reserve(&caps, &label, Local::now())
+                .reserve(&caps, &label, budget, Local::now())
                 .map(|(r, _)| r.id)
                 .map_err(|e| e.to_string())
         })
@@ -492,6 +498,9 @@ impl Lease {
         );
         spec.model = self.model.clone();
         spec.max_tokens = self.max_tokens;
+        // Someone else's task runs in Claude Code's default permission mode:
+        // this node's own `docker.permissionMode` is for its own jobs.
+        spec.permission_mode = None;
         spec.reservation = self
             .reservation
             .lock()

@@ -14,6 +14,7 @@ use crate::common::Cmm;
 pub const FAKE_IMAGE: &str = "cmm-fake-claude:test";
 pub const LABEL: &str = "dev.claude-max-market.managed";
 pub const JOB_LABEL: &str = "dev.claude-max-market.job";
+pub const INSTALL_LABEL: &str = "dev.claude-max-market.install";
 pub const TOKEN: &str = "sk-ant-oat01-test-token-not-a-secret";
 
 static BUILD: Mutex<()> = Mutex::new(());
@@ -31,16 +32,37 @@ fn busybox() -> PathBuf {
     p
 }
 
-/// The fixture directory plus busybox, in a temp dir (symlinks followed).
-pub fn fixture_context() -> tempfile::TempDir {
+/// Label on the fixture image naming the fixture's content, so an image
+/// built from an older fixture (a changed fake `claude` or entrypoint) is
+/// rebuilt instead of reused.
+const FIXTURE_LABEL: &str = "dev.claude-max-market.test-fixture";
+
+/// The fixture directory plus busybox, in a temp dir (symlinks followed),
+/// and the hash of its files.
+pub fn fixture_context() -> (tempfile::TempDir, String) {
+    use sha2::{Digest, Sha256};
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake-claude");
     let dir = tempfile::tempdir().expect("temp context");
-    for e in std::fs::read_dir(&src).expect("fixture dir") {
-        let e = e.expect("fixture entry");
-        std::fs::copy(e.path(), dir.path().join(e.file_name())).expect("copy fixture file");
+    let mut names: Vec<_> = std::fs::read_dir(&src)
+        .expect("fixture dir")
+        .map(|e| e.expect("fixture entry").file_name())
+        .collect();
+    names.sort();
+    let mut h = Sha256::new();
+    // `fs::copy` keeps the executable bits the image needs.
+    for n in &names {
+        h.update(n.as_encoded_bytes());
+        h.update(std::fs::read(src.join(n)).expect("read fixture file"));
+        std::fs::copy(src.join(n), dir.path().join(n)).expect("copy fixture file");
     }
+    h.update(std::fs::read(busybox()).expect("read busybox"));
     std::fs::copy(busybox(), dir.path().join("busybox")).expect("copy busybox");
-    dir
+    let hash = hex::encode(&h.finalize()[..8]);
+    let dockerfile = dir.path().join("Dockerfile");
+    let mut text = std::fs::read_to_string(&dockerfile).expect("fixture Dockerfile");
+    text.push_str(&format!("LABEL {FIXTURE_LABEL}={hash}\n"));
+    std::fs::write(&dockerfile, text).expect("write Dockerfile");
+    (dir, hash)
 }
 
 /// Make sure the test image exists, building it with `docker build --context`.
@@ -51,10 +73,17 @@ pub fn fake_image() -> &'static str {
 
 pub fn build_fixture_image(tag: &str) {
     let _g = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    if image_exists(tag) {
+    let (ctx, hash) = fixture_context();
+    let (_, label, _) = docker(&[
+        "image",
+        "inspect",
+        "--format",
+        &format!("{{{{index .Config.Labels \"{FIXTURE_LABEL}\"}}}}"),
+        tag,
+    ]);
+    if label.trim() == hash {
         return;
     }
-    let ctx = fixture_context();
     let t = Cmm::new();
     t.run(&[
         "docker",
@@ -91,6 +120,12 @@ pub fn containers_of_job(job_id: &str) -> Vec<String> {
 pub fn our_containers() -> Vec<String> {
     let (_, out, _) = docker(&["ps", "-aq", "--filter", &format!("label={LABEL}=true")]);
     out.split_whitespace().map(str::to_string).collect()
+}
+
+/// This install's id: its audit log's id, which its job containers carry.
+pub fn install_id(t: &Cmm) -> String {
+    let head: Value = serde_json::from_str(&t.read("audit.head")).expect("audit.head is JSON");
+    head["log_id"].as_str().expect("log_id").to_string()
 }
 
 /// An opted-in install whose commands see a subscription token.

@@ -4,29 +4,38 @@
 //! One entry point, [`run`], used by `execute` and by the market provider,
 //! so a market task passes exactly the checks a local job does. Nothing here
 //! prints: everything the user sees goes through [`Progress`].
+//!
+//! The stages live in their own files: [`admit`] (consent, caps, approval),
+//! [`prepare`] (credentials, image, egress), [`outcome`] (what the stream and
+//! the container's ending mean, and the record). This file holds the types
+//! and the order the stages run in.
 
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{Local, SecondsFormat, Utc};
+use chrono::Utc;
 use serde::Serialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::audit::{AuditError, AuditLog};
-use crate::claude::credentials::{self, CredentialError};
-use crate::claude::stream::{Event, RateLimit, Retry, StreamState, Usage};
+use crate::claude::credentials::CredentialError;
+use crate::claude::stream::{Event, PartialUsage, RateLimit, Retry, StreamState, Usage};
 use crate::config::Config;
-use crate::consent::{Consent, JOB_LOCAL, JOB_MARKET};
-use crate::docker::container::{self, Ending, KillReason, Verdict};
-use crate::docker::egress::{self, EgressReport, Proxy};
-use crate::docker::image::{self, ImageProgress, Provenance};
-use crate::docker::{hardening, relay, DockerError};
+use crate::consent::{JOB_LOCAL, JOB_MARKET};
+use crate::docker::container::{self, KillReason, Verdict};
+use crate::docker::egress::{EgressReport, Proxy};
+use crate::docker::image::{self, ImageProgress};
+use crate::docker::{hardening, DockerError};
 use crate::exit::{Exit, Failure, HasExit};
 use crate::fsutil;
 use crate::paths::Paths;
-use crate::usage::{Caps, Ledger, UsageError};
+use crate::usage::UsageError;
+
+mod admit;
+mod outcome;
+mod prepare;
 
 /// Where a job came from.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -66,8 +75,20 @@ pub struct JobSpec {
     pub prompt: Vec<u8>,
     /// Claude Code model alias or id (`sonnet` by default).
     pub model: String,
-    /// Per-task token cap, compared with the running total while streaming.
+    /// Per-task cap on fresh tokens (input + cache creation + output),
+    /// compared with the running total while streaming.
     pub max_tokens: u64,
+    /// Claude Code's own `--max-turns`.
+    pub max_turns: u64,
+    /// Claude Code's own `--max-budget-usd`; also what the job reserves
+    /// against the cost caps.
+    pub max_budget_usd: Option<f64>,
+    /// Claude Code's `--permission-mode`; `None`: `acceptEdits` with a
+    /// workspace, `default` without.
+    pub permission_mode: Option<String>,
+    /// Claude Code's `--allowed-tools` / `--disallowed-tools`.
+    pub allowed_tools: Option<String>,
+    pub disallowed_tools: Option<String>,
     pub timeout: Duration,
     pub image: String,
     pub source: JobSource,
@@ -84,11 +105,47 @@ impl JobSpec {
             prompt,
             model: cfg.get_str("docker.model").unwrap_or("sonnet").to_string(),
             max_tokens: cfg.get_i64("limits.maxTokensPerTask").max(1) as u64,
+            max_turns: cfg.get_i64("limits.maxTurnsPerTask").max(1) as u64,
+            max_budget_usd: cfg.get_opt_f64("limits.maxCostPerTask"),
+            permission_mode: cfg.get_str("docker.permissionMode").map(str::to_string),
+            allowed_tools: None,
+            disallowed_tools: None,
             timeout: Duration::from_millis(cfg.get_i64("docker.timeout").max(1000) as u64),
             image: default_image(cfg),
             source,
             reservation: None,
         }
+    }
+
+    /// The permission mode this job runs in.
+    pub fn effective_permission_mode(&self) -> &str {
+        self.permission_mode.as_deref().unwrap_or("default")
+    }
+
+    /// What the entrypoint passes on to `claude` after the model. The raw
+    /// API events (`--include-partial-messages`) carry usage while an
+    /// answer streams, so a job stopped mid-answer still counts it.
+    pub fn claude_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--include-partial-messages".to_string(),
+            "--max-turns".to_string(),
+            self.max_turns.to_string(),
+            "--permission-mode".to_string(),
+            self.effective_permission_mode().to_string(),
+        ];
+        if let Some(b) = self.max_budget_usd {
+            a.push("--max-budget-usd".into());
+            a.push(format!("{b}"));
+        }
+        if let Some(t) = &self.allowed_tools {
+            a.push("--allowed-tools".into());
+            a.push(t.clone());
+        }
+        if let Some(t) = &self.disallowed_tools {
+            a.push("--disallowed-tools".into());
+            a.push(t.clone());
+        }
+        a
     }
 }
 
@@ -152,6 +209,10 @@ pub enum JobEvent<'a> {
     RateLimit(&'a RateLimit),
     /// A stdout line that is not a JSON event (kept in the record).
     InvalidLine(&'a str),
+    /// One line of Claude Code's own event stream, as it printed it (the
+    /// raw API events `--include-partial-messages` adds for our own
+    /// accounting are not passed on).
+    StreamLine(&'a str),
     Killing(KillReason),
     Cancelling,
 }
@@ -266,7 +327,13 @@ pub struct JobRecord {
     pub image: String,
     pub prompt_sha256: String,
     pub prompt_bytes: usize,
+    /// The per-task cap on fresh tokens.
     pub max_tokens: u64,
+    pub max_turns: u64,
+    pub max_budget_usd: Option<f64>,
+    pub permission_mode: String,
+    /// `subscription` or `api-key`: which hint fits a refused login.
+    pub credential_kind: &'static str,
     pub timeout_s: u64,
     pub started_at: String,
     pub finished_at: String,
@@ -276,14 +343,23 @@ pub struct JobRecord {
     pub claude_duration_ms: Option<u64>,
     pub num_turns: u64,
     pub usage: Usage,
+    /// Input + cache creation + output: what the token caps count.
+    pub fresh_tokens: u64,
+    /// Every token, cache reads included.
     pub total_tokens: u64,
+    /// What Claude Code reported, or (`cost_estimated`) our estimate from
+    /// the usage when it ended before reporting.
     pub cost_usd: Option<f64>,
+    pub cost_estimated: bool,
     pub result: Option<String>,
     pub is_error: Option<bool>,
     pub subtype: Option<String>,
     pub terminal_reason: Option<String>,
     /// Why it did not succeed, in words (no result text).
     pub error: Option<String>,
+    /// Claude Code's own error text (the result of an error, else the last
+    /// retry's error), on one line, credentials redacted.
+    pub claude_error: Option<String>,
     /// Killed: `timeout` or `token-cap`.
     pub kill_reason: Option<String>,
     /// The container's exit code, when it exited by itself.
@@ -303,34 +379,20 @@ pub struct JobRecord {
 impl JobRecord {
     /// A sentence for the user when the job did not complete.
     pub fn failure_message(&self) -> String {
-        match self.status {
-            Status::Completed => "completed".into(),
-            Status::Cancelled => "cancelled; the container was removed".into(),
-            Status::Killed => match self.kill_reason.as_deref() {
-                Some("timeout") => format!("killed: it ran past the {} s timeout", self.timeout_s),
-                _ => format!(
-                    "killed: it used {} tokens, past the per-task cap of {}",
-                    self.total_tokens, self.max_tokens
-                ),
-            },
-            Status::Failed => {
-                if let Some(r) = self.rate_limit.as_ref().filter(|r| r.rejected()) {
-                    return format!(
-                        "Claude's rate limit{} was reached{}",
-                        r.kind.as_ref().map(|k| format!(" ({k})")).unwrap_or_default(),
-                        r.resets_at_text()
-                            .map(|t| format!("; it resets {t}"))
-                            .unwrap_or_default()
-                    );
-                }
-                match self.error.as_deref() {
-                    Some("authentication_failed") => {
-                        "Claude Code could not log in (authentication_failed): the credential was rejected; renew it (e.g. `claude setup-token`)".into()
-                    }
-                    Some(e) => e.to_string(),
-                    None => "failed".into(),
-                }
-            }
+        outcome::failure_message(self)
+    }
+
+    /// What the user can do about a failure, when there is something to say.
+    pub fn failure_hint(&self) -> Option<String> {
+        outcome::failure_hint(self)
+    }
+
+    /// What the caps count for this job.
+    pub fn spent(&self) -> crate::usage::Spent {
+        crate::usage::Spent {
+            tokens: self.fresh_tokens,
+            cache_read_tokens: self.usage.cache_read_input_tokens,
+            cost_micros: self.cost_usd.map(crate::usage::usd_to_micros).unwrap_or(0),
         }
     }
 }
@@ -403,6 +465,10 @@ pub fn prompt_sha256(prompt: &[u8]) -> String {
     hex::encode(Sha256::digest(prompt))
 }
 
+fn joined(e: tokio::task::JoinError) -> JobError {
+    JobError::Docker(DockerError::Unreachable(e.to_string()))
+}
+
 /// Run one job through the whole pipeline.
 ///
 /// `Ok` carries the record of a job that started, whatever its status;
@@ -411,182 +477,71 @@ pub fn prompt_sha256(prompt: &[u8]) -> String {
 pub async fn run(
     paths: &Paths,
     cfg: &Config,
-    mut spec: JobSpec,
+    spec: JobSpec,
     approval: Approval,
     progress: Arc<dyn Progress>,
     cancel: Cancel,
 ) -> Result<JobRecord, JobError> {
-    // Guarded from the first line: any early return releases it.
-    let held = spec.reservation.take().map(|id| Ledger::new(paths).held(id));
+    // 1-3. Consent, caps, approval.
+    let mut admitted = admit::admit(paths, cfg, spec, approval, &progress, &cancel).await?;
+    let job_id = admitted.job_id.clone();
     let audit = AuditLog::new(paths);
-    let job_id = new_job_id();
-    let caps = Caps::from_config(cfg);
-    if spec.max_tokens == 0 || spec.max_tokens > caps.max_tokens_per_task {
-        return Err(JobError::Invalid(format!(
-            "--max-tokens {} is outside 1..={} (limits.maxTokensPerTask, what each job reserves)",
-            spec.max_tokens, caps.max_tokens_per_task
-        )));
-    }
-    let profile = hardening::profile()?;
-    let mut resources = hardening::Resources::from_config(cfg, profile)?;
 
-    // 1. Consent.
-    Consent::from_config(cfg).require(spec.source.consent_type())?;
-
-    // Ask the engine (connect, is the image there?) while the caps are
-    // reserved: both are waits, and reading engine state changes nothing.
-    // Errors surface where they would in order, after the credentials.
-    let engine = {
-        let image = spec.image.clone();
-        tokio::spawn(async move {
-            let docker = crate::docker::connect().await?;
-            let present = image::exists(&docker, &image).await?;
-            Ok::<_, DockerError>((docker, present))
-        })
-    };
-    let joined = |e: tokio::task::JoinError| JobError::Docker(DockerError::Unreachable(e.to_string()));
-
-    // 2. Caps, reserved under the ledger lock.
-    let ledger = Ledger::new(paths);
-    let (mut guard, reclaimed) = match held {
-        Some(g) => (g, Vec::new()),
-        None => {
-            let (reservation, reclaimed) = {
-                let (ledger, caps, job_id) = (ledger.clone(), caps.clone(), job_id.clone());
-                tokio::task::spawn_blocking(move || ledger.reserve(&caps, &job_id, Local::now()))
-                    .await
-                    .map_err(joined)??
-            };
-            (ledger.held(reservation.id), reclaimed)
-        }
-    };
-    if !reclaimed.is_empty() {
-        let ids: Vec<&str> = reclaimed.iter().map(|r| r.job_id.as_str()).collect();
-        audit.append("usage.reclaimed", json!({ "job_ids": ids }))?;
-    }
-
-    // 3. Approval.
-    let how = match approval {
-        Approval::PreApproved(by) => by.how(),
-        Approval::AskOnTty if !cfg.get_bool("compliance.requireApproval") => ApprovedBy::StandingRule.how(),
-        Approval::AskOnTty => {
-            let question = format!(
-                "Run this {} job with model `{}` (prompt {} bytes, up to {} tokens, {} s)?",
-                spec.source.name(),
-                spec.model,
-                spec.prompt.len(),
-                spec.max_tokens,
-                spec.timeout.as_secs()
-            );
-            let p = progress.clone();
-            // Blocking read on the terminal, raced against Ctrl-C.
-            let answer = tokio::task::spawn_blocking(move || p.ask(&question));
-            let answer = tokio::select! {
-                a = answer => a.map_err(|e| io::Error::other(e.to_string())).and_then(|r| r),
-                _ = cancel.cancelled() => {
-                    guard.release()?;
-                    return Err(JobError::Cancelled);
-                }
-            };
-            let denied = match answer {
-                Ok(Some(true)) => None,
-                Ok(Some(false)) => Some("declined at the prompt"),
-                Ok(None) => Some("no terminal to ask and no standing approval"),
-                Err(_) => Some("the approval prompt could not be read"),
-            };
-            if let Some(reason) = denied {
-                guard.release()?;
-                audit.append("job.denied", json!({ "job_id": job_id, "reason": reason }))?;
-                return Err(JobError::Denied(reason.into()));
-            }
-            "tty"
-        }
-    };
-    // The approval is audited together with the start (one lock, one
-    // sync) on the common path; any path that stops before the start
-    // audits it on its own first, so every decision is still recorded.
-    let approved = json!({ "job_id": job_id, "how": how });
-    progress.job_event(JobEvent::Approved { how });
-    let prepared = async {
-        // 4. Credentials (may run the user's tokenCommand).
-        let mut notes = Vec::new();
-        let credential = credentials::resolve(cfg, &mut notes)?;
-        for n in &notes {
-            progress.note(n);
-        }
-        // 5. The image: auto-managed when it is the configured default.
-        let (docker, present) = engine.await.map_err(joined)??;
-        if !present {
-            let manage = spec.image == default_image(cfg);
-            let ensured = tokio::select! {
-                r = image::ensure(&docker, &spec.image, manage, &profile.image_label, progress.as_ref()) => r,
-                _ = cancel.cancelled() => return Err(JobError::Cancelled),
-            };
-            let _: Provenance = ensured?;
-        }
-        // 5b. Restricted egress: this job's own proxy on a Unix socket,
-        // allowing only what this credential kind needs, and the relay
-        // that carries the container's HTTPS_PROXY to it.
-        let egress = match &resources.proxy {
-            Some(_) => {
-                let e = egress::profile()?;
-                let files = tokio::task::spawn_blocking(|| {
-                    let base = relay::base_dir()?;
-                    relay::RelayFiles::prepare(&base).map(|f| (base, f))
-                });
-                let (ep, files) = tokio::join!(image::entrypoint(&docker, &spec.image), files);
-                let (base, files) = files
-                    .map_err(joined)?
-                    .map_err(|err| DockerError::Relay(err.to_string()))?;
-                let socket = base.join(format!("egress-{job_id}.sock"));
-                let policy = egress::Policy::new(e, credential.kind.name());
-                let proxy = Proxy::start_unix(&socket, policy)
-                    .await
-                    .map_err(|err| DockerError::Relay(format!("cannot listen on {}: {err}", socket.display())))?;
-                let setup = hardening::RelaySetup {
-                    entrypoint: files.entrypoint(e.relay_listen, &ep?),
-                    binds: files.binds(&socket),
-                };
-                Some((proxy, setup))
-            }
-            None => None,
-        };
-        if cancel.is_cancelled() {
-            return Err(JobError::Cancelled);
-        }
-        Ok((credential, docker, egress))
-    }
-    .await;
-    let (credential, docker, egress) = match prepared {
+    // 4-5b. Credentials, image, egress.
+    let engine = admitted.engine.take().expect("admit hands over the engine probe");
+    let prepared = prepare::prepare(cfg, &admitted, engine, &progress, &cancel).await;
+    let prepare::Prepared {
+        credential,
+        docker,
+        proxy,
+    } = match prepared {
         Ok(p) => p,
         Err(e) => {
-            audit.append("job.approved", approved)?;
-            guard.release()?;
+            // Every decision is recorded even when the job never starts.
+            audit.append("job.approved", admitted.approved.clone())?;
+            admitted.guard.release()?;
             return Err(e);
         }
     };
+    let spec = &admitted.spec;
+    let mut resources = admitted.resources.clone();
 
     // 6. Started: from here exactly one terminal event follows.
     let prompt_sha = prompt_sha256(&spec.prompt);
     let timeout_s = spec.timeout.as_secs();
+    let mode = spec.effective_permission_mode().to_string();
     let started = json!({
         "job_id": job_id,
         "model": spec.model,
         "image": spec.image,
         "prompt_sha256": prompt_sha,
         "max_tokens": spec.max_tokens,
+        "max_turns": spec.max_turns,
+        "max_budget_usd": spec.max_budget_usd,
+        "permission_mode": mode,
         "timeout_s": timeout_s,
         "source": spec.source.name(),
     });
     // The container is created (not started) while the start is audited;
     // it starts only once the audit line is on disk.
-    let proxy = egress.map(|(proxy, setup)| {
-        resources.relay = Some(setup);
-        proxy
-    });
-    let body = hardening::create_body(profile, &resources, &spec.image, &spec.model, &job_id);
+    if let Some((_, setup)) = &proxy {
+        resources.relay = Some(setup.clone());
+    }
+    let claude_args = spec.claude_args();
+    let body = hardening::create_body(
+        admitted.profile,
+        &resources,
+        &hardening::Launch {
+            image: &spec.image,
+            model: &spec.model,
+            claude_args: &claude_args,
+            job_id: &job_id,
+            install_id: &admitted.install_id,
+        },
+    );
     let append = {
         let paths = paths.clone();
+        let approved = admitted.approved.clone();
         tokio::task::spawn_blocking(move || {
             AuditLog::new(&paths).append_many(&[("job.approved", approved), ("job.started", started)])
         })
@@ -608,6 +563,7 @@ pub async fn run(
 
     // 7-9. Container: stdin line 1 = credential, rest = prompt.
     let mut stdin = credential.stdin_line();
+    let credential_kind = credential.kind.name();
     drop(credential);
     stdin.extend_from_slice(&spec.prompt);
     let mut state = StreamState::default();
@@ -622,177 +578,45 @@ pub async fn run(
             cancel.cancelled().await;
             p.job_event(JobEvent::Cancelling);
         },
-        |line| {
-            let event = state.feed(line);
-            match &event {
-                Event::Init { model } => progress.job_event(JobEvent::Init {
-                    model: model.as_deref(),
-                }),
-                Event::Retry(r) => progress.job_event(JobEvent::Retry(r)),
-                Event::RateLimit(r) => progress.job_event(JobEvent::RateLimit(r)),
-                Event::Invalid(l) => progress.job_event(JobEvent::InvalidLine(l)),
-                Event::Message {
-                    tokens_so_far, turns, ..
-                } => progress.job_event(JobEvent::Tokens {
-                    so_far: *tokens_so_far,
-                    turns: *turns,
-                    max: max_tokens,
-                }),
-                Event::Result(_) | Event::Other => {}
-            }
-            if state.tokens_so_far() > max_tokens {
-                progress.job_event(JobEvent::Killing(KillReason::TokenCap));
-                return Verdict::Kill(KillReason::TokenCap);
-            }
-            Verdict::Continue
-        },
+        |line| on_line(&mut state, line, max_tokens, progress.as_ref()),
     )
     .await;
     let duration_ms = t0.elapsed().as_millis() as u64;
     // The container has stopped: nothing can use the proxy any more.
-    let egress = proxy.as_ref().map(Proxy::report).unwrap_or_else(EgressReport::open);
+    let egress = proxy
+        .as_ref()
+        .map(|(p, _)| Proxy::report(p))
+        .unwrap_or_else(EgressReport::open);
     drop(proxy);
+    let facts = outcome::Facts {
+        job_id: &job_id,
+        spec,
+        prompt_sha,
+        credential_kind,
+        started_at,
+        duration_ms,
+        egress,
+    };
     let exited = match run {
         Ok(r) => r,
         Err(e) => {
             // The engine failed mid-job: record it as failed, with what we saw.
-            let usage = state.usage_so_far();
-            guard.commit(usage.total())?;
-            audit.append(
-                Status::Failed.event(),
-                terminal_fields(
-                    &job_id,
-                    &spec.model,
-                    duration_ms,
-                    &usage,
-                    None,
-                    state.turns,
-                    None,
-                    |m| {
-                        m.insert("error".into(), json!("engine-error"));
-                        egress_fields(m, &egress);
-                    },
-                ),
-            )?;
+            let record = outcome::engine_failed(&facts, &state);
+            admitted.guard.commit(&record.spent())?;
+            audit.append(Status::Failed.event(), outcome::terminal_fields(&record))?;
             return Err(e.into());
         }
     };
-    let run = &exited.run;
-    if let Ending::Killed(r) = &run.ending {
-        if *r == KillReason::Timeout {
-            progress.job_event(JobEvent::Killing(*r));
-        }
+    if let container::Ending::Killed(KillReason::Timeout) = &exited.run.ending {
+        progress.job_event(JobEvent::Killing(KillReason::Timeout));
     }
 
-    // 10-11. Decide, record, count, audit.
-    let outcome = state.outcome.clone();
-    let usage = state.usage_so_far();
-    let (status, error, kill_reason, exit_code) = match &run.ending {
-        Ending::Cancelled => (Status::Cancelled, Some("cancelled".to_string()), None, None),
-        Ending::Killed(r) => (
-            Status::Killed,
-            Some(format!("killed ({})", r.name())),
-            Some(r.name().to_string()),
-            None,
-        ),
-        Ending::Exited(code) => match &outcome {
-            Some(o) if !o.is_error => (Status::Completed, None, None, Some(*code)),
-            Some(o) => {
-                let why = if state.rate_limit.as_ref().is_some_and(|r| r.rejected()) {
-                    "rate limit rejected".to_string()
-                } else if let Some(e) = &state.message_error {
-                    e.clone()
-                } else if let Some(t) = &o.terminal_reason {
-                    t.clone()
-                } else {
-                    format!(
-                        "Claude Code reported an error (subtype {})",
-                        o.subtype.as_deref().unwrap_or("none")
-                    )
-                };
-                (Status::Failed, Some(why), None, Some(*code))
-            }
-            None if *code == container::EXIT_OOM => (
-                Status::Failed,
-                Some("the container ran out of memory (raise `docker.memory`)".into()),
-                None,
-                Some(*code),
-            ),
-            None if *code == container::EXIT_REMOVED => (
-                Status::Failed,
-                Some("the container was stopped from outside (opt-out or `clean --force`) before a result".into()),
-                None,
-                Some(*code),
-            ),
-            None => (
-                Status::Failed,
-                Some(format!("Claude Code exited with code {code} without a result")),
-                None,
-                Some(*code),
-            ),
-        },
-    };
-    let record = JobRecord {
-        job_id: job_id.clone(),
-        status,
-        source: spec.source.clone(),
-        model: spec.model.clone(),
-        model_resolved: state.model.clone(),
-        image: spec.image.clone(),
-        prompt_sha256: prompt_sha,
-        prompt_bytes: spec.prompt.len(),
-        max_tokens: spec.max_tokens,
-        timeout_s,
-        started_at: started_at.to_rfc3339_opts(SecondsFormat::Millis, true),
-        finished_at: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
-        duration_ms,
-        claude_duration_ms: outcome.as_ref().and_then(|o| o.duration_ms),
-        num_turns: outcome.as_ref().and_then(|o| o.num_turns).unwrap_or(state.turns),
-        usage,
-        total_tokens: usage.total(),
-        cost_usd: outcome.as_ref().and_then(|o| o.total_cost_usd),
-        result: outcome.as_ref().and_then(|o| o.result.clone()),
-        is_error: outcome.as_ref().map(|o| o.is_error),
-        subtype: outcome.as_ref().and_then(|o| o.subtype.clone()),
-        terminal_reason: outcome.as_ref().and_then(|o| o.terminal_reason.clone()),
-        error: error.clone(),
-        kill_reason: kill_reason.clone(),
-        exit_code,
-        exit: status.exit_code(),
-        retries: state.retries.clone(),
-        rate_limit: state.rate_limit.clone(),
-        invalid_lines: state.invalid_lines.clone(),
-        invalid_line_count: state.invalid_count,
-        stderr_tail: run.stderr_tail.clone(),
-        container_id: run.container_id.clone(),
-        egress,
-    };
-    let fields = terminal_fields(
-        &job_id,
-        &spec.model,
-        duration_ms,
-        &usage,
-        record.cost_usd,
-        record.num_turns,
-        exit_code,
-        |m| {
-            if let Some(r) = &kill_reason {
-                m.insert("reason".into(), json!(r));
-            }
-            if let Some(t) = &record.terminal_reason {
-                m.insert("terminal_reason".into(), json!(t));
-            }
-            if status == Status::Failed {
-                m.insert("error".into(), json!(error));
-            }
-            if state.invalid_count > 0 {
-                m.insert("invalid_lines".into(), json!(state.invalid_count));
-            }
-            egress_fields(m, &record.egress);
-        },
-    );
+    // 10-13. Decide, record, count, audit.
+    let record = outcome::record(&facts, &state, &exited.run);
+    let fields = outcome::terminal_fields(&record);
     // Bookkeeping (record, usage, audit: several fsyncs) runs on a blocking
     // thread while the engine removes the container, so it adds no latency.
+    let mut guard = admitted.guard;
     let book = {
         let paths = paths.clone();
         let record = record.clone();
@@ -809,7 +633,7 @@ pub async fn run(
             if record.total_tokens == 0 && record.status == Status::Cancelled {
                 guard.release()?;
             } else {
-                guard.commit(record.total_tokens)?;
+                guard.commit(&record.spent())?;
             }
             AuditLog::new(&paths).append(record.status.event(), fields)?;
             Ok(())
@@ -823,35 +647,45 @@ pub async fn run(
     Ok(record)
 }
 
-/// Egress counts for the audit log: numbers only. The targets (which a job's
-/// content chooses) stay in the job record, out of the hash chain.
-fn egress_fields(m: &mut serde_json::Map<String, Value>, e: &EgressReport) {
-    m.insert("egress".into(), json!(e.mode));
-    m.insert("egress_allowed".into(), json!(e.allowed));
-    m.insert("egress_refused".into(), json!(e.refused));
-}
-
-#[allow(clippy::too_many_arguments)]
-fn terminal_fields(
-    job_id: &str,
-    model: &str,
-    duration_ms: u64,
-    usage: &Usage,
-    cost_usd: Option<f64>,
-    num_turns: u64,
-    exit_code: Option<i64>,
-    extra: impl FnOnce(&mut serde_json::Map<String, Value>),
-) -> Value {
-    let mut m = serde_json::Map::new();
-    m.insert("job_id".into(), json!(job_id));
-    m.insert("model".into(), json!(model));
-    m.insert("duration_ms".into(), json!(duration_ms));
-    m.insert("usage".into(), usage.to_json());
-    m.insert("cost_usd".into(), json!(cost_usd));
-    m.insert("num_turns".into(), json!(num_turns));
-    m.insert("exit_code".into(), json!(exit_code));
-    extra(&mut m);
-    Value::Object(m)
+/// One stdout line: update the state, show progress, and decide whether the
+/// job goes on.
+fn on_line(state: &mut StreamState, line: &str, max_tokens: u64, progress: &dyn Progress) -> Verdict {
+    let event = state.feed(line);
+    match &event {
+        Event::Init { model } => progress.job_event(JobEvent::Init {
+            model: model.as_deref(),
+        }),
+        Event::Retry(r) => progress.job_event(JobEvent::Retry(r)),
+        Event::RateLimit(r) => progress.job_event(JobEvent::RateLimit(r)),
+        Event::Invalid(l) => progress.job_event(JobEvent::InvalidLine(l)),
+        Event::Message {
+            tokens_so_far, turns, ..
+        }
+        | Event::Partial(Some(PartialUsage {
+            tokens_so_far, turns, ..
+        })) => progress.job_event(JobEvent::Tokens {
+            so_far: *tokens_so_far,
+            turns: *turns,
+            max: max_tokens,
+        }),
+        Event::Result(_) | Event::Other | Event::Partial(None) => {}
+    }
+    if !event.is_raw_api_event() {
+        progress.job_event(JobEvent::StreamLine(line));
+    }
+    // A refused credential stays refused: end the job now instead of
+    // after Claude Code's ten retries.
+    if let Event::Retry(r) = &event {
+        if r.is_auth_failure() {
+            progress.job_event(JobEvent::Killing(KillReason::AuthFailed));
+            return Verdict::Kill(KillReason::AuthFailed);
+        }
+    }
+    if state.tokens_so_far() > max_tokens {
+        progress.job_event(JobEvent::Killing(KillReason::TokenCap));
+        return Verdict::Kill(KillReason::TokenCap);
+    }
+    Verdict::Continue
 }
 
 /// Where a job's record lives.

@@ -1,0 +1,236 @@
+//! Stages 1-3 of a job: consent, caps (reserved under the ledger lock) and
+//! approval. Nothing has started when this returns; every way out before
+//! the start releases the reservation (it is a [`HeldReservation`]).
+
+use std::io;
+use std::sync::Arc;
+
+use chrono::Local;
+use serde_json::{json, Value};
+
+use super::{joined, new_job_id, Approval, ApprovedBy, Cancel, JobError, JobEvent, JobSource, JobSpec, Progress};
+use crate::audit::AuditLog;
+use crate::config::{Config, PERMISSION_MODES};
+use crate::consent::Consent;
+use crate::docker::hardening::{self, Profile, Resources};
+use crate::docker::{image, DockerError};
+use crate::paths::Paths;
+use crate::usage::{usd_to_micros, Budget, Caps, HeldReservation, Ledger};
+
+/// The engine connection and whether the image is there, asked for while
+/// the caps are reserved.
+pub(super) type EngineProbe = tokio::task::JoinHandle<Result<(bollard::Docker, bool), DockerError>>;
+
+/// A job that may start.
+pub(super) struct Admitted {
+    pub spec: JobSpec,
+    pub job_id: String,
+    pub guard: HeldReservation,
+    /// The `job.approved` fields, audited together with the start.
+    pub approved: Value,
+    /// This install's id (the audit log's id), for the container's label.
+    pub install_id: String,
+    pub profile: &'static Profile,
+    pub resources: Resources,
+    pub engine: Option<EngineProbe>,
+}
+
+/// The job's own limits, checked against the caps before anything runs.
+fn validate(spec: &JobSpec, caps: &Caps) -> Result<(), JobError> {
+    let bad = |m: String| Err(JobError::Invalid(m));
+    if spec.max_tokens == 0 || spec.max_tokens > caps.max_tokens_per_task {
+        return bad(format!(
+            "--max-tokens {} is outside 1..={} (limits.maxTokensPerTask, what each job may use in fresh tokens)",
+            spec.max_tokens, caps.max_tokens_per_task
+        ));
+    }
+    if spec.max_turns == 0 || spec.max_turns > caps.max_turns_per_task {
+        return bad(format!(
+            "--max-turns {} is outside 1..={} (limits.maxTurnsPerTask)",
+            spec.max_turns, caps.max_turns_per_task
+        ));
+    }
+    if let Some(b) = spec.max_budget_usd {
+        if !b.is_finite() || b <= 0.0 {
+            return bad(format!("--max-budget-usd {b} must be an amount above 0"));
+        }
+        if let Some(cap) = caps.max_cost_per_task.filter(|cap| b > *cap) {
+            return bad(format!("--max-budget-usd {b} is above limits.maxCostPerTask (${cap})"));
+        }
+    }
+    let mode = spec.effective_permission_mode();
+    if !PERMISSION_MODES.contains(&mode) {
+        return bad(format!(
+            "permission mode `{mode}` is not one of {}",
+            PERMISSION_MODES.join(", ")
+        ));
+    }
+    // Someone else's task never skips Claude Code's permission checks on
+    // this node's login without a standing rule saying so.
+    if mode == "bypassPermissions" && matches!(spec.source, JobSource::Market { .. }) {
+        return bad("a market job may not run with `bypassPermissions`".into());
+    }
+    for tools in [&spec.allowed_tools, &spec.disallowed_tools].into_iter().flatten() {
+        if tools.trim().is_empty() || tools.chars().any(|c| c.is_control()) {
+            return bad(format!(
+                "`{tools}` is not a list of tool names (e.g. \"Read,Edit,Bash(git *)\")"
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn admit(
+    paths: &Paths,
+    cfg: &Config,
+    mut spec: JobSpec,
+    approval: Approval,
+    progress: &Arc<dyn Progress>,
+    cancel: &Cancel,
+) -> Result<Admitted, JobError> {
+    // Guarded from the first line: any early return releases it.
+    let held = spec.reservation.take().map(|id| Ledger::new(paths).held(id));
+    let audit = AuditLog::new(paths);
+    let job_id = new_job_id();
+    let caps = Caps::from_config(cfg);
+    validate(&spec, &caps)?;
+    let profile = hardening::profile()?;
+    let resources = hardening::Resources::from_config(cfg, profile)?;
+
+    // 1. Consent.
+    Consent::from_config(cfg).require(spec.source.consent_type())?;
+
+    // Ask the engine (connect, is the image there?) while the caps are
+    // reserved: both are waits, and reading engine state changes nothing.
+    // Errors surface where they would in order, after the credentials.
+    let engine = {
+        let image = spec.image.clone();
+        tokio::spawn(async move {
+            let docker = crate::docker::connect().await?;
+            let present = image::exists(&docker, &image).await?;
+            Ok::<_, DockerError>((docker, present))
+        })
+    };
+
+    // 2. Caps, reserved under the ledger lock: one task plus this job's
+    // own token and cost budget.
+    let ledger = Ledger::new(paths);
+    let budget = Budget {
+        tokens: spec.max_tokens,
+        cost_micros: spec.max_budget_usd.map(usd_to_micros).unwrap_or(0),
+    };
+    let (mut guard, reclaimed) = match held {
+        Some(g) => (g, Vec::new()),
+        None => {
+            let (reservation, reclaimed) = {
+                let (ledger, caps, job_id) = (ledger.clone(), caps.clone(), job_id.clone());
+                tokio::task::spawn_blocking(move || ledger.reserve(&caps, &job_id, budget, Local::now()))
+                    .await
+                    .map_err(joined)??
+            };
+            (ledger.held(reservation.id), reclaimed)
+        }
+    };
+    if !reclaimed.is_empty() {
+        let ids: Vec<&str> = reclaimed.iter().map(|r| r.job_id.as_str()).collect();
+        audit.append("usage.reclaimed", json!({ "job_ids": ids }))?;
+    }
+    let install_id = audit.read_head()?.map(|h| h.log_id).unwrap_or_default();
+
+    // 3. Approval.
+    let how = match approval {
+        Approval::PreApproved(by) => by.how(),
+        Approval::AskOnTty if !cfg.get_bool("compliance.requireApproval") => ApprovedBy::StandingRule.how(),
+        Approval::AskOnTty => {
+            let question = format!(
+                "Run this {} job with model `{}` (prompt {} bytes, up to {} fresh tokens{}, {} turns, {} s, permission mode {})?",
+                spec.source.name(),
+                spec.model,
+                spec.prompt.len(),
+                spec.max_tokens,
+                spec.max_budget_usd.map(|b| format!(", ${b}")).unwrap_or_default(),
+                spec.max_turns,
+                spec.timeout.as_secs(),
+                spec.effective_permission_mode(),
+            );
+            let p = progress.clone();
+            // Blocking read on the terminal, raced against Ctrl-C.
+            let answer = tokio::task::spawn_blocking(move || p.ask(&question));
+            let answer = tokio::select! {
+                a = answer => a.map_err(|e| io::Error::other(e.to_string())).and_then(|r| r),
+                _ = cancel.cancelled() => {
+                    guard.release()?;
+                    return Err(JobError::Cancelled);
+                }
+            };
+            let denied = match answer {
+                Ok(Some(true)) => None,
+                Ok(Some(false)) => Some("declined at the prompt"),
+                Ok(None) => Some("no terminal to ask and no standing approval"),
+                Err(_) => Some("the approval prompt could not be read"),
+            };
+            if let Some(reason) = denied {
+                guard.release()?;
+                audit.append("job.denied", json!({ "job_id": job_id, "reason": reason }))?;
+                return Err(JobError::Denied(reason.into()));
+            }
+            "tty"
+        }
+    };
+    // The approval is audited together with the start (one lock, one
+    // sync) on the common path; any path that stops before the start
+    // audits it on its own first, so every decision is still recorded.
+    let approved = json!({
+        "job_id": job_id,
+        "how": how,
+        "permission_mode": spec.effective_permission_mode(),
+    });
+    progress.job_event(JobEvent::Approved { how });
+    Ok(Admitted {
+        spec,
+        job_id,
+        guard,
+        approved,
+        install_id,
+        profile,
+        resources,
+        engine: Some(engine),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> JobSpec {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::load(&Paths::in_one_dir(dir.path().into())).unwrap();
+        JobSpec::from_config(&cfg, b"hi".to_vec(), JobSource::Local)
+    }
+
+    #[test]
+    fn a_job_asks_for_no_more_than_the_caps_allow() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::load(&Paths::in_one_dir(dir.path().into())).unwrap();
+        let caps = Caps::from_config(&cfg);
+        assert!(validate(&spec(), &caps).is_ok());
+        let over = |f: fn(&mut JobSpec)| {
+            let mut s = spec();
+            f(&mut s);
+            validate(&s, &caps).unwrap_err().to_string()
+        };
+        assert!(over(|s| s.max_turns = 100_000).contains("limits.maxTurnsPerTask"));
+        assert!(over(|s| s.max_budget_usd = Some(1e6)).contains("limits.maxCostPerTask"));
+        assert!(over(|s| s.max_budget_usd = Some(0.0)).contains("above 0"));
+        assert!(over(|s| s.permission_mode = Some("yolo".into())).contains("not one of"));
+        assert!(over(|s| {
+            s.permission_mode = Some("bypassPermissions".into());
+            s.source = JobSource::Market {
+                task_id: "t".into(),
+                requester: None,
+                attempt: None,
+            };
+        })
+        .contains("market job"));
+    }
+}

@@ -1,0 +1,498 @@
+//! Writing a change set into the user's directory ([`apply`]), only when
+//! nothing there changed since the snapshot, and so that a failure midway
+//! leaves every file either old or new.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::diff::{ChangeKind, ChangeSet, FileChange, NewSide};
+use super::fsat::{fchmod, is_not_a_dir, DirFd, Kind};
+use super::snapshot::{scan, Entry, EntryKind, Snapshot};
+use super::WorkspaceError;
+
+/// What [`apply`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Applied {
+    /// Files and links written (added, modified, or of a new kind).
+    pub written: Vec<String>,
+    pub deleted: Vec<String>,
+    pub mode_changed: Vec<String>,
+    pub dirs_created: Vec<String>,
+    pub dirs_removed: Vec<String>,
+    /// Directories the job removed that still hold ignored files here:
+    /// left in place with those files.
+    pub dirs_kept: Vec<String>,
+}
+
+impl Applied {
+    /// `applied 3 changes: 2 written, 1 deleted`.
+    pub fn summary(&self) -> String {
+        let n = self.written.len() + self.deleted.len() + self.mode_changed.len();
+        let mut parts = Vec::new();
+        for (k, what) in [
+            (self.written.len(), "written"),
+            (self.deleted.len(), "deleted"),
+            (self.mode_changed.len(), "mode changed"),
+        ] {
+            if k > 0 {
+                parts.push(format!("{k} {what}"));
+            }
+        }
+        let mut s = format!("applied {n} change{}", if n == 1 { "" } else { "s" });
+        if !parts.is_empty() {
+            s.push_str(&format!(": {}", parts.join(", ")));
+        }
+        if !self.dirs_kept.is_empty() {
+            s.push_str(&format!(
+                "; kept {} removed director{} that still hold ignored files",
+                self.dirs_kept.len(),
+                if self.dirs_kept.len() == 1 { "y" } else { "ies" }
+            ));
+        }
+        s
+    }
+}
+
+/// Apply `changes` (made by [`super::diff`] from `snapshot`) to `dir`.
+///
+/// Refuses, touching nothing, when `dir` no longer matches the snapshot
+/// (selected again with the same rules; contents, modes and links
+/// compared), or when a path the job added already exists in `dir` (an
+/// ignored `.env` is never overwritten). Then every new file and link is
+/// staged beside its destination and renamed into place, modes are set,
+/// deletions done. Every path is reached from `dir` one component at a
+/// time without following links, so nothing outside `dir` is written.
+pub fn apply(changes: &ChangeSet, snapshot: &Snapshot, dir: &Path) -> Result<Applied, WorkspaceError> {
+    if changes.base != snapshot.id() {
+        return Err(WorkspaceError::WrongSnapshot);
+    }
+    unchanged_since(snapshot, dir)?;
+    let root = DirFd::open(dir).map_err(WorkspaceError::io(format!("cannot open `{}`", dir.display())))?;
+    let plan = Plan::new(changes, snapshot, dir, &root)?;
+    plan.run(changes, dir, &root)
+}
+
+/// Refuse unless `dir` selects now exactly what the snapshot holds.
+fn unchanged_since(snapshot: &Snapshot, dir: &Path) -> Result<(), WorkspaceError> {
+    let changed = |changes: Vec<String>, more: usize| WorkspaceError::Changed {
+        dir: dir.to_path_buf(),
+        changes,
+        more,
+    };
+    let now = match scan(snapshot, dir) {
+        Ok(now) => now,
+        Err(e @ WorkspaceError::Io { .. }) | Err(e @ WorkspaceError::NotADirectory { .. }) => return Err(e),
+        // Something there now that could not even be selected.
+        Err(e) => return Err(changed(vec![e.to_string()], 0)),
+    };
+    let then: BTreeMap<&str, &Entry> = snapshot.entries().map(|e| (e.path.as_str(), e)).collect();
+    let paths: BTreeSet<&str> = then.keys().copied().chain(now.keys().map(String::as_str)).collect();
+    let mut found = Vec::new();
+    for p in paths {
+        let what = match (then.get(p), now.get(p)) {
+            (Some(a), Some(b)) if a.same_as(b) => continue,
+            (Some(a), Some(b)) if a.kind != b.kind => format!("is now a {}", b.kind.name()),
+            (Some(a), Some(b)) if a.sha256 != b.sha256 || a.size != b.size || a.link_target != b.link_target => {
+                "modified".to_string()
+            }
+            (Some(_), Some(_)) => "mode changed".to_string(),
+            (Some(_), None) => "deleted".to_string(),
+            (None, Some(_)) => "added".to_string(),
+            (None, None) => continue,
+        };
+        found.push(format!("`{p}` {what}"));
+    }
+    if found.is_empty() {
+        return Ok(());
+    }
+    let more = found.len().saturating_sub(5);
+    found.truncate(5);
+    Err(changed(found, more))
+}
+
+/// A path split into its parent's components and its name.
+#[derive(Debug, Clone)]
+struct Place {
+    path: String,
+    parents: Vec<OsString>,
+    name: OsString,
+}
+
+impl Place {
+    fn new(path: &str) -> Result<Place, WorkspaceError> {
+        let mut parts: Vec<OsString> = Vec::new();
+        for c in path.split('/') {
+            if c.is_empty() || c == "." || c == ".." {
+                return Err(WorkspaceError::Archive(format!(
+                    "unsafe path `{path}` in the change set"
+                )));
+            }
+            parts.push(OsString::from(c));
+        }
+        let name = parts
+            .pop()
+            .ok_or_else(|| WorkspaceError::Archive("an empty path in the change set".into()))?;
+        Ok(Place {
+            path: path.to_string(),
+            parents: parts,
+            name,
+        })
+    }
+
+    fn parent(&self, root: &DirFd) -> io::Result<DirFd> {
+        root.descend(self.parents.iter().map(OsString::as_os_str))
+    }
+
+    fn parent_path(&self) -> String {
+        match self.path.rfind('/') {
+            Some(i) => self.path[..i].to_string(),
+            None => String::new(),
+        }
+    }
+
+    /// What is at this path now (`None`: nothing, or its parent is missing
+    /// or not a directory; the parents are checked on their own).
+    fn lstat(&self, root: &DirFd) -> io::Result<Option<Kind>> {
+        match self.parent(root) {
+            Ok(p) => Ok(p.lstat_opt(&self.name)?.map(|m| m.kind)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound || is_not_a_dir(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A new file or link to write at `place`.
+struct Write<'c> {
+    place: Place,
+    side: &'c NewSide,
+    /// The exact mode for a file that replaces one of the user's (its mode
+    /// with the execute bits the job set); `None`: a new file, created
+    /// 0666/0777 under the user's umask as any new file.
+    mode: Option<u32>,
+}
+
+struct Plan<'c> {
+    deletes: Vec<Place>,
+    writes: Vec<Write<'c>>,
+    modes: Vec<(Place, u32)>,
+    dirs_added: Vec<Place>,
+    dirs_removed: Vec<Place>,
+}
+
+fn with_exec(mode: u32, exec: bool) -> u32 {
+    if exec {
+        mode | ((mode & 0o444) >> 2)
+    } else {
+        mode & !0o111
+    }
+}
+
+impl<'c> Plan<'c> {
+    /// Decide every step and check every precondition; writes nothing.
+    fn new(changes: &'c ChangeSet, snapshot: &Snapshot, dir: &Path, root: &DirFd) -> Result<Plan<'c>, WorkspaceError> {
+        let in_the_way = |path: &str, why: String| WorkspaceError::InTheWay {
+            dir: dir.to_path_buf(),
+            path: path.to_string(),
+            why,
+        };
+        let look = |p: &Place| {
+            p.lstat(root)
+                .map_err(WorkspaceError::io(format!("cannot look at `{}`", p.path)))
+        };
+        let mut plan = Plan {
+            deletes: Vec::new(),
+            writes: Vec::new(),
+            modes: Vec::new(),
+            dirs_added: Vec::new(),
+            dirs_removed: Vec::new(),
+        };
+        let deleted: BTreeSet<&str> = changes
+            .files
+            .iter()
+            .filter(|f| f.change == ChangeKind::Deleted)
+            .map(|f| f.path.as_str())
+            .collect();
+        let removed: BTreeSet<&str> = changes.dirs_removed.iter().map(String::as_str).collect();
+
+        // Every directory above a path we create must be one of the user's
+        // (unchanged, checked above) or one we make; anything else standing
+        // there is ignored here, and we never write into or over it.
+        let check_parents = |path: &str| -> Result<(), WorkspaceError> {
+            for (i, _) in path.match_indices('/') {
+                let parent = &path[..i];
+                match snapshot.get(parent) {
+                    Some(e) if e.kind == EntryKind::Dir && !removed.contains(parent) => {}
+                    Some(e) if e.kind != EntryKind::Dir && deleted.contains(parent) => {}
+                    Some(_) => {
+                        return Err(WorkspaceError::Archive(format!(
+                            "the change set is inconsistent at `{parent}`"
+                        )))
+                    }
+                    None => {
+                        if look(&Place::new(parent)?)?.is_some() {
+                            return Err(in_the_way(
+                                parent,
+                                "it exists here but is ignored, so the job never saw it".into(),
+                            ));
+                        }
+                    }
+                }
+            }
+            Ok(())
+        };
+        let check_new = |p: &Place, old: Option<&Entry>| -> Result<(), WorkspaceError> {
+            check_parents(&p.path)?;
+            if old.is_none() && look(p)?.is_some() {
+                return Err(in_the_way(
+                    &p.path,
+                    "it exists here but is ignored, so the job never saw it; applying would overwrite it".into(),
+                ));
+            }
+            Ok(())
+        };
+
+        for d in &changes.dirs_added {
+            let p = Place::new(d)?;
+            check_new(&p, snapshot.get(d))?;
+            plan.dirs_added.push(p);
+        }
+        for d in &changes.dirs_removed {
+            plan.dirs_removed.push(Place::new(d)?);
+        }
+        for f in &changes.files {
+            let p = Place::new(&f.path)?;
+            let old = snapshot.get(&f.path);
+            match f.change {
+                ChangeKind::Deleted => plan.deletes.push(p),
+                ChangeKind::ModeChanged => {
+                    let (Some(o), Some(n)) = (old, f.new.as_ref()) else {
+                        return Err(bad(f));
+                    };
+                    plan.modes.push((p, with_exec(o.mode, n.exec)));
+                }
+                ChangeKind::Added | ChangeKind::Modified | ChangeKind::TypeChanged => {
+                    let side = f.new.as_ref().ok_or_else(|| bad(f))?;
+                    check_new(&p, old)?;
+                    if old.is_some_and(|o| o.kind == EntryKind::Dir) {
+                        // A directory becomes a file: it must hold nothing
+                        // but what the change set deletes.
+                        let dir_fd = p
+                            .parent(root)
+                            .and_then(|d| d.child(&p.name))
+                            .map_err(WorkspaceError::io(format!("cannot open `{}`", p.path)))?;
+                        if let Some(extra) = first_unknown(&dir_fd, &p.path, snapshot)? {
+                            return Err(in_the_way(
+                                &extra,
+                                format!("it is ignored, and `{}` must become a {}", p.path, side.kind.name()),
+                            ));
+                        }
+                    }
+                    let mode = match old {
+                        Some(o) if f.change == ChangeKind::Modified && o.kind == EntryKind::File => {
+                            Some(with_exec(o.mode, side.exec))
+                        }
+                        _ => None,
+                    };
+                    plan.writes.push(Write { place: p, side, mode });
+                }
+            }
+        }
+        plan.dirs_added.sort_by_key(|p| p.parents.len());
+        plan.dirs_removed.sort_by_key(|p| std::cmp::Reverse(p.parents.len()));
+        Ok(plan)
+    }
+
+    fn run(self, changes: &ChangeSet, dir: &Path, root: &DirFd) -> Result<Applied, WorkspaceError> {
+        let mut applied = Applied::default();
+        // Stage now whatever goes into a directory that exists and stays;
+        // the rest waits for its directory.
+        let stays = |parent: &str| {
+            parent.is_empty() || {
+                let removed = self.dirs_removed.iter().any(|d| d.path == parent);
+                let added = self.dirs_added.iter().any(|d| d.path == parent);
+                !removed && !added
+            }
+        };
+        let (now, later): (Vec<&Write>, Vec<&Write>) = self.writes.iter().partition(|w| stays(&w.place.parent_path()));
+        let mut staged: Vec<(&Write, OsString)> = Vec::new();
+        for w in &now {
+            match stage(changes, root, w) {
+                Ok(tmp) => staged.push((w, tmp)),
+                Err(e) => {
+                    unstage(root, &staged);
+                    return Err(WorkspaceError::Io {
+                        context: format!("cannot stage `{}` (nothing was applied)", w.place.path),
+                        source: e,
+                    });
+                }
+            }
+        }
+
+        // From here on the user's files change, one atomic step at a time.
+        let total =
+            self.deletes.len() + self.dirs_removed.len() + self.dirs_added.len() + self.writes.len() + self.modes.len();
+        let mut done = 0usize;
+        let failed = |path: &str, done: usize, source: io::Error| WorkspaceError::ApplyFailed {
+            dir: dir.to_path_buf(),
+            path: path.to_string(),
+            done,
+            total,
+            source,
+        };
+        let mut touched: BTreeSet<Vec<OsString>> = BTreeSet::new();
+        macro_rules! step {
+            ($place:expr, $op:expr) => {{
+                let place: &Place = $place;
+                if let Err(e) = $op {
+                    unstage(root, &staged);
+                    return Err(failed(&place.path, done, e));
+                }
+                touched.insert(place.parents.clone());
+                done += 1;
+            }};
+        }
+        for p in &self.deletes {
+            step!(p, p.parent(root).and_then(|d| ignore_missing(d.remove_file(&p.name))));
+            applied.deleted.push(p.path.clone());
+        }
+        for p in &self.dirs_removed {
+            let r = p.parent(root).and_then(|d| d.remove_dir(&p.name));
+            match r {
+                Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) || e.raw_os_error() == Some(libc::EEXIST) => {
+                    applied.dirs_kept.push(p.path.clone());
+                    done += 1;
+                }
+                r => {
+                    step!(p, ignore_missing(r));
+                    applied.dirs_removed.push(p.path.clone());
+                }
+            }
+        }
+        for p in &self.dirs_added {
+            let made = p.parent(root).and_then(|d| match d.mkdir(&p.name, 0o777) {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.lstat(&p.name)?.kind == Kind::Dir => Ok(()),
+                r => r,
+            });
+            step!(p, made);
+            applied.dirs_created.push(p.path.clone());
+        }
+        for w in later {
+            match stage(changes, root, w) {
+                Ok(tmp) => staged.push((w, tmp)),
+                Err(e) => {
+                    unstage(root, &staged);
+                    return Err(failed(&w.place.path, done, e));
+                }
+            }
+        }
+        for i in 0..staged.len() {
+            let (w, tmp) = (staged[i].0, staged[i].1.clone());
+            let p = &w.place;
+            let moved = p.parent(root).and_then(|d| d.rename(&tmp, &p.name));
+            if let Err(e) = moved {
+                unstage(root, &staged[i..]);
+                return Err(failed(&p.path, done, e));
+            }
+            touched.insert(p.parents.clone());
+            done += 1;
+            applied.written.push(p.path.clone());
+        }
+        staged.clear();
+        for (p, mode) in &self.modes {
+            step!(p, p.parent(root).and_then(|d| d.chmod(&p.name, *mode)));
+            applied.mode_changed.push(p.path.clone());
+        }
+        for parents in touched {
+            if let Ok(d) = root.descend(parents.iter().map(OsString::as_os_str)) {
+                let _ = d.sync();
+            }
+        }
+        Ok(applied)
+    }
+}
+
+fn bad(f: &FileChange) -> WorkspaceError {
+    WorkspaceError::Archive(format!("the change set is inconsistent at `{}`", f.path))
+}
+
+fn ignore_missing(r: io::Result<()>) -> io::Result<()> {
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
+/// Write `w`'s content under a temporary name beside its destination;
+/// returns that name.
+fn stage(changes: &ChangeSet, root: &DirFd, w: &Write) -> io::Result<OsString> {
+    let parent = w.place.parent(root)?;
+    let name = w.place.name.to_string_lossy();
+    for _ in 0..16 {
+        let suffix: u32 = rand::random();
+        let tmp = if name.len() > 200 {
+            OsString::from(format!(".cmm-new-{suffix:08x}"))
+        } else {
+            OsString::from(format!(".{name}.cmm-new-{suffix:08x}"))
+        };
+        let made = match w.side.kind {
+            EntryKind::Symlink => parent.symlink(OsStr::new(w.side.target.as_deref().unwrap_or_default()), &tmp),
+            _ => write_file(changes, &parent, &tmp, w),
+        };
+        match made {
+            Ok(()) => return Ok(tmp),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                let _ = parent.remove_file(&tmp);
+                return Err(e);
+            }
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::AlreadyExists, "no free temporary name"))
+}
+
+fn write_file(changes: &ChangeSet, parent: &DirFd, tmp: &OsStr, w: &Write) -> io::Result<()> {
+    let create_mode = if w.side.exec { 0o777 } else { 0o666 };
+    let mut f = parent.create_new(tmp, create_mode)?;
+    if let Some(slice) = w.side.data {
+        io::copy(&mut changes.content_reader(slice), &mut f)?;
+    }
+    if let Some(mode) = w.mode {
+        fchmod(&f, mode)?;
+    }
+    f.sync_all()
+}
+
+/// Remove staged files that will not be renamed in (best effort).
+fn unstage(root: &DirFd, staged: &[(&Write, OsString)]) {
+    for (w, tmp) in staged {
+        if let Ok(d) = w.place.parent(root) {
+            let _ = d.remove_file(tmp);
+        }
+    }
+}
+
+/// The first path inside the directory `fd` (at `rel`) that the snapshot
+/// does not know: something ignored.
+fn first_unknown(fd: &DirFd, rel: &str, snapshot: &Snapshot) -> Result<Option<String>, WorkspaceError> {
+    let names = fd.names().map_err(WorkspaceError::io(format!("cannot list `{rel}`")))?;
+    for name in names {
+        let child = format!("{rel}/{}", name.to_string_lossy());
+        match snapshot.get(&child) {
+            None => return Ok(Some(child)),
+            Some(e) if e.kind == EntryKind::Dir => {
+                let sub = fd
+                    .child(&name)
+                    .map_err(WorkspaceError::io(format!("cannot open `{child}`")))?;
+                if let Some(found) = first_unknown(&sub, &child, snapshot)? {
+                    return Ok(Some(found));
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(None)
+}
