@@ -134,12 +134,38 @@ impl RateLimit {
 pub struct Outcome {
     pub is_error: bool,
     pub subtype: Option<String>,
+    /// `completed`, `max_turns`, `budget_exhausted`, `api_error`,
+    /// `aborted_streaming`, ...
     pub terminal_reason: Option<String>,
     pub duration_ms: Option<u64>,
     pub num_turns: Option<u64>,
     pub result: Option<String>,
+    /// What ended a job that has no `result` text (`Reached maximum number
+    /// of turns (2)`, `Reached maximum budget ($1)`).
+    pub errors: Vec<String>,
+    /// The HTTP status of the API error that ended the job.
+    pub api_error_status: Option<u64>,
     pub total_cost_usd: Option<f64>,
+    /// The usage of the whole job: the result's `usage`, or, where Claude
+    /// Code leaves that at zero (a budget or an interrupt ended it), the
+    /// sum of its per-model `modelUsage`.
     pub usage: Usage,
+}
+
+/// The sum over `modelUsage` (`{"model": {"inputTokens":..,"outputTokens":..,
+/// "cacheReadInputTokens":..,"cacheCreationInputTokens":..}}`).
+fn model_usage(v: &Value) -> Usage {
+    let mut u = Usage::default();
+    for m in v.as_object().into_iter().flat_map(|o| o.values()) {
+        let n = |k: &str| m.get(k).and_then(Value::as_u64).unwrap_or(0);
+        u.add(&Usage {
+            input_tokens: n("inputTokens"),
+            output_tokens: n("outputTokens"),
+            cache_creation_input_tokens: n("cacheCreationInputTokens"),
+            cache_read_input_tokens: n("cacheReadInputTokens"),
+        });
+    }
+    u
 }
 
 /// What one line meant.
@@ -212,9 +238,14 @@ impl StreamState {
     }
 
     pub fn usage_so_far(&self) -> Usage {
-        if let Some(o) = &self.outcome {
-            return o.usage;
+        match &self.outcome {
+            Some(o) => o.usage,
+            None => self.streamed_usage(),
         }
+    }
+
+    /// What the messages of the stream add up to.
+    fn streamed_usage(&self) -> Usage {
         let mut u = self.anonymous;
         for m in self.per_message.values() {
             u.add(m);
@@ -293,10 +324,15 @@ impl StreamState {
                 }
             }
             (Some("result"), _) => {
-                let usage = v
+                let mut usage = v
                     .get("usage")
                     .and_then(|u| serde_json::from_value::<Usage>(u.clone()).ok())
                     .unwrap_or_default();
+                // Claude Code zeroes `usage` when a budget or an interrupt
+                // ends the job; `modelUsage` still has what was spent.
+                usage.max(&model_usage(v.get("modelUsage").unwrap_or(&Value::Null)));
+                // Never less than what the stream already showed.
+                usage.max(&self.streamed_usage());
                 let o = Outcome {
                     // A result without `is_error` is not proof of success.
                     is_error: v.get("is_error").and_then(Value::as_bool).unwrap_or(true),
@@ -305,6 +341,12 @@ impl StreamState {
                     duration_ms: n(&v, "duration_ms"),
                     num_turns: n(&v, "num_turns"),
                     result: s(&v, "result"),
+                    errors: v
+                        .get("errors")
+                        .and_then(Value::as_array)
+                        .map(|a| a.iter().filter_map(|e| e.as_str().map(str::to_string)).collect())
+                        .unwrap_or_default(),
+                    api_error_status: n(&v, "api_error_status"),
                     total_cost_usd: v.get("total_cost_usd").and_then(Value::as_f64),
                     usage,
                 };
@@ -408,6 +450,17 @@ mod tests {
         assert_eq!(s.usage_so_far().total(), 21064);
         assert_eq!(s.usage_so_far().fresh(), 12064);
         assert_eq!(s.turns, 1);
+    }
+
+    #[test]
+    fn a_budget_ending_zeroes_usage_but_model_usage_keeps_it() {
+        let mut s = StreamState::default();
+        s.feed(r#"{"type":"result","subtype":"error_max_budget_usd","is_error":true,"terminal_reason":"budget_exhausted","errors":["Reached maximum budget ($1)"],"total_cost_usd":8.02,"usage":{"input_tokens":0,"output_tokens":0,"cache_creation_input_tokens":0,"cache_read_input_tokens":0},"modelUsage":{"claude-opus-5-5":{"inputTokens":2000000,"outputTokens":60,"cacheReadInputTokens":9000,"cacheCreationInputTokens":12000,"costUSD":8.02}}}"#);
+        let o = s.outcome.clone().unwrap();
+        assert_eq!(o.usage.input_tokens, 2_000_000);
+        assert_eq!(o.usage.fresh(), 2_012_060);
+        assert_eq!(o.errors, vec!["Reached maximum budget ($1)".to_string()]);
+        assert_eq!(o.terminal_reason.as_deref(), Some("budget_exhausted"));
     }
 
     #[test]

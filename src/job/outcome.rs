@@ -76,7 +76,10 @@ fn why_failed(o: &Outcome, state: &StreamState) -> String {
     if state.rate_limit.as_ref().is_some_and(|r| r.rejected()) {
         return "rate limit rejected".to_string();
     }
-    if looks_like_auth_failure(o.result.as_deref()) || state.retries.last().is_some_and(|r| r.is_auth_failure()) {
+    if matches!(o.api_error_status, Some(401 | 403))
+        || looks_like_auth_failure(o.result.as_deref())
+        || state.retries.last().is_some_and(|r| r.is_auth_failure())
+    {
         return "authentication_failed".to_string();
     }
     if let Some(e) = &state.message_error {
@@ -107,7 +110,11 @@ fn looks_like_auth_failure(text: Option<&str>) -> bool {
 /// it wrote on stderr.
 fn claude_error(state: &StreamState, stderr_tail: &str) -> Option<String> {
     let text = match &state.outcome {
-        Some(o) if o.is_error => o.result.clone().filter(|t| !t.trim().is_empty()),
+        Some(o) if o.is_error => o
+            .result
+            .clone()
+            .filter(|t| !t.trim().is_empty())
+            .or_else(|| (!o.errors.is_empty()).then(|| o.errors.join("; "))),
         Some(_) => return None,
         None => None,
     }
@@ -302,6 +309,14 @@ pub(super) fn failure_message(r: &JobRecord) -> String {
                     "Claude Code could not log in: the {} was rejected{said}",
                     credential_words(r.credential_kind)
                 ),
+                Some("max_turns" | "error_max_turns") => format!(
+                    "Claude Code stopped at the job's turn limit ({} turns){said}",
+                    r.max_turns
+                ),
+                Some("budget_exhausted" | "error_max_budget_usd") => format!(
+                    "Claude Code stopped at the job's budget ({}){said}",
+                    r.max_budget_usd.map(|b| format!("${b}")).unwrap_or_else(|| "no budget".into())
+                ),
                 Some(e) => format!("{e}{said}"),
                 None => format!("failed{said}"),
             }
@@ -332,6 +347,12 @@ pub(super) fn failure_hint(r: &JobRecord) -> Option<String> {
         }
         _ if r.kill_reason.as_deref() == Some("token-cap") => {
             "raise the cap with `claude-max-market limits --max-tokens-per-task N`, or give the job `--max-tokens N`".to_string()
+        }
+        (Some("max_turns" | "error_max_turns"), _) => {
+            "give the job more turns with `--max-turns N` (at most `limits.maxTurnsPerTask`)".to_string()
+        }
+        (Some("budget_exhausted" | "error_max_budget_usd"), _) => {
+            "give the job a larger budget with `--max-budget-usd X` (at most `limits.maxCostPerTask`)".to_string()
         }
         _ if r.kill_reason.as_deref() == Some("timeout") => {
             "give the job more time with `--timeout S` or `claude-max-market limits --timeout S`".to_string()

@@ -1,0 +1,77 @@
+#!/bin/sh
+# What a workspace costs a job: `execute --workspace DIR` (copy in, the
+# job, copy out, diff on the host, patch saved) against the same job
+# without a workspace, paired run by run on the instant fake `claude`.
+#
+#   benches/execute_workspace.sh [N] [FILES] [KIB]   (default 10 pairs of a
+#                                                   5,000-file, 50 MiB tree)
+#
+# Needs a Docker engine, a static busybox (`apt-get install busybox-static`)
+# and a built binary (BIN=..., default target/release/claude-max-market).
+# The job edits the workspace (adds, modifies, deletes, chmods a few files),
+# so the patch is real. Prints each pair, and the median extra wall time.
+set -eu
+
+N="${1:-10}"
+FILES="${2:-5000}"
+KIB="${3:-10}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+BIN="${BIN:-$ROOT/target/release/claude-max-market}"
+IMAGE=cmm-fake-claude:bench
+TOKEN=sk-ant-oat01-bench-token
+
+[ -x "$BIN" ] || { echo "no binary at $BIN (cargo build --release, or set BIN)" >&2; exit 2; }
+
+export CMM_HOME="$(mktemp -d)"
+WS="$(mktemp -d)"
+trap 'rm -rf "$CMM_HOME" "$WS"' EXIT
+. "$ROOT/benches/fake_image.sh"
+
+build_fake_image "$IMAGE"
+"$BIN" -q opt-in --accept-terms >/dev/null
+"$BIN" -q limits --daily 1000 --tokens 100000000000 --daily-cost none >/dev/null
+"$BIN" -q config --set docker.workspaceLimit=200m >/dev/null
+export CLAUDE_CODE_OAUTH_TOKEN="$TOKEN"
+
+# FILES files of KIB KiB each in 50 directories, plus what the job edits.
+python3 - "$WS" "$FILES" "$KIB" <<'PY'
+import os, sys
+root, files, kib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+line = b"0123456789abcdef" * 4 + b"\n"
+body = line * (kib * 1024 // len(line))
+for i in range(files):
+    d = os.path.join(root, "pkg%02d" % (i % 50))
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "file%05d.txt" % i), "wb") as f:
+        f.write(body[:-6] + b"%05d\n" % i)
+for name, text in [("README.md", b"# bench\n"), ("delete-me.txt", b"old\n"), ("run.sh", b"#!/bin/sh\n")]:
+    with open(os.path.join(root, name), "wb") as f:
+        f.write(text)
+PY
+echo "workspace: $(find "$WS" -type f | wc -l) files, $(du -sm "$WS" | cut -f1) MiB"
+
+now_ms() { date +%s%3N; }
+plain() { "$BIN" -q execute --approve-all --image "$IMAGE" --prompt "scenario:ok" >/dev/null 2>&1; }
+# The job edits its copy; DIR itself is never changed without --apply, so
+# every run starts from the same tree.
+with_ws() { "$BIN" -q execute --approve-all --image "$IMAGE" --workspace "$WS" --prompt "scenario:workspace" >/dev/null 2>&1; }
+
+plain; with_ws
+EXTRA="$(mktemp)"
+i=1
+while [ "$i" -le "$N" ]; do
+    if [ $((i % 2)) -eq 0 ]; then
+        t0=$(now_ms); with_ws; t1=$(now_ms); plain; t2=$(now_ms)
+        ws=$((t1 - t0)); base=$((t2 - t1))
+    else
+        t0=$(now_ms); plain; t1=$(now_ms); with_ws; t2=$(now_ms)
+        base=$((t1 - t0)); ws=$((t2 - t1))
+    fi
+    echo "pair $i: with workspace ${ws} ms, without ${base} ms, extra $((ws - base)) ms"
+    echo "$((ws - base))" >> "$EXTRA"
+    i=$((i + 1))
+done
+median=$(sort -n "$EXTRA" | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }')
+rm -f "$EXTRA"
+echo "median extra wall time of the workspace: ${median} ms (goal: <= 2000 ms)"
+"$BIN" -q clean >/dev/null
