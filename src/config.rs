@@ -146,6 +146,12 @@ pub const SCHEMA: &[KeyDef] = &[
         "`restricted`: job containers reach only the Claude API, through the egress proxy; `open`: `docker.network` as is (compliance WARNING)"
     ),
     key!(
+        "docker.claudeBinary",
+        Kind::OptStr,
+        "null",
+        "Native Claude Code binary to build the default image from when it is missing and cannot be pulled (null: the native `claude` on PATH, else the embedded Dockerfile)"
+    ),
+    key!(
         "security.enableEncryption",
         Kind::Bool,
         "true",
