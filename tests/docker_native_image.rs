@@ -527,3 +527,35 @@ fn pull_falls_back_to_a_native_claude_then_to_the_embedded_dockerfile() {
         .stderr_has("failed step: Step 1/");
     assert!(!image_exists(&embedded.0));
 }
+
+#[test]
+fn the_engine_parses_the_whole_embedded_dockerfile() {
+    if !docker_available("the_engine_parses_the_whole_embedded_dockerfile") {
+        return;
+    }
+    // With no registry the build stops at its first FROM; that it got there
+    // means the engine parsed every instruction (it counts them first).
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/Dockerfile")).unwrap();
+    let instructions = text
+        .lines()
+        .filter(|l| {
+            let l = l.trim_start();
+            !l.is_empty() && !l.starts_with('#') && l.starts_with(|c: char| c.is_ascii_uppercase())
+        })
+        .filter(|l| {
+            // Continuation lines of a RUN start with `&&` or spaces, never a word.
+            l.split_whitespace()
+                .next()
+                .is_some_and(|w| w.chars().all(|c| c.is_ascii_uppercase()))
+        })
+        .count();
+    let t = Cmm::new();
+    let tag = Tag::new("embedded-parse");
+    // Our image label is one more step the engine adds.
+    let out = t.run(&["docker", "build", "--tag", &tag.0]);
+    out.code(1).stderr_has(&format!(
+        "failed step: Step 1/{} : FROM python:3.12-slim-bookworm AS fetch",
+        instructions + 1
+    ));
+    assert!(!image_exists(&tag.0));
+}

@@ -494,6 +494,74 @@ mod tests {
         assert_eq!(names, vec!["Dockerfile", "entrypoint.sh"]);
     }
 
+    /// The embedded Dockerfile as instructions (continuations joined,
+    /// comments dropped), split into stages at each FROM.
+    fn stages() -> Vec<Vec<(String, String)>> {
+        let text = std::str::from_utf8(EMBEDDED_DOCKERFILE).unwrap();
+        let mut joined = String::new();
+        let mut lines = Vec::new();
+        for line in text.lines().filter(|l| !l.trim_start().starts_with('#')) {
+            match line.strip_suffix('\\') {
+                Some(part) => joined.push_str(part),
+                None => {
+                    joined.push_str(line);
+                    if !joined.trim().is_empty() {
+                        lines.push(std::mem::take(&mut joined));
+                    }
+                    joined.clear();
+                }
+            }
+        }
+        let mut stages: Vec<Vec<(String, String)>> = Vec::new();
+        for l in lines {
+            let (op, rest) = l.trim().split_once(' ').unwrap();
+            if op == "FROM" {
+                stages.push(Vec::new());
+            }
+            let rest = rest.split_whitespace().collect::<Vec<_>>().join(" ");
+            stages.last_mut().expect("FROM first").push((op.to_string(), rest));
+        }
+        stages
+    }
+
+    #[test]
+    fn the_embedded_dockerfile_pins_the_native_claude_code_by_hash() {
+        let stages = stages();
+        assert_eq!(stages.len(), 2, "a fetch stage and the runner");
+        let fetch: String = stages[0].iter().map(|(o, r)| format!("{o} {r}\n")).collect();
+        assert!(fetch.contains("ARG CLAUDE_AGENT_SDK_VERSION=0.2.189"), "{fetch}");
+        assert!(fetch.contains("b26a6a30a4e2cb025a6f5c95e1ce4469b38fcc51015c392f627bea7c948d67ad"));
+        assert!(fetch.contains("a2df1f41bb00250992926420d0063f89b127cb81abdd284dbefb80c50ff1d026"));
+        assert!(fetch.contains("--require-hashes") && fetch.contains("sha256sum -c"));
+        assert!(!fetch.contains("npm "), "not the deprecated npm package");
+
+        let run = &stages[1];
+        let all = |op: &str| -> Vec<&str> { run.iter().filter(|(o, _)| o == op).map(|(_, r)| r.as_str()).collect() };
+        let env = all("ENV").join(" ");
+        let profile = super::super::hardening::profile().unwrap();
+        for (k, v) in native::RUNNER_ENV {
+            assert!(env.contains(&format!("{k}={v}")), "ENV {k}={v} missing: {env}");
+        }
+        assert!(env.contains(&format!("HOME={}", profile.home)));
+        assert_eq!(all("USER"), [profile.user.as_str()]);
+        assert_eq!(all("WORKDIR"), [profile.home.as_str()]);
+        assert_eq!(all("ENTRYPOINT"), [r#"["/usr/local/bin/entrypoint.sh"]"#]);
+        assert_eq!(all("CMD"), [r#"["sonnet"]"#]);
+        assert_eq!(all("ARG"), ["CLAUDE_CODE_VERSION=2.1.332"]);
+        assert_eq!(
+            all("LABEL"),
+            [format!("{}=$CLAUDE_CODE_VERSION", native::VERSION_LABEL).as_str()]
+        );
+        let runs = all("RUN").join("\n");
+        for pkg in ["bash", "git", "ripgrep", "ca-certificates"] {
+            assert!(runs.split_whitespace().any(|w| w == pkg), "{pkg} not installed: {runs}");
+        }
+        assert!(runs.contains("--uid 10001 --gid 10001 --home-dir /home/claude"));
+        assert!(runs.contains("install -d -o 10001 -g 10001 -m 0755 /workspace"));
+        assert!(all("COPY").contains(&"--from=fetch /claude /usr/local/bin/claude"));
+        assert!(all("COPY").contains(&"entrypoint.sh /usr/local/bin/entrypoint.sh"));
+    }
+
     #[test]
     fn tags_split_without_confusing_ports() {
         assert_eq!(split_tag("a/b:1"), ("a/b", "1"));
