@@ -171,6 +171,12 @@ pub const SCHEMA: &[KeyDef] = &[
         "Claude Code permission mode for jobs (null: acceptEdits with a workspace, default without)"
     ),
     key!(
+        "docker.claudeBinary",
+        Kind::OptStr,
+        "null",
+        "Native Claude Code binary to build the default image from when it is missing and cannot be pulled (null: the native `claude` on PATH, else the embedded Dockerfile)"
+    ),
+    key!(
         "security.enableEncryption",
         Kind::Bool,
         "true",

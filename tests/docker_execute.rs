@@ -482,7 +482,7 @@ fn pull_without_a_registry_falls_back_to_a_build_or_says_why_not() {
     out.code(1)
         .stderr_has("building `cmm-test/no-such-image:1` locally")
         .stderr_has("failed step: Step 1/")
-        .stderr_has("FROM node");
+        .stderr_has(": FROM ");
 }
 
 #[test]

@@ -1,13 +1,17 @@
 //! `docker build` / `docker pull` (also `docker:build`, `docker:pull`).
 
 use std::collections::HashMap;
+use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::Mutex;
 
+use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use crate::cli::progress::StderrProgress;
-use crate::context::Ctx;
-use crate::docker::image::{self, BuildRequest, Context, ImageEvent, ImageProgress};
+use crate::context::{Ctx, Printer};
+use crate::docker::image::{self, BuildRequest, Context, ImageEvent, ImageProgress, LocalBuild, Provenance};
+use crate::docker::native::{self, ClaudeBinary, ExtraCa};
 use crate::docker::{hardening, DockerError};
 use crate::exit::Failure;
 
@@ -19,7 +23,8 @@ pub struct Args {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Sub {
-    /// Build the Claude Code runner image (context embedded in this binary)
+    /// Build the Claude Code runner image (context embedded in this binary,
+    /// or registry-free from your native Claude Code with --claude-binary)
     Build(BuildArgs),
     /// Pull the runner image; build it locally if the pull fails
     Pull(PullArgs),
@@ -33,12 +38,21 @@ pub struct BuildArgs {
     /// Do not use the build cache
     #[arg(long)]
     pub no_cache: bool,
-    /// A build argument, e.g. CLAUDE_CODE_VERSION=2.0.37 (repeatable)
+    /// A build argument of the embedded Dockerfile, e.g.
+    /// CLAUDE_AGENT_SDK_VERSION=0.2.189 (repeatable)
     #[arg(long, value_name = "K=V", value_parser = parse_kv)]
     pub build_arg: Vec<(String, String)>,
     /// Build this directory instead of the embedded context
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "claude_binary")]
     pub context: Option<PathBuf>,
+    /// Build FROM scratch with this native Claude Code binary and this
+    /// host's shells and libraries: no registry, no network
+    #[arg(long, value_name = "PATH", conflicts_with = "build_arg")]
+    pub claude_binary: Option<PathBuf>,
+    /// A PEM CA certificate Claude Code should trust (NODE_EXTRA_CA_CERTS),
+    /// e.g. a TLS-inspecting proxy's
+    #[arg(long, value_name = "FILE", requires = "claude_binary")]
+    pub extra_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -61,10 +75,61 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
     let cfg = ctx.config()?;
     let profile = hardening::profile()?;
-    let progress = StderrProgress::new(ctx.out());
+    let progress = BuildProgress::new(ctx.out());
     let rt = crate::docker::runtime()?;
     let p = ctx.out();
     match args.command {
+        Sub::Build(b) if b.claude_binary.is_some() => {
+            let tag = b.tag.unwrap_or_else(|| crate::job::default_image(cfg));
+            let (binary, extra_ca) = (b.claude_binary.unwrap_or_default(), b.extra_ca);
+            // Inputs first: a bad path or CA is reported before the engine
+            // is even asked.
+            let result = rt.block_on(async {
+                let claude = ClaudeBinary::inspect(&binary).await?;
+                let ca = extra_ca.as_deref().map(ExtraCa::read).transpose()?;
+                let plan = native::Plan::collect(claude, ca, profile, &progress).await?;
+                let docker = crate::docker::connect().await?;
+                let built = native::build(&docker, &plan, &tag, b.no_cache, &profile.image_label, &progress).await?;
+                Ok::<_, DockerError>((plan, built))
+            });
+            progress.finish();
+            let (plan, built) = result.inspect_err(show_build_output)?;
+            if p.json {
+                p.json(json!({
+                    "ok": true,
+                    "image": tag,
+                    "id": built.id,
+                    "built": true,
+                    "source": "native",
+                    "claude_binary": plan.claude.file,
+                    "claude_version": plan.claude.version,
+                    "claude_sha256": built.claude_sha256,
+                    "tools": plan.tools,
+                    "libraries": plan.libraries,
+                    "busybox_applets": plan.busybox_applets,
+                    "ca_bundle": plan.ca_bundle,
+                    "extra_ca": plan.extra_ca.as_ref().map(|c| json!({
+                        "path": c.path,
+                        "subjects": c.subjects,
+                        "image_path": native::EXTRA_CA_PATH,
+                    })),
+                    "bytes": built.bytes,
+                    "steps": built.steps,
+                    "cached_steps": built.cached,
+                }));
+            } else {
+                p.out(&format!(
+                    "Built `{tag}` ({}) from Claude Code {}: {} libraries, {} sent, {}/{} steps from cache",
+                    short(&built.id),
+                    plan.claude.version,
+                    plan.libraries.len(),
+                    indicatif::HumanBytes(built.bytes),
+                    built.cached,
+                    built.steps
+                ));
+            }
+            Ok(0)
+        }
         Sub::Build(b) => {
             let context = match b.context {
                 Some(dir) => Context::Dir(dir),
@@ -91,28 +156,22 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
         }
         Sub::Pull(a) => {
             let tag = a.tag.unwrap_or_else(|| crate::job::default_image(cfg));
-            let result: Result<(bool, Option<String>), DockerError> = rt.block_on(async {
+            let local = LocalBuild::from_config(cfg);
+            let result: Result<Option<(Provenance, String)>, DockerError> = rt.block_on(async {
                 let docker = crate::docker::connect().await?;
                 match image::pull(&docker, &tag, &progress).await {
-                    Ok(()) => Ok((false, None)),
+                    Ok(()) => Ok(None),
                     Err(e) if a.no_build_fallback => Err(e),
                     Err(e) => {
-                        progress.image_event(ImageEvent::Note(&format!(
-                            "{e}; building `{tag}` locally from the embedded context instead"
-                        )));
-                        let req = BuildRequest {
-                            tag: tag.clone(),
-                            no_cache: false,
-                            build_args: HashMap::new(),
-                            context: Context::Embedded,
-                        };
-                        let id = image::build(&docker, &req, &profile.image_label, &progress).await?;
-                        Ok((true, Some(id)))
+                        progress.image_event(ImageEvent::Note(&format!("{e}; building `{tag}` locally instead")));
+                        image::build_locally(&docker, &tag, &local, profile, &progress)
+                            .await
+                            .map(Some)
                     }
                 }
             });
             progress.finish();
-            let (built, id) = match result {
+            let built = match result {
                 Err(e @ DockerError::Pull { .. }) => {
                     return Err(anyhow::Error::new(e).context(Failure::new(
                         crate::exit::Exit::Unavailable,
@@ -121,15 +180,29 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
                 }
                 other => other.inspect_err(show_build_output)?,
             };
-            if p.json {
-                p.json(json!({ "ok": true, "image": tag, "pulled": !built, "built": built, "id": id }));
-            } else if built {
-                p.out(&format!(
-                    "Pull failed; built `{tag}` locally instead ({})",
-                    short(id.as_deref().unwrap_or(""))
-                ));
-            } else {
-                p.out(&format!("Pulled `{tag}`"));
+            let source = |p: &Provenance| match p {
+                Provenance::BuiltNative { .. } => "native",
+                _ => "embedded",
+            };
+            match &built {
+                _ if p.json => p.json(json!({
+                    "ok": true,
+                    "image": tag,
+                    "pulled": built.is_none(),
+                    "built": built.is_some(),
+                    "id": built.as_ref().map(|(_, id)| id),
+                    "source": built.as_ref().map(|(p, _)| source(p)),
+                    "claude_version": built.as_ref().and_then(|(p, _)| match p {
+                        Provenance::BuiltNative { version } => Some(version),
+                        _ => None,
+                    }),
+                })),
+                Some((Provenance::BuiltNative { version }, id)) => p.out(&format!(
+                    "Pull failed; built `{tag}` locally from Claude Code {version} ({})",
+                    short(id)
+                )),
+                Some((_, id)) => p.out(&format!("Pull failed; built `{tag}` locally instead ({})", short(id))),
+                None => p.out(&format!("Pulled `{tag}`")),
             }
             Ok(0)
         }
@@ -150,5 +223,71 @@ fn show_build_output(e: &DockerError) {
         for l in output {
             eprintln!("  {l}");
         }
+    }
+}
+
+/// Image progress for these commands: what the job pipeline shows, plus
+/// every build step as a line when stderr is not a terminal, and a bar for
+/// the bytes sent to the engine when it is.
+struct BuildProgress {
+    inner: StderrProgress,
+    quiet: bool,
+    tty: bool,
+    bar: Mutex<Option<ProgressBar>>,
+}
+
+impl BuildProgress {
+    fn new(printer: &Printer) -> BuildProgress {
+        BuildProgress {
+            inner: StderrProgress::new(printer),
+            quiet: printer.quiet,
+            tty: std::io::stderr().is_terminal() && !printer.quiet,
+            bar: Mutex::new(None),
+        }
+    }
+
+    fn end_bar(&self) {
+        if let Some(b) = self.bar.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            b.finish_and_clear();
+        }
+    }
+
+    fn finish(&self) {
+        self.end_bar();
+        self.inner.finish();
+    }
+}
+
+impl ImageProgress for BuildProgress {
+    fn image_event(&self, event: ImageEvent<'_>) {
+        match event {
+            ImageEvent::Step(s) if !self.tty => {
+                if !self.quiet {
+                    eprintln!("{s}");
+                }
+            }
+            ImageEvent::Note(n) => {
+                self.end_bar();
+                self.inner.image_event(ImageEvent::Note(n));
+            }
+            other => self.inner.image_event(other),
+        }
+    }
+
+    fn upload(&self, sent: u64, total: u64) {
+        if !self.tty {
+            return;
+        }
+        let mut bar = self.bar.lock().unwrap_or_else(|e| e.into_inner());
+        let bar = bar.get_or_insert_with(|| {
+            let b = ProgressBar::new(total);
+            b.set_style(
+                ProgressStyle::with_template("sending context {wide_bar} {bytes}/{total_bytes} {bytes_per_sec}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            b
+        });
+        bar.set_length(total);
+        bar.set_position(sent);
     }
 }

@@ -1,6 +1,6 @@
 //! The Docker Engine, through bollard: connection, the runner image (build
-//! and pull with the context embedded in this binary), the job container,
-//! and `clean`.
+//! and pull with the context embedded in this binary, or registry-free from
+//! the native Claude Code), the job container, and `clean`.
 //!
 //! Everything here is async; commands that need it start one current-thread
 //! tokio runtime with [`runtime`], and commands that don't never pay for one.
@@ -16,6 +16,7 @@ pub mod container;
 pub mod egress;
 pub mod hardening;
 pub mod image;
+pub mod native;
 pub mod relay;
 
 /// The engine must answer within this long, or it counts as unreachable.
@@ -50,6 +51,8 @@ pub enum DockerError {
     Relay(String),
     #[error("{0}")]
     Workspace(String),
+    #[error(transparent)]
+    Native(#[from] native::NativeError),
 }
 
 impl HasExit for DockerError {
@@ -65,6 +68,7 @@ impl HasExit for DockerError {
             DockerError::Relay(_) => Exit::Unavailable,
             DockerError::Workspace(_) => Exit::Failed,
             DockerError::Refused(_) => Exit::Refused,
+            DockerError::Native(e) => e.exit(),
         }
     }
     fn hint(&self) -> Option<String> {
@@ -76,6 +80,7 @@ impl HasExit for DockerError {
             DockerError::ImageMissing(i) => Some(format!("build it with `claude-max-market docker build --tag {i}`")),
             DockerError::Build { .. } => Some("fix the failing step above, then run `claude-max-market docker build` again".into()),
             DockerError::Pull { .. } => Some("build it locally with `claude-max-market docker build`".into()),
+            DockerError::Native(e) => e.hint(),
             DockerError::Relay(_) => Some(
                 "the relay lives in $XDG_RUNTIME_DIR/claude-max-market (or /tmp/claude-max-market-<uid>): it must be yours, writable, and visible to a local Docker engine".into(),
             ),

@@ -315,7 +315,9 @@ pub(super) fn failure_message(r: &JobRecord) -> String {
                 ),
                 Some("budget_exhausted" | "error_max_budget_usd") => format!(
                     "Claude Code stopped at the job's budget ({}){said}",
-                    r.max_budget_usd.map(|b| format!("${b}")).unwrap_or_else(|| "no budget".into())
+                    r.max_budget_usd
+                        .map(|b| format!("${b}"))
+                        .unwrap_or_else(|| "no budget".into())
                 ),
                 Some(e) => format!("{e}{said}"),
                 None => format!("failed{said}"),

@@ -45,9 +45,9 @@ pub(super) async fn prepare(
     // 5. The image: auto-managed when it is the configured default.
     let (docker, present) = engine.await.map_err(joined)??;
     if !present {
-        let manage = spec.image == default_image(cfg);
+        let manage = (spec.image == default_image(cfg)).then(|| image::LocalBuild::from_config(cfg));
         let ensured = tokio::select! {
-            r = image::ensure(&docker, &spec.image, manage, &profile.image_label, progress.as_ref()) => r,
+            r = image::ensure(&docker, &spec.image, manage.as_ref(), profile, progress.as_ref()) => r,
             _ = cancel.cancelled() => return Err(JobError::Cancelled),
         };
         let _: Provenance = ensured?;
