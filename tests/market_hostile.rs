@@ -173,6 +173,13 @@ fn bad_frames_after_login_get_reason_codes_and_change_nothing() {
             Reason::Oversized,
             "control frames have the small cap"
         );
+        // A frame over a cap also ends the session.
+        let mut mc = mc;
+        assert!(
+            mc.next_event(std::time::Duration::from_secs(10)).await.is_none(),
+            "closed after an oversized frame"
+        );
+        let mc = mallory.connect(&server).await;
         assert_eq!(
             err(ask(
                 &mc,
