@@ -158,8 +158,11 @@ pub async fn connection(stream: TcpStream, sh: Arc<Shared>, slot: Arc<Slot>) {
     });
     let conn = sh.http.serve_connection(TokioIo::new(stream), service).with_upgrades();
     let until = accepted + sh.opts.limits.http_timeout;
-    if tokio::time::timeout_at(until.into(), conn).await.is_err() {
-        sh.metrics.closed(Closed::HttpTimeout);
+    match tokio::time::timeout_at(until.into(), conn).await {
+        Err(_) => sh.metrics.closed(Closed::HttpTimeout),
+        Ok(Err(e)) if e.is_timeout() => sh.metrics.closed(Closed::HttpTimeout),
+        Ok(Err(e)) if e.is_parse() || e.is_parse_too_large() => sh.metrics.closed(Closed::BadRequest),
+        Ok(_) => {}
     }
 }
 
@@ -215,11 +218,11 @@ fn upgrade(req: &mut Request<Incoming>, sh: &Arc<Shared>, slot: &Arc<Slot>, acce
         && has_token(h, header::CONNECTION, "upgrade")
         && has_token(h, header::UPGRADE, "websocket");
     let (Some(accept), true) = (key, websocket) else {
-        sh.metrics.closed(Closed::BadHandshake);
+        sh.metrics.closed(Closed::BadRequest);
         return plain(StatusCode::BAD_REQUEST, text, "not a WebSocket upgrade\n");
     };
     if h.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
-        sh.metrics.closed(Closed::BadHandshake);
+        sh.metrics.closed(Closed::BadRequest);
         let mut r = plain(StatusCode::UPGRADE_REQUIRED, text, "WebSocket version 13 only\n");
         r.headers_mut()
             .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));

@@ -49,12 +49,15 @@ pub enum Closed {
     AuthTimeout,
     /// A plain HTTP connection outlived `--http-timeout-ms`.
     HttpTimeout,
-    /// Not a WebSocket upgrade the coordinator accepts.
-    BadHandshake,
+    /// An HTTP request hyper or the coordinator refused (a malformed or
+    /// oversized head, a WebSocket upgrade it does not speak).
+    BadRequest,
     /// A frame over its cap, or more bytes before `hello` than its budget.
     Oversized,
     /// Too many bad frames before `hello`, or a failed login.
     BadLogin,
+    /// Bytes that are not WebSocket frames.
+    Malformed,
     /// The peer did not read: its send queue overflowed.
     SendQueueFull,
     /// The peer did not take a frame within `--send-timeout-ms`.
@@ -62,12 +65,13 @@ pub enum Closed {
 }
 
 impl Closed {
-    const ALL: [Closed; 7] = [
+    const ALL: [Closed; 8] = [
         Closed::AuthTimeout,
         Closed::HttpTimeout,
-        Closed::BadHandshake,
+        Closed::BadRequest,
         Closed::Oversized,
         Closed::BadLogin,
+        Closed::Malformed,
         Closed::SendQueueFull,
         Closed::SendTimeout,
     ];
@@ -75,9 +79,10 @@ impl Closed {
         match self {
             Closed::AuthTimeout => "auth_timeout",
             Closed::HttpTimeout => "http_timeout",
-            Closed::BadHandshake => "bad_handshake",
+            Closed::BadRequest => "bad_request",
             Closed::Oversized => "oversized",
             Closed::BadLogin => "bad_login",
+            Closed::Malformed => "malformed",
             Closed::SendQueueFull => "send_queue_full",
             Closed::SendTimeout => "send_timeout",
         }
@@ -119,17 +124,17 @@ impl Collector for BookCollector {
             let m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
             ConstGauge::new(v).encode(m)
         };
-        gauge("offers_active", "Active offers", b.offers_active)?;
-        gauge("tasks_open", "Open tasks", count("open"))?;
-        gauge("ledger_issued", "RUV issued", b.totals.issued)?;
-        gauge("ledger_balances", "RUV in node balances", b.totals.balances)?;
-        gauge("ledger_escrow", "RUV locked in escrow", b.totals.escrow)?;
-        let mut m = enc.encode_descriptor("tasks", "Tasks by state", None, MetricType::Gauge)?;
+        gauge("offers_active", "Active offers.", b.offers_active)?;
+        gauge("tasks_open", "Open tasks.", count("open"))?;
+        gauge("ledger_issued", "RUV issued.", b.totals.issued)?;
+        gauge("ledger_balances", "RUV in node balances.", b.totals.balances)?;
+        gauge("ledger_escrow", "RUV locked in escrow.", b.totals.escrow)?;
+        let mut m = enc.encode_descriptor("tasks", "Tasks by state.", None, MetricType::Gauge)?;
         for (state, n) in &b.tasks {
             let labels = [("state", state.as_str())];
             ConstGauge::new(*n).encode(m.encode_family(&labels)?)?;
         }
-        let m = enc.encode_descriptor("settlements", "Settled tasks", None, MetricType::Counter)?;
+        let m = enc.encode_descriptor("settlements", "Settled tasks.", None, MetricType::Counter)?;
         ConstCounter::new(count("settled").max(0) as u64).encode(m)
     }
 }

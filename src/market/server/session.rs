@@ -274,9 +274,11 @@ impl Bucket {
     }
 }
 
-/// How a session ends, when the coordinator ends it.
+/// How a session ends, when the coordinator ends it: the close frame, and
+/// the cause counted in `cmm_market_connections_closed_total` (none for an
+/// orderly end).
 struct Ending {
-    why: Closed,
+    why: Option<Closed>,
     code: CloseCode,
     reason: String,
 }
@@ -284,7 +286,7 @@ struct Ending {
 impl Ending {
     fn new(why: Closed, code: CloseCode, reason: impl Into<String>) -> Ending {
         Ending {
-            why,
+            why: Some(why),
             code,
             reason: reason.into(),
         }
@@ -298,7 +300,9 @@ impl Ending {
 /// Send the close frame (briefly: a peer that does not read gets none).
 async fn close(ws: &mut Ws, sh: &Shared, e: Option<Ending>) {
     let frame = e.map(|e| {
-        sh.metrics.closed(e.why);
+        if let Some(why) = e.why {
+            sh.metrics.closed(why);
+        }
         // A close reason is at most 123 bytes.
         let mut reason = e.reason;
         while reason.len() > 123 {
@@ -431,7 +435,7 @@ fn read_error(sh: &Shared, e: tungstenite::Error) -> (Option<String>, Option<End
     ) {
         // A broken frame (a peer that merely hung up is not counted).
         m.reject(Reason::Malformed);
-        let e = Ending::new(Closed::BadLogin, CloseCode::Protocol, "not a valid WebSocket frame");
+        let e = Ending::new(Closed::Malformed, CloseCode::Protocol, "not a valid WebSocket frame");
         return (None, Some(e));
     }
     (None, None)
@@ -594,8 +598,11 @@ async fn authenticated(ws: &mut Ws, sh: &Shared, node: &str, out: &mut Inbound) 
             }
             o = out.recv() => match o {
                 Some(Out::Text(t)) => send_or_stop(ws, sh, &q, t).await?,
-                Some(Out::Close) | None => return Err(Some(Ending::new(
-                    Closed::BadLogin, CloseCode::Normal, "replaced by another login of this node"))),
+                Some(Out::Close) | None => return Err(Some(Ending {
+                    why: None,
+                    code: CloseCode::Normal,
+                    reason: "replaced by another login of this node".into(),
+                })),
             }
         }
     }
