@@ -1,13 +1,17 @@
 //! Load tool for the market coordinator (loopback only, bounded in time).
 //!
-//! `cargo bench --bench market_load [-- --conns N --secs S --workers W --sync full|normal]`
+//! `cargo bench --bench market_load [-- --conns N --secs S --workers W --sync full|normal --close-idle]`
 //!
 //! Starts its own `market serve` on 127.0.0.1 with a fresh database, then:
 //! 1. opens N authenticated idle sessions (default 10,000) and reads the
 //!    server's resident memory from /proc/<pid>/status;
-//! 2. runs W concurrent post -> accept -> deliver -> settle cycles for S
+//! 2. with those sessions still open (closed first with `--close-idle`),
+//!    runs W concurrent post -> accept -> deliver -> settle cycles for S
 //!    seconds against durable commits and reports cycles/s and latency
 //!    percentiles.
+//!
+//! `CMM_BENCH_SERVER=PATH` runs another build of the binary as the server
+//! (to compare two builds on one machine).
 //!
 //! Each session is a socket on both ends, so the open-files limit is raised
 //! to the hard limit here (the server raises its own).
@@ -149,11 +153,14 @@ fn main() {
     let secs: u64 = arg("--secs", "10").parse().expect("--secs S");
     let workers: usize = arg("--workers", "48").parse().expect("--workers W");
     let sync = arg("--sync", "full");
+    let close_idle = std::env::args().any(|a| a == "--close-idle");
+    let server_bin =
+        std::env::var("CMM_BENCH_SERVER").unwrap_or_else(|_| env!("CARGO_BIN_EXE_claude-max-market").to_string());
     let limit = raise_nofile();
     println!("open-files limit: {limit}");
     let dir = tempfile::tempdir().expect("temp dir");
     let db = dir.path().join("market.db");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_claude-max-market"))
+    let mut child = Command::new(&server_bin)
         .env("CMM_HOME", dir.path())
         .args([
             "market",
@@ -227,11 +234,17 @@ fn main() {
             rss / 1024,
             hwm / 1024
         );
-        for c in &clients {
-            c.close();
-        }
-        drop(clients);
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        let idle = if close_idle {
+            for c in &clients {
+                c.close();
+            }
+            drop(clients);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Vec::new()
+        } else {
+            clients
+        };
+        println!("cycles run with {} idle sessions open", idle.len());
 
         // Phase 2: full cycles, each worker with its own requester, provider and model.
         let stop = Arc::new(AtomicBool::new(false));
@@ -328,6 +341,7 @@ fn main() {
             metric(&addr, "cmm_market_ops_committed_total"),
             proc_status(pid, "VmRSS:") / 1024
         );
+        drop(idle);
     });
     // SAFETY: signalling our own child.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };

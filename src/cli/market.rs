@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::TypedValueParser as _;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -14,7 +15,7 @@ use crate::market::client::Client;
 use crate::market::pending;
 use crate::market::protocol::Request;
 use crate::market::requester::{self, Resume, Resumed};
-use crate::market::server::{self, book::MAX_ATTEMPTS, ledger, store};
+use crate::market::server::{self, book::MAX_ATTEMPTS, ledger, store, Limits};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -91,6 +92,42 @@ pub struct ServeArgs {
     /// `full`: commits survive power loss; `normal`: they survive process crashes only
     #[arg(long, default_value = "full", value_parser = ["full", "normal"])]
     pub sync: String,
+    /// Open connections at most, authenticated or not (held below the open-files limit)
+    #[arg(long, default_value_t = Limits::default().max_connections,
+          value_parser = clap::value_parser!(u32).range(1..).map(|v| v as usize))]
+    pub max_connections: usize,
+    /// Connections that have not authenticated yet, at most
+    #[arg(long, default_value_t = Limits::default().max_unauth,
+          value_parser = clap::value_parser!(u32).range(1..).map(|v| v as usize))]
+    pub max_unauth: usize,
+    /// Connections from one address (an IPv6 /64) that have not authenticated yet, at most
+    #[arg(long, default_value_t = Limits::default().max_unauth_per_addr,
+          value_parser = clap::value_parser!(u32).range(1..).map(|v| v as usize))]
+    pub max_unauth_per_addr: usize,
+    /// Milliseconds from connecting to an authenticated `hello`; later, the connection is closed
+    #[arg(long, default_value_t = Limits::default().auth_timeout.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(100..))]
+    pub auth_timeout_ms: u64,
+    /// Milliseconds a plain HTTP connection (`/healthz`, `/metrics`) may last
+    #[arg(long, default_value_t = Limits::default().http_timeout.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(100..))]
+    pub http_timeout_ms: u64,
+    /// Largest HTTP request head (request line and headers) in bytes; larger gets 431
+    #[arg(long, default_value_t = Limits::default().max_header_bytes,
+          value_parser = clap::value_parser!(u32).range(1024..=1_048_576).map(|v| v as usize))]
+    pub max_header_bytes: usize,
+    /// Bytes queued for a node that does not read before it is disconnected
+    /// (at least the payload cap + 64 KiB)
+    #[arg(long, default_value_t = Limits::default().send_queue_bytes)]
+    pub send_queue_bytes: usize,
+    /// Frames queued for a node that does not read before it is disconnected
+    #[arg(long, default_value_t = Limits::default().send_queue_frames,
+          value_parser = clap::value_parser!(u32).range(1..).map(|v| v as usize))]
+    pub send_queue_frames: usize,
+    /// Milliseconds a node may take to read one frame before it is disconnected
+    #[arg(long, default_value_t = Limits::default().send_timeout.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(100..))]
+    pub send_timeout_ms: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -266,6 +303,18 @@ fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<()> {
     opts.rate = a.rate.max(1) as f64;
     opts.burst = a.burst.max(1) as f64;
     opts.sync_full = a.sync == "full";
+    opts.limits = Limits {
+        max_connections: a.max_connections,
+        max_unauth: a.max_unauth,
+        max_unauth_per_addr: a.max_unauth_per_addr,
+        auth_timeout: Duration::from_millis(a.auth_timeout_ms),
+        http_timeout: Duration::from_millis(a.http_timeout_ms),
+        max_header_bytes: a.max_header_bytes,
+        // One whole payload frame always fits.
+        send_queue_bytes: a.send_queue_bytes.max(opts.payload_cap + 64 * 1024),
+        send_queue_frames: a.send_queue_frames,
+        send_timeout: Duration::from_millis(a.send_timeout_ms),
+    };
     let p = ctx.out().clone();
     server::serve(opts, |addr| {
         // Scripts and tests read this line to learn the port.

@@ -1,5 +1,8 @@
 //! Shared by the market tests: a real `market serve` process on a free
 //! loopback port with its own database, and nodes with their own `CMM_HOME`.
+//!
+//! `CMM_TEST_SERVE_BIN=PATH` runs another build of the binary as the
+//! coordinator (to check that a test fails on an older build).
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -46,7 +49,8 @@ impl Server {
     pub fn spawn(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let mut cmd = Command::new(BIN);
+            let bin = std::env::var("CMM_TEST_SERVE_BIN").unwrap_or_else(|_| BIN.to_string());
+            let mut cmd = Command::new(bin);
             cmd.env("CMM_HOME", self.home.path())
                 .env("NO_COLOR", "1")
                 .args(["market", "serve", "--listen", &self.addr, "--db"])
@@ -110,13 +114,94 @@ impl Server {
         body
     }
 
+    /// A field of /proc/<pid>/status in KiB (`VmRSS`, `VmHWM`).
+    pub fn status_kib(&self, field: &str) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Sockets the coordinator holds open (its descriptors that are sockets).
+    pub fn sockets(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:")))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// CPU seconds the coordinator has used so far.
+    pub fn cpu_secs(&self) -> f64 {
+        let text = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        let after = text.rsplit(')').next().unwrap_or_default();
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // SAFETY: sysconf only reads a system constant.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        (t(11) + t(12)) / hz
+    }
+
+    /// Wait up to `secs` for `pred` to hold, polling every 100 ms.
+    pub fn wait_for(&self, secs: u64, pred: impl Fn(&Server) -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if pred(self) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Ask `/healthz` every 200 ms from a thread until the prober is
+    /// stopped, keeping the slowest answer.
+    pub fn probe_health(&self) -> HealthProbe {
+        let addr = self.addr.clone();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut worst = Duration::ZERO;
+            let (mut asked, mut failed) = (0, 0);
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                let ok = healthz(&addr, Duration::from_secs(5));
+                asked += 1;
+                if !ok {
+                    failed += 1;
+                }
+                worst = worst.max(t.elapsed());
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Health { worst, asked, failed }
+        });
+        HealthProbe {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
     pub fn metric(&self, name: &str) -> i64 {
         let text = self.http_get("/metrics");
-        text.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+        metric_in(&text, name).unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+    }
+
+    /// A metric, or `None` if `/metrics` did not answer with it (the
+    /// coordinator may refuse the connection while it is at its limits).
+    pub fn try_metric(&self, name: &str) -> Option<i64> {
+        let mut s = TcpStream::connect(&self.addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        metric_in(&text, name)
     }
 
     /// `market ledger --verify --json`; asserts it verifies.
@@ -124,6 +209,90 @@ impl Server {
     pub fn verify(&self) -> Value {
         verify_db(&self.db)
     }
+}
+
+fn metric_in(text: &str, name: &str) -> Option<i64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// One `GET /healthz`: true if it answered `{"ok":true}` within `wait`.
+fn healthz(addr: &str, wait: Duration) -> bool {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(wait));
+    if write!(s, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.contains("{\"ok\":true}")
+}
+
+/// What [`Server::probe_health`] saw.
+#[derive(Debug)]
+pub struct Health {
+    pub worst: Duration,
+    pub asked: u32,
+    pub failed: u32,
+}
+
+pub struct HealthProbe {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Health>>,
+}
+
+impl HealthProbe {
+    pub fn stop(mut self) -> Health {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .map(|t| t.join().expect("health probe"))
+            .expect("probe running")
+    }
+}
+
+impl Drop for HealthProbe {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// One honest post -> accept -> deliver -> settle cycle between two new
+/// nodes; panics on any failure.
+pub async fn full_cycle(s: &Server) {
+    let (r, p) = (Node::new(), Node::new());
+    let rc = r.connect(s).await;
+    let pc = p.connect(s).await;
+    pc.request(&offer(5)).await.expect("offer");
+    let v = rc.request(&post(20)).await.expect("post");
+    let tid = v["task"]["task_id"].as_str().expect("a task id").to_string();
+    pc.request(&Request::Accept {
+        task_id: tid.clone(),
+        attempt: 1,
+    })
+    .await
+    .expect("accept");
+    pc.request(&Request::Deliver {
+        task_id: tid.clone(),
+        attempt: 1,
+        data: "cmVzdWx0".into(),
+    })
+    .await
+    .expect("deliver");
+    let v = rc
+        .request(&Request::Settle {
+            task_id: tid,
+            attempt: 1,
+        })
+        .await
+        .expect("settle");
+    assert_eq!(v["state"], "settled");
+    rc.close();
+    pc.close();
 }
 
 #[track_caller]

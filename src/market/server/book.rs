@@ -695,8 +695,17 @@ pub fn apply(
             }
             let provider = t.provider.clone().unwrap_or_default();
             let bytes = data.len();
-            c.prepare_cached("UPDATE tasks SET payload_at = ?2 WHERE task_id = ?1")?
+            // Once per attempt: the lease holder needs one copy, and a
+            // requester repeating it would only fill the holder's queue.
+            let first = c
+                .prepare_cached("UPDATE tasks SET payload_at = ?2 WHERE task_id = ?1 AND payload_at IS NULL")?
                 .execute(params![task_id, now])?;
+            if first == 0 {
+                return reject(
+                    Reason::WrongState,
+                    format!("the payload of attempt {attempt} was already relayed; it is sent once per attempt"),
+                );
+            }
             out.push((
                 provider.clone(),
                 Event::Payload {
