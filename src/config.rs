@@ -122,8 +122,8 @@ pub const SCHEMA: &[KeyDef] = &[
     key!(
         "docker.memory",
         Kind::Size,
-        r#""512m""#,
-        "Memory limit per job container (memory-swap is set equal)"
+        r#""1g""#,
+        "Memory limit per job container (memory-swap is set equal); Claude Code itself peaks near 220 MiB, and a workspace's tmpfs counts here too"
     ),
     key!(
         "docker.cpuShares",

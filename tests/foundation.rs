@@ -251,7 +251,7 @@ fn config_is_typed_audited_and_shows_origins() {
     // (one request carries ~12,000 tokens of system prompt and tools).
     for (k, want) in [
         ("docker.image", serde_json::json!("synaptic-mesh/claude-max:latest")),
-        ("docker.memory", serde_json::json!("512m")),
+        ("docker.memory", serde_json::json!("1g")),
         ("docker.cpuShares", serde_json::json!(512)),
         ("docker.timeout", serde_json::json!(300000)),
         ("limits.dailyTasks", serde_json::json!(25)),
@@ -277,7 +277,7 @@ fn config_is_typed_audited_and_shows_origins() {
         assert_eq!(get(k)["value"], want, "{k}");
         assert_eq!(get(k)["origin"], "default", "{k}");
     }
-    t.run(&["config", "--set", "limits.dailyTasks=12", "--set", "docker.memory=1g"])
+    t.run(&["config", "--set", "limits.dailyTasks=12", "--set", "docker.memory=2g"])
         .code(0)
         .stdout_has("5 -> 12");
     let v = t.run(&["config", "--list", "--json"]).json();
@@ -319,7 +319,7 @@ fn config_is_typed_audited_and_shows_origins() {
     );
     t.run(&["config", "--unset", "limits.dailyTasks"]).code(0);
     assert_eq!(t.run(&["config", "--get", "limits.dailyTasks"]).stdout.trim(), "25");
-    assert_eq!(t.run(&["config", "--get", "docker.memory"]).stdout.trim(), "1g");
+    assert_eq!(t.run(&["config", "--get", "docker.memory"]).stdout.trim(), "2g");
 }
 
 #[test]

@@ -133,7 +133,15 @@ impl Progress for StderrProgress {
             JobEvent::Approved { .. } => {}
             JobEvent::Starting { image, model } => self.spin(format!("starting {model} in {image}")),
             JobEvent::Init { model } => self.spin(format!("running ({})", model.unwrap_or("?"))),
-            JobEvent::Tokens { so_far, turns, max } => self.spin(format!("turn {turns} · {so_far}/{max} tokens")),
+            JobEvent::Tokens { so_far, turns, max } => {
+                let text = format!("turn {turns} · {so_far}/{max} fresh tokens");
+                // Without a terminal there is no spinner; `-v` still shows
+                // the job's progress, a line per update.
+                if !self.tty && self.printer.verbose > 0 && !self.printer.quiet {
+                    self.line(&text);
+                }
+                self.spin(text);
+            }
             JobEvent::Retry(r) => self.line(&format!(
                 "Claude API retry: attempt {}/{} in {} ms{}",
                 r.attempt,

@@ -136,9 +136,9 @@ pub const DISABLE_IPV6: (&str, &str) = ("net.ipv6.conf.all.disable_ipv6", "1");
 impl Resources {
     pub fn from_config(cfg: &Config, profile: &Profile) -> Result<Resources, DockerError> {
         let memory = match cfg.get("docker.memory") {
-            Value::Number(n) => n.as_i64().unwrap_or(512 << 20),
+            Value::Number(n) => n.as_i64().unwrap_or(1 << 30),
             Value::String(s) => config::parse_size(s).map_err(DockerError::Refused)? as i64,
-            _ => 512 << 20,
+            _ => 1 << 30,
         };
         let network = cfg
             .get_str("docker.network")
