@@ -1,4 +1,4 @@
-//! Writing a change set into the user's directory ([`apply`]), only when
+//! Writing a change set into the user's directory ([`apply`](fn@apply)), only when
 //! nothing there changed since the snapshot, and so that a failure midway
 //! leaves every file either old or new.
 
@@ -14,7 +14,7 @@ use super::fsat::{fchmod, is_not_a_dir, DirFd, Kind};
 use super::snapshot::{scan, Entry, EntryKind, Snapshot};
 use super::WorkspaceError;
 
-/// What [`apply`] did.
+/// What [`apply`](fn@apply) did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Applied {
     /// Files and links written (added, modified, or of a new kind).
@@ -57,7 +57,7 @@ impl Applied {
     }
 }
 
-/// Apply `changes` (made by [`super::diff`] from `snapshot`) to `dir`.
+/// Apply `changes` (made by [`diff`](fn@super::diff) from `snapshot`) to `dir`.
 ///
 /// Refuses, touching nothing, when `dir` no longer matches the snapshot
 /// (selected again with the same rules; contents, modes and links

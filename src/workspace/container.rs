@@ -78,6 +78,7 @@ pub fn unpack_into(dir: &Path, r: impl Read) -> Result<Counts, WorkspaceError> {
     let mut counts = Counts::default();
     let mut dirs: Vec<(Vec<Vec<u8>>, u32, i64)> = Vec::new();
     let mut cache: Option<(Vec<u8>, DirFd)> = None;
+    let mut buf = vec![0u8; 256 * 1024];
     let entries = archive.entries().map_err(|e| malformed(e.to_string()))?;
     for entry in entries {
         let mut entry = entry.map_err(|e| malformed(e.to_string()))?;
@@ -112,7 +113,7 @@ pub fn unpack_into(dir: &Path, r: impl Read) -> Result<Counts, WorkspaceError> {
         match kind {
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 let mut f = parent.create_new(name, 0o600).map_err(write_err)?;
-                let n = io::copy(&mut entry, &mut f).map_err(|e| {
+                let n = copy(&mut entry, &mut f, &mut buf).map_err(|e| {
                     if e.kind() == io::ErrorKind::UnexpectedEof || e.kind() == io::ErrorKind::InvalidData {
                         malformed(format!("`{shown}` is cut short: {e}"))
                     } else {
@@ -163,6 +164,22 @@ pub fn unpack_into(dir: &Path, r: impl Read) -> Result<Counts, WorkspaceError> {
         set.map_err(WorkspaceError::io(format!("cannot set the mode of `{shown}`")))?;
     }
     Ok(counts)
+}
+
+/// `io::copy` with a buffer big enough that a workspace is a few thousand
+/// writes, not tens of thousands.
+fn copy(r: &mut impl Read, w: &mut impl Write, buf: &mut [u8]) -> io::Result<u64> {
+    let mut n = 0u64;
+    loop {
+        let k = match r.read(buf) {
+            Ok(0) => return Ok(n),
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        w.write_all(&buf[..k])?;
+        n += k as u64;
+    }
 }
 
 fn is_dir(parent: &DirFd, name: &OsStr) -> bool {

@@ -1,5 +1,5 @@
 //! Comparing the tree a job left with the snapshot it started from
-//! ([`diff`]), and the [`ChangeSet`] that says what changed.
+//! ([`diff`](fn@diff)), and the [`ChangeSet`] that says what changed.
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -21,7 +21,7 @@ pub struct DiffRules {
     /// Refuse an archive longer than this (headers and padding included).
     pub max_bytes: u64,
     /// A binary file bigger than this is noted in the patch (`Binary files
-    /// ... differ`) instead of carried; [`super::apply`] still has it.
+    /// ... differ`) instead of carried; [`apply`](fn@super::apply) still has it.
     pub max_binary_patch_bytes: u64,
 }
 
@@ -65,13 +65,13 @@ pub struct FileChange {
     pub new_mode: Option<String>,
     /// False when the patch cannot carry this change (a binary file over
     /// [`DiffRules::max_binary_patch_bytes`], or a path inside `.git`,
-    /// which `git apply` refuses); [`super::apply`] applies it all the same.
+    /// which `git apply` refuses); [`apply`](fn@super::apply) applies it all the same.
     pub in_patch: bool,
     #[serde(skip)]
     pub(crate) new: Option<NewSide>,
 }
 
-/// What [`super::apply`] writes for a path.
+/// What [`apply`](fn@super::apply) writes for a path.
 #[derive(Debug, Clone)]
 pub(crate) struct NewSide {
     pub kind: EntryKind,
@@ -124,7 +124,7 @@ pub struct PatchInfo {
 
 /// Everything a job changed in its workspace: per-file entries, totals, the
 /// git-style patch (kept in an unlinked temporary file) and the new
-/// contents [`super::apply`] needs. Serialises as the `changes` document of
+/// contents [`apply`](fn@super::apply) needs. Serialises as the `changes` document of
 /// `execute --json` (without the patch text).
 #[derive(Debug, Serialize)]
 pub struct ChangeSet {
@@ -195,7 +195,6 @@ struct Returned {
     sha256: Option<[u8; 32]>,
     target: Option<String>,
     data: Option<Slice>,
-    binary: bool,
     /// Not in the archive itself, only as the parent of something.
     implicit: bool,
 }
@@ -228,6 +227,8 @@ pub fn diff(snapshot: &Snapshot, out_tar: impl Read, rules: &DiffRules) -> Resul
     let mut tree: BTreeMap<String, Returned> = BTreeMap::new();
     let mut ignored: BTreeSet<String> = BTreeSet::new();
     let mut skipped: Vec<Skipped> = Vec::new();
+    // Paths whose change we will not carry: they keep what they had.
+    let mut keep_old: BTreeSet<String> = BTreeSet::new();
     let mut buf = vec![0u8; 256 * 1024];
 
     let mut archive = tar::Archive::new(reader);
@@ -250,6 +251,7 @@ pub fn diff(snapshot: &Snapshot, out_tar: impl Read, rules: &DiffRules) -> Resul
             tar::EntryType::Symlink => EntryKind::Symlink,
             tar::EntryType::XGlobalHeader => continue,
             other => {
+                keep_old.insert(path.clone());
                 skipped.push(Skipped {
                     path,
                     reason: format!("a {other:?} entry, not a file, directory or link"),
@@ -270,7 +272,6 @@ pub fn diff(snapshot: &Snapshot, out_tar: impl Read, rules: &DiffRules) -> Resul
             sha256: None,
             target: None,
             data: None,
-            binary: false,
             implicit: false,
         };
         match kind {
@@ -278,6 +279,7 @@ pub fn diff(snapshot: &Snapshot, out_tar: impl Read, rules: &DiffRules) -> Resul
             EntryKind::Symlink => {
                 let target = entry.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
                 let Ok(target) = String::from_utf8(target) else {
+                    keep_old.insert(path.clone());
                     skipped.push(Skipped {
                         path,
                         reason: "its link target is not valid UTF-8".into(),
@@ -290,36 +292,43 @@ pub fn diff(snapshot: &Snapshot, out_tar: impl Read, rules: &DiffRules) -> Resul
             EntryKind::File => {
                 let start = content.len();
                 let mut hasher = Sha256::new();
-                let mut head = Vec::new();
+                // A file that fits the buffer is kept only if it changed; a
+                // bigger one streams to the spool and is given back if not.
+                let small = entry.size() <= buf.len() as u64;
+                let mut filled = 0usize;
                 loop {
-                    let n = match entry.read(&mut buf) {
+                    let at = if small { filled } else { 0 };
+                    if at == buf.len() {
+                        break;
+                    }
+                    let n = match entry.read(&mut buf[at..]) {
                         Ok(0) => break,
                         Ok(n) => n,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                         Err(e) => return Err(too_big(e)),
                     };
-                    hasher.update(&buf[..n]);
-                    if head.len() < 8000 {
-                        let take = n.min(8000 - head.len());
-                        head.extend_from_slice(&buf[..take]);
+                    hasher.update(&buf[at..at + n]);
+                    if small {
+                        filled += n;
+                    } else {
+                        content
+                            .write(&buf[..n])
+                            .map_err(WorkspaceError::io("cannot keep the job's changes"))?;
                     }
-                    content
-                        .write(&buf[..n])
-                        .map_err(WorkspaceError::io("cannot keep the job's changes"))?;
                     r.size += n as u64;
                 }
                 let sha: [u8; 32] = hasher.finalize().into();
                 r.sha256 = Some(sha);
-                r.binary = looks_binary(&head);
                 let unchanged = snapshot
                     .get(&path)
                     .is_some_and(|o| o.kind == EntryKind::File && o.sha256 == Some(sha) && o.size == r.size);
+                let keep = WorkspaceError::io("cannot keep the job's changes");
                 if unchanged {
-                    // The common case: give the bytes back at once.
-                    content
-                        .truncate(start)
-                        .map_err(WorkspaceError::io("cannot keep the job's changes"))?;
+                    content.truncate(start).map_err(keep)?;
                 } else {
+                    if small {
+                        content.write(&buf[..filled]).map_err(keep)?;
+                    }
                     r.data = Some(Slice {
                         offset: start,
                         len: r.size,
@@ -333,7 +342,6 @@ pub fn diff(snapshot: &Snapshot, out_tar: impl Read, rules: &DiffRules) -> Resul
 
     // A link the job made or changed must stay inside, like the ones we
     // sent in; if it does not, the path keeps what it had.
-    let mut keep_old: BTreeSet<String> = BTreeSet::new();
     {
         let symlink_at = |p: &str| {
             tree.get(p)
@@ -416,7 +424,8 @@ pub fn diff(snapshot: &Snapshot, out_tar: impl Read, rules: &DiffRules) -> Resul
     for fc in &mut files {
         let old = snapshot.get(&fc.path);
         let new = tree.get(&fc.path);
-        if fc.path == ".git" || fc.path.starts_with(".git/") || fc.path.contains("/.git/") {
+        // `git apply` refuses any path with a `.git` component.
+        if fc.path.split('/').any(|c| c.eq_ignore_ascii_case(".git")) {
             fc.in_patch = false;
             complete = false;
             continue;
@@ -520,7 +529,6 @@ fn place(tree: &mut BTreeMap<String, Returned>, path: &str, kind: EntryKind) -> 
                         sha256: None,
                         target: None,
                         data: None,
-                        binary: false,
                         implicit: true,
                     },
                 );

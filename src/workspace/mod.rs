@@ -6,10 +6,10 @@
 //! temporary file so a later edit of DIR cannot change what the job saw),
 //! packs it as a tar ([`Snapshot::write_tar`]) that our own binary unpacks
 //! inside the container ([`UNPACK_MODE`]), and, when the job ends, reads the
-//! tar our binary packs there ([`PACK_MODE`]) and [`diff`]s it **on the
+//! tar our binary packs there ([`PACK_MODE`]) and [`diff`](fn@diff)s it **on the
 //! host** against the snapshot. The result, a [`ChangeSet`], carries a
 //! git-style patch that `git apply` accepts and the new contents, so that
-//! [`apply`] can write them into DIR, but only if DIR has not changed since.
+//! [`apply`](fn@apply) can write them into DIR, but only if DIR has not changed since.
 //!
 //! # What is selected
 //!
@@ -59,7 +59,7 @@
 //!
 //! Permission bits travel in the tar (setuid, setgid and sticky bits are
 //! dropped); owners do not: the container's files belong to uid
-//! [`CONTAINER_UID`], and [`apply`] writes files as the user. A change of the
+//! [`CONTAINER_UID`], and [`apply`](fn@apply) writes files as the user. A change of the
 //! owner's execute bit is a mode change (git's rule); other permission
 //! changes made in the container are not carried back.
 

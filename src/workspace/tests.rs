@@ -157,6 +157,15 @@ fn git_apply(original: &Path, changes: &ChangeSet) -> tempfile::TempDir {
 // Selection
 
 #[test]
+fn snapshots_and_change_sets_can_cross_threads() {
+    // The job pipeline is async: these move into blocking tasks.
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Snapshot>();
+    send_sync::<ChangeSet>();
+    send_sync::<WorkspaceError>();
+}
+
+#[test]
 fn gitignore_applies_without_git_and_hidden_files_come_along() {
     let d = tmp();
     put(d.path(), ".gitignore", "target/\n*.log\n!keep.log\n");
