@@ -61,9 +61,22 @@ pub struct WorkspaceMount {
 }
 
 impl WorkspaceMount {
-    /// The tmpfs options for a workspace of `size` bytes.
+    /// The tmpfs options for a workspace of `size` bytes. Its inodes are
+    /// capped too (one per KiB of size, at least 16,384), so the archive it
+    /// packs into (a header per file) stays bounded as well.
     pub fn options(&self, size: u64) -> String {
-        format!("{},size={size}", self.tmpfs)
+        format!("{},size={size},nr_inodes={}", self.tmpfs, Self::inodes(size))
+    }
+
+    pub fn inodes(size: u64) -> u64 {
+        (size / 1024).max(16_384)
+    }
+
+    /// The most bytes the archive of a workspace of `size` bytes can take:
+    /// the content, a header and padding per inode, and the end marker.
+    pub fn archive_bound(size: u64) -> u64 {
+        size.saturating_add(Self::inodes(size).saturating_mul(1024))
+            .saturating_add(1 << 20)
     }
 }
 
@@ -301,7 +314,10 @@ pub fn mismatches(p: &Profile, body: &ContainerCreateBody) -> Vec<String> {
             let workspace_ok = t.get(&p.workspace.mount).is_none_or(|o| {
                 o.strip_prefix(p.workspace.tmpfs.as_str())
                     .and_then(|rest| rest.strip_prefix(",size="))
-                    .is_some_and(|n| n.parse::<u64>().is_ok_and(|n| n > 0))
+                    .and_then(|rest| rest.split_once(",nr_inodes="))
+                    .is_some_and(|(n, i)| {
+                        n.parse::<u64>().is_ok_and(|n| n > 0) && i.parse::<u64>().is_ok_and(|i| i > 0)
+                    })
             });
             let others: HashMap<String, String> = t
                 .iter()

@@ -54,9 +54,10 @@ pub(super) fn limit(cfg: &Config) -> Result<u64, JobError> {
 }
 
 /// How many bytes the copy-out may bring back: the tmpfs holds at most
-/// `limit` of content; tar headers and padding come on top.
+/// `limit` of content and a bounded number of files; tar headers and
+/// padding come on top.
 pub(super) fn out_limit(limit: u64) -> u64 {
-    limit.saturating_add(64 << 20)
+    crate::docker::hardening::WorkspaceMount::archive_bound(limit)
 }
 
 /// Select DIR under the rules, before anything runs.
