@@ -1,0 +1,329 @@
+//! The real tier: the **real** Claude Code (2.1.332, the native binary the
+//! PyPI wheel of `claude-agent-sdk` carries) in a runner image built by our
+//! own `docker build --claude-binary --extra-ca`, run by `execute` as a user
+//! would, against the local stand-in for `api.anthropic.com` (HTTPS with a
+//! throwaway CA, reached through the job's egress proxy by
+//! `CMM_EGRESS_RESOLVE`). What depends on Claude Code itself is tested here:
+//! its usage figures, errors, permissions, tools, proxy and TLS.
+//!
+//! The binary comes from `CMM_CLAUDE_BINARY`, else
+//! `target/claude-code/2.1.332/claude` (`.ci/run` fetches it). Without it
+//! these tests print a SKIP line, or fail when `CMM_REQUIRE_REAL_CLAUDE=1`.
+
+mod api_standin;
+mod common;
+mod docker_common;
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use api_standin::StandIn;
+use common::{docker_available, Cmm, Output};
+use docker_common::*;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+const API_KEY: &str = "sk-ant-api03-real-tier-key-not-a-secret-000000000000000000000000000000000000-AAAA";
+const REAL_IMAGE: &str = "cmm-real-claude";
+
+struct Real {
+    api: StandIn,
+    image: String,
+}
+
+fn claude_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("CMM_CLAUDE_BINARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/claude-code/2.1.332/claude"));
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var("CMM_REQUIRE_REAL_CLAUDE").as_deref() != Ok("1"),
+        "CMM_REQUIRE_REAL_CLAUDE=1 but the real Claude Code is not at `{}`: run `.ci/run` to fetch it, or set CMM_CLAUDE_BINARY",
+        path.display()
+    );
+    eprintln!(
+        "SKIP: real Claude Code not found at `{}`; set CMM_CLAUDE_BINARY or run `.ci/run` to fetch it",
+        path.display()
+    );
+    None
+}
+
+/// One stand-in for the whole test binary, and the runner image built for
+/// it by our own `docker build --claude-binary --extra-ca` (the CA is new
+/// each run, so is the image's small CA layer; the binary's layer is cached).
+fn real(name: &str) -> Option<&'static Real> {
+    static REAL: OnceLock<Option<Real>> = OnceLock::new();
+    if !docker_available(name) {
+        return None;
+    }
+    REAL.get_or_init(|| {
+        let bin = claude_binary()?;
+        let api = StandIn::start();
+        let ca = std::fs::read(api.ca_pem_path()).expect("stand-in CA");
+        let tag = format!("{REAL_IMAGE}:{}", &hex::encode(Sha256::digest(&ca))[..12]);
+        // Images of earlier runs (other CAs) go; the binary's layer stays cached.
+        let (_, tags, _) = docker(&["images", REAL_IMAGE, "--format", "{{.Repository}}:{{.Tag}}"]);
+        for old in tags.lines().filter(|t| *t != tag) {
+            docker(&["rmi", old]);
+        }
+        let out = Cmm::new().run(&[
+            "docker",
+            "build",
+            "--claude-binary",
+            bin.to_str().unwrap(),
+            "--extra-ca",
+            api.ca_pem_path().to_str().unwrap(),
+            "--tag",
+            &tag,
+        ]);
+        out.code(0);
+        Some(Real { api, image: tag })
+    })
+    .as_ref()
+}
+
+/// An opted-in install whose jobs reach the stand-in, with an API key.
+fn install(r: &Real) -> Cmm {
+    let t = Cmm::opted_in()
+        .env("ANTHROPIC_API_KEY", API_KEY)
+        .env("CMM_EGRESS_RESOLVE", &r.api.resolve_env());
+    t.run(&["config", "--set", &format!("docker.image={}", r.image)])
+        .code(0);
+    t
+}
+
+fn execute(t: &Cmm, prompt: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["execute", "--json", "--approve-all", "--prompt", prompt];
+    args.extend_from_slice(extra);
+    t.run(&args)
+}
+
+fn sha(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+#[test]
+fn the_real_claude_code_completes_real_jobs_on_the_default_caps() {
+    let Some(r) = real("the_real_claude_code_completes_real_jobs_on_the_default_caps") else {
+        return;
+    };
+    // A fresh opt-in and nothing else: five one-turn jobs, then ten turns.
+    let t = install(r);
+    for i in 0..5 {
+        let out = execute(&t, &format!("scenario:text say=hello{i}"), &[]);
+        out.code(0);
+        let v = out.json();
+        assert_eq!(v["status"], "completed", "{v:#}");
+        assert!(v["result"].as_str().unwrap().contains(&format!("hello{i}")), "{v:#}");
+        // What the API reported for the one request, exactly.
+        assert_eq!(v["usage"]["input_tokens"], 4, "{v:#}");
+        assert_eq!(v["usage"]["cache_creation_input_tokens"], 12000);
+        assert_eq!(v["usage"]["cache_read_input_tokens"], 9000);
+        assert_eq!(v["usage"]["output_tokens"], 60);
+        assert_eq!(v["fresh_tokens"], 12064);
+        assert_eq!(v["cost_estimated"], false);
+        assert!(v["cost_usd"].as_f64().unwrap() > 0.0, "Claude Code's own cost: {v:#}");
+        // Out only through the proxy, to the allowed name.
+        assert!(v["egress"]["allowed"].as_u64().unwrap() >= 1, "{v:#}");
+        assert_eq!(v["egress"]["failed"], 0);
+    }
+    let out = execute(&t, "scenario:text turns=10", &[]);
+    out.code(0);
+    let v = out.json();
+    assert_eq!(v["status"], "completed", "{v:#}");
+    assert_eq!(v["num_turns"], 10);
+    assert_eq!(v["fresh_tokens"], 10 * 12064);
+    assert_eq!(v["usage"]["cache_read_input_tokens"], 10 * 9000);
+    let day = &t.run(&["status", "--json"]).code(0).json()["usage"]["windows"][0];
+    assert_eq!(day["tasks"], 6);
+    assert_eq!(day["tokens"], 15 * 12064);
+    // The credential reached the API (and only as its hash is it recorded).
+    let seen = r.api.requests();
+    assert!(
+        seen.iter()
+            .any(|q| q.is_messages() && q.api_key_sha256.as_deref() == Some(sha(API_KEY).as_str())),
+        "the API key reached the stand-in"
+    );
+    assert!(!t.read("audit.jsonl").contains(API_KEY));
+    t.run(&["audit", "verify"]).code(0);
+}
+
+#[test]
+fn a_real_workspace_job_writes_and_edits_and_its_patch_comes_back() {
+    let Some(r) = real("a_real_workspace_job_writes_and_edits_and_its_patch_comes_back") else {
+        return;
+    };
+    let t = install(r);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("README.md"), "the old text\n").unwrap();
+    let ws = dir.path().to_str().unwrap();
+    // acceptEdits (the default with a workspace): Claude Code's Write tool
+    // creates the file in /workspace; it comes back as an added file.
+    let out = execute(
+        &t,
+        "scenario:write path=hello.txt content=hi-from-claude",
+        &["--workspace", ws],
+    );
+    out.code(0);
+    let v = out.json();
+    assert_eq!(v["permission_mode"], "acceptEdits");
+    let files = v["changes"]["files"].as_array().unwrap();
+    assert_eq!(files.len(), 1, "{v:#}");
+    assert_eq!(
+        (files[0]["path"].as_str(), files[0]["change"].as_str()),
+        (Some("hello.txt"), Some("added"))
+    );
+    let patch = t.run(&["logs", "--job", v["job_id"].as_str().unwrap(), "--patch"]);
+    patch.code(0).stdout_has("+hi-from-claude");
+    assert!(!dir.path().join("hello.txt").exists(), "DIR untouched without --apply");
+    // Read then Edit, applied to DIR.
+    let out = execute(
+        &t,
+        "scenario:edit path=README.md old=old new=new",
+        &["--workspace", ws, "--apply"],
+    );
+    out.code(0);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("README.md")).unwrap(),
+        "the new text\n"
+    );
+    // In the default mode the same write is denied by Claude Code itself.
+    let out = execute(
+        &t,
+        "scenario:write path=denied.txt content=no",
+        &["--workspace", ws, "--permission-mode", "default"],
+    );
+    out.code(0);
+    let v = out.json();
+    assert_eq!(v["permission_mode"], "default");
+    assert_eq!(v["changes"]["files"].as_array().unwrap().len(), 0, "{v:#}");
+    assert!(v["result"].as_str().unwrap().contains("permission"), "{v:#}");
+}
+
+#[test]
+fn claude_code_s_own_limits_end_real_jobs_with_their_reasons() {
+    let Some(r) = real("claude_code_s_own_limits_end_real_jobs_with_their_reasons") else {
+        return;
+    };
+    let t = install(r);
+    let out = execute(&t, "scenario:text turns=10", &["--max-turns", "2"]);
+    out.code(1);
+    let v = out.json();
+    assert_eq!(
+        (v["status"].as_str(), v["error"].as_str()),
+        (Some("failed"), Some("max_turns")),
+        "{v:#}"
+    );
+    assert_eq!(v["claude_error"], "Reached maximum number of turns (2)");
+    assert!(v["fresh_tokens"].as_u64().unwrap() >= 2 * 12064, "{v:#}");
+    // The budget: Claude Code stops itself; its usage comes from modelUsage.
+    // (2,000,000 input tokens a request: the token caps are raised so that
+    // the budget, not our kill at the token cap, ends it.)
+    t.run(&["limits", "--max-tokens-per-task", "50000000", "--tokens", "100000000"])
+        .code(0);
+    let out = execute(&t, "scenario:expensive", &["--max-budget-usd", "1"]);
+    out.code(1);
+    let v = out.json();
+    assert_eq!(
+        (v["status"].as_str(), v["error"].as_str()),
+        (Some("failed"), Some("budget_exhausted")),
+        "{v:#}"
+    );
+    assert!(v["claude_error"].as_str().unwrap().contains("maximum budget"), "{v:#}");
+    assert!(v["fresh_tokens"].as_u64().unwrap() >= 2_000_000, "{v:#}");
+    let cost = v["cost_usd"].as_f64().unwrap();
+    assert!(cost >= 1.0 && v["cost_estimated"] == false, "{v:#}");
+    let day = &t.run(&["status", "--json"]).code(0).json()["usage"]["windows"][0];
+    assert!(day["cost_usd"].as_f64().unwrap() >= cost, "{day}");
+    // In words, on stderr.
+    let human = t.run(&[
+        "execute",
+        "--approve-all",
+        "--max-turns",
+        "2",
+        "--prompt",
+        "scenario:text turns=10",
+    ]);
+    human.code(1).stderr_has("stopped at the job's turn limit (2 turns)");
+}
+
+#[test]
+fn a_refused_api_key_ends_the_real_job_at_once_with_a_hint_for_api_keys() {
+    let Some(r) = real("a_refused_api_key_ends_the_real_job_at_once_with_a_hint_for_api_keys") else {
+        return;
+    };
+    let t = install(r);
+    let t0 = Instant::now();
+    let out = t.run(&["execute", "--approve-all", "--prompt", "scenario:auth"]);
+    // Claude Code alone retries for about three minutes.
+    assert!(t0.elapsed() < Duration::from_secs(30), "took {:?}", t0.elapsed());
+    out.code(1)
+        .stderr_has("the API key was rejected")
+        .stderr_has("Claude Code said: HTTP 401")
+        .stderr_has("console.anthropic.com");
+    assert!(!out.stderr.contains(API_KEY));
+}
+
+#[test]
+fn a_stalled_real_answer_cancelled_still_counts_its_usage() {
+    let Some(r) = real("a_stalled_real_answer_cancelled_still_counts_its_usage") else {
+        return;
+    };
+    let t = install(r);
+    let mut run = t.cmd(&["-v", "execute", "--approve-all", "--prompt", "scenario:stall"]);
+    run.cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = run.cmd.spawn().unwrap();
+    // `-v` prints the token progress the API reported as the answer began.
+    let err = child.stderr.take().unwrap();
+    let mut lines = std::io::BufReader::new(err).lines();
+    let t0 = Instant::now();
+    loop {
+        let l = lines.next().expect("stderr ended before progress").unwrap();
+        if l.contains("12005/") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "no progress line");
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{rest:?}");
+    let id = events_named(&audit_events(&t), "job.started")[0]["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let rec = job_record(&t, &id);
+    assert_eq!(rec["status"], "cancelled");
+    assert_eq!(rec["fresh_tokens"], 12005, "{rec:#}");
+    assert_eq!(usage_today(&t), (1, 12005, 0), "counted against the caps");
+    assert!(containers_of_job(&id).is_empty());
+}
+
+#[test]
+fn an_untrusted_certificate_says_why_in_claude_code_s_words() {
+    let Some(r) = real("an_untrusted_certificate_says_why_in_claude_code_s_words") else {
+        return;
+    };
+    // Another stand-in, with a CA the image does not trust: what a user
+    // behind a TLS-inspecting proxy meets without `--extra-ca`.
+    let other = StandIn::start();
+    let t = Cmm::opted_in()
+        .env("ANTHROPIC_API_KEY", API_KEY)
+        .env("CMM_EGRESS_RESOLVE", &other.resolve_env());
+    t.run(&["config", "--set", &format!("docker.image={}", r.image)])
+        .code(0);
+    let out = t.run(&[
+        "execute",
+        "--approve-all",
+        "--timeout",
+        "120",
+        "--prompt",
+        "scenario:text",
+    ]);
+    out.code(1).stderr_has("Claude Code said:").stderr_has("certificate");
+}
