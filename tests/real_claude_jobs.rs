@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use api_standin::StandIn;
 use common::{docker_available, Cmm, Output};
 use docker_common::*;
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 const API_KEY: &str = "sk-ant-api03-real-tier-key-not-a-secret-000000000000000000000000000000000000-AAAA";
