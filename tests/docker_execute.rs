@@ -118,7 +118,8 @@ fn a_job_succeeds_with_real_usage_recorded() {
     assert_eq!(record["cost_usd"], 0.048612);
     assert_eq!(record["cost_estimated"], false);
     assert_eq!(record["num_turns"], 1);
-    assert_eq!(record["exit_code"], 0);
+    // Ended at its result: the answer is in, its process is not waited for.
+    assert_eq!(record["exit_code"], Value::Null);
     assert_eq!(record["exit"], 0);
     assert!(record["duration_ms"].as_u64().unwrap() > 0);
     assert_eq!(record["claude_duration_ms"], 1834);
@@ -179,7 +180,7 @@ fn a_failed_login_fails_the_job() {
         "the real CLI says success; is_error decides"
     );
     assert_eq!(record["error"], "authentication_failed");
-    assert_eq!(record["exit_code"], 1);
+    assert_eq!(record["exit_code"], Value::Null, "ended at its result");
     assert_eq!(terminal["event"], "job.failed");
     assert_eq!(terminal["error"], "authentication_failed");
     assert_eq!(usage_today(&t), (1, 0, 0));
@@ -681,8 +682,24 @@ fn the_job_budget_reaches_claude_code_and_its_own_limits_end_the_job() {
         (r["status"].as_str(), r["subtype"].as_str()),
         (Some("failed"), Some("error_max_turns"))
     );
-    assert_eq!(r["error"], "error_max_turns");
-    assert_eq!(r["num_turns"], 2);
+    assert_eq!(r["error"], "max_turns");
+    assert_eq!(r["terminal_reason"], "max_turns");
+    assert_eq!(r["claude_error"], "Reached maximum number of turns (2)");
+    assert_eq!(r["fresh_tokens"], 2 * 12064);
+    let human = t.run(&[
+        "execute",
+        "--approve-all",
+        "--image",
+        FAKE_IMAGE,
+        "--max-turns",
+        "2",
+        "--prompt",
+        "scenario:turns turns=5",
+    ]);
+    human
+        .code(1)
+        .stderr_has("stopped at the job's turn limit (2 turns)")
+        .stderr_has("--max-turns N");
     // Beyond the caps is refused before anything runs.
     execute(&t, "scenario:ok", &["--max-turns", "101"]).code(2);
     execute(&t, "scenario:ok", &["--max-budget-usd", "6"])

@@ -153,10 +153,10 @@ fn the_canary_token_appears_nowhere_and_the_container_is_hardened() {
             assert!(opts.split(',').any(|o| o == want), "{mount} tmpfs lacks {want}: {opts}");
         }
     }
-    assert_eq!(h["Memory"], 512 * 1024 * 1024);
+    assert_eq!(h["Memory"], 1024 * 1024 * 1024);
     assert_eq!(h["MemorySwap"], h["Memory"], "memory = memory-swap");
     assert_eq!(h["CpuShares"], 512);
-    assert_eq!(h["NanoCpus"], 1_000_000_000i64, "CPU cap");
+    assert_eq!(h["NanoCpus"], 2_000_000_000i64, "CPU cap");
     assert_eq!(h["PidsLimit"], 256);
     assert_eq!(h["CapDrop"], serde_json::json!(["ALL"]));
     assert!(h["CapAdd"].is_null() || h["CapAdd"].as_array().unwrap().is_empty());

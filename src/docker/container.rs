@@ -43,6 +43,9 @@ impl KillReason {
 pub enum Verdict {
     Continue,
     Kill(KillReason),
+    /// The job has said all it will (Claude Code's final `result`): stop
+    /// it now instead of waiting for its process to wind down.
+    Done,
 }
 
 /// How the container's run ended.
@@ -50,6 +53,9 @@ pub enum Verdict {
 pub enum Ending {
     /// The process exited by itself.
     Exited(i64),
+    /// The job reported its end ([`Verdict::Done`]) and was stopped then,
+    /// without waiting for its process to exit (the caller removes it).
+    Finished,
     Killed(KillReason),
     Cancelled,
 }
@@ -245,6 +251,7 @@ async fn drive(
             }),
         )
         .await;
+    tracing::debug!(container = id, "attached");
     let attached = match attached {
         Ok(a) => a,
         Err(e) => {
@@ -288,6 +295,7 @@ async fn drive(
         }
         return Err(e.into());
     }
+    tracing::debug!(container = id, "started");
     if let Some(h) = hold.as_mut() {
         let tar = h
             .tar_in
@@ -309,6 +317,7 @@ async fn drive(
             }
         }
         writer = send_stdin.take().map(|send| send());
+        tracing::debug!(container = id, "workspace copied in");
     }
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
@@ -364,14 +373,23 @@ async fn drive(
             item = output.next() => match item {
                 Some(Ok(LogOutput::StdOut { message } | LogOutput::Console { message })) => {
                     handle(&message, &mut pending, &mut verdict, &mut held_exit);
-                    if let (Verdict::Kill(reason), None) = (verdict, &stopping) {
+                    let (stop, kill_now) = match (verdict, &stopping) {
+                        (Verdict::Kill(reason), None) => (Some(Ending::Killed(reason)), true),
+                        // Claude Code takes a tenth of a second or more to
+                        // wind down after its result; the answer is in.
+                        (Verdict::Done, None) => (Some(Ending::Finished), false),
+                        _ => (None, false),
+                    };
+                    if let Some(stop) = stop {
                         if hold.is_some() {
                             stop_held(docker).await;
-                            stopping = Some(Ending::Killed(reason));
+                            stopping = Some(stop);
                             grace.as_mut().reset(tokio::time::Instant::now() + HOLD_GRACE);
                         } else {
-                            kill(docker, id).await;
-                            break Ending::Killed(reason);
+                            if kill_now {
+                                kill(docker, id).await;
+                            }
+                            break stop;
                         }
                     }
                 }
@@ -392,6 +410,9 @@ async fn drive(
                         if let Verdict::Kill(reason) = verdict {
                             kill(docker, id).await;
                             break stopping.take().unwrap_or(Ending::Killed(reason));
+                        }
+                        if verdict == Verdict::Done {
+                            break stopping.take().unwrap_or(Ending::Finished);
                         }
                     }
                     if let Some(s) = stopping.take() {
@@ -440,6 +461,7 @@ async fn drive(
     if let Some(w) = writer {
         w.abort();
     }
+    tracing::debug!(container = id, ending = ?ending, "job ended");
     let tail = String::from_utf8_lossy(&stderr_tail).into_owned();
     let workspace_out = match (&hold, held_exit) {
         (None, _) => None,
@@ -656,7 +678,10 @@ pub async fn remove(docker: &Docker, id: &str) {
     };
     for attempt in 0..50u32 {
         match docker.remove_container(id, Some(opts.clone())).await {
-            Ok(()) => return,
+            Ok(()) => {
+                tracing::debug!(container = id, "removed");
+                return;
+            }
             Err(e) if is_not_found(&e) => return,
             Err(e) => {
                 tracing::debug!(container = id, attempt, error = %e, "container removal not done yet");

@@ -575,7 +575,9 @@ pub async fn run(
         })
     };
     let name = format!("cmm-job-{job_id}");
+    tracing::debug!(job = %job_id, "admitted and prepared");
     let (created, appended) = tokio::join!(container::create(&docker, &name, body), append);
+    tracing::debug!(job = %job_id, "created and audited");
     if let Err(e) = appended.map_err(joined).and_then(|r| r.map_err(JobError::from)) {
         if let Ok(id) = &created {
             container::remove(&docker, id).await;
@@ -675,6 +677,7 @@ pub async fn run(
         })
     };
     let ((), book) = tokio::join!(exited.remove(), book);
+    tracing::debug!(job = %job_id, "recorded and removed");
     book.map_err(|e| JobError::Record {
         path: record_path(paths, &job_id),
         source: io::Error::other(e.to_string()),
@@ -685,6 +688,16 @@ pub async fn run(
 /// job goes on.
 fn on_line(state: &mut StreamState, line: &str, max_tokens: u64, progress: &dyn Progress) -> Verdict {
     let event = state.feed(line);
+    if matches!(event, Event::Init { .. } | Event::Result(_)) {
+        tracing::debug!(
+            event = if matches!(event, Event::Result(_)) {
+                "result"
+            } else {
+                "init"
+            },
+            "stream"
+        );
+    }
     match &event {
         Event::Init { model } => progress.job_event(JobEvent::Init {
             model: model.as_deref(),
@@ -718,6 +731,10 @@ fn on_line(state: &mut StreamState, line: &str, max_tokens: u64, progress: &dyn 
     if state.tokens_so_far() > max_tokens {
         progress.job_event(JobEvent::Killing(KillReason::TokenCap));
         return Verdict::Kill(KillReason::TokenCap);
+    }
+    // Success or failure is the result's to say; nothing after it counts.
+    if matches!(event, Event::Result(_)) {
+        return Verdict::Done;
     }
     Verdict::Continue
 }

@@ -46,6 +46,18 @@ fn decide(ending: &Ending, state: &StreamState) -> Decided {
             Some(r.name().to_string()),
             None,
         ),
+        // Ended at its result: the result decides, and the process's exit
+        // code was not waited for.
+        Ending::Finished => match outcome {
+            Some(o) if !o.is_error => (Status::Completed, None, None, None),
+            Some(o) => (Status::Failed, Some(why_failed(o, state)), None, None),
+            None => (
+                Status::Failed,
+                Some("Claude Code ended without a result".into()),
+                None,
+                None,
+            ),
+        },
         Ending::Exited(code) => match outcome {
             Some(o) if !o.is_error => (Status::Completed, None, None, Some(*code)),
             Some(o) => (Status::Failed, Some(why_failed(o, state)), None, Some(*code)),
