@@ -404,11 +404,19 @@ fn bad_input_is_rejected_and_leaves_nothing() {
     more.extend_from_slice(&vec![0u8; CHUNK + 100]);
     assert_rejected(&t, &more, 5, "decryption failed at chunk 3");
 
-    assert_rejected(&t, b"hello, this is plain text\n", 2, "not an encrypted envelope");
+    // Not an envelope at all (exit 2) versus one of ours, damaged (exit 5):
+    // the line is the whole 7-byte magic (docs/FORMAT.md).
+    assert_rejected(&t, b"hello, this is plain text\n", 2, "not an envelope of ours");
     assert_rejected(&t, b"", 2, "empty");
+    assert_rejected(&t, b"CMM-E", 2, "not an envelope of ours");
+    let mut magic = env.clone();
+    magic[3] ^= 0x20;
+    assert_rejected(&t, &magic, 2, "not an envelope of ours");
+    assert_rejected(&t, b"CMM-ENC", 5, "truncated");
+    assert_rejected(&t, &env[..10], 5, "truncated");
     let mut v2 = env.clone();
     v2[7] = 2;
-    assert_rejected(&t, &v2, 2, "unsupported envelope version 2");
+    assert_rejected(&t, &v2, 5, "says it is version 2");
     let mut wrapped = env.clone();
     let len = wrapped.len();
     wrapped[len / 2..].fill(0);

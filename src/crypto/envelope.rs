@@ -59,13 +59,19 @@ const TRAILER_SIG_CONTEXT: &[u8] = b"cmm-enc v1 trailer signature\0";
 /// Failures after the RSA unwrap share one message shape (`Damaged`): a bad
 /// RSA padding is not reported as such but leads to a random file key, so it
 /// is indistinguishable from a damaged first chunk (no padding oracle).
+///
+/// The line between exit 2 and exit 5 is the magic (docs/FORMAT.md, "What a
+/// reader reports"): input that does not start with all of `CMM-ENC` is not
+/// an envelope at all (`Empty`, `NotEnvelope`: invalid input, 2); input that
+/// does is one of ours, and every way it fails to open is an integrity
+/// failure (5), whether it was cut, flipped, forged or sent to someone else.
 #[derive(Debug, thiserror::Error)]
 pub enum CryptoError {
-    #[error("the input is empty: there is no envelope to decrypt")]
+    #[error("the input is empty, so it is not an envelope of ours")]
     Empty,
-    #[error("the input is not an encrypted envelope (it does not start with `CMM-ENC`)")]
+    #[error("the input is not an envelope of ours: it does not start with `CMM-ENC`")]
     NotEnvelope,
-    #[error("unsupported envelope version {0} (this build reads version {VERSION})")]
+    #[error("the envelope says it is version {0}, and this build reads version {VERSION}: it is damaged, or was written by a newer claude-max-market")]
     UnknownVersion(u8),
     #[error("malformed envelope header: {0}")]
     BadHeader(String),
@@ -105,12 +111,12 @@ impl HasExit for CryptoError {
         match self {
             CryptoError::Empty
             | CryptoError::NotEnvelope
-            | CryptoError::UnknownVersion(_)
             | CryptoError::NoRecipients
             | CryptoError::TooManyRecipients(..)
             | CryptoError::Input { .. }
             | CryptoError::Target(_) => Exit::Usage,
-            CryptoError::BadHeader(_)
+            CryptoError::UnknownVersion(_)
+            | CryptoError::BadHeader(_)
             | CryptoError::Truncated(_)
             | CryptoError::NotForMe(_)
             | CryptoError::Unsigned(_)
@@ -127,7 +133,9 @@ impl HasExit for CryptoError {
             CryptoError::Empty | CryptoError::NotEnvelope => {
                 Some("pass a file made by `claude-max-market encrypt`".into())
             }
-            CryptoError::UnknownVersion(_) => Some("upgrade claude-max-market to read this envelope".into()),
+            CryptoError::UnknownVersion(_) => Some(
+                "if a newer claude-max-market wrote it, upgrade to read it; otherwise obtain a fresh copy from the sender".into(),
+            ),
             CryptoError::NotForMe(_) => Some(
                 "ask the sender to encrypt to your identity (`claude-max-market keys show`); retired keys past `security.keyRotationDays` are gone".into(),
             ),
@@ -331,12 +339,13 @@ pub fn read_prefix<R: Read>(r: &mut R) -> Result<Prefix, CryptoError> {
     if n == 0 {
         return Err(CryptoError::Empty);
     }
-    let m = n.min(MAGIC.len());
-    if start[..m] != MAGIC[..m] {
+    // Fewer than 7 bytes cannot be told from any other short input, so only
+    // the whole magic makes the input one of ours (and its failures exit 5).
+    if n < MAGIC.len() || start[..MAGIC.len()] != MAGIC[..] {
         return Err(CryptoError::NotEnvelope);
     }
     if n < start.len() {
-        return Err(CryptoError::Truncated("it ends inside the magic bytes".into()));
+        return Err(CryptoError::Truncated("it ends right after the magic bytes".into()));
     }
     if start[7] != VERSION {
         return Err(CryptoError::UnknownVersion(start[7]));
