@@ -13,8 +13,15 @@
 //! A signed envelope names the sender's Ed25519 key in the header and carries
 //! two signatures: one over the header (checked before any RSA private-key
 //! operation, see SECURITY.md) and one after the last chunk over the header
-//! hash and the SHA-256 of all chunks, so a co-recipient who knows the file
-//! key cannot substitute content under the sender's name.
+//! hash and the SHA-256 of every chunk's ciphertext and tag, so a
+//! co-recipient who knows the file key cannot substitute content under the
+//! sender's name. (Signing only the tags would not do: whoever knows the
+//! file key knows GHASH's key and can find another chunk with the same tag.)
+//!
+//! That signature, like the final-chunk flag, can only be checked at the
+//! end, so a streaming reader produces plaintext it cannot vouch for until
+//! then: [`decrypt_stream`]'s output must be held back until it returns `Ok`
+//! (`files::decrypt_file` spools it; [`decrypt`] returns nothing on error).
 //!
 //! Memory is constant: a fixed pool of batch buffers (see `pipeline`),
 //! whatever the payload size; batches are sealed and opened in parallel.
@@ -100,6 +107,8 @@ pub enum CryptoError {
     },
     #[error("{0}")]
     Target(String),
+    #[error("cannot hold the decrypted output in {} until it verifies: {source}", dir.display())]
+    Spool { dir: std::path::PathBuf, source: io::Error },
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error("I/O error: {0}")]
@@ -123,7 +132,7 @@ impl HasExit for CryptoError {
             | CryptoError::WrongSigner { .. }
             | CryptoError::BadSignature
             | CryptoError::Damaged(_) => Exit::Integrity,
-            CryptoError::TooLarge | CryptoError::Io(_) => Exit::Failed,
+            CryptoError::TooLarge | CryptoError::Spool { .. } | CryptoError::Io(_) => Exit::Failed,
             CryptoError::Key(e) => e.exit(),
         }
     }
@@ -147,6 +156,9 @@ impl HasExit for CryptoError {
             }
             CryptoError::NoRecipients => Some("name a recipient with `--recipient NAME`".into()),
             CryptoError::Target(_) => Some("pass `--force` to replace it, or choose another `--output`".into()),
+            CryptoError::Spool { .. } => Some(
+                "stdout gets the plaintext only after every chunk verified, so it is held in `$TMPDIR` first and needs that much free space there; set `TMPDIR` to a directory with room, or decrypt with `--output FILE`".into(),
+            ),
             CryptoError::Key(e) => e.hint(),
             _ => None,
         }
@@ -643,8 +655,10 @@ fn unwrap_file_key(me: &Identity, header: &Header) -> Result<[u8; 32], CryptoErr
 
 /// Decrypt a stream. The signer requirement and the header signature are
 /// checked before the RSA unwrap; the trailer signature (content) after
-/// the last chunk. Plaintext is written as chunks verify: a caller writing to
-/// a file must discard it unless this returns `Ok` (see `decrypt_file`).
+/// the last chunk. Plaintext is written as each chunk's tag verifies, which
+/// proves nothing yet about the sender (a co-recipient can seal a chunk) or
+/// completeness: `output` must be a spool the caller releases only if this
+/// returns `Ok`, and discards otherwise (see `files::decrypt_file`).
 pub fn decrypt_stream<R: Read, W: Write + Send>(
     me: &Identity,
     mut input: R,
