@@ -29,6 +29,11 @@ fi
 
 WORK=$(mktemp -d "${BENCH_DIR:-/tmp}/cmm-bench.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
+# Input, two envelopes, two outputs and the stdout spool: about 6 GiB.
+if [ "$(df --output=avail -k "$WORK" | tail -1)" -lt $((7 << 20)) ]; then
+    echo "need 7 GiB free in $(dirname "$WORK") (set BENCH_DIR)" >&2
+    exit 1
+fi
 export CMM_HOME="$WORK/home"
 # The stdout spool lives where the rest of the bench's files do.
 export TMPDIR="$WORK"
@@ -39,11 +44,16 @@ AGE_RCPT=$(age-keygen -y "$WORK/age.key")
 head -c $((1 << 30)) /dev/urandom >"$WORK/big"
 head -c $((1 << 20)) /dev/urandom >"$WORK/small"
 
-# wall seconds of one command (stdout/stderr discarded)
+# wall seconds of one command (stdout/stderr discarded); a failed command
+# (a full disk, say) stops the bench instead of timing the failure
 wall() {
     local t0 t1
     t0=$(date +%s%N)
-    "$@" >/dev/null 2>&1
+    if ! "$@" >/dev/null 2>"$WORK/wall.err"; then
+        cat "$WORK/wall.err" >&2
+        echo "failed: $*" >&2
+        kill "$$"
+    fi
     t1=$(date +%s%N)
     awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f\n", (b - a) / 1e9 }'
 }
@@ -107,4 +117,5 @@ for f in small big; do
     ad=$(rss age -d -i "$WORK/age.key" -o "$WORK/$f.age.out" "$WORK/$f.age")
     size=$([ "$f" = small ] && echo "1 MiB" || echo "1 GiB")
     printf '%-6s encrypt %6s  decrypt %6s  decrypt to stdout %6s   (age: %6s / %6s)\n' "$size" "$e" "$d" "$o" "$ae" "$ad"
+    rm -f "$WORK/$f.out" "$WORK/$f.age.out"
 done
