@@ -1,9 +1,13 @@
 //! The library API the market uses for payloads and results:
 //! `encrypt_to` / `decrypt`, and the order of checks on untrusted input.
 
+mod common;
+mod crypto_support;
+
 use claude_max_market::crypto::envelope::{decrypt, encrypt_to, CryptoError};
 use claude_max_market::crypto::keys::{Identity, PublicIdentity};
 use claude_max_market::{AuditLog, Paths};
+use crypto_support::{data, file_key_of, reseal_chunk, Layout, CHUNK};
 
 fn identity() -> (tempfile::TempDir, Identity) {
     let home = tempfile::tempdir().unwrap();
@@ -96,4 +100,42 @@ fn public_identity_validation() {
         rsa::pkcs8::EncodePublicKey::to_public_key_pem(&small.to_public_key(), Default::default()).unwrap();
     assert!(weak.validate().unwrap_err().to_string().contains("3072"));
     assert!(encrypt_to(&[weak], None, b"x").is_err());
+}
+
+#[test]
+fn a_co_recipient_cannot_forge_a_signed_payload_in_memory() {
+    // alice signs a payload to bob and carol; carol unwraps the file key with
+    // her own private key and re-seals chunk 0 with her text.
+    let (_h1, alice) = identity();
+    let (_h2, bob) = identity();
+    let (h3, carol) = identity();
+    let payload = data(3 * CHUNK, 3);
+    let forged_text = vec![b'c'; CHUNK];
+    let forge = |env: &[u8]| {
+        let layout = Layout::of(env);
+        let key = file_key_of(&h3.path().join("keys"), env, &layout);
+        let mut forged = env.to_vec();
+        reseal_chunk(&mut forged, &layout, &key, 0, &forged_text);
+        forged
+    };
+
+    let signed = encrypt_to(&[bob.public(), carol.public()], Some(&alice), &payload).unwrap();
+    let forged = forge(&signed);
+    for pin in [Some(alice.public()), None] {
+        assert!(matches!(
+            decrypt(&bob, &forged, pin.as_ref()),
+            Err(CryptoError::BadSignature)
+        ));
+    }
+    assert_eq!(
+        decrypt(&bob, &signed, Some(&alice.public())).unwrap().plaintext,
+        payload
+    );
+
+    // Unsigned, the same forgery opens: a co-recipient can say anything in
+    // an unsigned envelope, which is why the market always signs and pins.
+    let unsigned = encrypt_to(&[bob.public(), carol.public()], None, &payload).unwrap();
+    let opened = decrypt(&bob, &forge(&unsigned), None).unwrap();
+    assert_eq!(&opened.plaintext[..CHUNK], &forged_text[..]);
+    assert_eq!(opened.signer, None);
 }

@@ -3,108 +3,17 @@
 //! bad input (exit code, message, and no output or temporary file left).
 
 mod common;
+mod crypto_support;
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::OnceLock;
 
 use common::*;
+use crypto_support::*;
 use proptest::prelude::*;
 use serde_json::Value;
-
-const CHUNK: usize = 65536;
-
-/// RSA-3072 generation costs seconds; generate each identity once per test
-/// binary and copy its `keys/` into every install that needs it.
-fn template(n: usize) -> &'static Path {
-    static T: [OnceLock<tempfile::TempDir>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
-    T[n].get_or_init(|| {
-        let t = Cmm::new();
-        t.run(&["keys", "generate"]).code(0);
-        t.home
-    })
-    .path()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    fs::set_permissions(to, fs::Permissions::from_mode(0o700)).unwrap();
-    for e in fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dst = to.join(e.file_name());
-        if e.path().is_dir() {
-            copy_dir(&e.path(), &dst);
-        } else {
-            fs::copy(e.path(), &dst).unwrap();
-        }
-    }
-}
-
-/// An install holding identity number `n` (0, 1 or 2).
-fn node(n: usize) -> Cmm {
-    let t = Cmm::new();
-    copy_dir(&template(n).join("keys"), &t.file("keys"));
-    t
-}
-
-fn node_id(t: &Cmm) -> String {
-    t.run(&["keys", "show", "--json"]).code(0).json()["node_id"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
-/// Make `from`'s public identity known to `to` as `name`.
-fn introduce(from: &Cmm, to: &Cmm, name: &str) {
-    let f = from.file("public.json");
-    from.run(&["keys", "export", "--public", f.to_str().unwrap()]).code(0);
-    to.run(&["keys", "import", name, f.to_str().unwrap()]).code(0);
-}
-
-/// Run with raw bytes on stdin and stdout (the harness's stdout is text).
-fn raw(t: &Cmm, args: &[&str], stdin: &[u8]) -> (i32, Vec<u8>, String) {
-    let mut cmd = t.cmd(args).cmd;
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let mut sin = child.stdin.take().unwrap();
-    let bytes = stdin.to_vec();
-    let w = std::thread::spawn(move || {
-        let _ = sin.write_all(&bytes);
-    });
-    let out = child.wait_with_output().unwrap();
-    w.join().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        out.stdout,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn data(n: usize, seed: u8) -> Vec<u8> {
-    (0..n)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8)
-        .collect()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn names_in(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
-fn mode(p: &Path) -> u32 {
-    fs::metadata(p).unwrap().permissions().mode() & 0o777
-}
 
 #[test]
 fn generate_writes_private_keys_and_refuses_to_overwrite() {
@@ -251,6 +160,97 @@ fn stdin_and_stdout_streaming() {
 }
 
 #[test]
+fn stdout_output_is_held_in_tmpdir_until_it_verifies() {
+    let t = node(0);
+    let body = data(3 * CHUNK + 1, 5);
+    let (code, env, err) = raw(&t, &["encrypt", "-i", "-", "--sign"], &body);
+    assert_eq!(code, 0, "{err}");
+    // The spool is unnamed: a successful run leaves `$TMPDIR` as it was.
+    let tmp = tempfile::tempdir().unwrap();
+    let (code, out, err) = raw_run(t.cmd(&["decrypt", "-i", "-"]).env("TMPDIR", s(tmp.path())), &env);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, body);
+    assert!(names_in(tmp.path()).is_empty());
+    // Where the spool cannot be made, nothing is decrypted, and the error
+    // says where it was to be and what to do.
+    let gone = tmp.path().join("missing");
+    let (code, out, err) = raw_run(t.cmd(&["decrypt", "-i", "-"]).env("TMPDIR", s(&gone)), &env);
+    assert_eq!(code, 1, "{err}");
+    assert!(out.is_empty());
+    assert!(
+        err.contains("cannot hold the decrypted output in") && err.contains("missing"),
+        "{err}"
+    );
+    assert!(err.contains("TMPDIR") && err.contains("--output FILE"), "{err}");
+    // A file output does not use the spool at all.
+    let f = tmp.path().join("out.bin");
+    let (code, _, err) = raw_run(
+        t.cmd(&["decrypt", "-i", "-", "-o", s(&f)]).env("TMPDIR", s(&gone)),
+        &env,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(fs::read(&f).unwrap(), body);
+}
+
+/// Wait until process `pid` holds an open file inside `dir`, and return
+/// what `/proc` says it is (an anonymous file reads `DIR/#INODE (deleted)`).
+fn wait_for_open_file_in(pid: u32, dir: &Path) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let dir = fs::canonicalize(dir).unwrap();
+    loop {
+        let fds = fs::read_dir(format!("/proc/{pid}/fd")).unwrap();
+        for fd in fds.flatten() {
+            if let Ok(target) = fs::read_link(fd.path()) {
+                if target.starts_with(&dir) {
+                    return target.to_string_lossy().into_owned();
+                }
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no file opened in {}",
+            dir.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_killed_decrypt_leaves_nothing_behind() {
+    // Half an envelope arrives on stdin, then the process is killed: its
+    // output, to a file or held for stdout, had no name and goes with it.
+    let t = node(0);
+    let (code, env, err) = raw(&t, &["encrypt", "-i", "-"], &data(20 * CHUNK, 6));
+    assert_eq!(code, 0, "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.bin");
+    let spool = tempfile::tempdir().unwrap();
+    for to_file in [true, false] {
+        let args = if to_file {
+            vec!["decrypt", "-i", "-", "-o", s(&out)]
+        } else {
+            vec!["decrypt", "-i", "-"]
+        };
+        let mut cmd = t.cmd(&args).env("TMPDIR", s(spool.path())).cmd;
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&env[..env.len() / 2]).unwrap();
+        let held = wait_for_open_file_in(child.id(), if to_file { dir.path() } else { spool.path() });
+        assert!(
+            held.ends_with("(deleted)"),
+            "the output has a name while unverified: {held}"
+        );
+        child.kill().unwrap();
+        let done = child.wait_with_output().unwrap();
+        assert!(done.stdout.is_empty());
+        assert!(names_in(dir.path()).is_empty(), "{:?}", names_in(dir.path()));
+        assert!(names_in(spool.path()).is_empty(), "{:?}", names_in(spool.path()));
+        drop(stdin);
+    }
+}
+
+#[test]
 fn several_recipients_and_not_for_me() {
     let (a, b, c) = (node(0), node(1), node(2));
     introduce(&b, &a, "bob");
@@ -361,10 +361,11 @@ fn assert_rejected(t: &Cmm, bad: &[u8], code: i32, msg: &str) {
         vec!["bad.cmm"],
         "no output or temporary file is left"
     );
-    // The same through stdin.
-    let (c, _, err) = raw(t, &["decrypt", "-i", "-"], bad);
+    // The same through stdin, and to stdout: not one byte comes out.
+    let (c, out, err) = raw(t, &["decrypt", "-i", "-"], bad);
     assert_eq!(c, code, "{err}");
     assert!(err.contains(msg), "{err}");
+    assert!(out.is_empty(), "{} bytes on stdout: {err}", out.len());
 }
 
 #[test]
@@ -404,11 +405,19 @@ fn bad_input_is_rejected_and_leaves_nothing() {
     more.extend_from_slice(&vec![0u8; CHUNK + 100]);
     assert_rejected(&t, &more, 5, "decryption failed at chunk 3");
 
-    assert_rejected(&t, b"hello, this is plain text\n", 2, "not an encrypted envelope");
+    // Not an envelope at all (exit 2) versus one of ours, damaged (exit 5):
+    // the line is the whole 7-byte magic (docs/FORMAT.md).
+    assert_rejected(&t, b"hello, this is plain text\n", 2, "not an envelope of ours");
     assert_rejected(&t, b"", 2, "empty");
+    assert_rejected(&t, b"CMM-E", 2, "not an envelope of ours");
+    let mut magic = env.clone();
+    magic[3] ^= 0x20;
+    assert_rejected(&t, &magic, 2, "not an envelope of ours");
+    assert_rejected(&t, b"CMM-ENC", 5, "truncated");
+    assert_rejected(&t, &env[..10], 5, "truncated");
     let mut v2 = env.clone();
     v2[7] = 2;
-    assert_rejected(&t, &v2, 2, "unsupported envelope version 2");
+    assert_rejected(&t, &v2, 5, "says it is version 2");
     let mut wrapped = env.clone();
     let len = wrapped.len();
     wrapped[len / 2..].fill(0);

@@ -1,6 +1,7 @@
 //! Feed arbitrary bytes to the envelope parser and both decryptors (in
 //! memory and streaming), as the documented test identity. Any panic, hang
-//! or unbounded allocation is a bug; errors are the expected outcome.
+//! or unbounded allocation is a bug, and so is one reader accepting what the
+//! other refuses; errors are the expected outcome.
 //!
 //! Seed the corpus with the FORMAT.md vector (see fuzz/README.md) so the
 //! mutations reach the RSA unwrap and the chunk loop.
@@ -34,7 +35,18 @@ fn identity() -> &'static Identity {
 fuzz_target!(|data: &[u8]| {
     let me = identity();
     let _ = read_prefix(&mut &data[..]);
-    let _ = decrypt(me, data, None);
+    let in_memory = decrypt(me, data, None);
     let _ = decrypt(me, data, Some(&me.public()));
-    let _ = decrypt_stream(me, data, std::io::sink(), None);
+    let mut streamed = Vec::new();
+    let stream = decrypt_stream(me, data, &mut streamed, None);
+    // Both readers accept exactly the same envelopes, with the same
+    // plaintext: `decrypt --output` trusts the stream reader's verdict.
+    match (&in_memory, &stream) {
+        (Ok(opened), Ok(report)) => {
+            assert_eq!(opened.plaintext, streamed);
+            assert_eq!(opened.signer, report.signer);
+        }
+        (Err(_), Err(_)) => {}
+        _ => panic!("readers disagree: in memory {in_memory:?}, streaming {stream:?}"),
+    }
 });

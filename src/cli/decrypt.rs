@@ -1,5 +1,5 @@
-//! `decrypt`: open an envelope; the output file appears only once every chunk
-//! (and the sender's signature) verified.
+//! `decrypt`: open an envelope; the output file appears, or stdout gets the
+//! plaintext, only once every chunk and the sender's signature verified.
 
 use serde_json::json;
 
@@ -12,7 +12,7 @@ pub struct Args {
     /// Envelope to decrypt, or `-` for stdin
     #[arg(long, short, value_name = "F|-")]
     pub input: String,
-    /// Where to write the plaintext, `-` for stdout (default: F without `.cmm`, or stdout for stdin)
+    /// Where to write the plaintext, `-` for stdout (default: F without `.cmm`, or stdout for stdin); stdout gets it only after it verified, held in `$TMPDIR` until then
     #[arg(long, short, value_name = "F|-")]
     pub output: Option<String>,
     /// Fail unless the envelope is signed by this keyring name, identity file, or `self`

@@ -13,8 +13,15 @@
 //! A signed envelope names the sender's Ed25519 key in the header and carries
 //! two signatures: one over the header (checked before any RSA private-key
 //! operation, see SECURITY.md) and one after the last chunk over the header
-//! hash and the SHA-256 of all chunks, so a co-recipient who knows the file
-//! key cannot substitute content under the sender's name.
+//! hash and the SHA-256 of every chunk's ciphertext and tag, so a
+//! co-recipient who knows the file key cannot substitute content under the
+//! sender's name. (Signing only the tags would not do: whoever knows the
+//! file key knows GHASH's key and can find another chunk with the same tag.)
+//!
+//! That signature, like the final-chunk flag, can only be checked at the
+//! end, so a streaming reader produces plaintext it cannot vouch for until
+//! then: [`decrypt_stream`]'s output must be held back until it returns `Ok`
+//! (`files::decrypt_file` spools it; [`decrypt`] returns nothing on error).
 //!
 //! Memory is constant: a fixed pool of batch buffers (see `pipeline`),
 //! whatever the payload size; batches are sealed and opened in parallel.
@@ -59,13 +66,19 @@ const TRAILER_SIG_CONTEXT: &[u8] = b"cmm-enc v1 trailer signature\0";
 /// Failures after the RSA unwrap share one message shape (`Damaged`): a bad
 /// RSA padding is not reported as such but leads to a random file key, so it
 /// is indistinguishable from a damaged first chunk (no padding oracle).
+///
+/// The line between exit 2 and exit 5 is the magic (docs/FORMAT.md, "What a
+/// reader reports"): input that does not start with all of `CMM-ENC` is not
+/// an envelope at all (`Empty`, `NotEnvelope`: invalid input, 2); input that
+/// does is one of ours, and every way it fails to open is an integrity
+/// failure (5), whether it was cut, flipped, forged or sent to someone else.
 #[derive(Debug, thiserror::Error)]
 pub enum CryptoError {
-    #[error("the input is empty: there is no envelope to decrypt")]
+    #[error("the input is empty, so it is not an envelope of ours")]
     Empty,
-    #[error("the input is not an encrypted envelope (it does not start with `CMM-ENC`)")]
+    #[error("the input is not an envelope of ours: it does not start with `CMM-ENC`")]
     NotEnvelope,
-    #[error("unsupported envelope version {0} (this build reads version {VERSION})")]
+    #[error("the envelope says it is version {0}, and this build reads version {VERSION}: it is damaged, or was written by a newer claude-max-market")]
     UnknownVersion(u8),
     #[error("malformed envelope header: {0}")]
     BadHeader(String),
@@ -94,6 +107,8 @@ pub enum CryptoError {
     },
     #[error("{0}")]
     Target(String),
+    #[error("cannot hold the decrypted output in {} until it verifies: {source}", dir.display())]
+    Spool { dir: std::path::PathBuf, source: io::Error },
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error("I/O error: {0}")]
@@ -105,19 +120,19 @@ impl HasExit for CryptoError {
         match self {
             CryptoError::Empty
             | CryptoError::NotEnvelope
-            | CryptoError::UnknownVersion(_)
             | CryptoError::NoRecipients
             | CryptoError::TooManyRecipients(..)
             | CryptoError::Input { .. }
             | CryptoError::Target(_) => Exit::Usage,
-            CryptoError::BadHeader(_)
+            CryptoError::UnknownVersion(_)
+            | CryptoError::BadHeader(_)
             | CryptoError::Truncated(_)
             | CryptoError::NotForMe(_)
             | CryptoError::Unsigned(_)
             | CryptoError::WrongSigner { .. }
             | CryptoError::BadSignature
             | CryptoError::Damaged(_) => Exit::Integrity,
-            CryptoError::TooLarge | CryptoError::Io(_) => Exit::Failed,
+            CryptoError::TooLarge | CryptoError::Spool { .. } | CryptoError::Io(_) => Exit::Failed,
             CryptoError::Key(e) => e.exit(),
         }
     }
@@ -127,7 +142,9 @@ impl HasExit for CryptoError {
             CryptoError::Empty | CryptoError::NotEnvelope => {
                 Some("pass a file made by `claude-max-market encrypt`".into())
             }
-            CryptoError::UnknownVersion(_) => Some("upgrade claude-max-market to read this envelope".into()),
+            CryptoError::UnknownVersion(_) => Some(
+                "if a newer claude-max-market wrote it, upgrade to read it; otherwise obtain a fresh copy from the sender".into(),
+            ),
             CryptoError::NotForMe(_) => Some(
                 "ask the sender to encrypt to your identity (`claude-max-market keys show`); retired keys past `security.keyRotationDays` are gone".into(),
             ),
@@ -139,6 +156,9 @@ impl HasExit for CryptoError {
             }
             CryptoError::NoRecipients => Some("name a recipient with `--recipient NAME`".into()),
             CryptoError::Target(_) => Some("pass `--force` to replace it, or choose another `--output`".into()),
+            CryptoError::Spool { .. } => Some(
+                "stdout gets the plaintext only after every chunk verified, so it is held in `$TMPDIR` first and needs that much free space there; set `TMPDIR` to a directory with room, or decrypt with `--output FILE`".into(),
+            ),
             CryptoError::Key(e) => e.hint(),
             _ => None,
         }
@@ -331,12 +351,13 @@ pub fn read_prefix<R: Read>(r: &mut R) -> Result<Prefix, CryptoError> {
     if n == 0 {
         return Err(CryptoError::Empty);
     }
-    let m = n.min(MAGIC.len());
-    if start[..m] != MAGIC[..m] {
+    // Fewer than 7 bytes cannot be told from any other short input, so only
+    // the whole magic makes the input one of ours (and its failures exit 5).
+    if n < MAGIC.len() || start[..MAGIC.len()] != MAGIC[..] {
         return Err(CryptoError::NotEnvelope);
     }
     if n < start.len() {
-        return Err(CryptoError::Truncated("it ends inside the magic bytes".into()));
+        return Err(CryptoError::Truncated("it ends right after the magic bytes".into()));
     }
     if start[7] != VERSION {
         return Err(CryptoError::UnknownVersion(start[7]));
@@ -634,8 +655,10 @@ fn unwrap_file_key(me: &Identity, header: &Header) -> Result<[u8; 32], CryptoErr
 
 /// Decrypt a stream. The signer requirement and the header signature are
 /// checked before the RSA unwrap; the trailer signature (content) after
-/// the last chunk. Plaintext is written as chunks verify: a caller writing to
-/// a file must discard it unless this returns `Ok` (see `decrypt_file`).
+/// the last chunk. Plaintext is written as each chunk's tag verifies, which
+/// proves nothing yet about the sender (a co-recipient can seal a chunk) or
+/// completeness: `output` must be a spool the caller releases only if this
+/// returns `Ok`, and discards otherwise (see `files::decrypt_file`).
 pub fn decrypt_stream<R: Read, W: Write + Send>(
     me: &Identity,
     mut input: R,
