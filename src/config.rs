@@ -575,8 +575,16 @@ pub fn parse_text(d: &KeyDef, text: &str) -> Result<Value, String> {
         {
             Ok(Value::Null)
         }
-        Kind::Usd { .. } | Kind::OptUsd { .. } => {
-            let n = parse_usd(t)?;
+        Kind::Usd { max } | Kind::OptUsd { max } => {
+            let n = parse_usd(t).map_err(|e| {
+                // Digits too many for a float: say the range, not "not an amount".
+                let plain = t.strip_prefix('$').unwrap_or(t).replace('_', "");
+                if !plain.is_empty() && plain.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+                    format!("`{t}` is out of range (0 to {max} US dollars)")
+                } else {
+                    e
+                }
+            })?;
             check(
                 d,
                 &serde_json::Number::from_f64(n)

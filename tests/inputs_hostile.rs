@@ -366,6 +366,19 @@ fn hostile_arguments_and_inputs_exit_2_bounded_and_change_nothing() {
 }
 
 #[test]
+fn a_since_before_any_record_does_not_print_every_empty_day() {
+    let t = Cmm::opted_in();
+    for since in ["0001-01-01", "36500d", "1970-01-01T00:00:00Z"] {
+        let v = t
+            .run(&["usage", "--period", "day", "--since", since, "--json"])
+            .code(0)
+            .json();
+        let rows = v["rows"].as_array().unwrap().len();
+        assert!(rows <= 2, "--since {since}: {rows} rows for an install with no history");
+    }
+}
+
+#[test]
 fn the_prompt_limit_is_exactly_one_mebibyte() {
     let t = Cmm::opted_in();
     // One byte over: refused before anything else happens.
