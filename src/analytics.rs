@@ -713,7 +713,13 @@ pub fn report(
         }
     }
 
-    let first = since_day.or_else(|| days.keys().next().copied());
+    // Rows start no earlier than the first recorded day: `--since
+    // 0001-01-01` must not print (and hold) 740,000 empty days.
+    let earliest = index.days.keys().next().copied().unwrap_or(today).min(today);
+    let first = match since_day {
+        Some(sd) => Some(sd.max(earliest)),
+        None => days.keys().next().copied(),
+    };
     let mut rows = Vec::new();
     let mut totals = Tally::default();
     if let Some(first) = first {

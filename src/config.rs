@@ -35,8 +35,11 @@ pub enum Kind {
     Str,
     /// Optional string (`null` when unset).
     OptStr,
-    /// Docker-style byte size: `512m`, `1g`, `262144k`, plain bytes.
-    Size,
+    /// Docker-style byte size: `512m`, `1g`, `262144k`, plain bytes; from
+    /// 6m to `max` bytes.
+    Size {
+        max: u64,
+    },
     /// One of a fixed set of words.
     Enum(&'static [&'static str]),
     /// One of a fixed set of words, or `null` (the per-job default).
@@ -121,7 +124,7 @@ pub const SCHEMA: &[KeyDef] = &[
     ),
     key!(
         "docker.memory",
-        Kind::Size,
+        Kind::Size { max: MAX_SIZE },
         r#""1g""#,
         "Memory limit per job container (memory-swap is set equal); Claude Code itself peaks near 220 MiB, and a workspace's tmpfs counts here too"
     ),
@@ -160,7 +163,7 @@ pub const SCHEMA: &[KeyDef] = &[
     ),
     key!(
         "docker.workspaceLimit",
-        Kind::Size,
+        Kind::Size { max: MAX_SIZE },
         r#""100m""#,
         "Largest workspace `execute --workspace` copies into a job (after .gitignore excludes); also the job's writable workspace size"
     ),
@@ -432,6 +435,8 @@ pub enum ConfigError {
     NotAssignment(String),
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot read {path}: it is larger than the limit of {} for a config file", fsutil::human_bytes(*limit))]
+    TooLarge { path: PathBuf, limit: u64 },
     #[error("cannot write {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
 }
@@ -457,6 +462,9 @@ impl HasExit for ConfigError {
             ConfigError::ReadOnly { command, .. } => Some(format!("use `claude-max-market {command}`")),
             ConfigError::Invalid { key, .. } => def(key).map(|d| format!("`{key}` takes {}", kind_help(d.kind))),
             ConfigError::NotAssignment(_) => Some("for example: `config --set limits.dailyTasks=10`".into()),
+            ConfigError::TooLarge { .. } => {
+                Some("a config file is a small JSON object: pass the file `config --export` wrote".into())
+            }
             _ => None,
         }
     }
@@ -502,7 +510,10 @@ pub fn kind_help(kind: Kind) -> String {
         Kind::OptInt { min, max } => format!("a whole number from {min} to {max}, or `none` for no cap"),
         Kind::Str => "text".into(),
         Kind::OptStr => "text, or `none` to clear".into(),
-        Kind::Size => "a size such as `512m`, `1g` or `262144k` (at least 6m)".into(),
+        Kind::Size { max } => format!(
+            "a size such as `512m`, `1g` or `262144k`, from 6m to {}",
+            size_text(max)
+        ),
         Kind::Enum(words) => format!("one of: {}", words.join(", ")),
         Kind::OptEnum(words) => format!("one of: {}, or `none` for the default", words.join(", ")),
         Kind::Usd { max } => format!("an amount of US dollars from 0 to {max} (e.g. `5` or `0.25`)"),
@@ -521,7 +532,7 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::OptInt { .. } => "int|null",
         Kind::Str => "string",
         Kind::OptStr => "string|null",
-        Kind::Size => "size",
+        Kind::Size { .. } => "size",
         Kind::Enum(_) => "enum",
         Kind::OptEnum(_) => "enum|null",
         Kind::Usd { .. } => "usd",
@@ -543,19 +554,37 @@ pub fn parse_text(d: &KeyDef, text: &str) -> Result<Value, String> {
             if matches!(d.kind, Kind::OptInt { .. }) && matches!(t, "none" | "null" | "") {
                 return Ok(Value::Null);
             }
-            let n: i64 = t
-                .replace('_', "")
-                .parse()
-                .map_err(|_| format!("`{t}` is not a whole number"))?;
-            check(d, &Value::from(n))
+            let digits = t.replace('_', "");
+            match digits.parse::<i64>() {
+                Ok(n) => check(d, &Value::from(n)),
+                Err(_) => {
+                    let (Kind::Int { min, max } | Kind::OptInt { min, max }) = d.kind else {
+                        unreachable!("matched above")
+                    };
+                    let body = digits.strip_prefix('-').unwrap_or(&digits);
+                    if !body.is_empty() && body.bytes().all(|b| b.is_ascii_digit()) {
+                        Err(format!("`{t}` is out of range ({min} to {max})"))
+                    } else {
+                        Err(format!("`{t}` is not a whole number"))
+                    }
+                }
+            }
         }
         Kind::OptStr | Kind::OptList(_) | Kind::OptEnum(_) | Kind::OptUsd { .. }
             if matches!(t, "none" | "null" | "") =>
         {
             Ok(Value::Null)
         }
-        Kind::Usd { .. } | Kind::OptUsd { .. } => {
-            let n = parse_usd(t)?;
+        Kind::Usd { max } | Kind::OptUsd { max } => {
+            let n = parse_usd(t).map_err(|e| {
+                // Digits too many for a float: say the range, not "not an amount".
+                let plain = t.strip_prefix('$').unwrap_or(t).replace('_', "");
+                if !plain.is_empty() && plain.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+                    format!("`{t}` is out of range (0 to {max} US dollars)")
+                } else {
+                    e
+                }
+            })?;
             check(
                 d,
                 &serde_json::Number::from_f64(n)
@@ -564,7 +593,7 @@ pub fn parse_text(d: &KeyDef, text: &str) -> Result<Value, String> {
             )
         }
         Kind::OptList(_) => check(d, &Value::String(t.to_string())),
-        Kind::Str | Kind::OptStr | Kind::Size | Kind::Enum(_) | Kind::OptEnum(_) => {
+        Kind::Str | Kind::OptStr | Kind::Size { .. } | Kind::Enum(_) | Kind::OptEnum(_) => {
             check(d, &Value::String(t.to_string()))
         }
     }
@@ -575,7 +604,11 @@ pub fn check(d: &KeyDef, v: &Value) -> Result<Value, String> {
     match (d.kind, v) {
         (Kind::Bool, Value::Bool(_)) => Ok(v.clone()),
         (Kind::Int { min, max }, Value::Number(n)) | (Kind::OptInt { min, max }, Value::Number(n)) => {
-            let n = n.as_i64().ok_or_else(|| format!("`{n}` is not a whole number"))?;
+            let n = match n.as_i64() {
+                Some(n) => n,
+                None if n.is_u64() => return Err(format!("{n} is out of range ({min} to {max})")),
+                None => return Err(format!("`{n}` is not a whole number")),
+            };
             if n < min || n > max {
                 Err(format!("{n} is out of range ({min} to {max})"))
             } else {
@@ -617,12 +650,14 @@ pub fn check(d: &KeyDef, v: &Value) -> Result<Value, String> {
                 Ok(v.clone())
             }
         }
-        (Kind::Size, Value::String(s)) => parse_size(s).map(|_| Value::String(s.to_ascii_lowercase())),
-        (Kind::Size, Value::Number(n)) => n
-            .as_u64()
-            .filter(|b| *b >= MIN_MEMORY)
-            .map(|_| v.clone())
-            .ok_or_else(|| format!("{n} bytes is below the minimum of 6m")),
+        (Kind::Size { max }, Value::String(s)) => parse_size_in(s, max).map(|_| Value::String(s.to_ascii_lowercase())),
+        (Kind::Size { max }, Value::Number(n)) => match n.as_u64() {
+            Some(b) if (MIN_MEMORY..=max).contains(&b) => Ok(v.clone()),
+            _ => Err(format!(
+                "{n} bytes is out of range (6m to {}, that is {MIN_MEMORY} to {max} bytes)",
+                size_text(max)
+            )),
+        },
         (Kind::Enum(words) | Kind::OptEnum(words), Value::String(s)) => {
             if words.contains(&s.as_str()) {
                 Ok(v.clone())
@@ -648,8 +683,29 @@ fn json_type(v: &Value) -> &'static str {
 /// Docker refuses memory limits below 6 MiB.
 const MIN_MEMORY: u64 = 6 * 1024 * 1024;
 
-/// Parse a Docker-style size (`512m`, `1g`, `100k`, `1048576`) into bytes.
+/// The largest size a key takes: 1 TiB (`1024g`). Docker reads sizes as
+/// signed 64-bit byte counts; this keeps every size far inside that, and
+/// above any machine a job runs on.
+pub const MAX_SIZE: u64 = 1 << 40;
+
+/// A size in the unit it is a whole number of: `1024g`, `6m`, `1536k`.
+fn size_text(bytes: u64) -> String {
+    for (shift, unit) in [(30, 'g'), (20, 'm'), (10, 'k')] {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
+
+/// Parse a Docker-style size (`512m`, `1g`, `100k`, `1048576`) into bytes,
+/// from 6m to [`MAX_SIZE`].
 pub fn parse_size(s: &str) -> Result<u64, String> {
+    parse_size_in(s, MAX_SIZE)
+}
+
+/// [`parse_size`] with the key's own upper bound.
+fn parse_size_in(s: &str, max: u64) -> Result<u64, String> {
     let t = s.trim().to_ascii_lowercase();
     let t = t.strip_suffix('b').unwrap_or(&t);
     let (num, mult) = match t.chars().last() {
@@ -658,14 +714,17 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some('g') => (&t[..t.len() - 1], 1 << 30),
         _ => (t, 1),
     };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size like 512m or 1g"))?;
-    let bytes = n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))?;
-    if bytes < MIN_MEMORY {
-        return Err(format!("`{s}` is below the minimum of 6m"));
+    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("`{s}` is not a size like 512m or 1g"));
     }
-    Ok(bytes)
+    let range = || format!("6m to {}", size_text(max));
+    // Digits only: a parse failure means it does not fit in 64 bits.
+    let bytes = num.parse::<u64>().ok().and_then(|n| n.checked_mul(mult));
+    match bytes {
+        Some(b) if (MIN_MEMORY..=max).contains(&b) => Ok(b),
+        Some(b) if b < MIN_MEMORY => Err(format!("`{s}` is below the minimum of 6m (the range is {})", range())),
+        _ => Err(format!("`{s}` is too large (the range is {})", range())),
+    }
 }
 
 /// Parse an amount of US dollars (`5`, `0.25`, `$2.50`, `1_000`).
@@ -835,18 +894,31 @@ fn lookup<'a>(file: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
     file.get(section)?.as_object()?.get(k)
 }
 
+/// The largest config file read (`config.json`, `config --import`): 1 MiB,
+/// a thousand times what the schema can fill. Reading stops one byte past it.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Read a config file through [`MAX_CONFIG_BYTES`]; `None` when absent.
+fn read_bounded(path: &Path) -> Result<Option<Vec<u8>>, ConfigError> {
+    match fsutil::read_file_capped(path, MAX_CONFIG_BYTES) {
+        Ok(b) => Ok(Some(b)),
+        Err(fsutil::ReadCapError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(fsutil::ReadCapError::Io(source)) => Err(ConfigError::Read {
+            path: path.into(),
+            source,
+        }),
+        Err(fsutil::ReadCapError::TooLarge { limit }) => Err(ConfigError::TooLarge {
+            path: path.into(),
+            limit,
+        }),
+    }
+}
+
 fn read_file(path: &Path) -> Result<Map<String, Value>, ConfigError> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Map::new()),
-        Err(source) => {
-            return Err(ConfigError::Read {
-                path: path.into(),
-                source,
-            })
-        }
-    };
-    parse_object(path, &bytes)
+    match read_bounded(path)? {
+        Some(bytes) => parse_object(path, &bytes),
+        None => Ok(Map::new()),
+    }
 }
 
 fn parse_object(path: &Path, bytes: &[u8]) -> Result<Map<String, Value>, ConfigError> {
@@ -882,7 +954,7 @@ pub fn edit<T>(
     };
     paths.ensure().map_err(werr)?;
     let _lock = FileLock::exclusive(&paths.config_lock()).map_err(werr)?;
-    fsutil::sweep_stale_temps(&paths.config_dir, std::time::Duration::from_secs(600));
+    fsutil::sweep_stale_temps(&paths.config_dir, fsutil::STALE_TEMP_AGE);
     let mut file = read_file(&path)?;
     let out = edit(&mut file)?;
     // Validate the whole result as a load would (env ignored: it is not
@@ -945,9 +1017,9 @@ pub struct Import {
 }
 
 pub fn read_import(path: &Path) -> Result<Import, ConfigError> {
-    let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
+    let bytes = read_bounded(path)?.ok_or_else(|| ConfigError::Read {
         path: path.into(),
-        source,
+        source: std::io::ErrorKind::NotFound.into(),
     })?;
     let file = parse_object(path, &bytes)?;
     let mut set = Vec::new();
@@ -1028,6 +1100,27 @@ mod tests {
     fn sizes() {
         assert_eq!(parse_size("512m").unwrap(), 512 << 20);
         assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("1024g").unwrap(), MAX_SIZE);
         assert!(parse_size("5m").is_err());
+        for huge in ["1025g", "18446744073709551615", "18446744073709551616", "99999999999g"] {
+            assert!(parse_size(huge).unwrap_err().contains("range is 6m to 1024g"), "{huge}");
+        }
+        assert!(parse_size("-1g").unwrap_err().contains("not a size"));
+        let d = def("docker.memory").unwrap();
+        assert!(check(d, &Value::from(u64::MAX)).unwrap_err().contains("out of range"));
+    }
+
+    #[test]
+    fn numbers_that_do_not_fit_name_the_range() {
+        let d = def("limits.dailyTasks").unwrap();
+        for huge in ["18446744073709551615", "-99999999999999999999", "1000001"] {
+            assert!(
+                parse_text(d, huge).unwrap_err().contains("out of range (0 to 1000000)"),
+                "{huge}"
+            );
+        }
+        assert!(check(d, &serde_json::json!(18446744073709551615u64))
+            .unwrap_err()
+            .contains("out of range"));
     }
 }

@@ -1,7 +1,9 @@
 //! `Ctx`: everything a command needs, resolved once — paths, config (lazily),
 //! the audit handle and the [`Printer`] that decides where output goes.
 
+use std::borrow::Cow;
 use std::cell::OnceCell;
+use std::fmt::Write as _;
 use std::io::{self, IsTerminal, Write};
 
 use serde_json::Value;
@@ -9,6 +11,30 @@ use serde_json::Value;
 use crate::audit::AuditLog;
 use crate::config::{Config, ConfigError};
 use crate::paths::Paths;
+
+/// `text` with every control character but newline and tab written as an
+/// escape (`\x1b`, `\u{9b}`), for echoing user input to a terminal: an
+/// argument or file name carrying ESC must not be able to move the cursor,
+/// recolour or retitle the terminal of whoever reads the error.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' | '\t' => out.push(c),
+            c if c.is_control() && (c as u32) < 0x80 => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
 
 /// JSON documents printed with `--json` carry this version.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -73,7 +99,7 @@ impl Printer {
 
     /// A warning, on stderr; shown even with `-q`.
     pub fn warn(&self, text: &str) {
-        eprintln!("{} {text}", self.paint("warning:", "33;1"));
+        eprintln!("{} {}", self.paint("warning:", "33;1"), printable(text));
     }
 
     pub fn paint(&self, text: &str, sgr: &str) -> String {

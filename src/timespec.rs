@@ -17,23 +17,37 @@ pub fn parse_since(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String>
     }
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    if let Ok(n) = num.parse::<i64>() {
-        let d = match unit {
-            "s" => Some(Duration::seconds(n)),
-            "m" | "min" => Some(Duration::minutes(n)),
-            "h" => Some(Duration::hours(n)),
-            "d" => Some(Duration::days(n)),
-            "w" => Some(Duration::weeks(n)),
-            _ => None,
+    let secs_per = match unit {
+        "s" => Some(1),
+        "m" | "min" => Some(60),
+        "h" => Some(3_600),
+        "d" => Some(86_400),
+        "w" => Some(7 * 86_400),
+        _ => None,
+    };
+    if let (Some(per), false) = (secs_per, num.is_empty()) {
+        // Digits only, so a parse failure means it does not fit in 64 bits.
+        let secs = num.parse::<i64>().ok().and_then(|n| n.checked_mul(per));
+        let then = secs
+            .filter(|s| *s <= MAX_AGE_SECS)
+            .and_then(|s| now.checked_sub_signed(Duration::seconds(s)));
+        return match then {
+            Some(then) => Ok(then),
+            None => Err(format!(
+                "`{s}` is too far back: an age goes up to {} days ({}w)",
+                MAX_AGE_SECS / 86_400,
+                MAX_AGE_SECS / (7 * 86_400)
+            )),
         };
-        if let Some(d) = d {
-            return Ok(now - d);
-        }
     }
     Err(format!(
         "`{s}` is not a time: use RFC 3339 (2026-11-20T10:00:00Z), a local date (2026-11-20) or an age (30m, 2h, 7d, 2w)"
     ))
 }
+
+/// The longest age `--since` takes: 100 years, far more than any log holds
+/// and far inside what a timestamp can represent.
+pub const MAX_AGE_SECS: i64 = 36_500 * 86_400;
 
 #[cfg(test)]
 mod tests {
@@ -47,5 +61,12 @@ mod tests {
         assert!(parse_since("2026-11-20T10:00:00Z", now).is_ok());
         assert!(parse_since("2026-11-20", now).is_ok());
         assert!(parse_since("yesterday", now).is_err());
+        assert_eq!(parse_since("36500d", now).unwrap(), now - Duration::days(36_500));
+        for huge in ["36501d", "100000000w", "99999999999999999999s", "9223372036854775807w"] {
+            assert!(
+                parse_since(huge, now).unwrap_err().contains("up to 36500 days"),
+                "{huge}"
+            );
+        }
     }
 }

@@ -431,6 +431,9 @@ impl Ledger {
     ) -> Result<(T, Vec<Reservation>), UsageError> {
         fsutil::ensure_private_dir(&self.dir).map_err(|e| self.io(e))?;
         let _lock = FileLock::exclusive(&self.lock).map_err(|e| self.io(e))?;
+        // Temporaries of writers killed before their rename (the config
+        // edit sweeps the config dir the same way).
+        fsutil::sweep_stale_temps(&self.dir, fsutil::STALE_TEMP_AGE);
         let mut state = self.load()?;
         let reclaimed = reclaim(&mut state);
         let cutoff = now.date_naive() - Duration::days(KEEP_DAYS);

@@ -16,8 +16,8 @@ use crate::market::provider::{self, AdvertiseSpec};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Tasks you will run at the same time
-    #[arg(long)]
+    /// Tasks you will run at the same time (1 to 64)
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub slots: u32,
     /// Asking price per task in RUV (default: `market.defaultPrice`)
     #[arg(long)]
@@ -25,8 +25,8 @@ pub struct Args {
     /// Models you can run (comma-separated or repeated)
     #[arg(long, value_delimiter = ',', default_value = "sonnet")]
     pub models: Vec<String>,
-    /// How long the offer lives, in seconds
-    #[arg(long, default_value_t = 86_400)]
+    /// How long the offer lives, in seconds (at most 2592000, 30 days)
+    #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=2_592_000))]
     pub ttl: u64,
     /// Accept task offers that pass the standing rules without asking (also
     /// `market.autoAcceptBids`); rules: `market.minPrice`, `market.allowedModels`,
@@ -42,8 +42,8 @@ pub struct Args {
     /// Image market jobs run in (default: `docker.image`)
     #[arg(long)]
     pub image: Option<String>,
-    /// Stop after this many seconds (default: run until Ctrl-C)
-    #[arg(long = "for", value_name = "SECS")]
+    /// Stop after this many seconds (default: run until Ctrl-C; at most 31536000, a year)
+    #[arg(long = "for", value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
     pub for_secs: Option<u64>,
     /// Coordinator URL (default: `market.endpoint`)
     #[arg(long)]

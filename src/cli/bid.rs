@@ -22,10 +22,10 @@ use crate::market::requester::{self, Outcome, RequesterError};
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("what").required(true).args(["prompt", "file", "task_id"])))]
 pub struct Args {
-    /// The task's prompt (only its SHA-256 goes to the market)
+    /// The task's prompt (only its SHA-256 goes to the market; at most 1 MiB)
     #[arg(long)]
     pub prompt: Option<String>,
-    /// Read the prompt from a file
+    /// Read the prompt from a file (`-` for stdin; at most 1 MiB)
     #[arg(long)]
     pub file: Option<PathBuf>,
     /// Raise the bid of this task instead of posting one
@@ -37,17 +37,18 @@ pub struct Args {
     /// Model the provider must run
     #[arg(long, default_value = "sonnet")]
     pub model: String,
-    /// Token budget for the task (default: `limits.maxTokensPerTask`)
-    #[arg(long)]
+    /// Token budget for the task (default: `limits.maxTokensPerTask`; 1 to 10,000,000)
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub max_tokens: Option<u64>,
-    /// Seconds the task may wait and run before it is refunded (default: `market.bidTimeout`)
-    #[arg(long)]
+    /// Seconds the task may wait and run before it is refunded (default:
+    /// `market.bidTimeout`; at most 604800, a week)
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub deadline: Option<u64>,
-    /// Attempts before the task is refunded (default: the coordinator's)
-    #[arg(long)]
+    /// Attempts before the task is refunded (default: the coordinator's; 1 to 10)
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=crate::market::server::book::MAX_ATTEMPTS as i64))]
     pub max_attempts: Option<u32>,
-    /// Only providers with at least this reputation (0..1) may take it
-    #[arg(long)]
+    /// Only providers with at least this reputation (0 to 1) may take it
+    #[arg(long, value_parser = parse_reputation)]
     pub min_reputation: Option<f64>,
     /// Coordinator URL (default: `market.endpoint`)
     #[arg(long)]
@@ -58,6 +59,13 @@ pub struct Args {
     /// once a provider takes the task and collects the result)
     #[arg(long, conflicts_with = "task_id")]
     pub wait: bool,
+}
+
+fn parse_reputation(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(x) if (0.0..=1.0).contains(&x) => Ok(x),
+        _ => Err("a reputation is a number from 0 to 1, such as 0.8".into()),
+    }
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
@@ -82,16 +90,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
             None,
         )
     } else {
-        let prompt = match (&a.prompt, &a.file) {
-            (Some(p), _) => p.clone().into_bytes(),
-            (None, Some(f)) => {
-                std::fs::read(f).map_err(|e| Failure::usage(format!("cannot read `{}`: {e}", f.display())))?
-            }
-            (None, None) => unreachable!("clap requires one of --prompt, --file, --task-id"),
-        };
-        if prompt.is_empty() {
-            return Err(Failure::usage("the prompt is empty").into());
-        }
+        let prompt = crate::cli::execute::read_prompt_from(a.prompt.as_deref(), a.file.as_deref())?;
         let hash = hex::encode(Sha256::digest(&prompt));
         let max_tokens = a
             .max_tokens

@@ -17,13 +17,16 @@ pub struct Args {
     pub checklist: Option<PathBuf>,
 }
 
+/// A checklist file, read through a 1 MiB cap (the embedded one is 5 KiB).
+fn read_checklist(f: &std::path::Path) -> Result<String, Failure> {
+    let bytes = crate::fsutil::read_file_capped(f, 1 << 20)
+        .map_err(|e| Failure::new(Exit::Usage, format!("cannot read {}: {e}", f.display())))?;
+    String::from_utf8(bytes).map_err(|_| Failure::new(Exit::Usage, format!("{} is not UTF-8 text", f.display())))
+}
+
 pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
     let (name, text) = match &args.checklist {
-        Some(f) => (
-            f.display().to_string(),
-            std::fs::read_to_string(f)
-                .map_err(|e| Failure::new(Exit::Usage, format!("cannot read {}: {e}", f.display())))?,
-        ),
+        Some(f) => (f.display().to_string(), read_checklist(f)?),
         None => (
             "compliance-config.json (embedded)".to_string(),
             EMBEDDED_CHECKLIST.to_string(),

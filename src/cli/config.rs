@@ -24,10 +24,10 @@ pub struct Args {
     /// Remove a key from the file so its default applies (repeatable)
     #[arg(long, value_name = "KEY")]
     pub unset: Vec<String>,
-    /// Load settings from a JSON file (seed-compatible sections)
+    /// Load settings from a JSON file (seed-compatible sections; at most 1 MiB)
     #[arg(long, value_name = "FILE")]
     pub import: Option<PathBuf>,
-    /// Write the effective settings to a JSON file (`-` for stdout)
+    /// Write the effective settings to a new JSON file, mode 0600 (`-` for stdout)
     #[arg(long, value_name = "FILE")]
     pub export: Option<PathBuf>,
 }
@@ -149,18 +149,21 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
         if file.as_os_str() == "-" {
             ctx.out().out(&text);
         } else {
-            if file.exists() {
-                return Err(
-                    Failure::usage(format!("{} already exists; not overwriting it", file.display()))
-                        .hint("choose another file name or remove it first")
-                        .into(),
-                );
+            // Created new, mode 0600, never through a symlink (a dangling
+            // one included): whatever is at FILE already stays as it was.
+            let exists = || {
+                Failure::usage(format!("{} already exists; not overwriting it", file.display()))
+                    .hint("choose another file name or remove it first")
+            };
+            if file.symlink_metadata().is_ok() {
+                return Err(exists().into());
             }
-            std::fs::write(file, text).map_err(|e| {
-                Failure::new(
+            crate::fsutil::write_new(file, text.as_bytes()).map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => exists(),
+                _ => Failure::new(
                     crate::exit::Exit::Failed,
                     format!("cannot write {}: {e}", file.display()),
-                )
+                ),
             })?;
             let p = ctx.out();
             if p.json {

@@ -1,6 +1,5 @@
 //! `execute`: run one local job through the pipeline in [`crate::job`].
 
-use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +13,7 @@ use crate::job::{self, Approval, ApprovedBy, Cancel, JobError, JobSource, JobSpe
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The prompt text
+    /// The prompt text (at most 1 MiB, as with --file and stdin)
     #[arg(
         long,
         short = 'p',
@@ -23,7 +22,9 @@ pub struct Args {
         conflicts_with = "file"
     )]
     pub prompt: Option<String>,
-    /// Read the prompt from a file (`-` for stdin)
+    /// Read the prompt from a file (`-` for stdin); at most 1 MiB
+    /// (1,048,576 bytes): a larger input is refused (exit 2) after reading
+    /// one byte past the limit
     #[arg(long, short = 'f', value_name = "F|-")]
     pub file: Option<PathBuf>,
     /// Claude Code model alias or id (default: `docker.model`, `sonnet`)
@@ -276,18 +277,49 @@ fn workspace_on_stderr(p: &crate::context::Printer, record: &job::JobRecord, w: 
 }
 
 fn read_prompt(args: &Args) -> Result<Vec<u8>, Failure> {
-    let bytes = match (&args.prompt, &args.file) {
-        (Some(t), _) => t.clone().into_bytes(),
-        (None, Some(f)) if f.as_os_str() == "-" => {
-            let mut b = Vec::new();
-            std::io::stdin()
-                .read_to_end(&mut b)
-                .map_err(|e| Failure::new(Exit::Failed, format!("cannot read the prompt from stdin: {e}")))?;
-            b
+    read_prompt_from(args.prompt.as_deref(), args.file.as_deref())
+}
+
+/// The prompt of `execute` or `bid`: the text, or a file's bytes (`-`:
+/// stdin), never more than [`job::MAX_PROMPT_BYTES`], and not blank.
+pub fn read_prompt_from(text: Option<&str>, file: Option<&std::path::Path>) -> Result<Vec<u8>, Failure> {
+    let limit = job::MAX_PROMPT_BYTES as u64;
+    let too_large = |from: &str| {
+        Failure::usage(format!(
+            "the prompt {from} is larger than the limit of {} ({limit} bytes)",
+            crate::fsutil::human_bytes(limit)
+        ))
+        .hint("shorten it, or put the material in a directory and pass `--workspace DIR`")
+    };
+    let bytes = match (text, file) {
+        (Some(t), _) => {
+            if t.len() as u64 > limit {
+                return Err(too_large("given with --prompt"));
+            }
+            t.as_bytes().to_vec()
         }
-        (None, Some(f)) => {
-            std::fs::read(f).map_err(|e| Failure::usage(format!("cannot read the prompt file {}: {e}", f.display())))?
-        }
+        (None, Some(f)) if f.as_os_str() == "-" => match crate::fsutil::read_capped(std::io::stdin().lock(), limit) {
+            Ok(b) => b,
+            Err(crate::fsutil::ReadCapError::TooLarge { .. }) => return Err(too_large("on stdin")),
+            Err(e) => {
+                return Err(Failure::new(
+                    Exit::Failed,
+                    format!("cannot read the prompt from stdin: {e}"),
+                ))
+            }
+        },
+        (None, Some(f)) => match crate::fsutil::read_file_capped(f, limit) {
+            Ok(b) => b,
+            Err(crate::fsutil::ReadCapError::TooLarge { .. }) => {
+                return Err(too_large(&format!("file {}", f.display())))
+            }
+            Err(e) => {
+                return Err(Failure::usage(format!(
+                    "cannot read the prompt file {}: {e}",
+                    f.display()
+                )))
+            }
+        },
         (None, None) => return Err(Failure::usage("give a prompt with --prompt T or --file F")),
     };
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {

@@ -84,9 +84,14 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
         }
     }
     if let Some(t) = &args.timeout {
+        let digits = t.trim().strip_prefix('-').unwrap_or(t.trim());
         let secs: i64 = t.trim().parse().map_err(|_| {
-            Failure::usage(format!("invalid timeout `{t}`: not a whole number of seconds"))
-                .hint("for example: `limits --timeout 600`")
+            let why = if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+                "it must be from 1 to 86400 seconds"
+            } else {
+                "not a whole number of seconds"
+            };
+            Failure::usage(format!("invalid timeout `{t}`: {why}")).hint("for example: `limits --timeout 600`")
         })?;
         changes.push(
             parse("docker.timeout", &secs.saturating_mul(1000).to_string()).map_err(|_| {

@@ -43,8 +43,10 @@ pub struct ResultArgs {
     /// Coordinator URL (default: `market.endpoint`)
     #[arg(long)]
     pub endpoint: Option<String>,
-    /// Seconds to wait for the result (default: until the task's deadline + 30 s)
-    #[arg(long, value_name = "SECS", conflicts_with = "no_wait")]
+    /// Seconds to wait for the result (default: until the task's deadline + 30 s;
+    /// at most 2592000, 30 days)
+    #[arg(long, value_name = "SECS", conflicts_with = "no_wait",
+          value_parser = clap::value_parser!(u64).range(1..=2_592_000))]
     pub timeout: Option<u64>,
     /// One look: print the result if it was delivered, else say where the task
     /// stands (sending the payload if a provider holds it) and exit 1

@@ -4,10 +4,12 @@
 //! One file per command group, each with its clap `Args` and a
 //! `run(ctx, args)`; the work lives in library modules.
 
-use clap::{CommandFactory, Parser, Subcommand};
+use std::ffi::OsString;
+
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde_json::json;
 
-use crate::context::{with_schema_version, Ctx, Printer};
+use crate::context::{printable, with_schema_version, Ctx, Printer};
 use crate::exit::{Exit, Failure, HasExit};
 use crate::paths::Paths;
 
@@ -122,21 +124,24 @@ pub enum Command {
 ///
 /// Only the subcommand position is rewritten: the first argument that is not
 /// an option. Global options take no values, so that position is unambiguous.
-pub fn rewrite_colon_form(args: Vec<String>) -> Vec<String> {
-    let mut out = Vec::with_capacity(args.len() + 1);
-    let mut iter = args.into_iter();
+/// Arguments are OS strings: one that is not UTF-8 is passed on untouched,
+/// for clap to accept (a path) or refuse (exit 2).
+pub fn rewrite_colon_form<A: Into<OsString>>(args: impl IntoIterator<Item = A>) -> Vec<OsString> {
+    let mut iter = args.into_iter().map(Into::into);
+    let mut out = Vec::new();
     if let Some(bin) = iter.next() {
         out.push(bin);
     }
     let mut done = false;
     for a in iter {
-        if !done && !a.starts_with('-') {
+        let text = a.to_str();
+        if !done && !text.is_some_and(|t| t.starts_with('-')) {
             done = true;
-            if let Some((group, sub)) = a.split_once(':') {
+            if let Some((group, sub)) = text.and_then(|t| t.split_once(':')) {
                 let word = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c == '-');
                 if word(group) && word(sub) {
-                    out.push(group.to_string());
-                    out.push(sub.to_string());
+                    out.push(group.into());
+                    out.push(sub.into());
                     continue;
                 }
             }
@@ -149,20 +154,26 @@ pub fn rewrite_colon_form(args: Vec<String>) -> Vec<String> {
     out
 }
 
+/// Parse a command line (program name first) exactly as the binary does:
+/// colon form rewritten, then clap. Never panics, whatever the bytes.
+pub fn parse<A: Into<OsString>>(args: impl IntoIterator<Item = A>) -> Result<Cli, clap::Error> {
+    Cli::try_parse_from(rewrite_colon_form(args))
+}
+
 /// Parse argv, run the command, and return the process exit code.
 pub fn main_entry() -> i32 {
-    let args: Vec<String> = std::env::args().collect();
+    // `args_os`, not `args`: std's `args` panics on an argument that is not
+    // UTF-8, and clap gives a usage error (or a path) for it instead.
+    let args: Vec<OsString> = std::env::args_os().collect();
     // Inside a job container, before anything else (and before any thread):
-    // the egress relay.
-    if args.get(1).map(String::as_str) == Some(crate::docker::relay::MODE) {
-        return crate::docker::relay::main(&args[2..]);
-    }
-    // Inside a job container: fill or read back the workspace.
-    if args.get(1).map(String::as_str) == Some(crate::workspace::UNPACK_MODE) {
-        return crate::workspace::unpack_main(&args[2..]);
-    }
-    if args.get(1).map(String::as_str) == Some(crate::workspace::PACK_MODE) {
-        return crate::workspace::pack_main(&args[2..]);
+    // the egress relay, or filling / reading back the workspace. Those
+    // arguments are written by this program.
+    let internal = |i: usize| -> Vec<String> { args[i..].iter().map(|a| a.to_string_lossy().into_owned()).collect() };
+    match args.get(1).and_then(|a| a.to_str()) {
+        Some(crate::docker::relay::MODE) => return crate::docker::relay::main(&internal(2)),
+        Some(crate::workspace::UNPACK_MODE) => return crate::workspace::unpack_main(&internal(2)),
+        Some(crate::workspace::PACK_MODE) => return crate::workspace::pack_main(&internal(2)),
+        _ => {}
     }
     let args = rewrite_colon_form(args);
     let json = args.iter().any(|a| a == "--json");
@@ -192,7 +203,7 @@ fn init_tracing(verbose: u8) {
         .try_init();
 }
 
-fn clap_error(e: clap::Error, json: bool, args: &[String]) -> i32 {
+fn clap_error(e: clap::Error, json: bool, args: &[OsString]) -> i32 {
     use clap::error::ErrorKind;
     if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
         let _ = e.print();
@@ -203,7 +214,7 @@ fn clap_error(e: clap::Error, json: bool, args: &[String]) -> i32 {
     let is_health = args
         .iter()
         .skip(1)
-        .find(|a| !a.starts_with('-'))
+        .find(|a| !a.to_str().is_some_and(|a| a.starts_with('-')))
         .is_some_and(|a| a == "health");
     let code = if is_health { 3 } else { Exit::Usage.code() };
     if json {
@@ -218,9 +229,32 @@ fn clap_error(e: clap::Error, json: bool, args: &[String]) -> i32 {
         }));
         println!("{}", serde_json::to_string_pretty(&doc).expect("JSON values serialise"));
     } else {
-        let _ = e.print();
+        // clap quotes the offending value, and on a terminal prints it raw:
+        // an argument carrying ESC would reach the terminal. Then the same
+        // error without clap's colours, control characters escaped.
+        let has_control = args.iter().any(|a| {
+            a.to_string_lossy()
+                .chars()
+                .any(|c| c.is_control() && c != '\n' && c != '\t')
+        });
+        if has_control {
+            let plain = plain_error(args).unwrap_or(e);
+            eprint!("{}", printable(&plain.render().ansi().to_string()));
+        } else {
+            let _ = e.print();
+        }
     }
     code
+}
+
+/// The parse error for `args` rendered without styles, so that its text is
+/// exactly clap's message and the user's bytes.
+fn plain_error(args: &[OsString]) -> Option<clap::Error> {
+    let cmd = Cli::command().styles(clap::builder::Styles::plain());
+    match cmd.try_get_matches_from(args) {
+        Err(e) => Some(e),
+        Ok(m) => Cli::from_arg_matches(&m).err(),
+    }
 }
 
 fn first_line(s: &str) -> String {
@@ -308,7 +342,8 @@ pub fn classify(err: &anyhow::Error) -> (Exit, Option<String>) {
 /// Print an error (human or JSON) and return its exit code.
 pub fn report(printer: &Printer, err: &anyhow::Error) -> i32 {
     let (exit, hint) = classify(err);
-    let message = format!("{err:#}");
+    let message = printable(&format!("{err:#}")).into_owned();
+    let hint = hint.map(|h| printable(&h).into_owned());
     if printer.json {
         printer.json(json!({
             "ok": false,
@@ -327,8 +362,8 @@ pub fn report(printer: &Printer, err: &anyhow::Error) -> i32 {
 mod tests {
     use super::*;
 
-    fn v(s: &[&str]) -> Vec<String> {
-        s.iter().map(|s| s.to_string()).collect()
+    fn v(s: &[&str]) -> Vec<OsString> {
+        s.iter().map(OsString::from).collect()
     }
 
     #[test]

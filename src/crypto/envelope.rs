@@ -107,6 +107,10 @@ pub enum CryptoError {
     },
     #[error("{0}")]
     Target(String),
+    #[error("{} already exists; not overwriting it", .0.display())]
+    Exists(std::path::PathBuf),
+    #[error("cannot create a file in {}: {error}", dir.display())]
+    OutputDir { dir: std::path::PathBuf, error: io::Error },
     #[error("cannot hold the decrypted output in {} until it verifies: {source}", dir.display())]
     Spool { dir: std::path::PathBuf, source: io::Error },
     #[error(transparent)]
@@ -123,7 +127,9 @@ impl HasExit for CryptoError {
             | CryptoError::NoRecipients
             | CryptoError::TooManyRecipients(..)
             | CryptoError::Input { .. }
-            | CryptoError::Target(_) => Exit::Usage,
+            | CryptoError::Target(_)
+            | CryptoError::Exists(_)
+            | CryptoError::OutputDir { .. } => Exit::Usage,
             CryptoError::UnknownVersion(_)
             | CryptoError::BadHeader(_)
             | CryptoError::Truncated(_)
@@ -155,7 +161,11 @@ impl HasExit for CryptoError {
                 Some("the file was corrupted or tampered with; obtain a fresh copy from the sender".into())
             }
             CryptoError::NoRecipients => Some("name a recipient with `--recipient NAME`".into()),
-            CryptoError::Target(_) => Some("pass `--force` to replace it, or choose another `--output`".into()),
+            CryptoError::Target(_) => Some("choose another `--output` (`-` for stdout)".into()),
+            CryptoError::Exists(_) => Some("pass `--force` to replace it, or choose another `--output`".into()),
+            CryptoError::OutputDir { .. } => Some(
+                "the output goes next to its final name, so that directory must be writable by you: choose an `--output` in a directory you can write to (`-` for stdout)".into(),
+            ),
             CryptoError::Spool { .. } => Some(
                 "stdout gets the plaintext only after every chunk verified, so it is held in `$TMPDIR` first and needs that much free space there; set `TMPDIR` to a directory with room, or decrypt with `--output FILE`".into(),
             ),

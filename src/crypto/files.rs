@@ -151,7 +151,10 @@ impl Staged {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let cannot = |e: io::Error| CryptoError::Target(format!("cannot create a file in {}: {e}", dir.display()));
+        let cannot = |error: io::Error| CryptoError::OutputDir {
+            dir: dir.clone(),
+            error,
+        };
         let (file, named) = match anonymous_in(&dir) {
             Ok(file) => (file, None),
             Err(e) if no_anonymous_files(&e) => {
@@ -217,7 +220,7 @@ impl Staged {
 }
 
 fn exists(target: &Path) -> CryptoError {
-    CryptoError::Target(format!("{} already exists; not overwriting it", target.display()))
+    CryptoError::Exists(target.to_path_buf())
 }
 
 fn file_name(target: &Path) -> String {

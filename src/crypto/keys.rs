@@ -769,7 +769,13 @@ impl Keyring {
 /// Read a public identity from a file (the `keys export --public` format,
 /// or `keys show --json` output) and validate it.
 pub fn read_public_file(path: &Path) -> Result<PublicIdentity, KeyError> {
-    let bytes = fs::read(path).map_err(io_err(path))?;
+    // A public identity is about 1 KiB; 64 KiB bounds the read of anything
+    // else (`/dev/zero`, a runaway pipe).
+    const LIMIT: u64 = 64 << 10;
+    let bytes = fsutil::read_file_capped(path, LIMIT).map_err(|e| match e {
+        fsutil::ReadCapError::Io(e) => io_err(path)(e),
+        too_large => KeyError::Invalid(format!("{} is not a public identity: {too_large}", path.display())),
+    })?;
     let id: PublicIdentity = serde_json::from_slice(&bytes)
         .map_err(|e| KeyError::Invalid(format!("{} is not a public identity: {e}", path.display())))?;
     id.validate()?;

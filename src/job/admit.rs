@@ -42,6 +42,14 @@ pub(super) struct Admitted {
 /// The job's own limits, checked against the caps before anything runs.
 fn validate(spec: &JobSpec, caps: &Caps) -> Result<(), JobError> {
     let bad = |m: String| Err(JobError::Invalid(m));
+    if spec.prompt.len() > super::MAX_PROMPT_BYTES {
+        return bad(format!(
+            "the prompt is {} bytes; a job takes at most {} bytes ({})",
+            spec.prompt.len(),
+            super::MAX_PROMPT_BYTES,
+            crate::fsutil::human_bytes(super::MAX_PROMPT_BYTES as u64)
+        ));
+    }
     if spec.max_tokens == 0 || spec.max_tokens > caps.max_tokens_per_task {
         return bad(format!(
             "--max-tokens {} is outside 1..={} (limits.maxTokensPerTask, what each job may use in fresh tokens)",

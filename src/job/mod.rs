@@ -482,6 +482,12 @@ pub fn new_job_id() -> String {
     )
 }
 
+/// The largest prompt a job takes, in bytes (1 MiB), from `--prompt`,
+/// `--file`, stdin or the market: several times Claude Code's context
+/// window, so no real prompt is refused, and a runaway input (`--file
+/// /dev/zero`) is refused after reading one byte more than this.
+pub const MAX_PROMPT_BYTES: usize = 1 << 20;
+
 pub fn prompt_sha256(prompt: &[u8]) -> String {
     hex::encode(Sha256::digest(prompt))
 }
