@@ -119,6 +119,32 @@ CREATE INDEX tasks_delivered ON tasks(state, delivered_at);
     r#"
 ALTER TABLE tasks ADD COLUMN payload_at INTEGER;
 "#,
+    // v6: market economics. When the current attempt was accepted (whether
+    // a lapse is the provider's fault depends on it); a node's cool-down
+    // after it gave up or lost a lease; which nodes held an attempt of an
+    // open task (none gets a second one after its own failure); and the
+    // distinct requesters that paid a provider (reputation counts those,
+    // not self-trades repeated between two identities).
+    r#"
+ALTER TABLE tasks ADD COLUMN accepted_at INTEGER;
+ALTER TABLE nodes ADD COLUMN cooldown_until INTEGER;
+ALTER TABLE nodes ADD COLUMN clients INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE attempt_holders (
+    task_id TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    PRIMARY KEY (task_id, node_id)
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO attempt_holders(task_id, node_id)
+    SELECT task_id, provider FROM tasks WHERE state IN ('open','assigned') AND provider IS NOT NULL;
+CREATE TABLE paid_clients (
+    provider  TEXT NOT NULL,
+    requester TEXT NOT NULL,
+    PRIMARY KEY (provider, requester)
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO paid_clients(provider, requester)
+    SELECT provider, requester FROM tasks WHERE state = 'settled' AND ask > 0 AND provider IS NOT NULL;
+UPDATE nodes SET clients = (SELECT COUNT(*) FROM paid_clients p WHERE p.provider = nodes.node_id);
+"#,
 ];
 
 /// Open (creating if needed) and migrate. `sync_full` picks
