@@ -375,6 +375,13 @@ fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<()> {
             ctx.paths.market_db()
         }
     };
+    if a.initial_grant > 0 {
+        ctx.out().warn(&format!(
+            "--initial-grant {}: every new identity is credited {} RUV on its first login, so anyone who makes \
+             keypairs mints RUV; use it only on a closed market, and `market grant` on an open one",
+            a.initial_grant, a.initial_grant
+        ));
+    }
     let mut opts = server::default_options(db.clone());
     opts.listen = a.listen;
     opts.settings.initial_grant = a.initial_grant as i64;

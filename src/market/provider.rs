@@ -99,6 +99,8 @@ pub fn own_nodes(paths: &Paths, cfg: &Config) -> Vec<String> {
         })
         .unwrap_or_default();
     own.extend(crate::crypto::keys::Keyring::new(paths).own_node_ids());
+    own.sort();
+    own.dedup();
     own
 }
 
