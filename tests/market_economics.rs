@@ -307,8 +307,13 @@ fn a_subscription_login_serves_only_the_users_own_nodes() {
         .home
         .run(&["keys", "export", "--public", exported.to_str().unwrap()])
         .code(0);
+    // Imported first as a peer, then marked as one's own.
+    prov.run(&["keys", "import", "laptop", exported.to_str().unwrap()])
+        .code(0);
     prov.run(&["keys", "import", "--own", "laptop", exported.to_str().unwrap()])
         .code(0);
+    let peers = prov.run(&["--json", "keys", "list"]).json();
+    assert_eq!(peers["peers"][0]["own"], true, "{peers}");
     let rt = rt();
     let (_sessions, tasks) = rt.block_on(async {
         let mut sessions = Vec::new();

@@ -104,7 +104,13 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
         KeysCommand::Import { name, file, own } => {
             let public = keys::read_public_file(&file)?;
             let ring = Keyring::new(&ctx.paths);
-            ring.import(&name, &public)?;
+            match ring.import(&name, &public) {
+                Ok(()) => {}
+                // Marking a peer already in the keyring as one's own.
+                Err(keys::KeyError::DuplicatePeer(_))
+                    if own && ring.get(&name).is_ok_and(|have| have.node_id == public.node_id) => {}
+                Err(e) => return Err(e.into()),
+            }
             if own {
                 ring.mark_own(&name)?;
             }
