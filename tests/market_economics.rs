@@ -286,6 +286,30 @@ fn a_requester_cannot_frame_a_provider() {
         assert_eq!(st["reputation"]["failures"], 0, "no payload was sent: {st}");
         assert!(st["cooldown_until"].is_null(), "{st}");
         pc.request(&accept(&tid, 2)).await.expect("not excluded from the task");
+        // A rejected delivery counts, but cannot bench the provider.
+        pc.request(&Request::Deliver {
+            task_id: tid.clone(),
+            attempt: 2,
+            data: "eQ==".into(),
+        })
+        .await
+        .unwrap();
+        rc.request(&Request::Reject {
+            task_id: tid.clone(),
+            attempt: 2,
+        })
+        .await
+        .unwrap();
+        let st = pc.request(&Request::Status {}).await.unwrap();
+        assert_eq!(st["reputation"]["failures"], 1, "{st}");
+        assert!(
+            st["cooldown_until"].is_null(),
+            "no cool-down from a requester's verdict: {st}"
+        );
+        let tid = task_id(&rc.request(&post(20)).await.unwrap());
+        pc.request(&accept(&tid, 1))
+            .await
+            .expect("a rejected provider keeps working");
     });
     server.verify();
 }

@@ -979,8 +979,8 @@ pub fn apply(
             let state = reopen_or_refund(c, t, now, &why, online, out)?;
             Ok(json!({ "task_id": task_id, "attempt": attempt, "state": state }))
         }
-        Request::Settle { task_id, attempt } => finish(c, s, node, &task_id, attempt, true, now, out),
-        Request::Reject { task_id, attempt } => finish(c, s, node, &task_id, attempt, false, now, out),
+        Request::Settle { task_id, attempt } => finish(c, node, &task_id, attempt, true, now, out),
+        Request::Reject { task_id, attempt } => finish(c, node, &task_id, attempt, false, now, out),
     }
 }
 
@@ -1023,10 +1023,8 @@ fn held_before(c: &Connection, task_id: &str, node: &str) -> rusqlite::Result<bo
 }
 
 /// Settle (pay the ask, refund the rest) or reject (refund all) a delivered task.
-#[allow(clippy::too_many_arguments)]
 fn finish(
     c: &Connection,
-    s: &Settings,
     node: &str,
     task_id: &str,
     attempt: u32,
@@ -1065,7 +1063,10 @@ fn finish(
     if pay {
         record_success(c, &provider, &t.requester, ask)?;
     } else {
-        record_failure(c, s, &provider, now)?;
+        // A failure, as before, but no cool-down: a requester's verdict
+        // costs it nothing, so it must not be able to bench a provider.
+        c.prepare_cached("UPDATE nodes SET failures = failures + 1 WHERE node_id = ?1")?
+            .execute([&provider])?;
     }
     c.prepare_cached("DELETE FROM attempt_holders WHERE task_id = ?1")?
         .execute([task_id])?;
@@ -1177,7 +1178,7 @@ pub fn tick(
         .collect::<Result<_, _>>()?;
     for (task_id, requester, attempt) in stale {
         rep.auto_settled += 1;
-        finish(c, s, &requester, &task_id, attempt, true, now, out)?;
+        finish(c, &requester, &task_id, attempt, true, now, out)?;
     }
     let expired: Vec<Task> = c
         .prepare_cached(&format!(
