@@ -459,11 +459,17 @@ fn credential_kind_market(i: &Inputs) -> Outcome {
     }
     match kind {
         "api-key" => Outcome::Pass("market jobs run on an API key, which is licensed for programmatic use".into()),
-        "subscription" => Outcome::Warn(
-            "market jobs are enabled with a consumer subscription login (OAuth token): consumer terms generally license the subscription for your own use, so running tasks for others may not be allowed; check your plan's terms or use an API key".into(),
-        ),
+        "subscription" => Outcome::Warn(format!(
+            "market jobs are enabled with a consumer subscription login (OAuth token): Anthropic's terms license \
+             Free/Pro/Max credentials for ordinary, individual use and do not let third-party tools route requests \
+             through them on behalf of other users, so `advertise` serves only your own nodes ({} listed in \
+             `market.ownNodes` or imported with `keys import --own`) and declines every other task; there is no \
+             override. Use an API key (`credentials.source=api-key-env`) to serve others",
+            crate::market::provider::own_nodes(i.paths, cfg).len()
+        )),
         _ => Outcome::Warn(format!(
-            "market jobs are enabled and the credential kind is {kind}: if it is a consumer subscription login, running tasks for others may not be allowed under its terms"
+            "market jobs are enabled and the credential kind is {kind}: if it turns out to be a consumer subscription \
+             login, `advertise` serves only your own nodes (`market.ownNodes`, `keys import --own`)"
         )),
     }
 }

@@ -342,6 +342,12 @@ pub const SCHEMA: &[KeyDef] = &[
         "Standing rule: requester node ids whose tasks may be accepted, comma-separated (null: anyone)"
     ),
     key!(
+        "market.ownNodes",
+        Kind::OptList(ListItem::NodeId),
+        "null",
+        "Node ids of your own other nodes, comma-separated: with a subscription login, advertise serves only these"
+    ),
+    key!(
         "compliance.requireApproval",
         Kind::Bool,
         "true",

@@ -6,7 +6,7 @@
 use sha2::{Digest, Sha256};
 
 /// Bump when [`TERMS`] changes in substance; users are asked to accept again.
-pub const TERMS_VERSION: &str = "2026-11-1";
+pub const TERMS_VERSION: &str = "2026-12-1";
 
 /// The usage policy in one sentence, for orchestration layers that check it.
 pub const USAGE_POLICY: &str = "claude-max-market never proxies, pools, shares or resells access to Claude: \
@@ -30,9 +30,10 @@ CLAUDE-MAX-MARKET: TERMS, USAGE POLICY AND YOUR RIGHTS
      job container over its standard input. It is never written to disk by this
      tool, never put in logs, job records, images or market messages, and never
      sent to another node or to the market coordinator.
-   - Nothing here proxies, pools, shares or resells access to Claude. No one
-     else's jobs run on your login unless you accept each of them (or set a
-     standing rule yourself), and you can see every one of them in the audit log.
+   - Nothing here proxies, pools, shares or resells access to Claude. On a
+     subscription login no one else's jobs run at all (section 5); on an API
+     key, another user's job runs only if you accept it (or set a standing
+     rule yourself), and you can see every one of them in the audit log.
    - RUV tokens reward completed contribution (work your machine finished). They
      are not a price for access to anyone's account.
 
@@ -50,12 +51,20 @@ CLAUDE-MAX-MARKET: TERMS, USAGE POLICY AND YOUR RIGHTS
 4. No legal certification
    This tool checks its own configuration and state (`compliance-check`). That
    is not legal advice and does not certify compliance with any law or with
-   any provider's terms. Running tasks for other people may not be allowed by
-   your Claude plan: consumer subscriptions in particular are licensed for your
-   own use. Read your own plan's terms before you volunteer capacity to the
-   market; you are responsible for how you use your account.
+   any provider's terms. Read your own plan's terms before you volunteer
+   capacity to the market; you are responsible for how you use your account.
 
-5. No warranty
+5. Subscription logins serve only your own nodes
+   Anthropic's Claude Code terms say subscription (Free, Pro, Max) credentials
+   are for ordinary, individual use, and that third-party tools may not route
+   requests through them on behalf of other users. So when your login is a
+   subscription (OAuth) token, `advertise` runs market tasks only from your own
+   nodes (node ids in `market.ownNodes`, or keys imported with
+   `keys import --own`) and declines every other task, writing the reason to
+   the audit log. There is no override. To serve other people's tasks, use an
+   API key (`credentials.source=api-key-env`) within its own terms.
+
+6. No warranty
    The software is provided under the MIT licence, without warranty of any kind.
 ";
 

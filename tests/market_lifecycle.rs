@@ -306,24 +306,28 @@ fn a_task_waits_for_its_requester_and_a_lease_without_payload_is_recalled_free()
 fn the_last_lapsed_attempt_refunds_the_requester() {
     let server = Server::start(&["--lease-ms", "200"]);
     rt().block_on(async {
-        let (r, p) = (Node::new(), Node::new());
+        let (r, p, p2) = (Node::new(), Node::new(), Node::new());
         let mut rc = r.connect(&server).await;
         let mut pc = p.connect(&server).await;
+        let mut p2c = p2.connect(&server).await;
         pc.request(&offer(5)).await.unwrap();
+        p2c.request(&offer(5)).await.unwrap();
         let mut req = post(30);
         if let Request::Post { max_attempts, .. } = &mut req {
             *max_attempts = Some(2);
         }
         let tid = task_id(&rc.request(&req).await.unwrap());
         assert_eq!(rc.request(&Request::Status {}).await.unwrap()["balance"], 970);
-        for attempt in 1..=2 {
-            pc.request(&Request::Accept {
+        // Each attempt to another provider: a node that lost an attempt of a
+        // task gets no later attempt of it.
+        for (attempt, c) in [(1, &mut pc), (2, &mut p2c)] {
+            c.request(&Request::Accept {
                 task_id: tid.clone(),
                 attempt,
             })
             .await
             .unwrap();
-            expect_event(&mut pc, 5, "lease_lapsed", |e| matches!(e, Event::LeaseLapsed { .. })).await;
+            expect_event(c, 5, "lease_lapsed", |e| matches!(e, Event::LeaseLapsed { .. })).await;
         }
         let ev = expect_event(&mut rc, 5, "refunded", |e| matches!(e, Event::Refunded { .. })).await;
         assert!(matches!(ev, Event::Refunded { amount: 30, .. }));

@@ -101,12 +101,21 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
     };
     let id = Arc::new(Identity::load_or_generate(&ctx.paths, &ctx.audit())?);
     let audit = ctx.audit();
+    let own_only = crate::compliance::credential_kind(cfg) == "subscription";
     audit.append(
         "market.advertise",
         json!({ "node_id": id.node_id(), "slots": spec.slots, "price": spec.price, "models": spec.models,
-                "auto_accept": spec.auto_accept }),
+                "auto_accept": spec.auto_accept, "own_nodes_only": own_only }),
     )?;
     let p = ctx.out().clone();
+    if own_only {
+        let n = provider::own_nodes(&ctx.paths, cfg).len();
+        p.warn(&format!(
+            "your Claude login is a subscription (OAuth) credential, licensed for your own use: only tasks from \
+             your own nodes ({n} listed in `market.ownNodes` or imported with `keys import --own`) are served, \
+             every other task is declined; use an API key to serve others"
+        ));
+    }
     let mut report = |v: Value| {
         // Market events worth a record; ids and numbers only.
         let audited = match v["event"].as_str() {

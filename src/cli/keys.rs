@@ -41,6 +41,10 @@ pub enum KeysCommand {
         name: String,
         /// The peer's `keys export --public` file
         file: PathBuf,
+        /// The peer is another node of yours: with a subscription login,
+        /// `advertise` serves tasks only from such nodes (and `market.ownNodes`)
+        #[arg(long)]
+        own: bool,
     },
     /// List this node's keys and the peers in the keyring
     List,
@@ -97,13 +101,30 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
                 ));
             }
         }
-        KeysCommand::Import { name, file } => {
+        KeysCommand::Import { name, file, own } => {
             let public = keys::read_public_file(&file)?;
-            Keyring::new(&ctx.paths).import(&name, &public)?;
-            ctx.audit()
-                .append("key.imported", json!({ "name": name, "node_id": public.node_id }))?;
+            let ring = Keyring::new(&ctx.paths);
+            match ring.import(&name, &public) {
+                Ok(()) => {}
+                // Marking a peer already in the keyring as one's own.
+                Err(keys::KeyError::DuplicatePeer(_))
+                    if own && ring.get(&name).is_ok_and(|have| have.node_id == public.node_id) => {}
+                Err(e) => return Err(e.into()),
+            }
+            if own {
+                ring.mark_own(&name)?;
+            }
+            ctx.audit().append(
+                "key.imported",
+                json!({ "name": name, "node_id": public.node_id, "own": own }),
+            )?;
             if p.json {
-                p.json(json!({ "ok": true, "name": name, "node_id": public.node_id }));
+                p.json(json!({ "ok": true, "name": name, "node_id": public.node_id, "own": own }));
+            } else if own {
+                p.out(&format!(
+                    "Imported `{name}`: node {}, one of your own nodes",
+                    public.node_id
+                ));
             } else {
                 p.out(&format!("Imported `{name}`: node {}", public.node_id));
             }
@@ -111,10 +132,14 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
         KeysCommand::List => {
             let own = keys::own_keys(&ctx.paths)?;
             let peers = Keyring::new(&ctx.paths).list()?;
+            let own_ids = Keyring::new(&ctx.paths).own_node_ids();
             if p.json {
                 let peers: Vec<_> = peers
                     .iter()
-                    .map(|(n, id)| json!({ "name": n, "node_id": id.node_id, "created": id.created }))
+                    .map(|(n, id)| {
+                        json!({ "name": n, "node_id": id.node_id, "created": id.created,
+                                "own": own_ids.contains(&id.node_id) })
+                    })
                     .collect();
                 p.json(json!({ "keys": own, "peers": peers }));
             } else {

@@ -31,6 +31,8 @@ pub enum MarketCommand {
     Status(StatusArgs),
     /// Ledger totals; `--verify` checks every invariant of a coordinator's database
     Ledger(LedgerArgs),
+    /// Operator: credit a node with RUV from the issuer, recorded in the ledger
+    Grant(GrantArgs),
     /// Collect your task's result: send the kept prompt to the provider holding
     /// the task, wait, verify and print the result, and settle
     Result(ResultArgs),
@@ -62,9 +64,22 @@ pub struct ServeArgs {
     /// SQLite file for the market state (default: market.db in the data dir)
     #[arg(long)]
     pub db: Option<PathBuf>,
-    /// RUV credited once to every new node
-    #[arg(long, default_value_t = 1000)]
+    /// RUV credited once to every new node on its first login. 0 by default:
+    /// anyone can make keypairs, so a per-identity grant can be farmed; fund
+    /// nodes with `market grant` instead. Only for closed markets (tests, one
+    /// operator's own nodes)
+    #[arg(long, default_value_t = 0)]
     pub initial_grant: u32,
+    /// Milliseconds a provider takes no new lease after it gave one up or lost
+    /// one through its own fault
+    #[arg(long, default_value_t = crate::market::server::book::DEFAULT_COOLDOWN_MS as u64,
+          value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
+    pub cooldown_ms: u64,
+    /// Milliseconds a requester has to relay the payload after an accept; a lease
+    /// that ends without a payload after that is not counted against the provider
+    #[arg(long, default_value_t = crate::market::server::book::DEFAULT_PAYLOAD_GRACE_MS as u64,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub payload_grace_ms: u64,
     /// Lease length in milliseconds (extended by each heartbeat)
     #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u32).range(50..))]
     pub lease_ms: u32,
@@ -140,6 +155,19 @@ pub struct StatusArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct GrantArgs {
+    /// The node id to credit (64 hex digits; the node must have logged in once)
+    pub node_id: String,
+    /// Whole RUV to credit (1..=1000000000)
+    #[arg(value_parser = clap::value_parser!(u64).range(1..=crate::market::server::book::MAX_GRANT as u64))]
+    pub amount: u64,
+    /// SQLite file of the coordinator (default: market.db in the data dir); the
+    /// coordinator may be running
+    #[arg(long)]
+    pub db: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
 pub struct LedgerArgs {
     /// Check every ledger and order-book invariant (exit 5 on any violation)
     #[arg(long)]
@@ -154,6 +182,7 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
         MarketCommand::Serve(a) => serve(ctx, a).map(|_| 0),
         MarketCommand::Status(a) => status(ctx, a).map(|_| 0),
         MarketCommand::Ledger(a) => ledger_cmd(ctx, a),
+        MarketCommand::Grant(a) => grant(ctx, a).map(|_| 0),
         MarketCommand::Result(a) => result(ctx, a),
     }
 }
@@ -285,6 +314,61 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
+/// `market grant`: one `operator_grant` journal entry, in its own durable
+/// transaction beside a running coordinator (SQLite serialises it with the
+/// coordinator's writer), then the operator's audit line.
+fn grant(ctx: &Ctx, a: GrantArgs) -> anyhow::Result<()> {
+    use crate::market::server::book::{self, Fail};
+    let node = a.node_id.to_ascii_lowercase();
+    if node.len() != 64 || !node.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Failure::usage(format!(
+            "`{}` is not a node id: a node id is 64 hex digits",
+            a.node_id.escape_debug()
+        ))
+        .hint("the node prints its id with `claude-max-market keys show`")
+        .into());
+    }
+    let db = match a.db {
+        Some(d) => d,
+        None => ctx.paths.market_db(),
+    };
+    if !db.exists() {
+        return Err(Failure::usage(format!("no market database at {}", db.display()))
+            .hint("pass the coordinator's `--db FILE`")
+            .into());
+    }
+    let mut conn = store::open(&db, true)
+        .map_err(|e| Failure::new(Exit::Unavailable, format!("cannot open {}: {e}", db.display())))?;
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(|e| Failure::new(Exit::Unavailable, format!("cannot write {}: {e}", db.display())))?;
+    let amount = a.amount as i64;
+    let (journal_id, balance) = match book::operator_grant(&tx, &node, amount, server::now_ms()) {
+        Ok(r) => r,
+        Err(Fail::Reject(r)) => {
+            return Err(Failure::usage(r.message)
+                .hint("the node must connect to this coordinator once (e.g. `market status`) before it is funded")
+                .into())
+        }
+        Err(Fail::Sql(e)) => return Err(Failure::new(Exit::Unavailable, format!("{}: {e}", db.display())).into()),
+    };
+    tx.commit()
+        .map_err(|e| Failure::new(Exit::Unavailable, format!("cannot commit to {}: {e}", db.display())))?;
+    ctx.audit().append(
+        "market.granted",
+        json!({ "node_id": node, "amount": amount, "journal_id": journal_id, "db": db }),
+    )?;
+    let p = ctx.out();
+    if p.json {
+        p.json(json!({ "ok": true, "node_id": node, "granted": amount, "balance": balance, "journal_id": journal_id }));
+    } else {
+        p.out(&format!(
+            "Granted {amount} RUV to node {node} (ledger entry {journal_id}); its balance is {balance} RUV"
+        ));
+    }
+    Ok(())
+}
+
 fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<()> {
     let db = match a.db {
         Some(d) => d,
@@ -293,6 +377,13 @@ fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<()> {
             ctx.paths.market_db()
         }
     };
+    if a.initial_grant > 0 {
+        ctx.out().warn(&format!(
+            "--initial-grant {}: every new identity is credited {} RUV on its first login, so anyone who makes \
+             keypairs mints RUV; use it only on a closed market, and `market grant` on an open one",
+            a.initial_grant, a.initial_grant
+        ));
+    }
     let mut opts = server::default_options(db.clone());
     opts.listen = a.listen;
     opts.settings.initial_grant = a.initial_grant as i64;
@@ -300,6 +391,8 @@ fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<()> {
     opts.settings.grace_ms = a.grace_ms as i64;
     opts.settings.default_attempts = a.max_attempts;
     opts.settings.settle_ttl_ms = a.settle_ttl_ms.min(i64::MAX as u64) as i64;
+    opts.settings.cooldown_ms = a.cooldown_ms as i64;
+    opts.settings.payload_grace_ms = a.payload_grace_ms as i64;
     opts.control_cap = a.control_cap.max(1024);
     opts.payload_cap = a.payload_cap.max(opts.control_cap);
     opts.rate = a.rate.max(1) as f64;

@@ -756,6 +756,27 @@ impl Keyring {
         Ok(out)
     }
 
+    /// Mark the peer `name` as one of this user's own nodes (`keys import
+    /// --own`): a marker `<name>.own` beside its identity, naming its node id.
+    pub fn mark_own(&self, name: &str) -> Result<(), KeyError> {
+        let id = self.get(name)?;
+        let p = self.dir.join(format!("{name}.own"));
+        fsutil::atomic_write(&p, id.node_id.as_bytes()).map_err(io_err(&p))
+    }
+
+    /// Node ids of the peers marked as this user's own nodes. A marker whose
+    /// node id differs from the identity beside it counts for nothing.
+    pub fn own_node_ids(&self) -> Vec<String> {
+        self.list()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(name, id)| {
+                fs::read_to_string(self.dir.join(format!("{name}.own"))).is_ok_and(|m| m.trim() == id.node_id)
+            })
+            .map(|(_, id)| id.node_id)
+            .collect()
+    }
+
     /// The name a node id is known under, if any.
     pub fn name_of(&self, node_id: &str) -> Option<String> {
         self.list()

@@ -74,6 +74,11 @@ pub enum Reason {
     /// The requester is not connected, so no payload could reach a lease
     /// holder; the task is offered again when it returns.
     RequesterOffline,
+    /// The provider gave up or lost a lease through its own fault recently
+    /// and takes no new lease until its cool-down ends.
+    CoolingDown,
+    /// The provider held an earlier attempt of this task and failed it.
+    AlreadyAttempted,
     /// The coordinator failed; nothing was changed.
     Internal,
 }
@@ -103,6 +108,8 @@ impl Reason {
         Reason::ReputationTooLow,
         Reason::PriceTooLow,
         Reason::RequesterOffline,
+        Reason::CoolingDown,
+        Reason::AlreadyAttempted,
         Reason::Internal,
     ];
 
@@ -131,6 +138,8 @@ impl Reason {
             Reason::ReputationTooLow => "reputation_too_low",
             Reason::PriceTooLow => "price_too_low",
             Reason::RequesterOffline => "requester_offline",
+            Reason::CoolingDown => "cooling_down",
+            Reason::AlreadyAttempted => "already_attempted",
             Reason::Internal => "internal",
         }
     }
@@ -529,9 +538,12 @@ pub fn decode_request(text: &str) -> Result<(Option<String>, Request), (Option<S
 }
 
 /// Reputation with a pessimistic prior: a newcomer starts as if it had one
-/// success and two failures, so a score is earned by settled work.
-pub fn reputation(successes: i64, failures: i64) -> f64 {
-    (successes as f64 + 1.0) / ((successes + failures) as f64 + 3.0)
+/// success and two failures (1/3), so a score is earned by settled work.
+/// `clients` is the number of distinct requesters that paid the node for a
+/// settled task, not the number of settled tasks: the same two identities
+/// trading with each other add one, however often they trade.
+pub fn reputation(clients: i64, failures: i64) -> f64 {
+    (clients as f64 + 1.0) / ((clients + failures) as f64 + 3.0)
 }
 
 #[cfg(test)]

@@ -85,6 +85,52 @@ pub fn passes_rules(spec: &AdvertiseSpec, task: &Value) -> Result<(), String> {
     Ok(())
 }
 
+/// This user's own nodes: `market.ownNodes` and the peers imported with
+/// `keys import --own`.
+pub fn own_nodes(paths: &Paths, cfg: &Config) -> Vec<String> {
+    let mut own: Vec<String> = cfg
+        .get_str("market.ownNodes")
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|x| !x.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    own.extend(crate::crypto::keys::Keyring::new(paths).own_node_ids());
+    own.sort();
+    own.dedup();
+    own
+}
+
+/// A subscription (OAuth) login serves only this user's own nodes:
+/// Anthropic's terms license Free/Pro/Max credentials for ordinary,
+/// individual use, and third-party tools may not route requests through them
+/// on behalf of other users. There is no override. An API key serves anyone
+/// the standing rules allow. `Err` carries the reason a task is declined.
+/// A credential that cannot be resolved is left to the job, which fails
+/// without one for every requester alike.
+pub fn subscription_gate(paths: &Paths, cfg: &Config, requester: &str) -> Result<(), String> {
+    let mut notes = Vec::new();
+    let Ok(cred) = crate::claude::credentials::resolve(cfg, &mut notes) else {
+        return Ok(());
+    };
+    if cred.kind != crate::claude::credentials::Kind::OAuth {
+        return Ok(());
+    }
+    if own_nodes(paths, cfg).iter().any(|n| n == requester) {
+        return Ok(());
+    }
+    Err(format!(
+        "this node runs on a subscription login ({}), which Anthropic's terms allow only for your own use: \
+         it serves only your own nodes (`market.ownNodes`, `keys import --own`), and requester {} is not one; \
+         serve other people's tasks with an API key (`credentials.source=api-key-env`)",
+        cred.source,
+        &requester[..requester.len().min(16)]
+    ))
+}
+
 /// The outcome of the gates for one offer.
 enum Decision {
     /// With the cap reservation taken for it: handed to the job that runs
@@ -102,6 +148,9 @@ async fn decide(paths: &Paths, spec: &AdvertiseSpec, client: &Client, task: &Val
     };
     if !Consent::from_config(&cfg).allows(JOB_MARKET) {
         return Decision::Decline("no consent for market jobs".into());
+    }
+    if let Err(why) = subscription_gate(paths, &cfg, task["requester"].as_str().unwrap_or_default()) {
+        return Decision::Decline(why);
     }
     let caps = Caps::from_config(&cfg);
     let tokens = task["max_tokens"].as_u64().unwrap_or(u64::MAX);
@@ -487,6 +536,14 @@ impl Lease {
             Ok(c) => c,
             Err(e) => return self.give_back(AbandonReason::Withdrawn, &e.to_string(), None).await,
         };
+        // The credential may have changed since the offer was accepted.
+        if let Err(why) = subscription_gate(&self.paths, &cfg, &self.requester) {
+            self.audit(
+                "market.declined",
+                json!({ "task_id": b.task_id, "attempt": b.attempt, "requester": self.requester, "reason": why }),
+            );
+            return self.give_back(AbandonReason::Withdrawn, &why, None).await;
+        }
         let mut spec = JobSpec::from_config(
             &cfg,
             prompt,

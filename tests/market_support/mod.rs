@@ -30,7 +30,27 @@ pub struct Server {
 }
 
 impl Server {
+    /// A closed test market: unless `extra` says otherwise, every node is
+    /// credited 1000 RUV on its first login (`--initial-grant 1000`, the
+    /// operator's opt-in; the coordinator's default is no grant), so the
+    /// tests can post without a `market grant` per node. A test that
+    /// involves reputation or abandons also gets no cool-down unless it
+    /// sets one (`--cooldown-ms 0`), so one provider can serve several tasks
+    /// in a row after a lapse; the attempt rule still applies.
     pub fn start(extra: &[&str]) -> Server {
+        let mut args: Vec<&str> = Vec::new();
+        if !extra.contains(&"--initial-grant") {
+            args.extend(["--initial-grant", "1000"]);
+        }
+        if !extra.contains(&"--cooldown-ms") {
+            args.extend(["--cooldown-ms", "0"]);
+        }
+        args.extend(extra);
+        Server::start_bare(&args)
+    }
+
+    /// A coordinator with exactly these flags (its own defaults otherwise).
+    pub fn start_bare(extra: &[&str]) -> Server {
         let home = Cmm::new();
         let db = home.file("market.db");
         let mut s = Server {

@@ -12,12 +12,14 @@ use serde_json::{json, Value};
 
 use super::ledger::{self, escrow_account, node_account, ISSUER};
 use crate::crypto::keys::PublicIdentity;
-use crate::market::protocol::{reputation, AbandonReason, Event, IdentityProof, Reason, Rejection, Request};
+use crate::market::protocol::{reputation, Event, IdentityProof, Reason, Rejection, Request};
 
 /// Tunables of the coordinator.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// RUV credited once to every new node.
+    /// RUV credited once to every new node. 0 by default: a free grant per
+    /// identity is minted by anyone who makes keypairs, so an open market
+    /// funds nodes with `market grant` instead (see PROTOCOL.md, "Money").
     pub initial_grant: i64,
     /// A lease lasts this long past the last accept or heartbeat.
     pub lease_ms: i64,
@@ -28,22 +30,39 @@ pub struct Settings {
     /// A delivered task the requester neither settles nor rejects within
     /// this long is settled for it (and its stored result dropped).
     pub settle_ttl_ms: i64,
+    /// A provider that gave up or lost a lease through its own fault takes
+    /// no new lease for this long.
+    pub cooldown_ms: i64,
+    /// A requester must relay the payload within this long of the accept;
+    /// a lease that ends without one after it is not the provider's fault.
+    pub payload_grace_ms: i64,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            initial_grant: 1000,
+            initial_grant: 0,
             lease_ms: 30_000,
             grace_ms: 30_000,
             default_attempts: 3,
             settle_ttl_ms: DEFAULT_SETTLE_TTL_MS,
+            cooldown_ms: DEFAULT_COOLDOWN_MS,
+            payload_grace_ms: DEFAULT_PAYLOAD_GRACE_MS,
         }
     }
 }
 
 /// Default settle deadline for delivered tasks: a day.
 pub const DEFAULT_SETTLE_TTL_MS: i64 = 24 * 3600 * 1000;
+/// Default cool-down after a provider's own failure: a minute.
+pub const DEFAULT_COOLDOWN_MS: i64 = 60_000;
+/// Default time a requester has to relay the payload after an accept.
+pub const DEFAULT_PAYLOAD_GRACE_MS: i64 = 30_000;
+/// A lapse at the task's deadline counts against the provider only if its
+/// attempt had at least this long between the accept and the deadline.
+pub const MIN_WORK_MS: i64 = 60_000;
+/// Largest operator grant in one `market grant`.
+pub const MAX_GRANT: i64 = 1_000_000_000;
 /// How long an applied message id is remembered.
 pub const ID_RETENTION_MS: i64 = 24 * 3600 * 1000;
 /// Most attempts a requester may ask for.
@@ -99,10 +118,12 @@ struct Task {
     ask: Option<i64>,
     lease_deadline: Option<i64>,
     payload_bytes: Option<i64>,
+    payload_at: Option<i64>,
+    accepted_at: Option<i64>,
 }
 
 const TASK_COLS: &str = "task_id, requester, model, max_tokens, max_price, payload_hash, deadline, max_attempts,
-    min_reputation, state, attempt, provider, ask, lease_deadline, payload_bytes";
+    min_reputation, state, attempt, provider, ask, lease_deadline, payload_bytes, payload_at, accepted_at";
 
 impl Task {
     fn from_row(r: &Row) -> rusqlite::Result<Task> {
@@ -122,6 +143,8 @@ impl Task {
             ask: r.get(12)?,
             lease_deadline: r.get(13)?,
             payload_bytes: r.get(14)?,
+            payload_at: r.get(15)?,
+            accepted_at: r.get(16)?,
         })
     }
 
@@ -154,23 +177,126 @@ fn load_task(c: &Connection, task_id: &str) -> Result<Task, Fail> {
     }
 }
 
-fn node_reputation(c: &Connection, node: &str) -> rusqlite::Result<(i64, i64)> {
+/// A node's record: settled tasks, failures, distinct paying requesters.
+#[derive(Debug, Clone, Copy, Default)]
+struct Record {
+    successes: i64,
+    failures: i64,
+    clients: i64,
+}
+
+impl Record {
+    fn score(self) -> f64 {
+        reputation(self.clients, self.failures)
+    }
+
+    fn view(self) -> Value {
+        json!({ "successes": self.successes, "failures": self.failures, "clients": self.clients,
+                "score": self.score() })
+    }
+}
+
+fn node_reputation(c: &Connection, node: &str) -> rusqlite::Result<Record> {
     Ok(
-        c.prepare_cached("SELECT successes, failures FROM nodes WHERE node_id = ?1")?
-            .query_row([node], |r| Ok((r.get(0)?, r.get(1)?)))
+        c.prepare_cached("SELECT successes, failures, clients FROM nodes WHERE node_id = ?1")?
+            .query_row([node], |r| {
+                Ok(Record {
+                    successes: r.get(0)?,
+                    failures: r.get(1)?,
+                    clients: r.get(2)?,
+                })
+            })
             .optional()?
-            .unwrap_or((0, 0)),
+            .unwrap_or_default(),
     )
 }
 
-fn bump_reputation(c: &Connection, node: &str, success: bool) -> rusqlite::Result<()> {
-    let sql = if success {
-        "UPDATE nodes SET successes = successes + 1 WHERE node_id = ?1"
-    } else {
-        "UPDATE nodes SET failures = failures + 1 WHERE node_id = ?1"
-    };
-    c.prepare_cached(sql)?.execute([node])?;
+/// A settled task: one more success, and one more client if this is the
+/// first paid task from this requester. Reputation counts clients, so two
+/// identities trading with each other earn one client each, however often.
+fn record_success(c: &Connection, provider: &str, requester: &str, paid: i64) -> rusqlite::Result<()> {
+    c.prepare_cached("UPDATE nodes SET successes = successes + 1 WHERE node_id = ?1")?
+        .execute([provider])?;
+    if paid > 0 {
+        let new = c
+            .prepare_cached("INSERT OR IGNORE INTO paid_clients(provider, requester) VALUES (?1, ?2)")?
+            .execute([provider, requester])?;
+        if new == 1 {
+            c.prepare_cached("UPDATE nodes SET clients = clients + 1 WHERE node_id = ?1")?
+                .execute([provider])?;
+        }
+    }
     Ok(())
+}
+
+/// A failure of the provider's own: counted, and no new lease for the
+/// cool-down.
+fn record_failure(c: &Connection, s: &Settings, node: &str, now: i64) -> rusqlite::Result<()> {
+    c.prepare_cached(
+        "UPDATE nodes SET failures = failures + 1, cooldown_until = MAX(COALESCE(cooldown_until, 0), ?2)
+         WHERE node_id = ?1",
+    )?
+    .execute(params![node, now + s.cooldown_ms])?;
+    Ok(())
+}
+
+/// Whether the end of `t`'s current lease (a lapse or an abandon at `now`)
+/// is its provider's fault. Not when the requester caused it: it never
+/// relayed the payload within the grace after the accept, or the task's
+/// deadline left the attempt less than [`MIN_WORK_MS`] to work.
+fn provider_at_fault(s: &Settings, t: &Task, now: i64) -> bool {
+    let accepted = t.accepted_at.unwrap_or(now);
+    if t.payload_at.is_none() && now - accepted >= s.payload_grace_ms {
+        return false;
+    }
+    if t.deadline <= now && t.deadline - accepted < MIN_WORK_MS {
+        return false;
+    }
+    true
+}
+
+/// The lease of `t` ended at `now`: the provider's own failure costs it a
+/// failure, a cool-down and any further attempt of this task; a failure
+/// the requester caused costs it nothing. Returns whether it counted.
+fn lease_ended(c: &Connection, s: &Settings, t: &Task, now: i64) -> rusqlite::Result<bool> {
+    let Some(p) = t.provider.as_deref() else {
+        return Ok(false);
+    };
+    if provider_at_fault(s, t, now) {
+        record_failure(c, s, p, now)?;
+        Ok(true)
+    } else {
+        c.prepare_cached("DELETE FROM attempt_holders WHERE task_id = ?1 AND node_id = ?2")?
+            .execute(params![t.task_id, p])?;
+        Ok(false)
+    }
+}
+
+/// The operator credits `node` with `amount` RUV from the issuer: one
+/// journal entry (`operator_grant`), so `market ledger --verify` and the
+/// totals account for it. The node must have logged in once (a mistyped
+/// id is refused, not funded). Returns the journal id and the new balance.
+pub fn operator_grant(c: &Connection, node: &str, amount: i64, now: i64) -> Result<(i64, i64), Fail> {
+    if !(1..=MAX_GRANT).contains(&amount) {
+        return reject(Reason::InvalidField, format!("a grant must be 1..={MAX_GRANT} RUV"));
+    }
+    let known = c
+        .prepare_cached("SELECT 1 FROM nodes WHERE node_id = ?1")?
+        .query_row([node], |_| Ok(()))
+        .optional()?
+        .is_some();
+    if !known {
+        return reject(
+            Reason::NotFound,
+            format!("no node `{node}` has logged in to this coordinator"),
+        );
+    }
+    let account = node_account(node);
+    ledger::open_account(c, &account, "node")?;
+    // The issuer may go negative by design; post() never refuses here.
+    let _ = ledger::post(c, now, "operator_grant", None, &[(ISSUER, -amount), (&account, amount)])?;
+    let jid: i64 = c.query_row("SELECT MAX(id) FROM journal", [], |r| r.get(0))?;
+    Ok((jid, ledger::balance(c, &account)?))
 }
 
 fn move_money(c: &Connection, now: i64, memo: &str, task: &str, postings: &[(&str, i64)]) -> Result<(), Fail> {
@@ -249,7 +375,7 @@ pub fn requester_back(
         .query_map(params![node, now], Task::from_row)?
         .collect::<Result<_, _>>()?;
     for t in &open {
-        announce(c, t, online, out)?;
+        announce(c, t, now, online, out)?;
     }
     Ok(())
 }
@@ -278,6 +404,9 @@ pub fn disconnected(c: &Connection, node: &str, now: i64, out: &mut Outbox) -> R
         )?
         .execute(params![t.task_id, now])?;
         if let Some(p) = t.provider {
+            // Not its fault: it may take the task again.
+            c.prepare_cached("DELETE FROM attempt_holders WHERE task_id = ?1 AND node_id = ?2")?
+                .execute([&t.task_id, &p])?;
             out.push((
                 p,
                 Event::LeaseLapsed {
@@ -324,24 +453,36 @@ fn check_range(field: &str, v: u64, lo: u64, hi: u64) -> Result<(), Fail> {
 }
 
 /// Online providers whose active offer fits `task`, cheapest first.
-fn matching_providers(c: &Connection, task: &Task, online: &dyn Fn(&str) -> bool) -> Result<Vec<String>, Fail> {
+/// Not a provider cooling down, nor one that failed an earlier attempt of
+/// this task.
+fn matching_providers(
+    c: &Connection,
+    task: &Task,
+    now: i64,
+    online: &dyn Fn(&str) -> bool,
+) -> Result<Vec<String>, Fail> {
     let mut stmt = c.prepare_cached(
         "SELECT o.node_id, o.slots,
             (SELECT COUNT(*) FROM tasks t WHERE t.offer_id = o.offer_id AND t.state IN ('assigned','delivered')),
-            COALESCE(n.successes, 0), COALESCE(n.failures, 0)
+            COALESCE(n.clients, 0), COALESCE(n.failures, 0)
          FROM offer_models m JOIN offers o ON o.offer_id = m.offer_id LEFT JOIN nodes n ON n.node_id = o.node_id
          WHERE m.model = ?3 AND o.state = 'active' AND o.disconnected_at IS NULL AND o.price <= ?1 AND o.node_id != ?2
+           AND COALESCE(n.cooldown_until, 0) <= ?4
+           AND NOT EXISTS (SELECT 1 FROM attempt_holders h WHERE h.task_id = ?5 AND h.node_id = o.node_id)
          ORDER BY o.price LIMIT 1024",
     )?;
-    let rows = stmt.query_map(params![task.max_price, task.requester, task.model], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, i64>(1)?,
-            r.get::<_, i64>(2)?,
-            r.get::<_, i64>(3)?,
-            r.get::<_, i64>(4)?,
-        ))
-    })?;
+    let rows = stmt.query_map(
+        params![task.max_price, task.requester, task.model, now, task.task_id],
+        |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
+        },
+    )?;
     let mut out: Vec<String> = Vec::new();
     for row in rows {
         let (node, slots, used, s, f) = row?;
@@ -358,11 +499,17 @@ fn matching_providers(c: &Connection, task: &Task, online: &dyn Fn(&str) -> bool
 /// Offer `task` to matching online providers, if its requester is online:
 /// only the requester can send a lease holder the payload, so a task whose
 /// requester is away waits for its return ([`requester_back`]).
-fn announce(c: &Connection, task: &Task, online: &dyn Fn(&str) -> bool, out: &mut Outbox) -> Result<(), Fail> {
+fn announce(
+    c: &Connection,
+    task: &Task,
+    now: i64,
+    online: &dyn Fn(&str) -> bool,
+    out: &mut Outbox,
+) -> Result<(), Fail> {
     if !online(&task.requester) {
         return Ok(());
     }
-    for node in matching_providers(c, task, online)? {
+    for node in matching_providers(c, task, now, online)? {
         out.push((node, Event::TaskOffered { task: task.view() }));
     }
     Ok(())
@@ -381,7 +528,7 @@ pub fn apply(
 ) -> Result<Value, Fail> {
     match req {
         Request::Hello { .. } => reject(Reason::AlreadyAuthenticated, "this session is already authenticated"),
-        Request::Status {} => status(c, node),
+        Request::Status {} => status(c, node, now),
         Request::Reputation { node_id } => {
             let known: bool = c
                 .prepare_cached("SELECT 1 FROM nodes WHERE node_id = ?1")?
@@ -391,8 +538,9 @@ pub fn apply(
             if !known {
                 return reject(Reason::NotFound, format!("no node `{node_id}`"));
             }
-            let (succ, fail) = node_reputation(c, &node_id)?;
-            Ok(json!({ "node_id": node_id, "successes": succ, "failures": fail, "score": reputation(succ, fail) }))
+            let mut v = node_reputation(c, &node_id)?.view();
+            v["node_id"] = json!(node_id);
+            Ok(v)
         }
         Request::Offer {
             slots,
@@ -436,17 +584,27 @@ pub fn apply(
                 "SELECT {TASK_COLS} FROM tasks WHERE state = 'open' AND max_price >= ?1 AND requester != ?2
                  ORDER BY created_at LIMIT 256"
             ))?;
-            let (succ, fail) = node_reputation(c, node)?;
-            let open: Vec<Task> = stmt
-                .query_map(params![price as i64, node], Task::from_row)?
-                .collect::<Result<_, _>>()?;
-            for t in open
-                .into_iter()
-                .filter(|t| {
-                    models.contains(&t.model) && reputation(succ, fail) >= t.min_reputation && online(&t.requester)
-                })
-                .take(FANOUT)
-            {
+            let score = node_reputation(c, node)?.score();
+            let open: Vec<Task> = if cooling_until(c, node, now)?.is_some() {
+                Vec::new()
+            } else {
+                stmt.query_map(params![price as i64, node], Task::from_row)?
+                    .collect::<Result<_, _>>()?
+            };
+            let mut fits = Vec::new();
+            for t in open {
+                if models.contains(&t.model)
+                    && score >= t.min_reputation
+                    && online(&t.requester)
+                    && !held_before(c, &t.task_id, node)?
+                {
+                    fits.push(t);
+                    if fits.len() >= FANOUT {
+                        break;
+                    }
+                }
+            }
+            for t in fits {
                 out.push((node.to_string(), Event::TaskOffered { task: t.view() }));
             }
             Ok(json!({ "offer_id": offer_id, "expires": ms_to_rfc3339(expires) }))
@@ -532,6 +690,8 @@ pub fn apply(
                 ask: None,
                 lease_deadline: None,
                 payload_bytes: payload_bytes.map(|b| b as i64),
+                payload_at: None,
+                accepted_at: None,
             };
             c.prepare_cached(
                 "INSERT INTO tasks(task_id, requester, model, max_tokens, max_price, payload_hash, deadline,
@@ -551,7 +711,7 @@ pub fn apply(
                 now,
                 task.payload_bytes
             ])?;
-            announce(c, &task, online, out)?;
+            announce(c, &task, now, online, out)?;
             Ok(json!({ "task": task.view(), "escrow": price }))
         }
         Request::Raise { task_id, max_price } => {
@@ -586,7 +746,7 @@ pub fn apply(
                     .execute(params![task_id, new, now])?;
                 if t.state == "open" {
                     let t2 = Task { max_price: new, ..t };
-                    announce(c, &t2, online, out)?;
+                    announce(c, &t2, now, online, out)?;
                 }
             }
             Ok(json!({ "task_id": task_id, "max_price": new, "escrow_added": diff }))
@@ -616,13 +776,27 @@ pub fn apply(
                     "the requester is not connected; the task is offered again when it returns",
                 );
             }
-            let (succ, fail) = node_reputation(c, node)?;
-            if reputation(succ, fail) < t.min_reputation {
+            if let Some(until) = cooling_until(c, node, now)? {
+                return reject(
+                    Reason::CoolingDown,
+                    format!(
+                        "you gave up or lost a lease: no new lease until {}",
+                        ms_to_rfc3339(until)
+                    ),
+                );
+            }
+            if held_before(c, &task_id, node)? {
+                return reject(
+                    Reason::AlreadyAttempted,
+                    "you held an earlier attempt of this task; another node gets this one",
+                );
+            }
+            let score = node_reputation(c, node)?.score();
+            if score < t.min_reputation {
                 return reject(
                     Reason::ReputationTooLow,
                     format!(
-                        "your reputation {:.3} is below the requester's minimum {}",
-                        reputation(succ, fail),
+                        "your reputation {score:.3} is below the requester's minimum {}",
                         t.min_reputation
                     ),
                 );
@@ -646,9 +820,11 @@ pub fn apply(
             let lease = now + s.lease_ms;
             c.prepare_cached(
                 "UPDATE tasks SET state = 'assigned', provider = ?2, offer_id = ?3, ask = ?4, lease_deadline = ?5,
-                   updated_at = ?6, payload_at = NULL WHERE task_id = ?1",
+                   updated_at = ?6, payload_at = NULL, accepted_at = ?6 WHERE task_id = ?1",
             )?
             .execute(params![task_id, node, offer_id, ask, lease, now])?;
+            c.prepare_cached("INSERT OR IGNORE INTO attempt_holders(task_id, node_id) VALUES (?1, ?2)")?
+                .execute(params![task_id, node])?;
             out.push((
                 t.requester.clone(),
                 Event::Assigned {
@@ -657,7 +833,7 @@ pub fn apply(
                     provider: node.to_string(),
                 },
             ));
-            for other in matching_providers(c, &t, online)? {
+            for other in matching_providers(c, &t, now, online)? {
                 if other != node {
                     out.push((
                         other,
@@ -784,9 +960,11 @@ pub fn apply(
             if t.state != "assigned" {
                 return reject(Reason::WrongState, format!("task is {}", t.state));
             }
-            if reason == AbandonReason::Failed {
-                bump_reputation(c, node, false)?;
-            }
+            // Giving a lease back is the provider's failure whatever the
+            // reason it gives (a price-0 offer could take and drop every
+            // attempt of a task for free otherwise), unless the requester
+            // caused it (see `provider_at_fault`).
+            lease_ended(c, s, &t, now)?;
             out.push((
                 t.requester.clone(),
                 Event::Abandoned {
@@ -822,6 +1000,26 @@ fn leased_to(c: &Connection, task_id: &str, node: &str, attempt: u32) -> Result<
         return reject(Reason::NotOwner, "this task is leased to another node");
     }
     Ok(t)
+}
+
+/// When `node`'s cool-down ends, if it has not ended by `now`.
+fn cooling_until(c: &Connection, node: &str, now: i64) -> rusqlite::Result<Option<i64>> {
+    let until: Option<i64> = c
+        .prepare_cached("SELECT cooldown_until FROM nodes WHERE node_id = ?1")?
+        .query_row([node], |r| r.get(0))
+        .optional()?
+        .flatten();
+    Ok(until.filter(|u| *u > now))
+}
+
+/// Did `node` hold an earlier attempt of `task_id` and fail it?
+fn held_before(c: &Connection, task_id: &str, node: &str) -> rusqlite::Result<bool> {
+    Ok(
+        c.prepare_cached("SELECT 1 FROM attempt_holders WHERE task_id = ?1 AND node_id = ?2")?
+            .query_row([task_id, node], |_| Ok(()))
+            .optional()?
+            .is_some(),
+    )
 }
 
 /// Settle (pay the ask, refund the rest) or reject (refund all) a delivered task.
@@ -862,7 +1060,16 @@ fn finish(
     let state = if pay { "settled" } else { "refunded" };
     c.prepare_cached("UPDATE tasks SET state = ?2, result = NULL, updated_at = ?3 WHERE task_id = ?1")?
         .execute(params![task_id, state, now])?;
-    bump_reputation(c, &provider, pay)?;
+    if pay {
+        record_success(c, &provider, &t.requester, ask)?;
+    } else {
+        // A failure, as before, but no cool-down: a requester's verdict
+        // costs it nothing, so it must not be able to bench a provider.
+        c.prepare_cached("UPDATE nodes SET failures = failures + 1 WHERE node_id = ?1")?
+            .execute([&provider])?;
+    }
+    c.prepare_cached("DELETE FROM attempt_holders WHERE task_id = ?1")?
+        .execute([task_id])?;
     let ev = if pay {
         Event::Settled {
             task_id: task_id.to_string(),
@@ -917,7 +1124,7 @@ fn reopen_or_refund(
             lease_deadline: None,
             ..t
         };
-        announce(c, &reopened, online, out)?;
+        announce(c, &reopened, now, online, out)?;
         Ok("open")
     } else {
         let why = if t.deadline <= now { "deadline passed" } else { last_why };
@@ -945,7 +1152,7 @@ pub fn tick(
     for t in lapsed {
         rep.lapsed += 1;
         let provider = t.provider.clone().unwrap_or_default();
-        bump_reputation(c, &provider, false)?;
+        lease_ended(c, s, &t, now)?;
         out.push((
             provider,
             Event::LeaseLapsed {
@@ -1006,6 +1213,8 @@ fn refund(c: &Connection, t: &Task, state: &str, why: &str, now: i64, out: &mut 
            result = NULL, updated_at = ?3 WHERE task_id = ?1",
     )?
     .execute(params![t.task_id, state, now])?;
+    c.prepare_cached("DELETE FROM attempt_holders WHERE task_id = ?1")?
+        .execute([&t.task_id])?;
     out.push((
         t.requester.clone(),
         Event::Refunded {
@@ -1018,7 +1227,7 @@ fn refund(c: &Connection, t: &Task, state: &str, why: &str, now: i64, out: &mut 
 }
 
 /// A node's view: balance, escrow, offers, tasks, reputation, totals.
-pub fn status(c: &Connection, node: &str) -> Result<Value, Fail> {
+pub fn status(c: &Connection, node: &str, now: i64) -> Result<Value, Fail> {
     let balance = ledger::balance(c, &node_account(node))?;
     let escrow: i64 = c
         .prepare_cached(
@@ -1046,7 +1255,8 @@ pub fn status(c: &Connection, node: &str) -> Result<Value, Fail> {
         .query_map([node], Task::from_row)?
         .map(|t| t.map(|t| t.view()))
         .collect::<Result<_, _>>()?;
-    let (succ, fail) = node_reputation(c, node)?;
+    let record = node_reputation(c, node)?;
+    let cooldown = cooling_until(c, node, now)?.map(ms_to_rfc3339);
     let totals = ledger::totals(c)?;
     let mut by_state = serde_json::Map::new();
     let mut stmt = c.prepare_cached("SELECT state, COUNT(*) FROM tasks GROUP BY state")?;
@@ -1062,7 +1272,8 @@ pub fn status(c: &Connection, node: &str) -> Result<Value, Fail> {
         "escrow": escrow,
         "offers": offers,
         "tasks": tasks,
-        "reputation": { "successes": succ, "failures": fail, "score": reputation(succ, fail) },
+        "reputation": record.view(),
+        "cooldown_until": cooldown,
         "server": { "nodes": nodes, "active_offers": active_offers, "tasks": by_state, "ledger": totals },
     }))
 }

@@ -184,6 +184,19 @@ pub fn verify(conn: &Connection) -> rusqlite::Result<VerifyReport> {
          WHERE attempt < 1 OR attempt > max_attempts",
         "attempt out of range",
     )?;
+    // Only from schema v6 (a database not yet opened by this build has no
+    // record of clients; `market ledger` reads without migrating).
+    let has_clients: bool = conn
+        .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'paid_clients'")?
+        .exists([])?;
+    let clients_check = if has_clients {
+        "SELECT n.node_id || ' counts ' || n.clients || ' paying clients but ' || COUNT(p.requester) || ' are recorded'
+         FROM nodes n LEFT JOIN paid_clients p ON p.provider = n.node_id
+         GROUP BY n.node_id HAVING n.clients != COUNT(p.requester)"
+    } else {
+        "SELECT 1 WHERE 0"
+    };
+    q(clients_check, "reputation out of step with its clients")?;
     let count = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0));
     Ok(VerifyReport {
         ok: problems.is_empty(),

@@ -117,7 +117,7 @@ struct Shared {
     http: hyper::server::conn::http1::Builder,
 }
 
-fn now_ms() -> i64 {
+pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 

@@ -119,6 +119,32 @@ CREATE INDEX tasks_delivered ON tasks(state, delivered_at);
     r#"
 ALTER TABLE tasks ADD COLUMN payload_at INTEGER;
 "#,
+    // v6: market economics. When the current attempt was accepted (whether
+    // a lapse is the provider's fault depends on it); a node's cool-down
+    // after it gave up or lost a lease; which nodes held an attempt of an
+    // open task (none gets a second one after its own failure); and the
+    // distinct requesters that paid a provider (reputation counts those,
+    // not self-trades repeated between two identities).
+    r#"
+ALTER TABLE tasks ADD COLUMN accepted_at INTEGER;
+ALTER TABLE nodes ADD COLUMN cooldown_until INTEGER;
+ALTER TABLE nodes ADD COLUMN clients INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE attempt_holders (
+    task_id TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    PRIMARY KEY (task_id, node_id)
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO attempt_holders(task_id, node_id)
+    SELECT task_id, provider FROM tasks WHERE state IN ('open','assigned') AND provider IS NOT NULL;
+CREATE TABLE paid_clients (
+    provider  TEXT NOT NULL,
+    requester TEXT NOT NULL,
+    PRIMARY KEY (provider, requester)
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO paid_clients(provider, requester)
+    SELECT provider, requester FROM tasks WHERE state = 'settled' AND ask > 0 AND provider IS NOT NULL;
+UPDATE nodes SET clients = (SELECT COUNT(*) FROM paid_clients p WHERE p.provider = nodes.node_id);
+"#,
 ];
 
 /// Open (creating if needed) and migrate. `sync_full` picks
@@ -173,4 +199,57 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
         tx.commit()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A v5 database (before the economics columns) opens, migrates and
+    /// keeps what it knew: settled paid work becomes paying clients, and a
+    /// lease held at the time bars its holder from the task's next attempt.
+    #[test]
+    fn a_v5_database_migrates_to_v6_with_its_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("market.db");
+        {
+            let mut c = Connection::open(&path).unwrap();
+            for (i, sql) in MIGRATIONS.iter().take(5).enumerate() {
+                let tx = c.transaction().unwrap();
+                tx.execute_batch(sql).unwrap();
+                tx.pragma_update(None, "user_version", (i + 1) as i64).unwrap();
+                tx.commit().unwrap();
+            }
+            c.execute_batch(
+                "INSERT INTO nodes(node_id, ed25519, first_seen, last_seen, successes) VALUES ('p', 'k', 0, 0, 3);
+                 INSERT INTO nodes(node_id, ed25519, first_seen, last_seen) VALUES ('r', 'k', 0, 0);
+                 INSERT INTO tasks(task_id, requester, model, max_tokens, max_price, payload_hash, deadline,
+                   max_attempts, min_reputation, state, attempt, provider, ask, created_at, updated_at)
+                 VALUES ('t1', 'r', 'm', 1, 5, 'h', 0, 3, 0, 'settled', 1, 'p', 5, 0, 0),
+                        ('t2', 'r', 'm', 1, 5, 'h', 0, 3, 0, 'settled', 1, 'p', 5, 0, 0),
+                        ('t3', 'r', 'm', 1, 5, 'h', 0, 3, 0, 'assigned', 1, 'p', 5, 0, 0);",
+            )
+            .unwrap();
+        }
+        let c = open(&path, true).unwrap();
+        assert_eq!(schema_version(&c).unwrap(), MIGRATIONS.len());
+        let (succ, clients): (i64, i64) = c
+            .query_row("SELECT successes, clients FROM nodes WHERE node_id = 'p'", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!(
+            (succ, clients),
+            (3, 1),
+            "two settled tasks from one requester are one client"
+        );
+        let held: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM attempt_holders WHERE task_id = 't3' AND node_id = 'p'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(held, 1);
+    }
 }
