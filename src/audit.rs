@@ -483,11 +483,17 @@ impl AuditLog {
                 head.seq
             )));
         }
-        // Written by something other than our appends since: walk it (once
-        // per outside write; the next append records the new stamp).
+        // Written by something other than our appends since: walk it, and
+        // record the new stamp under the lock so the walk happens once per
+        // outside write, not on every `status`. Read-only if the lock or the
+        // head cannot be written (a read-only data directory).
         let meta = file.metadata().map_err(|e| self.io(e))?;
         if head.file.as_ref() != Some(&FileStamp::of(&meta)) {
-            self.check_chain_to(&mut file, &head)?;
+            match self.recover() {
+                Ok(()) => return self.read_head(),
+                Err(AuditError::Io { .. }) => self.check_chain_to(&mut file, &head)?,
+                Err(e) => return Err(e),
+            }
         }
         Ok(Some(head))
     }
@@ -1326,6 +1332,81 @@ mod tests {
         let text = fs::read_to_string(log2.log_path()).unwrap();
         fs::write(log2.log_path(), text.replacen("\"n\":1", "\"n\":9", 1)).unwrap();
         assert!(matches!(log2.append("b", Value::Null), Err(AuditError::Integrity(_))));
+    }
+
+    /// Same-length edit of line `n` (one digit of its timestamp).
+    fn edit_line(log: &AuditLog, n: usize) {
+        let text = fs::read_to_string(log.log_path()).unwrap();
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+        let at = lines[n].find("\"ts\":\"").unwrap() + 6 + 21;
+        let mut b = lines[n].clone().into_bytes();
+        b[at] = if b[at] == b'1' { b'2' } else { b'1' };
+        lines[n] = String::from_utf8(b).unwrap();
+        fs::write(log.log_path(), lines.join("\n") + "\n").unwrap();
+    }
+
+    #[test]
+    fn an_outside_write_anywhere_makes_the_next_append_walk_and_refuse() {
+        let (_d, log) = log();
+        for i in 0..10 {
+            log.append("a", serde_json::json!({ "i": i })).unwrap();
+        }
+        edit_line(&log, 3);
+        assert!(matches!(log.append("b", Value::Null), Err(AuditError::Integrity(_))));
+        assert!(matches!(log.quick_check(), Err(AuditError::Integrity(_))));
+    }
+
+    #[test]
+    fn a_head_without_a_stamp_is_walked_once_and_stamped() {
+        let (_d, log) = log();
+        for _ in 0..5 {
+            log.append("a", Value::Null).unwrap();
+        }
+        let mut head = log.read_head().unwrap().unwrap();
+        head.file = None;
+        log.write_head(&head).unwrap();
+        assert!(log.quick_check().unwrap().unwrap().file.is_some());
+        assert!(log.read_head().unwrap().unwrap().file.is_some());
+    }
+
+    #[test]
+    fn checkpoints_advance_every_n_events() {
+        let (_d, log) = log();
+        log.append("a", Value::Null).unwrap();
+        assert_eq!(
+            log.read_checkpoint().unwrap().unwrap().seq,
+            0,
+            "genesis is checkpointed"
+        );
+        for i in 1..(2 * CHECKPOINT_EVERY + 50) {
+            log.append("a", serde_json::json!({ "i": i })).unwrap();
+        }
+        let cp = log.read_checkpoint().unwrap().unwrap();
+        assert_eq!(cp.seq, 2 * CHECKPOINT_EVERY);
+        assert_eq!(cp.signature_valid(), None, "no keys: unsigned");
+        assert!(log.verify().unwrap().ok);
+    }
+
+    #[test]
+    fn an_edit_that_forges_the_stamp_is_caught_at_the_next_checkpoint() {
+        let (_d, log) = log();
+        for i in 0..100 {
+            log.append("a", serde_json::json!({ "i": i })).unwrap();
+        }
+        edit_line(&log, 50);
+        // Forge the stamp so appends do not notice the outside write.
+        let mut head = log.read_head().unwrap().unwrap();
+        head.file = Some(FileStamp::of(&fs::metadata(log.log_path()).unwrap()));
+        log.write_head(&head).unwrap();
+        let refused = (0..CHECKPOINT_EVERY)
+            .map(|i| log.append("b", serde_json::json!({ "i": i })))
+            .position(|r| matches!(r, Err(AuditError::Integrity(_))));
+        assert_eq!(
+            // The head is at seq 100 + i when the i-th of these appends settles.
+            refused.map(|i| i as u64 + 100),
+            Some(CHECKPOINT_EVERY),
+            "the append at the checkpoint boundary walks from the last checkpoint and refuses"
+        );
     }
 
     #[test]
