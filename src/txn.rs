@@ -151,6 +151,24 @@ pub fn edit_audited<T>(
     edit: impl FnOnce(&mut Map<String, Value>) -> Result<T, ConfigError>,
     events: impl FnOnce(&PreparedEdit<T>) -> Result<Vec<Event>, ConfigError>,
 ) -> Result<T, TxnError> {
+    edit_audited_until(paths, edit, events, Step::Done)
+}
+
+/// Where [`edit_audited_until`] stops: tests stand in for a crash with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// After the events are logged, before `config.json` is written.
+    #[cfg(test)]
+    Logged,
+    Done,
+}
+
+fn edit_audited_until<T>(
+    paths: &Paths,
+    edit: impl FnOnce(&mut Map<String, Value>) -> Result<T, ConfigError>,
+    events: impl FnOnce(&PreparedEdit<T>) -> Result<Vec<Event>, ConfigError>,
+    stop: Step,
+) -> Result<T, TxnError> {
     let log = AuditLog::new(paths);
     let lock = config::lock(paths)?;
     recover_locked(paths, &log)?;
@@ -185,6 +203,9 @@ pub fn edit_audited<T>(
         // Settle what did reach the log (nothing, usually: the intent goes).
         let _ = recover_locked(paths, &log);
         return Err(e.into());
+    }
+    if stop != Step::Done {
+        return Ok(prepared.out);
     }
     if let Err(e) = prepared.write() {
         // Logged but not applied: mark the events void, then report.
@@ -314,4 +335,136 @@ fn count_logged(log: &AuditLog, from: u64, txn: &str) -> Result<usize, TxnError>
         .split(|b| *b == b'\n')
         .filter(|l| l.windows(needle.len()).any(|w| w == needle.as_bytes()))
         .count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn default_daily() -> i64 {
+        config::default_value("limits.dailyTasks").unwrap().as_i64().unwrap()
+    }
+
+    fn home() -> (tempfile::TempDir, Paths) {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::in_one_dir(dir.path().to_path_buf());
+        (dir, paths)
+    }
+
+    /// Set `limits.dailyTasks` and stop as a crash would after logging.
+    fn crash_after_logging(paths: &Paths, v: i64) {
+        edit_audited_until(
+            paths,
+            |f| {
+                config::set_in(f, "limits.dailyTasks", Some(v.into()));
+                Ok(())
+            },
+            |_| {
+                Ok(vec![
+                    (
+                        "config.changed".into(),
+                        serde_json::json!({ "key": "limits.dailyTasks", "new": v }),
+                    ),
+                    (
+                        "config.changed".into(),
+                        serde_json::json!({ "key": "limits.dailyTasks", "note": 2 }),
+                    ),
+                ])
+            },
+            Step::Logged,
+        )
+        .unwrap();
+    }
+
+    fn events(paths: &Paths) -> Vec<String> {
+        AuditLog::new(paths).entries().unwrap().map(|e| e.event).collect()
+    }
+
+    #[test]
+    fn a_logged_change_is_completed_by_recovery() {
+        let (_d, paths) = home();
+        crash_after_logging(&paths, 7);
+        assert!(intent_path(&paths).exists());
+        assert_eq!(
+            config::Config::load(&paths).unwrap().get_i64("limits.dailyTasks"),
+            default_daily()
+        );
+        assert_eq!(recover(&paths).unwrap(), Some(Recovered::Completed));
+        assert_eq!(config::Config::load(&paths).unwrap().get_i64("limits.dailyTasks"), 7);
+        assert!(!intent_path(&paths).exists());
+        assert_eq!(events(&paths).last().map(String::as_str), Some("change.completed"));
+        assert_eq!(recover(&paths).unwrap(), None, "nothing left to settle");
+    }
+
+    #[test]
+    fn a_change_whose_file_was_replaced_meanwhile_is_marked_void() {
+        let (_d, paths) = home();
+        crash_after_logging(&paths, 7);
+        std::fs::write(paths.config_file(), b"{\"limits\":{\"dailyTasks\":9}}\n").unwrap();
+        assert_eq!(recover(&paths).unwrap(), Some(Recovered::Aborted));
+        assert_eq!(config::Config::load(&paths).unwrap().get_i64("limits.dailyTasks"), 9);
+        let log = AuditLog::new(&paths);
+        let last = log.tail(1).unwrap().pop().unwrap();
+        assert_eq!(last.event, "change.aborted");
+        let txn = last.raw["txn"].as_str().unwrap().to_string();
+        let voided = log
+            .entries()
+            .unwrap()
+            .filter(|e| e.event == "config.changed" && e.raw["txn"] == txn.as_str())
+            .count();
+        assert_eq!(voided, 2);
+        assert!(log.verify().unwrap().ok);
+    }
+
+    #[test]
+    fn a_partly_logged_change_gets_its_missing_events_before_it_is_completed() {
+        let (_d, paths) = home();
+        crash_after_logging(&paths, 7);
+        // Cut the second event off the log, as a crash between the two
+        // appends would have left it (the head goes back one line too).
+        let log = AuditLog::new(&paths);
+        let text = std::fs::read_to_string(log.log_path()).unwrap();
+        let keep: Vec<&str> = text.lines().collect();
+        let keep = &keep[..keep.len() - 1];
+        let body = keep.join("\n") + "\n";
+        std::fs::write(log.log_path(), &body).unwrap();
+        let last = keep.last().unwrap();
+        let head = crate::audit::Head {
+            log_id: log.read_head().unwrap().unwrap().log_id,
+            seq: keep.len() as u64 - 1,
+            hash: hex::encode(Sha256::digest(last.as_bytes())),
+            last_start: (body.len() - last.len() - 1) as u64,
+            len: body.len() as u64,
+            file: None,
+        };
+        std::fs::write(paths.audit_head(), serde_json::to_vec(&head).unwrap()).unwrap();
+        assert_eq!(recover(&paths).unwrap(), Some(Recovered::Completed));
+        let ev = events(&paths);
+        assert_eq!(
+            ev[ev.len() - 3..],
+            [
+                "config.changed".to_string(),
+                "config.changed".into(),
+                "change.completed".into()
+            ]
+        );
+        assert!(AuditLog::new(&paths).verify().unwrap().ok);
+    }
+
+    #[test]
+    fn nothing_logged_means_nothing_happened() {
+        let (_d, paths) = home();
+        crash_after_logging(&paths, 7);
+        // Rewind as if the crash came before the append: drop the intent's events.
+        let mut intent: Intent = serde_json::from_slice(&std::fs::read(intent_path(&paths)).unwrap()).unwrap();
+        intent.txn = "0000000000000000".into();
+        std::fs::write(intent_path(&paths), serde_json::to_vec(&intent).unwrap()).unwrap();
+        let before = events(&paths).len();
+        assert_eq!(recover(&paths).unwrap(), Some(Recovered::NotStarted));
+        assert_eq!(events(&paths).len(), before);
+        assert_eq!(
+            config::Config::load(&paths).unwrap().get_i64("limits.dailyTasks"),
+            default_daily()
+        );
+    }
 }
