@@ -38,7 +38,13 @@ with open(os.path.join(home, "audit.jsonl"), "wb") as f:
         prev = hashlib.sha256(b).hexdigest()
         last_start = offset
         offset += len(b) + 1
-with open(os.path.join(home, "audit.head"), "w") as f:
-    json.dump({"log_id": log_id, "seq": n - 1, "hash": prev, "last_start": last_start, "len": offset}, f)
 os.chmod(os.path.join(home, "audit.jsonl"), 0o600)
+# The file as the last append left it (docs/FORMAT.md, audit.head): taken
+# after the chmod, which moves ctime too.
+st = os.stat(os.path.join(home, "audit.jsonl"))
+stamp = {"dev": st.st_dev, "ino": st.st_ino, "ctime": st.st_ctime_ns // 10**9,
+         "ctime_nsec": st.st_ctime_ns % 10**9, "len": st.st_size}
+with open(os.path.join(home, "audit.head"), "w") as f:
+    json.dump({"log_id": log_id, "seq": n - 1, "hash": prev, "last_start": last_start, "len": offset,
+               "file": stamp}, f)
 os.chmod(os.path.join(home, "audit.head"), 0o600)

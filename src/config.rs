@@ -769,6 +769,12 @@ impl Config {
         Config::resolve(path, file)
     }
 
+    /// The config an edited file object would load as (env applied), for
+    /// recording effective values before the file is written.
+    pub fn from_file_object(paths: &Paths, file: Map<String, Value>) -> Result<Config, ConfigError> {
+        Config::resolve(paths.config_file(), file)
+    }
+
     fn resolve(path: PathBuf, file: Map<String, Value>) -> Result<Config, ConfigError> {
         let mut values = BTreeMap::new();
         for d in SCHEMA {
@@ -953,15 +959,62 @@ pub fn edit<T>(
     paths: &Paths,
     edit: impl FnOnce(&mut Map<String, Value>) -> Result<T, ConfigError>,
 ) -> Result<T, ConfigError> {
-    let path = paths.config_file();
+    let prepared = prepare_edit(paths, lock(paths)?, edit)?;
+    prepared.write()?;
+    Ok(prepared.out)
+}
+
+/// Take the config lock (creating the directories first).
+pub fn lock(paths: &Paths) -> Result<FileLock, ConfigError> {
     let werr = |source| ConfigError::Write {
-        path: path.clone(),
+        path: paths.config_file(),
         source,
     };
     paths.ensure().map_err(werr)?;
-    let _lock = FileLock::exclusive(&paths.config_lock()).map_err(werr)?;
+    FileLock::exclusive(&paths.config_lock()).map_err(werr)
+}
+
+/// An edit computed and validated under the config lock but not yet
+/// written: the audited path (`crate::txn`) records it in the audit log
+/// first, then calls [`PreparedEdit::write`]. The lock is held until drop.
+#[derive(Debug)]
+pub struct PreparedEdit<T> {
+    _lock: FileLock,
+    pub path: PathBuf,
+    /// The file's bytes before the edit (`None`: there was no file).
+    pub old: Option<Vec<u8>>,
+    /// The bytes the edit will write.
+    pub new: Vec<u8>,
+    /// The edited object, validated.
+    pub file: Map<String, Value>,
+    /// What the edit closure returned.
+    pub out: T,
+}
+
+impl<T> PreparedEdit<T> {
+    /// Replace the file atomically (still under the lock).
+    pub fn write(&self) -> Result<(), ConfigError> {
+        fsutil::atomic_write(&self.path, &self.new).map_err(|source| ConfigError::Write {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+/// Under the config lock (from [`lock`]): re-read the file, apply `edit`
+/// and validate the result as a load would; nothing is written yet.
+pub fn prepare_edit<T>(
+    paths: &Paths,
+    lock: FileLock,
+    edit: impl FnOnce(&mut Map<String, Value>) -> Result<T, ConfigError>,
+) -> Result<PreparedEdit<T>, ConfigError> {
+    let path = paths.config_file();
     fsutil::sweep_stale_temps(&paths.config_dir, fsutil::STALE_TEMP_AGE);
-    let mut file = read_file(&path)?;
+    let old = read_bounded(&path)?;
+    let mut file = match &old {
+        Some(b) => parse_object(&path, b)?,
+        None => Map::new(),
+    };
     let out = edit(&mut file)?;
     // Validate the whole result as a load would (env ignored: it is not
     // written), so a save can never produce a file that fails to load.
@@ -974,10 +1027,16 @@ pub fn edit<T>(
             })?;
         }
     }
-    let mut text = serde_json::to_string_pretty(&Value::Object(file)).expect("JSON values serialise");
+    let mut text = serde_json::to_string_pretty(&Value::Object(file.clone())).expect("JSON values serialise");
     text.push('\n');
-    fsutil::atomic_write(&path, text.as_bytes()).map_err(werr)?;
-    Ok(out)
+    Ok(PreparedEdit {
+        _lock: lock,
+        path,
+        old,
+        new: text.into_bytes(),
+        file,
+        out,
+    })
 }
 
 /// Set (or with `None`, remove) a schema key in the file object.

@@ -96,16 +96,26 @@ pub fn store_with_caps(
     consent: &Consent,
     caps: &[(&str, Value)],
 ) -> Result<Vec<config::Change>, ConfigError> {
-    let value = serde_json::to_value(consent).expect("consent serialises");
-    config::edit(paths, |file| {
-        let mut changes = Vec::new();
-        for (key, v) in caps {
-            let old = config::set_in(file, key, Some(v.clone()));
-            if old.as_ref() != Some(v) {
-                changes.push((key.to_string(), old, Some(v.clone())));
-            }
+    config::edit(paths, |file| Ok(set_with_caps(file, consent, caps)))
+}
+
+/// Put the consent record and cap values into a config file object;
+/// returns the cap changes (for the caller's audit event).
+pub fn set_with_caps(
+    file: &mut serde_json::Map<String, Value>,
+    consent: &Consent,
+    caps: &[(&str, Value)],
+) -> Vec<config::Change> {
+    let mut changes = Vec::new();
+    for (key, v) in caps {
+        let old = config::set_in(file, key, Some(v.clone()));
+        if old.as_ref() != Some(v) {
+            changes.push((key.to_string(), old, Some(v.clone())));
         }
-        file.insert("consent".into(), value);
-        Ok(changes)
-    })
+    }
+    file.insert(
+        "consent".into(),
+        serde_json::to_value(consent).expect("consent serialises"),
+    );
+    changes
 }

@@ -152,6 +152,13 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn new(paths: Paths, printer: Printer) -> Ctx {
+        // Settle a change a crash left half-done (write-ahead recovery,
+        // `crate::txn`): one `stat` when there is none. A failure here is
+        // reported, not fatal: read-only commands must still run, and every
+        // change re-runs recovery under the lock and refuses on failure.
+        if let Err(e) = crate::txn::recover(&paths) {
+            printer.warn(&format!("could not settle an interrupted change: {e}"));
+        }
         Ctx {
             paths,
             printer,

@@ -38,6 +38,7 @@ pub mod mcp;
 pub mod paths;
 pub mod status;
 pub mod timespec;
+pub mod txn;
 pub mod usage;
 pub mod workspace;
 

@@ -30,8 +30,29 @@ pub struct Args {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Sub {
-    /// Walk the hash chain and compare its end with audit.head (exit 5 on any break)
+    /// Walk the hash chain, check it against audit.head and the last signed checkpoint (exit 5 on any break), then sign a new checkpoint
     Verify,
+    /// Have the market coordinator cosign this node's latest checkpoint (kept in audit.anchors)
+    Anchor(AnchorArgs),
+    /// Start a new log after audit.jsonl and audit.head were lost (the new genesis records the old checkpoint)
+    Restart(RestartArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AnchorArgs {
+    /// Coordinator to ask (default: market.endpoint)
+    #[arg(long, value_name = "URL")]
+    pub endpoint: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RestartArgs {
+    /// Confirm: the old log is gone and a new one starts
+    #[arg(long)]
+    pub yes: bool,
+    /// Why (recorded in the new log's genesis)
+    #[arg(long, value_name = "TEXT", default_value = "the previous log was lost")]
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -44,6 +65,8 @@ pub enum Format {
 pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
     match args.command {
         Some(Sub::Verify) => verify(ctx),
+        Some(Sub::Restart(a)) => restart(ctx, a),
+        Some(Sub::Anchor(a)) => anchor(ctx, a),
         None => report(ctx, args),
     }
 }
@@ -53,10 +76,10 @@ fn verify(ctx: &Ctx) -> anyhow::Result<i32> {
     // Settle a crash's torn tail first (itself a chained event); a real
     // break is reported by the walk below with its details.
     let recovered = log.recover();
-    let rep = log.verify()?;
+    let (rep, signed) = log.verify_and_checkpoint()?;
     let p = ctx.out();
     if p.json {
-        p.json(json!({ "ok": rep.ok, "report": rep }));
+        p.json(json!({ "ok": rep.ok, "report": rep, "new_checkpoint": signed }));
     } else if rep.ok {
         p.out(&format!(
             "audit chain OK: {} events, {} bytes, log id {}{}",
@@ -69,6 +92,35 @@ fn verify(ctx: &Ctx) -> anyhow::Result<i32> {
                 String::new()
             }
         ));
+        match &rep.checkpoint {
+            Some(c) => p.out(&format!(
+                "extends the last checkpoint: seq {} at {} ({})",
+                c.seq,
+                c.ts,
+                match &c.node_id {
+                    Some(n) => format!("signed by this node, {n}"),
+                    None => "unsigned: the node had no key then".into(),
+                }
+            )),
+            None => p.out("no earlier checkpoint to compare with"),
+        }
+        if let Some(a) = &rep.last_anchor {
+            p.out(&format!(
+                "{} witness anchor(s) hold; last: seq {} cosigned by {} at {}",
+                rep.anchors, a.seq, a.witness, a.time
+            ));
+        }
+        if let Some(c) = &signed {
+            p.out(&format!(
+                "new checkpoint: seq {} ({})",
+                c.seq,
+                if c.sig.is_some() {
+                    "signed"
+                } else {
+                    "unsigned: this node has no key yet; `claude-max-market keys generate` makes one"
+                }
+            ));
+        }
     } else {
         eprintln!("{} audit chain broken:", p.red(&p.bold("error:")));
         for prob in &rep.problems {
@@ -84,6 +136,84 @@ fn verify(ctx: &Ctx) -> anyhow::Result<i32> {
         );
     }
     Ok(if rep.ok { 0 } else { Exit::Integrity.code() })
+}
+
+/// `audit anchor`: verify, sign a checkpoint at the head, and have the
+/// coordinator countersign it (docs/PROTOCOL.md, "anchor").
+fn anchor(ctx: &Ctx, args: AnchorArgs) -> anyhow::Result<i32> {
+    use crate::market::server::anchor;
+    let endpoint = super::market::endpoint(ctx, args.endpoint)?;
+    let log = ctx.audit();
+    let id = crate::crypto::keys::Identity::load_or_generate(&ctx.paths, &log)?;
+    log.recover()?;
+    let (rep, cp) = log.verify_and_checkpoint()?;
+    if !rep.ok {
+        return Err(crate::audit::AuditError::Integrity(rep.problems.join("; ")).into());
+    }
+    let Some(cp) = cp.filter(|c| c.sig.is_some()) else {
+        return Err(Failure::new(Exit::Failed, "no signed checkpoint to anchor").into());
+    };
+    let cosig = super::market::runtime()?.block_on(async {
+        let client = crate::market::client::Client::connect(&endpoint, &id).await?;
+        let rid = client.next_id();
+        let ev = client.exchange(&rid, &anchor::encode_request(&rid, &cp)).await?;
+        client.close();
+        Ok::<_, anyhow::Error>(ev)
+    })?;
+    let cosig: anchor::Cosignature = match cosig {
+        crate::market::protocol::Event::Ok { result, .. } => serde_json::from_value(result)
+            .map_err(|e| Failure::new(Exit::Failed, format!("the coordinator's cosignature is malformed: {e}")))?,
+        crate::market::protocol::Event::Error { reason, message, .. } => {
+            return Err(Failure::new(
+                Exit::Failed,
+                format!("the coordinator refused to anchor: {message} ({})", reason.as_str()),
+            )
+            .into())
+        }
+        other => return Err(Failure::new(Exit::Failed, format!("unexpected answer: {other:?}")).into()),
+    };
+    if !cosig.valid()
+        || cosig.seq != cp.seq
+        || cosig.hash != cp.hash
+        || cosig.log_id != cp.log_id
+        || cosig.node_id != id.node_id()
+    {
+        return Err(Failure::new(
+            Exit::Integrity,
+            "the coordinator's cosignature does not match the checkpoint sent",
+        )
+        .into());
+    }
+    log.add_anchor(&cosig)?;
+    let p = ctx.out();
+    if p.json {
+        p.json(json!({ "ok": true, "anchor": cosig }));
+    } else {
+        p.out(&format!(
+            "checkpoint seq {} cosigned by witness {} at {}",
+            cosig.seq, cosig.witness, cosig.time
+        ));
+    }
+    Ok(0)
+}
+
+fn restart(ctx: &Ctx, args: RestartArgs) -> anyhow::Result<i32> {
+    if !args.yes {
+        return Err(Failure::usage("`audit restart` starts a new audit log and needs --yes")
+            .hint("first try to restore audit.jsonl and audit.head from a backup; then run `claude-max-market audit restart --yes`")
+            .into());
+    }
+    let head = ctx.audit().restart(&args.reason)?;
+    let p = ctx.out();
+    if p.json {
+        p.json(json!({ "ok": true, "log_id": head.log_id }));
+    } else {
+        p.out(&format!(
+            "new audit log {} started; its genesis records the previous checkpoint",
+            head.log_id
+        ));
+    }
+    Ok(0)
 }
 
 /// Report sections: which events belong where.

@@ -41,28 +41,38 @@ pub fn apply(
     via: &str,
 ) -> anyhow::Result<Vec<(String, Value, Value)>> {
     ctx.preflight_audit()?;
-    let applied = cfgmod::edit(&ctx.paths, |file| {
-        let mut out = Vec::new();
-        for (d, v) in &changes {
-            let old = cfgmod::set_in(file, d.key, v.clone());
-            let eff_old = old
-                .clone()
-                .unwrap_or_else(|| cfgmod::default_value(d.key).expect("schema key"));
-            let eff_new = v
-                .clone()
-                .unwrap_or_else(|| cfgmod::default_value(d.key).expect("schema key"));
-            if old != *v {
-                out.push((d.key.to_string(), eff_old, eff_new));
+    // Write-ahead: the `config.changed` events are logged before the file
+    // is replaced (`crate::txn`), so a crash cannot leave a change unlogged.
+    let applied = crate::txn::edit_audited(
+        &ctx.paths,
+        |file| {
+            let mut out = Vec::new();
+            for (d, v) in &changes {
+                let old = cfgmod::set_in(file, d.key, v.clone());
+                let eff_old = old
+                    .clone()
+                    .unwrap_or_else(|| cfgmod::default_value(d.key).expect("schema key"));
+                let eff_new = v
+                    .clone()
+                    .unwrap_or_else(|| cfgmod::default_value(d.key).expect("schema key"));
+                if old != *v {
+                    out.push((d.key.to_string(), eff_old, eff_new));
+                }
             }
-        }
-        Ok(out)
-    })?;
-    for (key, old, new) in &applied {
-        ctx.audit().append(
-            "config.changed",
-            json!({ "key": key, "old": old, "new": new, "via": via }),
-        )?;
-    }
+            Ok(out)
+        },
+        |p| {
+            Ok(p.out
+                .iter()
+                .map(|(key, old, new)| {
+                    (
+                        "config.changed".to_string(),
+                        json!({ "key": key, "old": old, "new": new, "via": via }),
+                    )
+                })
+                .collect())
+        },
+    )?;
     ctx.reload_config();
     Ok(applied)
 }

@@ -319,6 +319,7 @@ pub fn classify(err: &anyhow::Error) -> (Exit, Option<String>) {
             Failure,
             crate::config::ConfigError,
             crate::audit::AuditError,
+            crate::txn::TxnError,
             crate::usage::UsageError,
             crate::compliance::ChecklistError,
             crate::analytics::AnalyticsError,

@@ -97,24 +97,36 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
         revoked_at: None,
     };
     ctx.preflight_audit()?;
-    let changes = consent::store_with_caps(&ctx.paths, &record, &caps)?;
+    // Write-ahead (`crate::txn`): `consent.granted` is logged before the
+    // consent is stored, so a crash cannot leave consent unrecorded.
+    crate::txn::edit_audited(
+        &ctx.paths,
+        |file| Ok(consent::set_with_caps(file, &record, &caps)),
+        |p| {
+            let cfg = crate::config::Config::from_file_object(&ctx.paths, p.file.clone())?;
+            let caps_now = json!({
+                "dailyTasks": cfg.get("limits.dailyTasks"),
+                "maxTokensPerTask": cfg.get("limits.maxTokensPerTask"),
+            });
+            Ok(vec![(
+                "consent.granted".to_string(),
+                json!({
+                    "terms_version": legal::TERMS_VERSION,
+                    "terms_sha256": legal::terms_sha256(),
+                    "job_types": job_types,
+                    "caps": caps_now,
+                    "interactive": interactive,
+                    "changes": p.out.iter().map(|(k, o, n)| json!({"key": k, "old": o, "new": n})).collect::<Vec<_>>(),
+                }),
+            )])
+        },
+    )?;
     ctx.reload_config();
     let cfg = ctx.config()?;
     let caps_now = json!({
         "dailyTasks": cfg.get("limits.dailyTasks"),
         "maxTokensPerTask": cfg.get("limits.maxTokensPerTask"),
     });
-    ctx.audit().append(
-        "consent.granted",
-        json!({
-            "terms_version": legal::TERMS_VERSION,
-            "terms_sha256": legal::terms_sha256(),
-            "job_types": job_types,
-            "caps": caps_now,
-            "interactive": interactive,
-            "changes": changes.iter().map(|(k, o, n)| json!({"key": k, "old": o, "new": n})).collect::<Vec<_>>(),
-        }),
-    )?;
 
     let p = ctx.out();
     if p.json {

@@ -44,22 +44,43 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
         revoked_at: Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
         ..current.clone()
     };
-    consent::store(&ctx.paths, &revoked)?;
+    // Write-ahead (`crate::txn`): `consent.revoked` is logged before the
+    // consent is stored, so a crash cannot leave a revocation unrecorded.
+    // A broken log must not keep consent alive, though: then the revocation
+    // is stored anyway, containers are stopped, and the failure is reported.
+    let event = json!({
+        "terms_version": current.terms_version,
+        "job_types": current.job_types,
+    });
+    let recorded = crate::txn::edit_audited(
+        &ctx.paths,
+        |file| {
+            file.insert(
+                "consent".into(),
+                serde_json::to_value(&revoked).expect("consent serialises"),
+            );
+            Ok(())
+        },
+        |_| Ok(vec![("consent.revoked".to_string(), event.clone())]),
+    );
+    match recorded {
+        Err(crate::txn::TxnError::Config(e)) => return Err(e.into()),
+        Err(_) => consent::store(&ctx.paths, &revoked)?,
+        Ok(()) => {}
+    }
     // Consent is revoked first, so no new job starts; then running job
     // containers of ours are stopped and removed (their `execute` processes
     // record the end). Both happen even when the audit log is broken:
     // stopping is always allowed. A failure to record it is still reported.
     let stopped = crate::docker::clean::stop_jobs_blocking(&scope);
-    ctx.audit()
-        .append(
-            "consent.revoked",
-            json!({
-                "terms_version": current.terms_version,
-                "job_types": current.job_types,
-                "containers_stopped": stopped.as_ref().ok(),
-            }),
-        )
+    recorded
         .map_err(|e| anyhow::Error::new(e).context("consent was revoked, but the audit log could not record it"))?;
+    if let Ok(n) = stopped.as_ref() {
+        if *n > 0 {
+            ctx.audit()
+                .append("consent.jobs_stopped", json!({ "containers_stopped": n }))?;
+        }
+    }
     let p = ctx.out();
     if p.json {
         p.json(json!({

@@ -578,12 +578,8 @@ pub struct Rotation {
 
 fn create_first(store: &Store, audit: &AuditLog, replaced: Option<String>) -> Result<KeyPair, KeyError> {
     let pair = KeyPair::generate()?;
-    store.write_pair(&pair)?;
-    store.write_index(&Index {
-        v: 1,
-        current: pair.gen.clone(),
-        keys: vec![entry_of(&pair)],
-    })?;
+    // Logged first: keys on disk always imply a log that recorded them,
+    // which is what stops a deleted log from silently starting afresh.
     audit.append(
         "key.created",
         json!({
@@ -593,6 +589,12 @@ fn create_first(store: &Store, audit: &AuditLog, replaced: Option<String>) -> Re
             "replaced_node_id": replaced,
         }),
     )?;
+    store.write_pair(&pair)?;
+    store.write_index(&Index {
+        v: 1,
+        current: pair.gen.clone(),
+        keys: vec![entry_of(&pair)],
+    })?;
     Ok(pair)
 }
 

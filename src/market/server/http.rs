@@ -186,7 +186,11 @@ fn respond(mut req: Request<Incoming>, sh: &Arc<Shared>, slot: &Arc<Slot>, accep
     }
     let text = "text/plain; charset=utf-8";
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/healthz") => plain(StatusCode::OK, "application/json", "{\"ok\":true}\n"),
+        (&Method::GET, "/healthz") => plain(
+            StatusCode::OK,
+            "application/json",
+            format!("{{\"ok\":true,\"witness\":\"{}\"}}\n", sh.witness.public_hex()),
+        ),
         (&Method::GET, "/metrics") => plain(StatusCode::OK, metrics::CONTENT_TYPE, sh.metrics.render()),
         (_, "/healthz" | "/metrics") => plain(StatusCode::METHOD_NOT_ALLOWED, text, "use GET\n"),
         _ => plain(

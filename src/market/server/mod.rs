@@ -6,6 +6,7 @@
 //! parsing, rate limits, authentication: [`session`]); every state change
 //! goes to one writer thread that owns the SQLite connection ([`writer`]).
 
+pub mod anchor;
 pub mod book;
 mod http;
 pub mod ledger;
@@ -115,6 +116,8 @@ struct Shared {
     next_conn: AtomicU64,
     admission: Arc<http::Admission>,
     http: hyper::server::conn::http1::Builder,
+    /// Countersigns nodes' audit checkpoints (`anchor`).
+    witness: anchor::Witness,
 }
 
 pub fn now_ms() -> i64 {
@@ -169,6 +172,7 @@ pub fn serve(mut opts: ServeOptions, ready: impl FnOnce(SocketAddr)) -> Result<(
         source,
     };
     let conn = store::open(&opts.db, opts.sync_full).map_err(db_err)?;
+    let witness = anchor::Witness::load_or_create(&opts.db)?;
     book::all_disconnected(&conn, now_ms()).map_err(db_err)?;
     let metrics = Arc::new(Metrics::default());
     writer::refresh_gauges(&conn, &metrics);
@@ -202,6 +206,7 @@ pub fn serve(mut opts: ServeOptions, ready: impl FnOnce(SocketAddr)) -> Result<(
         engine: etx.clone(),
         metrics,
         next_conn: AtomicU64::new(1),
+        witness,
     });
     let result = rt.block_on(async move {
         let listener = TcpListener::bind(opts.listen)

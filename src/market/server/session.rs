@@ -669,6 +669,13 @@ async fn handle_frame(text: &str, sh: &Shared, node: &str, bucket: &mut Bucket) 
             format!("frame over the {} byte control cap", sh.opts.control_cap),
         );
     }
+    // Witnessing needs no market state: answered here, never queued.
+    if kind == super::anchor::TYPE {
+        return match super::anchor::handle(text, &sh.witness, node) {
+            Ok(frame) => Reply::Frame(frame),
+            Err((id, r)) => refuse(id, r),
+        };
+    }
     let (id, req) = match decode_request(text) {
         Ok(x) => x,
         Err((id, r)) => return refuse(id, r),
