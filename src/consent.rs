@@ -90,15 +90,6 @@ pub fn store(paths: &Paths, consent: &Consent) -> Result<(), ConfigError> {
     })
 }
 
-/// Store consent together with cap changes in one atomic config write.
-pub fn store_with_caps(
-    paths: &Paths,
-    consent: &Consent,
-    caps: &[(&str, Value)],
-) -> Result<Vec<config::Change>, ConfigError> {
-    config::edit(paths, |file| Ok(set_with_caps(file, consent, caps)))
-}
-
 /// Put the consent record and cap values into a config file object;
 /// returns the cap changes (for the caller's audit event).
 pub fn set_with_caps(

@@ -57,9 +57,6 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
     match args.command {
         KeysCommand::Generate { force } => {
             let id = Identity::generate(&ctx.paths, &ctx.audit(), force)?;
-            // The last checkpoint may be signed by keys that are gone now:
-            // re-sign it with the new key (after checking the chain since).
-            ctx.audit().resign_checkpoint()?;
             let public = id.public();
             if p.json {
                 p.json(json!({ "ok": true, "identity": public }));
@@ -170,7 +167,6 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
         }
         KeysCommand::Rotate => {
             let r = Identity::rotate(&ctx.paths, &ctx.audit())?;
-            ctx.audit().resign_checkpoint()?;
             if p.json {
                 p.json(json!({ "ok": true, "rotation": r }));
             } else {

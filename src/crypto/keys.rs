@@ -526,6 +526,8 @@ impl Identity {
                 "removed": removed,
             }),
         )?;
+        // The last checkpoint is signed by the old key: sign one with the new.
+        audit.resign_checkpoint()?;
         Ok(Rotation {
             old_node_id: old_node,
             new: pair.public(),
@@ -595,6 +597,10 @@ fn create_first(store: &Store, audit: &AuditLog, replaced: Option<String>) -> Re
         current: pair.gen.clone(),
         keys: vec![entry_of(&pair)],
     })?;
+    // From now on checkpoints are signed; the last one may be unsigned or
+    // signed by keys that are gone: sign one at the head with the new key
+    // (after checking the chain since), whoever asked for the keys.
+    audit.resign_checkpoint()?;
     Ok(pair)
 }
 

@@ -22,7 +22,9 @@ pub const TAG: usize = 16;
 pub const SIG: usize = 64;
 
 /// RSA-3072 generation costs seconds; generate each identity once per test
-/// binary and copy its `keys/` into every install that needs it.
+/// binary and copy its whole install (keys and the audit log that recorded
+/// them: keys without their log are refused) into every install that
+/// needs it.
 fn template(n: usize) -> &'static Path {
     static T: [OnceLock<tempfile::TempDir>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
     T[n].get_or_init(|| {
@@ -50,7 +52,7 @@ fn copy_dir(from: &Path, to: &Path) {
 /// An install holding identity number `n` (0, 1 or 2).
 pub fn node(n: usize) -> Cmm {
     let t = Cmm::new();
-    copy_dir(&template(n).join("keys"), &t.file("keys"));
+    copy_dir(template(n), t.home.path());
     t
 }
 
