@@ -497,3 +497,26 @@ fn an_unwritable_output_directory_does_not_suggest_force() {
         .stderr_has("already exists")
         .stderr_has("--force");
 }
+
+#[test]
+fn an_endless_credential_file_or_command_is_refused_at_its_cap() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = Cmm::opted_in();
+    let token = t.file("token");
+    std::fs::write(&token, vec![b'a'; 70 * 1024]).unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let tf = format!("credentials.tokenFile={}", token.display());
+    for (source, setting) in [("file", tf.as_str()), ("command", "credentials.tokenCommand=yes")] {
+        t.run(&["config", "--set", &format!("credentials.source={source}")])
+            .code(0);
+        t.run(&["config", "--set", setting]).code(0);
+        let started = std::time::Instant::now();
+        let out = t.run(&["execute", "--approve-all", "--prompt", "say hi"]);
+        out.code(2).stderr_has("is over 65536 bytes");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "{source}: took {:?}",
+            started.elapsed()
+        );
+    }
+}

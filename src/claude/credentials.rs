@@ -113,6 +113,10 @@ impl Credential {
     }
 }
 
+/// The longest credential read from `credentials.tokenFile` or printed by
+/// `credentials.tokenCommand`: 64 KiB (tokens are a few hundred bytes).
+pub const MAX_CREDENTIAL_BYTES: u64 = 64 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
     #[error("no Claude credential found (tried: {})", .0.join("; "))]
@@ -127,6 +131,8 @@ pub enum CredentialError {
     FileRead { path: PathBuf, source: std::io::Error },
     #[error("credentials.tokenCommand failed: {0}")]
     Command(String),
+    #[error("the credential from {0} is over {max} bytes; no credential is that long", max = MAX_CREDENTIAL_BYTES)]
+    TooLarge(&'static str),
     #[error("credentials.source is `{0}` but {1} is not set")]
     Unconfigured(String, &'static str),
 }
@@ -270,27 +276,55 @@ fn read_file(path: &Path) -> Result<Credential, CredentialError> {
             mode,
         });
     }
-    let text = std::fs::read_to_string(path).map_err(|source| CredentialError::FileRead {
+    let read_err = |source| CredentialError::FileRead {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let bytes = match crate::fsutil::read_capped(file, MAX_CREDENTIAL_BYTES) {
+        Ok(b) => b,
+        Err(crate::fsutil::ReadCapError::TooLarge { .. }) => {
+            return Err(CredentialError::TooLarge("credentials.tokenFile"))
+        }
+        Err(crate::fsutil::ReadCapError::Io(e)) => return Err(read_err(e)),
+    };
+    let text = String::from_utf8(bytes).map_err(|_| CredentialError::Malformed("credentials.tokenFile"))?;
     Credential::new(text, Kind::Unknown, "credentials.tokenFile")
 }
 
 fn run_command(command: &str) -> Result<Credential, CredentialError> {
     // The user's own command, run through their shell; its stderr stays
     // visible so a password prompt or error reaches them.
-    let out = Command::new("sh")
+    let mut child = Command::new("sh")
         .arg("-c")
         .arg(command)
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
-        .output()
+        .spawn()
         .map_err(|e| CredentialError::Command(format!("cannot run `sh -c`: {e}")))?;
-    if !out.status.success() {
-        return Err(CredentialError::Command(format!("it exited with {}", out.status)));
+    // Read through a cap: a command that prints without end is stopped.
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let read = crate::fsutil::read_capped(stdout, MAX_CREDENTIAL_BYTES);
+    if read.is_err() {
+        let _ = child.kill();
     }
-    let text = String::from_utf8(out.stdout).map_err(|_| CredentialError::Command("its output is not UTF-8".into()))?;
+    let status = child
+        .wait()
+        .map_err(|e| CredentialError::Command(format!("cannot wait for `sh -c`: {e}")))?;
+    let bytes = match read {
+        Ok(b) => b,
+        Err(crate::fsutil::ReadCapError::TooLarge { .. }) => {
+            return Err(CredentialError::TooLarge("credentials.tokenCommand"))
+        }
+        Err(crate::fsutil::ReadCapError::Io(e)) => {
+            return Err(CredentialError::Command(format!("cannot read its output: {e}")))
+        }
+    };
+    if !status.success() {
+        return Err(CredentialError::Command(format!("it exited with {status}")));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| CredentialError::Command("its output is not UTF-8".into()))?;
     Credential::new(text, Kind::Unknown, "credentials.tokenCommand")
 }
 
