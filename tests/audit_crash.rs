@@ -24,17 +24,6 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use serde_json::Value;
 
-fn kill_after(mut child: std::process::Child, delay: Duration) -> bool {
-    std::thread::sleep(delay);
-    let alive = child.try_wait().unwrap().is_none();
-    if alive {
-        // SAFETY: sending SIGKILL to our own child process.
-        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-    }
-    let _ = child.wait();
-    alive
-}
-
 fn command(i: u64) -> Vec<String> {
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     match i % 6 {

@@ -41,17 +41,6 @@ fn crash_writer_child() {
     }
 }
 
-fn kill_after(mut child: std::process::Child, delay: Duration) -> bool {
-    std::thread::sleep(delay);
-    let alive = child.try_wait().unwrap().is_none();
-    if alive {
-        // SAFETY: sending SIGKILL to our own child process.
-        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-    }
-    let _ = child.wait();
-    alive
-}
-
 #[test]
 fn kill_9_during_writes() {
     let t = Cmm::opted_in();

@@ -199,3 +199,16 @@ pub fn docker_available(test: &str) -> bool {
     }
     ok
 }
+
+/// Let `child` run for `delay`, then `kill -9` it if it is still running;
+/// reaps it either way. True when the kill landed on a live process.
+pub fn kill_after(mut child: std::process::Child, delay: std::time::Duration) -> bool {
+    std::thread::sleep(delay);
+    let alive = child.try_wait().unwrap().is_none();
+    if alive {
+        // SAFETY: sending SIGKILL to our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    }
+    let _ = child.wait();
+    alive
+}
