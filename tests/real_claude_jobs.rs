@@ -15,7 +15,6 @@ mod common;
 mod docker_common;
 
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -33,25 +32,6 @@ struct Real {
     image: String,
 }
 
-fn claude_binary() -> Option<PathBuf> {
-    let path = std::env::var_os("CMM_CLAUDE_BINARY")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/claude-code/2.1.332/claude"));
-    if path.is_file() {
-        return Some(path);
-    }
-    assert!(
-        std::env::var("CMM_REQUIRE_REAL_CLAUDE").as_deref() != Ok("1"),
-        "CMM_REQUIRE_REAL_CLAUDE=1 but the real Claude Code is not at `{}`: run `.ci/run` to fetch it, or set CMM_CLAUDE_BINARY",
-        path.display()
-    );
-    eprintln!(
-        "SKIP: real Claude Code not found at `{}`; set CMM_CLAUDE_BINARY or run `.ci/run` to fetch it",
-        path.display()
-    );
-    None
-}
-
 /// One stand-in for the whole test binary, and the runner image built for
 /// it by our own `docker build --claude-binary --extra-ca` (the CA is new
 /// each run, so is the image's small CA layer; the binary's layer is cached).
@@ -61,7 +41,7 @@ fn real(name: &str) -> Option<&'static Real> {
         return None;
     }
     REAL.get_or_init(|| {
-        let bin = claude_binary()?;
+        let bin = api_standin::real_claude_binary()?;
         let api = StandIn::start();
         let ca = std::fs::read(api.ca_pem_path()).expect("stand-in CA");
         let tag = format!("{REAL_IMAGE}:{}", &hex::encode(Sha256::digest(&ca))[..12]);

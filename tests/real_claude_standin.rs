@@ -29,30 +29,9 @@ fn sha(s: &str) -> String {
     hex::encode(Sha256::digest(s.as_bytes()))
 }
 
-/// The real Claude Code, or `None` (after a loud SKIP line) when absent.
-fn claude_binary() -> Option<PathBuf> {
-    let path = std::env::var_os("CMM_CLAUDE_BINARY")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/claude-code/2.1.332/claude"));
-    if path.is_file() {
-        return Some(path);
-    }
-    assert!(
-        std::env::var("CMM_REQUIRE_REAL_CLAUDE").as_deref() != Ok("1"),
-        "CMM_REQUIRE_REAL_CLAUDE=1 but the real Claude Code is not at `{}`: run `.ci/run` to fetch it, or set CMM_CLAUDE_BINARY",
-        path.display()
-    );
-    eprintln!(
-        "SKIP: real Claude Code not found at `{}`; set CMM_CLAUDE_BINARY or run `.ci/run` to fetch it \
-         (CMM_REQUIRE_REAL_CLAUDE=1 turns this skip into a failure)",
-        path.display()
-    );
-    None
-}
-
 macro_rules! claude_or_skip {
     ($api:expr) => {
-        match claude_binary() {
+        match api_standin::real_claude_binary() {
             Some(bin) => Claude::new(bin, &$api),
             None => return,
         }

@@ -1144,3 +1144,26 @@ fn sse_response(state: &State, frames: Vec<Bytes>, stall: bool) -> Response<Body
     h.insert("cache-control", HeaderValue::from_static("no-cache"));
     with_request_id(state, r)
 }
+
+/// The real Claude Code for the real test tier (`CMM_CLAUDE_BINARY`, else
+/// where `.ci/run fetch-claude` puts it), or `None` after a loud SKIP line;
+/// with `CMM_REQUIRE_REAL_CLAUDE=1` its absence is a failure instead.
+pub fn real_claude_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("CMM_CLAUDE_BINARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/claude-code/2.1.332/claude"));
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var("CMM_REQUIRE_REAL_CLAUDE").as_deref() != Ok("1"),
+        "CMM_REQUIRE_REAL_CLAUDE=1 but the real Claude Code is not at `{}`: run `.ci/run` to fetch it, or set CMM_CLAUDE_BINARY",
+        path.display()
+    );
+    eprintln!(
+        "SKIP: real Claude Code not found at `{}`; set CMM_CLAUDE_BINARY or run `.ci/run` to fetch it \
+         (CMM_REQUIRE_REAL_CLAUDE=1 turns this skip into a failure)",
+        path.display()
+    );
+    None
+}
