@@ -717,28 +717,9 @@ fn links_the_job_points_outside_are_skipped() {
     assert!(changes.summary.contains("2 paths skipped"), "{}", changes.summary);
 }
 
-/// One raw tar entry: name, type, data, link target.
-type RawEntry<'a> = (&'a [u8], tar::EntryType, &'a [u8], &'a [u8]);
-
-/// A tar whose names are written raw (the tar crate's own builder refuses
-/// hostile ones).
-fn raw_tar(entries: &[RawEntry]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (name, kind, data, target) in entries {
-        let mut h = tar::Header::new_gnu();
-        {
-            let old = h.as_old_mut();
-            old.name[..name.len()].copy_from_slice(name);
-            old.linkname[..target.len()].copy_from_slice(target);
-        }
-        h.set_entry_type(*kind);
-        h.set_mode(0o644);
-        h.set_size(data.len() as u64);
-        h.set_cksum();
-        b.append(&h, *data).unwrap();
-    }
-    b.into_inner().unwrap()
-}
+#[path = "../../tests/common/raw_tar.rs"]
+mod raw_tar;
+use raw_tar::raw_tar;
 
 #[test]
 fn hostile_archives_are_refused_by_the_diff() {
