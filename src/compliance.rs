@@ -277,7 +277,7 @@ fn consent_current(i: &Inputs) -> Outcome {
 
 fn approval_policy(i: &Inputs) -> Outcome {
     let cfg = need_config!(i);
-    if cfg.get_bool("compliance.requireApproval") {
+    if cfg.settings().compliance.require_approval {
         Outcome::Pass("every job needs approval (or explicit --approve-all for that job)".into())
     } else {
         Outcome::Fail("compliance.requireApproval is off: jobs run without asking".into())
@@ -356,10 +356,15 @@ fn audit_chain(i: &Inputs) -> Outcome {
 
 fn audit_settings(i: &Inputs) -> Outcome {
     let cfg = need_config!(i);
-    let off: Vec<&str> = ["compliance.enableAuditTrail", "compliance.logAllActivity"]
-        .into_iter()
-        .filter(|k| !cfg.get_bool(k))
-        .collect();
+    let c = &cfg.settings().compliance;
+    let off: Vec<&str> = [
+        ("compliance.enableAuditTrail", c.enable_audit_trail),
+        ("compliance.logAllActivity", c.log_all_activity),
+    ]
+    .into_iter()
+    .filter(|(_, on)| !on)
+    .map(|(k, _)| k)
+    .collect();
     if off.is_empty() {
         Outcome::Pass("audit trail on".into())
     } else {
@@ -436,16 +441,13 @@ fn container_hardening(i: &Inputs) -> Outcome {
 /// The kind of credential the configured source yields, without reading it.
 pub fn credential_kind(cfg: &Config) -> &'static str {
     let has = |v: &str| std::env::var_os(v).is_some_and(|x| !x.is_empty());
-    match cfg.get_str("credentials.source").unwrap_or("auto") {
+    let c = &cfg.settings().credentials;
+    match c.source.as_str() {
         "oauth-env" => "subscription",
         "api-key-env" => "api-key",
         "auto" if has("CLAUDE_CODE_OAUTH_TOKEN") => "subscription",
         "auto" if has("ANTHROPIC_API_KEY") => "api-key",
-        "auto"
-            if cfg.get_str("credentials.tokenCommand").is_none() && cfg.get_str("credentials.tokenFile").is_none() =>
-        {
-            "none"
-        }
+        "auto" if c.token_command.is_none() && c.token_file.is_none() => "none",
         _ => "unknown",
     }
 }
@@ -483,7 +485,7 @@ fn egress_restricted(i: &Inputs) -> Outcome {
     if !egress::restricted(cfg) {
         return Outcome::Warn(format!(
             "docker.egress is `open`: job containers use network `{}` and can reach any host, not only the Claude API; set `docker.egress=restricted`",
-            cfg.get_str("docker.network").unwrap_or("bridge")
+            cfg.settings().docker.network
         ));
     }
     let (profile, e) = match (hardening::profile(), egress::profile()) {

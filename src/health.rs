@@ -230,10 +230,10 @@ pub fn loose_permissions(paths: &Paths) -> Vec<String> {
 
 /// WARNING when the current node key is older than `security.keyRotationDays`.
 fn keys(paths: &Paths, config: Option<&Config>) -> Check {
-    let days = config
-        .map(|c| c.get_i64("security.keyRotationDays"))
-        .unwrap_or(30)
-        .max(1);
+    let days = config.map_or_else(
+        || crate::config::Settings::defaults().security.key_rotation_days,
+        |c| c.settings().security.key_rotation_days,
+    );
     match crate::crypto::keys::current_key_created(paths) {
         Ok(None) => Check {
             name: "keys",

@@ -64,7 +64,7 @@ pub fn read(paths: &Paths, config: &Config) -> Result<StatusReport, UsageError> 
                 vec![]
             },
         },
-        timeout_seconds: config.get_i64("docker.timeout") / 1000,
+        timeout_seconds: config.settings().docker.timeout.as_secs() as i64,
         caps,
         usage,
         audit: AuditStatus {

@@ -341,8 +341,8 @@ fn count_logged(log: &AuditLog, from: u64, txn: &str) -> Result<usize, TxnError>
 mod tests {
     use super::*;
 
-    fn default_daily() -> i64 {
-        config::default_value("limits.dailyTasks").unwrap().as_i64().unwrap()
+    fn default_daily() -> u64 {
+        config::Settings::defaults().limits.daily_tasks
     }
 
     fn home() -> (tempfile::TempDir, Paths) {
@@ -386,11 +386,11 @@ mod tests {
         crash_after_logging(&paths, 7);
         assert!(intent_path(&paths).exists());
         assert_eq!(
-            config::Config::load(&paths).unwrap().get_i64("limits.dailyTasks"),
+            config::Config::load(&paths).unwrap().settings().limits.daily_tasks,
             default_daily()
         );
         assert_eq!(recover(&paths).unwrap(), Some(Recovered::Completed));
-        assert_eq!(config::Config::load(&paths).unwrap().get_i64("limits.dailyTasks"), 7);
+        assert_eq!(config::Config::load(&paths).unwrap().settings().limits.daily_tasks, 7);
         assert!(!intent_path(&paths).exists());
         assert_eq!(events(&paths).last().map(String::as_str), Some("change.completed"));
         assert_eq!(recover(&paths).unwrap(), None, "nothing left to settle");
@@ -402,7 +402,7 @@ mod tests {
         crash_after_logging(&paths, 7);
         std::fs::write(paths.config_file(), b"{\"limits\":{\"dailyTasks\":9}}\n").unwrap();
         assert_eq!(recover(&paths).unwrap(), Some(Recovered::Aborted));
-        assert_eq!(config::Config::load(&paths).unwrap().get_i64("limits.dailyTasks"), 9);
+        assert_eq!(config::Config::load(&paths).unwrap().settings().limits.daily_tasks, 9);
         let log = AuditLog::new(&paths);
         let last = log.tail(1).unwrap().pop().unwrap();
         assert_eq!(last.event, "change.aborted");
@@ -463,7 +463,7 @@ mod tests {
         assert_eq!(recover(&paths).unwrap(), Some(Recovered::NotStarted));
         assert_eq!(events(&paths).len(), before);
         assert_eq!(
-            config::Config::load(&paths).unwrap().get_i64("limits.dailyTasks"),
+            config::Config::load(&paths).unwrap().settings().limits.daily_tasks,
             default_daily()
         );
     }

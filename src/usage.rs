@@ -129,23 +129,21 @@ pub struct Caps {
 
 impl Caps {
     pub fn from_config(cfg: &Config) -> Caps {
-        let u = |k| cfg.get_i64(k).max(0) as u64;
-        let o = |k| cfg.get_opt_i64(k).map(|v| v.max(0) as u64);
-        let usd = |k| cfg.get_opt_f64(k).map(|v| v.max(0.0));
+        let l = &cfg.settings().limits;
         Caps {
-            daily_tasks: u("limits.dailyTasks"),
-            daily_tokens: u("limits.dailyTokens"),
-            weekly_tasks: o("limits.weeklyTasks"),
-            weekly_tokens: o("limits.weeklyTokens"),
-            monthly_tasks: o("limits.monthlyTasks"),
-            monthly_tokens: o("limits.monthlyTokens"),
-            max_tokens_per_task: u("limits.maxTokensPerTask"),
-            max_turns_per_task: u("limits.maxTurnsPerTask").max(1),
-            max_cost_per_task: usd("limits.maxCostPerTask"),
-            daily_cost_usd: usd("limits.dailyCostUsd"),
-            weekly_cost_usd: usd("limits.weeklyCostUsd"),
-            monthly_cost_usd: usd("limits.monthlyCostUsd"),
-            concurrent_jobs: u("limits.concurrentJobs"),
+            daily_tasks: l.daily_tasks,
+            daily_tokens: l.daily_tokens,
+            weekly_tasks: l.weekly_tasks,
+            weekly_tokens: l.weekly_tokens,
+            monthly_tasks: l.monthly_tasks,
+            monthly_tokens: l.monthly_tokens,
+            max_tokens_per_task: l.max_tokens_per_task,
+            max_turns_per_task: l.max_turns_per_task,
+            max_cost_per_task: l.max_cost_per_task,
+            daily_cost_usd: l.daily_cost_usd,
+            weekly_cost_usd: l.weekly_cost_usd,
+            monthly_cost_usd: l.monthly_cost_usd,
+            concurrent_jobs: l.concurrent_jobs,
         }
     }
 

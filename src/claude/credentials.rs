@@ -165,9 +165,10 @@ fn env(name: &str) -> Option<String> {
 /// Resolve the credential. `notes` receives things the user should know
 /// (e.g. an ignored `ANTHROPIC_API_KEY`); they never contain the secret.
 pub fn resolve(cfg: &Config, notes: &mut Vec<String>) -> Result<Credential, CredentialError> {
-    let source = cfg.get_str("credentials.source").unwrap_or("auto");
-    let file = cfg.get_str("credentials.tokenFile").map(PathBuf::from);
-    let command = cfg.get_str("credentials.tokenCommand").map(str::to_string);
+    let c = &cfg.settings().credentials;
+    let source = c.source.as_str();
+    let file = c.token_file.clone();
+    let command = c.token_command.clone();
     match source {
         "oauth-env" => env(OAUTH_ENV)
             .ok_or(CredentialError::Unconfigured(source.into(), OAUTH_ENV))
@@ -222,9 +223,10 @@ pub fn resolve(cfg: &Config, notes: &mut Vec<String>) -> Result<Credential, Cred
 /// Is a credential resolvable, without running `tokenCommand` or reading
 /// any secret? For `health`: `Ok(description)` or `Err(what is missing)`.
 pub fn describe(cfg: &Config) -> Result<String, String> {
-    let source = cfg.get_str("credentials.source").unwrap_or("auto");
-    let file = cfg.get_str("credentials.tokenFile").map(PathBuf::from);
-    let command = cfg.get_str("credentials.tokenCommand");
+    let c = &cfg.settings().credentials;
+    let source = c.source.as_str();
+    let file = c.token_file.clone();
+    let command = c.token_command.as_deref();
     let file_state = |p: &Path| match crate::fsutil::mode_of(p) {
         None => Err(format!("credentials.tokenFile {} does not exist", p.display())),
         Some(m) if m & 0o077 != 0 => Err(format!(

@@ -59,18 +59,10 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
     if a.slots == 0 {
         return Err(Failure::usage("--slots must be at least 1").into());
     }
-    let list = |key: &str| {
-        cfg.get_str(key).map(|v| {
-            v.split(',')
-                .map(str::trim)
-                .filter(|x| !x.is_empty())
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        })
-    };
+    let settings = &cfg.settings().market;
     // `market.allowedModels` narrows what we advertise; the offer never
     // names a model the standing rules would refuse.
-    let models = match list("market.allowedModels") {
+    let models = match &settings.allowed_models {
         Some(allowed) => a.models.iter().filter(|m| allowed.contains(m)).cloned().collect(),
         None => a.models.clone(),
     };
@@ -79,7 +71,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
             .hint("pass a model listed in `market.allowedModels`, or change it with `claude-max-market config --set`")
             .into());
     }
-    let min_price = cfg.get_i64("market.minPrice").max(0) as u64;
+    let min_price = settings.min_price;
     let ask: Option<provider::Ask> = crate::context::interactive().then(|| {
         let ask: provider::Ask = Arc::new(|q: String| crate::context::confirm(&q).ok());
         ask
@@ -87,15 +79,13 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
     let spec = AdvertiseSpec {
         endpoint: endpoint(ctx, a.endpoint.clone())?,
         slots: a.slots,
-        price: a
-            .price
-            .unwrap_or_else(|| cfg.get_i64("market.defaultPrice").max(0) as u64),
+        price: a.price.unwrap_or(settings.default_price),
         models,
         ttl_secs: a.ttl,
-        auto_accept: a.auto_accept || cfg.get_bool("market.autoAcceptBids"),
+        auto_accept: a.auto_accept || settings.auto_accept_bids,
         max_tokens: a.max_tokens,
         min_bid: Some(a.min_bid.unwrap_or(min_price)).filter(|m| *m > 0),
-        allowed_requesters: list("market.allowedRequesters"),
+        allowed_requesters: settings.allowed_requesters.clone(),
         image: a.image.clone(),
         ask,
     };

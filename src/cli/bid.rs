@@ -70,7 +70,7 @@ fn parse_reputation(s: &str) -> Result<f64, String> {
 
 pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
     let cfg = ctx.config()?;
-    let cap = cfg.get_i64("market.maxBidPrice").max(0) as u64;
+    let cap = cfg.settings().market.max_bid_price;
     if a.max_price > cap {
         return Err(Failure::refused(format!(
             "--max-price {} is above your `market.maxBidPrice` of {cap} RUV",
@@ -92,12 +92,8 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
     } else {
         let prompt = crate::cli::execute::read_prompt_from(a.prompt.as_deref(), a.file.as_deref())?;
         let hash = hex::encode(Sha256::digest(&prompt));
-        let max_tokens = a
-            .max_tokens
-            .unwrap_or_else(|| cfg.get_i64("limits.maxTokensPerTask").max(1) as u64);
-        let deadline = a
-            .deadline
-            .unwrap_or_else(|| (cfg.get_i64("market.bidTimeout").max(1000) / 1000) as u64);
+        let max_tokens = a.max_tokens.unwrap_or(cfg.settings().limits.max_tokens_per_task);
+        let deadline = a.deadline.unwrap_or(cfg.settings().market.bid_timeout.as_secs().max(1));
         (
             Request::Post {
                 model: a.model.clone(),

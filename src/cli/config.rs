@@ -91,9 +91,9 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
         let cfg = ctx.config()?;
         let p = ctx.out();
         if p.json {
-            p.json(json!({ "key": d.key, "value": cfg.get(d.key), "origin": cfg.origin(d.key).to_string() }));
+            p.json(json!({ "key": d.key, "value": cfg.get(d), "origin": cfg.origin(d).to_string() }));
         } else {
-            p.out(&show_value(cfg.get(d.key)));
+            p.out(&show_value(cfg.get(d)));
         }
         return Ok(());
     }
@@ -110,8 +110,8 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
         let cfg = ctx.config()?;
         let shadowed: Vec<String> = applied
             .iter()
-            .filter_map(|(k, _, _)| match cfg.origin(k) {
-                Origin::Env(var) => Some(format!("`{k}` is overridden by env {var}")),
+            .filter_map(|(k, _, _)| match cfgmod::def(k).map(|d| cfg.origin(d)) {
+                Some(Origin::Env(var)) => Some(format!("`{k}` is overridden by env {var}")),
                 _ => None,
             })
             .collect();

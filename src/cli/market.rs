@@ -293,11 +293,7 @@ fn result(ctx: &Ctx, a: ResultArgs) -> anyhow::Result<i32> {
 pub fn endpoint(ctx: &Ctx, flag: Option<String>) -> anyhow::Result<String> {
     let e = match flag {
         Some(e) => e,
-        None => ctx
-            .config()?
-            .get_str("market.endpoint")
-            .unwrap_or("ws://127.0.0.1:7700")
-            .to_string(),
+        None => ctx.config()?.settings().market.endpoint.clone(),
     };
     if !(e.starts_with("ws://") || e.starts_with("wss://")) {
         return Err(

@@ -70,13 +70,13 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
             )?;
         }
         if args.max_daily.is_none() {
-            let cur = cfg.get_i64("limits.dailyTasks");
+            let cur = cfg.settings().limits.daily_tasks;
             if let Some(t) = context::ask(&format!("Jobs per day [{cur}]: "))?.filter(|t| !t.is_empty()) {
                 caps.push(("limits.dailyTasks", cap_value("limits.dailyTasks", &t)?));
             }
         }
         if args.max_tokens.is_none() {
-            let cur = cfg.get_i64("limits.maxTokensPerTask");
+            let cur = cfg.settings().limits.max_tokens_per_task;
             if let Some(t) = context::ask(&format!("Token cap per job [{cur}]: "))?.filter(|t| !t.is_empty()) {
                 caps.push(("limits.maxTokensPerTask", cap_value("limits.maxTokensPerTask", &t)?));
             }
@@ -105,8 +105,8 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
         |p| {
             let cfg = crate::config::Config::from_file_object(&ctx.paths, p.file.clone())?;
             let caps_now = json!({
-                "dailyTasks": cfg.get("limits.dailyTasks"),
-                "maxTokensPerTask": cfg.get("limits.maxTokensPerTask"),
+                "dailyTasks": cfg.settings().limits.daily_tasks,
+                "maxTokensPerTask": cfg.settings().limits.max_tokens_per_task,
             });
             Ok(vec![(
                 "consent.granted".to_string(),
@@ -124,8 +124,8 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
     ctx.reload_config();
     let cfg = ctx.config()?;
     let caps_now = json!({
-        "dailyTasks": cfg.get("limits.dailyTasks"),
-        "maxTokensPerTask": cfg.get("limits.maxTokensPerTask"),
+        "dailyTasks": cfg.settings().limits.daily_tasks,
+        "maxTokensPerTask": cfg.settings().limits.max_tokens_per_task,
     });
 
     let p = ctx.out();

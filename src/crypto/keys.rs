@@ -403,7 +403,7 @@ fn entry_of(pair: &KeyPair) -> IndexEntry {
 }
 
 fn rotation_days(paths: &Paths) -> Result<i64, KeyError> {
-    Ok(Config::load(paths)?.get_i64("security.keyRotationDays").max(1))
+    Ok(Config::load(paths)?.settings().security.key_rotation_days)
 }
 
 /// Is a retired key past its decryption window?

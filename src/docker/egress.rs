@@ -100,7 +100,7 @@ pub fn parse(text: &str) -> Result<EgressProfile, String> {
 
 /// Is egress restricted for this config (`docker.egress`)?
 pub fn restricted(cfg: &crate::config::Config) -> bool {
-    cfg.get_str("docker.egress") != Some("open")
+    cfg.settings().docker.egress_restricted
 }
 
 /// `host:port` with a host of letters, digits, dots and dashes (or an IP

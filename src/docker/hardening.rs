@@ -9,7 +9,7 @@ use bollard::models::{ContainerCreateBody, HostConfig};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::config::{self, Config};
+use crate::config::Config;
 
 use super::DockerError;
 
@@ -148,15 +148,8 @@ pub const DISABLE_IPV6: (&str, &str) = ("net.ipv6.conf.all.disable_ipv6", "1");
 
 impl Resources {
     pub fn from_config(cfg: &Config, profile: &Profile) -> Result<Resources, DockerError> {
-        let memory = match cfg.get("docker.memory") {
-            Value::Number(n) => n.as_i64().unwrap_or(1 << 30),
-            Value::String(s) => config::parse_size(s).map_err(DockerError::Refused)? as i64,
-            _ => 1 << 30,
-        };
-        let network = cfg
-            .get_str("docker.network")
-            .unwrap_or(&profile.network_default)
-            .to_string();
+        let memory = cfg.settings().docker.memory as i64;
+        let network = cfg.settings().docker.network.clone();
         if profile.forbidden_networks.contains(&network) || network.starts_with("container:") {
             return Err(DockerError::Refused(format!(
                 "docker.network `{network}` would share the host's or another container's network, which job containers may not"
@@ -172,7 +165,7 @@ impl Resources {
         };
         Ok(Resources {
             memory,
-            cpu_shares: cfg.get_i64("docker.cpuShares"),
+            cpu_shares: cfg.settings().docker.cpu_shares,
             network,
             proxy,
             relay: None,

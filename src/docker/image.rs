@@ -352,7 +352,7 @@ pub struct LocalBuild {
 impl LocalBuild {
     pub fn from_config(cfg: &Config) -> LocalBuild {
         LocalBuild {
-            claude_binary: cfg.get_str("docker.claudeBinary").map(expand_home),
+            claude_binary: cfg.settings().docker.claude_binary.as_deref().map(expand_home),
         }
     }
 }

@@ -159,7 +159,7 @@ pub(super) async fn admit(
     // 3. Approval.
     let how = match approval {
         Approval::PreApproved(by) => by.how(),
-        Approval::AskOnTty if !cfg.get_bool("compliance.requireApproval") => ApprovedBy::StandingRule.how(),
+        Approval::AskOnTty if !cfg.settings().compliance.require_approval => ApprovedBy::StandingRule.how(),
         Approval::AskOnTty => {
             let question = format!(
                 "Run this {} job with model `{}` (prompt {} bytes, up to {} fresh tokens{}, {} turns, {} s, permission mode {}{})?",

@@ -107,16 +107,17 @@ pub struct JobSpec {
 impl JobSpec {
     /// A spec with every default from the config.
     pub fn from_config(cfg: &Config, prompt: Vec<u8>, source: JobSource) -> JobSpec {
+        let s = cfg.settings();
         JobSpec {
             prompt,
-            model: cfg.get_str("docker.model").unwrap_or("sonnet").to_string(),
-            max_tokens: cfg.get_i64("limits.maxTokensPerTask").max(1) as u64,
-            max_turns: cfg.get_i64("limits.maxTurnsPerTask").max(1) as u64,
-            max_budget_usd: cfg.get_opt_f64("limits.maxCostPerTask"),
-            permission_mode: cfg.get_str("docker.permissionMode").map(str::to_string),
+            model: s.docker.model.clone(),
+            max_tokens: s.limits.max_tokens_per_task,
+            max_turns: s.limits.max_turns_per_task,
+            max_budget_usd: s.limits.max_cost_per_task,
+            permission_mode: s.docker.permission_mode.clone(),
             allowed_tools: None,
             disallowed_tools: None,
-            timeout: Duration::from_millis(cfg.get_i64("docker.timeout").max(1000) as u64),
+            timeout: s.docker.timeout.max(Duration::from_secs(1)),
             image: default_image(cfg),
             source,
             reservation: None,
@@ -163,9 +164,7 @@ impl JobSpec {
 }
 
 pub fn default_image(cfg: &Config) -> String {
-    cfg.get_str("docker.image")
-        .unwrap_or("synaptic-mesh/claude-max:latest")
-        .to_string()
+    cfg.settings().docker.image.clone()
 }
 
 /// How a job is approved (invariant 3).

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::{JobError, JobRecord, Status};
-use crate::config::{self, Config};
+use crate::config::Config;
 use crate::fsutil;
 use crate::paths::Paths;
 use crate::workspace::{self, Applied, ChangeSet, DiffRules, Rules, Snapshot};
@@ -44,13 +44,7 @@ pub struct WorkspaceReport {
 
 /// The limit from `docker.workspaceLimit`.
 pub(super) fn limit(cfg: &Config) -> Result<u64, JobError> {
-    match cfg.get("docker.workspaceLimit") {
-        Value::Number(n) => n
-            .as_u64()
-            .ok_or_else(|| JobError::Invalid("docker.workspaceLimit is not a size".into())),
-        Value::String(s) => config::parse_size(s).map_err(JobError::Invalid),
-        _ => Ok(workspace::DEFAULT_LIMIT_BYTES),
-    }
+    Ok(cfg.settings().docker.workspace_limit)
 }
 
 /// How many bytes the copy-out may bring back: the tmpfs holds at most

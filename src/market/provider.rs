@@ -88,16 +88,7 @@ pub fn passes_rules(spec: &AdvertiseSpec, task: &Value) -> Result<(), String> {
 /// This user's own nodes: `market.ownNodes` and the peers imported with
 /// `keys import --own`.
 pub fn own_nodes(paths: &Paths, cfg: &Config) -> Vec<String> {
-    let mut own: Vec<String> = cfg
-        .get_str("market.ownNodes")
-        .map(|v| {
-            v.split(',')
-                .map(str::trim)
-                .filter(|x| !x.is_empty())
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut own: Vec<String> = cfg.settings().market.own_nodes.clone().unwrap_or_default();
     own.extend(crate::crypto::keys::Keyring::new(paths).own_node_ids());
     own.sort();
     own.dedup();

@@ -18,6 +18,9 @@ use crate::exit::{Exit, HasExit};
 use crate::fsutil::{self, FileLock};
 use crate::paths::Paths;
 
+mod settings;
+pub use settings::Settings;
+
 /// The type of a config value; drives parsing and validation.
 #[derive(Debug, Clone, Copy)]
 pub enum Kind {
@@ -757,6 +760,8 @@ pub struct Config {
     file: Map<String, Value>,
     /// Effective value and origin per schema key.
     values: BTreeMap<&'static str, (Value, Origin)>,
+    /// Every key's effective value, typed.
+    settings: Settings,
     /// Keys present in the file that the schema does not know.
     pub unknown: Vec<String>,
 }
@@ -816,10 +821,12 @@ impl Config {
                 _ => unknown.push(section.clone()),
             }
         }
+        let settings = Settings::resolve(&|key| &values[key].0)?;
         Ok(Config {
             path,
             file,
             values,
+            settings,
             unknown,
         })
     }
@@ -828,39 +835,20 @@ impl Config {
         &self.path
     }
 
-    /// Effective value of a schema key. Panics only on a key missing from
-    /// [`SCHEMA`], which is a programming error caught by every test.
-    pub fn get(&self, key: &str) -> &Value {
-        &self
-            .values
-            .get(key)
-            .unwrap_or_else(|| panic!("config key `{key}` is not in SCHEMA"))
-            .0
+    /// Every key's effective value, typed: how the program reads its config.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
-    pub fn origin(&self, key: &str) -> &Origin {
-        &self.values[key].1
+    /// Effective value of a schema key (as `config --get` shows it). Code
+    /// reads [`Config::settings`] instead.
+    pub fn get(&self, d: &KeyDef) -> &Value {
+        &self.values[d.key].0
     }
 
-    pub fn get_i64(&self, key: &str) -> i64 {
-        self.get(key).as_i64().unwrap_or_default()
-    }
-
-    pub fn get_opt_i64(&self, key: &str) -> Option<i64> {
-        self.get(key).as_i64()
-    }
-
-    /// A dollar amount (`Kind::Usd` / `Kind::OptUsd`); `None` when unset.
-    pub fn get_opt_f64(&self, key: &str) -> Option<f64> {
-        self.get(key).as_f64()
-    }
-
-    pub fn get_bool(&self, key: &str) -> bool {
-        self.get(key).as_bool().unwrap_or_default()
-    }
-
-    pub fn get_str(&self, key: &str) -> Option<&str> {
-        self.get(key).as_str()
+    /// Where a key's effective value came from.
+    pub fn origin(&self, d: &KeyDef) -> &Origin {
+        &self.values[d.key].1
     }
 
     /// A record section (e.g. `consent`) as stored in the file.
