@@ -9,22 +9,56 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
     /// Everything worked.
-    Ok = 0,
+    Ok,
     /// The operation ran and failed (a job failed, an I/O error, ...).
-    Failed = 1,
+    Failed,
     /// Usage error or invalid input: bad flag, bad value, corrupt config.
-    Usage = 2,
+    Usage,
     /// Refused by policy: not opted in, cap reached, approval denied.
-    Refused = 3,
+    Refused,
     /// A dependency is unavailable: Docker engine, market coordinator.
-    Unavailable = 4,
+    Unavailable,
     /// Integrity failure: audit chain, ciphertext, signature.
-    Integrity = 5,
+    Integrity,
+    /// Stopped by the user (Ctrl-C, SIGTERM) before the work was done.
+    Interrupted,
+    /// The result of a check command (`health`, `compliance-check`), in the
+    /// Nagios convention that monitoring reads.
+    Check(Check),
+}
+
+/// Nagios plugin states: what `health` and `compliance-check` exit with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Check {
+    Ok,
+    Warning,
+    Critical,
+    Unknown,
+}
+
+impl Check {
+    pub fn code(self) -> i32 {
+        match self {
+            Check::Ok => 0,
+            Check::Warning => 1,
+            Check::Critical => 2,
+            Check::Unknown => 3,
+        }
+    }
 }
 
 impl Exit {
     pub fn code(self) -> i32 {
-        self as i32
+        match self {
+            Exit::Ok => 0,
+            Exit::Failed => 1,
+            Exit::Usage => 2,
+            Exit::Refused => 3,
+            Exit::Unavailable => 4,
+            Exit::Integrity => 5,
+            Exit::Interrupted => 130,
+            Exit::Check(c) => c.code(),
+        }
     }
 
     /// Stable machine name used in `--json` error documents.
@@ -36,6 +70,20 @@ impl Exit {
             Exit::Refused => "refused",
             Exit::Unavailable => "unavailable",
             Exit::Integrity => "integrity",
+            Exit::Interrupted => "interrupted",
+            Exit::Check(Check::Ok) => "ok",
+            Exit::Check(Check::Warning) => "warning",
+            Exit::Check(Check::Critical) => "critical",
+            Exit::Check(Check::Unknown) => "unknown",
+        }
+    }
+
+    /// `Ok` when `ok`, else `otherwise`.
+    pub fn unless(ok: bool, otherwise: Exit) -> Exit {
+        if ok {
+            Exit::Ok
+        } else {
+            otherwise
         }
     }
 }
@@ -55,7 +103,8 @@ pub trait HasExit {
     }
 }
 
-/// A user-facing failure raised at the CLI edge: message, exit code and a hint.
+/// A failure with a documented exit code and an optional hint: the leaf
+/// error for a refusal or bad input that has no error type of its own.
 #[derive(Debug)]
 pub struct Failure {
     pub exit: Exit,
@@ -100,5 +149,123 @@ impl HasExit for Failure {
     }
     fn hint(&self) -> Option<String> {
         self.hint.clone()
+    }
+}
+
+/// The one error every command returns. Any error that knows its exit code
+/// ([`HasExit`]) converts with `?`, and the code and hint are taken at that
+/// moment: there is no list of error types to keep in step by hand.
+pub struct Error {
+    exit: Exit,
+    hint: Option<String>,
+    inner: anyhow::Error,
+}
+
+/// What every command returns.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn exit(&self) -> Exit {
+        self.exit
+    }
+
+    pub fn hint(&self) -> Option<&str> {
+        self.hint.as_deref()
+    }
+
+    /// Put `message` in front of the error's own text; the exit code and
+    /// hint stay those of the cause.
+    pub fn context(self, message: impl fmt::Display + Send + Sync + 'static) -> Error {
+        Error {
+            inner: self.inner.context(message),
+            ..self
+        }
+    }
+
+    /// Replace the exit code, message and hint with `outer`'s, keeping this
+    /// error as its cause (shown after it).
+    pub fn within(self, outer: Failure) -> Error {
+        Error {
+            exit: outer.exit,
+            hint: outer.hint.clone(),
+            inner: self.inner.context(outer),
+        }
+    }
+}
+
+impl<E: HasExit + std::error::Error + Send + Sync + 'static> From<E> for Error {
+    fn from(e: E) -> Self {
+        Error {
+            exit: e.exit(),
+            hint: e.hint(),
+            inner: anyhow::Error::new(e),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    /// The whole chain, outermost first: `outer: cause: root`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#}", self.inner)
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?} ({})", self.inner, self.exit)
+    }
+}
+
+/// Plain I/O at the edge (stdout, a terminal): the operation failed.
+impl HasExit for std::io::Error {
+    fn exit(&self) -> Exit {
+        Exit::Failed
+    }
+}
+
+impl HasExit for serde_json::Error {
+    fn exit(&self) -> Exit {
+        Exit::Failed
+    }
+}
+
+impl HasExit for rusqlite::Error {
+    fn exit(&self) -> Exit {
+        Exit::Failed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_keeps_the_exit_code_and_hint_of_its_cause() {
+        let e: Error = Failure::refused("cap reached").hint("raise it").into();
+        let e = e.context("cannot run the job");
+        assert_eq!(e.exit(), Exit::Refused);
+        assert_eq!(e.hint(), Some("raise it"));
+        assert_eq!(e.to_string(), "cannot run the job: cap reached");
+        let e = e.within(Failure::new(Exit::Unavailable, "engine gone"));
+        assert_eq!(e.exit(), Exit::Unavailable);
+        assert_eq!(e.hint(), None);
+        assert_eq!(e.to_string(), "engine gone: cannot run the job: cap reached");
+    }
+
+    #[test]
+    fn codes_are_the_documented_ones() {
+        let all = [
+            (Exit::Ok, 0),
+            (Exit::Failed, 1),
+            (Exit::Usage, 2),
+            (Exit::Refused, 3),
+            (Exit::Unavailable, 4),
+            (Exit::Integrity, 5),
+            (Exit::Interrupted, 130),
+            (Exit::Check(Check::Unknown), 3),
+        ];
+        for (e, code) in all {
+            assert_eq!(e.code(), code, "{e:?}");
+        }
     }
 }

@@ -26,13 +26,19 @@ pub enum Level {
 }
 
 impl Level {
+    /// The process exit status that reports this level.
+    pub fn exit(self) -> crate::exit::Exit {
+        use crate::exit::Check;
+        crate::exit::Exit::Check(match self {
+            Level::Ok => Check::Ok,
+            Level::Warning => Check::Warning,
+            Level::Critical => Check::Critical,
+            Level::Unknown => Check::Unknown,
+        })
+    }
+
     pub fn code(self) -> i32 {
-        match self {
-            Level::Ok => 0,
-            Level::Warning => 1,
-            Level::Critical => 2,
-            Level::Unknown => 3,
-        }
+        self.exit().code()
     }
     pub fn name(self) -> &'static str {
         match self {

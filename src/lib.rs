@@ -36,6 +36,7 @@ pub mod legal;
 pub mod market;
 pub mod mcp;
 pub mod paths;
+pub mod runtime;
 pub mod status;
 pub mod timespec;
 pub mod txn;

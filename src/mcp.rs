@@ -235,10 +235,7 @@ impl ServerHandler for NodeServer {
 pub fn serve_stdio(paths: Paths) -> Result<(), McpError> {
     // One client, one connection, short synchronous handlers: a
     // current-thread runtime is all this needs.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(McpError::Runtime)?;
+    let rt = crate::runtime::current_thread().map_err(McpError::Runtime)?;
     rt.block_on(async move {
         let service = NodeServer::new(paths)
             .serve(rmcp::transport::stdio())

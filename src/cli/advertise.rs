@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::consent::{Consent, JOB_MARKET};
 use crate::context::{with_schema_version, Ctx};
 use crate::crypto::keys::Identity;
-use crate::exit::Failure;
+use crate::exit::{Exit, Failure, Result};
 use crate::market::provider::{self, AdvertiseSpec};
 
 #[derive(Debug, clap::Args)]
@@ -53,7 +53,7 @@ pub struct Args {
 /// How often a running `advertise` re-reads consent.
 const CONSENT_POLL: Duration = Duration::from_millis(500);
 
-pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
+pub fn run(ctx: &Ctx, a: Args) -> Result<Exit> {
     let cfg = ctx.config()?;
     Consent::from_config(cfg).require(JOB_MARKET)?;
     if a.slots == 0 {
@@ -190,7 +190,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
                 .into(),
         );
     }
-    Ok(())
+    Ok(Exit::Ok)
 }
 
 fn describe(v: &Value) -> String {

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::audit::Entry;
 use crate::compliance;
 use crate::context::Ctx;
-use crate::exit::{Exit, Failure};
+use crate::exit::{Exit, Failure, Result};
 use crate::timespec;
 
 #[derive(Debug, clap::Args)]
@@ -62,7 +62,7 @@ pub enum Format {
     Csv,
 }
 
-pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
+pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
     match args.command {
         Some(Sub::Verify) => verify(ctx),
         Some(Sub::Restart(a)) => restart(ctx, a),
@@ -71,7 +71,7 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
     }
 }
 
-fn verify(ctx: &Ctx) -> anyhow::Result<i32> {
+fn verify(ctx: &Ctx) -> Result<Exit> {
     let log = ctx.audit();
     // Settle a crash's torn tail first (itself a chained event); a real
     // break is reported by the walk below with its details.
@@ -135,12 +135,12 @@ fn verify(ctx: &Ctx) -> anyhow::Result<i32> {
             log.log_path().display()
         );
     }
-    Ok(if rep.ok { 0 } else { Exit::Integrity.code() })
+    Ok(Exit::unless(rep.ok, Exit::Integrity))
 }
 
 /// `audit anchor`: verify, sign a checkpoint at the head, and have the
 /// coordinator countersign it (docs/PROTOCOL.md, "anchor").
-fn anchor(ctx: &Ctx, args: AnchorArgs) -> anyhow::Result<i32> {
+fn anchor(ctx: &Ctx, args: AnchorArgs) -> Result<Exit> {
     use crate::market::server::anchor;
     let endpoint = super::market::endpoint(ctx, args.endpoint)?;
     let log = ctx.audit();
@@ -158,7 +158,7 @@ fn anchor(ctx: &Ctx, args: AnchorArgs) -> anyhow::Result<i32> {
         let rid = client.next_id();
         let ev = client.exchange(&rid, &anchor::encode_request(&rid, &cp)).await?;
         client.close();
-        Ok::<_, anyhow::Error>(ev)
+        Ok::<_, crate::exit::Error>(ev)
     })?;
     let cosig: anchor::Cosignature = match cosig {
         crate::market::protocol::Event::Ok { result, .. } => serde_json::from_value(result)
@@ -194,10 +194,10 @@ fn anchor(ctx: &Ctx, args: AnchorArgs) -> anyhow::Result<i32> {
             cosig.seq, cosig.witness, cosig.time
         ));
     }
-    Ok(0)
+    Ok(Exit::Ok)
 }
 
-fn restart(ctx: &Ctx, args: RestartArgs) -> anyhow::Result<i32> {
+fn restart(ctx: &Ctx, args: RestartArgs) -> Result<Exit> {
     if !args.yes {
         return Err(Failure::usage("`audit restart` starts a new audit log and needs --yes")
             .hint("first try to restore audit.jsonl and audit.head from a backup; then run `claude-max-market audit restart --yes`")
@@ -213,7 +213,7 @@ fn restart(ctx: &Ctx, args: RestartArgs) -> anyhow::Result<i32> {
             head.log_id
         ));
     }
-    Ok(0)
+    Ok(Exit::Ok)
 }
 
 /// Report sections: which events belong where.
@@ -238,7 +238,7 @@ fn tokens_of(e: &Entry) -> u64 {
         .unwrap_or(0)
 }
 
-fn report(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
+fn report(ctx: &Ctx, args: Args) -> Result<Exit> {
     let since = match &args.since {
         Some(s) => Some(timespec::parse_since(s, Utc::now()).map_err(Failure::usage)?),
         None => None,
@@ -376,7 +376,7 @@ fn report(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
         }
         None => ctx.out().out(&text),
     }
-    Ok(if chain.ok { 0 } else { Exit::Integrity.code() })
+    Ok(Exit::unless(chain.ok, Exit::Integrity))
 }
 
 fn csv_field(s: &str) -> String {

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use crate::cli::market::{endpoint, runtime};
 use crate::context::Ctx;
 use crate::crypto::keys::Identity;
-use crate::exit::Failure;
+use crate::exit::{Exit, Failure, Result};
 use crate::market::client::{Backoff, Client, ClientError};
 use crate::market::pending;
 use crate::market::protocol::Request;
@@ -68,7 +68,7 @@ fn parse_reputation(s: &str) -> Result<f64, String> {
     }
 }
 
-pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
+pub fn run(ctx: &Ctx, a: Args) -> Result<Exit> {
     let cfg = ctx.config()?;
     let cap = cfg.settings().market.max_bid_price;
     if a.max_price > cap {
@@ -163,7 +163,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(Exit::Ok)
 }
 
 fn wait_for_result(
@@ -174,7 +174,7 @@ fn wait_for_result(
     prompt: &[u8],
     wait: Duration,
     a: &Args,
-) -> anyhow::Result<()> {
+) -> Result<Exit> {
     let p = ctx.out().clone();
     let audit = ctx.audit();
     let mut progress = |v: Value| {
@@ -248,7 +248,7 @@ fn req_hash(req: &Request) -> Value {
 
 /// Audit and print the end of a federated job: a verified, settled result
 /// (`--json`: the whole record), or why there is none.
-pub fn finish(ctx: &Ctx, r: Result<Outcome, RequesterError>) -> anyhow::Result<()> {
+pub fn finish(ctx: &Ctx, r: Result<Outcome, RequesterError>) -> Result<Exit> {
     let p = ctx.out();
     let audit = ctx.audit();
     // Settled or refunded: the kept prompt is of no more use.
@@ -285,7 +285,7 @@ pub fn finish(ctx: &Ctx, r: Result<Outcome, RequesterError>) -> anyhow::Result<(
             } else {
                 p.out(text);
             }
-            Ok(())
+            Ok(Exit::Ok)
         }
         Err(e) => {
             if let RequesterError::Refunded { task_id, why } = &e {

@@ -2,6 +2,7 @@
 //! carrying our label; nothing else is ever touched. Also removes rotated
 //! keys whose decryption window (`security.keyRotationDays`) has passed.
 
+use crate::exit::{Exit, Result};
 use serde_json::json;
 
 use crate::context::Ctx;
@@ -22,7 +23,7 @@ pub struct Args {
     pub all_installs: bool,
 }
 
-pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
+pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
     // Keys first: it needs no engine, so it happens even when Docker is down.
     let keys_removed = crate::crypto::keys::prune_expired(&ctx.paths, chrono::Utc::now())?;
     let profile = hardening::profile()?;
@@ -67,5 +68,5 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
             p.warn(&format!("could not remove image {f}"));
         }
     }
-    Ok(if report.images_failed.is_empty() { 0 } else { 1 })
+    Ok(Exit::unless(report.images_failed.is_empty(), Exit::Failed))
 }

@@ -1,5 +1,6 @@
 //! `completions SHELL`: print a completion script.
 
+use crate::exit::{Exit, Result};
 use clap::CommandFactory;
 use clap_complete::Shell;
 
@@ -9,9 +10,9 @@ pub struct Args {
     pub shell: Shell,
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run(args: Args) -> Result<Exit> {
     let mut cmd = super::Cli::command();
     let mut out = std::io::stdout().lock();
     clap_complete::generate(args.shell, &mut cmd, "claude-max-market", &mut out);
-    Ok(())
+    Ok(Exit::Ok)
 }

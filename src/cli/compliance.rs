@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::compliance::{self, EMBEDDED_CHECKLIST};
 use crate::context::Ctx;
-use crate::exit::{Exit, Failure};
+use crate::exit::{Exit, Failure, Result};
 use crate::health::Level;
 
 #[derive(Debug, clap::Args)]
@@ -24,7 +24,7 @@ fn read_checklist(f: &std::path::Path) -> Result<String, Failure> {
     String::from_utf8(bytes).map_err(|_| Failure::new(Exit::Usage, format!("{} is not UTF-8 text", f.display())))
 }
 
-pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
+pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
     let (name, text) = match &args.checklist {
         Some(f) => (f.display().to_string(), read_checklist(f)?),
         None => (
@@ -56,9 +56,10 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
         ));
         p.out(&out);
     }
+    // A check that could not run is CRITICAL here, not UNKNOWN.
     Ok(match report.level {
-        Level::Ok => 0,
-        Level::Warning => 1,
-        _ => 2,
-    })
+        Level::Unknown => Level::Critical,
+        l => l,
+    }
+    .exit())
 }

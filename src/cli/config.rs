@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use crate::config::{self as cfgmod, Config, KeyDef, Origin};
 use crate::context::Ctx;
-use crate::exit::Failure;
+use crate::exit::{Exit, Failure, Result};
 
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("action").args(["list", "get", "set", "unset", "import", "export"])))]
@@ -39,7 +39,7 @@ pub fn apply(
     ctx: &mut Ctx,
     changes: Vec<(&'static KeyDef, Option<Value>)>,
     via: &str,
-) -> anyhow::Result<Vec<(String, Value, Value)>> {
+) -> Result<Vec<(String, Value, Value)>> {
     ctx.preflight_audit()?;
     // Write-ahead: the `config.changed` events are logged before the file
     // is replaced (`crate::txn`), so a crash cannot leave a change unlogged.
@@ -85,7 +85,7 @@ fn show_value(v: &Value) -> String {
     }
 }
 
-pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
+pub fn run(ctx: &mut Ctx, args: Args) -> Result<Exit> {
     if let Some(key) = &args.get {
         let d = cfgmod::def_or_suggest(key)?;
         let cfg = ctx.config()?;
@@ -95,7 +95,7 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
         } else {
             p.out(&show_value(cfg.get(d)));
         }
-        return Ok(());
+        return Ok(Exit::Ok);
     }
     if !args.set.is_empty() || !args.unset.is_empty() {
         let mut changes = Vec::new();
@@ -131,7 +131,7 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
                 p.out(&format!("{k}: {} -> {}", show_value(o), show_value(n)));
             }
         }
-        return Ok(());
+        return Ok(Exit::Ok);
     }
     if let Some(file) = &args.import {
         let cfgmod::Import { set, unknown: dropped } = cfgmod::read_import(file)?;
@@ -150,7 +150,7 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
                 file.display()
             ));
         }
-        return Ok(());
+        return Ok(Exit::Ok);
     }
     if let Some(file) = &args.export {
         let cfg = ctx.config()?;
@@ -182,12 +182,12 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
                 p.note(&format!("Wrote {}.", file.display()));
             }
         }
-        return Ok(());
+        return Ok(Exit::Ok);
     }
     list(ctx.config()?, ctx)
 }
 
-fn list(cfg: &Config, ctx: &Ctx) -> anyhow::Result<()> {
+fn list(cfg: &Config, ctx: &Ctx) -> Result<Exit> {
     let p = ctx.out();
     if p.json {
         let keys: Vec<Value> = cfg
@@ -195,7 +195,7 @@ fn list(cfg: &Config, ctx: &Ctx) -> anyhow::Result<()> {
             .map(|(d, v, o)| json!({ "key": d.key, "value": v, "origin": o.to_string(), "default": cfgmod::default_value(d.key), "help": d.help }))
             .collect();
         p.json(json!({ "path": cfg.path(), "keys": keys, "unknown": cfg.unknown }));
-        return Ok(());
+        return Ok(Exit::Ok);
     }
     let width = cfg.entries().map(|(d, _, _)| d.key.len()).max().unwrap_or(0);
     let mut out = String::new();
@@ -211,5 +211,5 @@ fn list(cfg: &Config, ctx: &Ctx) -> anyhow::Result<()> {
     for k in &cfg.unknown {
         p.warn(&format!("{}: unknown key `{k}` is ignored", cfg.path().display()));
     }
-    Ok(())
+    Ok(Exit::Ok)
 }

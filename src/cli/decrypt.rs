@@ -1,6 +1,7 @@
 //! `decrypt`: open an envelope; the output file appears, or stdout gets the
 //! plaintext, only once every chunk and the sender's signature verified.
 
+use crate::exit::{Exit, Result};
 use serde_json::json;
 
 use crate::context::Ctx;
@@ -23,7 +24,7 @@ pub struct Args {
     pub force: bool,
 }
 
-pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
+pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
     let me = Identity::load(&ctx.paths)?;
     let require = args
         .require_signer
@@ -60,5 +61,5 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(Exit::Ok)
 }

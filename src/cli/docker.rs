@@ -13,7 +13,7 @@ use crate::context::{Ctx, Printer};
 use crate::docker::image::{self, BuildRequest, Context, ImageEvent, ImageProgress, LocalBuild, Provenance};
 use crate::docker::native::{self, ClaudeBinary, ExtraCa};
 use crate::docker::{hardening, DockerError};
-use crate::exit::Failure;
+use crate::exit::{Exit, Failure, Result};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -72,7 +72,7 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
     }
 }
 
-pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
+pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
     let cfg = ctx.config()?;
     let profile = hardening::profile()?;
     let progress = BuildProgress::new(ctx.out());
@@ -128,7 +128,7 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
                     built.steps
                 ));
             }
-            Ok(0)
+            Ok(Exit::Ok)
         }
         Sub::Build(b) => {
             let context = match b.context {
@@ -152,7 +152,7 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
             } else {
                 p.out(&format!("Built `{}` ({})", req.tag, short(&id)));
             }
-            Ok(0)
+            Ok(Exit::Ok)
         }
         Sub::Pull(a) => {
             let tag = a.tag.unwrap_or_else(|| crate::job::default_image(cfg));
@@ -173,7 +173,7 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
             progress.finish();
             let built = match result {
                 Err(e @ DockerError::Pull { .. }) => {
-                    return Err(anyhow::Error::new(e).context(Failure::new(
+                    return Err(crate::exit::Error::from(e).within(Failure::new(
                         crate::exit::Exit::Unavailable,
                         format!("pull of `{tag}` failed and --no-build-fallback was given"),
                     )))
@@ -204,7 +204,7 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
                 Some((_, id)) => p.out(&format!("Pull failed; built `{tag}` locally instead ({})", short(id))),
                 None => p.out(&format!("Pulled `{tag}`")),
             }
-            Ok(0)
+            Ok(Exit::Ok)
         }
     }
 }

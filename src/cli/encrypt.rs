@@ -1,5 +1,6 @@
 //! `encrypt`: seal a file or stdin to one or more recipients (default: this node).
 
+use crate::exit::{Exit, Result};
 use serde_json::json;
 
 use crate::context::Ctx;
@@ -25,7 +26,7 @@ pub struct Args {
     pub force: bool,
 }
 
-pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
+pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
     let me = Identity::load_or_generate(&ctx.paths, &ctx.audit())?;
     let own = me.public();
     let recipients = if args.recipients.is_empty() {
@@ -57,5 +58,5 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
         // Stdout carries the envelope: say nothing there.
         Sink::Stdout => p.detail(&format!("Encrypted {bytes} bytes to {} recipient(s)", to.len())),
     }
-    Ok(())
+    Ok(Exit::Ok)
 }

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::cli::progress::StderrProgress;
 use crate::context::Ctx;
-use crate::exit::{Exit, Failure};
+use crate::exit::{Exit, Failure, Result};
 use crate::job::{self, Approval, ApprovedBy, Cancel, JobError, JobSource, JobSpec, Status};
 
 #[derive(Debug, clap::Args)]
@@ -102,7 +102,7 @@ fn parse_budget(s: &str) -> Result<f64, String> {
     }
 }
 
-pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
+pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
     let prompt = read_prompt(&args)?;
     let cfg = ctx.config()?;
     let mut spec = JobSpec::from_config(cfg, prompt, JobSource::Local);
@@ -162,7 +162,7 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
             handle.cancel();
         });
         let p: Arc<dyn job::Progress> = progress.clone();
-        anyhow::Ok(job::run(&ctx.paths, cfg, spec, approval, p, cancel).await)
+        Ok::<_, crate::exit::Error>(job::run(&ctx.paths, cfg, spec, approval, p, cancel).await)
     })?;
     // Do not wait for a blocking approval prompt Ctrl-C already answered:
     // everything the job needed finished inside `block_on`.
@@ -191,15 +191,15 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
             if format != OutputFormat::Json {
                 report_on_stderr(p, &record);
             }
-            Ok(record.exit)
+            Ok(record.status.exit())
         }
         Err(JobError::Cancelled) => {
             if format == OutputFormat::Json {
-                p.json(json!({ "ok": false, "error": { "kind": "cancelled", "exit": 130, "message": "cancelled before the job started" } }));
+                p.json(json!({ "ok": false, "error": { "kind": "cancelled", "exit": Exit::Interrupted.code(), "message": "cancelled before the job started" } }));
             } else {
                 eprintln!("cancelled before the job started; nothing ran");
             }
-            Ok(130)
+            Ok(Exit::Interrupted)
         }
         Err(JobError::Docker(e @ crate::docker::DockerError::Build { .. })) => {
             if let crate::docker::DockerError::Build { output, .. } = &e {

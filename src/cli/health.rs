@@ -4,11 +4,12 @@
 use serde_json::json;
 
 use crate::context::Ctx;
+use crate::exit::{Exit, Result};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {}
 
-pub fn run(ctx: &Ctx, _args: Args) -> i32 {
+pub fn run(ctx: &Ctx, _args: Args) -> Result<Exit> {
     let report = crate::health::check(&ctx.paths);
     let p = ctx.out();
     if p.json {
@@ -22,5 +23,5 @@ pub fn run(ctx: &Ctx, _args: Args) -> i32 {
     } else {
         p.out(&report.line());
     }
-    report.level.code()
+    Ok(report.level.exit())
 }

@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::context::Ctx;
 use crate::crypto::keys::{self, Identity, Keyring, PublicIdentity};
-use crate::exit::Failure;
+use crate::exit::{Exit, Failure, Result};
 use crate::fsutil;
 
 #[derive(Debug, clap::Args)]
@@ -52,7 +52,7 @@ pub enum KeysCommand {
     Rotate,
 }
 
-pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
+pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
     let p = ctx.out();
     match args.command {
         KeysCommand::Generate { force } => {
@@ -178,7 +178,7 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(Exit::Ok)
 }
 
 fn show_block(public: &PublicIdentity, id: &Identity) -> String {

@@ -4,7 +4,7 @@ use serde_json::{json, Value};
 
 use crate::config::{self as cfgmod, KeyDef};
 use crate::context::Ctx;
-use crate::exit::Failure;
+use crate::exit::{Exit, Failure, Result};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -62,7 +62,7 @@ fn parse(key: &'static str, text: &str) -> Result<(&'static KeyDef, Option<Value
     })
 }
 
-pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
+pub fn run(ctx: &mut Ctx, args: Args) -> Result<Exit> {
     let mut changes = Vec::new();
     for (key, val) in [
         ("limits.dailyTasks", &args.daily),
@@ -111,7 +111,7 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
     show(ctx)
 }
 
-fn show(ctx: &Ctx) -> anyhow::Result<()> {
+fn show(ctx: &Ctx) -> Result<Exit> {
     let cfg = ctx.config()?;
     let report = crate::status::read(&ctx.paths, cfg)?;
     let p = ctx.out();
@@ -121,8 +121,8 @@ fn show(ctx: &Ctx) -> anyhow::Result<()> {
             "timeout_seconds": report.timeout_seconds,
             "usage": report.usage.windows,
         }));
-        return Ok(());
+        return Ok(Exit::Ok);
     }
     p.out(&super::status::caps_table(&report, p));
-    Ok(())
+    Ok(Exit::Ok)
 }

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 
 use crate::audit::Entry;
 use crate::context::{Ctx, Printer};
-use crate::exit::Failure;
+use crate::exit::{Exit, Failure, Result};
 use crate::timespec;
 
 #[derive(Debug, clap::Args)]
@@ -30,7 +30,7 @@ pub struct Args {
     pub patch: bool,
 }
 
-pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
+pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
     if let Some(id) = &args.job {
         if args.patch {
             return show_patch(ctx, id);
@@ -54,7 +54,7 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
     if args.follow {
         follow(ctx, p, &keep)?;
     }
-    Ok(())
+    Ok(Exit::Ok)
 }
 
 fn print_entry(p: &Printer, e: &Entry) {
@@ -82,7 +82,7 @@ fn print_entry(p: &Printer, e: &Entry) {
 }
 
 /// Poll the log for growth and print complete new lines.
-fn follow(ctx: &Ctx, p: &Printer, keep: &dyn Fn(&Entry) -> bool) -> anyhow::Result<()> {
+fn follow(ctx: &Ctx, p: &Printer, keep: &dyn Fn(&Entry) -> bool) -> Result<Exit> {
     let path = ctx.paths.audit_log();
     let mut offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     let mut pending = String::new();
@@ -123,7 +123,7 @@ fn follow(ctx: &Ctx, p: &Printer, keep: &dyn Fn(&Entry) -> bool) -> anyhow::Resu
 
 /// `logs --job ID --patch`: the patch, byte for byte (`--json`: its path,
 /// hash and text).
-fn show_patch(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
+fn show_patch(ctx: &Ctx, id: &str) -> Result<Exit> {
     let record = crate::job::read_record(&ctx.paths, id)?;
     let path = crate::job::patch_path(&ctx.paths, id);
     let bytes = match std::fs::read(&path) {
@@ -154,23 +154,23 @@ fn show_patch(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
             "sha256": hex::encode(sha2::Sha256::digest(&bytes)),
             "patch": String::from_utf8_lossy(&bytes),
         }));
-        return Ok(());
+        return Ok(Exit::Ok);
     }
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     match out.write_all(&bytes).and_then(|_| out.flush()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
-        _ => Ok(()),
+        _ => Ok(Exit::Ok),
     }
 }
 
 /// `logs --job ID`: the job record (`--json`: the record itself).
-fn show_job(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
+fn show_job(ctx: &Ctx, id: &str) -> Result<Exit> {
     let record = crate::job::read_record(&ctx.paths, id)?;
     let p = ctx.out();
     if p.json {
         p.json(record);
-        return Ok(());
+        return Ok(Exit::Ok);
     }
     let s = |k: &str| match record.get(k) {
         Some(serde_json::Value::String(s)) => s.clone(),
@@ -221,5 +221,5 @@ fn show_job(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
         out.push(r.to_string());
     }
     p.out(&out.join("\n"));
-    Ok(())
+    Ok(Exit::Ok)
 }

@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 
 use crate::context::Ctx;
 use crate::crypto::keys::Identity;
-use crate::exit::{Exit, Failure};
+use crate::exit::{Exit, Failure, Result};
 use crate::market::client::Client;
 use crate::market::pending;
 use crate::market::protocol::Request;
@@ -177,17 +177,17 @@ pub struct LedgerArgs {
     pub db: Option<PathBuf>,
 }
 
-pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
+pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
     match args.command {
-        MarketCommand::Serve(a) => serve(ctx, a).map(|_| 0),
-        MarketCommand::Status(a) => status(ctx, a).map(|_| 0),
+        MarketCommand::Serve(a) => serve(ctx, a),
+        MarketCommand::Status(a) => status(ctx, a),
         MarketCommand::Ledger(a) => ledger_cmd(ctx, a),
-        MarketCommand::Grant(a) => grant(ctx, a).map(|_| 0),
+        MarketCommand::Grant(a) => grant(ctx, a),
         MarketCommand::Result(a) => result(ctx, a),
     }
 }
 
-fn result(ctx: &Ctx, a: ResultArgs) -> anyhow::Result<i32> {
+fn result(ctx: &Ctx, a: ResultArgs) -> Result<Exit> {
     let endpoint = endpoint(ctx, a.endpoint)?;
     // A task id becomes a file name below: refuse anything else first.
     pending::path(&ctx.paths, &a.task_id)?;
@@ -246,9 +246,9 @@ fn result(ctx: &Ctx, a: ResultArgs) -> anyhow::Result<i32> {
     };
     let r = runtime()?.block_on(requester::resume(&endpoint, &id, &spec, &mut progress));
     let (task, payload_sent) = match r {
-        Ok(Resumed::Settled(o)) => return crate::cli::bid::finish(ctx, Ok(o)).map(|_| 0),
+        Ok(Resumed::Settled(o)) => return crate::cli::bid::finish(ctx, Ok(o)),
         Ok(Resumed::NotYet { task, payload_sent }) => (task, payload_sent),
-        Err(e) => return crate::cli::bid::finish(ctx, Err(e)).map(|_| 0),
+        Err(e) => return crate::cli::bid::finish(ctx, Err(e)),
     };
     // Not delivered, and not waited for.
     let state = task["state"].as_str().unwrap_or("?").to_string();
@@ -286,11 +286,11 @@ fn result(ctx: &Ctx, a: ResultArgs) -> anyhow::Result<i32> {
         eprintln!("{message}");
         eprintln!("{} {hint}", p.bold("hint:"));
     }
-    Ok(Exit::Failed.code())
+    Ok(Exit::Failed)
 }
 
 /// The coordinator URL: flag, else config (env and file already folded in).
-pub fn endpoint(ctx: &Ctx, flag: Option<String>) -> anyhow::Result<String> {
+pub fn endpoint(ctx: &Ctx, flag: Option<String>) -> Result<String> {
     let e = match flag {
         Some(e) => e,
         None => ctx.config()?.settings().market.endpoint.clone(),
@@ -306,14 +306,14 @@ pub fn endpoint(ctx: &Ctx, flag: Option<String>) -> anyhow::Result<String> {
 }
 
 /// A small runtime for one client command.
-pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(crate::runtime::current_thread()?)
 }
 
 /// `market grant`: one `operator_grant` journal entry, in its own durable
 /// transaction beside a running coordinator (SQLite serialises it with the
 /// coordinator's writer), then the operator's audit line.
-fn grant(ctx: &Ctx, a: GrantArgs) -> anyhow::Result<()> {
+fn grant(ctx: &Ctx, a: GrantArgs) -> Result<Exit> {
     use crate::market::server::book::{self, Fail};
     let node = a.node_id.to_ascii_lowercase();
     if node.len() != 64 || !node.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -362,10 +362,10 @@ fn grant(ctx: &Ctx, a: GrantArgs) -> anyhow::Result<()> {
             "Granted {amount} RUV to node {node} (ledger entry {journal_id}); its balance is {balance} RUV"
         ));
     }
-    Ok(())
+    Ok(Exit::Ok)
 }
 
-fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<()> {
+fn serve(ctx: &Ctx, a: ServeArgs) -> Result<Exit> {
     let db = match a.db {
         Some(d) => d,
         None => {
@@ -421,22 +421,22 @@ fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<()> {
         let _ = std::io::stdout().flush();
     })?;
     p.note("market coordinator stopped");
-    Ok(())
+    Ok(Exit::Ok)
 }
 
-fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<()> {
+fn status(ctx: &Ctx, a: StatusArgs) -> Result<Exit> {
     let endpoint = endpoint(ctx, a.endpoint)?;
     let id = Identity::load_or_generate(&ctx.paths, &ctx.audit())?;
     let v = runtime()?.block_on(async {
         let client = Client::connect(&endpoint, &id).await?;
         let v = client.request(&Request::Status {}).await?;
         client.close();
-        Ok::<Value, anyhow::Error>(v)
+        Ok::<Value, crate::exit::Error>(v)
     })?;
     let p = ctx.out();
     if p.json {
         p.json(json!({ "ok": true, "endpoint": endpoint, "status": v }));
-        return Ok(());
+        return Ok(Exit::Ok);
     }
     let rep = &v["reputation"];
     let mut s = format!(
@@ -487,10 +487,10 @@ fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<()> {
         srv["ledger"]["escrow"]
     ));
     p.out(&s);
-    Ok(())
+    Ok(Exit::Ok)
 }
 
-fn ledger_cmd(ctx: &Ctx, a: LedgerArgs) -> anyhow::Result<i32> {
+fn ledger_cmd(ctx: &Ctx, a: LedgerArgs) -> Result<Exit> {
     let db = a.db.unwrap_or_else(|| ctx.paths.market_db());
     if !db.exists() {
         return Err(
@@ -512,13 +512,13 @@ fn ledger_cmd(ctx: &Ctx, a: LedgerArgs) -> anyhow::Result<i32> {
                 t.issued, t.balances, t.escrow
             ));
         }
-        return Ok(0);
+        return Ok(Exit::Ok);
     }
     // A live coordinator may be writing: read one consistent snapshot.
     conn.execute_batch("BEGIN")?;
     let report = ledger::verify(&conn)?;
     conn.execute_batch("COMMIT")?;
-    let code = if report.ok { 0 } else { Exit::Integrity.code() };
+    let code = Exit::unless(report.ok, Exit::Integrity);
     if p.json {
         p.json(json!({ "ok": report.ok, "db": db, "report": report }));
     } else if report.ok {

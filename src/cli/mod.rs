@@ -10,7 +10,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde_json::json;
 
 use crate::context::{printable, with_schema_version, Ctx, Printer};
-use crate::exit::{Exit, Failure, HasExit};
+use crate::exit::{Error, Exit, Failure, Result};
 use crate::paths::Paths;
 
 pub mod advertise;
@@ -184,7 +184,7 @@ pub fn main_entry() -> i32 {
     init_tracing(cli.verbose);
     let printer = Printer::new(cli.json, cli.quiet, cli.verbose);
     match run(cli, printer.clone()) {
-        Ok(code) => code,
+        Ok(exit) => exit.code(),
         Err(err) => report(&printer, &err),
     }
 }
@@ -216,7 +216,11 @@ fn clap_error(e: clap::Error, json: bool, args: &[OsString]) -> i32 {
         .skip(1)
         .find(|a| !a.to_str().is_some_and(|a| a.starts_with('-')))
         .is_some_and(|a| a == "health");
-    let code = if is_health { 3 } else { Exit::Usage.code() };
+    let code = if is_health {
+        Exit::Check(crate::exit::Check::Unknown).code()
+    } else {
+        Exit::Usage.code()
+    };
     if json {
         let msg = e
             .kind()
@@ -265,9 +269,9 @@ fn first_line(s: &str) -> String {
         .to_string()
 }
 
-fn run(cli: Cli, printer: Printer) -> anyhow::Result<i32> {
+fn run(cli: Cli, printer: Printer) -> Result<Exit> {
     if cli.terms {
-        return terms::show(&printer).map(|_| 0);
+        return terms::show(&printer);
     }
     let Some(command) = cli.command else {
         let mut cmd = Cli::command();
@@ -275,76 +279,41 @@ fn run(cli: Cli, printer: Printer) -> anyhow::Result<i32> {
         return Err(Failure::usage("no command given").hint("see the commands above").into());
     };
     if let Command::Completions(args) = command {
-        return completions::run(args).map(|_| 0);
+        return completions::run(args);
     }
     let paths = Paths::resolve().map_err(|e| Failure::new(Exit::Failed, e.to_string()))?;
     let mut ctx = Ctx::new(paths, printer);
     match command {
-        Command::Terms(a) => terms::run(&ctx, a).map(|_| 0),
-        Command::OptIn(a) => opt_in::run(&mut ctx, a).map(|_| 0),
-        Command::OptOut(a) => opt_out::run(&mut ctx, a).map(|_| 0),
-        Command::Limits(a) => limits::run(&mut ctx, a).map(|_| 0),
-        Command::Status(a) => status::run(&ctx, a).map(|_| 0),
-        Command::Config(a) => config::run(&mut ctx, a).map(|_| 0),
+        Command::Terms(a) => terms::run(&ctx, a),
+        Command::OptIn(a) => opt_in::run(&mut ctx, a),
+        Command::OptOut(a) => opt_out::run(&mut ctx, a),
+        Command::Limits(a) => limits::run(&mut ctx, a),
+        Command::Status(a) => status::run(&ctx, a),
+        Command::Config(a) => config::run(&mut ctx, a),
         Command::Execute(a) => execute::run(&ctx, a),
-        Command::Logs(a) => logs::run(&ctx, a).map(|_| 0),
+        Command::Logs(a) => logs::run(&ctx, a),
         Command::Audit(a) => audit::run(&ctx, a),
         Command::ComplianceCheck(a) => compliance::run(&ctx, a),
-        Command::Health(a) => Ok(health::run(&ctx, a)),
-        Command::Usage(a) => usage::run(&ctx, a).map(|_| 0),
-        Command::Mcp(a) => mcp::run(&ctx, a).map(|_| 0),
+        Command::Health(a) => health::run(&ctx, a),
+        Command::Usage(a) => usage::run(&ctx, a),
+        Command::Mcp(a) => mcp::run(&ctx, a),
         Command::Docker(a) => docker::run(&ctx, a),
         Command::Clean(a) => clean::run(&ctx, a),
-        Command::Advertise(a) => advertise::run(&ctx, a).map(|_| 0),
-        Command::Bid(a) => bid::run(&ctx, a).map(|_| 0),
+        Command::Advertise(a) => advertise::run(&ctx, a),
+        Command::Bid(a) => bid::run(&ctx, a),
         Command::Market(a) => market::run(&ctx, a),
         Command::Completions(_) => unreachable!("handled above"),
-        Command::Keys(a) => keys::run(&ctx, a).map(|_| 0),
-        Command::Encrypt(a) => encrypt::run(&ctx, a).map(|_| 0),
-        Command::Decrypt(a) => decrypt::run(&ctx, a).map(|_| 0),
+        Command::Keys(a) => keys::run(&ctx, a),
+        Command::Encrypt(a) => encrypt::run(&ctx, a),
+        Command::Decrypt(a) => decrypt::run(&ctx, a),
     }
-}
-
-/// Find the exit code and hint an error carries, from any layer.
-pub fn classify(err: &anyhow::Error) -> (Exit, Option<String>) {
-    for cause in err.chain() {
-        macro_rules! try_as {
-            ($($t:ty),*) => {$(
-                if let Some(e) = cause.downcast_ref::<$t>() {
-                    return (e.exit(), e.hint());
-                }
-            )*};
-        }
-        try_as!(
-            Failure,
-            crate::config::ConfigError,
-            crate::audit::AuditError,
-            crate::txn::TxnError,
-            crate::usage::UsageError,
-            crate::compliance::ChecklistError,
-            crate::analytics::AnalyticsError,
-            crate::mcp::McpError,
-            crate::crypto::KeyError,
-            crate::crypto::CryptoError,
-            crate::job::JobError,
-            crate::docker::DockerError,
-            crate::workspace::WorkspaceError,
-            crate::claude::credentials::CredentialError,
-            crate::market::requester::RequesterError,
-            crate::market::pending::PendingError,
-            crate::market::sealed::SealError,
-            crate::market::client::ClientError,
-            crate::market::server::ServeError
-        );
-    }
-    (Exit::Failed, None)
 }
 
 /// Print an error (human or JSON) and return its exit code.
-pub fn report(printer: &Printer, err: &anyhow::Error) -> i32 {
-    let (exit, hint) = classify(err);
-    let message = printable(&format!("{err:#}")).into_owned();
-    let hint = hint.map(|h| printable(&h).into_owned());
+pub fn report(printer: &Printer, err: &Error) -> i32 {
+    let exit = err.exit();
+    let message = printable(&err.to_string()).into_owned();
+    let hint = err.hint().map(|h| printable(h).into_owned());
     if printer.json {
         printer.json(json!({
             "ok": false,

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use crate::config::{self, Config};
 use crate::consent::{self, Consent, JOB_LOCAL, JOB_MARKET};
 use crate::context::{self, Ctx};
-use crate::exit::Failure;
+use crate::exit::{Exit, Failure, Result};
 use crate::legal;
 
 #[derive(Debug, clap::Args)]
@@ -34,7 +34,7 @@ fn cap_value(key: &str, text: &str) -> Result<Value, Failure> {
     })
 }
 
-pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
+pub fn run(ctx: &mut Ctx, args: Args) -> Result<Exit> {
     // Validate flags before asking anything.
     let mut caps: Vec<(&str, Value)> = Vec::new();
     if let Some(t) = &args.max_daily {
@@ -141,5 +141,5 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
         ));
         p.note("Change caps with `claude-max-market limits`; revoke with `claude-max-market opt-out`.");
     }
-    Ok(())
+    Ok(Exit::Ok)
 }

@@ -4,7 +4,7 @@ use serde_json::json;
 
 use crate::consent::{self, Consent};
 use crate::context::{self, Ctx};
-use crate::exit::Failure;
+use crate::exit::{Exit, Failure, Result};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -13,7 +13,7 @@ pub struct Args {
     pub yes: bool,
 }
 
-pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
+pub fn run(ctx: &mut Ctx, args: Args) -> Result<Exit> {
     let current = Consent::from_config(ctx.config()?);
     if !current.accepted {
         let p = ctx.out();
@@ -22,7 +22,7 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
         } else {
             p.out("Not opted in; nothing to revoke.");
         }
-        return Ok(());
+        return Ok(Exit::Ok);
     }
     if !args.yes {
         if !context::interactive() {
@@ -73,8 +73,9 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
     // record the end). Both happen even when the audit log is broken:
     // stopping is always allowed. A failure to record it is still reported.
     let stopped = crate::docker::clean::stop_jobs_blocking(&scope);
-    recorded
-        .map_err(|e| anyhow::Error::new(e).context("consent was revoked, but the audit log could not record it"))?;
+    recorded.map_err(|e| {
+        crate::exit::Error::from(e).context("consent was revoked, but the audit log could not record it")
+    })?;
     if let Ok(n) = stopped.as_ref() {
         if *n > 0 {
             ctx.audit()
@@ -98,5 +99,5 @@ pub fn run(ctx: &mut Ctx, args: Args) -> anyhow::Result<()> {
             Err(e) => p.note(&format!("could not check for running job containers: {e}")),
         }
     }
-    Ok(())
+    Ok(Exit::Ok)
 }

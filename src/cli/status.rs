@@ -1,5 +1,6 @@
 //! `status`: consent, caps vs usage with reset times, open reservations.
 
+use crate::exit::{Exit, Result};
 use serde_json::json;
 
 use crate::context::{Ctx, Printer};
@@ -8,13 +9,13 @@ use crate::status::StatusReport;
 #[derive(Debug, clap::Args)]
 pub struct Args {}
 
-pub fn run(ctx: &Ctx, _args: Args) -> anyhow::Result<()> {
+pub fn run(ctx: &Ctx, _args: Args) -> Result<Exit> {
     let cfg = ctx.config()?;
     let report = crate::status::read(&ctx.paths, cfg)?;
     let p = ctx.out();
     if p.json {
         p.json(json!(report));
-        return Ok(());
+        return Ok(Exit::Ok);
     }
     let c = &report.consent;
     let consent = if c.accepted && c.terms_current {
@@ -62,7 +63,7 @@ pub fn run(ctx: &Ctx, _args: Args) -> anyhow::Result<()> {
         out.push_str(&format!("  {}", p.red(prob)));
     }
     p.out(&out);
-    Ok(())
+    Ok(Exit::Ok)
 }
 
 /// Caps against usage per window, with reset times (shared with `limits`).

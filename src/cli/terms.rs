@@ -1,5 +1,6 @@
 //! `terms` (and the global `--terms`): the text users accept at `opt-in`.
 
+use crate::exit::{Exit, Result};
 use serde_json::json;
 
 use crate::context::{Ctx, Printer};
@@ -8,11 +9,11 @@ use crate::legal;
 #[derive(Debug, clap::Args)]
 pub struct Args {}
 
-pub fn run(ctx: &Ctx, _args: Args) -> anyhow::Result<()> {
+pub fn run(ctx: &Ctx, _args: Args) -> Result<Exit> {
     show(ctx.out())
 }
 
-pub fn show(p: &Printer) -> anyhow::Result<()> {
+pub fn show(p: &Printer) -> Result<Exit> {
     if p.json {
         p.json(json!({
             "version": legal::TERMS_VERSION,
@@ -28,5 +29,5 @@ pub fn show(p: &Printer) -> anyhow::Result<()> {
             legal::terms_sha256()
         ));
     }
-    Ok(())
+    Ok(Exit::Ok)
 }

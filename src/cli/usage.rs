@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::analytics::{self, Period, Stats, UsageReport};
 use crate::context::{Ctx, Printer};
-use crate::exit::Failure;
+use crate::exit::{Exit, Failure, Result};
 use crate::timespec;
 
 #[derive(Debug, clap::Args)]
@@ -39,7 +39,7 @@ pub enum Format {
     Csv,
 }
 
-pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
+pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
     let now = Utc::now();
     let since = args
         .since
@@ -71,7 +71,7 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
             p.out(&table(&report, p, fancy));
         }
     }
-    Ok(())
+    Ok(Exit::Ok)
 }
 
 fn opt(v: Option<f64>, suffix: &str) -> String {

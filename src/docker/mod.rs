@@ -91,7 +91,7 @@ impl HasExit for DockerError {
 
 /// A current-thread runtime: one job needs no more, and it starts fast.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build()
+    crate::runtime::current_thread()
 }
 
 /// Connect with local defaults (`DOCKER_HOST` or the Unix socket) and

@@ -455,7 +455,7 @@ fn hold_main(argv: &[CString], nonce: &str) -> i32 {
 }
 
 fn serve(listener: std::net::TcpListener, socket: PathBuf) {
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_io().build() else {
+    let Ok(rt) = crate::runtime::current_thread() else {
         return;
     };
     rt.block_on(async move {

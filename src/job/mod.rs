@@ -316,12 +316,12 @@ impl Status {
         }
     }
 
-    /// Our process's exit code for this outcome.
-    pub fn exit_code(self) -> i32 {
+    /// Our process's exit status for this outcome.
+    pub fn exit(self) -> Exit {
         match self {
-            Status::Completed => 0,
-            Status::Failed | Status::Killed => Exit::Failed.code(),
-            Status::Cancelled => 130,
+            Status::Completed => Exit::Ok,
+            Status::Failed | Status::Killed => Exit::Failed,
+            Status::Cancelled => Exit::Interrupted,
         }
     }
 }
