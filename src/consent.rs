@@ -6,12 +6,13 @@
 //! the current state.
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::config::{self, Config, ConfigError};
-use crate::exit::{Exit, Failure};
+use crate::exit::{Exit, Failure, HasExit};
 use crate::legal;
 use crate::paths::Paths;
+use crate::txn::TxnError;
 
 /// Job types a user can consent to.
 pub const JOB_LOCAL: &str = "local";
@@ -109,4 +110,198 @@ pub fn set_with_caps(
         serde_json::to_value(consent).expect("consent serialises"),
     );
     changes
+}
+
+/// What `opt-in` asks for: the job types beyond local ones, and caps to set
+/// in the same write.
+#[derive(Debug, Clone, Default)]
+pub struct GrantOptions {
+    /// Also allow Claude-backed market jobs.
+    pub market_jobs: bool,
+    /// Cap keys and their (validated) values.
+    pub caps: Vec<(&'static str, Value)>,
+    /// The terms were shown and accepted on a terminal (not `--accept-terms`).
+    pub interactive: bool,
+}
+
+/// The caps in force after a grant.
+#[derive(Debug, Clone, Serialize)]
+pub struct CapsNow {
+    #[serde(rename = "dailyTasks")]
+    pub daily_tasks: u64,
+    #[serde(rename = "maxTokensPerTask")]
+    pub max_tokens_per_task: u64,
+}
+
+impl CapsNow {
+    fn of(cfg: &Config) -> CapsNow {
+        let l = &cfg.settings().limits;
+        CapsNow {
+            daily_tasks: l.daily_tasks,
+            max_tokens_per_task: l.max_tokens_per_task,
+        }
+    }
+}
+
+/// The outcome of [`grant`].
+#[derive(Debug, Clone, Serialize)]
+pub struct Granted {
+    pub consent: Consent,
+    pub caps: CapsNow,
+}
+
+/// Record consent to the current terms (and the caps given), audited
+/// write-ahead as `consent.granted`: a crash cannot leave consent stored but
+/// unrecorded.
+pub fn grant(paths: &Paths, opts: GrantOptions) -> Result<Granted, TxnError> {
+    let mut job_types = vec![JOB_LOCAL.to_string()];
+    if opts.market_jobs {
+        job_types.push(JOB_MARKET.to_string());
+    }
+    let record = Consent {
+        accepted: true,
+        terms_version: Some(legal::TERMS_VERSION.into()),
+        terms_sha256: Some(legal::terms_sha256()),
+        accepted_at: Some(now_rfc3339()),
+        job_types: job_types.clone(),
+        revoked_at: None,
+    };
+    crate::audit::AuditLog::new(paths).recover()?;
+    crate::txn::edit_audited(
+        paths,
+        |file| Ok(set_with_caps(file, &record, &opts.caps)),
+        |p| {
+            let cfg = Config::from_file_object(paths, p.file.clone())?;
+            Ok(vec![(
+                "consent.granted".to_string(),
+                json!({
+                    "terms_version": legal::TERMS_VERSION,
+                    "terms_sha256": legal::terms_sha256(),
+                    "job_types": job_types,
+                    "caps": CapsNow::of(&cfg),
+                    "interactive": opts.interactive,
+                    "changes": p.out.iter().map(|(k, o, n)| json!({"key": k, "old": o, "new": n})).collect::<Vec<_>>(),
+                }),
+            )])
+        },
+    )?;
+    let cfg = Config::load(paths)?;
+    Ok(Granted {
+        consent: record,
+        caps: CapsNow::of(&cfg),
+    })
+}
+
+/// The outcome of [`revoke`].
+#[derive(Debug)]
+pub enum Revocation {
+    /// There was no consent to revoke.
+    NotOptedIn(Consent),
+    /// Consent is revoked; this install's job containers were stopped
+    /// (how many), or could not be checked (why).
+    Revoked {
+        consent: Consent,
+        stopped: Result<usize, String>,
+    },
+}
+
+/// Consent was revoked and containers stopped, but the audit log could not
+/// record it.
+#[derive(Debug, thiserror::Error)]
+#[error("consent was revoked, but the audit log could not record it: {0}")]
+pub struct Unrecorded(#[source] pub TxnError);
+
+impl HasExit for Unrecorded {
+    fn exit(&self) -> Exit {
+        self.0.exit()
+    }
+    fn hint(&self) -> Option<String> {
+        self.0.hint()
+    }
+}
+
+/// Why [`revoke`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RevokeError {
+    /// Nothing changed: the config could not be read or written.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Consent is revoked all the same (invariant 2), but not recorded.
+    #[error(transparent)]
+    Unrecorded(#[from] Unrecorded),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+}
+
+impl HasExit for RevokeError {
+    fn exit(&self) -> Exit {
+        match self {
+            RevokeError::Config(e) => e.exit(),
+            RevokeError::Unrecorded(e) => e.exit(),
+            RevokeError::Audit(e) => e.exit(),
+        }
+    }
+    fn hint(&self) -> Option<String> {
+        match self {
+            RevokeError::Config(e) => e.hint(),
+            RevokeError::Unrecorded(e) => e.hint(),
+            RevokeError::Audit(e) => e.hint(),
+        }
+    }
+}
+
+/// Revoke consent at once (DESIGN.md invariant 2): no new job starts, then
+/// this install's running job containers are stopped and removed. Logged
+/// write-ahead as `consent.revoked`; a broken audit log does not keep
+/// consent alive: the revocation is stored and containers are stopped
+/// anyway, and the failure to record it is the error returned.
+pub fn revoke(paths: &Paths) -> Result<Revocation, RevokeError> {
+    let current = Consent::from_config(&Config::load(paths)?);
+    if !current.accepted {
+        return Ok(Revocation::NotOptedIn(current));
+    }
+    let scope = crate::docker::container::Scope::this_install(paths);
+    let revoked = Consent {
+        accepted: false,
+        job_types: vec![],
+        revoked_at: Some(now_rfc3339()),
+        ..current.clone()
+    };
+    let event = json!({
+        "terms_version": current.terms_version,
+        "job_types": current.job_types,
+    });
+    let recorded = crate::txn::edit_audited(
+        paths,
+        |file| {
+            file.insert(
+                "consent".into(),
+                serde_json::to_value(&revoked).expect("consent serialises"),
+            );
+            Ok(())
+        },
+        |_| Ok(vec![("consent.revoked".to_string(), event.clone())]),
+    );
+    match recorded {
+        Err(TxnError::Config(e)) => return Err(e.into()),
+        Err(_) => store(paths, &revoked)?,
+        Ok(()) => {}
+    }
+    // Consent is revoked first, so no new job starts; stopping is always
+    // allowed, even when the log is broken.
+    let stopped = crate::docker::clean::stop_jobs_blocking(&scope).map_err(|e| e.to_string());
+    recorded.map_err(Unrecorded)?;
+    if let Ok(n) = stopped {
+        if n > 0 {
+            crate::audit::AuditLog::new(paths).append("consent.jobs_stopped", json!({ "containers_stopped": n }))?;
+        }
+    }
+    Ok(Revocation::Revoked {
+        consent: revoked,
+        stopped,
+    })
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }

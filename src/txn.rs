@@ -154,6 +154,49 @@ pub fn edit_audited<T>(
     edit_audited_until(paths, edit, events, Step::Done)
 }
 
+/// One applied setting: key, old and new effective value (without env
+/// overrides).
+pub type Applied = (String, Value, Value);
+
+/// Set (or with `None`, remove, so that its default applies) schema keys in
+/// one atomic write, each change audited write-ahead as `config.changed`
+/// with `via` (the command that made it). Returns what changed.
+pub fn set_config(
+    paths: &Paths,
+    changes: &[(&'static config::KeyDef, Option<Value>)],
+    via: &str,
+) -> Result<Vec<Applied>, TxnError> {
+    AuditLog::new(paths).recover()?;
+    edit_audited(
+        paths,
+        |file| {
+            let mut out = Vec::new();
+            for (d, v) in changes {
+                let old = config::set_in(file, d.key, v.clone());
+                let effective = |v: &Option<Value>| {
+                    v.clone()
+                        .unwrap_or_else(|| config::default_value(d.key).expect("schema key"))
+                };
+                if old != *v {
+                    out.push((d.key.to_string(), effective(&old), effective(v)));
+                }
+            }
+            Ok(out)
+        },
+        |p| {
+            Ok(p.out
+                .iter()
+                .map(|(key, old, new)| {
+                    (
+                        "config.changed".to_string(),
+                        serde_json::json!({ "key": key, "old": old, "new": new, "via": via }),
+                    )
+                })
+                .collect())
+        },
+    )
+}
+
 /// Where [`edit_audited_until`] stops: tests stand in for a crash with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {

@@ -32,47 +32,14 @@ pub struct Args {
     pub export: Option<PathBuf>,
 }
 
-/// Apply changes to the file in one atomic write and audit each one.
-/// `None` removes the key (its default applies). Returns (key, old, new)
-/// as effective values without env overrides.
+/// Apply changes in one audited write ([`crate::txn::set_config`]) and
+/// reload the config. `None` removes the key (its default applies).
 pub fn apply(
     ctx: &mut Ctx,
     changes: Vec<(&'static KeyDef, Option<Value>)>,
     via: &str,
-) -> Result<Vec<(String, Value, Value)>> {
-    ctx.preflight_audit()?;
-    // Write-ahead: the `config.changed` events are logged before the file
-    // is replaced (`crate::txn`), so a crash cannot leave a change unlogged.
-    let applied = crate::txn::edit_audited(
-        &ctx.paths,
-        |file| {
-            let mut out = Vec::new();
-            for (d, v) in &changes {
-                let old = cfgmod::set_in(file, d.key, v.clone());
-                let eff_old = old
-                    .clone()
-                    .unwrap_or_else(|| cfgmod::default_value(d.key).expect("schema key"));
-                let eff_new = v
-                    .clone()
-                    .unwrap_or_else(|| cfgmod::default_value(d.key).expect("schema key"));
-                if old != *v {
-                    out.push((d.key.to_string(), eff_old, eff_new));
-                }
-            }
-            Ok(out)
-        },
-        |p| {
-            Ok(p.out
-                .iter()
-                .map(|(key, old, new)| {
-                    (
-                        "config.changed".to_string(),
-                        json!({ "key": key, "old": old, "new": new, "via": via }),
-                    )
-                })
-                .collect())
-        },
-    )?;
+) -> Result<Vec<crate::txn::Applied>> {
+    let applied = crate::txn::set_config(&ctx.paths, &changes, via)?;
     ctx.reload_config();
     Ok(applied)
 }

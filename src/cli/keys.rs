@@ -103,21 +103,7 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
         }
         KeysCommand::Import { name, file, own } => {
             let public = keys::read_public_file(&file)?;
-            let ring = Keyring::new(&ctx.paths);
-            match ring.import(&name, &public) {
-                Ok(()) => {}
-                // Marking a peer already in the keyring as one's own.
-                Err(keys::KeyError::DuplicatePeer(_))
-                    if own && ring.get(&name).is_ok_and(|have| have.node_id == public.node_id) => {}
-                Err(e) => return Err(e.into()),
-            }
-            if own {
-                ring.mark_own(&name)?;
-            }
-            ctx.audit().append(
-                "key.imported",
-                json!({ "name": name, "node_id": public.node_id, "own": own }),
-            )?;
+            Keyring::new(&ctx.paths).import_audited(&ctx.audit(), &name, &public, own)?;
             if p.json {
                 p.json(json!({ "ok": true, "name": name, "node_id": public.node_id, "own": own }));
             } else if own {

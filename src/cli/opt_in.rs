@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 
 use crate::config::{self, Config};
-use crate::consent::{self, Consent, JOB_LOCAL, JOB_MARKET};
+use crate::consent;
 use crate::context::{self, Ctx};
 use crate::exit::{Exit, Failure, Result};
 use crate::legal;
@@ -36,7 +36,7 @@ fn cap_value(key: &str, text: &str) -> Result<Value, Failure> {
 
 pub fn run(ctx: &mut Ctx, args: Args) -> Result<Exit> {
     // Validate flags before asking anything.
-    let mut caps: Vec<(&str, Value)> = Vec::new();
+    let mut caps: Vec<(&'static str, Value)> = Vec::new();
     if let Some(t) = &args.max_daily {
         caps.push(("limits.dailyTasks", cap_value("limits.dailyTasks", t)?));
     }
@@ -83,63 +83,30 @@ pub fn run(ctx: &mut Ctx, args: Args) -> Result<Exit> {
         }
     }
 
-    let mut job_types = vec![JOB_LOCAL.to_string()];
-    if claude_jobs {
-        job_types.push(JOB_MARKET.to_string());
-    }
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let record = Consent {
-        accepted: true,
-        terms_version: Some(legal::TERMS_VERSION.into()),
-        terms_sha256: Some(legal::terms_sha256()),
-        accepted_at: Some(now),
-        job_types: job_types.clone(),
-        revoked_at: None,
-    };
-    ctx.preflight_audit()?;
-    // Write-ahead (`crate::txn`): `consent.granted` is logged before the
-    // consent is stored, so a crash cannot leave consent unrecorded.
-    crate::txn::edit_audited(
+    let granted = consent::grant(
         &ctx.paths,
-        |file| Ok(consent::set_with_caps(file, &record, &caps)),
-        |p| {
-            let cfg = crate::config::Config::from_file_object(&ctx.paths, p.file.clone())?;
-            let caps_now = json!({
-                "dailyTasks": cfg.settings().limits.daily_tasks,
-                "maxTokensPerTask": cfg.settings().limits.max_tokens_per_task,
-            });
-            Ok(vec![(
-                "consent.granted".to_string(),
-                json!({
-                    "terms_version": legal::TERMS_VERSION,
-                    "terms_sha256": legal::terms_sha256(),
-                    "job_types": job_types,
-                    "caps": caps_now,
-                    "interactive": interactive,
-                    "changes": p.out.iter().map(|(k, o, n)| json!({"key": k, "old": o, "new": n})).collect::<Vec<_>>(),
-                }),
-            )])
+        consent::GrantOptions {
+            market_jobs: claude_jobs,
+            caps,
+            interactive,
         },
     )?;
     ctx.reload_config();
-    let cfg = ctx.config()?;
-    let caps_now = json!({
-        "dailyTasks": cfg.settings().limits.daily_tasks,
-        "maxTokensPerTask": cfg.settings().limits.max_tokens_per_task,
-    });
+    render(ctx.out(), &granted);
+    Ok(Exit::Ok)
+}
 
-    let p = ctx.out();
+fn render(p: &crate::context::Printer, g: &consent::Granted) {
     if p.json {
-        p.json(json!({ "ok": true, "consent": record, "caps": caps_now }));
+        p.json(json!({ "ok": true, "consent": g.consent, "caps": g.caps }));
     } else {
         p.out(&format!(
             "Opted in: terms {} accepted; job types: {}; caps: {} jobs/day, {} tokens/job.",
             legal::TERMS_VERSION,
-            job_types.join(", "),
-            caps_now["dailyTasks"],
-            caps_now["maxTokensPerTask"]
+            g.consent.job_types.join(", "),
+            g.caps.daily_tasks,
+            g.caps.max_tokens_per_task
         ));
         p.note("Change caps with `claude-max-market limits`; revoke with `claude-max-market opt-out`.");
     }
-    Ok(Exit::Ok)
 }

@@ -766,6 +766,33 @@ impl Keyring {
 
     /// Mark the peer `name` as one of this user's own nodes (`keys import
     /// --own`): a marker `<name>.own` beside its identity, naming its node id.
+    /// `keys import`: add a peer's public identity under `name` (with
+    /// `own`, as one of this user's own nodes, which may also mark a peer
+    /// already imported), audited as `key.imported`.
+    pub fn import_audited(
+        &self,
+        audit: &AuditLog,
+        name: &str,
+        public: &PublicIdentity,
+        own: bool,
+    ) -> Result<(), KeyError> {
+        match self.import(name, public) {
+            Ok(()) => {}
+            // Marking a peer already in the keyring as one's own.
+            Err(KeyError::DuplicatePeer(_))
+                if own && self.get(name).is_ok_and(|have| have.node_id == public.node_id) => {}
+            Err(e) => return Err(e),
+        }
+        if own {
+            self.mark_own(name)?;
+        }
+        audit.append(
+            "key.imported",
+            json!({ "name": name, "node_id": public.node_id, "own": own }),
+        )?;
+        Ok(())
+    }
+
     pub fn mark_own(&self, name: &str) -> Result<(), KeyError> {
         let id = self.get(name)?;
         let p = self.dir.join(format!("{name}.own"));
