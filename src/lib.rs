@@ -20,6 +20,7 @@
 
 pub mod analytics;
 pub mod audit;
+pub mod audit_report;
 pub mod claude;
 pub mod cli;
 pub mod compliance;

@@ -3,10 +3,11 @@
 
 use std::path::PathBuf;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use serde_json::{json, Value};
 
 use crate::audit::Entry;
+use crate::audit_report::{self, Report};
 use crate::compliance;
 use crate::context::Ctx;
 use crate::exit::{Exit, Failure, Result};
@@ -141,50 +142,8 @@ fn verify(ctx: &Ctx) -> Result<Exit> {
 /// `audit anchor`: verify, sign a checkpoint at the head, and have the
 /// coordinator countersign it (docs/PROTOCOL.md, "anchor").
 fn anchor(ctx: &Ctx, args: AnchorArgs) -> Result<Exit> {
-    use crate::market::server::anchor;
     let endpoint = super::market::endpoint(ctx, args.endpoint)?;
-    let log = ctx.audit();
-    let id = crate::crypto::keys::Identity::load_or_generate(&ctx.paths, &log)?;
-    log.recover()?;
-    let (rep, cp) = log.verify_and_checkpoint()?;
-    if !rep.ok {
-        return Err(crate::audit::AuditError::Integrity(rep.problems.join("; ")).into());
-    }
-    let Some(cp) = cp.filter(|c| c.sig.is_some()) else {
-        return Err(Failure::new(Exit::Failed, "no signed checkpoint to anchor").into());
-    };
-    let cosig = super::market::runtime()?.block_on(async {
-        let client = crate::market::client::Client::connect(&endpoint, &id).await?;
-        let rid = client.next_id();
-        let ev = client.exchange(&rid, &anchor::encode_request(&rid, &cp)).await?;
-        client.close();
-        Ok::<_, crate::exit::Error>(ev)
-    })?;
-    let cosig: anchor::Cosignature = match cosig {
-        crate::market::protocol::Event::Ok { result, .. } => serde_json::from_value(result)
-            .map_err(|e| Failure::new(Exit::Failed, format!("the coordinator's cosignature is malformed: {e}")))?,
-        crate::market::protocol::Event::Error { reason, message, .. } => {
-            return Err(Failure::new(
-                Exit::Failed,
-                format!("the coordinator refused to anchor: {message} ({})", reason.as_str()),
-            )
-            .into())
-        }
-        other => return Err(Failure::new(Exit::Failed, format!("unexpected answer: {other:?}")).into()),
-    };
-    if !cosig.valid()
-        || cosig.seq != cp.seq
-        || cosig.hash != cp.hash
-        || cosig.log_id != cp.log_id
-        || cosig.node_id != id.node_id()
-    {
-        return Err(Failure::new(
-            Exit::Integrity,
-            "the coordinator's cosignature does not match the checkpoint sent",
-        )
-        .into());
-    }
-    log.add_anchor(&cosig)?;
+    let cosig = crate::runtime::current_thread()?.block_on(crate::market::anchor::anchor(&ctx.paths, &endpoint))?;
     let p = ctx.out();
     if p.json {
         p.json(json!({ "ok": true, "anchor": cosig }));
@@ -216,157 +175,16 @@ fn restart(ctx: &Ctx, args: RestartArgs) -> Result<Exit> {
     Ok(Exit::Ok)
 }
 
-/// Report sections: which events belong where.
-fn section(event: &str) -> Option<&'static str> {
-    match event {
-        e if e.starts_with("consent.") => Some("consent"),
-        "job.approved" | "job.denied" => Some("approvals"),
-        e if e.starts_with("job.") => Some("jobs"),
-        e if e.starts_with("config.") => Some("config"),
-        e if e.starts_with("key.") => Some("keys"),
-        e if e.starts_with("market.") => Some("market"),
-        e if e.starts_with("log.") => Some("log"),
-        _ => None,
-    }
-}
-
-fn tokens_of(e: &Entry) -> u64 {
-    e.raw
-        .get("usage")
-        .and_then(|u| u.get("total_tokens"))
-        .and_then(Value::as_u64)
-        .unwrap_or(0)
-}
-
 fn report(ctx: &Ctx, args: Args) -> Result<Exit> {
     let since = match &args.since {
         Some(s) => Some(timespec::parse_since(s, Utc::now()).map_err(Failure::usage)?),
         None => None,
     };
-    let log = ctx.audit();
-    let chain = log.verify()?;
-    let checklist = compliance::parse_checklist("embedded", compliance::EMBEDDED_CHECKLIST)?;
-    let comp = compliance::run(&ctx.paths, &checklist)?;
-    let events: Vec<Entry> = log
-        .entries()?
-        .filter(|e| since.is_none_or(|s| DateTime::parse_from_rfc3339(&e.ts).is_ok_and(|t| t >= s)))
-        .collect();
-
-    let mut by_section: std::collections::BTreeMap<&str, Vec<&Entry>> = Default::default();
-    for e in &events {
-        if let Some(s) = section(&e.event) {
-            by_section.entry(s).or_default().push(e);
-        }
-    }
-    let count = |ev: &str| events.iter().filter(|e| e.event == ev).count();
-    let jobs_finished = events
-        .iter()
-        .filter(|e| {
-            e.event.starts_with("job.") && !matches!(e.event.as_str(), "job.approved" | "job.denied" | "job.started")
-        })
-        .count();
-    let tokens: u64 = events.iter().map(tokens_of).sum();
-    let summary = json!({
-        "events": events.len(),
-        "consent_granted": count("consent.granted"),
-        "consent_revoked": count("consent.revoked"),
-        "approvals": count("job.approved"),
-        "denials": count("job.denied"),
-        "jobs_started": count("job.started"),
-        "jobs_finished": jobs_finished,
-        "tokens": tokens,
-        "config_changes": count("config.changed"),
-    });
-    let to_json = |e: &&Entry| json!({ "seq": e.seq, "ts": e.ts, "event": e.event, "fields": e.fields().map(|(k, v)| (k.clone(), v.clone())).collect::<serde_json::Map<_, _>>() });
-
+    let r = audit_report::build(&ctx.paths, since)?;
     let text = match args.format {
-        Format::Json => {
-            let sections: serde_json::Map<String, Value> = by_section
-                .iter()
-                .map(|(k, v)| (k.to_string(), Value::Array(v.iter().map(to_json).collect())))
-                .collect();
-            let doc = crate::context::with_schema_version(json!({
-                "generated_at": Utc::now(),
-                "since": since,
-                "summary": summary,
-                "sections": sections,
-                "chain": chain,
-                "compliance": comp,
-            }));
-            serde_json::to_string_pretty(&doc).expect("JSON values serialise")
-        }
-        Format::Csv => {
-            let mut w = String::from("section,seq,ts,event,details\n");
-            for (s, list) in &by_section {
-                for e in list {
-                    let details = serde_json::to_string(&to_json(e)["fields"]).expect("JSON values serialise");
-                    w.push_str(&format!("{s},{},{},{},{}\n", e.seq, e.ts, e.event, csv_field(&details)));
-                }
-            }
-            w.push_str(&format!(
-                "chain,,,{},{}\n",
-                if chain.ok { "ok" } else { "broken" },
-                csv_field(&chain.problems.join("; "))
-            ));
-            for r in &comp.results {
-                w.push_str(&format!(
-                    "compliance,,,{},{}\n",
-                    r.id,
-                    csv_field(&format!("{:?}: {}", r.level, r.message))
-                ));
-            }
-            w
-        }
-        Format::Text => {
-            let mut w = format!(
-                "AUDIT REPORT  generated {}\n",
-                Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-            );
-            if let Some(s) = since {
-                w.push_str(&format!("since {}\n", s.to_rfc3339()));
-            }
-            w.push_str(&format!(
-                "\nSummary: {} events; consent granted {} / revoked {}; approvals {} / denials {}; jobs started {} / finished {}; {} tokens; {} config changes\n",
-                summary["events"], summary["consent_granted"], summary["consent_revoked"], summary["approvals"], summary["denials"],
-                summary["jobs_started"], summary["jobs_finished"], summary["tokens"], summary["config_changes"]
-            ));
-            for (title, key) in [
-                ("Consent history", "consent"),
-                ("Approvals and denials", "approvals"),
-                ("Jobs", "jobs"),
-                ("Config changes", "config"),
-                ("Keys", "keys"),
-                ("Market", "market"),
-                ("Log", "log"),
-            ] {
-                let Some(list) = by_section.get(key) else { continue };
-                w.push_str(&format!("\n{title} ({})\n", list.len()));
-                for e in list {
-                    let fields: Vec<String> = e.fields().map(|(k, v)| format!("{k}={v}")).collect();
-                    w.push_str(&format!(
-                        "  {}  #{:<6} {:<18} {}\n",
-                        e.ts,
-                        e.seq,
-                        e.event,
-                        fields.join(" ")
-                    ));
-                }
-            }
-            w.push_str(&format!(
-                "\nChain: {}\n",
-                if chain.ok {
-                    format!("OK ({} events verify)", chain.events)
-                } else {
-                    format!("BROKEN: {}", chain.problems.join("; "))
-                }
-            ));
-            w.push_str("\nCompliance checks\n");
-            for r in &comp.results {
-                w.push_str(&format!("  {:<8} {:<34} {}\n", r.level.name(), r.name, r.message));
-            }
-            w.push_str(&format!("\n{}\n", compliance::DISCLAIMER));
-            w
-        }
+        Format::Json => render_json(&r),
+        Format::Csv => render_csv(&r),
+        Format::Text => render_text(&r),
     };
     match &args.output {
         Some(path) => {
@@ -376,7 +194,95 @@ fn report(ctx: &Ctx, args: Args) -> Result<Exit> {
         }
         None => ctx.out().out(&text),
     }
-    Ok(Exit::unless(chain.ok, Exit::Integrity))
+    Ok(Exit::unless(r.chain.ok, Exit::Integrity))
+}
+
+fn entry_json(e: &Entry) -> Value {
+    json!({ "seq": e.seq, "ts": e.ts, "event": e.event, "fields": e.fields().map(|(k, v)| (k.clone(), v.clone())).collect::<serde_json::Map<_, _>>() })
+}
+
+fn render_json(r: &Report) -> String {
+    let sections: serde_json::Map<String, Value> = r
+        .sections
+        .iter()
+        .map(|(k, v)| (k.to_string(), Value::Array(v.iter().map(entry_json).collect())))
+        .collect();
+    let doc = crate::context::with_schema_version(json!({
+        "generated_at": r.generated_at,
+        "since": r.since,
+        "summary": r.summary,
+        "sections": sections,
+        "chain": r.chain,
+        "compliance": r.compliance,
+    }));
+    serde_json::to_string_pretty(&doc).expect("JSON values serialise")
+}
+
+fn render_csv(r: &Report) -> String {
+    let mut w = String::from("section,seq,ts,event,details\n");
+    for (s, list) in &r.sections {
+        for e in list {
+            let details = serde_json::to_string(&entry_json(e)["fields"]).expect("JSON values serialise");
+            w.push_str(&format!("{s},{},{},{},{}\n", e.seq, e.ts, e.event, csv_field(&details)));
+        }
+    }
+    w.push_str(&format!(
+        "chain,,,{},{}\n",
+        if r.chain.ok { "ok" } else { "broken" },
+        csv_field(&r.chain.problems.join("; "))
+    ));
+    for c in &r.compliance.results {
+        w.push_str(&format!(
+            "compliance,,,{},{}\n",
+            c.id,
+            csv_field(&format!("{:?}: {}", c.level, c.message))
+        ));
+    }
+    w
+}
+
+fn render_text(r: &Report) -> String {
+    let s = &r.summary;
+    let mut w = format!(
+        "AUDIT REPORT  generated {}\n",
+        r.generated_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    if let Some(since) = r.since {
+        w.push_str(&format!("since {}\n", since.to_rfc3339()));
+    }
+    w.push_str(&format!(
+        "\nSummary: {} events; consent granted {} / revoked {}; approvals {} / denials {}; jobs started {} / finished {}; {} tokens; {} config changes\n",
+        s.events, s.consent_granted, s.consent_revoked, s.approvals, s.denials,
+        s.jobs_started, s.jobs_finished, s.tokens, s.config_changes
+    ));
+    for (key, title) in audit_report::SECTIONS {
+        let Some(list) = r.sections.get(key) else { continue };
+        w.push_str(&format!("\n{title} ({})\n", list.len()));
+        for e in list {
+            let fields: Vec<String> = e.fields().map(|(k, v)| format!("{k}={v}")).collect();
+            w.push_str(&format!(
+                "  {}  #{:<6} {:<18} {}\n",
+                e.ts,
+                e.seq,
+                e.event,
+                fields.join(" ")
+            ));
+        }
+    }
+    w.push_str(&format!(
+        "\nChain: {}\n",
+        if r.chain.ok {
+            format!("OK ({} events verify)", r.chain.events)
+        } else {
+            format!("BROKEN: {}", r.chain.problems.join("; "))
+        }
+    ));
+    w.push_str("\nCompliance checks\n");
+    for c in &r.compliance.results {
+        w.push_str(&format!("  {:<8} {:<34} {}\n", c.level.name(), c.name, c.message));
+    }
+    w.push_str(&format!("\n{}\n", compliance::DISCLAIMER));
+    w
 }
 
 fn csv_field(s: &str) -> String {

@@ -1,6 +1,7 @@
 //! The peer market (DESIGN.md section 9): the wire protocol, the node-side
 //! client, the provider loop and the coordinator.
 
+pub mod anchor;
 pub mod client;
 pub mod pending;
 pub mod protocol;
