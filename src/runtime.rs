@@ -19,3 +19,18 @@ pub fn current_thread() -> io::Result<Runtime> {
 pub fn workers(workers: usize) -> io::Result<Runtime> {
     Builder::new_multi_thread().worker_threads(workers).enable_all().build()
 }
+
+/// Completes on the first SIGINT (Ctrl-C) or SIGTERM. Register it before
+/// the work starts: from then on these signals no longer kill the process
+/// at once, so the work can shut down in order. Call within a runtime.
+pub fn shutdown_signal() -> io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
+}

@@ -145,20 +145,15 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
         args.output_format
     };
     let progress = Arc::new(StderrProgress::new(ctx.out()).stream_to_stdout(format == OutputFormat::StreamJson));
-    let rt = crate::docker::runtime()?;
+    let rt = crate::runtime::current_thread()?;
     let outcome = rt.block_on(async {
         let (handle, cancel) = Cancel::new();
         // Registering the handlers replaces the default "die at once", so
         // Ctrl-C always goes through cleanup: container removed, reservation
         // settled, `job.cancelled` audited.
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut term = signal(SignalKind::terminate())?;
+        let stop = crate::runtime::shutdown_signal()?;
         tokio::spawn(async move {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
+            stop.await;
             handle.cancel();
         });
         let p: Arc<dyn job::Progress> = progress.clone();

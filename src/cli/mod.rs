@@ -2,7 +2,11 @@
 //! every outcome into one exit code (see [`crate::exit::Exit`]).
 //!
 //! One file per command group, each with its clap `Args` and a
-//! `run(ctx, args)`; the work lives in library modules.
+//! `run(ctx, args) -> Result<Exit>`: it turns the arguments into the
+//! library operation's options, calls the operation, and renders its
+//! outcome (text, or `--json`). A command file must not decide policy,
+//! write state or append to the audit log: the operation does all three,
+//! so the MCP server and library callers get the same guarantees.
 
 use std::ffi::OsString;
 
