@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::audit::Event;
 use crate::config::{self, Config, ConfigError};
 use crate::exit::{Exit, Failure, HasExit};
 use crate::legal;
@@ -173,7 +174,7 @@ pub fn grant(paths: &Paths, opts: GrantOptions) -> Result<Granted, TxnError> {
         |p| {
             let cfg = Config::from_file_object(paths, p.file.clone())?;
             Ok(vec![(
-                "consent.granted".to_string(),
+                Event::ConsentGranted,
                 json!({
                     "terms_version": legal::TERMS_VERSION,
                     "terms_sha256": legal::terms_sha256(),
@@ -280,7 +281,7 @@ pub fn revoke(paths: &Paths) -> Result<Revocation, RevokeError> {
             );
             Ok(())
         },
-        |_| Ok(vec![("consent.revoked".to_string(), event.clone())]),
+        |_| Ok(vec![(Event::ConsentRevoked, event.clone())]),
     );
     match recorded {
         Err(TxnError::Config(e)) => return Err(e.into()),
@@ -293,7 +294,7 @@ pub fn revoke(paths: &Paths) -> Result<Revocation, RevokeError> {
     recorded.map_err(Unrecorded)?;
     if let Ok(n) = stopped {
         if n > 0 {
-            crate::audit::AuditLog::new(paths).append("consent.jobs_stopped", json!({ "containers_stopped": n }))?;
+            crate::audit::AuditLog::new(paths).append(Event::ConsentJobsStopped, json!({ "containers_stopped": n }))?;
         }
     }
     Ok(Revocation::Revoked {

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::audit::{AuditError, AuditLog};
+use crate::audit::{AuditError, AuditLog, Event};
 use crate::config::{self, ConfigError, PreparedEdit};
 use crate::exit::{Exit, HasExit};
 use crate::fsutil;
@@ -46,7 +46,7 @@ use crate::paths::Paths;
 pub const INTENT_FILE: &str = "config.intent";
 
 /// One audit event: name and fields.
-pub type Event = (String, Value);
+pub type Logged = (Event, Value);
 
 /// Errors from an audited change.
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +93,7 @@ struct Intent {
     log_from: u64,
     old_sha256: Option<String>,
     new_sha256: String,
-    events: Vec<Event>,
+    events: Vec<Logged>,
     /// The new `config.json` text, to complete the change on recovery.
     config: String,
 }
@@ -120,7 +120,7 @@ fn sha(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-fn tagged(events: &[Event], txn: &str) -> Vec<(String, Value)> {
+fn tagged(events: &[Logged], txn: &str) -> Vec<Logged> {
     events
         .iter()
         .map(|(name, fields)| {
@@ -129,17 +129,16 @@ fn tagged(events: &[Event], txn: &str) -> Vec<(String, Value)> {
                 _ => Map::new(),
             };
             m.insert("txn".into(), Value::String(txn.to_string()));
-            (name.clone(), Value::Object(m))
+            (*name, Value::Object(m))
         })
         .collect()
 }
 
-fn append_all(log: &AuditLog, events: &[(String, Value)]) -> Result<(), AuditError> {
+fn append_all(log: &AuditLog, events: &[Logged]) -> Result<(), AuditError> {
     if events.is_empty() {
         return Ok(());
     }
-    let refs: Vec<(&str, Value)> = events.iter().map(|(n, f)| (n.as_str(), f.clone())).collect();
-    log.append_many(&refs).map(|_| ())
+    log.append_many(events).map(|_| ())
 }
 
 /// Change `config.json` and record `events` write-ahead (module doc).
@@ -149,7 +148,7 @@ fn append_all(log: &AuditLog, events: &[(String, Value)]) -> Result<(), AuditErr
 pub fn edit_audited<T>(
     paths: &Paths,
     edit: impl FnOnce(&mut Map<String, Value>) -> Result<T, ConfigError>,
-    events: impl FnOnce(&PreparedEdit<T>) -> Result<Vec<Event>, ConfigError>,
+    events: impl FnOnce(&PreparedEdit<T>) -> Result<Vec<Logged>, ConfigError>,
 ) -> Result<T, TxnError> {
     edit_audited_until(paths, edit, events, Step::Done)
 }
@@ -188,7 +187,7 @@ pub fn set_config(
                 .iter()
                 .map(|(key, old, new)| {
                     (
-                        "config.changed".to_string(),
+                        Event::ConfigChanged,
                         serde_json::json!({ "key": key, "old": old, "new": new, "via": via }),
                     )
                 })
@@ -209,7 +208,7 @@ enum Step {
 fn edit_audited_until<T>(
     paths: &Paths,
     edit: impl FnOnce(&mut Map<String, Value>) -> Result<T, ConfigError>,
-    events: impl FnOnce(&PreparedEdit<T>) -> Result<Vec<Event>, ConfigError>,
+    events: impl FnOnce(&PreparedEdit<T>) -> Result<Vec<Logged>, ConfigError>,
     stop: Step,
 ) -> Result<T, TxnError> {
     let log = AuditLog::new(paths);
@@ -253,7 +252,7 @@ fn edit_audited_until<T>(
     if let Err(e) = prepared.write() {
         // Logged but not applied: mark the events void, then report.
         let mark = [(
-            "change.aborted".to_string(),
+            Event::ChangeAborted,
             serde_json::json!({ "txn": txn, "reason": format!("config.json could not be written: {e}") }),
         )];
         if append_all(&log, &mark).is_ok() {
@@ -329,7 +328,7 @@ fn recover_locked(paths: &Paths, log: &AuditLog) -> Result<Option<Recovered>, Tx
         append_all(
             log,
             &[(
-                "change.completed".into(),
+                Event::ChangeCompleted,
                 serde_json::json!({ "txn": intent.txn, "events": intent.events.len() }),
             )],
         )?;
@@ -338,7 +337,7 @@ fn recover_locked(paths: &Paths, log: &AuditLog) -> Result<Option<Recovered>, Tx
         append_all(
             log,
             &[(
-                "change.aborted".into(),
+                Event::ChangeAborted,
                 serde_json::json!({
                     "txn": intent.txn,
                     "reason": "config.json was changed by something else before this change was applied",
@@ -405,11 +404,11 @@ mod tests {
             |_| {
                 Ok(vec![
                     (
-                        "config.changed".into(),
+                        Event::ConfigChanged,
                         serde_json::json!({ "key": "limits.dailyTasks", "new": v }),
                     ),
                     (
-                        "config.changed".into(),
+                        Event::ConfigChanged,
                         serde_json::json!({ "key": "limits.dailyTasks", "note": 2 }),
                     ),
                 ])

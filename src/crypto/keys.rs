@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::audit::{AuditError, AuditLog};
+use crate::audit::{AuditError, AuditLog, Event};
 use crate::config::{Config, ConfigError};
 use crate::exit::{Exit, HasExit};
 use crate::fsutil::{self, FileLock};
@@ -517,7 +517,7 @@ impl Identity {
         index.current = pair.gen.clone();
         store.write_index(&index)?;
         audit.append(
-            "key.rotated",
+            Event::KeyRotated,
             json!({
                 "old_node_id": old_node,
                 "node_id": pair.node_id,
@@ -583,7 +583,7 @@ fn create_first(store: &Store, audit: &AuditLog, replaced: Option<String>) -> Re
     // Logged first: keys on disk always imply a log that recorded them,
     // which is what stops a deleted log from silently starting afresh.
     audit.append(
-        "key.created",
+        Event::KeyCreated,
         json!({
             "node_id": pair.node_id,
             "key_id": hex::encode(pair.key_id),
@@ -633,7 +633,7 @@ fn prune_locked(store: &Store, audit: &AuditLog, days: i64, now: DateTime<Utc>) 
     store.write_index(&index)?;
     for e in &gone {
         store.remove_pair(&e.gen)?;
-        audit.append("key.removed", json!({ "node_id": e.node_id, "retired": e.retired }))?;
+        audit.append(Event::KeyRemoved, json!({ "node_id": e.node_id, "retired": e.retired }))?;
     }
     Ok(gone.len())
 }
@@ -787,7 +787,7 @@ impl Keyring {
             self.mark_own(name)?;
         }
         audit.append(
-            "key.imported",
+            Event::KeyImported,
             json!({ "name": name, "node_id": public.node_id, "own": own }),
         )?;
         Ok(())

@@ -31,6 +31,9 @@ use crate::fsutil::{self, FileLock};
 pub use crate::market::server::anchor::Cosignature;
 use crate::paths::Paths;
 
+mod event;
+pub use event::{Event, EventName};
+
 /// Format version written in every line.
 pub const LOG_VERSION: u32 = 1;
 const ZERO_HASH: [u8; 32] = [0; 32];
@@ -221,6 +224,11 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// The kind of event, when this build knows its name.
+    pub fn kind(&self) -> Option<Event> {
+        Event::parse(&self.event)
+    }
+
     /// Fields other than the envelope keys.
     pub fn fields(&self) -> impl Iterator<Item = (&String, &Value)> {
         self.raw
@@ -277,13 +285,19 @@ impl AuditLog {
 
     /// Append one event. `fields` must be a JSON object (or null); its keys
     /// must not collide with the envelope keys. Returns the new sequence number.
-    pub fn append(&self, event: &str, fields: Value) -> Result<u64, AuditError> {
-        Ok(self.append_many(&[(event, fields)])?.0)
+    pub fn append(&self, event: impl EventName, fields: Value) -> Result<u64, AuditError> {
+        let (_, last) = self.append_lines(&[(event.event_name(), fields)])?;
+        Ok(last)
     }
 
     /// Append several events under one lock (used by recovery and imports).
     /// Returns the first and last sequence numbers written.
-    pub fn append_many(&self, events: &[(&str, Value)]) -> Result<(u64, u64), AuditError> {
+    pub fn append_many<E: EventName>(&self, events: &[(E, Value)]) -> Result<(u64, u64), AuditError> {
+        let lines: Vec<(&str, Value)> = events.iter().map(|(e, f)| (e.event_name(), f.clone())).collect();
+        self.append_lines(&lines)
+    }
+
+    fn append_lines(&self, events: &[(&str, Value)]) -> Result<(u64, u64), AuditError> {
         fsutil::ensure_private_dir(&self.dir).map_err(|e| self.io(e))?;
         let _lock = FileLock::exclusive(&self.lock).map_err(|e| self.io(e))?;
         let mut file = fsutil::open_append(&self.log).map_err(|e| self.io(e))?;
@@ -408,7 +422,7 @@ impl AuditLog {
             "torn_sha256": hex::encode(Sha256::digest(torn)),
             "moved_to": aside.file_name().map(|n| n.to_string_lossy().into_owned()),
         });
-        self.write_line(file, Some(head), "log.recovered", &fields)?;
+        self.write_line(file, Some(head), Event::LogRecovered.name(), &fields)?;
         Ok(())
     }
 
@@ -768,7 +782,7 @@ impl AuditLog {
             f.sync_data().map_err(ioe)?;
         }
         self.append(
-            "audit.anchored",
+            Event::AuditAnchored,
             serde_json::json!({ "seq": c.seq, "hash": c.hash, "witness": c.witness, "time": c.time }),
         )
     }
@@ -926,7 +940,15 @@ impl AuditLog {
         if let Value::Object(m) = extra {
             fields.extend(m);
         }
-        let (h, _) = self.write_line_raw(file, &log_id, 0, ZERO_HASH, 0, "log.genesis", &Value::Object(fields))?;
+        let (h, _) = self.write_line_raw(
+            file,
+            &log_id,
+            0,
+            ZERO_HASH,
+            0,
+            Event::LogGenesis.name(),
+            &Value::Object(fields),
+        )?;
         self.write_checkpoint(&h)?;
         Ok(h)
     }
@@ -1251,7 +1273,7 @@ where
         len += line.len() as u64 + 1;
         out.write_all(line.as_bytes()).and_then(|_| out.write_all(b"\n"))
     };
-    emit(0, &genesis_ts, "log.genesis", &genesis).map_err(io)?;
+    emit(0, &genesis_ts, Event::LogGenesis.name(), &genesis).map_err(io)?;
     for (ts, event, fields) in events {
         seq += 1;
         emit(seq, &ts, &event, &fields).map_err(io)?;
