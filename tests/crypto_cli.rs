@@ -489,7 +489,7 @@ fn rotate_keeps_old_files_decryptable_until_expiry() {
 
 #[test]
 fn prune_expired_is_callable_from_the_library() {
-    use claude_max_market::crypto::keys::prune_expired;
+    use claude_max_market::crypto::prune_expired;
     use claude_max_market::Paths;
     let t = node(0);
     t.run(&["keys", "rotate"]).code(0);

@@ -26,12 +26,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::exit::{Exit, HasExit};
 use crate::fsutil::{self, FileLock};
 pub use crate::market::server::anchor::Cosignature;
 use crate::paths::Paths;
 
+pub mod error;
 mod event;
+pub use error::AuditError;
 pub use event::{Event, EventName};
 
 /// Format version written in every line.
@@ -40,37 +41,6 @@ const ZERO_HASH: [u8; 32] = [0; 32];
 /// `"prev":"` + 64 hex + `"}`: the fixed suffix of every line.
 const PREV_SUFFIX_LEN: usize = 8 + 64 + 2;
 const LINE_PREFIX: &[u8] = b"{\"v\":1,\"seq\":";
-
-/// Errors from the audit log.
-#[derive(Debug, thiserror::Error)]
-pub enum AuditError {
-    #[error("audit log integrity failure: {0}")]
-    Integrity(String),
-    #[error("audit log missing: {0}")]
-    Missing(String),
-    #[error("audit log I/O error on {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
-}
-
-impl HasExit for AuditError {
-    fn exit(&self) -> Exit {
-        match self {
-            AuditError::Integrity(_) | AuditError::Missing(_) => Exit::Integrity,
-            AuditError::Io { .. } => Exit::Failed,
-        }
-    }
-    fn hint(&self) -> Option<String> {
-        match self {
-            AuditError::Integrity(_) => Some(
-                "the log was edited, truncated or reordered; keep a copy for investigation and run `claude-max-market audit verify` for details".into(),
-            ),
-            AuditError::Missing(_) => Some(
-                "restore audit.jsonl and audit.head from a backup; to start a new log on purpose (the loss is recorded in it), run `claude-max-market audit restart --yes`".into(),
-            ),
-            AuditError::Io { .. } => Some("check that the data directory exists and is writable".into()),
-        }
-    }
-}
 
 /// What `audit.head` records about the last line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -25,7 +25,7 @@ pub struct Args {
 
 pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
     // Keys first: it needs no engine, so it happens even when Docker is down.
-    let keys_removed = crate::crypto::keys::prune_expired(&ctx.paths, chrono::Utc::now())?;
+    let keys_removed = crate::crypto::prune_expired(&ctx.paths, chrono::Utc::now())?;
     let profile = hardening::profile()?;
     let scope = if args.all_installs {
         Scope::AllInstalls

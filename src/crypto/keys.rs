@@ -21,10 +21,9 @@ use rsa::pkcs8::{DecodePublicKey as _, EncodePublicKey as _, LineEnding};
 use rsa::traits::PublicKeyParts as _;
 use rsa::{RsaPrivateKey, RsaPublicKey};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::audit::{AuditError, AuditLog, Event};
+use crate::audit::error::AuditError;
 use crate::config::{Config, ConfigError};
 use crate::exit::{Exit, HasExit};
 use crate::fsutil::{self, FileLock};
@@ -103,7 +102,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> KeyError + '_ {
     }
 }
 
-fn rfc3339(t: DateTime<Utc>) -> String {
+pub(super) fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
@@ -226,7 +225,7 @@ impl KeyPair {
         })
     }
 
-    fn generate() -> Result<KeyPair, KeyError> {
+    pub(super) fn generate() -> Result<KeyPair, KeyError> {
         let signing = SigningKey::generate(&mut OsRng);
         let rsa =
             RsaPrivateKey::new(&mut OsRng, super::params().rsa_bits).map_err(|e| KeyError::Generate(e.to_string()))?;
@@ -272,53 +271,53 @@ impl KeyPair {
 /// within `security.keyRotationDays` of their retirement (decryption only).
 #[derive(Debug)]
 pub struct Identity {
-    current: KeyPair,
-    older: Vec<KeyPair>,
+    pub(super) current: KeyPair,
+    pub(super) older: Vec<KeyPair>,
 }
 
 /// `keys.json`: the index of generations.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Index {
-    v: u32,
-    current: String,
-    keys: Vec<IndexEntry>,
+pub(super) struct Index {
+    pub(super) v: u32,
+    pub(super) current: String,
+    pub(super) keys: Vec<IndexEntry>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct IndexEntry {
-    gen: String,
-    node_id: String,
-    created: String,
-    retired: Option<String>,
+pub(super) struct IndexEntry {
+    pub(super) gen: String,
+    pub(super) node_id: String,
+    pub(super) created: String,
+    pub(super) retired: Option<String>,
 }
 
-struct Store {
-    dir: PathBuf,
+pub(super) struct Store {
+    pub(super) dir: PathBuf,
 }
 
 impl Store {
-    fn new(paths: &Paths) -> Store {
+    pub(super) fn new(paths: &Paths) -> Store {
         Store { dir: paths.keys_dir() }
     }
-    fn index_path(&self) -> PathBuf {
+    pub(super) fn index_path(&self) -> PathBuf {
         self.dir.join("keys.json")
     }
-    fn signing_path(&self, gen: &str) -> PathBuf {
+    pub(super) fn signing_path(&self, gen: &str) -> PathBuf {
         self.dir.join(format!("{gen}.signing.pem"))
     }
-    fn encryption_path(&self, gen: &str) -> PathBuf {
+    pub(super) fn encryption_path(&self, gen: &str) -> PathBuf {
         self.dir.join(format!("{gen}.encryption.pem"))
     }
-    fn peers_dir(&self) -> PathBuf {
+    pub(super) fn peers_dir(&self) -> PathBuf {
         self.dir.join("peers")
     }
-    fn lock(&self) -> Result<FileLock, KeyError> {
+    pub(super) fn lock(&self) -> Result<FileLock, KeyError> {
         fsutil::ensure_private_dir(&self.dir).map_err(io_err(&self.dir))?;
         let p = self.dir.join(".lock");
         FileLock::exclusive(&p).map_err(io_err(&p))
     }
 
-    fn read_index(&self) -> Result<Option<Index>, KeyError> {
+    pub(super) fn read_index(&self) -> Result<Option<Index>, KeyError> {
         let p = self.index_path();
         match fs::read(&p) {
             Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| KeyError::Corrupt {
@@ -330,13 +329,13 @@ impl Store {
         }
     }
 
-    fn write_index(&self, index: &Index) -> Result<(), KeyError> {
+    pub(super) fn write_index(&self, index: &Index) -> Result<(), KeyError> {
         let p = self.index_path();
         let bytes = serde_json::to_vec_pretty(index).expect("index serialises");
         fsutil::atomic_write(&p, &bytes).map_err(io_err(&p))
     }
 
-    fn write_pair(&self, pair: &KeyPair) -> Result<(), KeyError> {
+    pub(super) fn write_pair(&self, pair: &KeyPair) -> Result<(), KeyError> {
         let sp = self.signing_path(&pair.gen);
         let spem = pair
             .signing
@@ -349,7 +348,7 @@ impl Store {
         fsutil::atomic_write(&ep, epem.as_bytes()).map_err(io_err(&ep))
     }
 
-    fn read_pair(&self, e: &IndexEntry) -> Result<KeyPair, KeyError> {
+    pub(super) fn read_pair(&self, e: &IndexEntry) -> Result<KeyPair, KeyError> {
         let corrupt = |path: &Path, reason: String| KeyError::Corrupt {
             path: path.to_path_buf(),
             reason,
@@ -377,7 +376,7 @@ impl Store {
         Ok(pair)
     }
 
-    fn remove_pair(&self, gen: &str) -> Result<(), KeyError> {
+    pub(super) fn remove_pair(&self, gen: &str) -> Result<(), KeyError> {
         for p in [self.signing_path(gen), self.encryption_path(gen)] {
             match fs::remove_file(&p) {
                 Ok(()) => {}
@@ -389,11 +388,11 @@ impl Store {
     }
 }
 
-fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+pub(super) fn parse_time(s: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc))
 }
 
-fn entry_of(pair: &KeyPair) -> IndexEntry {
+pub(super) fn entry_of(pair: &KeyPair) -> IndexEntry {
     IndexEntry {
         gen: pair.gen.clone(),
         node_id: pair.node_id.clone(),
@@ -402,12 +401,12 @@ fn entry_of(pair: &KeyPair) -> IndexEntry {
     }
 }
 
-fn rotation_days(paths: &Paths) -> Result<i64, KeyError> {
+pub(super) fn rotation_days(paths: &Paths) -> Result<i64, KeyError> {
     Ok(Config::load(paths)?.settings().security.key_rotation_days)
 }
 
 /// Is a retired key past its decryption window?
-fn expired(retired: Option<DateTime<Utc>>, days: i64, now: DateTime<Utc>) -> bool {
+pub(super) fn expired(retired: Option<DateTime<Utc>>, days: i64, now: DateTime<Utc>) -> bool {
     retired.is_some_and(|r| now >= r + Duration::days(days))
 }
 
@@ -444,98 +443,6 @@ impl Identity {
         Ok(Identity { current, older })
     }
 
-    /// Load the keys, generating (and auditing `key.created`) on first need.
-    pub fn load_or_generate(paths: &Paths, audit: &AuditLog) -> Result<Identity, KeyError> {
-        let store = Store::new(paths);
-        if store.read_index()?.is_some() {
-            return Identity::load(paths);
-        }
-        let _lock = store.lock()?;
-        // Another process may have generated while we waited for the lock.
-        if store.read_index()?.is_some() {
-            return Identity::load(paths);
-        }
-        let pair = create_first(&store, audit, None)?;
-        Ok(Identity {
-            current: pair,
-            older: Vec::new(),
-        })
-    }
-
-    /// Generate fresh keys. Without `force`, refuses when keys exist; with it,
-    /// every existing generation is discarded.
-    pub fn generate(paths: &Paths, audit: &AuditLog, force: bool) -> Result<Identity, KeyError> {
-        let store = Store::new(paths);
-        let _lock = store.lock()?;
-        let replaced = match store.read_index()? {
-            Some(_) if !force => return Err(KeyError::Exists(store.dir.clone())),
-            Some(index) => {
-                for e in &index.keys {
-                    store.remove_pair(&e.gen)?;
-                }
-                Some(
-                    index
-                        .keys
-                        .iter()
-                        .find(|e| e.gen == index.current)
-                        .map(|e| e.node_id.clone()),
-                )
-            }
-            None => None,
-        };
-        let pair = create_first(&store, audit, replaced.flatten())?;
-        Ok(Identity {
-            current: pair,
-            older: Vec::new(),
-        })
-    }
-
-    /// Make new keys current; the old current key stays usable for
-    /// decryption for `security.keyRotationDays`. Expired keys are removed first.
-    pub fn rotate(paths: &Paths, audit: &AuditLog) -> Result<Rotation, KeyError> {
-        let store = Store::new(paths);
-        let days = rotation_days(paths)?;
-        let _lock = store.lock()?;
-        let now = Utc::now();
-        let removed = prune_locked(&store, audit, days, now)?;
-        let mut index = store
-            .read_index()?
-            .ok_or_else(|| KeyError::Missing(store.dir.clone()))?;
-        let old = index.current.clone();
-        let old_node = index
-            .keys
-            .iter()
-            .find(|e| e.gen == old)
-            .map(|e| e.node_id.clone())
-            .unwrap_or_default();
-        let pair = KeyPair::generate()?;
-        store.write_pair(&pair)?;
-        for e in index.keys.iter_mut().filter(|e| e.gen == old) {
-            e.retired = Some(rfc3339(now));
-        }
-        index.keys.push(entry_of(&pair));
-        index.current = pair.gen.clone();
-        store.write_index(&index)?;
-        audit.append(
-            Event::KeyRotated,
-            json!({
-                "old_node_id": old_node,
-                "node_id": pair.node_id,
-                "key_id": hex::encode(pair.key_id),
-                "old_usable_until": rfc3339(now + Duration::days(days)),
-                "removed": removed,
-            }),
-        )?;
-        // The last checkpoint is signed by the old key: sign one with the new.
-        audit.resign_checkpoint()?;
-        Ok(Rotation {
-            old_node_id: old_node,
-            new: pair.public(),
-            old_usable_until: rfc3339(now + Duration::days(days)),
-            removed,
-        })
-    }
-
     pub fn node_id(&self) -> &str {
         &self.current.node_id
     }
@@ -567,75 +474,6 @@ impl Identity {
     pub fn created(&self) -> DateTime<Utc> {
         self.current.created
     }
-}
-
-/// What `keys rotate` did.
-#[derive(Debug, Clone, Serialize)]
-pub struct Rotation {
-    pub old_node_id: String,
-    pub new: PublicIdentity,
-    pub old_usable_until: String,
-    pub removed: usize,
-}
-
-fn create_first(store: &Store, audit: &AuditLog, replaced: Option<String>) -> Result<KeyPair, KeyError> {
-    let pair = KeyPair::generate()?;
-    // Logged first: keys on disk always imply a log that recorded them,
-    // which is what stops a deleted log from silently starting afresh.
-    audit.append(
-        Event::KeyCreated,
-        json!({
-            "node_id": pair.node_id,
-            "key_id": hex::encode(pair.key_id),
-            "rsa_bits": super::params().rsa_bits,
-            "replaced_node_id": replaced,
-        }),
-    )?;
-    store.write_pair(&pair)?;
-    store.write_index(&Index {
-        v: 1,
-        current: pair.gen.clone(),
-        keys: vec![entry_of(&pair)],
-    })?;
-    // From now on checkpoints are signed; the last one may be unsigned or
-    // signed by keys that are gone: sign one at the head with the new key
-    // (after checking the chain since), whoever asked for the keys.
-    audit.resign_checkpoint()?;
-    Ok(pair)
-}
-
-/// Remove retired keys whose decryption window (`security.keyRotationDays`
-/// after retirement) has passed. Returns how many generations were removed.
-pub fn prune_expired(paths: &Paths, now: DateTime<Utc>) -> Result<usize, KeyError> {
-    let store = Store::new(paths);
-    if store.read_index()?.is_none() {
-        return Ok(0);
-    }
-    let days = rotation_days(paths)?;
-    let _lock = store.lock()?;
-    prune_locked(&store, &AuditLog::new(paths), days, now)
-}
-
-fn prune_locked(store: &Store, audit: &AuditLog, days: i64, now: DateTime<Utc>) -> Result<usize, KeyError> {
-    let Some(mut index) = store.read_index()? else {
-        return Ok(0);
-    };
-    let (gone, keep): (Vec<_>, Vec<_>) = index
-        .keys
-        .into_iter()
-        .partition(|e| e.gen != index.current && expired(e.retired.as_deref().and_then(parse_time), days, now));
-    index.keys = keep;
-    if gone.is_empty() {
-        return Ok(0);
-    }
-    // Index first: a crash after it leaves stray files, never an index
-    // that names missing keys.
-    store.write_index(&index)?;
-    for e in &gone {
-        store.remove_pair(&e.gen)?;
-        audit.append(Event::KeyRemoved, json!({ "node_id": e.node_id, "retired": e.retired }))?;
-    }
-    Ok(gone.len())
 }
 
 /// Summary of one generation, for `keys list`.
@@ -766,33 +604,6 @@ impl Keyring {
 
     /// Mark the peer `name` as one of this user's own nodes (`keys import
     /// --own`): a marker `<name>.own` beside its identity, naming its node id.
-    /// `keys import`: add a peer's public identity under `name` (with
-    /// `own`, as one of this user's own nodes, which may also mark a peer
-    /// already imported), audited as `key.imported`.
-    pub fn import_audited(
-        &self,
-        audit: &AuditLog,
-        name: &str,
-        public: &PublicIdentity,
-        own: bool,
-    ) -> Result<(), KeyError> {
-        match self.import(name, public) {
-            Ok(()) => {}
-            // Marking a peer already in the keyring as one's own.
-            Err(KeyError::DuplicatePeer(_))
-                if own && self.get(name).is_ok_and(|have| have.node_id == public.node_id) => {}
-            Err(e) => return Err(e),
-        }
-        if own {
-            self.mark_own(name)?;
-        }
-        audit.append(
-            Event::KeyImported,
-            json!({ "name": name, "node_id": public.node_id, "own": own }),
-        )?;
-        Ok(())
-    }
-
     pub fn mark_own(&self, name: &str) -> Result<(), KeyError> {
         let id = self.get(name)?;
         let p = self.dir.join(format!("{name}.own"));

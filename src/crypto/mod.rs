@@ -16,6 +16,8 @@ use serde::Deserialize;
 pub mod envelope;
 pub mod files;
 pub mod keys;
+mod lifecycle;
+pub use lifecycle::{prune_expired, Rotation};
 mod pipeline;
 
 pub use envelope::{decrypt, encrypt_to, CryptoError, Opened};
