@@ -561,63 +561,17 @@ impl AuditLog {
         if let Some(b) = w.first_bad.clone() {
             rep.problems.push(b);
         }
-        match &head {
-            Some(h) => {
-                if rep.events == 0 {
-                    rep.problems
-                        .push("audit.head names lines the log no longer has (truncated)".into());
-                } else if h.seq + 1 < rep.events {
-                    rep.problems.push(format!(
-                        "log has {} lines beyond audit.head (seq {}) — an unrecovered crash or lines added outside the tool",
-                        rep.events - 1 - h.seq,
-                        h.seq
-                    ));
-                } else if h.seq + 1 > rep.events {
-                    rep.problems.push(format!(
-                        "audit.head is at seq {} but the log ends at seq {} (truncated)",
-                        h.seq,
-                        rep.events - 1
-                    ));
-                } else if hex::encode(prev) != h.hash || h.last_start != last_start {
-                    rep.problems.push(format!(
-                        "last line (seq {}) does not match audit.head (edited or replaced)",
-                        h.seq
-                    ));
-                }
-            }
-            None if rep.events > 0 && rep.problems.is_empty() => {
-                rep.problems.push("audit.head is missing".into());
-            }
-            None => {}
-        }
+        rep.problems
+            .extend(head_problems(head.as_ref(), &rep, prev, last_start));
         if let Some(c) = &cp {
             let (report, problems) = self.check_checkpoint(c, &w);
             rep.checkpoint = Some(report);
             rep.problems.extend(problems);
         }
-        for a in &anchors {
-            if Some(&a.log_id) != w.log_id.as_ref() {
-                continue; // an anchor of an earlier log (before `audit restart`)
-            }
-            if !a.valid() {
-                rep.problems.push(format!(
-                    "the anchor of seq {} ({}) has an invalid witness signature",
-                    a.seq, a.time
-                ));
-                continue;
-            }
-            match w.marks.get(&a.seq) {
-                Some((h, _)) if hex::encode(h) == a.hash => {}
-                _ => rep.problems.push(format!(
-                    "line {} differs from what witness {} cosigned at {}: the log was rewritten since",
-                    a.seq,
-                    &a.witness[..16.min(a.witness.len())],
-                    a.time
-                )),
-            }
-            rep.anchors += 1;
-            rep.last_anchor = Some(a.clone());
-        }
+        let (counted, problems) = anchor_problems(&anchors, &w);
+        rep.problems.extend(problems);
+        rep.anchors = counted.len() as u64;
+        rep.last_anchor = counted.last().cloned();
         rep.ok = rep.problems.is_empty();
         Ok(rep)
     }
@@ -1122,6 +1076,73 @@ fn own_public_keys(paths: &Paths) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Does `audit.head` agree with the walked log (`rep`, its last line's
+/// hash `prev` and start offset)?
+fn head_problems(head: Option<&Head>, rep: &VerifyReport, prev: [u8; 32], last_start: u64) -> Vec<String> {
+    let mut problems = Vec::new();
+    match head {
+        Some(h) => {
+            if rep.events == 0 {
+                problems.push("audit.head names lines the log no longer has (truncated)".into());
+            } else if h.seq + 1 < rep.events {
+                problems.push(format!(
+                    "log has {} lines beyond audit.head (seq {}) — an unrecovered crash or lines added outside the tool",
+                    rep.events - 1 - h.seq,
+                    h.seq
+                ));
+            } else if h.seq + 1 > rep.events {
+                problems.push(format!(
+                    "audit.head is at seq {} but the log ends at seq {} (truncated)",
+                    h.seq,
+                    rep.events - 1
+                ));
+            } else if hex::encode(prev) != h.hash || h.last_start != last_start {
+                problems.push(format!(
+                    "last line (seq {}) does not match audit.head (edited or replaced)",
+                    h.seq
+                ));
+            }
+        }
+        None if rep.events > 0 && rep.problems.is_empty() && problems.is_empty() => {
+            problems.push("audit.head is missing".into());
+        }
+        None => {}
+    }
+    problems
+}
+
+/// The validly signed anchors of this log (`w`), and the problems found:
+/// an invalid witness signature (not counted), or a line that differs from
+/// what the witness cosigned. Anchors of an earlier log (before
+/// `audit restart`) are skipped.
+fn anchor_problems(anchors: &[Cosignature], w: &Walk) -> (Vec<Cosignature>, Vec<String>) {
+    let mut counted = Vec::new();
+    let mut problems = Vec::new();
+    for a in anchors {
+        if Some(&a.log_id) != w.log_id.as_ref() {
+            continue; // an anchor of an earlier log (before `audit restart`)
+        }
+        if !a.valid() {
+            problems.push(format!(
+                "the anchor of seq {} ({}) has an invalid witness signature",
+                a.seq, a.time
+            ));
+            continue;
+        }
+        match w.marks.get(&a.seq) {
+            Some((h, _)) if hex::encode(h) == a.hash => {}
+            _ => problems.push(format!(
+                "line {} differs from what witness {} cosigned at {}: the log was rewritten since",
+                a.seq,
+                &a.witness[..16.min(a.witness.len())],
+                a.time
+            )),
+        }
+        counted.push(a.clone());
+    }
+    (counted, problems)
 }
 
 /// Render one line in canonical order: v, seq, ts, event, fields..., prev.
