@@ -3,46 +3,19 @@
 //! Each check is cheap (no log scans): config loads, the data dir accepts a
 //! file, the audit head matches the log's tail, and modes are private.
 //! Later capabilities (Docker engine, keys) add their own checks here.
-
-use std::fs;
+//! Levels and the permission scan come from [`crate::checks`], the
+//! credential kind from [`crate::claude::credentials`]; `health` must not
+//! show or keep a secret, run `tokenCommand` or change any state.
 
 use chrono::Local;
 use serde::Serialize;
 
 use crate::audit::AuditLog;
+use crate::checks::{loose_permissions, Level};
 use crate::config::Config;
 use crate::fsutil;
 use crate::paths::Paths;
 use crate::usage::{Caps, Ledger};
-
-/// Nagios result levels, ordered by severity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum Level {
-    Ok,
-    Warning,
-    Critical,
-    Unknown,
-}
-
-impl Level {
-    pub fn code(self) -> i32 {
-        match self {
-            Level::Ok => 0,
-            Level::Warning => 1,
-            Level::Critical => 2,
-            Level::Unknown => 3,
-        }
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            Level::Ok => "OK",
-            Level::Warning => "WARNING",
-            Level::Critical => "CRITICAL",
-            Level::Unknown => "UNKNOWN",
-        }
-    }
-}
 
 /// One check's outcome.
 #[derive(Debug, Clone, Serialize)]
@@ -205,29 +178,6 @@ fn writable(paths: &Paths) -> Check {
     }
 }
 
-/// Files and directories wider than 0600 / 0700 (group or other bits set).
-pub fn loose_permissions(paths: &Paths) -> Vec<String> {
-    let mut loose = Vec::new();
-    for (p, is_dir) in paths.private_entries() {
-        if let Some(mode) = fsutil::mode_of(&p) {
-            if mode & 0o077 != 0 {
-                let want = if is_dir { "0700" } else { "0600" };
-                loose.push(format!("{} is {:04o} (want {want})", p.display(), mode));
-            }
-        }
-    }
-    if let Ok(rd) = fs::read_dir(paths.keys_dir()) {
-        for e in rd.flatten() {
-            if let Some(mode) = fsutil::mode_of(&e.path()) {
-                if mode & 0o077 != 0 && e.path().is_file() {
-                    loose.push(format!("{} is {:04o} (want 0600)", e.path().display(), mode));
-                }
-            }
-        }
-    }
-    loose
-}
-
 /// WARNING when the current node key is older than `security.keyRotationDays`.
 fn keys(paths: &Paths, config: Option<&Config>) -> Check {
     let days = config.map_or_else(
@@ -360,7 +310,10 @@ fn egress_check(cfg: &Config) -> Check {
             message: format!(
                 "restricted: no network, relay on {} to a per-job proxy that allows {}",
                 e.relay_listen,
-                e.allowlist(crate::compliance::credential_kind(cfg)).join(", ")
+                e.allowlist(crate::claude::credentials::kind_name(crate::claude::credentials::kind(
+                    cfg
+                )))
+                .join(", ")
             ),
         },
         Err(err) => Check {

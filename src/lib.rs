@@ -20,6 +20,7 @@
 
 pub mod analytics;
 pub mod audit;
+pub mod checks;
 pub mod claude;
 pub mod cli;
 pub mod compliance;
