@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::audit::AuditLog;
+use crate::caps::{Caps, Ledger};
 use crate::checks::{loose_permissions, Level};
 use crate::claude::credentials::{self, Kind};
 use crate::config::Config;
@@ -21,7 +22,6 @@ use crate::consent::{Consent, JOB_MARKET};
 use crate::fsutil::FileLock;
 use crate::legal;
 use crate::paths::Paths;
-use crate::usage::{Caps, Ledger};
 
 /// The embedded checklist.
 pub const EMBEDDED_CHECKLIST: &str = include_str!("../compliance-config.json");
@@ -304,7 +304,7 @@ fn caps_enforced(i: &Inputs) -> Outcome {
             ));
         }
     }
-    if caps.max_tokens_per_task < crate::usage::MIN_USEFUL_TASK_TOKENS {
+    if caps.max_tokens_per_task < crate::caps::MIN_USEFUL_TASK_TOKENS {
         return Outcome::Warn(format!(
             "limits.maxTokensPerTask ({}) is below what one Claude Code request uses (~12,000 fresh tokens): every job would be stopped",
             caps.max_tokens_per_task

@@ -11,11 +11,11 @@ use chrono::Local;
 use serde::Serialize;
 
 use crate::audit::AuditLog;
+use crate::caps::{Caps, Ledger};
 use crate::checks::{loose_permissions, Level};
 use crate::config::Config;
 use crate::fsutil;
 use crate::paths::Paths;
-use crate::usage::{Caps, Ledger};
 
 /// One check's outcome.
 #[derive(Debug, Clone, Serialize)]

@@ -18,8 +18,8 @@
 //! # Ok(()) }
 //! ```
 
-pub mod analytics;
 pub mod audit;
+pub mod caps;
 pub mod checks;
 pub mod claude;
 pub mod cli;
@@ -40,13 +40,13 @@ pub mod paths;
 pub mod status;
 pub mod timespec;
 pub mod txn;
-pub mod usage;
+pub mod usage_report;
 pub mod workspace;
 
 pub use audit::{AuditError, AuditLog, VerifyReport};
+pub use caps::{Budget, Caps, Reservation, Spent};
 pub use config::{Config, ConfigError};
 pub use consent::Consent;
 pub use exit::Exit;
 pub use job::{Approval, ApprovedBy, Cancel, JobRecord, JobSource, JobSpec, Progress, Unattended};
 pub use paths::Paths;
-pub use usage::{Budget, Caps, Ledger, Reservation, Spent};

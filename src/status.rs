@@ -6,11 +6,11 @@ use chrono::Local;
 use serde::Serialize;
 
 use crate::audit::{AuditLog, Head};
+use crate::caps::{Caps, CapsError, Ledger, Snapshot};
 use crate::config::Config;
 use crate::consent::Consent;
 use crate::legal;
 use crate::paths::Paths;
-use crate::usage::{Caps, Ledger, Snapshot, UsageError};
 
 /// Everything `status` reports.
 #[derive(Debug, Clone, Serialize)]
@@ -42,7 +42,7 @@ pub struct AuditStatus {
 }
 
 /// Build the status report from the live files.
-pub fn read(paths: &Paths, config: &Config) -> Result<StatusReport, UsageError> {
+pub fn read(paths: &Paths, config: &Config) -> Result<StatusReport, CapsError> {
     let consent = Consent::from_config(config);
     let caps = Caps::from_config(config);
     let usage = Ledger::new(paths).snapshot(&caps, Local::now())?;

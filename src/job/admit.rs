@@ -10,12 +10,12 @@ use serde_json::{json, Value};
 
 use super::{joined, new_job_id, Approval, ApprovedBy, Cancel, JobError, JobEvent, JobSource, JobSpec, Progress};
 use crate::audit::AuditLog;
+use crate::caps::{usd_to_micros, Budget, Caps, HeldReservation, Ledger};
 use crate::config::{Config, PERMISSION_MODES};
 use crate::consent::Consent;
 use crate::docker::hardening::{self, Profile, Resources};
 use crate::docker::{image, DockerError};
 use crate::paths::Paths;
-use crate::usage::{usd_to_micros, Budget, Caps, HeldReservation, Ledger};
 
 /// The engine connection and whether the image is there, asked for while
 /// the caps are reserved.

@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::audit::{AuditError, AuditLog};
+use crate::caps::CapsError;
 use crate::claude::credentials::CredentialError;
 use crate::claude::stream::{Event, PartialUsage, RateLimit, Retry, StreamState, Usage};
 use crate::config::Config;
@@ -31,7 +32,6 @@ use crate::docker::{hardening, DockerError};
 use crate::exit::{Exit, Failure, HasExit};
 use crate::fsutil;
 use crate::paths::Paths;
-use crate::usage::UsageError;
 
 mod admit;
 mod outcome;
@@ -404,11 +404,11 @@ impl JobRecord {
     }
 
     /// What the caps count for this job.
-    pub fn spent(&self) -> crate::usage::Spent {
-        crate::usage::Spent {
+    pub fn spent(&self) -> crate::caps::Spent {
+        crate::caps::Spent {
             tokens: self.fresh_tokens,
             cache_read_tokens: self.usage.cache_read_input_tokens,
-            cost_micros: self.cost_usd.map(crate::usage::usd_to_micros).unwrap_or(0),
+            cost_micros: self.cost_usd.map(crate::caps::usd_to_micros).unwrap_or(0),
         }
     }
 }
@@ -418,7 +418,7 @@ pub enum JobError {
     #[error(transparent)]
     Refused(#[from] Failure),
     #[error(transparent)]
-    Caps(#[from] UsageError),
+    Caps(#[from] CapsError),
     #[error("job denied: {0}")]
     Denied(String),
     #[error(transparent)]
