@@ -1,6 +1,6 @@
 //! The caps ledger: caps and usage windows, reserve / commit / release
 //! under one lock (used by jobs, `limits`, `status` and the provider). The
-//! `usage` command's report from the audit log is [`crate::usage_report`];
+//! `usage` command's report from the audit log is `usage_report`;
 //! this module must not read the audit log, and nothing else may write
 //! `usage.json`.
 //!

@@ -1,7 +1,7 @@
 //! The `usage` command's report: analytics from the audit log (tasks,
 //! tokens, success rate, averages, model distribution and trend per local
 //! day, ISO week or month). It only reads the log and keeps its own index;
-//! it must not touch the caps ledger ([`crate::caps`]), which is what caps
+//! it must not touch the caps ledger (`caps.rs`), which is what caps
 //! are enforced against.
 //!
 //! A task is one terminal job event (`job.completed`, `job.failed`,
