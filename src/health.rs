@@ -71,30 +71,41 @@ impl HealthReport {
 pub fn check(paths: &Paths) -> HealthReport {
     let mut checks = Vec::new();
     let mut perf = Vec::new();
-
-    let config = match Config::load(paths) {
-        Ok(c) => {
+    let config = Config::load(paths);
+    checks.push(match &config {
+        Ok(_) => Check {
+            name: "config",
+            level: Level::Ok,
+            message: "valid".into(),
+        },
+        Err(e) => Check {
+            name: "config",
+            level: Level::Critical,
+            message: e.to_string(),
+        },
+    });
+    let config = config.ok();
+    checks.push(writable(paths));
+    checks.push(audit(paths, &mut perf));
+    checks.push(permissions(paths));
+    checks.push(keys(paths, config.as_ref()));
+    if let Some(cfg) = &config {
+        if let Err(e) = usage(paths, cfg, &mut perf) {
             checks.push(Check {
-                name: "config",
-                level: Level::Ok,
-                message: "valid".into(),
-            });
-            Some(c)
-        }
-        Err(e) => {
-            checks.push(Check {
-                name: "config",
+                name: "usage",
                 level: Level::Critical,
                 message: e.to_string(),
             });
-            None
         }
-    };
+        docker_checks(paths, cfg, &mut checks, &mut perf);
+    }
+    let level = checks.iter().map(|c| c.level).max().unwrap_or(Level::Ok);
+    HealthReport { level, checks, perf }
+}
 
-    checks.push(writable(paths));
-
-    let log = AuditLog::new(paths);
-    match log.quick_check() {
+/// The audit head matches the log's tail (no scan).
+fn audit(paths: &Paths, perf: &mut Vec<Perf>) -> Check {
+    match AuditLog::new(paths).quick_check() {
         Ok(head) => {
             perf.push(Perf {
                 label: "audit_events",
@@ -102,63 +113,47 @@ pub fn check(paths: &Paths) -> HealthReport {
                 warn: None,
                 crit: None,
             });
-            checks.push(Check {
+            Check {
                 name: "audit",
                 level: Level::Ok,
                 message: match head {
                     Some(h) => format!("head at seq {}", h.seq),
                     None => "no events yet".into(),
                 },
-            })
+            }
         }
-        Err(e) => checks.push(Check {
+        Err(e) => Check {
             name: "audit",
             level: Level::Critical,
             message: e.to_string(),
-        }),
+        },
     }
+}
 
-    checks.push(permissions(paths));
-    checks.push(keys(paths, config.as_ref()));
-
-    if let Some(cfg) = &config {
-        let caps = Caps::from_config(cfg);
-        match Ledger::new(paths).snapshot(&caps, Local::now()) {
-            Ok(s) => {
-                let day = &s.windows[0];
-                perf.push(Perf {
-                    label: "tasks_today",
-                    value: day.tasks,
-                    warn: None,
-                    crit: day.task_cap,
-                });
-                perf.push(Perf {
-                    label: "tokens_today",
-                    value: day.tokens,
-                    warn: None,
-                    crit: day.token_cap,
-                });
-                perf.push(Perf {
-                    label: "reservations",
-                    value: s.reservations.len() as u64,
-                    warn: None,
-                    crit: Some(caps.concurrent_jobs),
-                });
-            }
-            Err(e) => checks.push(Check {
-                name: "usage",
-                level: Level::Critical,
-                message: e.to_string(),
-            }),
-        }
-    }
-
-    if let Some(cfg) = &config {
-        docker_checks(paths, cfg, &mut checks, &mut perf);
-    }
-
-    let level = checks.iter().map(|c| c.level).max().unwrap_or(Level::Ok);
-    HealthReport { level, checks, perf }
+/// Today's tasks and tokens against their caps, and open reservations.
+fn usage(paths: &Paths, cfg: &Config, perf: &mut Vec<Perf>) -> Result<(), crate::caps::CapsError> {
+    let caps = Caps::from_config(cfg);
+    let s = Ledger::new(paths).snapshot(&caps, Local::now())?;
+    let day = &s.windows[0];
+    perf.push(Perf {
+        label: "tasks_today",
+        value: day.tasks,
+        warn: None,
+        crit: day.task_cap,
+    });
+    perf.push(Perf {
+        label: "tokens_today",
+        value: day.tokens,
+        warn: None,
+        crit: day.token_cap,
+    });
+    perf.push(Perf {
+        label: "reservations",
+        value: s.reservations.len() as u64,
+        warn: None,
+        crit: Some(caps.concurrent_jobs),
+    });
+    Ok(())
 }
 
 fn writable(paths: &Paths) -> Check {

@@ -1,6 +1,7 @@
 //! `status`: consent, caps against usage per window with reset times, open
 //! reservations and the audit head. Reads a handful of small files; never
 //! scans the audit log, so it costs the same with 10 events or 10 million.
+//! It only reads: it must not reserve, reclaim or change any state.
 
 use chrono::Local;
 use serde::Serialize;

@@ -1,6 +1,8 @@
 //! Stages 4-5 of a job: the credential (read at run time, never stored),
 //! the image (auto-managed when it is the configured default) and, for
 //! restricted egress, this job's own proxy and the relay that reaches it.
+//! Nothing is audited here and no container is created: a failure is
+//! handed back for the pipeline to audit ([`super::admit::Admitted::abandon`]).
 
 use std::sync::Arc;
 
