@@ -3,6 +3,9 @@
 //!
 //! These checks read real state: files, modes, config, the audit chain.
 //! They never inspect source code and never claim legal certification.
+//! Levels and the permission scan come from [`crate::checks`], the
+//! credential kind from [`crate::claude::credentials`]; no check shows or
+//! keeps a secret, runs `tokenCommand` or changes state.
 
 use std::fs::{self, File};
 use std::io::Read;
@@ -11,13 +14,14 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::audit::AuditLog;
+use crate::caps::{Caps, Ledger};
+use crate::checks::{loose_permissions, Level};
+use crate::claude::credentials::{self, Kind};
 use crate::config::Config;
 use crate::consent::{Consent, JOB_MARKET};
 use crate::fsutil::FileLock;
-use crate::health::{self, Level};
 use crate::legal;
 use crate::paths::Paths;
-use crate::usage::{Caps, Ledger};
 
 /// The embedded checklist.
 pub const EMBEDDED_CHECKLIST: &str = include_str!("../compliance-config.json");
@@ -300,7 +304,7 @@ fn caps_enforced(i: &Inputs) -> Outcome {
             ));
         }
     }
-    if caps.max_tokens_per_task < crate::usage::MIN_USEFUL_TASK_TOKENS {
+    if caps.max_tokens_per_task < crate::caps::MIN_USEFUL_TASK_TOKENS {
         return Outcome::Warn(format!(
             "limits.maxTokensPerTask ({}) is below what one Claude Code request uses (~12,000 fresh tokens): every job would be stopped",
             caps.max_tokens_per_task
@@ -393,7 +397,7 @@ fn opt_out_path(i: &Inputs) -> Outcome {
 }
 
 fn file_permissions(i: &Inputs) -> Outcome {
-    let loose = health::loose_permissions(i.paths);
+    let loose = loose_permissions(i.paths);
     if loose.is_empty() {
         Outcome::Pass("directories 0700, files 0600".into())
     } else {
@@ -438,30 +442,19 @@ fn container_hardening(i: &Inputs) -> Outcome {
     }
 }
 
-/// The kind of credential the configured source yields, without reading it.
-pub fn credential_kind(cfg: &Config) -> &'static str {
-    let has = |v: &str| std::env::var_os(v).is_some_and(|x| !x.is_empty());
-    let c = &cfg.settings().credentials;
-    match c.source.as_str() {
-        "oauth-env" => "subscription",
-        "api-key-env" => "api-key",
-        "auto" if has("CLAUDE_CODE_OAUTH_TOKEN") => "subscription",
-        "auto" if has("ANTHROPIC_API_KEY") => "api-key",
-        "auto" if c.token_command.is_none() && c.token_file.is_none() => "none",
-        _ => "unknown",
-    }
-}
-
 fn credential_kind_market(i: &Inputs) -> Outcome {
     let cfg = need_config!(i);
     let market = Consent::from_config(cfg).allows(JOB_MARKET);
-    let kind = credential_kind(cfg);
+    let kind = credentials::kind(cfg);
+    let name = credentials::kind_name(kind);
     if !market {
-        return Outcome::Pass(format!("market jobs not enabled (credential kind: {kind})"));
+        return Outcome::Pass(format!("market jobs not enabled (credential kind: {name})"));
     }
     match kind {
-        "api-key" => Outcome::Pass("market jobs run on an API key, which is licensed for programmatic use".into()),
-        "subscription" => Outcome::Warn(format!(
+        Some(Kind::ApiKey) => {
+            Outcome::Pass("market jobs run on an API key, which is licensed for programmatic use".into())
+        }
+        Some(Kind::OAuth) => Outcome::Warn(format!(
             "market jobs are enabled with a consumer subscription login (OAuth token): Anthropic's terms license \
              Free/Pro/Max credentials for ordinary, individual use and do not let third-party tools route requests \
              through them on behalf of other users, so `advertise` serves only your own nodes ({} listed in \
@@ -470,7 +463,7 @@ fn credential_kind_market(i: &Inputs) -> Outcome {
             crate::market::provider::own_nodes(i.paths, cfg).len()
         )),
         _ => Outcome::Warn(format!(
-            "market jobs are enabled and the credential kind is {kind}: if it turns out to be a consumer subscription \
+            "market jobs are enabled and the credential kind is {name}: if it turns out to be a consumer subscription \
              login, `advertise` serves only your own nodes (`market.ownNodes`, `keys import --own`)"
         )),
     }
@@ -508,7 +501,7 @@ fn egress_restricted(i: &Inputs) -> Outcome {
             bad.join(", ")
         ));
     }
-    let allow = e.allowlist(credential_kind(cfg)).join(", ");
+    let allow = e.allowlist(credentials::kind_name(credentials::kind(cfg))).join(", ");
     match crate::docker::relay::base_dir() {
         Ok(dir) => Outcome::Pass(format!(
             "no network (mode `none`, IPv6 off); the only way out is the relay on {} to the job's own proxy (socket under {}), which allows {allow}",

@@ -3,52 +3,19 @@
 //! Each check is cheap (no log scans): config loads, the data dir accepts a
 //! file, the audit head matches the log's tail, and modes are private.
 //! Later capabilities (Docker engine, keys) add their own checks here.
-
-use std::fs;
+//! Levels and the permission scan come from [`crate::checks`], the
+//! credential kind from [`crate::claude::credentials`]; `health` must not
+//! show or keep a secret, run `tokenCommand` or change any state.
 
 use chrono::Local;
 use serde::Serialize;
 
 use crate::audit::AuditLog;
+use crate::caps::{Caps, Ledger};
+use crate::checks::{loose_permissions, Level};
 use crate::config::Config;
 use crate::fsutil;
 use crate::paths::Paths;
-use crate::usage::{Caps, Ledger};
-
-/// Nagios result levels, ordered by severity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum Level {
-    Ok,
-    Warning,
-    Critical,
-    Unknown,
-}
-
-impl Level {
-    /// The process exit status that reports this level.
-    pub fn exit(self) -> crate::exit::Exit {
-        use crate::exit::Check;
-        crate::exit::Exit::Check(match self {
-            Level::Ok => Check::Ok,
-            Level::Warning => Check::Warning,
-            Level::Critical => Check::Critical,
-            Level::Unknown => Check::Unknown,
-        })
-    }
-
-    pub fn code(self) -> i32 {
-        self.exit().code()
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            Level::Ok => "OK",
-            Level::Warning => "WARNING",
-            Level::Critical => "CRITICAL",
-            Level::Unknown => "UNKNOWN",
-        }
-    }
-}
 
 /// One check's outcome.
 #[derive(Debug, Clone, Serialize)]
@@ -104,30 +71,41 @@ impl HealthReport {
 pub fn check(paths: &Paths) -> HealthReport {
     let mut checks = Vec::new();
     let mut perf = Vec::new();
-
-    let config = match Config::load(paths) {
-        Ok(c) => {
+    let config = Config::load(paths);
+    checks.push(match &config {
+        Ok(_) => Check {
+            name: "config",
+            level: Level::Ok,
+            message: "valid".into(),
+        },
+        Err(e) => Check {
+            name: "config",
+            level: Level::Critical,
+            message: e.to_string(),
+        },
+    });
+    let config = config.ok();
+    checks.push(writable(paths));
+    checks.push(audit(paths, &mut perf));
+    checks.push(permissions(paths));
+    checks.push(keys(paths, config.as_ref()));
+    if let Some(cfg) = &config {
+        if let Err(e) = usage(paths, cfg, &mut perf) {
             checks.push(Check {
-                name: "config",
-                level: Level::Ok,
-                message: "valid".into(),
-            });
-            Some(c)
-        }
-        Err(e) => {
-            checks.push(Check {
-                name: "config",
+                name: "usage",
                 level: Level::Critical,
                 message: e.to_string(),
             });
-            None
         }
-    };
+        docker_checks(paths, cfg, &mut checks, &mut perf);
+    }
+    let level = checks.iter().map(|c| c.level).max().unwrap_or(Level::Ok);
+    HealthReport { level, checks, perf }
+}
 
-    checks.push(writable(paths));
-
-    let log = AuditLog::new(paths);
-    match log.quick_check() {
+/// The audit head matches the log's tail (no scan).
+fn audit(paths: &Paths, perf: &mut Vec<Perf>) -> Check {
+    match AuditLog::new(paths).quick_check() {
         Ok(head) => {
             perf.push(Perf {
                 label: "audit_events",
@@ -135,63 +113,47 @@ pub fn check(paths: &Paths) -> HealthReport {
                 warn: None,
                 crit: None,
             });
-            checks.push(Check {
+            Check {
                 name: "audit",
                 level: Level::Ok,
                 message: match head {
                     Some(h) => format!("head at seq {}", h.seq),
                     None => "no events yet".into(),
                 },
-            })
+            }
         }
-        Err(e) => checks.push(Check {
+        Err(e) => Check {
             name: "audit",
             level: Level::Critical,
             message: e.to_string(),
-        }),
+        },
     }
+}
 
-    checks.push(permissions(paths));
-    checks.push(keys(paths, config.as_ref()));
-
-    if let Some(cfg) = &config {
-        let caps = Caps::from_config(cfg);
-        match Ledger::new(paths).snapshot(&caps, Local::now()) {
-            Ok(s) => {
-                let day = &s.windows[0];
-                perf.push(Perf {
-                    label: "tasks_today",
-                    value: day.tasks,
-                    warn: None,
-                    crit: day.task_cap,
-                });
-                perf.push(Perf {
-                    label: "tokens_today",
-                    value: day.tokens,
-                    warn: None,
-                    crit: day.token_cap,
-                });
-                perf.push(Perf {
-                    label: "reservations",
-                    value: s.reservations.len() as u64,
-                    warn: None,
-                    crit: Some(caps.concurrent_jobs),
-                });
-            }
-            Err(e) => checks.push(Check {
-                name: "usage",
-                level: Level::Critical,
-                message: e.to_string(),
-            }),
-        }
-    }
-
-    if let Some(cfg) = &config {
-        docker_checks(paths, cfg, &mut checks, &mut perf);
-    }
-
-    let level = checks.iter().map(|c| c.level).max().unwrap_or(Level::Ok);
-    HealthReport { level, checks, perf }
+/// Today's tasks and tokens against their caps, and open reservations.
+fn usage(paths: &Paths, cfg: &Config, perf: &mut Vec<Perf>) -> Result<(), crate::caps::CapsError> {
+    let caps = Caps::from_config(cfg);
+    let s = Ledger::new(paths).snapshot(&caps, Local::now())?;
+    let day = &s.windows[0];
+    perf.push(Perf {
+        label: "tasks_today",
+        value: day.tasks,
+        warn: None,
+        crit: day.task_cap,
+    });
+    perf.push(Perf {
+        label: "tokens_today",
+        value: day.tokens,
+        warn: None,
+        crit: day.token_cap,
+    });
+    perf.push(Perf {
+        label: "reservations",
+        value: s.reservations.len() as u64,
+        warn: None,
+        crit: Some(caps.concurrent_jobs),
+    });
+    Ok(())
 }
 
 fn writable(paths: &Paths) -> Check {
@@ -209,29 +171,6 @@ fn writable(paths: &Paths) -> Check {
             message: format!("{} is not writable: {e}", dir.display()),
         },
     }
-}
-
-/// Files and directories wider than 0600 / 0700 (group or other bits set).
-pub fn loose_permissions(paths: &Paths) -> Vec<String> {
-    let mut loose = Vec::new();
-    for (p, is_dir) in paths.private_entries() {
-        if let Some(mode) = fsutil::mode_of(&p) {
-            if mode & 0o077 != 0 {
-                let want = if is_dir { "0700" } else { "0600" };
-                loose.push(format!("{} is {:04o} (want {want})", p.display(), mode));
-            }
-        }
-    }
-    if let Ok(rd) = fs::read_dir(paths.keys_dir()) {
-        for e in rd.flatten() {
-            if let Some(mode) = fsutil::mode_of(&e.path()) {
-                if mode & 0o077 != 0 && e.path().is_file() {
-                    loose.push(format!("{} is {:04o} (want 0600)", e.path().display(), mode));
-                }
-            }
-        }
-    }
-    loose
 }
 
 /// WARNING when the current node key is older than `security.keyRotationDays`.
@@ -366,7 +305,10 @@ fn egress_check(cfg: &Config) -> Check {
             message: format!(
                 "restricted: no network, relay on {} to a per-job proxy that allows {}",
                 e.relay_listen,
-                e.allowlist(crate::compliance::credential_kind(cfg)).join(", ")
+                e.allowlist(crate::claude::credentials::kind_name(crate::claude::credentials::kind(
+                    cfg
+                )))
+                .join(", ")
             ),
         },
         Err(err) => Check {

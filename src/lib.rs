@@ -18,9 +18,10 @@
 //! # Ok(()) }
 //! ```
 
-pub mod analytics;
 pub mod audit;
 pub mod audit_report;
+pub mod caps;
+pub mod checks;
 pub mod claude;
 pub mod cli;
 pub mod compliance;
@@ -41,13 +42,13 @@ pub mod runtime;
 pub mod status;
 pub mod timespec;
 pub mod txn;
-pub mod usage;
+pub mod usage_report;
 pub mod workspace;
 
 pub use audit::{AuditError, AuditLog, VerifyReport};
+pub use caps::{Budget, Caps, Reservation, Spent};
 pub use config::{Config, ConfigError};
 pub use consent::Consent;
 pub use exit::Exit;
 pub use job::{Approval, ApprovedBy, Cancel, JobRecord, JobSource, JobSpec, Progress, Unattended};
 pub use paths::Paths;
-pub use usage::{Budget, Caps, Ledger, Reservation, Spent};

@@ -1,16 +1,17 @@
 //! `status`: consent, caps against usage per window with reset times, open
 //! reservations and the audit head. Reads a handful of small files; never
 //! scans the audit log, so it costs the same with 10 events or 10 million.
+//! It only reads: it must not reserve, reclaim or change any state.
 
 use chrono::Local;
 use serde::Serialize;
 
 use crate::audit::{AuditLog, Head};
+use crate::caps::{Caps, CapsError, Ledger, Snapshot};
 use crate::config::Config;
 use crate::consent::Consent;
 use crate::legal;
 use crate::paths::Paths;
-use crate::usage::{Caps, Ledger, Snapshot, UsageError};
 
 /// Everything `status` reports.
 #[derive(Debug, Clone, Serialize)]
@@ -42,7 +43,7 @@ pub struct AuditStatus {
 }
 
 /// Build the status report from the live files.
-pub fn read(paths: &Paths, config: &Config) -> Result<StatusReport, UsageError> {
+pub fn read(paths: &Paths, config: &Config) -> Result<StatusReport, CapsError> {
     let consent = Consent::from_config(config);
     let caps = Caps::from_config(config);
     let usage = Ledger::new(paths).snapshot(&caps, Local::now())?;

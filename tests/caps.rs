@@ -9,7 +9,8 @@ use common::*;
 use std::process::{Command, Stdio};
 
 use chrono::Local;
-use claude_max_market::{Caps, Config, Ledger, Paths, Spent};
+use claude_max_market::caps::Ledger;
+use claude_max_market::{Caps, Config, Paths, Spent};
 
 fn spent(tokens: u64) -> Spent {
     Spent {

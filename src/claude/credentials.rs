@@ -6,6 +6,11 @@
 //! `CLAUDE_CODE_OAUTH_TOKEN`, then the configured file / command, then
 //! `ANTHROPIC_API_KEY`. A stray `ANTHROPIC_API_KEY` in the shell therefore never
 //! overrides a subscription login the user chose; we say so when both exist.
+//!
+//! This is the only place that decides which source is used and what kind of
+//! login it is ([`choose`], [`kind`]): the job, `compliance-check`, `health`
+//! and `advertise` all ask here. Nothing here prints, logs or stores a
+//! secret, and no check runs `tokenCommand`.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -162,106 +167,135 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
+/// Which source [`resolve`] takes the credential from. Decided from the
+/// config and the environment alone: nothing is read or run to decide it,
+/// and it holds no secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Choice {
+    OAuthEnv,
+    ApiKeyEnv,
+    File(PathBuf),
+    Command(String),
+}
+
+/// The one order every caller follows: the configured source, or for
+/// `auto` `CLAUDE_CODE_OAUTH_TOKEN`, then `credentials.tokenFile`, then
+/// `credentials.tokenCommand`, then `ANTHROPIC_API_KEY`.
+pub fn choose(cfg: &Config) -> Result<Choice, CredentialError> {
+    let c = &cfg.settings().credentials;
+    let source = c.source.as_str();
+    let unconfigured = |what| CredentialError::Unconfigured(source.into(), what);
+    match source {
+        "oauth-env" => env(OAUTH_ENV).map(|_| Choice::OAuthEnv).ok_or(unconfigured(OAUTH_ENV)),
+        "api-key-env" => env(API_KEY_ENV)
+            .map(|_| Choice::ApiKeyEnv)
+            .ok_or(unconfigured(API_KEY_ENV)),
+        "file" => c
+            .token_file
+            .clone()
+            .map(Choice::File)
+            .ok_or(unconfigured("credentials.tokenFile")),
+        "command" => c
+            .token_command
+            .clone()
+            .map(Choice::Command)
+            .ok_or(unconfigured("credentials.tokenCommand")),
+        _ => {
+            if env(OAUTH_ENV).is_some() {
+                Ok(Choice::OAuthEnv)
+            } else if let Some(p) = &c.token_file {
+                Ok(Choice::File(p.clone()))
+            } else if let Some(cmd) = &c.token_command {
+                Ok(Choice::Command(cmd.clone()))
+            } else if env(API_KEY_ENV).is_some() {
+                Ok(Choice::ApiKeyEnv)
+            } else {
+                Err(CredentialError::NotFound(vec![
+                    format!("{OAUTH_ENV} (not set)"),
+                    "credentials.tokenFile (not configured)".into(),
+                    "credentials.tokenCommand (not configured)".into(),
+                    format!("{API_KEY_ENV} (not set)"),
+                ]))
+            }
+        }
+    }
+}
+
+fn from_env(name: &'static str, kind: Kind) -> Result<Credential, CredentialError> {
+    Credential::new(env(name).unwrap_or_default(), kind, name)
+}
+
 /// Resolve the credential. `notes` receives things the user should know
 /// (e.g. an ignored `ANTHROPIC_API_KEY`); they never contain the secret.
 pub fn resolve(cfg: &Config, notes: &mut Vec<String>) -> Result<Credential, CredentialError> {
-    let c = &cfg.settings().credentials;
-    let source = c.source.as_str();
-    let file = c.token_file.clone();
-    let command = c.token_command.clone();
-    match source {
-        "oauth-env" => env(OAUTH_ENV)
-            .ok_or(CredentialError::Unconfigured(source.into(), OAUTH_ENV))
-            .and_then(|t| Credential::new(t, Kind::OAuth, OAUTH_ENV)),
-        "api-key-env" => env(API_KEY_ENV)
-            .ok_or(CredentialError::Unconfigured(source.into(), API_KEY_ENV))
-            .and_then(|t| Credential::new(t, Kind::ApiKey, API_KEY_ENV)),
-        "file" => match file {
-            Some(p) => read_file(&p),
-            None => Err(CredentialError::Unconfigured(source.into(), "credentials.tokenFile")),
-        },
-        "command" => match command {
-            Some(c) => run_command(&c),
-            None => Err(CredentialError::Unconfigured(source.into(), "credentials.tokenCommand")),
-        },
-        _ => {
-            let ignored_key = || {
-                env(API_KEY_ENV).map(|_| {
-                    format!("{API_KEY_ENV} is set but was ignored in favour of your subscription login; set `credentials.source=api-key-env` to use it")
-                })
-            };
-            if let Some(t) = env(OAUTH_ENV) {
-                notes.extend(ignored_key());
-                return Credential::new(t, Kind::OAuth, OAUTH_ENV);
-            }
-            let mut tried = vec![format!("{OAUTH_ENV} (not set)")];
-            if let Some(p) = &file {
-                let c = read_file(p)?;
-                if c.kind != Kind::ApiKey {
-                    notes.extend(ignored_key());
-                }
-                return Ok(c);
-            }
-            tried.push("credentials.tokenFile (not configured)".into());
-            if let Some(cmd) = &command {
-                let c = run_command(cmd)?;
-                if c.kind != Kind::ApiKey {
-                    notes.extend(ignored_key());
-                }
-                return Ok(c);
-            }
-            tried.push("credentials.tokenCommand (not configured)".into());
-            if let Some(t) = env(API_KEY_ENV) {
-                return Credential::new(t, Kind::ApiKey, API_KEY_ENV);
-            }
-            tried.push(format!("{API_KEY_ENV} (not set)"));
-            Err(CredentialError::NotFound(tried))
-        }
+    let credential = match choose(cfg)? {
+        Choice::OAuthEnv => from_env(OAUTH_ENV, Kind::OAuth),
+        Choice::ApiKeyEnv => from_env(API_KEY_ENV, Kind::ApiKey),
+        Choice::File(p) => read_file(&p),
+        Choice::Command(c) => run_command(&c),
+    }?;
+    let auto = !matches!(
+        cfg.settings().credentials.source.as_str(),
+        "oauth-env" | "api-key-env" | "file" | "command"
+    );
+    if auto && credential.kind != Kind::ApiKey && env(API_KEY_ENV).is_some() {
+        notes.push(format!(
+            "{API_KEY_ENV} is set but was ignored in favour of your subscription login; set `credentials.source=api-key-env` to use it"
+        ));
     }
+    Ok(credential)
+}
+
+/// The kind of login [`resolve`] would return, decided in its order, for
+/// checks (`compliance-check`, `health`, `advertise`). A token file is read
+/// to tell its prefix and dropped (never shown or kept); `tokenCommand` is
+/// never run for a check, so it is `Unknown`. `None`: no source at all.
+pub fn kind(cfg: &Config) -> Option<Kind> {
+    match choose(cfg) {
+        Ok(Choice::OAuthEnv) => Some(Kind::OAuth),
+        Ok(Choice::ApiKeyEnv) => Some(Kind::ApiKey),
+        Ok(Choice::File(p)) => Some(read_file(&p).map_or(Kind::Unknown, |c| c.kind)),
+        Ok(Choice::Command(_)) => Some(Kind::Unknown),
+        Err(CredentialError::NotFound(_)) => None,
+        // An explicit source that is not set: the kind it names.
+        Err(_) => Some(match cfg.settings().credentials.source.as_str() {
+            "oauth-env" => Kind::OAuth,
+            "api-key-env" => Kind::ApiKey,
+            _ => Kind::Unknown,
+        }),
+    }
+}
+
+/// A [`kind`] as checks and allowlists name it: `subscription`,
+/// `api-key`, `unknown`, or `none`.
+pub fn kind_name(kind: Option<Kind>) -> &'static str {
+    kind.map_or("none", Kind::name)
 }
 
 /// Is a credential resolvable, without running `tokenCommand` or reading
 /// any secret? For `health`: `Ok(description)` or `Err(what is missing)`.
 pub fn describe(cfg: &Config) -> Result<String, String> {
-    let c = &cfg.settings().credentials;
-    let source = c.source.as_str();
-    let file = c.token_file.clone();
-    let command = c.token_command.as_deref();
-    let file_state = |p: &Path| match crate::fsutil::mode_of(p) {
-        None => Err(format!("credentials.tokenFile {} does not exist", p.display())),
-        Some(m) if m & 0o077 != 0 => Err(format!(
-            "credentials.tokenFile {} is mode {m:04o} (want 0600)",
-            p.display()
-        )),
-        Some(_) => Ok(format!("credentials.tokenFile {} present", p.display())),
-    };
-    let set = |name: &str| env(name).map(|_| format!("{name} set"));
-    match source {
-        "oauth-env" => set(OAUTH_ENV).ok_or(format!("{OAUTH_ENV} is not set (credentials.source=oauth-env)")),
-        "api-key-env" => set(API_KEY_ENV).ok_or(format!("{API_KEY_ENV} is not set (credentials.source=api-key-env)")),
-        "file" => match &file {
-            Some(p) => file_state(p),
-            None => Err("credentials.source=file but credentials.tokenFile is not set".into()),
+    match choose(cfg) {
+        Ok(Choice::OAuthEnv) => Ok(format!("{OAUTH_ENV} set")),
+        Ok(Choice::ApiKeyEnv) => Ok(format!("{API_KEY_ENV} set")),
+        Ok(Choice::File(p)) => match crate::fsutil::mode_of(&p) {
+            None => Err(format!("credentials.tokenFile {} does not exist", p.display())),
+            Some(m) if m & 0o077 != 0 => Err(format!(
+                "credentials.tokenFile {} is mode {m:04o} (want 0600)",
+                p.display()
+            )),
+            Some(_) => Ok(format!("credentials.tokenFile {} present", p.display())),
         },
-        "command" => command
-            .map(|_| "credentials.tokenCommand configured".to_string())
-            .ok_or("credentials.source=command but credentials.tokenCommand is not set".into()),
-        _ => {
-            if let Some(s) = set(OAUTH_ENV) {
-                return Ok(s);
-            }
-            if let Some(p) = &file {
-                return file_state(p);
-            }
-            if command.is_some() {
-                return Ok("credentials.tokenCommand configured".into());
-            }
-            set(API_KEY_ENV).ok_or_else(|| {
-                format!(
-                    "none found (tried {OAUTH_ENV}, credentials.tokenFile, credentials.tokenCommand, {API_KEY_ENV})"
-                )
-            })
+        Ok(Choice::Command(_)) => Ok("credentials.tokenCommand configured".into()),
+        Err(CredentialError::Unconfigured(source, what)) if what == OAUTH_ENV || what == API_KEY_ENV => {
+            Err(format!("{what} is not set (credentials.source={source})"))
         }
+        Err(CredentialError::Unconfigured(source, what)) => {
+            Err(format!("credentials.source={source} but {what} is not set"))
+        }
+        Err(_) => Err(format!(
+            "none found (tried {OAUTH_ENV}, credentials.tokenFile, credentials.tokenCommand, {API_KEY_ENV})"
+        )),
     }
 }
 

@@ -1,5 +1,7 @@
 //! Claude Code specifics: where the credential comes from, and the
 //! stream-json events `claude -p --output-format stream-json --verbose` prints.
+//! Nothing here runs a container or audits; no secret leaves [`credentials`]
+//! except as the container's first stdin line.
 
 pub mod credentials;
 pub mod pricing;

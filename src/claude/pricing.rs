@@ -1,4 +1,5 @@
-//! What a job cost when Claude Code could not say.
+//! What a job cost when Claude Code could not say. An estimate only: it
+//! must never replace a cost Claude Code reported.
 //!
 //! Claude Code reports `total_cost_usd` in its final `result` event, and that
 //! figure is what the cost caps count. A job stopped before its result (a

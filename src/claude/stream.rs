@@ -1,4 +1,5 @@
 //! Parser for Claude Code's `--output-format stream-json --verbose` events.
+//! Pure: it does no I/O and decides nothing about caps or kills itself.
 //!
 //! One JSON object per line. The shapes we read (everything else, including
 //! event types we do not know, is ignored so a newer Claude Code keeps working):

@@ -91,7 +91,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<Exit> {
     };
     let id = Arc::new(Identity::load_or_generate(&ctx.paths, &ctx.audit())?);
     let audit = ctx.audit();
-    let own_only = crate::compliance::credential_kind(cfg) == "subscription";
+    let own_only = crate::claude::credentials::kind(cfg) == Some(crate::claude::credentials::Kind::OAuth);
     audit.append(
         "market.advertise",
         json!({ "node_id": id.node_id(), "slots": spec.slots, "price": spec.price, "models": spec.models,

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 
 use serde_json::json;
 
+use crate::checks::Level;
 use crate::compliance::{self, EMBEDDED_CHECKLIST};
 use crate::context::Ctx;
 use crate::exit::{Exit, Failure, Result};
-use crate::health::Level;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -105,7 +105,7 @@ pub fn caps_table(report: &StatusReport, p: &Printer) -> String {
     );
     // One Claude Code request carries ~12,000 tokens of system prompt and
     // tool definitions: a smaller per-job cap stops every job at once.
-    if c.max_tokens_per_task < crate::usage::MIN_USEFUL_TASK_TOKENS {
+    if c.max_tokens_per_task < crate::caps::MIN_USEFUL_TASK_TOKENS {
         out.push_str(&format!(
             "\n  {} limits.maxTokensPerTask = {} is below what one Claude Code request uses (~12,000 fresh tokens): every job would be stopped; raise it with `limits --max-tokens-per-task 500000`",
             p.yellow("warning:"),

@@ -7,10 +7,10 @@ use std::io::IsTerminal;
 use chrono::Utc;
 use serde_json::json;
 
-use crate::analytics::{self, Period, Stats, UsageReport};
 use crate::context::{Ctx, Printer};
 use crate::exit::{Exit, Failure, Result};
 use crate::timespec;
+use crate::usage_report::{self as analytics, Period, Stats, UsageReport};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -271,7 +271,7 @@ fn csv_field(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::analytics::{DayPoint, Freshness, Tally};
+    use crate::usage_report::{DayPoint, Freshness, Tally};
 
     fn report(tasks: &[u64]) -> UsageReport {
         let start = chrono::NaiveDate::from_ymd_opt(2026, 11, 1).unwrap();

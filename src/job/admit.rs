@@ -1,6 +1,9 @@
 //! Stages 1-3 of a job: consent, caps (reserved under the ledger lock) and
-//! approval. Nothing has started when this returns; every way out before
-//! the start releases the reservation (it is a [`HeldReservation`]).
+//! approval, after the job's own limits and workspace are checked. Nothing
+//! has started when this returns; every way out before the start releases
+//! the reservation (it is a [`HeldReservation`]), and the two that end in a
+//! decision (denied here, abandoned before the start) audit it in one place
+//! each. This stage must not read the credential or touch a container.
 
 use std::io;
 use std::sync::Arc;
@@ -10,12 +13,13 @@ use serde_json::{json, Value};
 
 use super::{joined, new_job_id, Approval, ApprovedBy, Cancel, JobError, JobEvent, JobSource, JobSpec, Progress};
 use crate::audit::AuditLog;
+use crate::caps::{usd_to_micros, Budget, Caps, HeldReservation, Ledger};
 use crate::config::{Config, PERMISSION_MODES};
 use crate::consent::Consent;
 use crate::docker::hardening::{self, Profile, Resources};
 use crate::docker::{image, DockerError};
 use crate::paths::Paths;
-use crate::usage::{usd_to_micros, Budget, Caps, HeldReservation, Ledger};
+use crate::workspace::Snapshot;
 
 /// The engine connection and whether the image is there, asked for while
 /// the caps are reserved.
@@ -34,7 +38,7 @@ pub(super) struct Admitted {
     pub resources: Resources,
     pub engine: Option<EngineProbe>,
     /// The workspace as selected before anything ran.
-    pub snapshot: Option<std::sync::Arc<crate::workspace::Snapshot>>,
+    pub snapshot: Option<Arc<Snapshot>>,
     /// `docker.workspaceLimit`: the selection's limit and the tmpfs size.
     pub workspace_limit: u64,
 }
@@ -122,38 +126,13 @@ pub(super) async fn admit(
     // Ask the engine (connect, is the image there?) while the caps are
     // reserved: both are waits, and reading engine state changes nothing.
     // Errors surface where they would in order, after the credentials.
-    let engine = {
-        let image = spec.image.clone();
-        tokio::spawn(async move {
-            let docker = crate::docker::connect().await?;
-            let present = image::exists(&docker, &image).await?;
-            Ok::<_, DockerError>((docker, present))
-        })
-    };
+    let engine = probe_engine(&spec.image);
 
-    // 2. Caps, reserved under the ledger lock: one task plus this job's
-    // own token and cost budget.
-    let ledger = Ledger::new(paths);
-    let budget = Budget {
-        tokens: spec.max_tokens,
-        cost_micros: spec.max_budget_usd.map(usd_to_micros).unwrap_or(0),
+    // 2. Caps, reserved under the ledger lock.
+    let mut guard = match held {
+        Some(g) => g,
+        None => reserve(paths, &audit, &caps, &spec, &job_id).await?,
     };
-    let (mut guard, reclaimed) = match held {
-        Some(g) => (g, Vec::new()),
-        None => {
-            let (reservation, reclaimed) = {
-                let (ledger, caps, job_id) = (ledger.clone(), caps.clone(), job_id.clone());
-                tokio::task::spawn_blocking(move || ledger.reserve(&caps, &job_id, budget, Local::now()))
-                    .await
-                    .map_err(joined)??
-            };
-            (ledger.held(reservation.id), reclaimed)
-        }
-    };
-    if !reclaimed.is_empty() {
-        let ids: Vec<&str> = reclaimed.iter().map(|r| r.job_id.as_str()).collect();
-        audit.append("usage.reclaimed", json!({ "job_ids": ids }))?;
-    }
     let install_id = audit.read_head()?.map(|h| h.log_id).unwrap_or_default();
 
     // 3. Approval.
@@ -161,56 +140,18 @@ pub(super) async fn admit(
         Approval::PreApproved(by) => by.how(),
         Approval::AskOnTty if !cfg.settings().compliance.require_approval => ApprovedBy::StandingRule.how(),
         Approval::AskOnTty => {
-            let question = format!(
-                "Run this {} job with model `{}` (prompt {} bytes, up to {} fresh tokens{}, {} turns, {} s, permission mode {}{})?",
-                spec.source.name(),
-                spec.model,
-                spec.prompt.len(),
-                spec.max_tokens,
-                spec.max_budget_usd.map(|b| format!(", ${b}")).unwrap_or_default(),
-                spec.max_turns,
-                spec.timeout.as_secs(),
-                spec.effective_permission_mode(),
-                snapshot
-                    .as_ref()
-                    .map(|s| format!("; a copy of {}", s.summary()))
-                    .unwrap_or_default(),
-            );
-            let p = progress.clone();
-            // Blocking read on the terminal, raced against Ctrl-C.
-            let answer = tokio::task::spawn_blocking(move || p.ask(&question));
-            let answer = tokio::select! {
-                a = answer => a.map_err(|e| io::Error::other(e.to_string())).and_then(|r| r),
-                _ = cancel.cancelled() => {
+            let question = question(&spec, snapshot.as_deref());
+            match ask(question, progress, cancel).await {
+                Answer::Yes => ApprovedBy::Interactive.how(),
+                Answer::Cancelled => {
                     guard.release()?;
                     return Err(JobError::Cancelled);
                 }
-            };
-            let denied = match answer {
-                Ok(Some(true)) => None,
-                Ok(Some(false)) => Some("declined at the prompt"),
-                Ok(None) => Some("no terminal to ask and no standing approval"),
-                Err(_) => Some("the approval prompt could not be read"),
-            };
-            if let Some(reason) = denied {
-                guard.release()?;
-                audit.append("job.denied", json!({ "job_id": job_id, "reason": reason }))?;
-                return Err(JobError::Denied(reason.into()));
+                Answer::Denied(reason) => return Err(deny(&audit, guard, &job_id, reason)),
             }
-            "tty"
         }
     };
-    // The approval is audited together with the start (one lock, one
-    // sync) on the common path; any path that stops before the start
-    // audits it on its own first, so every decision is still recorded.
-    let mut approved = json!({
-        "job_id": job_id,
-        "how": how,
-        "permission_mode": spec.effective_permission_mode(),
-    });
-    if let Some(s) = &snapshot {
-        approved["workspace"] = json!({ "files": s.file_count(), "bytes": s.total_bytes() });
-    }
+    let approved = approved_fields(&job_id, how, &spec, snapshot.as_deref());
     progress.job_event(JobEvent::Approved { how });
     Ok(Admitted {
         spec,
@@ -224,6 +165,129 @@ pub(super) async fn admit(
         snapshot,
         workspace_limit,
     })
+}
+
+impl Admitted {
+    /// The job stops before its start (no credential, no image, cancelled):
+    /// its approval is audited on its own, so every decision is recorded,
+    /// and the reservation released. Returns why it stopped, or the error
+    /// that kept this from being done.
+    pub(super) fn abandon(mut self, paths: &Paths, why: JobError) -> JobError {
+        let done = AuditLog::new(paths)
+            .append("job.approved", self.approved.clone())
+            .map_err(JobError::from)
+            .and_then(|_| self.guard.release().map_err(JobError::from));
+        match done {
+            Ok(()) => why,
+            Err(e) => e,
+        }
+    }
+}
+
+fn probe_engine(image: &str) -> EngineProbe {
+    let image = image.to_string();
+    tokio::spawn(async move {
+        let docker = crate::docker::connect().await?;
+        let present = image::exists(&docker, &image).await?;
+        Ok::<_, DockerError>((docker, present))
+    })
+}
+
+/// One task plus this job's own token and cost budget, reserved under the
+/// ledger lock; reservations of dead processes reclaimed on the way are
+/// audited.
+async fn reserve(
+    paths: &Paths,
+    audit: &AuditLog,
+    caps: &Caps,
+    spec: &JobSpec,
+    job_id: &str,
+) -> Result<HeldReservation, JobError> {
+    let ledger = Ledger::new(paths);
+    let budget = Budget {
+        tokens: spec.max_tokens,
+        cost_micros: spec.max_budget_usd.map(usd_to_micros).unwrap_or(0),
+    };
+    let (reservation, reclaimed) = {
+        let (ledger, caps, job_id) = (ledger.clone(), caps.clone(), job_id.to_string());
+        tokio::task::spawn_blocking(move || ledger.reserve(&caps, &job_id, budget, Local::now()))
+            .await
+            .map_err(joined)??
+    };
+    let guard = ledger.held(reservation.id);
+    if !reclaimed.is_empty() {
+        let ids: Vec<&str> = reclaimed.iter().map(|r| r.job_id.as_str()).collect();
+        audit.append("usage.reclaimed", json!({ "job_ids": ids }))?;
+    }
+    Ok(guard)
+}
+
+/// What the person at the terminal is asked.
+fn question(spec: &JobSpec, snapshot: Option<&Snapshot>) -> String {
+    format!(
+        "Run this {} job with model `{}` (prompt {} bytes, up to {} fresh tokens{}, {} turns, {} s, permission mode {}{})?",
+        spec.source.name(),
+        spec.model,
+        spec.prompt.len(),
+        spec.max_tokens,
+        spec.max_budget_usd.map(|b| format!(", ${b}")).unwrap_or_default(),
+        spec.max_turns,
+        spec.timeout.as_secs(),
+        spec.effective_permission_mode(),
+        snapshot
+            .map(|s| format!("; a copy of {}", s.summary()))
+            .unwrap_or_default(),
+    )
+}
+
+enum Answer {
+    Yes,
+    Denied(&'static str),
+    Cancelled,
+}
+
+/// Ask at the terminal: a blocking read, raced against Ctrl-C.
+async fn ask(question: String, progress: &Arc<dyn Progress>, cancel: &Cancel) -> Answer {
+    let p = progress.clone();
+    let answer = tokio::task::spawn_blocking(move || p.ask(&question));
+    let answer = tokio::select! {
+        a = answer => a.map_err(|e| io::Error::other(e.to_string())).and_then(|r| r),
+        _ = cancel.cancelled() => return Answer::Cancelled,
+    };
+    match answer {
+        Ok(Some(true)) => Answer::Yes,
+        Ok(Some(false)) => Answer::Denied("declined at the prompt"),
+        Ok(None) => Answer::Denied("no terminal to ask and no standing approval"),
+        Err(_) => Answer::Denied("the approval prompt could not be read"),
+    }
+}
+
+/// A denied job: the reservation released and `job.denied` audited.
+fn deny(audit: &AuditLog, mut guard: HeldReservation, job_id: &str, reason: &'static str) -> JobError {
+    let done = guard.release().map_err(JobError::from).and_then(|()| {
+        audit
+            .append("job.denied", json!({ "job_id": job_id, "reason": reason }))
+            .map_err(JobError::from)
+    });
+    match done {
+        Ok(_) => JobError::Denied(reason.into()),
+        Err(e) => e,
+    }
+}
+
+/// The `job.approved` fields. The approval is audited together with the
+/// start (one lock, one sync) on the common path; any path that stops
+/// before the start audits it on its own first ([`Admitted::abandon`]).
+fn approved_fields(job_id: &str, how: &str, spec: &JobSpec, snapshot: Option<&Snapshot>) -> Value {
+    let mut approved = json!({
+        "job_id": job_id,
+        "how": how,
+        "permission_mode": spec.effective_permission_mode(),
+    });
+    if let Some(s) = snapshot {
+        approved["workspace"] = json!({ "files": s.file_count(), "bytes": s.total_bytes() });
+    }
+    approved
 }
 
 #[cfg(test)]

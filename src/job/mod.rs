@@ -6,36 +6,41 @@
 //! prints: everything the user sees goes through [`Progress`].
 //!
 //! The stages live in their own files: [`admit`] (consent, caps, approval),
-//! [`prepare`] (credentials, image, egress), [`outcome`] (what the stream and
-//! the container's ending mean, and the record). This file holds the types
-//! and the order the stages run in.
+//! [`prepare`] (credentials, image, egress), [`start`] (the container
+//! created while the start is audited), [`running`] (the container and its
+//! stream), [`outcome`] (what the stream and the container's ending mean)
+//! and [`record`] (the record written, usage counted, the end audited).
+//! This file holds the types and the order the stages run in; it must not
+//! do a stage's work itself.
 
 use std::io;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::Utc;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::audit::{AuditError, AuditLog};
+use crate::audit::AuditError;
+use crate::caps::CapsError;
 use crate::claude::credentials::CredentialError;
-use crate::claude::stream::{Event, PartialUsage, RateLimit, Retry, StreamState, Usage};
+use crate::claude::stream::{RateLimit, Retry, Usage};
 use crate::config::Config;
 use crate::consent::{JOB_LOCAL, JOB_MARKET};
-use crate::docker::container::{self, KillReason, Verdict};
-use crate::docker::egress::{EgressReport, Proxy};
+use crate::docker::container::KillReason;
+use crate::docker::egress::EgressReport;
 use crate::docker::image::{self, ImageProgress};
-use crate::docker::{hardening, DockerError};
+use crate::docker::DockerError;
 use crate::exit::{Exit, Failure, HasExit};
-use crate::fsutil;
 use crate::paths::Paths;
-use crate::usage::UsageError;
 
 mod admit;
 mod outcome;
 mod prepare;
+mod record;
+mod running;
+mod start;
 mod workspace;
 
 pub use workspace::{patch_path, WorkspaceReport, WorkspaceSpec};
@@ -404,11 +409,11 @@ impl JobRecord {
     }
 
     /// What the caps count for this job.
-    pub fn spent(&self) -> crate::usage::Spent {
-        crate::usage::Spent {
+    pub fn spent(&self) -> crate::caps::Spent {
+        crate::caps::Spent {
             tokens: self.fresh_tokens,
             cache_read_tokens: self.usage.cache_read_input_tokens,
-            cost_micros: self.cost_usd.map(crate::usage::usd_to_micros).unwrap_or(0),
+            cost_micros: self.cost_usd.map(crate::caps::usd_to_micros).unwrap_or(0),
         }
     }
 }
@@ -418,7 +423,7 @@ pub enum JobError {
     #[error(transparent)]
     Refused(#[from] Failure),
     #[error(transparent)]
-    Caps(#[from] UsageError),
+    Caps(#[from] CapsError),
     #[error("job denied: {0}")]
     Denied(String),
     #[error(transparent)]
@@ -510,254 +515,27 @@ pub async fn run(
 ) -> Result<JobRecord, JobError> {
     // 1-3. Consent, caps, approval.
     let mut admitted = admit::admit(paths, cfg, spec, approval, &progress, &cancel).await?;
-    let job_id = admitted.job_id.clone();
-    let audit = AuditLog::new(paths);
 
     // 4-5b. Credentials, image, egress.
     let engine = admitted.engine.take().expect("admit hands over the engine probe");
-    let prepared = prepare::prepare(cfg, &admitted, engine, &progress, &cancel).await;
-    let prepare::Prepared {
-        credential,
-        docker,
-        proxy,
-        relay,
-        hold,
-    } = match prepared {
+    let mut prepared = match prepare::prepare(cfg, &admitted, engine, &progress, &cancel).await {
         Ok(p) => p,
-        Err(e) => {
-            // Every decision is recorded even when the job never starts.
-            audit.append("job.approved", admitted.approved.clone())?;
-            admitted.guard.release()?;
-            return Err(e);
-        }
+        Err(e) => return Err(admitted.abandon(paths, e)),
     };
-    let spec = &admitted.spec;
-    let mut resources = admitted.resources.clone();
-    resources.relay = relay;
-    if admitted.snapshot.is_some() {
-        resources.workspace = Some(admitted.workspace_limit);
-    }
 
     // 6. Started: from here exactly one terminal event follows.
-    let prompt_sha = prompt_sha256(&spec.prompt);
-    let timeout_s = spec.timeout.as_secs();
-    let mode = spec.effective_permission_mode().to_string();
-    let mut started = json!({
-        "job_id": job_id,
-        "model": spec.model,
-        "image": spec.image,
-        "prompt_sha256": prompt_sha,
-        "max_tokens": spec.max_tokens,
-        "max_turns": spec.max_turns,
-        "max_budget_usd": spec.max_budget_usd,
-        "permission_mode": mode,
-        "timeout_s": timeout_s,
-        "source": spec.source.name(),
-    });
-    if let Some(s) = &admitted.snapshot {
-        started["workspace_files"] = json!(s.file_count());
-        started["workspace_bytes"] = json!(s.total_bytes());
-    }
-    // The container is created (not started) while the start is audited;
-    // it starts only once the audit line is on disk.
-    let claude_args = spec.claude_args();
-    let body = hardening::create_body(
-        admitted.profile,
-        &resources,
-        &hardening::Launch {
-            image: &spec.image,
-            model: &spec.model,
-            claude_args: &claude_args,
-            job_id: &job_id,
-            install_id: &admitted.install_id,
-        },
-    );
-    let append = {
-        let paths = paths.clone();
-        let approved = admitted.approved.clone();
-        tokio::task::spawn_blocking(move || {
-            AuditLog::new(&paths).append_many(&[("job.approved", approved), ("job.started", started)])
-        })
-    };
-    let name = format!("cmm-job-{job_id}");
-    tracing::debug!(job = %job_id, "admitted and prepared");
-    let (created, appended) = tokio::join!(container::create(&docker, &name, body), append);
-    tracing::debug!(job = %job_id, "created and audited");
-    if let Err(e) = appended.map_err(joined).and_then(|r| r.map_err(JobError::from)) {
-        if let Ok(id) = &created {
-            container::remove(&docker, id).await;
-        }
-        return Err(e);
-    }
-    progress.job_event(JobEvent::Starting {
-        image: &spec.image,
-        model: &spec.model,
-    });
-    let started_at = Utc::now();
-    let t0 = Instant::now();
+    let started = start::start(paths, &admitted, &mut prepared, progress.as_ref()).await?;
 
-    // 7-9. Container: stdin line 1 = credential, rest = prompt.
-    let mut stdin = credential.stdin_line();
-    let credential_kind = credential.kind.name();
-    drop(credential);
-    stdin.extend_from_slice(&spec.prompt);
-    let mut state = StreamState::default();
-    let max_tokens = spec.max_tokens;
-    let p = progress.clone();
-    let run = container::run_created(
-        &docker,
-        created,
-        stdin,
-        hold,
-        spec.timeout,
-        async {
-            cancel.cancelled().await;
-            p.job_event(JobEvent::Cancelling);
-        },
-        |line| on_line(&mut state, line, max_tokens, progress.as_ref()),
-    )
-    .await;
-    let duration_ms = t0.elapsed().as_millis() as u64;
-    // The container has stopped: nothing can use the proxy any more.
-    let egress = proxy.as_ref().map(Proxy::report).unwrap_or_else(EgressReport::open);
-    drop(proxy);
-    let facts = outcome::Facts {
-        job_id: &job_id,
-        spec,
-        prompt_sha,
-        credential_kind,
-        started_at,
-        duration_ms,
-        egress,
-    };
-    let mut exited = match run {
-        Ok(r) => r,
-        Err(e) => {
-            // The engine failed mid-job: record it as failed, with what we saw.
-            let record = outcome::engine_failed(&facts, &state);
-            admitted.guard.commit(&record.spent())?;
-            audit.append(Status::Failed.event(), outcome::terminal_fields(&record))?;
-            return Err(e.into());
-        }
-    };
-    if let container::Ending::Killed(KillReason::Timeout) = &exited.run.ending {
-        progress.job_event(JobEvent::Killing(KillReason::Timeout));
-    }
+    // 7-9. The container runs.
+    let ran = running::run(prepared, &admitted.spec, started, &progress, &cancel).await;
 
     // 10-13. Decide, record, count, audit.
-    let mut record = outcome::record(&facts, &state, &exited.run);
-    let workspace_out = exited.run.workspace_out.take();
-    // Bookkeeping (workspace diff, record, usage, audit: several fsyncs)
-    // runs on a blocking thread while the engine removes the container, so
-    // it adds no latency.
-    let mut guard = admitted.guard;
-    let ws = admitted.spec.workspace.clone().zip(admitted.snapshot.clone());
-    let limit = admitted.workspace_limit;
-    let book = {
-        let paths = paths.clone();
-        tokio::task::spawn_blocking(move || -> Result<JobRecord, JobError> {
-            let events = match &ws {
-                Some((spec, snapshot)) => workspace::finish(&paths, &mut record, spec, snapshot, workspace_out, limit)?,
-                None => Vec::new(),
-            };
-            let fields = outcome::terminal_fields(&record);
-            // A market job's output belongs to the requester: it leaves this
-            // node only sealed to them, and the provider keeps no copy.
-            let mut kept = record.clone();
-            if matches!(kept.source, JobSource::Market { .. }) {
-                kept.result = None;
-                kept.invalid_lines.clear();
-            }
-            write_record(&paths, &kept)?;
-            // Real usage counts, whatever the ending: tokens spent are spent.
-            if record.total_tokens == 0 && record.status == Status::Cancelled {
-                guard.release()?;
-            } else {
-                guard.commit(&record.spent())?;
-            }
-            let mut all = vec![(record.status.event(), fields)];
-            all.extend(events);
-            AuditLog::new(&paths).append_many(&all)?;
-            Ok(record)
-        })
-    };
-    let ((), book) = tokio::join!(exited.remove(), book);
-    tracing::debug!(job = %job_id, "recorded and removed");
-    book.map_err(|e| JobError::Record {
-        path: record_path(paths, &job_id),
-        source: io::Error::other(e.to_string()),
-    })?
-}
-
-/// One stdout line: update the state, show progress, and decide whether the
-/// job goes on.
-fn on_line(state: &mut StreamState, line: &str, max_tokens: u64, progress: &dyn Progress) -> Verdict {
-    let event = state.feed(line);
-    if matches!(event, Event::Init { .. } | Event::Result(_)) {
-        tracing::debug!(
-            event = if matches!(event, Event::Result(_)) {
-                "result"
-            } else {
-                "init"
-            },
-            "stream"
-        );
-    }
-    match &event {
-        Event::Init { model } => progress.job_event(JobEvent::Init {
-            model: model.as_deref(),
-        }),
-        Event::Retry(r) => progress.job_event(JobEvent::Retry(r)),
-        Event::RateLimit(r) => progress.job_event(JobEvent::RateLimit(r)),
-        Event::Invalid(l) => progress.job_event(JobEvent::InvalidLine(l)),
-        Event::Message {
-            tokens_so_far, turns, ..
-        }
-        | Event::Partial(Some(PartialUsage {
-            tokens_so_far, turns, ..
-        })) => progress.job_event(JobEvent::Tokens {
-            so_far: *tokens_so_far,
-            turns: *turns,
-            max: max_tokens,
-        }),
-        Event::Result(_) | Event::Other | Event::Partial(None) => {}
-    }
-    if !event.is_raw_api_event() {
-        progress.job_event(JobEvent::StreamLine(line));
-    }
-    // A refused credential stays refused: end the job now instead of
-    // after Claude Code's ten retries.
-    if let Event::Retry(r) = &event {
-        if r.is_auth_failure() {
-            progress.job_event(JobEvent::Killing(KillReason::AuthFailed));
-            return Verdict::Kill(KillReason::AuthFailed);
-        }
-    }
-    if state.tokens_so_far() > max_tokens {
-        progress.job_event(JobEvent::Killing(KillReason::TokenCap));
-        return Verdict::Kill(KillReason::TokenCap);
-    }
-    // Success or failure is the result's to say; nothing after it counts.
-    if matches!(event, Event::Result(_)) {
-        return Verdict::Done;
-    }
-    Verdict::Continue
+    record::finish(paths, admitted, ran).await
 }
 
 /// Where a job's record lives.
 pub fn record_path(paths: &Paths, job_id: &str) -> std::path::PathBuf {
     paths.jobs_dir().join(format!("{job_id}.json"))
-}
-
-fn write_record(paths: &Paths, record: &JobRecord) -> Result<(), JobError> {
-    let path = record_path(paths, &record.job_id);
-    let err = |source| JobError::Record {
-        path: path.clone(),
-        source,
-    };
-    fsutil::ensure_private_dir(&paths.jobs_dir()).map_err(err)?;
-    let bytes = serde_json::to_vec_pretty(record).expect("records serialise");
-    fsutil::atomic_write(&path, &bytes).map_err(err)
 }
 
 /// Read a job record (for `logs --job`). Job ids are checked so a crafted id

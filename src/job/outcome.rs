@@ -1,6 +1,7 @@
-//! Stages 10-13 of a job: what the stream and the container's ending mean
+//! Stages 10-12 of a job: what the stream and the container's ending mean
 //! (success is decided by the final `result` event's `is_error`, never by
 //! its `subtype`), the job record, and the terminal audit event's fields.
+//! Pure: it must not write, count or audit anything (that is [`super::record`]).
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{json, Value};

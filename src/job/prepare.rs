@@ -1,6 +1,8 @@
 //! Stages 4-5 of a job: the credential (read at run time, never stored),
 //! the image (auto-managed when it is the configured default) and, for
 //! restricted egress, this job's own proxy and the relay that reaches it.
+//! Nothing is audited here and no container is created: a failure is
+//! handed back for the pipeline to audit ([`super::admit::Admitted::abandon`]).
 
 use std::sync::Arc;
 
@@ -35,7 +37,7 @@ pub(super) async fn prepare(
     progress: &Arc<dyn Progress>,
     cancel: &Cancel,
 ) -> Result<Prepared, JobError> {
-    let (spec, job_id, resources, profile) = (&admitted.spec, &admitted.job_id, &admitted.resources, admitted.profile);
+    let (spec, resources, profile) = (&admitted.spec, &admitted.resources, admitted.profile);
     // 4. Credentials (may run the user's tokenCommand).
     let mut notes = Vec::new();
     let credential = credentials::resolve(cfg, &mut notes)?;
@@ -60,6 +62,19 @@ pub(super) async fn prepare(
     if resources.proxy.is_none() && snapshot.is_none() {
         return ready(cancel, credential, docker, None, None, None);
     }
+    let (proxy, relay, hold) = in_container(admitted, &docker, credential.kind.name(), snapshot).await?;
+    ready(cancel, credential, docker, proxy, Some(relay), hold)
+}
+
+/// Our binary in the container: for restricted egress the job's own proxy
+/// and the relay to it, for a workspace the hold and the copies in and out.
+async fn in_container(
+    admitted: &Admitted,
+    docker: &bollard::Docker,
+    credential_kind: &str,
+    snapshot: Option<Arc<workspace::Snapshot>>,
+) -> Result<(Option<Proxy>, hardening::RelaySetup, Option<Hold>), JobError> {
+    let (spec, job_id, resources, profile) = (&admitted.spec, &admitted.job_id, &admitted.resources, admitted.profile);
     let files = tokio::task::spawn_blocking(|| {
         let base = relay::base_dir()?;
         relay::RelayFiles::prepare(&base).map(|f| (base, f))
@@ -70,7 +85,7 @@ pub(super) async fn prepare(
             None => Ok(None),
         }
     };
-    let (ep, files, tar) = tokio::join!(image::entrypoint(&docker, &spec.image), files, tar);
+    let (ep, files, tar) = tokio::join!(image::entrypoint(docker, &spec.image), files, tar);
     let (base, files) = files
         .map_err(joined)?
         .map_err(|err| DockerError::Relay(err.to_string()))?;
@@ -81,7 +96,7 @@ pub(super) async fn prepare(
         Some(_) => {
             let e = egress::profile()?;
             let socket = base.join(format!("egress-{job_id}.sock"));
-            let policy = egress::Policy::new(e, credential.kind.name());
+            let policy = egress::Policy::new(e, credential_kind);
             let proxy = Proxy::start_unix(&socket, policy)
                 .await
                 .map_err(|err| DockerError::Relay(format!("cannot listen on {}: {err}", socket.display())))?;
@@ -109,7 +124,7 @@ pub(super) async fn prepare(
         pack: files.command(&[workspace::PACK_MODE, mount]),
         out_limit: super::workspace::out_limit(admitted.workspace_limit),
     });
-    ready(cancel, credential, docker, proxy, Some(relay), hold)
+    Ok((proxy, relay, hold))
 }
 
 fn ready(

@@ -3,7 +3,8 @@
 //! status) diffed on the host into a patch that is saved with the job,
 //! audited by hash, and applied to DIR only when asked and only if DIR is
 //! unchanged since the copy. The copy in and out itself is the container's
-//! [`Hold`](crate::docker::container::Hold).
+//! [`Hold`](crate::docker::container::Hold). This module must not run or
+//! stop a container, and never writes to DIR unless asked to apply.
 
 use std::path::PathBuf;
 use std::sync::Arc;

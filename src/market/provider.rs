@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::caps::{Budget, Caps, HeldReservation, Ledger};
 use crate::config::Config;
 use crate::consent::{Consent, JOB_MARKET};
 use crate::crypto::keys::{Identity, PublicIdentity};
@@ -30,7 +31,6 @@ use crate::market::client::{Backoff, Client, ClientError};
 use crate::market::protocol::{AbandonReason, Event, IdentityProof, Request};
 use crate::market::sealed::{self, Binding};
 use crate::paths::Paths;
-use crate::usage::{Budget, Caps, HeldReservation, Ledger};
 
 /// Asks the person at the terminal; `None` when nobody can answer.
 pub type Ask = Arc<dyn Fn(String) -> Option<bool> + Send + Sync>;

@@ -1,5 +1,8 @@
-//! Usage analytics from the audit log: tasks, tokens, success rate, averages,
-//! model distribution and trend per local day, ISO week or month.
+//! The `usage` command's report: analytics from the audit log (tasks,
+//! tokens, success rate, averages, model distribution and trend per local
+//! day, ISO week or month). It only reads the log and keeps its own index;
+//! it must not touch the caps ledger (`caps.rs`), which is what caps
+//! are enforced against.
 //!
 //! A task is one terminal job event (`job.completed`, `job.failed`,
 //! `job.killed`, `job.cancelled`); success is `job.completed`. A task belongs
@@ -41,24 +44,24 @@ const INDEX_FILE: &str = "usage.idx";
 
 /// Errors from building or reading the analytics.
 #[derive(Debug, thiserror::Error)]
-pub enum AnalyticsError {
+pub enum ReportError {
     #[error(transparent)]
     Audit(#[from] AuditError),
     #[error("cannot read {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
 
-impl HasExit for AnalyticsError {
+impl HasExit for ReportError {
     fn exit(&self) -> Exit {
         match self {
-            AnalyticsError::Audit(e) => e.exit(),
-            AnalyticsError::Io { .. } => Exit::Failed,
+            ReportError::Audit(e) => e.exit(),
+            ReportError::Io { .. } => Exit::Failed,
         }
     }
     fn hint(&self) -> Option<String> {
         match self {
-            AnalyticsError::Audit(e) => e.hint(),
-            AnalyticsError::Io { .. } => Some("check that the data directory exists and is readable".into()),
+            ReportError::Audit(e) => e.hint(),
+            ReportError::Io { .. } => Some("check that the data directory exists and is readable".into()),
         }
     }
 }
@@ -207,7 +210,7 @@ pub fn index_path(paths: &Paths) -> PathBuf {
 
 /// Load the index, bring it in step with the log (catching up or rebuilding)
 /// and save it if it changed.
-pub fn refresh(paths: &Paths, zone: &Zone) -> Result<(Index, Freshness), AnalyticsError> {
+pub fn refresh(paths: &Paths, zone: &Zone) -> Result<(Index, Freshness), ReportError> {
     let log = AuditLog::new(paths);
     let head = log.quick_check()?;
     let path = index_path(paths);
@@ -217,7 +220,7 @@ pub fn refresh(paths: &Paths, zone: &Zone) -> Result<(Index, Freshness), Analyti
             Err(_) => (None, Some("index unreadable")),
         },
         Err(e) if e.kind() == io::ErrorKind::NotFound => (None, Some("no index yet")),
-        Err(source) => return Err(AnalyticsError::Io { path, source }),
+        Err(source) => return Err(ReportError::Io { path, source }),
     };
     let Some(head) = head else {
         // No log: nothing to count. Keep no index for a log that does not exist.
@@ -234,11 +237,11 @@ pub fn refresh(paths: &Paths, zone: &Zone) -> Result<(Index, Freshness), Analyti
             },
         ));
     };
-    let mut file = File::open(log.log_path()).map_err(|source| AnalyticsError::Io {
+    let mut file = File::open(log.log_path()).map_err(|source| ReportError::Io {
         path: log.log_path().to_path_buf(),
         source,
     })?;
-    let io_err = |source| AnalyticsError::Io {
+    let io_err = |source| ReportError::Io {
         path: log.log_path().to_path_buf(),
         source,
     };
@@ -267,12 +270,12 @@ pub fn refresh(paths: &Paths, zone: &Zone) -> Result<(Index, Freshness), Analyti
     let start = index.cursor.offset;
     if start < head.len || fresh.is_some() {
         catch_up(&mut index, &head, &mut file).map_err(io_err)?;
-        fsutil::ensure_private_dir(&paths.data_dir).map_err(|source| AnalyticsError::Io {
+        fsutil::ensure_private_dir(&paths.data_dir).map_err(|source| ReportError::Io {
             path: paths.data_dir.clone(),
             source,
         })?;
         let bytes = serde_json::to_vec(&index).expect("index serialises");
-        fsutil::atomic_write(&path, &bytes).map_err(|source| AnalyticsError::Io { path, source })?;
+        fsutil::atomic_write(&path, &bytes).map_err(|source| ReportError::Io { path, source })?;
     }
     Ok((
         index,
@@ -367,9 +370,9 @@ fn tally_day_since(
     day: NaiveDate,
     entry: &DayEntry,
     since: DateTime<Utc>,
-) -> Result<Tally, AnalyticsError> {
+) -> Result<Tally, ReportError> {
     let path = paths.audit_log();
-    let io_err = |source| AnalyticsError::Io {
+    let io_err = |source| ReportError::Io {
         path: path.clone(),
         source,
     };
@@ -692,7 +695,7 @@ pub fn report(
     period: Period,
     since: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
-) -> Result<UsageReport, AnalyticsError> {
+) -> Result<UsageReport, ReportError> {
     let zone = Zone::current();
     let (index, freshness) = refresh(paths, &zone)?;
     let today = local_day(now);

@@ -1,4 +1,8 @@
-//! Caps and usage windows: reserve / commit / release under one lock.
+//! The caps ledger: caps and usage windows, reserve / commit / release
+//! under one lock (used by jobs, `limits`, `status` and the provider). The
+//! `usage` command's report from the audit log is `usage_report`;
+//! this module must not read the audit log, and nothing else may write
+//! `usage.json`.
 //!
 //! `usage.json` holds per-local-day totals (kept for 70 days, enough for any
 //! window) and the open reservations. Every check-and-reserve happens under
@@ -247,7 +251,7 @@ fn local_midnight(day: NaiveDate) -> DateTime<Local> {
 
 /// Usage errors.
 #[derive(Debug, thiserror::Error)]
-pub enum UsageError {
+pub enum CapsError {
     #[error("{cap} reached: {used} of {limit} used{}", resets.map(|r| format!("; resets {}", r.format("%Y-%m-%d %H:%M %Z"))).unwrap_or_default())]
     CapReached {
         cap: String,
@@ -271,27 +275,27 @@ pub enum UsageError {
     Corrupt { path: std::path::PathBuf, msg: String },
 }
 
-impl HasExit for UsageError {
+impl HasExit for CapsError {
     fn exit(&self) -> Exit {
         match self {
-            UsageError::CapReached { .. } | UsageError::CostCapReached { .. } => Exit::Refused,
-            UsageError::Io { .. } => Exit::Failed,
-            UsageError::Corrupt { .. } => Exit::Integrity,
+            CapsError::CapReached { .. } | CapsError::CostCapReached { .. } => Exit::Refused,
+            CapsError::Io { .. } => Exit::Failed,
+            CapsError::Corrupt { .. } => Exit::Integrity,
         }
     }
     fn hint(&self) -> Option<String> {
         match self {
-            UsageError::CapReached { cap, .. } if cap.starts_with("concurrent") => Some(
+            CapsError::CapReached { cap, .. } if cap.starts_with("concurrent") => Some(
                 "wait for the running job to finish, or raise the cap with `claude-max-market limits --concurrent N`"
                     .into(),
             ),
-            UsageError::CapReached { .. } => {
+            CapsError::CapReached { .. } => {
                 Some("wait for the window to reset, or raise the cap with `claude-max-market limits`".into())
             }
-            UsageError::CostCapReached { .. } => Some(
+            CapsError::CostCapReached { .. } => Some(
                 "wait for the window to reset, lower this job's `--max-budget-usd`, or raise the cap with `claude-max-market limits --daily-cost USD`".into(),
             ),
-            UsageError::Corrupt { path, .. } => Some(format!(
+            CapsError::Corrupt { path, .. } => Some(format!(
                 "move it aside (`mv {} {}.bad`); usage history since then is lost, the audit log still has it",
                 path.display(),
                 path.display()
@@ -349,13 +353,13 @@ pub struct HeldReservation {
 
 impl HeldReservation {
     /// Count what the job really spent against it.
-    pub fn commit(&mut self, spent: &Spent) -> Result<(), UsageError> {
+    pub fn commit(&mut self, spent: &Spent) -> Result<(), CapsError> {
         match self.id.take() {
             Some(id) => self.ledger.commit(&id, spent, Local::now()).map(drop),
             None => Ok(()),
         }
     }
-    pub fn release(&mut self) -> Result<(), UsageError> {
+    pub fn release(&mut self) -> Result<(), CapsError> {
         match self.id.take() {
             Some(id) => self.ledger.release(&id, Local::now()).map(drop),
             None => Ok(()),
@@ -398,16 +402,16 @@ impl Ledger {
         }
     }
 
-    fn io(&self, source: std::io::Error) -> UsageError {
-        UsageError::Io {
+    fn io(&self, source: std::io::Error) -> CapsError {
+        CapsError::Io {
             path: self.file.clone(),
             source,
         }
     }
 
-    fn load(&self) -> Result<State, UsageError> {
+    fn load(&self) -> Result<State, CapsError> {
         match std::fs::read(&self.file) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| UsageError::Corrupt {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| CapsError::Corrupt {
                 path: self.file.clone(),
                 msg: e.to_string(),
             }),
@@ -416,7 +420,7 @@ impl Ledger {
         }
     }
 
-    fn save(&self, state: &State) -> Result<(), UsageError> {
+    fn save(&self, state: &State) -> Result<(), CapsError> {
         let bytes = serde_json::to_vec(state).expect("state serialises");
         fsutil::atomic_write(&self.file, &bytes).map_err(|e| self.io(e))
     }
@@ -425,8 +429,8 @@ impl Ledger {
     fn locked<T>(
         &self,
         now: DateTime<Local>,
-        f: impl FnOnce(&mut State) -> Result<T, UsageError>,
-    ) -> Result<(T, Vec<Reservation>), UsageError> {
+        f: impl FnOnce(&mut State) -> Result<T, CapsError>,
+    ) -> Result<(T, Vec<Reservation>), CapsError> {
         fsutil::ensure_private_dir(&self.dir).map_err(|e| self.io(e))?;
         let _lock = FileLock::exclusive(&self.lock).map_err(|e| self.io(e))?;
         // Temporaries of writers killed before their rename (the config
@@ -450,11 +454,11 @@ impl Ledger {
         job_id: &str,
         budget: Budget,
         now: DateTime<Local>,
-    ) -> Result<(Reservation, Vec<Reservation>), UsageError> {
+    ) -> Result<(Reservation, Vec<Reservation>), CapsError> {
         self.locked(now, |state| {
             let today = now.date_naive();
             if state.reservations.len() as u64 >= caps.concurrent_jobs {
-                return Err(UsageError::CapReached {
+                return Err(CapsError::CapReached {
                     cap: "concurrent jobs cap (limits.concurrentJobs)".into(),
                     used: state.reservations.len() as u64,
                     limit: caps.concurrent_jobs,
@@ -465,7 +469,7 @@ impl Ledger {
                 let u = window_usage(state, caps, w, today);
                 if let Some(cap) = u.task_cap {
                     if u.tasks + u.reserved_tasks + 1 > cap {
-                        return Err(UsageError::CapReached {
+                        return Err(CapsError::CapReached {
                             cap: format!("{} task cap (limits.{}Tasks)", adjective(w), adjective(w)),
                             used: u.tasks + u.reserved_tasks,
                             limit: cap,
@@ -475,7 +479,7 @@ impl Ledger {
                 }
                 if let Some(cap) = u.token_cap {
                     if u.tokens + u.reserved_tokens + budget.tokens > cap {
-                        return Err(UsageError::CapReached {
+                        return Err(CapsError::CapReached {
                             cap: format!(
                                 "{} token cap (limits.{}Tokens, fresh tokens; this job reserves {})",
                                 adjective(w),
@@ -491,7 +495,7 @@ impl Ledger {
                 if let Some(cap) = u.cost_cap_usd {
                     let cap_micros = usd_to_micros(cap);
                     if u.cost_micros + u.reserved_cost_micros + budget.cost_micros > cap_micros {
-                        return Err(UsageError::CostCapReached {
+                        return Err(CapsError::CostCapReached {
                             cap: format!(
                                 "{} cost cap (limits.{}CostUsd; this job reserves ${:.2})",
                                 adjective(w),
@@ -522,7 +526,7 @@ impl Ledger {
     }
 
     /// Replace a reservation with real usage: one task and what it spent.
-    pub fn commit(&self, reservation_id: &str, spent: &Spent, now: DateTime<Local>) -> Result<bool, UsageError> {
+    pub fn commit(&self, reservation_id: &str, spent: &Spent, now: DateTime<Local>) -> Result<bool, CapsError> {
         self.locked(now, |state| {
             let Some(i) = state.reservations.iter().position(|r| r.id == reservation_id) else {
                 return Ok(false);
@@ -539,7 +543,7 @@ impl Ledger {
     }
 
     /// Drop a reservation without counting it (the job never started).
-    pub fn release(&self, reservation_id: &str, now: DateTime<Local>) -> Result<bool, UsageError> {
+    pub fn release(&self, reservation_id: &str, now: DateTime<Local>) -> Result<bool, CapsError> {
         self.locked(now, |state| {
             let before = state.reservations.len();
             state.reservations.retain(|r| r.id != reservation_id);
@@ -549,7 +553,7 @@ impl Ledger {
     }
 
     /// Read-only view (no lock needed: the file is replaced atomically).
-    pub fn snapshot(&self, caps: &Caps, now: DateTime<Local>) -> Result<Snapshot, UsageError> {
+    pub fn snapshot(&self, caps: &Caps, now: DateTime<Local>) -> Result<Snapshot, CapsError> {
         let state = self.load()?;
         let today = now.date_naive();
         Ok(Snapshot {
@@ -698,7 +702,7 @@ mod tests {
         let (b, _) = l.reserve(&caps(2), "b", full, now).unwrap();
         assert!(matches!(
             l.reserve(&caps(2), "c", full, now),
-            Err(UsageError::CapReached { .. })
+            Err(CapsError::CapReached { .. })
         ));
         assert!(l.release(&b.id, now).unwrap());
         let spent = Spent {
@@ -728,7 +732,7 @@ mod tests {
         let (a, _) = l.reserve(&c, "a", c.full_budget(), now).unwrap();
         let (_b, _) = l.reserve(&c, "b", c.full_budget(), now).unwrap();
         match l.reserve(&c, "c", c.full_budget(), now) {
-            Err(e @ UsageError::CostCapReached { .. }) => {
+            Err(e @ CapsError::CostCapReached { .. }) => {
                 assert!(e.to_string().contains("daily cost cap"), "{e}");
                 assert_eq!(e.exit(), Exit::Refused);
             }
