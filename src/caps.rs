@@ -111,44 +111,14 @@ struct State {
     reservations: Vec<Reservation>,
 }
 
-/// The caps in force, resolved from config.
-#[derive(Debug, Clone, Serialize)]
-pub struct Caps {
-    pub daily_tasks: u64,
-    /// Fresh tokens per day (cache reads are not counted; see the module doc).
-    pub daily_tokens: u64,
-    pub weekly_tasks: Option<u64>,
-    pub weekly_tokens: Option<u64>,
-    pub monthly_tasks: Option<u64>,
-    pub monthly_tokens: Option<u64>,
-    pub max_tokens_per_task: u64,
-    pub max_turns_per_task: u64,
-    /// USD.
-    pub max_cost_per_task: Option<f64>,
-    pub daily_cost_usd: Option<f64>,
-    pub weekly_cost_usd: Option<f64>,
-    pub monthly_cost_usd: Option<f64>,
-    pub concurrent_jobs: u64,
-}
+/// The caps in force: the `limits.*` settings. Daily tokens are fresh
+/// tokens (cache reads are not counted; see the module doc); amounts are
+/// US dollars.
+pub type Caps = crate::config::Limits;
 
 impl Caps {
     pub fn from_config(cfg: &Config) -> Caps {
-        let l = &cfg.settings().limits;
-        Caps {
-            daily_tasks: l.daily_tasks,
-            daily_tokens: l.daily_tokens,
-            weekly_tasks: l.weekly_tasks,
-            weekly_tokens: l.weekly_tokens,
-            monthly_tasks: l.monthly_tasks,
-            monthly_tokens: l.monthly_tokens,
-            max_tokens_per_task: l.max_tokens_per_task,
-            max_turns_per_task: l.max_turns_per_task,
-            max_cost_per_task: l.max_cost_per_task,
-            daily_cost_usd: l.daily_cost_usd,
-            weekly_cost_usd: l.weekly_cost_usd,
-            monthly_cost_usd: l.monthly_cost_usd,
-            concurrent_jobs: l.concurrent_jobs,
-        }
+        cfg.settings().limits.clone()
     }
 
     /// The budget a job reserves when it asks for nothing smaller.

@@ -19,7 +19,7 @@ use crate::fsutil::{self, FileLock};
 use crate::paths::Paths;
 
 mod settings;
-pub use settings::Settings;
+pub use settings::{Limits, Settings};
 
 /// The type of a config value; drives parsing and validation.
 #[derive(Debug, Clone, Copy)]

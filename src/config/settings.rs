@@ -54,7 +54,7 @@ pub struct Security {
 }
 
 /// `limits.*`: the usage caps (`None`: no cap).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Limits {
     pub daily_tasks: u64,
     pub daily_tokens: u64,
