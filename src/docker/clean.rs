@@ -7,7 +7,7 @@ use bollard::Docker;
 use serde::Serialize;
 
 use super::container::{self, list_ours, Scope};
-use super::hardening::Profile;
+use super::profile::Profile;
 use super::DockerError;
 
 #[derive(Debug, Default, Serialize)]
@@ -103,7 +103,7 @@ pub async fn stop_jobs(docker: &Docker, profile: &Profile, scope: &Scope) -> Res
 /// `stop_jobs` for synchronous callers: `Ok(n)`, or why the engine could not
 /// be asked (no engine means no container of ours is running).
 pub fn stop_jobs_blocking(scope: &Scope) -> Result<usize, DockerError> {
-    let profile = super::hardening::profile()?;
+    let profile = super::profile::container()?;
     if *scope == Scope::Install(None) {
         return Ok(0);
     }

@@ -17,6 +17,7 @@ pub mod egress;
 pub mod hardening;
 pub mod image;
 pub mod native;
+pub mod profile;
 pub mod relay;
 
 /// The engine must answer within this long, or it counts as unreachable.
@@ -213,7 +214,7 @@ pub fn probe(image: &str, scope: &container::Scope, timeout: Duration) -> Probe 
                 DockerError::Unreachable(m) => m,
                 other => other.to_string(),
             })?;
-            let profile = hardening::profile().map_err(|e| e.to_string())?;
+            let profile = profile::container().map_err(|e| e.to_string())?;
             // The negotiation's ping proved the engine answers and named its
             // API version; `/version` would cost more than everything else.
             let v = docker.client_version();
