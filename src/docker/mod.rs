@@ -11,6 +11,7 @@ use bollard::Docker;
 
 use crate::exit::{Exit, HasExit};
 
+pub mod build;
 pub mod clean;
 pub mod container;
 pub mod egress;

@@ -42,8 +42,8 @@ use bollard::Docker;
 use indicatif::HumanBytes;
 use sha2::{Digest, Sha256};
 
-use super::hardening::Profile;
-use super::image::{self, ImageEvent, ImageProgress, Upload};
+use super::build::{note, run_build, ImageProgress, Upload, EMBEDDED_ENTRYPOINT, LONG_REQUEST};
+use super::profile::Profile;
 use super::DockerError;
 use crate::exit::{Exit, HasExit};
 
@@ -733,7 +733,7 @@ impl Plan {
         }
         entries.insert(
             "rootfs/usr/local/bin/entrypoint.sh".into(),
-            bytes(image::EMBEDDED_ENTRYPOINT.to_vec(), 0o755),
+            bytes(EMBEDDED_ENTRYPOINT.to_vec(), 0o755),
         );
         let home = profile.home.trim_end_matches('/');
         entries.insert(
@@ -825,10 +825,6 @@ impl Plan {
     pub fn dockerfile(&self) -> &str {
         &self.dockerfile
     }
-}
-
-fn note(progress: &dyn ImageProgress, text: impl AsRef<str>) {
-    progress.image_event(ImageEvent::Note(text.as_ref()));
 }
 
 /// `10001:10001` -> (10001, 10001); the image needs numbers for passwd.
@@ -1064,9 +1060,9 @@ pub async fn build(
         sent: sent_rx,
         total: plan.bytes,
     };
-    let docker = docker.clone().with_timeout(image::LONG_REQUEST);
+    let docker = docker.clone().with_timeout(LONG_REQUEST);
     let stream = docker.build_image(options, None, Some(bollard::body_try_stream(body)));
-    let built = image::run_build(&docker, tag, stream, Some(upload), progress).await;
+    let built = run_build(&docker, tag, stream, Some(upload), progress).await;
     let written = writer.await.unwrap_or_else(|e| {
         Err(TarError::Read(
             "<build context>".into(),
@@ -1349,7 +1345,7 @@ mod tests {
 
     #[test]
     fn the_dockerfile_only_copies_and_sets_metadata() {
-        let p = super::super::hardening::profile().unwrap();
+        let p = super::super::profile::container().unwrap();
         let d = dockerfile(p, 10001, 10001, "2.1.332", true);
         let steps: Vec<&str> = d
             .lines()
