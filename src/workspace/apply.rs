@@ -194,14 +194,17 @@ fn with_exec(mode: u32, exec: bool) -> u32 {
 impl<'c> Plan<'c> {
     /// Decide every step and check every precondition; writes nothing.
     fn new(changes: &'c ChangeSet, snapshot: &Snapshot, dir: &Path, root: &DirFd) -> Result<Plan<'c>, WorkspaceError> {
-        let in_the_way = |path: &str, why: String| WorkspaceError::InTheWay {
-            dir: dir.to_path_buf(),
-            path: path.to_string(),
-            why,
-        };
-        let look = |p: &Place| {
-            p.lstat(root)
-                .map_err(WorkspaceError::io(format!("cannot look at `{}`", p.path)))
+        let checks = Checks {
+            snapshot,
+            dir,
+            root,
+            deleted: changes
+                .files
+                .iter()
+                .filter(|f| f.change == ChangeKind::Deleted)
+                .map(|f| f.path.as_str())
+                .collect(),
+            removed: changes.dirs_removed.iter().map(String::as_str).collect(),
         };
         let mut plan = Plan {
             deletes: Vec::new(),
@@ -210,100 +213,50 @@ impl<'c> Plan<'c> {
             dirs_added: Vec::new(),
             dirs_removed: Vec::new(),
         };
-        let deleted: BTreeSet<&str> = changes
-            .files
-            .iter()
-            .filter(|f| f.change == ChangeKind::Deleted)
-            .map(|f| f.path.as_str())
-            .collect();
-        let removed: BTreeSet<&str> = changes.dirs_removed.iter().map(String::as_str).collect();
-
-        // Every directory above a path we create must be one of the user's
-        // (unchanged, checked above) or one we make; anything else standing
-        // there is ignored here, and we never write into or over it.
-        let check_parents = |path: &str| -> Result<(), WorkspaceError> {
-            for (i, _) in path.match_indices('/') {
-                let parent = &path[..i];
-                match snapshot.get(parent) {
-                    Some(e) if e.kind == EntryKind::Dir && !removed.contains(parent) => {}
-                    Some(e) if e.kind != EntryKind::Dir && deleted.contains(parent) => {}
-                    Some(_) => {
-                        return Err(WorkspaceError::Archive(format!(
-                            "the change set is inconsistent at `{parent}`"
-                        )))
-                    }
-                    None => {
-                        if look(&Place::new(parent)?)?.is_some() {
-                            return Err(in_the_way(
-                                parent,
-                                "it exists here but is ignored, so the job never saw it".into(),
-                            ));
-                        }
-                    }
-                }
-            }
-            Ok(())
-        };
-        let check_new = |p: &Place, old: Option<&Entry>| -> Result<(), WorkspaceError> {
-            check_parents(&p.path)?;
-            if old.is_none() && look(p)?.is_some() {
-                return Err(in_the_way(
-                    &p.path,
-                    "it exists here but is ignored, so the job never saw it; applying would overwrite it".into(),
-                ));
-            }
-            Ok(())
-        };
-
         for d in &changes.dirs_added {
             let p = Place::new(d)?;
-            check_new(&p, snapshot.get(d))?;
+            checks.new_path(&p, snapshot.get(d))?;
             plan.dirs_added.push(p);
         }
         for d in &changes.dirs_removed {
             plan.dirs_removed.push(Place::new(d)?);
         }
         for f in &changes.files {
-            let p = Place::new(&f.path)?;
-            let old = snapshot.get(&f.path);
-            match f.change {
-                ChangeKind::Deleted => plan.deletes.push(p),
-                ChangeKind::ModeChanged => {
-                    let (Some(o), Some(n)) = (old, f.new.as_ref()) else {
-                        return Err(bad(f));
-                    };
-                    plan.modes.push((p, with_exec(o.mode, n.exec)));
-                }
-                ChangeKind::Added | ChangeKind::Modified | ChangeKind::TypeChanged => {
-                    let side = f.new.as_ref().ok_or_else(|| bad(f))?;
-                    check_new(&p, old)?;
-                    if old.is_some_and(|o| o.kind == EntryKind::Dir) {
-                        // A directory becomes a file: it must hold nothing
-                        // but what the change set deletes.
-                        let dir_fd = p
-                            .parent(root)
-                            .and_then(|d| d.child(&p.name))
-                            .map_err(WorkspaceError::io(format!("cannot open `{}`", p.path)))?;
-                        if let Some(extra) = first_unknown(&dir_fd, &p.path, snapshot)? {
-                            return Err(in_the_way(
-                                &extra,
-                                format!("it is ignored, and `{}` must become a {}", p.path, side.kind.name()),
-                            ));
-                        }
-                    }
-                    let mode = match old {
-                        Some(o) if f.change == ChangeKind::Modified && o.kind == EntryKind::File => {
-                            Some(with_exec(o.mode, side.exec))
-                        }
-                        _ => None,
-                    };
-                    plan.writes.push(Write { place: p, side, mode });
-                }
-            }
+            plan.add_file(f, &checks)?;
         }
         plan.dirs_added.sort_by_key(|p| p.parents.len());
         plan.dirs_removed.sort_by_key(|p| std::cmp::Reverse(p.parents.len()));
         Ok(plan)
+    }
+
+    /// The step for one changed file or link, once its preconditions hold.
+    fn add_file(&mut self, f: &'c FileChange, checks: &Checks<'_>) -> Result<(), WorkspaceError> {
+        let p = Place::new(&f.path)?;
+        let old = checks.snapshot.get(&f.path);
+        match f.change {
+            ChangeKind::Deleted => self.deletes.push(p),
+            ChangeKind::ModeChanged => {
+                let (Some(o), Some(n)) = (old, f.new.as_ref()) else {
+                    return Err(bad(f));
+                };
+                self.modes.push((p, with_exec(o.mode, n.exec)));
+            }
+            ChangeKind::Added | ChangeKind::Modified | ChangeKind::TypeChanged => {
+                let side = f.new.as_ref().ok_or_else(|| bad(f))?;
+                checks.new_path(&p, old)?;
+                if old.is_some_and(|o| o.kind == EntryKind::Dir) {
+                    checks.dir_can_go(&p, side)?;
+                }
+                let mode = match old {
+                    Some(o) if f.change == ChangeKind::Modified && o.kind == EntryKind::File => {
+                        Some(with_exec(o.mode, side.exec))
+                    }
+                    _ => None,
+                };
+                self.writes.push(Write { place: p, side, mode });
+            }
+        }
+        Ok(())
     }
 
     fn run(self, changes: &ChangeSet, dir: &Path, root: &DirFd) -> Result<Applied, WorkspaceError> {
@@ -412,6 +365,87 @@ impl<'c> Plan<'c> {
             }
         }
         Ok(applied)
+    }
+}
+
+/// What must hold in `dir` before a path is written there.
+struct Checks<'a> {
+    snapshot: &'a Snapshot,
+    dir: &'a Path,
+    root: &'a DirFd,
+    /// Files and links the change set deletes.
+    deleted: BTreeSet<&'a str>,
+    /// Directories the change set removes.
+    removed: BTreeSet<&'a str>,
+}
+
+impl Checks<'_> {
+    fn in_the_way(&self, path: &str, why: String) -> WorkspaceError {
+        WorkspaceError::InTheWay {
+            dir: self.dir.to_path_buf(),
+            path: path.to_string(),
+            why,
+        }
+    }
+
+    fn look(&self, p: &Place) -> Result<Option<Kind>, WorkspaceError> {
+        p.lstat(self.root)
+            .map_err(WorkspaceError::io(format!("cannot look at `{}`", p.path)))
+    }
+
+    /// Every directory above a path we create must be one of the user's
+    /// (unchanged, checked before) or one we make; anything else standing
+    /// there is ignored here, and we never write into or over it.
+    fn parents(&self, path: &str) -> Result<(), WorkspaceError> {
+        for (i, _) in path.match_indices('/') {
+            let parent = &path[..i];
+            match self.snapshot.get(parent) {
+                Some(e) if e.kind == EntryKind::Dir && !self.removed.contains(parent) => {}
+                Some(e) if e.kind != EntryKind::Dir && self.deleted.contains(parent) => {}
+                Some(_) => {
+                    return Err(WorkspaceError::Archive(format!(
+                        "the change set is inconsistent at `{parent}`"
+                    )))
+                }
+                None => {
+                    if self.look(&Place::new(parent)?)?.is_some() {
+                        return Err(
+                            self.in_the_way(parent, "it exists here but is ignored, so the job never saw it".into())
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A path we create (`old`: what the snapshot had there): its parents
+    /// are ours to write into, and nothing the job never saw stands there.
+    fn new_path(&self, p: &Place, old: Option<&Entry>) -> Result<(), WorkspaceError> {
+        self.parents(&p.path)?;
+        if old.is_none() && self.look(p)?.is_some() {
+            return Err(self.in_the_way(
+                &p.path,
+                "it exists here but is ignored, so the job never saw it; applying would overwrite it".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A directory becomes a file or link: it must hold nothing but what
+    /// the change set deletes.
+    fn dir_can_go(&self, p: &Place, side: &NewSide) -> Result<(), WorkspaceError> {
+        let dir_fd = p
+            .parent(self.root)
+            .and_then(|d| d.child(&p.name))
+            .map_err(WorkspaceError::io(format!("cannot open `{}`", p.path)))?;
+        match first_unknown(&dir_fd, &p.path, self.snapshot)? {
+            Some(extra) => Err(self.in_the_way(
+                &extra,
+                format!("it is ignored, and `{}` must become a {}", p.path, side.kind.name()),
+            )),
+            None => Ok(()),
+        }
     }
 }
 
