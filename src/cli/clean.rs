@@ -1,6 +1,9 @@
 //! `clean`: remove containers, idle networks (and with `--images`, images)
 //! carrying our label; nothing else is ever touched. Also removes rotated
 //! keys whose decryption window (`security.keyRotationDays`) has passed.
+//!
+//! It parses the flags, calls `docker::clean` and renders its report; what
+//! is removed is decided there, not here.
 
 use serde_json::json;
 

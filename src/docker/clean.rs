@@ -1,4 +1,9 @@
 //! `clean`: remove containers (and images) carrying our label, nothing else.
+//!
+//! It owns what `clean` removes: our job containers (this install's, unless
+//! told every install's), idle networks of earlier versions, stale relay
+//! files and, when asked, our images. It must not touch anything without
+//! our label, nor stop a running job without `force`.
 
 use std::collections::HashMap;
 

@@ -1,6 +1,10 @@
 //! One job container: create, attach before start, feed stdin, stream the
 //! output line by line, enforce the deadline and the caller's verdicts,
 //! and remove the container on every path.
+//!
+//! It owns the container's lifetime and the reading of its output. It must
+//! not decide what a line means (the caller's verdict does), nor build the
+//! create request (that is `hardening`'s).
 
 use std::future::Future;
 use std::time::Duration;

@@ -4,6 +4,9 @@
 //!
 //! Everything here is async; commands that need it start one current-thread
 //! tokio runtime with [`runtime`], and commands that don't never pay for one.
+//!
+//! This file owns the connection, the error type and `health`'s probe; each
+//! stage's logic lives in its own submodule, not here.
 
 use std::time::Duration;
 

@@ -28,6 +28,10 @@
 //!
 //! The context is written as a tar on a blocking thread while the engine
 //! reads it, so the 400 MB binary costs neither memory nor a temporary file.
+//!
+//! This module owns checking the inputs, collecting the context and
+//! streaming it. It must not run anything from the image or reach a
+//! registry, and it leaves following the engine's answers to `build`.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};

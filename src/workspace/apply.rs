@@ -1,6 +1,9 @@
 //! Writing a change set into the user's directory ([`apply`](fn@apply)), only when
 //! nothing there changed since the snapshot, and so that a failure midway
 //! leaves every file either old or new.
+//!
+//! It must not write outside the directory nor follow a link on the way,
+//! and it applies only a change set `diff` made from the same snapshot.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{OsStr, OsString};

@@ -1,5 +1,9 @@
 //! Comparing the tree a job left with the snapshot it started from
 //! ([`diff`](fn@diff)), and the [`ChangeSet`] that says what changed.
+//!
+//! The stages: read the job's archive into a tree (as untrusted input,
+//! within a byte bound), keep links inside, compare path by path, write the
+//! patch. It must not write to the user's directory; that is `apply`'s.
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
