@@ -274,12 +274,23 @@ impl<'c> Plan<'c> {
             }
         };
         let (now, later): (Vec<&Write>, Vec<&Write>) = self.writes.iter().partition(|w| stays(&w.place.parent_path()));
-        let mut staged: Vec<(&Write, OsString)> = Vec::new();
-        for w in &now {
+        let mut steps = Steps {
+            dir,
+            root,
+            staged: Vec::new(),
+            done: 0,
+            total: self.deletes.len()
+                + self.dirs_removed.len()
+                + self.dirs_added.len()
+                + self.writes.len()
+                + self.modes.len(),
+            touched: BTreeSet::new(),
+        };
+        for w in now {
             match stage(changes, root, w) {
-                Ok(tmp) => staged.push((w, tmp)),
+                Ok(tmp) => steps.staged.push((w, tmp)),
                 Err(e) => {
-                    unstage(root, &staged);
+                    unstage(root, &steps.staged);
                     return Err(WorkspaceError::Io {
                         context: format!("cannot stage `{}` (nothing was applied)", w.place.path),
                         source: e,
@@ -289,30 +300,8 @@ impl<'c> Plan<'c> {
         }
 
         // From here on the user's files change, one atomic step at a time.
-        let total =
-            self.deletes.len() + self.dirs_removed.len() + self.dirs_added.len() + self.writes.len() + self.modes.len();
-        let mut done = 0usize;
-        let failed = |path: &str, done: usize, source: io::Error| WorkspaceError::ApplyFailed {
-            dir: dir.to_path_buf(),
-            path: path.to_string(),
-            done,
-            total,
-            source,
-        };
-        let mut touched: BTreeSet<Vec<OsString>> = BTreeSet::new();
-        macro_rules! step {
-            ($place:expr, $op:expr) => {{
-                let place: &Place = $place;
-                if let Err(e) = $op {
-                    unstage(root, &staged);
-                    return Err(failed(&place.path, done, e));
-                }
-                touched.insert(place.parents.clone());
-                done += 1;
-            }};
-        }
         for p in &self.deletes {
-            step!(p, p.parent(root).and_then(|d| ignore_missing(d.remove_file(&p.name))));
+            steps.step(p, p.parent(root).and_then(|d| ignore_missing(d.remove_file(&p.name))))?;
             applied.deleted.push(p.path.clone());
         }
         for p in &self.dirs_removed {
@@ -320,10 +309,10 @@ impl<'c> Plan<'c> {
             match r {
                 Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) || e.raw_os_error() == Some(libc::EEXIST) => {
                     applied.dirs_kept.push(p.path.clone());
-                    done += 1;
+                    steps.done += 1;
                 }
                 r => {
-                    step!(p, ignore_missing(r));
+                    steps.step(p, ignore_missing(r))?;
                     applied.dirs_removed.push(p.path.clone());
                 }
             }
@@ -333,41 +322,88 @@ impl<'c> Plan<'c> {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.lstat(&p.name)?.kind == Kind::Dir => Ok(()),
                 r => r,
             });
-            step!(p, made);
+            steps.step(p, made)?;
             applied.dirs_created.push(p.path.clone());
         }
         for w in later {
             match stage(changes, root, w) {
-                Ok(tmp) => staged.push((w, tmp)),
-                Err(e) => {
-                    unstage(root, &staged);
-                    return Err(failed(&w.place.path, done, e));
-                }
+                Ok(tmp) => steps.staged.push((w, tmp)),
+                Err(e) => return Err(steps.fail(&w.place.path, e)),
             }
         }
-        for i in 0..staged.len() {
-            let (w, tmp) = (staged[i].0, staged[i].1.clone());
-            let p = &w.place;
-            let moved = p.parent(root).and_then(|d| d.rename(&tmp, &p.name));
-            if let Err(e) = moved {
-                unstage(root, &staged[i..]);
-                return Err(failed(&p.path, done, e));
-            }
-            touched.insert(p.parents.clone());
-            done += 1;
-            applied.written.push(p.path.clone());
-        }
-        staged.clear();
+        applied.written = steps.rename_staged()?;
         for (p, mode) in &self.modes {
-            step!(p, p.parent(root).and_then(|d| d.chmod(&p.name, *mode)));
+            steps.step(p, p.parent(root).and_then(|d| d.chmod(&p.name, *mode)))?;
             applied.mode_changed.push(p.path.clone());
         }
-        for parents in touched {
+        for parents in steps.touched {
             if let Ok(d) = root.descend(parents.iter().map(OsString::as_os_str)) {
                 let _ = d.sync();
             }
         }
         Ok(applied)
+    }
+}
+
+/// Where [`Plan::run`] is once the user's files start to change.
+struct Steps<'a, 'c> {
+    dir: &'a Path,
+    root: &'a DirFd,
+    /// New files and links staged beside their destination, not yet moved.
+    staged: Vec<(&'a Write<'c>, OsString)>,
+    /// Steps done, of `total`.
+    done: usize,
+    total: usize,
+    /// The directories written to, to be synced at the end.
+    touched: BTreeSet<Vec<OsString>>,
+}
+
+impl Steps<'_, '_> {
+    /// Count the step at `place`, or, should it have failed, remove what is
+    /// staged and say how far it got.
+    fn step(&mut self, place: &Place, r: io::Result<()>) -> Result<(), WorkspaceError> {
+        if let Err(e) = r {
+            return Err(self.fail(&place.path, e));
+        }
+        self.touched.insert(place.parents.clone());
+        self.done += 1;
+        Ok(())
+    }
+
+    /// Remove what is staged; the error names the failing path and the
+    /// steps done.
+    fn fail(&self, path: &str, source: io::Error) -> WorkspaceError {
+        unstage(self.root, &self.staged);
+        self.failure(path, source)
+    }
+
+    fn failure(&self, path: &str, source: io::Error) -> WorkspaceError {
+        WorkspaceError::ApplyFailed {
+            dir: self.dir.to_path_buf(),
+            path: path.to_string(),
+            done: self.done,
+            total: self.total,
+            source,
+        }
+    }
+
+    /// Move every staged file or link into place; returns their paths.
+    fn rename_staged(&mut self) -> Result<Vec<String>, WorkspaceError> {
+        let mut written = Vec::new();
+        for i in 0..self.staged.len() {
+            let (w, tmp) = (self.staged[i].0, self.staged[i].1.clone());
+            let p = &w.place;
+            let moved = p.parent(self.root).and_then(|d| d.rename(&tmp, &p.name));
+            if let Err(e) = moved {
+                unstage(self.root, &self.staged[i..]);
+                return Err(self.failure(&p.path, e));
+            }
+            self.touched.insert(p.parents.clone());
+            self.done += 1;
+            written.push(p.path.clone());
+        }
+        self.staged.clear();
+        Ok(written)
     }
 }
 
