@@ -1,6 +1,9 @@
 //! `clean`: remove containers, idle networks (and with `--images`, images)
 //! carrying our label; nothing else is ever touched. Also removes rotated
 //! keys whose decryption window (`security.keyRotationDays`) has passed.
+//!
+//! It parses the flags, calls `docker::clean` and renders its report; what
+//! is removed is decided there, not here.
 
 use crate::exit::{Exit, Result};
 use serde_json::json;
@@ -32,7 +35,7 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
     } else {
         Scope::this_install(&ctx.paths)
     };
-    let rt = crate::docker::runtime()?;
+    let rt = crate::runtime::current_thread()?;
     let report = rt.block_on(async {
         let docker = crate::docker::connect().await?;
         clean::clean(&docker, profile, &scope, args.force, args.images).await

@@ -1,4 +1,9 @@
 //! `clean`: remove containers (and images) carrying our label, nothing else.
+//!
+//! It owns what `clean` removes: our job containers (this install's, unless
+//! told every install's), idle networks of earlier versions, stale relay
+//! files and, when asked, our images. It must not touch anything without
+//! our label, nor stop a running job without `force`.
 
 use std::collections::HashMap;
 
@@ -7,7 +12,7 @@ use bollard::Docker;
 use serde::Serialize;
 
 use super::container::{self, list_ours, Scope};
-use super::hardening::Profile;
+use super::profile::Profile;
 use super::DockerError;
 
 #[derive(Debug, Default, Serialize)]
@@ -103,11 +108,11 @@ pub async fn stop_jobs(docker: &Docker, profile: &Profile, scope: &Scope) -> Res
 /// `stop_jobs` for synchronous callers: `Ok(n)`, or why the engine could not
 /// be asked (no engine means no container of ours is running).
 pub fn stop_jobs_blocking(scope: &Scope) -> Result<usize, DockerError> {
-    let profile = super::hardening::profile()?;
+    let profile = super::profile::container()?;
     if *scope == Scope::Install(None) {
         return Ok(0);
     }
-    let rt = super::runtime().map_err(|e| DockerError::Unreachable(e.to_string()))?;
+    let rt = crate::runtime::current_thread().map_err(|e| DockerError::Unreachable(e.to_string()))?;
     rt.block_on(async {
         let docker = super::connect().await?;
         stop_jobs(&docker, profile, scope).await

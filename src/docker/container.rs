@@ -1,6 +1,10 @@
 //! One job container: create, attach before start, feed stdin, stream the
 //! output line by line, enforce the deadline and the caller's verdicts,
 //! and remove the container on every path.
+//!
+//! It owns the container's lifetime and the reading of its output. It must
+//! not decide what a line means (the caller's verdict does), nor build the
+//! create request (that is `hardening`'s).
 
 use std::future::Future;
 use std::time::Duration;
@@ -124,7 +128,7 @@ impl Drop for Exited {
         // A fresh client on its own runtime: the caller's runtime may be
         // the one being dropped.
         let _ = std::thread::spawn(move || {
-            if let Ok(rt) = super::runtime() {
+            if let Ok(rt) = crate::runtime::current_thread() {
                 rt.block_on(async {
                     if let Ok(d) = super::connect().await {
                         remove(&d, &id).await;
@@ -226,6 +230,9 @@ impl Drop for Wiped {
     }
 }
 
+/// Run the created container `id` to its end, in the stages below: attach
+/// and start it, copy a held job's workspace in, watch its output until it
+/// ends, and copy the workspace out.
 async fn drive(
     docker: &Docker,
     id: &str,
@@ -233,11 +240,91 @@ async fn drive(
     mut hold: Option<Hold>,
     timeout: Duration,
     cancel: impl Future<Output = ()>,
-    mut on_line: impl FnMut(&str) -> Verdict,
+    on_line: impl FnMut(&str) -> Verdict,
 ) -> Result<Drove, DockerError> {
     tokio::pin!(cancel);
-    let stdin = Wiped(stdin);
+    let Some(Attached {
+        output,
+        mut writer,
+        stdin,
+    }) = attach_and_start(docker, id, Wiped(stdin), hold.is_some()).await?
+    else {
+        return Ok((Ending::Exited(EXIT_REMOVED), String::new(), None));
+    };
+    if let Some(h) = hold.as_mut() {
+        copy_in(docker, id, h).await?;
+        writer = stdin.map(Stdin::send);
+        tracing::debug!(container = id, "workspace copied in");
+    }
+    let mut watch = Watch {
+        docker,
+        id,
+        held: hold.is_some(),
+        marker_prefix: hold.as_ref().map(|h| {
+            let m = super::relay::hold_marker(&h.nonce, 0);
+            m[..m.len() - "0}".len()].to_string()
+        }),
+        on_line,
+        pending: Vec::new(),
+        stderr_tail: Vec::new(),
+        verdict: Verdict::Continue,
+        held_exit: None,
+        stopping: None,
+    };
+    let ending = watch.run(output, tokio::time::sleep(timeout), cancel).await;
+    if let Some(w) = writer {
+        w.abort();
+    }
+    let ending = ending?;
+    tracing::debug!(container = id, ending = ?ending, "job ended");
+    let tail = String::from_utf8_lossy(&watch.stderr_tail).into_owned();
+    let workspace_out = match (&hold, watch.held_exit) {
+        (None, _) => None,
+        (Some(_), None) => Some(Err(
+            "the job's container ended before its workspace could be copied out".to_string(),
+        )),
+        (Some(h), Some(_)) => Some(copy_out(docker, id, h).await),
+    };
+    Ok((ending, tail, workspace_out))
+}
 
+type Output = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>>;
+
+/// The job's stdin, not yet written: the attached input and its bytes.
+struct Stdin {
+    input: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
+    bytes: Wiped,
+}
+
+impl Stdin {
+    /// Write it all and close it, concurrently with reading the output, so
+    /// a large prompt cannot deadlock against a job that prints first.
+    fn send(self) -> tokio::task::JoinHandle<std::io::Result<()>> {
+        let Stdin { mut input, bytes } = self;
+        tokio::spawn(async move {
+            input.write_all(&bytes.0).await?;
+            input.flush().await?;
+            input.shutdown().await
+        })
+    }
+}
+
+/// A started container: its output, and its stdin, either on its way
+/// (`writer`) or still to be sent (`stdin`, for a held job).
+struct Attached {
+    output: Output,
+    writer: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    stdin: Option<Stdin>,
+}
+
+/// Attach to the container and start it; `None` when it was removed from
+/// outside (`opt-out`, `clean --force`) before it could start.
+async fn attach_and_start(
+    docker: &Docker,
+    id: &str,
+    stdin: Wiped,
+    held: bool,
+) -> Result<Option<Attached>, DockerError> {
     let attached = docker
         .attach_container(
             id,
@@ -254,32 +341,22 @@ async fn drive(
     tracing::debug!(container = id, "attached");
     let attached = match attached {
         Ok(a) => a,
-        Err(e) => {
-            // Removed between create and attach (`opt-out`, `clean --force`).
-            if is_not_found(&e) {
-                return Ok((Ending::Exited(EXIT_REMOVED), String::new(), None));
-            }
-            return Err(e.into());
-        }
+        // Removed between create and attach.
+        Err(e) if is_not_found(&e) => return Ok(None),
+        Err(e) => return Err(e.into()),
     };
-    let mut output = attached.output;
-    let mut input = attached.input;
-    let mut send_stdin = Some(move || {
-        tokio::spawn(async move {
-            input.write_all(&stdin.0).await?;
-            input.flush().await?;
-            input.shutdown().await
-        })
-    });
+    let stdin = Stdin {
+        input: attached.input,
+        bytes: stdin,
+    };
     // Stdin goes out before the start request, like `docker run -i`: the
     // engine buffers it and the job reads it the moment it runs, instead of
-    // after the start call returns. Written concurrently with reading, so a
-    // large prompt cannot deadlock against a job that prints first. A job
-    // with a workspace gets it only once the workspace is in.
-    let mut writer = if hold.is_none() {
-        send_stdin.take().map(|send| send())
+    // after the start call returns. A job with a workspace gets it only
+    // once the workspace is in.
+    let (writer, stdin) = if held {
+        (None, Some(stdin))
     } else {
-        None
+        (Some(stdin.send()), None)
     };
     if let Err(e) = docker
         .start_container(id, None::<bollard::query_parameters::StartContainerOptions>)
@@ -291,186 +368,212 @@ async fn drive(
         // Removed from outside between create and start: the engine says
         // 404, or (a removal under way) a conflict.
         if is_not_found(&e) || being_removed(docker, id).await {
-            return Ok((Ending::Exited(EXIT_REMOVED), String::new(), None));
+            return Ok(None);
         }
         return Err(e.into());
     }
     tracing::debug!(container = id, "started");
-    if let Some(h) = hold.as_mut() {
-        let tar = h
-            .tar_in
-            .try_clone()
-            .map_err(|e| DockerError::Workspace(format!("cannot read the workspace archive: {e}")))?;
-        let copied = tokio::time::timeout(
-            COPY_TIMEOUT,
-            exec_io(docker, id, &h.user, h.unpack.clone(), Some(tar), None),
-        )
-        .await;
-        match copied {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(DockerError::Workspace(format!("cannot copy the workspace in: {e}"))),
-            Err(_) => {
-                return Err(DockerError::Workspace(format!(
-                    "copying the workspace in took longer than {} s",
-                    COPY_TIMEOUT.as_secs()
-                )))
+    Ok(Some(Attached {
+        output: attached.output,
+        writer,
+        stdin,
+    }))
+}
+
+/// The workspace of a held job, unpacked by our binary inside the
+/// container from its archive.
+async fn copy_in(docker: &Docker, id: &str, h: &Hold) -> Result<(), DockerError> {
+    let tar = h
+        .tar_in
+        .try_clone()
+        .map_err(|e| DockerError::Workspace(format!("cannot read the workspace archive: {e}")))?;
+    let copied = tokio::time::timeout(
+        COPY_TIMEOUT,
+        exec_io(docker, id, &h.user, h.unpack.clone(), Some(tar), None),
+    )
+    .await;
+    match copied {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(DockerError::Workspace(format!("cannot copy the workspace in: {e}"))),
+        Err(_) => Err(DockerError::Workspace(format!(
+            "copying the workspace in took longer than {} s",
+            COPY_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// Watching a started job: its output line by line, the caller's verdicts,
+/// the deadline and cancellation, until the job ends.
+struct Watch<'a, F> {
+    docker: &'a Docker,
+    id: &'a str,
+    /// The job runs under our hold: stopping it means asking the hold, which
+    /// reports the job's end, and the container stays up for the copy-out.
+    held: bool,
+    /// The hold's end-of-job line, up to the exit code.
+    marker_prefix: Option<String>,
+    on_line: F,
+    /// Output after the last newline.
+    pending: Vec<u8>,
+    stderr_tail: Vec<u8>,
+    verdict: Verdict,
+    /// The job's own exit code, from the hold's end-of-job line.
+    held_exit: Option<i64>,
+    /// Why we stopped the job, while a held job's end is awaited.
+    stopping: Option<Ending>,
+}
+
+impl<F: FnMut(&str) -> Verdict> Watch<'_, F> {
+    async fn run(
+        &mut self,
+        mut output: Output,
+        deadline: tokio::time::Sleep,
+        cancel: std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<Ending, DockerError> {
+        tokio::pin!(deadline);
+        let mut cancel = cancel;
+        let grace = tokio::time::sleep(Duration::from_secs(u32::MAX as u64));
+        tokio::pin!(grace);
+        loop {
+            if let Some(code) = self.held_exit {
+                return Ok(self.stopping.take().unwrap_or(Ending::Exited(code)));
+            }
+            let stopped = tokio::select! {
+                item = output.next() => match item {
+                    Some(Ok(LogOutput::StdOut { message } | LogOutput::Console { message })) => {
+                        self.stdout(&message, grace.as_mut()).await
+                    }
+                    Some(Ok(LogOutput::StdErr { message })) => {
+                        self.stderr(&message);
+                        None
+                    }
+                    Some(Ok(LogOutput::StdIn { .. })) => None,
+                    Some(Err(_)) | None => return self.closed(deadline.as_mut(), cancel.as_mut()).await,
+                },
+                _ = &mut deadline, if self.stopping.is_none() => {
+                    self.stop(Ending::Killed(KillReason::Timeout), true, grace.as_mut()).await
+                }
+                _ = &mut cancel, if self.stopping.is_none() => {
+                    self.stop(Ending::Cancelled, true, grace.as_mut()).await
+                }
+                _ = &mut grace => {
+                    // The hold did not report: the workspace cannot be trusted.
+                    kill(self.docker, self.id).await;
+                    Some(self.stopping.take().unwrap_or(Ending::Killed(KillReason::Timeout)))
+                }
+            };
+            if let Some(ending) = stopped {
+                return Ok(ending);
             }
         }
-        writer = send_stdin.take().map(|send| send());
-        tracing::debug!(container = id, "workspace copied in");
     }
-    let deadline = tokio::time::sleep(timeout);
-    tokio::pin!(deadline);
-    let marker = hold.as_ref().map(|h| super::relay::hold_marker(&h.nonce, 0));
-    let marker_prefix = marker.as_deref().map(|m| &m[..m.len() - "0}".len()]);
 
-    let mut pending: Vec<u8> = Vec::new();
-    let mut stderr_tail: Vec<u8> = Vec::new();
-    let mut verdict = Verdict::Continue;
-    // The job's own exit code, from the hold's end-of-job line.
-    let mut held_exit: Option<i64> = None;
-    let mut handle = |bytes: &[u8], pending: &mut Vec<u8>, verdict: &mut Verdict, held_exit: &mut Option<i64>| {
-        pending.extend_from_slice(bytes);
-        while let Some(pos) = memchr::memmem::find(pending, b"\n") {
-            let line: Vec<u8> = pending.drain(..=pos).collect();
+    /// Stdout: each complete line goes to the caller, who may stop the job.
+    async fn stdout(&mut self, bytes: &[u8], grace: std::pin::Pin<&mut tokio::time::Sleep>) -> Option<Ending> {
+        self.lines(bytes);
+        let (stop, kill_now) = match (self.verdict, &self.stopping) {
+            (Verdict::Kill(reason), None) => (Ending::Killed(reason), true),
+            // Claude Code takes a tenth of a second or more to wind down
+            // after its result; the answer is in.
+            (Verdict::Done, None) => (Ending::Finished, false),
+            _ => return None,
+        };
+        self.stop(stop, kill_now, grace).await
+    }
+
+    /// Hand every complete line to the caller (until it says stop), but the
+    /// hold's end-of-job line, which gives the job's exit code.
+    fn lines(&mut self, bytes: &[u8]) {
+        self.pending.extend_from_slice(bytes);
+        while let Some(pos) = memchr::memmem::find(&self.pending, b"\n") {
+            let line: Vec<u8> = self.pending.drain(..=pos).collect();
             let text = String::from_utf8_lossy(&line[..line.len() - 1]);
-            if let Some(code) = marker_prefix
+            if let Some(code) = self
+                .marker_prefix
+                .as_deref()
                 .and_then(|p| text.strip_prefix(p))
                 .and_then(|r| r.strip_suffix('}'))
             {
-                *held_exit = Some(code.parse().unwrap_or(-1));
+                self.held_exit = Some(code.parse().unwrap_or(-1));
                 continue;
             }
-            if *verdict == Verdict::Continue {
-                *verdict = on_line(&text);
+            if self.verdict == Verdict::Continue {
+                self.verdict = (self.on_line)(&text);
             }
         }
-    };
-    // Why we stopped the job, while a held job's end is awaited.
-    let mut stopping: Option<Ending> = None;
-    let stop_held = |docker: &Docker| {
-        let docker = docker.clone();
-        let id = id.to_string();
-        async move {
-            let _ = docker
+    }
+
+    fn stderr(&mut self, bytes: &[u8]) {
+        self.stderr_tail.extend_from_slice(bytes);
+        if self.stderr_tail.len() > STDERR_TAIL {
+            self.stderr_tail.drain(..self.stderr_tail.len() - STDERR_TAIL);
+        }
+    }
+
+    /// Stop the job for `why`. A held job is asked to stop through its hold
+    /// and given [`HOLD_GRACE`] to report its end (`None`: keep watching);
+    /// any other is killed (when `kill_now`) and has ended.
+    async fn stop(
+        &mut self,
+        why: Ending,
+        kill_now: bool,
+        grace: std::pin::Pin<&mut tokio::time::Sleep>,
+    ) -> Option<Ending> {
+        if self.held {
+            let _ = self
+                .docker
                 .kill_container(
-                    &id,
+                    self.id,
                     Some(KillContainerOptions {
                         signal: "SIGUSR1".into(),
                     }),
                 )
                 .await;
+            self.stopping = Some(why);
+            grace.reset(tokio::time::Instant::now() + HOLD_GRACE);
+            return None;
         }
-    };
-    let grace = tokio::time::sleep(Duration::from_secs(u32::MAX as u64));
-    tokio::pin!(grace);
+        if kill_now {
+            kill(self.docker, self.id).await;
+        }
+        Some(why)
+    }
 
-    let ending = loop {
-        if let Some(code) = held_exit {
-            break stopping.take().unwrap_or(Ending::Exited(code));
+    /// The output closed: hand over a last line without newline, then wait
+    /// for the process to exit (within the deadline, unless cancelled).
+    async fn closed(
+        &mut self,
+        deadline: std::pin::Pin<&mut tokio::time::Sleep>,
+        cancel: std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<Ending, DockerError> {
+        if !self.pending.is_empty() {
+            let rest = std::mem::take(&mut self.pending);
+            if self.verdict == Verdict::Continue {
+                self.verdict = (self.on_line)(&String::from_utf8_lossy(&rest));
+            }
+            if let Verdict::Kill(reason) = self.verdict {
+                kill(self.docker, self.id).await;
+                return Ok(self.stopping.take().unwrap_or(Ending::Killed(reason)));
+            }
+            if self.verdict == Verdict::Done {
+                return Ok(self.stopping.take().unwrap_or(Ending::Finished));
+            }
+        }
+        if let Some(s) = self.stopping.take() {
+            return Ok(s);
         }
         tokio::select! {
-            item = output.next() => match item {
-                Some(Ok(LogOutput::StdOut { message } | LogOutput::Console { message })) => {
-                    handle(&message, &mut pending, &mut verdict, &mut held_exit);
-                    let (stop, kill_now) = match (verdict, &stopping) {
-                        (Verdict::Kill(reason), None) => (Some(Ending::Killed(reason)), true),
-                        // Claude Code takes a tenth of a second or more to
-                        // wind down after its result; the answer is in.
-                        (Verdict::Done, None) => (Some(Ending::Finished), false),
-                        _ => (None, false),
-                    };
-                    if let Some(stop) = stop {
-                        if hold.is_some() {
-                            stop_held(docker).await;
-                            stopping = Some(stop);
-                            grace.as_mut().reset(tokio::time::Instant::now() + HOLD_GRACE);
-                        } else {
-                            if kill_now {
-                                kill(docker, id).await;
-                            }
-                            break stop;
-                        }
-                    }
-                }
-                Some(Ok(LogOutput::StdErr { message })) => {
-                    stderr_tail.extend_from_slice(&message);
-                    if stderr_tail.len() > STDERR_TAIL {
-                        stderr_tail.drain(..stderr_tail.len() - STDERR_TAIL);
-                    }
-                }
-                Some(Ok(LogOutput::StdIn { .. })) => {}
-                Some(Err(_)) | None => {
-                    // Output closed: hand over a last line without newline.
-                    if !pending.is_empty() {
-                        let rest = std::mem::take(&mut pending);
-                        if verdict == Verdict::Continue {
-                            verdict = on_line(&String::from_utf8_lossy(&rest));
-                        }
-                        if let Verdict::Kill(reason) = verdict {
-                            kill(docker, id).await;
-                            break stopping.take().unwrap_or(Ending::Killed(reason));
-                        }
-                        if verdict == Verdict::Done {
-                            break stopping.take().unwrap_or(Ending::Finished);
-                        }
-                    }
-                    if let Some(s) = stopping.take() {
-                        break s;
-                    }
-                    tokio::select! {
-                        code = wait(docker, id) => break Ending::Exited(code?),
-                        _ = &mut deadline => {
-                            kill(docker, id).await;
-                            break Ending::Killed(KillReason::Timeout);
-                        }
-                        _ = &mut cancel => {
-                            kill(docker, id).await;
-                            break Ending::Cancelled;
-                        }
-                    }
-                }
-            },
-            _ = &mut deadline, if stopping.is_none() => {
-                if hold.is_some() {
-                    stop_held(docker).await;
-                    stopping = Some(Ending::Killed(KillReason::Timeout));
-                    grace.as_mut().reset(tokio::time::Instant::now() + HOLD_GRACE);
-                } else {
-                    kill(docker, id).await;
-                    break Ending::Killed(KillReason::Timeout);
-                }
+            code = wait(self.docker, self.id) => Ok(Ending::Exited(code?)),
+            _ = deadline => {
+                kill(self.docker, self.id).await;
+                Ok(Ending::Killed(KillReason::Timeout))
             }
-            _ = &mut cancel, if stopping.is_none() => {
-                if hold.is_some() {
-                    stop_held(docker).await;
-                    stopping = Some(Ending::Cancelled);
-                    grace.as_mut().reset(tokio::time::Instant::now() + HOLD_GRACE);
-                } else {
-                    kill(docker, id).await;
-                    break Ending::Cancelled;
-                }
-            }
-            _ = &mut grace => {
-                // The hold did not report: the workspace cannot be trusted.
-                kill(docker, id).await;
-                break stopping.take().unwrap_or(Ending::Killed(KillReason::Timeout));
+            _ = cancel => {
+                kill(self.docker, self.id).await;
+                Ok(Ending::Cancelled)
             }
         }
-    };
-    if let Some(w) = writer {
-        w.abort();
     }
-    tracing::debug!(container = id, ending = ?ending, "job ended");
-    let tail = String::from_utf8_lossy(&stderr_tail).into_owned();
-    let workspace_out = match (&hold, held_exit) {
-        (None, _) => None,
-        (Some(_), None) => Some(Err(
-            "the job's container ended before its workspace could be copied out".to_string(),
-        )),
-        (Some(h), Some(_)) => Some(copy_out(docker, id, h).await),
-    };
-    Ok((ending, tail, workspace_out))
 }
 
 /// The workspace of a held job, packed by our binary inside the container,
@@ -745,7 +848,7 @@ impl Scope {
 /// Every container carrying our label (running or not) within `scope`.
 pub async fn list_ours(
     docker: &Docker,
-    profile: &super::hardening::Profile,
+    profile: &super::profile::Profile,
     scope: &Scope,
 ) -> Result<Vec<Ours>, DockerError> {
     let (label, job_label, install_label) = (&profile.label, &profile.job_label, &profile.install_label);

@@ -14,21 +14,28 @@
 //! one job and it ends when the job does; its socket is removed with it, and
 //! `clean` removes any a killed `execute` left.
 //!
-//! The policy is read from the `egress` section of `security-config.json`.
+//! The policy is the `egress` section of the security profile
+//! ([`super::profile`]). This module owns the proxy, its counts and the
+//! clean-up of old networks; it must not parse the profile, build the
+//! container request (that is `hardening`'s) or import it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bollard::query_parameters::ListNetworksOptions;
 use bollard::Docker;
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixListener};
 
-use super::{hardening::SECURITY_CONFIG, DockerError};
+use super::profile::split_target;
+use super::DockerError;
+
+// The `egress` section, under the names the rest of the crate knows it by
+// here.
+pub use super::profile::{egress as profile, EgressProfile};
 
 /// Test-only name mapping: `host:port=ip:port[,…]`. The proxy still checks
 /// the allowlist against the requested name; this only changes where an
@@ -36,85 +43,9 @@ use super::{hardening::SECURITY_CONFIG, DockerError};
 /// Claude API without DNS or internet.
 pub const RESOLVE_ENV: &str = "CMM_EGRESS_RESOLVE";
 
-/// The `egress` section.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct EgressProfile {
-    #[serde(default)]
-    pub note: Option<String>,
-    /// Where the relay listens inside the job container (its loopback):
-    /// the container's `HTTPS_PROXY`.
-    pub relay_listen: SocketAddr,
-    /// `host:port` targets every job may reach.
-    pub allow: Vec<String>,
-    /// Extra targets by credential kind (`subscription`, `api-key`).
-    #[serde(default)]
-    pub allow_by_credential: HashMap<String, Vec<String>>,
-    pub max_header_bytes: usize,
-    pub header_timeout_ms: u64,
-    pub connect_timeout_ms: u64,
-    pub max_connections: usize,
-}
-
-impl EgressProfile {
-    /// The allowlist for a credential kind, lower-cased.
-    pub fn allowlist(&self, credential_kind: &str) -> Vec<String> {
-        let mut all: Vec<String> = self
-            .allow
-            .iter()
-            .chain(self.allow_by_credential.get(credential_kind).into_iter().flatten())
-            .map(|t| t.to_ascii_lowercase())
-            .collect();
-        all.sort();
-        all.dedup();
-        all
-    }
-}
-
-/// The profile, parsed once.
-pub fn profile() -> Result<&'static EgressProfile, DockerError> {
-    static PROFILE: OnceLock<Result<EgressProfile, String>> = OnceLock::new();
-    PROFILE
-        .get_or_init(|| parse(SECURITY_CONFIG))
-        .as_ref()
-        .map_err(|e| DockerError::Profile(e.clone()))
-}
-
-pub fn parse(text: &str) -> Result<EgressProfile, String> {
-    let v: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
-    let section = v.get("egress").cloned().ok_or("no `egress` section")?;
-    let p: EgressProfile = serde_json::from_value(section).map_err(|e| format!("egress: {e}"))?;
-    for t in p.allow.iter().chain(p.allow_by_credential.values().flatten()) {
-        if split_target(t).is_none() {
-            return Err(format!("egress: `{t}` is not host:port"));
-        }
-    }
-    if p.max_header_bytes < 64 || p.max_connections == 0 {
-        return Err("egress: maxHeaderBytes and maxConnections must be set".into());
-    }
-    if !p.relay_listen.ip().is_loopback() || p.relay_listen.port() == 0 {
-        return Err("egress: relayListen must be a loopback address with a port".into());
-    }
-    Ok(p)
-}
-
 /// Is egress restricted for this config (`docker.egress`)?
 pub fn restricted(cfg: &crate::config::Config) -> bool {
     cfg.settings().docker.egress_restricted
-}
-
-/// `host:port` with a host of letters, digits, dots and dashes (or an IP
-/// literal, optionally in brackets) and a port in 1..=65535.
-fn split_target(t: &str) -> Option<(&str, u16)> {
-    let (host, port) = t.rsplit_once(':')?;
-    let port: u16 = port.parse().ok().filter(|p| *p > 0)?;
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-    let name_ok = !host.is_empty()
-        && host.len() <= 253
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
-    (name_ok || host.parse::<IpAddr>().is_ok()).then_some((host, port))
 }
 
 // ---------------------------------------------------------------------------
@@ -500,19 +431,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn embedded_profile_parses_and_subscriptions_add_the_platform_host() {
-        let p = profile().unwrap();
-        assert_eq!(p.allowlist("api-key"), vec!["api.anthropic.com:443".to_string()]);
-        assert_eq!(
-            p.allowlist("subscription"),
-            vec![
-                "api.anthropic.com:443".to_string(),
-                "platform.claude.com:443".to_string()
-            ]
-        );
-    }
-
-    #[test]
     fn request_heads_are_parsed_strictly() {
         let c = |s: &str| parse_head(s.as_bytes());
         assert_eq!(
@@ -532,9 +450,6 @@ mod tests {
             Request::Other("(malformed request)".into())
         );
         assert_eq!(c("\u{1}\u{2}\r\n\r\n"), Request::Other("(malformed request)".into()));
-        assert!(split_target("a.b:0").is_none());
-        assert!(split_target("a b:443").is_none());
-        assert!(split_target("[::1]:443").is_some());
     }
 
     #[test]

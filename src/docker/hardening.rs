@@ -1,120 +1,23 @@
-//! The job container's hardening, read from the `container` section of
-//! `security-config.json` (embedded): the one source for what `execute`
-//! sends and what `compliance-check` compares against.
+//! The job container's create request, derived from the `container`
+//! section of the security profile ([`super::profile`]): the one source for
+//! what `execute` sends and what `compliance-check` compares against.
+//!
+//! It owns turning the profile and the user's settings into a request, and
+//! naming every way a request differs from the profile. It must not parse
+//! the profile itself, talk to the engine, or run the egress proxy.
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
 
 use bollard::models::{ContainerCreateBody, HostConfig};
-use serde::Deserialize;
-use serde_json::Value;
 
 use crate::config::Config;
 
+use super::profile::EgressProfile;
 use super::DockerError;
 
-/// The embedded security configuration.
-pub const SECURITY_CONFIG: &str = include_str!("../../security-config.json");
-
-/// The `container` section.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Profile {
-    #[serde(default)]
-    pub note: Option<String>,
-    /// Label every job container of ours carries (value `true`).
-    pub label: String,
-    /// Label on images we build (value `true`). Separate from `label`
-    /// because containers inherit image labels: a container someone else
-    /// starts from our image is not ours to clean up.
-    pub image_label: String,
-    /// Label holding the job id.
-    pub job_label: String,
-    /// Label holding the id of the install that started the job (its audit
-    /// log's id): only that install's `opt-out` and `clean` touch it.
-    pub install_label: String,
-    pub user: String,
-    pub home: String,
-    pub read_only_rootfs: bool,
-    /// Mount point -> tmpfs options (size-limited, noexec, nosuid).
-    pub tmpfs: HashMap<String, String>,
-    /// Where a job's workspace copy lives.
-    pub workspace: WorkspaceMount,
-    pub pids_limit: i64,
-    pub nano_cpus: i64,
-    pub cap_drop: Vec<String>,
-    pub security_opt: Vec<String>,
-    pub network_default: String,
-    #[serde(default)]
-    pub forbidden_networks: Vec<String>,
-}
-
-/// The `workspace` part of the profile.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct WorkspaceMount {
-    #[serde(default)]
-    pub note: Option<String>,
-    pub mount: String,
-    /// tmpfs options without the size (that is `docker.workspaceLimit`).
-    pub tmpfs: String,
-}
-
-impl WorkspaceMount {
-    /// The tmpfs options for a workspace of `size` bytes. Its inodes are
-    /// capped too (one per KiB of size, at least 16,384), so the archive it
-    /// packs into (a header per file) stays bounded as well.
-    pub fn options(&self, size: u64) -> String {
-        format!("{},size={size},nr_inodes={}", self.tmpfs, Self::inodes(size))
-    }
-
-    pub fn inodes(size: u64) -> u64 {
-        (size / 1024).max(16_384)
-    }
-
-    /// The most bytes the archive of a workspace of `size` bytes can take:
-    /// the content, a header and padding per inode, and the end marker.
-    pub fn archive_bound(size: u64) -> u64 {
-        size.saturating_add(Self::inodes(size).saturating_mul(1024))
-            .saturating_add(1 << 20)
-    }
-}
-
-/// The profile, parsed once.
-pub fn profile() -> Result<&'static Profile, DockerError> {
-    static PROFILE: OnceLock<Result<Profile, String>> = OnceLock::new();
-    PROFILE
-        .get_or_init(|| parse(SECURITY_CONFIG))
-        .as_ref()
-        .map_err(|e| DockerError::Profile(e.clone()))
-}
-
-pub fn parse(text: &str) -> Result<Profile, String> {
-    let v: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
-    let section = v.get("container").cloned().ok_or("no `container` section")?;
-    let p: Profile = serde_json::from_value(section).map_err(|e| format!("container: {e}"))?;
-    if !p.tmpfs.contains_key("/tmp") || !p.tmpfs.contains_key(&p.home) {
-        return Err("container.tmpfs must mount /tmp and the home directory".into());
-    }
-    for (mount, opts) in &p.tmpfs {
-        let words: Vec<&str> = opts.split(',').collect();
-        if !words.iter().any(|w| w.starts_with("size=")) || !words.contains(&"noexec") || !words.contains(&"nosuid") {
-            return Err(format!(
-                "container.tmpfs {mount} must be size-limited, noexec and nosuid"
-            ));
-        }
-    }
-    let ws: Vec<&str> = p.workspace.tmpfs.split(',').collect();
-    if !ws.contains(&"nosuid") || !ws.contains(&"nodev") || ws.iter().any(|w| w.starts_with("size=")) {
-        return Err(
-            "container.workspace.tmpfs must be nosuid and nodev, and leave the size to docker.workspaceLimit".into(),
-        );
-    }
-    if !p.workspace.mount.starts_with('/') || p.tmpfs.contains_key(&p.workspace.mount) {
-        return Err("container.workspace.mount must be an absolute path of its own".into());
-    }
-    Ok(p)
-}
+// The profile's types and its `container` section, under the names the
+// rest of the crate knows them by here.
+pub use super::profile::{container as profile, Profile, WorkspaceMount};
 
 /// What the user's config decides for a job container.
 #[derive(Debug, Clone, PartialEq)]
@@ -158,7 +61,7 @@ impl Resources {
         // Restricted egress: no network, and the relay on loopback as the
         // only proxy.
         let (network, proxy) = if super::egress::restricted(cfg) {
-            let e = super::egress::profile()?;
+            let e = super::profile::egress()?;
             (NO_NETWORK.to_string(), Some(format!("http://{}", e.relay_listen)))
         } else {
             (network, None)
@@ -373,7 +276,7 @@ fn is_relay_bind(b: &str) -> bool {
 /// For a restricted config: what in the request would let the container
 /// out another way than the relay to our proxy. Empty when the request is
 /// restricted.
-pub fn egress_mismatches(e: &super::egress::EgressProfile, body: &ContainerCreateBody) -> Vec<String> {
+pub fn egress_mismatches(e: &EgressProfile, body: &ContainerCreateBody) -> Vec<String> {
     let mut bad = Vec::new();
     let h = body.host_config.clone().unwrap_or_default();
     if h.network_mode.as_deref() != Some(NO_NETWORK) {
@@ -415,7 +318,7 @@ pub fn egress_mismatches(e: &super::egress::EgressProfile, body: &ContainerCreat
 
 /// The relay setup as a job gets it, with placeholder paths: for checks
 /// that look at the request's shape without starting a job.
-pub fn example_relay(e: &super::egress::EgressProfile) -> RelaySetup {
+pub fn example_relay(e: &EgressProfile) -> RelaySetup {
     let files = super::relay::RelayFiles {
         dir: "/run/user/UID/claude-max-market/relay-ID".into(),
         loader: Some("ld-linux-x86-64.so.2".into()),
@@ -478,7 +381,7 @@ mod tests {
     #[test]
     fn a_restricted_request_has_no_way_out_but_the_proxy() {
         let p = profile().unwrap();
-        let e = super::super::egress::profile().unwrap();
+        let e = super::super::profile::egress().unwrap();
         let r = Resources {
             memory: 512 << 20,
             cpu_shares: 512,
@@ -513,11 +416,5 @@ mod tests {
             mismatches(p, &rw),
             vec!["no host mounts but the egress relay's read-only ones".to_string()]
         );
-    }
-
-    #[test]
-    fn a_profile_without_size_limited_tmpfs_is_rejected() {
-        let text = SECURITY_CONFIG.replace("rw,noexec,nosuid,nodev,size=64m", "rw,nosuid");
-        assert!(parse(&text).is_err());
     }
 }

@@ -1,63 +1,26 @@
 //! The runner image: build from a context (the one embedded in this binary,
-//! or a directory) or from the native Claude Code ([`super::native`]),
-//! pull, and "make sure it is there" for `execute`.
+//! or a directory) or from the native Claude Code (`native`), pull, and
+//! "make sure it is there" for `execute`.
+//!
+//! It owns choosing how an image is made and the Dockerfile build and pull.
+//! It must not collect a native image's files (that is `native`'s) nor
+//! parse the engine's build output itself (that is `build`'s).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use bollard::query_parameters::{BuildImageOptions, CreateImageOptions};
 use bollard::Docker;
 use futures_util::StreamExt;
 
-use super::hardening::Profile;
+use super::build::{run_build, EMBEDDED_DOCKERFILE, EMBEDDED_ENTRYPOINT, LONG_REQUEST};
 use super::native::{self, NativeError};
+use super::profile::Profile;
 use super::{is_not_found, DockerError};
 use crate::config::Config;
 
-/// The runner image's build context, compiled into the binary so `docker
-/// build` works from any directory an installed binary runs in.
-pub const EMBEDDED_DOCKERFILE: &[u8] = include_bytes!("../../docker/Dockerfile");
-pub const EMBEDDED_ENTRYPOINT: &[u8] = include_bytes!("../../docker/entrypoint.sh");
-
-/// Lines of a failing step's output kept for the error message.
-const KEEP_STEP_OUTPUT: usize = 40;
-
-/// How long a build or pull may take. The connection's own timeout (two
-/// minutes, meant for requests that answer at once) would cut a slow build
-/// or a 400 MB context short; the user sees progress and can stop it.
-pub(crate) const LONG_REQUEST: std::time::Duration = std::time::Duration::from_secs(3600);
-
-/// Progress of a build or pull, for whoever displays it.
-#[derive(Debug, Clone)]
-pub enum ImageEvent<'a> {
-    /// A build step started (`Step 3/8 : RUN ...`).
-    Step(&'a str),
-    /// Output of the current step.
-    Output(&'a str),
-    /// A pull's per-layer status.
-    Layer {
-        id: &'a str,
-        status: &'a str,
-        current: Option<i64>,
-        total: Option<i64>,
-    },
-    /// Something to tell the user (pull failed, building instead, ...).
-    Note(&'a str),
-}
-
-pub trait ImageProgress {
-    fn image_event(&self, event: ImageEvent<'_>);
-    /// `sent` of about `total` context bytes are on their way to the
-    /// engine (a bar's worth; the lines that stay come as notes).
-    fn upload(&self, _sent: u64, _total: u64) {}
-}
-
-/// Ignores all progress.
-pub struct Silent;
-impl ImageProgress for Silent {
-    fn image_event(&self, _: ImageEvent<'_>) {}
-}
+// Build progress, under the names the rest of the crate knows it by here.
+pub use super::build::{ImageEvent, ImageProgress, Silent};
 
 /// Where the build context comes from.
 #[derive(Debug, Clone)]
@@ -138,131 +101,6 @@ pub async fn build(
     let stream = docker.build_image(options, None, Some(bollard::body_full(tar.into())));
     let built = run_build(&docker, &req.tag, stream, None, progress).await?;
     Ok(built.id)
-}
-
-/// A context being streamed: how much of it the body has handed over.
-pub(crate) struct Upload {
-    pub sent: tokio::sync::watch::Receiver<u64>,
-    pub total: u64,
-}
-
-/// What the engine reported for a finished build.
-pub(crate) struct Built {
-    pub id: String,
-    pub steps: usize,
-    /// Steps answered from the build cache (a FROM counts: it is never
-    /// rebuilt).
-    pub cached: usize,
-}
-
-/// Follow one build request (`docker.build_image(..)`, for `tag`) to the
-/// end, reporting the upload (when streamed) and every step.
-pub(crate) async fn run_build(
-    docker: &Docker,
-    tag: &str,
-    stream: impl futures_util::Stream<Item = Result<bollard::models::BuildInfo, bollard::errors::Error>>,
-    mut upload: Option<Upload>,
-    progress: &dyn ImageProgress,
-) -> Result<Built, DockerError> {
-    let started = Instant::now();
-    let mut stream = std::pin::pin!(stream);
-    let mut step: Option<String> = None;
-    let mut output: Vec<String> = Vec::new();
-    let (mut steps, mut cached) = (0, 0);
-    let mut id = None;
-    let fail = |step: Option<String>, output: Vec<String>, message: String| DockerError::Build {
-        step,
-        message: message.trim().to_string(),
-        output,
-    };
-    enum Next<T> {
-        Item(Option<T>),
-        Sent(Option<u64>),
-    }
-    loop {
-        // While the context goes out, the engine says nothing: show the bytes.
-        let next = match upload.as_mut() {
-            Some(u) => tokio::select! {
-                biased;
-                item = stream.next() => Next::Item(item),
-                changed = u.sent.changed() => Next::Sent(changed.ok().map(|()| *u.sent.borrow_and_update())),
-            },
-            None => Next::Item(stream.next().await),
-        };
-        let item = match next {
-            Next::Sent(Some(sent)) => {
-                let total = upload.as_ref().map_or(sent, |u| u.total.max(sent));
-                progress.upload(sent, total);
-                continue;
-            }
-            Next::Sent(None) => {
-                if let Some(u) = upload.take() {
-                    let sent = *u.sent.borrow();
-                    progress.image_event(ImageEvent::Note(&format!(
-                        "sent {} in {:.1} s",
-                        indicatif::HumanBytes(sent),
-                        started.elapsed().as_secs_f64()
-                    )));
-                }
-                continue;
-            }
-            Next::Item(None) => break,
-            Next::Item(Some(item)) => item,
-        };
-        let info = match item {
-            Ok(i) => i,
-            Err(bollard::errors::Error::DockerStreamError { error }) => return Err(fail(step, output, error)),
-            Err(e) => return Err(fail(step, output, e.to_string())),
-        };
-        if let Some(e) = info.error.or(info.error_detail.and_then(|d| d.message)) {
-            return Err(fail(step, output, e));
-        }
-        if let Some(text) = info.stream {
-            for line in text.lines().map(str::trim_end).filter(|l| !l.is_empty()) {
-                if line.starts_with("Step ") {
-                    step = Some(line.to_string());
-                    steps += 1;
-                    // A base image is taken as it is, never rebuilt: the
-                    // engine says "Using cache" only for the steps after it.
-                    if line.split(" : ").nth(1).is_some_and(|i| i.starts_with("FROM ")) {
-                        cached += 1;
-                    }
-                    output.clear();
-                    progress.image_event(ImageEvent::Step(line));
-                } else {
-                    if let Some(rest) = line.strip_prefix("Successfully built ") {
-                        id = Some(rest.trim().to_string());
-                    }
-                    if line.trim() == "---> Using cache" {
-                        cached += 1;
-                    }
-                    // The builder's own bookkeeping is not the step's output.
-                    let noise =
-                        line.trim_start().starts_with("---> ") || line.starts_with("Removing intermediate container");
-                    if !noise {
-                        if output.len() == KEEP_STEP_OUTPUT {
-                            output.remove(0);
-                        }
-                        output.push(line.to_string());
-                    }
-                    progress.image_event(ImageEvent::Output(line));
-                }
-            }
-        }
-        if let Some(aux) = info.aux.and_then(|a| a.id) {
-            id = Some(aux);
-        }
-    }
-    let id = match id {
-        Some(id) if id.starts_with("sha256:") => id,
-        // The classic builder names a short id, or none at all: the tag
-        // holds the whole one.
-        _ => match docker.inspect_image(tag).await {
-            Ok(i) => i.id.unwrap_or_default(),
-            Err(e) => return Err(fail(step, output, format!("the build ended without an image ({e})"))),
-        },
-    };
-    Ok(Built { id, steps, cached })
 }
 
 /// Pull an image, reporting per-layer progress.
@@ -538,7 +376,7 @@ mod tests {
         let run = &stages[1];
         let all = |op: &str| -> Vec<&str> { run.iter().filter(|(o, _)| o == op).map(|(_, r)| r.as_str()).collect() };
         let env = all("ENV").join(" ");
-        let profile = super::super::hardening::profile().unwrap();
+        let profile = super::super::profile::container().unwrap();
         for (k, v) in native::RUNNER_ENV {
             assert!(env.contains(&format!("{k}={v}")), "ENV {k}={v} missing: {env}");
         }

@@ -4,6 +4,9 @@
 //!
 //! Everything here is async; commands that need it start one current-thread
 //! tokio runtime with [`runtime`], and commands that don't never pay for one.
+//!
+//! This file owns the connection, the error type and `health`'s probe; each
+//! stage's logic lives in its own submodule, not here.
 
 use std::time::Duration;
 
@@ -11,12 +14,14 @@ use bollard::Docker;
 
 use crate::exit::{Exit, HasExit};
 
+pub mod build;
 pub mod clean;
 pub mod container;
 pub mod egress;
 pub mod hardening;
 pub mod image;
 pub mod native;
+pub mod profile;
 pub mod relay;
 
 /// The engine must answer within this long, or it counts as unreachable.
@@ -87,11 +92,6 @@ impl HasExit for DockerError {
             _ => None,
         }
     }
-}
-
-/// A current-thread runtime: one job needs no more, and it starts fast.
-pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    crate::runtime::current_thread()
 }
 
 /// Connect with local defaults (`DOCKER_HOST` or the Unix socket) and
@@ -203,7 +203,7 @@ pub fn probe(image: &str, scope: &container::Scope, timeout: Duration) -> Probe 
         image_present: None,
         running_jobs: None,
     };
-    let rt = match runtime() {
+    let rt = match crate::runtime::current_thread() {
         Ok(rt) => rt,
         Err(e) => return unreachable(format!("cannot start the async runtime: {e}")),
     };
@@ -213,7 +213,7 @@ pub fn probe(image: &str, scope: &container::Scope, timeout: Duration) -> Probe 
                 DockerError::Unreachable(m) => m,
                 other => other.to_string(),
             })?;
-            let profile = hardening::profile().map_err(|e| e.to_string())?;
+            let profile = profile::container().map_err(|e| e.to_string())?;
             // The negotiation's ping proved the engine answers and named its
             // API version; `/version` would cost more than everything else.
             let v = docker.client_version();

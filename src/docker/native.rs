@@ -28,6 +28,10 @@
 //!
 //! The context is written as a tar on a blocking thread while the engine
 //! reads it, so the 400 MB binary costs neither memory nor a temporary file.
+//!
+//! This module owns checking the inputs, collecting the context and
+//! streaming it. It must not run anything from the image or reach a
+//! registry, and it leaves following the engine's answers to `build`.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -42,8 +46,8 @@ use bollard::Docker;
 use indicatif::HumanBytes;
 use sha2::{Digest, Sha256};
 
-use super::hardening::Profile;
-use super::image::{self, ImageEvent, ImageProgress, Upload};
+use super::build::{note, run_build, ImageProgress, Upload, EMBEDDED_ENTRYPOINT, LONG_REQUEST};
+use super::profile::Profile;
 use super::DockerError;
 use crate::exit::{Exit, HasExit};
 
@@ -577,235 +581,30 @@ impl Plan {
         profile: &Profile,
         progress: &dyn ImageProgress,
     ) -> Result<Plan, NativeError> {
-        note(
-            progress,
-            format!(
-                "Claude Code {} ({}) at {}",
-                claude.version,
-                HumanBytes(claude.size),
-                claude.file.display()
-            ),
-        );
-        if let Some(ca) = &extra_ca {
-            note(
-                progress,
-                format!(
-                    "extra CA {}: {} -> NODE_EXTRA_CA_CERTS={EXTRA_CA_PATH}",
-                    ca.path.display(),
-                    ca.subjects.join("; ")
-                ),
-            );
-            for s in &ca.expired {
-                note(progress, format!("warning: the extra CA `{s}` has expired"));
-            }
-        }
+        announce(&claude, extra_ca.as_ref(), progress);
         let (uid, gid) = numeric_user(&profile.user)?;
-
-        let mut tools = vec![
-            HostTool {
-                image_path: "/bin/sh".into(),
-                host: host_tool(Path::new("/bin/sh"), "a POSIX shell at /bin/sh")?,
-            },
-            HostTool {
-                image_path: "/bin/bash".into(),
-                host: host_tool(&find_bash()?, "bash")?,
-            },
-        ];
-        let busybox = HOST_BUSYBOX.iter().map(Path::new).find(|p| p.is_file());
-        let mut applets = Vec::new();
-        if let Some(bb) = busybox {
-            let host = host_tool(bb, "busybox")?;
-            applets = busybox_applets(&host).await;
-            if applets.is_empty() {
-                note(progress, format!("{} lists no applets; leaving it out", host.display()));
-            } else {
-                tools.push(HostTool {
-                    image_path: "/bin/busybox".into(),
-                    host,
-                });
-            }
-        } else {
-            note(
-                progress,
-                "no busybox on this host (Debian: `apt-get install busybox-static`): the image gets no coreutils, grep or sed",
-            );
-        }
-
-        // Libraries: whatever the host's loader resolves for each binary.
-        let mut libraries: Vec<PathBuf> = Vec::new();
-        for file in std::iter::once(&claude.file).chain(tools.iter().map(|t| &t.host)) {
-            let elf = if *file == claude.file {
-                claude.elf.clone()
-            } else {
-                match read_elf(file) {
-                    Ok(Kind::Elf(e)) => e,
-                    _ => {
-                        return Err(NativeError::Host(format!(
-                            "{} is not an ELF executable",
-                            file.display()
-                        )))
-                    }
-                }
-            };
-            if let Some(interp) = &elf.interp {
-                for lib in loader_list(interp, file).await? {
-                    if !libraries.contains(&lib) {
-                        libraries.push(lib);
-                    }
-                }
-            }
-        }
-        let ca_bundle = HOST_CA_BUNDLES
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.len() > 0))
-            .ok_or_else(|| {
-                NativeError::Host(format!(
-                    "no CA bundle on this host (looked for {}); install `ca-certificates`",
-                    HOST_CA_BUNDLES.join(", ")
-                ))
-            })?;
+        let (tools, applets) = host_tools(progress).await?;
+        let libraries = libraries(&claude, &tools).await?;
+        let ca_bundle = host_ca_bundle()?;
 
         // The tar.
-        let mut entries = BTreeMap::new();
-        let file = |entries: &mut BTreeMap<String, Entry>, name: String, host: &Path, hash: bool| {
-            let meta =
-                fs::metadata(host).map_err(|e| NativeError::Host(format!("cannot read {}: {e}", host.display())))?;
-            // Nobody but root may change them, and no set-id bit survives.
-            let mode = meta.permissions().mode() & 0o755;
-            entries.insert(
-                name,
-                Entry {
-                    source: Source::File {
-                        host: host.to_path_buf(),
-                        size: meta.len(),
-                        hash,
-                    },
-                    mode,
-                },
-            );
-            Ok::<_, NativeError>(())
-        };
-        let bytes = |b: Vec<u8>, mode: u32| Entry {
-            source: Source::Bytes(b),
-            mode,
-        };
-        let dir = |mode: u32| Entry {
-            source: Source::Dir,
-            mode,
-        };
-        file(&mut entries, "claude".into(), &claude.file, true)?;
-        for t in &tools {
-            file(&mut entries, format!("rootfs{}", t.image_path), &t.host, false)?;
-        }
-        for lib in &libraries {
-            let host =
-                fs::canonicalize(lib).map_err(|e| NativeError::Host(format!("cannot read {}: {e}", lib.display())))?;
-            file(&mut entries, format!("rootfs{}", lib.display()), &host, false)?;
-        }
-        file(
-            &mut entries,
-            format!("rootfs{CA_BUNDLE_PATH}"),
-            &fs::canonicalize(&ca_bundle).unwrap_or(ca_bundle.clone()),
-            false,
-        )?;
-        if Path::new("/etc/ld.so.cache").is_file() {
-            file(
-                &mut entries,
-                "rootfs/etc/ld.so.cache".into(),
-                Path::new("/etc/ld.so.cache"),
-                false,
-            )?;
-        }
-        let shipped: Vec<&str> = tools.iter().filter_map(|t| t.image_path.rsplit('/').next()).collect();
-        let mut linked = 0;
-        for a in &applets {
-            if !shipped.contains(&a.as_str()) && a != "claude" {
-                entries.insert(
-                    format!("rootfs/usr/bin/{a}"),
-                    Entry {
-                        source: Source::Symlink("/bin/busybox".into()),
-                        mode: 0o777,
-                    },
-                );
-                linked += 1;
-            }
-        }
-        entries.insert(
-            "rootfs/usr/local/bin/entrypoint.sh".into(),
-            bytes(image::EMBEDDED_ENTRYPOINT.to_vec(), 0o755),
-        );
-        let home = profile.home.trim_end_matches('/');
-        entries.insert(
-            "rootfs/etc/passwd".into(),
-            bytes(
-                format!("root:x:0:0:root:/root:/bin/sh\nclaude:x:{uid}:{gid}:Claude Code:{home}:/bin/bash\n")
-                    .into_bytes(),
-                0o644,
-            ),
-        );
-        entries.insert(
-            "rootfs/etc/group".into(),
-            bytes(format!("root:x:0:\nclaude:x:{gid}:\n").into_bytes(), 0o644),
-        );
-        entries.insert(
-            "rootfs/etc/nsswitch.conf".into(),
-            bytes(
-                b"passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n".to_vec(),
-                0o644,
-            ),
-        );
-        if let Some(ca) = &extra_ca {
-            entries.insert(
-                format!("rootfs{EXTRA_CA_PATH}"),
-                bytes(ca.pem.clone().into_bytes(), 0o644),
-            );
-        }
-        entries.insert("rootfs/tmp".into(), dir(0o1777));
-        entries.insert("rootfs/home".into(), dir(0o755));
-        entries.insert("home".into(), dir(0o755));
-        entries.insert("workspace".into(), dir(0o755));
+        let mut layout = Layout::default();
+        layout.file("claude".into(), &claude.file, true)?;
+        layout.host_files(&tools, &libraries, &ca_bundle)?;
+        let linked = layout.applet_links(&tools, &applets);
+        layout.written_files(profile, uid, gid, extra_ca.as_ref());
         let dockerfile = dockerfile(profile, uid, gid, &claude.version, extra_ca.is_some());
-        entries.insert("Dockerfile".into(), bytes(dockerfile.clone().into_bytes(), 0o644));
-        // Every parent directory, explicitly.
-        let parents: Vec<String> = entries
-            .keys()
-            .flat_map(|k| {
-                let mut p = Vec::new();
-                let mut rest = k.as_str();
-                while let Some((parent, _)) = rest.rsplit_once('/') {
-                    p.push(parent.to_string());
-                    rest = parent;
-                }
-                p
-            })
-            .collect();
-        for p in parents {
-            entries.entry(p).or_insert_with(|| dir(0o755));
-        }
+        layout.bytes("Dockerfile".into(), dockerfile.clone().into_bytes(), 0o644);
+        let entries = layout.with_parents();
         let bytes = tar_size(&entries);
         note(
             progress,
-            format!(
-                "collected: {} ({}), {} shared librar{}, {}, CA bundle {}",
-                tools
-                    .iter()
-                    .map(|t| format!("{} from {}", t.image_path, t.host.display()))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                if linked > 0 {
-                    format!("{linked} busybox applets")
-                } else {
-                    "no busybox applets".into()
-                },
-                libraries.len(),
-                if libraries.len() == 1 { "y" } else { "ies" },
-                if entries.contains_key("rootfs/etc/ld.so.cache") {
-                    "the loader cache"
-                } else {
-                    "no loader cache"
-                },
-                ca_bundle.display(),
+            collected(
+                &tools,
+                linked,
+                &libraries,
+                entries.contains_key("rootfs/etc/ld.so.cache"),
+                &ca_bundle,
             ),
         );
         Ok(Plan {
@@ -827,8 +626,268 @@ impl Plan {
     }
 }
 
-fn note(progress: &dyn ImageProgress, text: impl AsRef<str>) {
-    progress.image_event(ImageEvent::Note(text.as_ref()));
+/// Say what the image is made from, before anything is collected.
+fn announce(claude: &ClaudeBinary, extra_ca: Option<&ExtraCa>, progress: &dyn ImageProgress) {
+    note(
+        progress,
+        format!(
+            "Claude Code {} ({}) at {}",
+            claude.version,
+            HumanBytes(claude.size),
+            claude.file.display()
+        ),
+    );
+    if let Some(ca) = extra_ca {
+        note(
+            progress,
+            format!(
+                "extra CA {}: {} -> NODE_EXTRA_CA_CERTS={EXTRA_CA_PATH}",
+                ca.path.display(),
+                ca.subjects.join("; ")
+            ),
+        );
+        for s in &ca.expired {
+            note(progress, format!("warning: the extra CA `{s}` has expired"));
+        }
+    }
+}
+
+/// The host's shells, and its busybox with the applets it lists (when it
+/// has one that lists any).
+async fn host_tools(progress: &dyn ImageProgress) -> Result<(Vec<HostTool>, Vec<String>), NativeError> {
+    let mut tools = vec![
+        HostTool {
+            image_path: "/bin/sh".into(),
+            host: host_tool(Path::new("/bin/sh"), "a POSIX shell at /bin/sh")?,
+        },
+        HostTool {
+            image_path: "/bin/bash".into(),
+            host: host_tool(&find_bash()?, "bash")?,
+        },
+    ];
+    let busybox = HOST_BUSYBOX.iter().map(Path::new).find(|p| p.is_file());
+    let mut applets = Vec::new();
+    if let Some(bb) = busybox {
+        let host = host_tool(bb, "busybox")?;
+        applets = busybox_applets(&host).await;
+        if applets.is_empty() {
+            note(progress, format!("{} lists no applets; leaving it out", host.display()));
+        } else {
+            tools.push(HostTool {
+                image_path: "/bin/busybox".into(),
+                host,
+            });
+        }
+    } else {
+        note(
+            progress,
+            "no busybox on this host (Debian: `apt-get install busybox-static`): the image gets no coreutils, grep or sed",
+        );
+    }
+    Ok((tools, applets))
+}
+
+/// Whatever the host's loader resolves for Claude Code and each tool.
+async fn libraries(claude: &ClaudeBinary, tools: &[HostTool]) -> Result<Vec<PathBuf>, NativeError> {
+    let mut libraries: Vec<PathBuf> = Vec::new();
+    for file in std::iter::once(&claude.file).chain(tools.iter().map(|t| &t.host)) {
+        let elf = if *file == claude.file {
+            claude.elf.clone()
+        } else {
+            match read_elf(file) {
+                Ok(Kind::Elf(e)) => e,
+                _ => {
+                    return Err(NativeError::Host(format!(
+                        "{} is not an ELF executable",
+                        file.display()
+                    )))
+                }
+            }
+        };
+        if let Some(interp) = &elf.interp {
+            for lib in loader_list(interp, file).await? {
+                if !libraries.contains(&lib) {
+                    libraries.push(lib);
+                }
+            }
+        }
+    }
+    Ok(libraries)
+}
+
+/// The first non-empty CA bundle of those distributions name.
+fn host_ca_bundle() -> Result<PathBuf, NativeError> {
+    HOST_CA_BUNDLES
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.len() > 0))
+        .ok_or_else(|| {
+            NativeError::Host(format!(
+                "no CA bundle on this host (looked for {}); install `ca-certificates`",
+                HOST_CA_BUNDLES.join(", ")
+            ))
+        })
+}
+
+/// The line that says what was collected.
+fn collected(tools: &[HostTool], linked: usize, libraries: &[PathBuf], loader_cache: bool, ca_bundle: &Path) -> String {
+    format!(
+        "collected: {} ({}), {} shared librar{}, {}, CA bundle {}",
+        tools
+            .iter()
+            .map(|t| format!("{} from {}", t.image_path, t.host.display()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        if linked > 0 {
+            format!("{linked} busybox applets")
+        } else {
+            "no busybox applets".into()
+        },
+        libraries.len(),
+        if libraries.len() == 1 { "y" } else { "ies" },
+        if loader_cache {
+            "the loader cache"
+        } else {
+            "no loader cache"
+        },
+        ca_bundle.display(),
+    )
+}
+
+/// The context's entries as they are gathered: tar path -> entry. A later
+/// entry for the same path replaces an earlier one.
+#[derive(Default)]
+struct Layout {
+    entries: BTreeMap<String, Entry>,
+}
+
+impl Layout {
+    /// A host file, with its own permission bits.
+    fn file(&mut self, name: String, host: &Path, hash: bool) -> Result<(), NativeError> {
+        let meta = fs::metadata(host).map_err(|e| NativeError::Host(format!("cannot read {}: {e}", host.display())))?;
+        // Nobody but root may change them, and no set-id bit survives.
+        let mode = meta.permissions().mode() & 0o755;
+        let source = Source::File {
+            host: host.to_path_buf(),
+            size: meta.len(),
+            hash,
+        };
+        self.entries.insert(name, Entry { source, mode });
+        Ok(())
+    }
+
+    fn bytes(&mut self, name: String, b: Vec<u8>, mode: u32) {
+        let source = Source::Bytes(b);
+        self.entries.insert(name, Entry { source, mode });
+    }
+
+    fn dir(&mut self, name: &str, mode: u32) {
+        self.entries.insert(name.to_string(), dir(mode));
+    }
+
+    /// The tools, their libraries, the CA bundle and the loader's cache,
+    /// from the host, at their paths in the image.
+    fn host_files(&mut self, tools: &[HostTool], libraries: &[PathBuf], ca_bundle: &Path) -> Result<(), NativeError> {
+        for t in tools {
+            self.file(format!("rootfs{}", t.image_path), &t.host, false)?;
+        }
+        for lib in libraries {
+            let host =
+                fs::canonicalize(lib).map_err(|e| NativeError::Host(format!("cannot read {}: {e}", lib.display())))?;
+            self.file(format!("rootfs{}", lib.display()), &host, false)?;
+        }
+        self.file(
+            format!("rootfs{CA_BUNDLE_PATH}"),
+            &fs::canonicalize(ca_bundle).unwrap_or(ca_bundle.to_path_buf()),
+            false,
+        )?;
+        if Path::new("/etc/ld.so.cache").is_file() {
+            self.file("rootfs/etc/ld.so.cache".into(), Path::new("/etc/ld.so.cache"), false)?;
+        }
+        Ok(())
+    }
+
+    /// A link to busybox for each applet the tools do not already ship;
+    /// returns how many.
+    fn applet_links(&mut self, tools: &[HostTool], applets: &[String]) -> usize {
+        let shipped: Vec<&str> = tools.iter().filter_map(|t| t.image_path.rsplit('/').next()).collect();
+        let mut linked = 0;
+        for a in applets {
+            if !shipped.contains(&a.as_str()) && a != "claude" {
+                self.entries.insert(
+                    format!("rootfs/usr/bin/{a}"),
+                    Entry {
+                        source: Source::Symlink("/bin/busybox".into()),
+                        mode: 0o777,
+                    },
+                );
+                linked += 1;
+            }
+        }
+        linked
+    }
+
+    /// What this binary writes: the entrypoint, the job user's passwd and
+    /// group, the name service config, the extra CA, and the empty
+    /// directories.
+    fn written_files(&mut self, profile: &Profile, uid: u32, gid: u32, extra_ca: Option<&ExtraCa>) {
+        self.bytes(
+            "rootfs/usr/local/bin/entrypoint.sh".into(),
+            EMBEDDED_ENTRYPOINT.to_vec(),
+            0o755,
+        );
+        let home = profile.home.trim_end_matches('/');
+        self.bytes(
+            "rootfs/etc/passwd".into(),
+            format!("root:x:0:0:root:/root:/bin/sh\nclaude:x:{uid}:{gid}:Claude Code:{home}:/bin/bash\n").into_bytes(),
+            0o644,
+        );
+        self.bytes(
+            "rootfs/etc/group".into(),
+            format!("root:x:0:\nclaude:x:{gid}:\n").into_bytes(),
+            0o644,
+        );
+        self.bytes(
+            "rootfs/etc/nsswitch.conf".into(),
+            b"passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n".to_vec(),
+            0o644,
+        );
+        if let Some(ca) = extra_ca {
+            self.bytes(format!("rootfs{EXTRA_CA_PATH}"), ca.pem.clone().into_bytes(), 0o644);
+        }
+        self.dir("rootfs/tmp", 0o1777);
+        self.dir("rootfs/home", 0o755);
+        self.dir("home", 0o755);
+        self.dir("workspace", 0o755);
+    }
+
+    /// The entries with every parent directory, explicitly.
+    fn with_parents(mut self) -> BTreeMap<String, Entry> {
+        let parents: Vec<String> = self
+            .entries
+            .keys()
+            .flat_map(|k| {
+                let mut p = Vec::new();
+                let mut rest = k.as_str();
+                while let Some((parent, _)) = rest.rsplit_once('/') {
+                    p.push(parent.to_string());
+                    rest = parent;
+                }
+                p
+            })
+            .collect();
+        for p in parents {
+            self.entries.entry(p).or_insert_with(|| dir(0o755));
+        }
+        self.entries
+    }
+}
+
+fn dir(mode: u32) -> Entry {
+    Entry {
+        source: Source::Dir,
+        mode,
+    }
 }
 
 /// `10001:10001` -> (10001, 10001); the image needs numbers for passwd.
@@ -1064,9 +1123,9 @@ pub async fn build(
         sent: sent_rx,
         total: plan.bytes,
     };
-    let docker = docker.clone().with_timeout(image::LONG_REQUEST);
+    let docker = docker.clone().with_timeout(LONG_REQUEST);
     let stream = docker.build_image(options, None, Some(bollard::body_try_stream(body)));
-    let built = image::run_build(&docker, tag, stream, Some(upload), progress).await;
+    let built = run_build(&docker, tag, stream, Some(upload), progress).await;
     let written = writer.await.unwrap_or_else(|e| {
         Err(TarError::Read(
             "<build context>".into(),
@@ -1349,7 +1408,7 @@ mod tests {
 
     #[test]
     fn the_dockerfile_only_copies_and_sets_metadata() {
-        let p = super::super::hardening::profile().unwrap();
+        let p = super::super::profile::container().unwrap();
         let d = dockerfile(p, 10001, 10001, "2.1.332", true);
         let steps: Vec<&str> = d
             .lines()

@@ -1,6 +1,9 @@
 //! Writing a change set into the user's directory ([`apply`](fn@apply)), only when
 //! nothing there changed since the snapshot, and so that a failure midway
 //! leaves every file either old or new.
+//!
+//! It must not write outside the directory nor follow a link on the way,
+//! and it applies only a change set `diff` made from the same snapshot.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{OsStr, OsString};
@@ -194,14 +197,17 @@ fn with_exec(mode: u32, exec: bool) -> u32 {
 impl<'c> Plan<'c> {
     /// Decide every step and check every precondition; writes nothing.
     fn new(changes: &'c ChangeSet, snapshot: &Snapshot, dir: &Path, root: &DirFd) -> Result<Plan<'c>, WorkspaceError> {
-        let in_the_way = |path: &str, why: String| WorkspaceError::InTheWay {
-            dir: dir.to_path_buf(),
-            path: path.to_string(),
-            why,
-        };
-        let look = |p: &Place| {
-            p.lstat(root)
-                .map_err(WorkspaceError::io(format!("cannot look at `{}`", p.path)))
+        let checks = Checks {
+            snapshot,
+            dir,
+            root,
+            deleted: changes
+                .files
+                .iter()
+                .filter(|f| f.change == ChangeKind::Deleted)
+                .map(|f| f.path.as_str())
+                .collect(),
+            removed: changes.dirs_removed.iter().map(String::as_str).collect(),
         };
         let mut plan = Plan {
             deletes: Vec::new(),
@@ -210,100 +216,50 @@ impl<'c> Plan<'c> {
             dirs_added: Vec::new(),
             dirs_removed: Vec::new(),
         };
-        let deleted: BTreeSet<&str> = changes
-            .files
-            .iter()
-            .filter(|f| f.change == ChangeKind::Deleted)
-            .map(|f| f.path.as_str())
-            .collect();
-        let removed: BTreeSet<&str> = changes.dirs_removed.iter().map(String::as_str).collect();
-
-        // Every directory above a path we create must be one of the user's
-        // (unchanged, checked above) or one we make; anything else standing
-        // there is ignored here, and we never write into or over it.
-        let check_parents = |path: &str| -> Result<(), WorkspaceError> {
-            for (i, _) in path.match_indices('/') {
-                let parent = &path[..i];
-                match snapshot.get(parent) {
-                    Some(e) if e.kind == EntryKind::Dir && !removed.contains(parent) => {}
-                    Some(e) if e.kind != EntryKind::Dir && deleted.contains(parent) => {}
-                    Some(_) => {
-                        return Err(WorkspaceError::Archive(format!(
-                            "the change set is inconsistent at `{parent}`"
-                        )))
-                    }
-                    None => {
-                        if look(&Place::new(parent)?)?.is_some() {
-                            return Err(in_the_way(
-                                parent,
-                                "it exists here but is ignored, so the job never saw it".into(),
-                            ));
-                        }
-                    }
-                }
-            }
-            Ok(())
-        };
-        let check_new = |p: &Place, old: Option<&Entry>| -> Result<(), WorkspaceError> {
-            check_parents(&p.path)?;
-            if old.is_none() && look(p)?.is_some() {
-                return Err(in_the_way(
-                    &p.path,
-                    "it exists here but is ignored, so the job never saw it; applying would overwrite it".into(),
-                ));
-            }
-            Ok(())
-        };
-
         for d in &changes.dirs_added {
             let p = Place::new(d)?;
-            check_new(&p, snapshot.get(d))?;
+            checks.new_path(&p, snapshot.get(d))?;
             plan.dirs_added.push(p);
         }
         for d in &changes.dirs_removed {
             plan.dirs_removed.push(Place::new(d)?);
         }
         for f in &changes.files {
-            let p = Place::new(&f.path)?;
-            let old = snapshot.get(&f.path);
-            match f.change {
-                ChangeKind::Deleted => plan.deletes.push(p),
-                ChangeKind::ModeChanged => {
-                    let (Some(o), Some(n)) = (old, f.new.as_ref()) else {
-                        return Err(bad(f));
-                    };
-                    plan.modes.push((p, with_exec(o.mode, n.exec)));
-                }
-                ChangeKind::Added | ChangeKind::Modified | ChangeKind::TypeChanged => {
-                    let side = f.new.as_ref().ok_or_else(|| bad(f))?;
-                    check_new(&p, old)?;
-                    if old.is_some_and(|o| o.kind == EntryKind::Dir) {
-                        // A directory becomes a file: it must hold nothing
-                        // but what the change set deletes.
-                        let dir_fd = p
-                            .parent(root)
-                            .and_then(|d| d.child(&p.name))
-                            .map_err(WorkspaceError::io(format!("cannot open `{}`", p.path)))?;
-                        if let Some(extra) = first_unknown(&dir_fd, &p.path, snapshot)? {
-                            return Err(in_the_way(
-                                &extra,
-                                format!("it is ignored, and `{}` must become a {}", p.path, side.kind.name()),
-                            ));
-                        }
-                    }
-                    let mode = match old {
-                        Some(o) if f.change == ChangeKind::Modified && o.kind == EntryKind::File => {
-                            Some(with_exec(o.mode, side.exec))
-                        }
-                        _ => None,
-                    };
-                    plan.writes.push(Write { place: p, side, mode });
-                }
-            }
+            plan.add_file(f, &checks)?;
         }
         plan.dirs_added.sort_by_key(|p| p.parents.len());
         plan.dirs_removed.sort_by_key(|p| std::cmp::Reverse(p.parents.len()));
         Ok(plan)
+    }
+
+    /// The step for one changed file or link, once its preconditions hold.
+    fn add_file(&mut self, f: &'c FileChange, checks: &Checks<'_>) -> Result<(), WorkspaceError> {
+        let p = Place::new(&f.path)?;
+        let old = checks.snapshot.get(&f.path);
+        match f.change {
+            ChangeKind::Deleted => self.deletes.push(p),
+            ChangeKind::ModeChanged => {
+                let (Some(o), Some(n)) = (old, f.new.as_ref()) else {
+                    return Err(bad(f));
+                };
+                self.modes.push((p, with_exec(o.mode, n.exec)));
+            }
+            ChangeKind::Added | ChangeKind::Modified | ChangeKind::TypeChanged => {
+                let side = f.new.as_ref().ok_or_else(|| bad(f))?;
+                checks.new_path(&p, old)?;
+                if old.is_some_and(|o| o.kind == EntryKind::Dir) {
+                    checks.dir_can_go(&p, side)?;
+                }
+                let mode = match old {
+                    Some(o) if f.change == ChangeKind::Modified && o.kind == EntryKind::File => {
+                        Some(with_exec(o.mode, side.exec))
+                    }
+                    _ => None,
+                };
+                self.writes.push(Write { place: p, side, mode });
+            }
+        }
+        Ok(())
     }
 
     fn run(self, changes: &ChangeSet, dir: &Path, root: &DirFd) -> Result<Applied, WorkspaceError> {
@@ -318,12 +274,23 @@ impl<'c> Plan<'c> {
             }
         };
         let (now, later): (Vec<&Write>, Vec<&Write>) = self.writes.iter().partition(|w| stays(&w.place.parent_path()));
-        let mut staged: Vec<(&Write, OsString)> = Vec::new();
-        for w in &now {
+        let mut steps = Steps {
+            dir,
+            root,
+            staged: Vec::new(),
+            done: 0,
+            total: self.deletes.len()
+                + self.dirs_removed.len()
+                + self.dirs_added.len()
+                + self.writes.len()
+                + self.modes.len(),
+            touched: BTreeSet::new(),
+        };
+        for w in now {
             match stage(changes, root, w) {
-                Ok(tmp) => staged.push((w, tmp)),
+                Ok(tmp) => steps.staged.push((w, tmp)),
                 Err(e) => {
-                    unstage(root, &staged);
+                    unstage(root, &steps.staged);
                     return Err(WorkspaceError::Io {
                         context: format!("cannot stage `{}` (nothing was applied)", w.place.path),
                         source: e,
@@ -333,30 +300,8 @@ impl<'c> Plan<'c> {
         }
 
         // From here on the user's files change, one atomic step at a time.
-        let total =
-            self.deletes.len() + self.dirs_removed.len() + self.dirs_added.len() + self.writes.len() + self.modes.len();
-        let mut done = 0usize;
-        let failed = |path: &str, done: usize, source: io::Error| WorkspaceError::ApplyFailed {
-            dir: dir.to_path_buf(),
-            path: path.to_string(),
-            done,
-            total,
-            source,
-        };
-        let mut touched: BTreeSet<Vec<OsString>> = BTreeSet::new();
-        macro_rules! step {
-            ($place:expr, $op:expr) => {{
-                let place: &Place = $place;
-                if let Err(e) = $op {
-                    unstage(root, &staged);
-                    return Err(failed(&place.path, done, e));
-                }
-                touched.insert(place.parents.clone());
-                done += 1;
-            }};
-        }
         for p in &self.deletes {
-            step!(p, p.parent(root).and_then(|d| ignore_missing(d.remove_file(&p.name))));
+            steps.step(p, p.parent(root).and_then(|d| ignore_missing(d.remove_file(&p.name))))?;
             applied.deleted.push(p.path.clone());
         }
         for p in &self.dirs_removed {
@@ -364,10 +309,10 @@ impl<'c> Plan<'c> {
             match r {
                 Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) || e.raw_os_error() == Some(libc::EEXIST) => {
                     applied.dirs_kept.push(p.path.clone());
-                    done += 1;
+                    steps.done += 1;
                 }
                 r => {
-                    step!(p, ignore_missing(r));
+                    steps.step(p, ignore_missing(r))?;
                     applied.dirs_removed.push(p.path.clone());
                 }
             }
@@ -377,41 +322,169 @@ impl<'c> Plan<'c> {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.lstat(&p.name)?.kind == Kind::Dir => Ok(()),
                 r => r,
             });
-            step!(p, made);
+            steps.step(p, made)?;
             applied.dirs_created.push(p.path.clone());
         }
         for w in later {
             match stage(changes, root, w) {
-                Ok(tmp) => staged.push((w, tmp)),
-                Err(e) => {
-                    unstage(root, &staged);
-                    return Err(failed(&w.place.path, done, e));
-                }
+                Ok(tmp) => steps.staged.push((w, tmp)),
+                Err(e) => return Err(steps.fail(&w.place.path, e)),
             }
         }
-        for i in 0..staged.len() {
-            let (w, tmp) = (staged[i].0, staged[i].1.clone());
-            let p = &w.place;
-            let moved = p.parent(root).and_then(|d| d.rename(&tmp, &p.name));
-            if let Err(e) = moved {
-                unstage(root, &staged[i..]);
-                return Err(failed(&p.path, done, e));
-            }
-            touched.insert(p.parents.clone());
-            done += 1;
-            applied.written.push(p.path.clone());
-        }
-        staged.clear();
+        applied.written = steps.rename_staged()?;
         for (p, mode) in &self.modes {
-            step!(p, p.parent(root).and_then(|d| d.chmod(&p.name, *mode)));
+            steps.step(p, p.parent(root).and_then(|d| d.chmod(&p.name, *mode)))?;
             applied.mode_changed.push(p.path.clone());
         }
-        for parents in touched {
+        for parents in steps.touched {
             if let Ok(d) = root.descend(parents.iter().map(OsString::as_os_str)) {
                 let _ = d.sync();
             }
         }
         Ok(applied)
+    }
+}
+
+/// Where [`Plan::run`] is once the user's files start to change.
+struct Steps<'a, 'c> {
+    dir: &'a Path,
+    root: &'a DirFd,
+    /// New files and links staged beside their destination, not yet moved.
+    staged: Vec<(&'a Write<'c>, OsString)>,
+    /// Steps done, of `total`.
+    done: usize,
+    total: usize,
+    /// The directories written to, to be synced at the end.
+    touched: BTreeSet<Vec<OsString>>,
+}
+
+impl Steps<'_, '_> {
+    /// Count the step at `place`, or, should it have failed, remove what is
+    /// staged and say how far it got.
+    fn step(&mut self, place: &Place, r: io::Result<()>) -> Result<(), WorkspaceError> {
+        if let Err(e) = r {
+            return Err(self.fail(&place.path, e));
+        }
+        self.touched.insert(place.parents.clone());
+        self.done += 1;
+        Ok(())
+    }
+
+    /// Remove what is staged; the error names the failing path and the
+    /// steps done.
+    fn fail(&self, path: &str, source: io::Error) -> WorkspaceError {
+        unstage(self.root, &self.staged);
+        self.failure(path, source)
+    }
+
+    fn failure(&self, path: &str, source: io::Error) -> WorkspaceError {
+        WorkspaceError::ApplyFailed {
+            dir: self.dir.to_path_buf(),
+            path: path.to_string(),
+            done: self.done,
+            total: self.total,
+            source,
+        }
+    }
+
+    /// Move every staged file or link into place; returns their paths.
+    fn rename_staged(&mut self) -> Result<Vec<String>, WorkspaceError> {
+        let mut written = Vec::new();
+        for i in 0..self.staged.len() {
+            let (w, tmp) = (self.staged[i].0, self.staged[i].1.clone());
+            let p = &w.place;
+            let moved = p.parent(self.root).and_then(|d| d.rename(&tmp, &p.name));
+            if let Err(e) = moved {
+                unstage(self.root, &self.staged[i..]);
+                return Err(self.failure(&p.path, e));
+            }
+            self.touched.insert(p.parents.clone());
+            self.done += 1;
+            written.push(p.path.clone());
+        }
+        self.staged.clear();
+        Ok(written)
+    }
+}
+
+/// What must hold in `dir` before a path is written there.
+struct Checks<'a> {
+    snapshot: &'a Snapshot,
+    dir: &'a Path,
+    root: &'a DirFd,
+    /// Files and links the change set deletes.
+    deleted: BTreeSet<&'a str>,
+    /// Directories the change set removes.
+    removed: BTreeSet<&'a str>,
+}
+
+impl Checks<'_> {
+    fn in_the_way(&self, path: &str, why: String) -> WorkspaceError {
+        WorkspaceError::InTheWay {
+            dir: self.dir.to_path_buf(),
+            path: path.to_string(),
+            why,
+        }
+    }
+
+    fn look(&self, p: &Place) -> Result<Option<Kind>, WorkspaceError> {
+        p.lstat(self.root)
+            .map_err(WorkspaceError::io(format!("cannot look at `{}`", p.path)))
+    }
+
+    /// Every directory above a path we create must be one of the user's
+    /// (unchanged, checked before) or one we make; anything else standing
+    /// there is ignored here, and we never write into or over it.
+    fn parents(&self, path: &str) -> Result<(), WorkspaceError> {
+        for (i, _) in path.match_indices('/') {
+            let parent = &path[..i];
+            match self.snapshot.get(parent) {
+                Some(e) if e.kind == EntryKind::Dir && !self.removed.contains(parent) => {}
+                Some(e) if e.kind != EntryKind::Dir && self.deleted.contains(parent) => {}
+                Some(_) => {
+                    return Err(WorkspaceError::Archive(format!(
+                        "the change set is inconsistent at `{parent}`"
+                    )))
+                }
+                None => {
+                    if self.look(&Place::new(parent)?)?.is_some() {
+                        return Err(
+                            self.in_the_way(parent, "it exists here but is ignored, so the job never saw it".into())
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A path we create (`old`: what the snapshot had there): its parents
+    /// are ours to write into, and nothing the job never saw stands there.
+    fn new_path(&self, p: &Place, old: Option<&Entry>) -> Result<(), WorkspaceError> {
+        self.parents(&p.path)?;
+        if old.is_none() && self.look(p)?.is_some() {
+            return Err(self.in_the_way(
+                &p.path,
+                "it exists here but is ignored, so the job never saw it; applying would overwrite it".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A directory becomes a file or link: it must hold nothing but what
+    /// the change set deletes.
+    fn dir_can_go(&self, p: &Place, side: &NewSide) -> Result<(), WorkspaceError> {
+        let dir_fd = p
+            .parent(self.root)
+            .and_then(|d| d.child(&p.name))
+            .map_err(WorkspaceError::io(format!("cannot open `{}`", p.path)))?;
+        match first_unknown(&dir_fd, &p.path, self.snapshot)? {
+            Some(extra) => Err(self.in_the_way(
+                &extra,
+                format!("it is ignored, and `{}` must become a {}", p.path, side.kind.name()),
+            )),
+            None => Ok(()),
+        }
     }
 }
 

@@ -1,5 +1,9 @@
 //! Comparing the tree a job left with the snapshot it started from
 //! ([`diff`](fn@diff)), and the [`ChangeSet`] that says what changed.
+//!
+//! The stages: read the job's archive into a tree (as untrusted input,
+//! within a byte bound), keep links inside, compare path by path, write the
+//! patch. It must not write to the user's directory; that is `apply`'s.
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -208,6 +212,53 @@ struct Returned {
 /// not UTF-8, links that lead outside the workspace), each listed in
 /// [`ChangeSet::skipped`].
 pub fn diff(snapshot: &Snapshot, out_tar: impl Read, rules: &DiffRules) -> Result<ChangeSet, WorkspaceError> {
+    let mut job = read_tree(snapshot, out_tar, rules)?;
+    job.keep_links_inside(snapshot);
+    let Compared {
+        mut files,
+        dirs_added,
+        dirs_removed,
+    } = compare(snapshot, &job);
+    let (patch, patch_spool) = write_patch(snapshot, &job, &mut files, rules)?;
+    let totals = totals(&files);
+    let ignored = Ignored {
+        count: job.ignored.len(),
+        paths: job.ignored.into_iter().take(20).collect(),
+    };
+    let mut set = ChangeSet {
+        summary: String::new(),
+        totals,
+        files,
+        dirs_added,
+        dirs_removed,
+        ignored,
+        skipped: job.skipped,
+        patch,
+        base: snapshot.id().to_string(),
+        content: job.content,
+        patch_spool,
+    };
+    set.summary = summary(&set);
+    Ok(set)
+}
+
+/// The job's tree as read from its archive, before it is compared.
+struct JobTree {
+    tree: BTreeMap<String, Returned>,
+    /// Top paths the rules leave out.
+    ignored: BTreeSet<String>,
+    skipped: Vec<Skipped>,
+    /// Paths whose change we will not carry: they keep what they had.
+    keep_old: BTreeSet<String>,
+    /// The bytes of every file that changed.
+    content: Spool,
+    /// Where a file's bytes are read to.
+    buf: Vec<u8>,
+}
+
+/// Read the job's archive (bounded by [`DiffRules::max_bytes`]) into a
+/// [`JobTree`], keeping the bytes only of files that changed.
+fn read_tree(snapshot: &Snapshot, out_tar: impl Read, rules: &DiffRules) -> Result<JobTree, WorkspaceError> {
     let capped = Rc::new(Cell::new(false));
     let reader = Capped {
         inner: out_tar,
@@ -221,49 +272,59 @@ pub fn diff(snapshot: &Snapshot, out_tar: impl Read, rules: &DiffRules) -> Resul
             WorkspaceError::Archive(e.to_string())
         }
     };
-    let mut content = Spool::new().map_err(WorkspaceError::io(
-        "cannot create a temporary file for the job's changes",
-    ))?;
-    let mut tree: BTreeMap<String, Returned> = BTreeMap::new();
-    let mut ignored: BTreeSet<String> = BTreeSet::new();
-    let mut skipped: Vec<Skipped> = Vec::new();
-    // Paths whose change we will not carry: they keep what they had.
-    let mut keep_old: BTreeSet<String> = BTreeSet::new();
-    let mut buf = vec![0u8; 256 * 1024];
-
+    let mut job = JobTree {
+        tree: BTreeMap::new(),
+        ignored: BTreeSet::new(),
+        skipped: Vec::new(),
+        keep_old: BTreeSet::new(),
+        content: Spool::new().map_err(WorkspaceError::io(
+            "cannot create a temporary file for the job's changes",
+        ))?,
+        buf: vec![0u8; 256 * 1024],
+    };
     let mut archive = tar::Archive::new(reader);
     for entry in archive.entries().map_err(too_big)? {
         let mut entry = entry.map_err(too_big)?;
+        job.add(snapshot, &mut entry, &too_big)?;
+    }
+    Ok(job)
+}
+
+impl JobTree {
+    /// One entry of the archive: placed in the tree, or counted as
+    /// ignored, or skipped with the reason.
+    fn add<R: Read>(
+        &mut self,
+        snapshot: &Snapshot,
+        entry: &mut tar::Entry<'_, R>,
+        too_big: &dyn Fn(io::Error) -> WorkspaceError,
+    ) -> Result<(), WorkspaceError> {
         let raw = entry.path_bytes().into_owned();
         let Some(comps) = archive_components(&raw).map_err(WorkspaceError::Archive)? else {
-            continue;
+            return Ok(());
         };
         let Ok(path) = String::from_utf8(comps.join(&b'/')) else {
-            skipped.push(Skipped {
+            self.skipped.push(Skipped {
                 path: String::from_utf8_lossy(&raw).into_owned(),
                 reason: "its name is not valid UTF-8".into(),
             });
-            continue;
+            return Ok(());
         };
         let kind = match entry.header().entry_type() {
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => EntryKind::File,
             tar::EntryType::Directory => EntryKind::Dir,
             tar::EntryType::Symlink => EntryKind::Symlink,
-            tar::EntryType::XGlobalHeader => continue,
+            tar::EntryType::XGlobalHeader => return Ok(()),
             other => {
-                keep_old.insert(path.clone());
-                skipped.push(Skipped {
-                    path,
-                    reason: format!("a {other:?} entry, not a file, directory or link"),
-                });
-                continue;
+                self.skip(path, format!("a {other:?} entry, not a file, directory or link"));
+                return Ok(());
             }
         };
         if let Some(top) = snapshot.left_out_by_rules(&path, kind == EntryKind::Dir) {
-            ignored.insert(top);
-            continue;
+            self.ignored.insert(top);
+            return Ok(());
         }
-        place(&mut tree, &path, kind)?;
+        place(&mut self.tree, &path, kind)?;
         let mode = entry.header().mode().map_err(too_big)? & 0o7777;
         let mut r = Returned {
             kind,
@@ -279,107 +340,141 @@ pub fn diff(snapshot: &Snapshot, out_tar: impl Read, rules: &DiffRules) -> Resul
             EntryKind::Symlink => {
                 let target = entry.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
                 let Ok(target) = String::from_utf8(target) else {
-                    keep_old.insert(path.clone());
-                    skipped.push(Skipped {
-                        path,
-                        reason: "its link target is not valid UTF-8".into(),
-                    });
-                    continue;
+                    self.skip(path, "its link target is not valid UTF-8".into());
+                    return Ok(());
                 };
                 r.size = target.len() as u64;
                 r.target = Some(target);
             }
-            EntryKind::File => {
-                let start = content.len();
-                let mut hasher = Sha256::new();
-                // A file that fits the buffer is kept only if it changed; a
-                // bigger one streams to the spool and is given back if not.
-                let small = entry.size() <= buf.len() as u64;
-                let mut filled = 0usize;
-                loop {
-                    let at = if small { filled } else { 0 };
-                    if at == buf.len() {
-                        break;
-                    }
-                    let n = match entry.read(&mut buf[at..]) {
-                        Ok(0) => break,
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(too_big(e)),
-                    };
-                    hasher.update(&buf[at..at + n]);
-                    if small {
-                        filled += n;
-                    } else {
-                        content
-                            .write(&buf[..n])
-                            .map_err(WorkspaceError::io("cannot keep the job's changes"))?;
-                    }
-                    r.size += n as u64;
-                }
-                let sha: [u8; 32] = hasher.finalize().into();
-                r.sha256 = Some(sha);
-                let unchanged = snapshot
-                    .get(&path)
-                    .is_some_and(|o| o.kind == EntryKind::File && o.sha256 == Some(sha) && o.size == r.size);
-                let keep = WorkspaceError::io("cannot keep the job's changes");
-                if unchanged {
-                    content.truncate(start).map_err(keep)?;
-                } else {
-                    if small {
-                        content.write(&buf[..filled]).map_err(keep)?;
-                    }
-                    r.data = Some(Slice {
-                        offset: start,
-                        len: r.size,
-                    });
-                }
-            }
+            EntryKind::File => self.read_file(snapshot, &path, entry, &mut r, too_big)?,
         }
-        tree.insert(path, r);
+        self.tree.insert(path, r);
+        Ok(())
     }
-    drop(archive);
 
-    // A link the job made or changed must stay inside, like the ones we
-    // sent in; if it does not, the path keeps what it had.
-    {
+    /// Leave `path` out of the change set, keeping what it had.
+    fn skip(&mut self, path: String, reason: String) {
+        self.keep_old.insert(path.clone());
+        self.skipped.push(Skipped { path, reason });
+    }
+
+    /// Hash a file's bytes, and keep them in the spool only if it changed.
+    fn read_file<R: Read>(
+        &mut self,
+        snapshot: &Snapshot,
+        path: &str,
+        entry: &mut tar::Entry<'_, R>,
+        r: &mut Returned,
+        too_big: &dyn Fn(io::Error) -> WorkspaceError,
+    ) -> Result<(), WorkspaceError> {
+        let (content, buf) = (&mut self.content, &mut self.buf[..]);
+        let start = content.len();
+        let mut hasher = Sha256::new();
+        // A file that fits the buffer is kept only if it changed; a
+        // bigger one streams to the spool and is given back if not.
+        let small = entry.size() <= buf.len() as u64;
+        let mut filled = 0usize;
+        loop {
+            let at = if small { filled } else { 0 };
+            if at == buf.len() {
+                break;
+            }
+            let n = match entry.read(&mut buf[at..]) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(too_big(e)),
+            };
+            hasher.update(&buf[at..at + n]);
+            if small {
+                filled += n;
+            } else {
+                content
+                    .write(&buf[..n])
+                    .map_err(WorkspaceError::io("cannot keep the job's changes"))?;
+            }
+            r.size += n as u64;
+        }
+        let sha: [u8; 32] = hasher.finalize().into();
+        r.sha256 = Some(sha);
+        let unchanged = snapshot
+            .get(path)
+            .is_some_and(|o| o.kind == EntryKind::File && o.sha256 == Some(sha) && o.size == r.size);
+        let keep = WorkspaceError::io("cannot keep the job's changes");
+        if unchanged {
+            content.truncate(start).map_err(keep)?;
+        } else {
+            if small {
+                content.write(&buf[..filled]).map_err(keep)?;
+            }
+            r.data = Some(Slice {
+                offset: start,
+                len: r.size,
+            });
+        }
+        Ok(())
+    }
+
+    /// A link the job made or changed must stay inside, like the ones we
+    /// sent in; if it does not, the path keeps what it had.
+    fn keep_links_inside(&mut self, snapshot: &Snapshot) {
         let symlink_at = |p: &str| {
-            tree.get(p)
+            self.tree
+                .get(p)
                 .filter(|e| e.kind == EntryKind::Symlink)
                 .and_then(|e| e.target.as_deref())
         };
-        for (path, r) in tree.iter().filter(|(_, r)| r.kind == EntryKind::Symlink) {
+        let mut outside = Vec::new();
+        for (path, r) in self.tree.iter().filter(|(_, r)| r.kind == EntryKind::Symlink) {
             let before = snapshot.get(path);
             let same = before.is_some_and(|o| o.kind == EntryKind::Symlink && o.link_target == r.target);
             let target = r.target.as_deref().unwrap_or_default();
             if !same && !link_stays_inside(path, target, symlink_at) {
-                skipped.push(Skipped {
-                    path: path.clone(),
-                    reason: format!("a symbolic link to `{target}`, outside the workspace"),
-                });
-                keep_old.insert(path.clone());
+                outside.push((
+                    path.clone(),
+                    format!("a symbolic link to `{target}`, outside the workspace"),
+                ));
             }
         }
+        for (path, reason) in outside {
+            self.skipped.push(Skipped {
+                path: path.clone(),
+                reason,
+            });
+            self.keep_old.insert(path);
+        }
     }
-    let kept = |p: &str| {
-        keep_old
+
+    /// Is `p` one of the paths that keep what they had, or below one?
+    fn kept(&self, p: &str) -> bool {
+        self.keep_old
             .iter()
             .any(|k| p == k || (p.starts_with(k.as_str()) && p.as_bytes().get(k.len()) == Some(&b'/')))
-    };
+    }
+}
 
+/// What changed, path by path.
+struct Compared {
+    files: Vec<FileChange>,
+    dirs_added: Vec<String>,
+    dirs_removed: Vec<String>,
+}
+
+/// Every path of the snapshot and the job's tree, compared.
+fn compare(snapshot: &Snapshot, job: &JobTree) -> Compared {
     let mut files = Vec::new();
     let mut dirs_added = Vec::new();
     let mut dirs_removed = Vec::new();
     let paths: BTreeSet<&str> = snapshot
         .entries()
         .map(|e| e.path.as_str())
-        .chain(tree.keys().map(String::as_str))
+        .chain(job.tree.keys().map(String::as_str))
         .collect();
     for path in paths {
-        if kept(path) {
+        if job.kept(path) {
             continue;
         }
-        let (old, new) = (snapshot.get(path), tree.get(path));
+        let (old, new) = (snapshot.get(path), job.tree.get(path));
         match (old, new) {
             (Some(o), None) if o.kind == EntryKind::Dir => dirs_removed.push(path.to_string()),
             (Some(o), None) => files.push(change(path, ChangeKind::Deleted, Some(o), None)),
@@ -412,66 +507,39 @@ pub fn diff(snapshot: &Snapshot, out_tar: impl Read, rules: &DiffRules) -> Resul
             (None, None) => {}
         }
     }
+    Compared {
+        files,
+        dirs_added,
+        dirs_removed,
+    }
+}
 
-    // The patch, one section per change, in path order.
+/// The patch, one section per change, in path order, into its own spool;
+/// counts each file's lines and whether the patch carries it.
+fn write_patch(
+    snapshot: &Snapshot,
+    job: &JobTree,
+    files: &mut [FileChange],
+    rules: &DiffRules,
+) -> Result<(PatchInfo, Spool), WorkspaceError> {
     let mut patch_spool = Spool::new().map_err(WorkspaceError::io("cannot create a temporary file for the patch"))?;
     let mut patch_hash = Sha256::new();
     let mut complete = true;
-    let mut write_section = |text: &[u8]| -> io::Result<()> {
-        patch_hash.update(text);
-        patch_spool.write(text)
-    };
-    for fc in &mut files {
-        let old = snapshot.get(&fc.path);
-        let new = tree.get(&fc.path);
+    for fc in files {
         // `git apply` refuses any path with a `.git` component.
         if fc.path.split('/').any(|c| c.eq_ignore_ascii_case(".git")) {
             fc.in_patch = false;
             complete = false;
             continue;
         }
-        let old_bytes = match old {
-            Some(o) if o.kind == EntryKind::File => snapshot
-                .content(o)
-                .map_err(WorkspaceError::io("cannot read the snapshot"))?,
-            Some(o) if o.kind == EntryKind::Symlink => o.link_target.clone().unwrap_or_default().into_bytes(),
-            _ => Vec::new(),
-        };
-        let new_bytes = match new {
-            Some(n) if n.kind == EntryKind::File => match n.data {
-                Some(slice) => content
-                    .read(slice)
-                    .map_err(WorkspaceError::io("cannot read the job's changes"))?,
-                None => old_bytes.clone(),
-            },
-            Some(n) if n.kind == EntryKind::Symlink => n.target.clone().unwrap_or_default().into_bytes(),
-            _ => Vec::new(),
-        };
-        let old_side = old.filter(|o| o.kind != EntryKind::Dir).map(|o| Side {
-            mode: o.git_mode(),
-            data: &old_bytes,
-        });
-        let new_side = new.filter(|n| n.kind != EntryKind::Dir).map(|n| Side {
-            mode: returned_git_mode(n),
-            data: &new_bytes,
-        });
-        let old_binary = old.is_some_and(|o| o.kind == EntryKind::File) && looks_binary(&old_bytes);
-        let new_binary = new.is_some_and(|n| n.kind == EntryKind::File) && looks_binary(&new_bytes);
-        fc.binary = old_binary || new_binary;
-        let max = rules.max_binary_patch_bytes;
-        let sections = if fc.change == ChangeKind::TypeChanged {
-            vec![
-                patch::section(&fc.path, old_side, None, old_binary, max),
-                patch::section(&fc.path, None, new_side, new_binary, max),
-            ]
-        } else {
-            vec![patch::section(&fc.path, old_side, new_side, fc.binary, max)]
-        };
-        for s in sections {
+        for s in sections(snapshot, job, fc, rules.max_binary_patch_bytes)? {
             fc.lines_added += s.lines_added;
             fc.lines_removed += s.lines_removed;
             fc.in_patch &= s.complete;
-            write_section(&s.text).map_err(WorkspaceError::io("cannot write the patch"))?;
+            patch_hash.update(&s.text);
+            patch_spool
+                .write(&s.text)
+                .map_err(WorkspaceError::io("cannot write the patch"))?;
         }
         complete &= fc.in_patch;
     }
@@ -480,27 +548,56 @@ pub fn diff(snapshot: &Snapshot, out_tar: impl Read, rules: &DiffRules) -> Resul
         bytes: patch_spool.len(),
         complete,
     };
+    Ok((patch, patch_spool))
+}
 
-    let totals = totals(&files);
-    let ignored = Ignored {
-        count: ignored.len(),
-        paths: ignored.into_iter().take(20).collect(),
+/// The patch sections of one change (two for a change of type: the old
+/// path goes, the new one comes), and whether it is binary.
+fn sections(
+    snapshot: &Snapshot,
+    job: &JobTree,
+    fc: &mut FileChange,
+    max_binary: u64,
+) -> Result<Vec<patch::Section>, WorkspaceError> {
+    let old = snapshot.get(&fc.path);
+    let new = job.tree.get(&fc.path);
+    let old_bytes = match old {
+        Some(o) if o.kind == EntryKind::File => snapshot
+            .content(o)
+            .map_err(WorkspaceError::io("cannot read the snapshot"))?,
+        Some(o) if o.kind == EntryKind::Symlink => o.link_target.clone().unwrap_or_default().into_bytes(),
+        _ => Vec::new(),
     };
-    let mut set = ChangeSet {
-        summary: String::new(),
-        totals,
-        files,
-        dirs_added,
-        dirs_removed,
-        ignored,
-        skipped,
-        patch,
-        base: snapshot.id().to_string(),
-        content,
-        patch_spool,
+    let new_bytes = match new {
+        Some(n) if n.kind == EntryKind::File => match n.data {
+            Some(slice) => job
+                .content
+                .read(slice)
+                .map_err(WorkspaceError::io("cannot read the job's changes"))?,
+            None => old_bytes.clone(),
+        },
+        Some(n) if n.kind == EntryKind::Symlink => n.target.clone().unwrap_or_default().into_bytes(),
+        _ => Vec::new(),
     };
-    set.summary = summary(&set);
-    Ok(set)
+    let old_side = old.filter(|o| o.kind != EntryKind::Dir).map(|o| Side {
+        mode: o.git_mode(),
+        data: &old_bytes,
+    });
+    let new_side = new.filter(|n| n.kind != EntryKind::Dir).map(|n| Side {
+        mode: returned_git_mode(n),
+        data: &new_bytes,
+    });
+    let old_binary = old.is_some_and(|o| o.kind == EntryKind::File) && looks_binary(&old_bytes);
+    let new_binary = new.is_some_and(|n| n.kind == EntryKind::File) && looks_binary(&new_bytes);
+    fc.binary = old_binary || new_binary;
+    Ok(if fc.change == ChangeKind::TypeChanged {
+        vec![
+            patch::section(&fc.path, old_side, None, old_binary, max_binary),
+            patch::section(&fc.path, None, new_side, new_binary, max_binary),
+        ]
+    } else {
+        vec![patch::section(&fc.path, old_side, new_side, fc.binary, max_binary)]
+    })
 }
 
 /// Record `path` in the returned tree, checking that everything above it

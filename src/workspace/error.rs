@@ -1,4 +1,5 @@
 //! What can go wrong with a workspace, with the exit code and what to do.
+//! Only the error type lives here; no workspace operation does.
 
 use std::io;
 use std::path::PathBuf;

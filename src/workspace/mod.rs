@@ -11,6 +11,10 @@
 //! git-style patch that `git apply` accepts and the new contents, so that
 //! [`apply`](fn@apply) can write them into DIR, but only if DIR has not changed since.
 //!
+//! Each stage lives in its own submodule, and of them all only `apply`
+//! writes to DIR; this file holds what they share (the selection `Rules`,
+//! the bounds, and how an archive path is split and checked).
+//!
 //! # What is selected
 //!
 //! The aim is what `git status` would show: the files git would track or

@@ -5,6 +5,9 @@
 //! literals (zlib stored blocks in git's base85), or, when a file is too big
 //! to carry, the `Binary files ... differ` line git prints without
 //! `--binary`.
+//!
+//! It formats what `diff` hands it; it must not read files or decide what
+//! changed.
 
 use std::time::{Duration, Instant};
 

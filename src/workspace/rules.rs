@@ -1,5 +1,7 @@
 //! The ignore rules of one workspace, as git applies them (see the module
 //! doc of [`super`] for which files count), and where links lead.
+//!
+//! It answers questions about paths; it must not copy or write anything.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs;

@@ -1,4 +1,7 @@
 //! Selecting a workspace ([`select`]) and packing it ([`Snapshot::write_tar`]).
+//!
+//! It reads the user's directory, never through a link, and keeps what it
+//! read; it must not write to that directory.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;

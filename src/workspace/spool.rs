@@ -1,5 +1,6 @@
 //! Bytes kept aside in an unlinked temporary file: memory stays constant
 //! however big the workspace, and nothing is left behind when we exit.
+//! It knows nothing of what the bytes are.
 
 use std::fs::File;
 use std::io::{self, Read};
