@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::audit::{AuditLog, Entry, VerifyReport};
+use crate::audit::{AuditLog, Entry, Event, VerifyReport};
 use crate::compliance::{self, ComplianceReport};
 use crate::exit::Result;
 use crate::paths::Paths;
@@ -28,17 +28,18 @@ pub const SECTIONS: &[(&str, &str)] = &[
 ];
 
 /// Which section an event belongs to, if any.
-fn section(event: &str) -> Option<&'static str> {
-    match event {
-        e if e.starts_with("consent.") => Some("consent"),
-        "job.approved" | "job.denied" => Some("approvals"),
-        e if e.starts_with("job.") => Some("jobs"),
-        e if e.starts_with("config.") => Some("config"),
-        e if e.starts_with("key.") => Some("keys"),
-        e if e.starts_with("market.") => Some("market"),
-        e if e.starts_with("log.") => Some("log"),
-        _ => None,
-    }
+fn section(event: Event) -> Option<&'static str> {
+    use Event::*;
+    Some(match event {
+        ConsentGranted | ConsentRevoked | ConsentJobsStopped => "consent",
+        JobApproved | JobDenied => "approvals",
+        JobStarted | JobCompleted | JobFailed | JobKilled | JobCancelled => "jobs",
+        ConfigChanged => "config",
+        KeyCreated | KeyRotated | KeyRemoved | KeyImported => "keys",
+        e if e.name().starts_with("market.") => "market",
+        LogGenesis | LogRecovered => "log",
+        _ => return None,
+    })
 }
 
 /// The counts at the top of the report.
@@ -57,20 +58,18 @@ pub struct Summary {
 
 impl Summary {
     fn of(events: &[Entry]) -> Summary {
-        let count = |ev: &str| events.iter().filter(|e| e.event == ev).count();
-        let finished = |e: &&Entry| {
-            e.event.starts_with("job.") && !matches!(e.event.as_str(), "job.approved" | "job.denied" | "job.started")
-        };
+        let count = |ev: Event| events.iter().filter(|e| e.kind() == Some(ev)).count();
+        let finished = |e: &&Entry| e.kind().is_some_and(Event::is_job_end);
         Summary {
             events: events.len(),
-            consent_granted: count("consent.granted"),
-            consent_revoked: count("consent.revoked"),
-            approvals: count("job.approved"),
-            denials: count("job.denied"),
-            jobs_started: count("job.started"),
+            consent_granted: count(Event::ConsentGranted),
+            consent_revoked: count(Event::ConsentRevoked),
+            approvals: count(Event::JobApproved),
+            denials: count(Event::JobDenied),
+            jobs_started: count(Event::JobStarted),
             jobs_finished: events.iter().filter(finished).count(),
             tokens: events.iter().map(tokens_of).sum(),
-            config_changes: count("config.changed"),
+            config_changes: count(Event::ConfigChanged),
         }
     }
 }
@@ -108,7 +107,7 @@ pub fn build(paths: &Paths, since: Option<DateTime<Utc>>) -> Result<Report> {
     let summary = Summary::of(&events);
     let mut sections: BTreeMap<&'static str, Vec<Entry>> = BTreeMap::new();
     for e in events {
-        if let Some(s) = section(&e.event) {
+        if let Some(s) = e.kind().and_then(section) {
             sections.entry(s).or_default().push(e);
         }
     }

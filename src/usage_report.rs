@@ -32,7 +32,7 @@ use chrono::{DateTime, Datelike, Duration, FixedOffset, Local, NaiveDate, Offset
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::audit::{AuditError, AuditLog, Head};
+use crate::audit::{AuditError, AuditLog, Event, Head};
 use crate::exit::{Exit, HasExit};
 use crate::fsutil;
 use crate::paths::Paths;
@@ -453,19 +453,19 @@ fn parse_task(line: &[u8]) -> Option<Task> {
     // `{"v":1,"seq":N,"ts":"<24 chars>","event":"...`: the event name starts
     // within the first ~70 bytes; look a little further to be safe.
     let window = &line[..line.len().min(96)];
-    let at = memchr::memmem::find(window, b"\"event\":\"job.")? + 13;
+    let at = memchr::memmem::find(window, b"\"event\":\"job.")? + 9;
     let rest = &line[at..];
-    let outcome = if rest.starts_with(b"completed\"") {
-        Outcome::Completed
-    } else if rest.starts_with(b"failed\"") {
-        Outcome::Failed
-    } else if rest.starts_with(b"killed\"") {
-        Outcome::Killed
-    } else if rest.starts_with(b"cancelled\"") {
-        Outcome::Cancelled
-    } else {
-        return None;
-    };
+    let (_, outcome) = [
+        (Event::JobCompleted, Outcome::Completed),
+        (Event::JobFailed, Outcome::Failed),
+        (Event::JobKilled, Outcome::Killed),
+        (Event::JobCancelled, Outcome::Cancelled),
+    ]
+    .into_iter()
+    .find(|(e, _)| {
+        rest.strip_prefix(e.name().as_bytes())
+            .is_some_and(|r| r.first() == Some(&b'"'))
+    })?;
     let raw: RawTask = serde_json::from_slice(line).ok()?;
     let ts = DateTime::parse_from_rfc3339(raw.ts).ok()?.with_timezone(&Utc);
     let u = raw.usage.unwrap_or_default();

@@ -186,7 +186,7 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
             if format != OutputFormat::Json {
                 report_on_stderr(p, &record);
             }
-            Ok(record.status.exit())
+            Ok(record.exit)
         }
         Err(JobError::Cancelled) => {
             if format == OutputFormat::Json {

@@ -12,7 +12,7 @@ use chrono::Local;
 use serde_json::{json, Value};
 
 use super::{joined, new_job_id, Approval, ApprovedBy, Cancel, JobError, JobEvent, JobSource, JobSpec, Progress};
-use crate::audit::AuditLog;
+use crate::audit::{AuditLog, Event};
 use crate::caps::{usd_to_micros, Budget, Caps, HeldReservation, Ledger};
 use crate::config::{Config, PERMISSION_MODES};
 use crate::consent::Consent;
@@ -174,7 +174,7 @@ impl Admitted {
     /// that kept this from being done.
     pub(super) fn abandon(mut self, paths: &Paths, why: JobError) -> JobError {
         let done = AuditLog::new(paths)
-            .append("job.approved", self.approved.clone())
+            .append(Event::JobApproved, self.approved.clone())
             .map_err(JobError::from)
             .and_then(|_| self.guard.release().map_err(JobError::from));
         match done {
@@ -217,7 +217,7 @@ async fn reserve(
     let guard = ledger.held(reservation.id);
     if !reclaimed.is_empty() {
         let ids: Vec<&str> = reclaimed.iter().map(|r| r.job_id.as_str()).collect();
-        audit.append("usage.reclaimed", json!({ "job_ids": ids }))?;
+        audit.append(Event::UsageReclaimed, json!({ "job_ids": ids }))?;
     }
     Ok(guard)
 }
@@ -266,7 +266,7 @@ async fn ask(question: String, progress: &Arc<dyn Progress>, cancel: &Cancel) ->
 fn deny(audit: &AuditLog, mut guard: HeldReservation, job_id: &str, reason: &'static str) -> JobError {
     let done = guard.release().map_err(JobError::from).and_then(|()| {
         audit
-            .append("job.denied", json!({ "job_id": job_id, "reason": reason }))
+            .append(Event::JobDenied, json!({ "job_id": job_id, "reason": reason }))
             .map_err(JobError::from)
     });
     match done {

@@ -22,7 +22,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::audit::AuditError;
+use crate::audit::{AuditError, Event};
 use crate::caps::CapsError;
 use crate::claude::credentials::CredentialError;
 use crate::claude::stream::{RateLimit, Retry, Usage};
@@ -312,12 +312,12 @@ pub enum Status {
 
 impl Status {
     /// The terminal audit event.
-    pub fn event(self) -> &'static str {
+    pub fn event(self) -> Event {
         match self {
-            Status::Completed => "job.completed",
-            Status::Failed => "job.failed",
-            Status::Killed => "job.killed",
-            Status::Cancelled => "job.cancelled",
+            Status::Completed => Event::JobCompleted,
+            Status::Failed => Event::JobFailed,
+            Status::Killed => Event::JobKilled,
+            Status::Cancelled => Event::JobCancelled,
         }
     }
 
@@ -381,8 +381,8 @@ pub struct JobRecord {
     pub kill_reason: Option<String>,
     /// The container's exit code, when it exited by itself.
     pub exit_code: Option<i64>,
-    /// Our process's exit code for this job.
-    pub exit: i32,
+    /// Our process's exit status for this job (its code in JSON).
+    pub exit: Exit,
     pub retries: Vec<Retry>,
     pub rate_limit: Option<RateLimit>,
     pub invalid_lines: Vec<String>,

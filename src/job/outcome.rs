@@ -242,7 +242,7 @@ fn build(
         claude_error,
         kill_reason,
         exit_code,
-        exit: status.exit().code(),
+        exit: status.exit(),
         retries: state.retries.clone(),
         rate_limit: state.rate_limit.clone(),
         invalid_lines: state.invalid_lines.clone(),

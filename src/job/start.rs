@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use super::admit::Admitted;
 use super::prepare::Prepared;
 use super::{joined, prompt_sha256, JobError, JobEvent, Progress};
-use crate::audit::AuditLog;
+use crate::audit::{AuditLog, Event};
 use crate::docker::container;
 use crate::docker::hardening;
 use crate::docker::DockerError;
@@ -89,7 +89,7 @@ pub(super) async fn start(
         let paths = paths.clone();
         let approved = admitted.approved.clone();
         tokio::task::spawn_blocking(move || {
-            AuditLog::new(&paths).append_many(&[("job.approved", approved), ("job.started", started)])
+            AuditLog::new(&paths).append_many(&[(Event::JobApproved, approved), (Event::JobStarted, started)])
         })
     };
     let name = format!("cmm-job-{job_id}");

@@ -13,6 +13,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::{JobError, JobRecord, Status};
+use crate::audit::Event;
 use crate::config::Config;
 use crate::fsutil;
 use crate::paths::Paths;
@@ -100,7 +101,7 @@ pub(super) fn finish(
     snapshot: &Snapshot,
     out: Option<Result<std::fs::File, String>>,
     limit: u64,
-) -> Result<Vec<(&'static str, Value)>, JobError> {
+) -> Result<Vec<(Event, Value)>, JobError> {
     let mut report = WorkspaceReport {
         dir: spec.dir.clone(),
         files_in: snapshot.file_count(),
@@ -149,7 +150,9 @@ pub(super) fn finish(
         }
     } else if spec.apply {
         report.apply_error = Some("nothing to apply: the workspace could not be compared".into());
-        record.exit = record.exit.max(crate::exit::Exit::Failed.code());
+        if record.exit == crate::exit::Exit::Ok {
+            record.exit = crate::exit::Exit::Failed;
+        }
     }
     record.workspace = Some(report);
     Ok(events)
@@ -158,7 +161,7 @@ pub(super) fn finish(
 fn apply(
     record: &mut JobRecord,
     report: &mut WorkspaceReport,
-    events: &mut Vec<(&'static str, Value)>,
+    events: &mut Vec<(Event, Value)>,
     c: &ChangeSet,
     snapshot: &Snapshot,
     spec: &WorkspaceSpec,
@@ -181,7 +184,7 @@ fn apply(
     match workspace::apply(c, snapshot, &spec.dir) {
         Ok(a) => {
             events.push((
-                "workspace.applied",
+                Event::WorkspaceApplied,
                 json!({
                     "job_id": record.job_id,
                     "patch_sha256": c.patch_sha256(),
@@ -196,7 +199,7 @@ fn apply(
             report.apply_error = Some(e.to_string());
             // The job completed; the patch is kept, and the command says
             // it could not be applied.
-            record.exit = e.exit().code();
+            record.exit = e.exit();
         }
     }
 }
