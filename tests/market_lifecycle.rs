@@ -285,11 +285,11 @@ fn a_task_waits_for_its_requester_and_a_lease_without_payload_is_recalled_free()
         .await
         .unwrap();
         rc.close();
-        // Delivered once the coordinator has seen the requester go (left
-        // open: the provider's session and the metrics request itself).
-        assert!(tokio::task::block_in_place(|| server.wait_for(10, |s| s
-            .try_metric("cmm_market_connections")
-            .is_some_and(|n| n <= 2))));
+        // Delivered once the coordinator has seen the requester go (its
+        // session count drops just before it queues the goodbye).
+        assert!(tokio::task::block_in_place(
+            || server.wait_for(10, |s| s.try_metric("cmm_market_sessions") == Some(1))
+        ));
         c1.request(&Request::Deliver {
             task_id: tid.clone(),
             attempt: 2,
@@ -528,11 +528,10 @@ fn offers_outlive_a_short_disconnect_but_not_the_grace_period_and_logins_replace
         c.request(&offer(5)).await.unwrap();
         c.close();
         drop(c);
-        // Back once the coordinator has seen it go (the one connection
-        // left open is the metrics request itself).
-        assert!(tokio::task::block_in_place(|| server.wait_for(10, |s| s
-            .try_metric("cmm_market_connections")
-            .is_some_and(|n| n <= 1))));
+        // Back once the coordinator has seen it go.
+        assert!(tokio::task::block_in_place(
+            || server.wait_for(10, |s| s.try_metric("cmm_market_sessions") == Some(0))
+        ));
         let c = p.connect(&server).await;
         assert_eq!(
             c.request(&Request::Status {}).await.unwrap()["offers"]
