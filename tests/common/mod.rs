@@ -253,7 +253,8 @@ impl Run {
         let mut status = 0;
         // SAFETY: a zeroed rusage is a valid value for wait4 to fill.
         let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        let exited = wait_until(bound, || {
+        // Asked every 5 ms: most cases end in a few milliseconds.
+        let exited = wait_until_every(bound, Duration::from_millis(5), || {
             // SAFETY: waiting on our own child, with valid out-pointers.
             let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
             assert!(r >= 0, "wait4: {}", std::io::Error::last_os_error());
