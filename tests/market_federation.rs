@@ -12,7 +12,7 @@ use claude_max_market::crypto::keys::Identity;
 use claude_max_market::market::client::Client;
 use claude_max_market::market::protocol::{Reason, Request};
 use claude_max_market::{AuditLog, Paths};
-use common::docker::{build_fixture_image, containers_of_job, docker, wait_for_job_container, TOKEN};
+use common::docker::{build_fixture_image, containers_of_job, docker, started_jobs, TOKEN};
 use common::market::{rt, Server};
 use common::{docker_available, secs, wait_some, wait_until, Cmm, Spawned};
 use serde_json::Value;
@@ -335,7 +335,17 @@ fn provider_killed_mid_job_lapses_and_the_other_completes_attempt_two() {
     })
     .expect("no provider started the job");
     let (killed, other) = if first == 1 { (&mut p1, &p2) } else { (&mut p2, &p1) };
-    wait_for_job_container(&killed.home, 0, 30);
+    let container = wait_some(secs(60), || {
+        let job = started_jobs(&killed.home).into_iter().next()?;
+        containers_of_job(&job).into_iter().next()
+    });
+    assert!(
+        container.is_some(),
+        "the job never got its container:\n{}\n{}\n{:?}",
+        killed.stdout(),
+        killed.stderr(),
+        common::docker::audit_events(&killed.home)
+    );
     killed.kill9();
     // Its orphaned job container is ours to remove.
     for e in common::docker::audit_events(&killed.home) {
