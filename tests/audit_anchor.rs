@@ -4,15 +4,14 @@
 //! node's own key (and re-signs the checkpoint with it).
 
 mod common;
-mod market_support;
 
 use claude_max_market::audit::Checkpoint;
 use claude_max_market::crypto::keys::Identity;
 use claude_max_market::market::protocol::{Event, Reason};
 use claude_max_market::market::server::anchor;
 use claude_max_market::Paths;
+use common::market::*;
 use common::Cmm;
-use market_support::*;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 

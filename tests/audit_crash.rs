@@ -18,7 +18,6 @@ mod common;
 use common::*;
 
 use std::collections::{BTreeMap, HashSet};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -133,14 +132,7 @@ fn kill_9_never_leaves_a_change_without_its_event() {
     while landed < 300 && i < 3000 {
         let argv = command(i);
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let mut run = t.cmd(&argv);
-        let child = run
-            .cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = t.cmd(&argv).spawn_silent();
         let delay = Duration::from_micros(rng.gen_range(0..window.as_micros().max(1000) as u64));
         if kill_after(child, delay) {
             landed += 1;

@@ -37,7 +37,7 @@ fn caps_child() {
     ) {
         Ok((r, _)) => {
             // Hold the slot a moment so the others race against it, then
-            // record real usage.
+            // record real usage. A sleep by design: the race is the test.
             std::thread::sleep(std::time::Duration::from_millis(200));
             ledger.commit(&r.id, &spent(120), Local::now()).unwrap();
             println!("RESERVED");
@@ -127,9 +127,7 @@ fn token_and_concurrency_caps_and_stale_reservations() {
     // A reservation of a dead process shows as stale and is reclaimed.
     let state: serde_json::Value = serde_json::from_str(&t.read("usage.json")).unwrap();
     let mut state = state;
-    let mut child = Command::new("true").spawn().unwrap();
-    let dead = child.id();
-    child.wait().unwrap();
+    let dead = dead_pid();
     for r in state["reservations"].as_array_mut().unwrap() {
         r["pid"] = dead.into();
     }

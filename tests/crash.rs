@@ -62,10 +62,9 @@ fn kill_9_during_writes() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while log_len() <= before && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        wait_until_every(Duration::from_secs(10), Duration::from_micros(200), || {
+            log_len() > before
+        });
         if kill_after(child, Duration::from_micros(rng.gen_range(0..4_000))) {
             landed += 1;
         }
@@ -91,14 +90,7 @@ fn kill_9_during_writes() {
             _ => vec!["limits".into(), "--weekly".into(), format!("{}", 10 + i)],
         };
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut run = t.cmd(&argv);
-        let child = run
-            .cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = t.cmd(&argv).spawn_silent();
         if kill_after(child, Duration::from_micros(rng.gen_range(500..6_000))) {
             landed += 1;
         }

@@ -2,12 +2,11 @@
 //! `encrypt_to` / `decrypt`, and the order of checks on untrusted input.
 
 mod common;
-mod crypto_support;
 
 use claude_max_market::crypto::envelope::{decrypt, encrypt_to, CryptoError};
 use claude_max_market::crypto::keys::{Identity, PublicIdentity};
 use claude_max_market::{AuditLog, Paths};
-use crypto_support::{data, file_key_of, reseal_chunk, Layout, CHUNK};
+use common::crypto::{data, file_key_of, reseal_chunk, Layout, CHUNK};
 
 fn identity() -> (tempfile::TempDir, Identity) {
     let home = tempfile::tempdir().unwrap();

@@ -3,15 +3,13 @@
 //! bad input (exit code, message, and no output or temporary file left).
 
 mod common;
-mod crypto_support;
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
+use common::crypto::*;
 use common::*;
-use crypto_support::*;
 use proptest::prelude::*;
 use serde_json::Value;
 
@@ -195,24 +193,16 @@ fn stdout_output_is_held_in_tmpdir_until_it_verifies() {
 /// Wait until process `pid` holds an open file inside `dir`, and return
 /// what `/proc` says it is (an anonymous file reads `DIR/#INODE (deleted)`).
 fn wait_for_open_file_in(pid: u32, dir: &Path) -> String {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let dir = fs::canonicalize(dir).unwrap();
-    loop {
-        let fds = fs::read_dir(format!("/proc/{pid}/fd")).unwrap();
-        for fd in fds.flatten() {
-            if let Ok(target) = fs::read_link(fd.path()) {
-                if target.starts_with(&dir) {
-                    return target.to_string_lossy().into_owned();
-                }
-            }
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no file opened in {}",
-            dir.display()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    wait_some(std::time::Duration::from_secs(30), || {
+        fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .filter_map(|fd| fs::read_link(fd.path()).ok())
+            .find(|target| target.starts_with(&dir))
+            .map(|target| target.to_string_lossy().into_owned())
+    })
+    .unwrap_or_else(|| panic!("no file opened in {}", dir.display()))
 }
 
 #[test]
@@ -231,22 +221,18 @@ fn a_killed_decrypt_leaves_nothing_behind() {
         } else {
             vec!["decrypt", "-i", "-"]
         };
-        let mut cmd = t.cmd(&args).env("TMPDIR", s(spool.path())).cmd;
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null());
-        let mut child = cmd.spawn().unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(&env[..env.len() / 2]).unwrap();
+        let mut child = t.cmd(&args).env("TMPDIR", s(spool.path())).spawn_with_stdin();
+        child.stdin().write_all(&env[..env.len() / 2]).unwrap();
         let held = wait_for_open_file_in(child.id(), if to_file { dir.path() } else { spool.path() });
         assert!(
             held.ends_with("(deleted)"),
             "the output has a name while unverified: {held}"
         );
-        child.kill().unwrap();
-        let done = child.wait_with_output().unwrap();
+        child.kill9();
+        let done = child.wait();
         assert!(done.stdout.is_empty());
         assert!(names_in(dir.path()).is_empty(), "{:?}", names_in(dir.path()));
         assert!(names_in(spool.path()).is_empty(), "{:?}", names_in(spool.path()));
-        drop(stdin);
     }
 }
 

@@ -9,15 +9,14 @@
 //! the job container must not.
 
 mod common;
-mod docker_common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use common::{docker_available, Cmm};
-use docker_common::*;
+use common::docker::*;
+use common::{docker_available, wait_some, Cmm};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -114,20 +113,17 @@ impl Drop for StandIn {
 /// The host reaches the stand-in directly, so "blocked" from the job means
 /// the job's network blocks it, not that the endpoint is down.
 fn echo_from_host(addr: &str) -> String {
-    for _ in 0..50 {
-        if let Ok(mut s) = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2)) {
-            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-            s.write_all(b"ping-host\n").unwrap();
-            s.shutdown(std::net::Shutdown::Write).unwrap();
-            let mut out = String::new();
-            let _ = s.read_to_string(&mut out);
-            if !out.is_empty() {
-                return out;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    String::new()
+    // Until the stand-in answers: it may still be starting.
+    wait_some(Duration::from_secs(10), || {
+        let mut s = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.write_all(b"ping-host\n").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        (!out.is_empty()).then_some(out)
+    })
+    .unwrap_or_default()
 }
 
 /// A service on the host listening on all interfaces, counting who connects.

@@ -3,25 +3,14 @@
 //! and no container left behind.
 
 mod common;
-mod docker_common;
 
-use common::{docker_available, Cmm, Output};
-use docker_common::*;
+use common::docker::*;
+use common::{docker_available, secs, wait_until, Cmm, Output, Spawned};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 fn execute(t: &Cmm, prompt: &str, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "execute",
-        "--json",
-        "--approve-all",
-        "--image",
-        FAKE_IMAGE,
-        "--prompt",
-        prompt,
-    ];
-    args.extend_from_slice(extra);
-    t.run(&args)
+    fake_execute(t, prompt, extra).run()
 }
 
 /// Common checks for a job that started: record on disk (0600) equal to the
@@ -330,36 +319,24 @@ fn ctrl_c_removes_the_container_and_releases_the_reservation() {
     }
     fake_image();
     let t = job_env();
-    let mut run = t.cmd(&[
-        "execute",
-        "--json",
-        "--approve-all",
-        "--image",
-        FAKE_IMAGE,
-        "--prompt",
-        "scenario:hang",
-    ]);
-    run.cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let child = run.cmd.spawn().unwrap();
-    // Wait until the job's container exists.
-    let t0 = std::time::Instant::now();
-    let id = loop {
-        let events = audit_events(&t);
-        if let Some(s) = events_named(&events, "job.started").first() {
-            let id = s["job_id"].as_str().unwrap().to_string();
-            if !containers_of_job(&id).is_empty() {
-                break id;
-            }
-        }
-        assert!(t0.elapsed().as_secs() < 30, "job never started");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    let child = fake_execute(&t, "scenario:hang", &[]).spawn();
+    let (id, container) = wait_for_job_container(&t, 0, 30);
+    // Interrupted once its container runs (not while it is being created).
+    assert!(
+        wait_until(secs(30), || docker(&[
+            "inspect",
+            "--format",
+            "{{.State.Running}}",
+            &container
+        ])
+        .1
+        .trim()
+            == "true"),
+        "the job's container never ran"
+    );
+    child.signal(libc::SIGINT);
+    let out = child.wait();
+    assert_eq!(out.status, 130, "{}", out.stderr);
     let terminal = terminal_event(&t, &id);
     assert_eq!(terminal["event"], "job.cancelled");
     assert!(containers_of_job(&id).is_empty(), "container removed");
@@ -570,31 +547,12 @@ fn docker_build_labels_the_image_and_shows_the_failing_step() {
     t.run(&["docker", "build", "--context", "/nonexistent/ctx"]).code(2);
 }
 
-/// `execute` in the background with stdout piped, for tests that act on
-/// what it prints as the job runs.
-fn spawn_execute(t: &Cmm, prompt: &str, extra: &[&str]) -> std::process::Child {
+/// `execute` in the background, for tests that act on what it prints as
+/// the job runs.
+fn spawn_execute(t: &Cmm, prompt: &str, extra: &[&str]) -> Spawned {
     let mut args = vec!["execute", "--approve-all", "--image", FAKE_IMAGE, "--prompt", prompt];
     args.extend_from_slice(extra);
-    let mut run = t.cmd(&args);
-    run.cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    run.cmd.spawn().unwrap()
-}
-
-/// Read the child's stdout until a line contains `needle`; the reader is
-/// handed back so the rest can be drained.
-fn wait_for_line(out: std::process::ChildStdout, needle: &str) -> std::io::BufReader<std::process::ChildStdout> {
-    use std::io::BufRead;
-    let mut r = std::io::BufReader::new(out);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(r.read_line(&mut line).unwrap() > 0, "stdout ended before `{needle}`");
-        if line.contains(needle) {
-            return r;
-        }
-    }
+    t.cmd(&args).spawn()
 }
 
 #[test]
@@ -736,12 +694,11 @@ fn usage_reported_before_a_cancel_or_a_timeout_is_counted() {
     let t = job_env();
     // Ctrl-C while the answer is still streaming: the API already reported
     // the usage of the message, and it counts.
-    let mut child = spawn_execute(&t, "scenario:stall", &["--output-format", "stream-json"]);
-    let rest = wait_for_line(child.stdout.take().unwrap(), "\"streaming\"");
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    drop(rest);
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    let child = spawn_execute(&t, "scenario:stall", &["--output-format", "stream-json"]);
+    child.expect_stdout(60, "the streaming status", |l| l.contains("\"streaming\""));
+    child.signal(libc::SIGINT);
+    let out = child.wait();
+    assert_eq!(out.status, 130, "{}", out.stderr);
     let id = events_named(&audit_events(&t), "job.started")[0]["job_id"]
         .as_str()
         .unwrap()
@@ -796,15 +753,7 @@ fn a_refused_credential_ends_the_job_at_once_with_a_hint_for_its_kind() {
         .stderr_has("claude setup-token");
     // An API key gets the hint for API keys.
     let k = Cmm::opted_in().env("ANTHROPIC_API_KEY", "sk-ant-api03-not-a-real-key");
-    let out = k.run(&[
-        "execute",
-        "--json",
-        "--approve-all",
-        "--image",
-        FAKE_IMAGE,
-        "--prompt",
-        "scenario:refused-login",
-    ]);
+    let out = execute(&k, "scenario:refused-login", &[]);
     out.code(1);
     let r = out.json();
     assert_eq!(r["status"], "failed");

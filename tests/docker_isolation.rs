@@ -4,14 +4,11 @@
 //! our containers. Tests here take turns: they count containers globally.
 
 mod common;
-mod docker_common;
 
-use std::process::{Child, Stdio};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
-use common::{docker_available, Cmm};
-use docker_common::*;
+use common::docker::*;
+use common::{docker_available, secs, wait_some, wait_until, Cmm, Spawned};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -21,40 +18,13 @@ fn turn() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn spawn_execute(t: &Cmm, prompt: &str) -> Child {
-    let mut run = t.cmd(&[
-        "execute",
-        "--json",
-        "--approve-all",
-        "--image",
-        FAKE_IMAGE,
-        "--prompt",
-        prompt,
-    ]);
-    run.cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdin(Stdio::null());
-    run.cmd.spawn().expect("spawn execute")
+fn spawn_execute(t: &Cmm, prompt: &str) -> Spawned {
+    fake_execute(t, prompt, &[]).spawn()
 }
 
 /// Wait for the job's container; returns (job id, container id).
 fn wait_for_container(t: &Cmm) -> (String, String) {
-    let t0 = Instant::now();
-    loop {
-        let events = audit_events(t);
-        if let Some(s) = events_named(&events, "job.started").first() {
-            let id = s["job_id"].as_str().unwrap().to_string();
-            if let Some(c) = containers_of_job(&id).first() {
-                return (id, c.clone());
-            }
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "the job's container never appeared"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_job_container(t, 0, 30)
 }
 
 fn all_files(dir: &std::path::Path, out: &mut Vec<(String, Vec<u8>)>) {
@@ -80,20 +50,17 @@ fn the_canary_token_appears_nowhere_and_the_container_is_hardened() {
     let child = spawn_execute(&t, "scenario:canary");
     // The job holds its container for a few seconds; a busy engine can list a
     // container a moment before it answers `inspect` for it, so retry briefly.
-    let t0 = Instant::now();
-    let (job_id, inspect) = loop {
+    let mut err = String::new();
+    let (job_id, inspect) = wait_some(secs(30), || {
         let (job_id, cid) = wait_for_container(&t);
-        let (ok, inspect, err) = docker(&["inspect", &cid]);
-        if ok {
-            break (job_id, inspect);
-        }
-        assert!(t0.elapsed() < Duration::from_secs(30), "docker inspect: {err}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+        let (ok, inspect, e) = docker(&["inspect", &cid]);
+        err = e;
+        ok.then_some((job_id, inspect))
+    })
+    .unwrap_or_else(|| panic!("docker inspect: {err}"));
+    let out = child.wait();
+    let (stdout, stderr) = (out.stdout, out.stderr);
+    assert_eq!(out.status, 0, "{stdout}\n{stderr}");
 
     // The fake claude proves it got the token, by hash, in the right variable.
     let v: Value = serde_json::from_str(&stdout).unwrap();
@@ -270,15 +237,15 @@ fn twenty_parallel_jobs_with_a_daily_cap_of_five_run_exactly_five() {
     // race to make it (the losers must use the winner's, never a half-made
     // one). The isolation tests take turns, so no job of ours uses it now.
     remove_relay_copies();
-    let children: Vec<Child> = (0..20)
+    let children: Vec<Spawned> = (0..20)
         .map(|i| spawn_execute(&t, &format!("scenario:ok job {i}")))
         .collect();
     let mut codes: Vec<i32> = Vec::new();
     for c in children {
-        let out = c.wait_with_output().unwrap();
-        let code = out.status.code().unwrap_or(-1);
+        let out = c.wait();
+        let code = out.status;
         if code != 0 && code != 3 {
-            panic!("unexpected exit {code}: {}", String::from_utf8_lossy(&out.stderr));
+            panic!("unexpected exit {code}: {}", out.stderr);
         }
         codes.push(code);
     }
@@ -302,10 +269,7 @@ fn twenty_parallel_jobs_with_a_daily_cap_of_five_run_exactly_five() {
         .map(|e| e["job_id"].as_str().unwrap().to_string())
         .collect();
     let left = |jobs: &[String]| jobs.iter().flat_map(|j| containers_of_job(j)).collect::<Vec<_>>();
-    let t0 = Instant::now();
-    while !left(&jobs).is_empty() && t0.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(secs(10), || left(&jobs).is_empty());
     assert!(left(&jobs).is_empty(), "no container left: {:?}", left(&jobs));
 }
 
@@ -322,14 +286,8 @@ fn opt_out_stops_running_job_containers() {
     let v = t.run(&["opt-out", "--yes", "--json"]).code(0).json();
     assert_eq!(v["containers_stopped"], 1);
     assert!(containers_of_job(&job_id).is_empty());
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = child.wait();
+    assert_eq!(out.status, 1, "{}{}", out.stdout, out.stderr);
     let terminal = terminal_event(&t, &job_id);
     assert_eq!(terminal["event"], "job.failed");
     assert!(job_record(&t, &job_id)["error"]
@@ -374,8 +332,8 @@ fn a_job_of_one_install_outlives_another_install_s_opt_out_and_clean() {
     // A's own opt-out stops it.
     let v = a.run(&["opt-out", "--yes", "--json"]).code(0).json();
     assert_eq!(v["containers_stopped"], 1);
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = child.wait();
+    assert_eq!(out.status, 1, "{}", out.stderr);
     assert!(containers_of_job(&job_id).is_empty());
     // The container carried A's install id.
     assert_eq!(job_record(&a, &job_id)["status"], "failed");

@@ -9,14 +9,13 @@
 //! mechanics are exercised in seconds.
 
 mod common;
-mod docker_common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
+use common::docker::{docker, image_exists, job_env};
 use common::{docker_available, Cmm, Output};
-use docker_common::{docker, image_exists, job_env};
 use serde_json::Value;
 
 const IMAGE_LABEL: &str = "dev.claude-max-market.image";

@@ -4,31 +4,25 @@
 //! is unchanged. Refusals happen before anything runs.
 
 mod common;
-mod docker_common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
-use common::{docker_available, Cmm, Output};
-use docker_common::*;
+use common::docker::*;
+use common::{docker_available, secs, wait_some, wait_until, Cmm, Output, Run};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-fn execute(t: &Cmm, dir: &Path, prompt: &str, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "execute",
-        "--json",
-        "--approve-all",
-        "--image",
-        FAKE_IMAGE,
-        "--workspace",
-        dir.to_str().unwrap(),
-        "--prompt",
-        prompt,
-    ];
+/// `execute` of `prompt` on the fake image with `dir` as its workspace.
+fn ws_execute(t: &Cmm, dir: &Path, prompt: &str, extra: &[&str]) -> Run {
+    let mut args = vec!["--workspace", dir.to_str().unwrap()];
     args.extend_from_slice(extra);
-    t.run(&args)
+    fake_execute(t, prompt, &args)
+}
+
+fn execute(t: &Cmm, dir: &Path, prompt: &str, extra: &[&str]) -> Output {
+    ws_execute(t, dir, prompt, extra).run()
 }
 
 /// A small project: tracked files, an ignored build directory, a `.git`.
@@ -199,31 +193,16 @@ fn apply_writes_the_changes_into_an_unchanged_dir_and_refuses_a_changed_one() {
 
     // DIR changes while the job runs: nothing is applied, the patch is kept.
     let dir = project();
-    let mut run = t.cmd(&[
-        "execute",
-        "--json",
-        "--approve-all",
-        "--image",
-        FAKE_IMAGE,
-        "--workspace",
-        dir.path().to_str().unwrap(),
-        "--apply",
-        "--prompt",
-        "scenario:workspace pause=3",
-    ]);
-    run.cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let child = run.cmd.spawn().unwrap();
-    let t0 = std::time::Instant::now();
-    while events_named(&audit_events(&t), "job.started").len() < 2 {
-        assert!(t0.elapsed().as_secs() < 30, "job never started");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let run = ws_execute(&t, dir.path(), "scenario:workspace pause=3", &["--apply"]);
+    let child = run.spawn();
+    assert!(
+        wait_until(secs(30), || started_jobs(&t).len() >= 2),
+        "job never started"
+    );
     std::fs::write(dir.path().join("README.md"), "# edited by the user meanwhile\n").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = child.wait();
+    assert_eq!(out.status, 3, "{}", out.stderr);
+    let r: Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(r["status"], "completed");
     assert!(
         r["workspace"]["apply_error"]
@@ -306,39 +285,19 @@ fn the_workspace_is_size_limited_inside_and_comes_back_from_a_cancelled_job() {
     );
 
     // Ctrl-C mid-job: the workspace still comes back, with what it held.
-    let mut run = t.cmd(&[
-        "execute",
-        "--json",
-        "--approve-all",
-        "--image",
-        FAKE_IMAGE,
-        "--workspace",
-        dir.path().to_str().unwrap(),
-        "--output-format",
-        "stream-json",
-        "--prompt",
-        "scenario:wshang",
-    ]);
-    run.cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let child = run.cmd.spawn().unwrap();
-    let t0 = std::time::Instant::now();
-    let id = loop {
-        if let Some(s) = events_named(&audit_events(&t), "job.started").get(1) {
-            break s["job_id"].as_str().unwrap().to_string();
-        }
-        assert!(t0.elapsed().as_secs() < 30, "job never started");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    // Give the job a moment to write before it is stopped.
-    while !docker(&["logs", &format!("cmm-job-{id}")]).1.contains("streaming") {
-        assert!(t0.elapsed().as_secs() < 30, "job never streamed");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    let run = ws_execute(&t, dir.path(), "scenario:wshang", &["--output-format", "stream-json"]);
+    let child = run.spawn();
+    let id = wait_some(secs(30), || started_jobs(&t).into_iter().nth(1)).expect("job never started");
+    // Stopped once the job has written (it says so in its log).
+    assert!(
+        wait_until(secs(30), || docker(&["logs", &format!("cmm-job-{id}")])
+            .1
+            .contains("streaming")),
+        "job never streamed"
+    );
+    child.signal(libc::SIGINT);
+    let out = child.wait();
+    assert_eq!(out.status, 130, "{}", out.stderr);
     let rec = job_record(&t, &id);
     assert_eq!(rec["status"], "cancelled");
     assert_eq!(change(&rec["changes"], "partial.txt")["change"], "added");

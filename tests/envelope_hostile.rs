@@ -10,12 +10,11 @@
 //! tests that run in parallel.
 
 mod common;
-mod crypto_support;
 
 use std::fs;
 
+use common::crypto::*;
 use common::Cmm;
-use crypto_support::*;
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 

@@ -119,22 +119,16 @@ fn opt_in_bad_cap_is_a_usage_error_and_changes_nothing() {
 #[test]
 fn interactive_opt_in_on_a_terminal() {
     let t = Cmm::new();
-    let out = std::process::Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pty_run.py"))
-        .args([
+    let out = t.on_terminal(
+        &[
             "accept these terms?=y",
             "market jobs=n",
             "Jobs per day=4",
             "Token cap per job=",
-            "--",
-            BIN,
-            "opt-in",
-        ])
-        .env("CMM_HOME", t.path())
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+        ],
+        &["opt-in"],
+    );
+    let text = &out.stdout;
     assert!(text.contains("EXIT 0"), "{text}");
     assert!(text.contains("USAGE POLICY") || text.contains("Usage policy"), "{text}");
     let s = t.run(&["status", "--json"]).code(0).json();
@@ -147,13 +141,8 @@ fn interactive_opt_in_on_a_terminal() {
 
     // Declining records nothing.
     let t2 = Cmm::new();
-    let out = std::process::Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pty_run.py"))
-        .args(["accept these terms?=n", "--", BIN, "opt-in"])
-        .env("CMM_HOME", t2.path())
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("EXIT 3"));
+    let out = t2.on_terminal(&["accept these terms?=n"], &["opt-in"]);
+    assert!(out.stdout.contains("EXIT 3"), "{}", out.stdout);
     assert!(snapshot(&t2).is_empty());
 }
 
@@ -472,33 +461,23 @@ fn logs_tail_since_json_and_follow() {
     );
     t.run(&["logs", "--since", "yesterday"]).code(2).stderr_has("RFC 3339");
 
-    // --follow prints lines that another process appends.
-    let mut child = t
-        .cmd(&["logs", "--follow", "--tail", "0", "--json"])
-        .cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(400));
-    t.run(&["config", "--set", "limits.dailyTasks=42"]).code(0);
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut r = std::io::BufReader::new(stdout);
-        let mut line = String::new();
-        r.read_line(&mut line).unwrap();
-        tx.send(line).unwrap();
-    });
-    let line = rx
-        .recv_timeout(std::time::Duration::from_secs(10))
-        .expect("follow printed the new line");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    // --follow prints lines that another process appends. It prints
+    // nothing until then, so the test cannot see when it is watching:
+    // append (a new value each time) until a line comes.
+    let mut child = t.cmd(&["logs", "--follow", "--tail", "0", "--json"]).spawn();
+    let mut set = 41;
+    let line = wait_some(secs(20), || {
+        set += 1;
+        t.run(&["config", "--set", &format!("limits.dailyTasks={set}")]).code(0);
+        child.stdout_line(std::time::Duration::from_millis(500), |_| true)
+    })
+    .expect("follow printed the new line");
+    child.kill9();
     let v: Value = serde_json::from_str(&line).unwrap();
     assert_eq!(v["event"], "config.changed");
-    assert_eq!(v["new"], 42);
+    assert!((42..=set).contains(&v["new"].as_i64().unwrap()), "{v}");
+    // Exactly the bytes of a line in the log.
+    assert!(t.read("audit.jsonl").lines().any(|l| l == line), "{line}");
 }
 
 fn edit_log(t: &Cmm, f: impl FnOnce(Vec<String>) -> Vec<String>) {

@@ -10,11 +10,9 @@ mod common;
 use common::*;
 
 use std::ffi::{OsStr, OsString};
-use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Longest any hostile case may take (a debug build on a loaded machine;
 /// the reads are capped near 1 MiB, so each takes milliseconds).
@@ -24,83 +22,19 @@ const TIME_BOUND: Duration = Duration::from_secs(20);
 /// well under a second.
 const RSS_BOUND_KIB: i64 = 128 * 1024;
 
-struct Outcome {
-    code: i32,
-    stderr: Vec<u8>,
-    peak_rss_kib: i64,
-    elapsed: Duration,
-}
-
 enum Stdin {
     Null,
     /// This many bytes of `a`, written until the binary stops reading.
     Endless,
 }
 
-/// Run the binary with raw OS-string arguments, killing it at the time
-/// bound; the peak RSS comes from `wait4`, which also reaps the child.
-#[allow(clippy::zombie_processes)]
-fn run_raw(t: &Cmm, args: &[OsString], env: &[(&str, &str)], stdin: Stdin) -> Outcome {
-    let mut c = Command::new(BIN);
-    for (k, _) in std::env::vars() {
-        if ["CMM_", "CLAUDE_", "ANTHROPIC_"].iter().any(|p| k.starts_with(p)) {
-            c.env_remove(&k);
-        }
-    }
-    c.env("CMM_HOME", t.path()).env("NO_COLOR", "1").args(args);
+/// Run the binary with raw OS-string arguments, failing at the time bound.
+fn run_raw(t: &Cmm, args: &[OsString], env: &[(&str, &str)], stdin: Stdin) -> Bounded {
+    let mut run = t.cmd_os(args);
     for (k, v) in env {
-        c.env(k, v);
+        run = run.env(k, v);
     }
-    c.stdout(Stdio::null()).stderr(Stdio::piped());
-    c.stdin(match stdin {
-        Stdin::Null => Stdio::null(),
-        Stdin::Endless => Stdio::piped(),
-    });
-    let start = Instant::now();
-    let mut child = c.spawn().expect("spawn claude-max-market");
-    if let Some(mut sin) = child.stdin.take() {
-        std::thread::spawn(move || {
-            let block = vec![b'a'; 64 << 10];
-            while sin.write_all(&block).is_ok() {}
-        });
-    }
-    let mut err = child.stderr.take().expect("piped stderr");
-    let reader = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: a zeroed rusage is a valid value for wait4 to fill.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    loop {
-        // SAFETY: waiting on our own child, with valid out-pointers.
-        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
-        if r == pid {
-            break;
-        }
-        assert!(r == 0, "wait4: {}", std::io::Error::last_os_error());
-        if start.elapsed() > TIME_BOUND {
-            let _ = child.kill();
-            // SAFETY: as above; reap the killed child.
-            unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-            panic!("{args:?} still running after {TIME_BOUND:?}: it hangs");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let elapsed = start.elapsed();
-    let code = if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else {
-        128 + libc::WTERMSIG(status)
-    };
-    Outcome {
-        code,
-        stderr: reader.join().unwrap(),
-        peak_rss_kib: usage.ru_maxrss,
-        elapsed,
-    }
+    run.run_bounded(TIME_BOUND, matches!(stdin, Stdin::Endless))
 }
 
 /// Every file under `dir` with its bytes (lock files are empty; they may be
@@ -433,9 +367,7 @@ fn stale_temporaries_are_swept_under_the_lock_and_live_ones_kept() {
     t.run(&["config", "--set", "limits.dailyTasks=3"]).code(0);
     // Left by writers killed before their rename: one whose pid is gone,
     // and one so old that its pid no longer says anything.
-    let mut child = Command::new("true").spawn().unwrap();
-    let gone = child.id();
-    child.wait().unwrap();
+    let gone = dead_pid();
     let dead = t.file(&format!(".tmp-{gone}-AbCdEf"));
     std::fs::write(&dead, b"half a config").unwrap();
     let ancient = t.file(".tmp-Zy12Xw");

@@ -4,13 +4,12 @@
 //! serving other people's tasks on a subscription login.
 
 mod common;
-mod market_support;
 
 use std::time::Duration;
 
 use claude_max_market::market::protocol::{Event, Reason, Request};
+use common::market::*;
 use common::Cmm;
-use market_support::*;
 use serde_json::Value;
 
 fn task_id(v: &Value) -> String {
@@ -280,6 +279,7 @@ fn a_requester_cannot_frame_a_provider() {
         // and may take the task again.
         let tid = task_id(&rc.request(&post(20)).await.unwrap());
         pc.request(&accept(&tid, 1)).await.unwrap();
+        // A sleep by design: the payload grace (300 ms) must run out.
         tokio::time::sleep(Duration::from_millis(500)).await;
         pc.request(&abandon(&tid, 1)).await.unwrap();
         let st = pc.request(&Request::Status {}).await.unwrap();

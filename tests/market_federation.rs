@@ -4,21 +4,17 @@
 //! the real Docker engine.
 
 mod common;
-mod docker_common;
-mod market_support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use claude_max_market::crypto::keys::Identity;
 use claude_max_market::market::client::Client;
 use claude_max_market::market::protocol::{Reason, Request};
 use claude_max_market::{AuditLog, Paths};
-use common::{docker_available, Cmm};
-use docker_common::{build_fixture_image, containers_of_job, docker, TOKEN};
-use market_support::{rt, Server};
+use common::docker::{build_fixture_image, containers_of_job, docker, started_jobs, TOKEN};
+use common::market::{rt, Server};
+use common::{docker_available, secs, wait_some, wait_until, Cmm, Spawned};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -43,43 +39,11 @@ fn node_id(home: &Cmm) -> String {
         .to_string()
 }
 
-/// Lines of a child's output, as they come.
-type Lines = Arc<Mutex<Vec<String>>>;
-
-/// Read a child's stdout (JSON lines) or stderr (text lines) into a list.
-fn collect<R: std::io::Read + Send + 'static>(r: R) -> Lines {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let l2 = lines.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines().map_while(Result::ok) {
-            l2.lock().unwrap().push(line);
-        }
-    });
-    lines
-}
-
-fn wait_line(lines: &Lines, secs: u64, what: &str, pred: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(l) = lines.lock().unwrap().iter().find(|l| pred(l)) {
-            return l.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {what} within {secs}s; got:\n{}",
-            lines.lock().unwrap().join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// `advertise --auto-accept` running the fake image.
 struct Provider {
     home: Cmm,
     node_id: String,
-    child: Option<Child>,
-    out: Lines,
-    err: Lines,
+    child: Spawned,
 }
 
 impl Provider {
@@ -95,7 +59,7 @@ impl Provider {
         home.run(&["config", "--set", "limits.maxTokensPerTask=40000"]).code(0);
         setup(&home);
         let node_id = node_id(&home);
-        let mut cmd = home
+        let child = home
             .cmd(&[
                 "--json",
                 "advertise",
@@ -109,64 +73,41 @@ impl Provider {
                 "--endpoint",
                 &server.endpoint,
             ])
-            .cmd;
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn advertise");
-        let out = collect(child.stdout.take().unwrap());
-        let err = collect(child.stderr.take().unwrap());
-        let p = Provider {
-            home,
-            node_id,
-            child: Some(child),
-            out,
-            err,
-        };
+            .spawn();
+        let p = Provider { home, node_id, child };
         p.wait(20, "offer", |v| v["event"] == "offer");
         p
     }
 
+    #[track_caller]
     fn wait(&self, secs: u64, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let l = wait_line(&self.out, secs, what, |l| {
-            serde_json::from_str::<Value>(l).is_ok_and(|v| pred(&v))
-        });
-        serde_json::from_str(&l).unwrap()
+        self.child.expect_json(secs, what, pred)
     }
 
     fn events(&self, name: &str) -> Vec<Value> {
-        self.out
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        self.child
+            .json_lines()
+            .into_iter()
             .filter(|v| v["event"] == name)
             .collect()
     }
 
     fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.child.kill9();
     }
 
     /// Ctrl-C, and the exit code.
     fn interrupt(&mut self) -> i32 {
-        let mut c = self.child.take().expect("running provider");
-        // SAFETY: signalling our own child.
-        unsafe {
-            libc::kill(c.id() as i32, libc::SIGINT);
-        }
-        c.wait().expect("wait").code().unwrap_or(-1)
+        self.child.signal(libc::SIGINT);
+        self.child.wait_code()
+    }
+
+    fn stdout(&self) -> String {
+        self.child.stdout_text()
     }
 
     fn stderr(&self) -> String {
-        self.err.lock().unwrap().join("\n")
-    }
-}
-
-impl Drop for Provider {
-    fn drop(&mut self) {
-        self.kill9();
+        self.child.stderr_text()
     }
 }
 
@@ -199,19 +140,14 @@ fn bid<'a>(server: &'a Server, prompt: &'a str, extra: &[&'a str]) -> Vec<&'a st
     args
 }
 
-/// `bid --wait` in the background: the child and its stdout and stderr lines.
-fn spawn_bid(requester: &Cmm, server: &Server, prompt: &str) -> (Child, Lines, Lines) {
-    let mut cmd = requester.cmd(&bid(server, prompt, &[])).cmd;
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn bid");
-    let out = collect(child.stdout.take().unwrap());
-    let err = collect(child.stderr.take().unwrap());
-    (child, out, err)
+/// `bid --wait` in the background.
+fn spawn_bid(requester: &Cmm, server: &Server, prompt: &str) -> Spawned {
+    requester.cmd(&bid(server, prompt, &[])).spawn()
 }
 
 /// The task id from a `bid` progress line `posted t-...; N RUV locked ...`.
-fn posted_task_id(err: &Lines) -> String {
-    let posted = wait_line(err, 30, "posted", |l| l.starts_with("posted "));
+fn posted_task_id(bid: &Spawned) -> String {
+    let posted = bid.expect_stderr(30, "posted", |l| l.starts_with("posted "));
     posted
         .split_whitespace()
         .nth(1)
@@ -297,7 +233,7 @@ fn happy_path_settles_exactly_and_the_coordinator_never_sees_plaintext() {
     server.verify();
 
     // The job went through the pipeline on the provider, as a market job.
-    let events = docker_common::audit_events(&ran.home);
+    let events = common::docker::audit_events(&ran.home);
     let started: Vec<_> = events.iter().filter(|e| e["event"] == "job.started").collect();
     assert_eq!(started.len(), 1);
     assert_eq!(started[0]["source"], "market");
@@ -325,7 +261,7 @@ fn happy_path_settles_exactly_and_the_coordinator_never_sees_plaintext() {
         let hits = dir_contains(ran.home.path(), needle);
         assert!(hits.is_empty(), "provider files hold plaintext: {hits:?}");
     }
-    assert!(!p1.out.lock().unwrap().join("\n").contains(&secret));
+    assert!(!p1.stdout().contains(&secret));
 }
 
 #[test]
@@ -359,7 +295,7 @@ fn a_failing_job_is_reported_reoffered_and_refunded_after_the_last_attempt() {
     let mut reported = 0;
     for p in [&p1, &p2] {
         assert_eq!(status(&p.home, &server)["balance"], 1000);
-        let events = docker_common::audit_events(&p.home);
+        let events = common::docker::audit_events(&p.home);
         reported += events
             .iter()
             .filter(|e| e["event"] == "market.abandoned" && e["reason"] == "failed")
@@ -367,7 +303,7 @@ fn a_failing_job_is_reported_reoffered_and_refunded_after_the_last_attempt() {
         audit_verifies(&p.home);
     }
     assert_eq!(reported, 2, "each failure is reported, not dropped");
-    let events = docker_common::audit_events(&requester);
+    let events = common::docker::audit_events(&requester);
     assert!(events.iter().any(|e| e["event"] == "market.refunded"));
     audit_verifies(&requester);
     server.verify();
@@ -385,37 +321,43 @@ fn provider_killed_mid_job_lapses_and_the_other_completes_attempt_two() {
     let requester = Cmm::new();
     let secret = canary("kill");
     let prompt = format!("scenario:slowecho {secret}");
-    let (mut child, out, err) = spawn_bid(&requester, &server, &prompt);
-    wait_line(&err, 30, "running", |l| l.contains("running on node"));
+    let child = spawn_bid(&requester, &server, &prompt);
+    child.expect_stderr(30, "running", |l| l.contains("running on node"));
     // Whichever provider runs it is killed once its job has started.
-    let first = {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if p1.events("running").len() == 1 {
-                break 1;
-            }
-            if p2.events("running").len() == 1 {
-                break 2;
-            }
-            assert!(Instant::now() < deadline, "no provider started the job");
-            std::thread::sleep(Duration::from_millis(20));
+    let first = wait_some(secs(20), || {
+        if p1.events("running").len() == 1 {
+            Some(1)
+        } else if p2.events("running").len() == 1 {
+            Some(2)
+        } else {
+            None
         }
-    };
+    })
+    .expect("no provider started the job");
     let (killed, other) = if first == 1 { (&mut p1, &p2) } else { (&mut p2, &p1) };
-    std::thread::sleep(Duration::from_millis(300));
+    let container = wait_some(secs(60), || {
+        let job = started_jobs(&killed.home).into_iter().next()?;
+        containers_of_job(&job).into_iter().next()
+    });
+    assert!(
+        container.is_some(),
+        "the job never got its container:\n{}\n{}\n{:?}",
+        killed.stdout(),
+        killed.stderr(),
+        common::docker::audit_events(&killed.home)
+    );
     killed.kill9();
     // Its orphaned job container is ours to remove.
-    for e in docker_common::audit_events(&killed.home) {
+    for e in common::docker::audit_events(&killed.home) {
         if e["event"] == "job.started" {
             for c in containers_of_job(e["job_id"].as_str().unwrap()) {
                 docker(&["rm", "-f", &c]);
             }
         }
     }
-    let status_code = child.wait().expect("bid exits").code();
-    std::thread::sleep(Duration::from_millis(100));
-    let stdout = out.lock().unwrap().join("\n");
-    assert_eq!(status_code, Some(0), "{stdout}\n{}", err.lock().unwrap().join("\n"));
+    let out = child.wait();
+    let stdout = out.stdout;
+    assert_eq!(out.status, 0, "{stdout}\n{}", out.stderr);
     let v: Value = serde_json::from_str(&stdout).expect("bid --json");
     assert_eq!(v["attempt"], 2, "attempt 2 delivered the result");
     assert_eq!(v["provider"], other.node_id.as_str());
@@ -454,31 +396,25 @@ fn an_offline_requester_fetches_the_result_later() {
     let requester = Cmm::new();
     let secret = canary("offline");
     let prompt = format!("scenario:slowecho {secret}");
-    let (mut child, _, err) = spawn_bid(&requester, &server, &prompt);
-    let task_id = posted_task_id(&err);
-    wait_line(&err, 30, "running", |l| l.contains("running on node"));
-    let _ = child.kill();
-    let _ = child.wait();
+    let mut child = spawn_bid(&requester, &server, &prompt);
+    let task_id = posted_task_id(&child);
+    child.expect_stderr(30, "running", |l| l.contains("running on node"));
+    child.kill9();
     assert!(
         pending_file(&requester, &task_id).exists(),
         "an interrupted `bid --wait` leaves its prompt for `market result`"
     );
     // The result arrives while the requester is away.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let st = status(&requester, &server);
-        let state = st["tasks"][0]["state"].clone();
-        if state == "delivered" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never delivered: {st:#}\nprovider: {}\n{}",
-            _p1.out.lock().unwrap().join("\n"),
-            _p1.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let mut st = Value::Null;
+    assert!(
+        wait_until(secs(30), || {
+            st = status(&requester, &server);
+            st["tasks"][0]["state"] == "delivered"
+        }),
+        "never delivered: {st:#}\nprovider: {}\n{}",
+        _p1.stdout(),
+        _p1.stderr()
+    );
     let out = requester.run(&["--json", "market", "result", &task_id, "--endpoint", &server.endpoint]);
     out.code(0);
     let v = out.json();
@@ -514,15 +450,8 @@ fn a_provider_at_its_cap_declines_and_one_that_opted_out_gets_nothing() {
         .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
         .run()
         .code(0);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let code = loop {
-        if let Some(c) = gone.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-            break c.code();
-        }
-        assert!(Instant::now() < deadline, "advertise did not stop on opt-out");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(code, Some(3), "opt-out stops advertising (exit 3)");
+    let code = wait_some(secs(10), || gone.child.exited()).expect("advertise did not stop on opt-out");
+    assert_eq!(code, 3, "opt-out stops advertising (exit 3)");
     let requester = Cmm::new();
     let out = requester.run(&bid(&server, "scenario:echo capped", &["--deadline", "3"]));
     out.code(1);
@@ -530,7 +459,7 @@ fn a_provider_at_its_cap_declines_and_one_that_opted_out_gets_nothing() {
     let offered = capped.wait(10, "declined offer", |e| e["event"] == "task_offered");
     assert_eq!(offered["accept"], false);
     assert!(offered["declined"].as_str().unwrap().contains("daily"), "{offered:#}");
-    let events = docker_common::audit_events(&capped.home);
+    let events = common::docker::audit_events(&capped.home);
     assert!(events.iter().any(|e| e["event"] == "market.declined"));
     assert!(!events.iter().any(|e| e["event"] == "job.started"));
     assert!(
@@ -583,7 +512,7 @@ fn a_provider_reserves_its_cap_when_it_takes_an_offer_so_two_offers_cannot_both_
     );
     // No attempt failed for want of room: the reservation held from the offer.
     assert!(p.events("abandoned").is_empty(), "{:#?}", p.events("abandoned"));
-    let events = docker_common::audit_events(&p.home);
+    let events = common::docker::audit_events(&p.home);
     assert_eq!(events.iter().filter(|e| e["event"] == "job.started").count(), 1);
     let usage = p.home.run(&["--json", "status"]).code(0).json();
     assert_eq!(
@@ -754,7 +683,7 @@ fn a_payload_altered_in_transit_is_refused_before_decryption_and_nothing_settles
     assert!(proxy.flipped() >= 1, "the proxy altered the payload");
     assert!(out.stderr.contains("refunded 20 RUV"), "{}", out.stderr);
     assert!(!out.stdout.contains(&secret));
-    let events = docker_common::audit_events(&p1.home);
+    let events = common::docker::audit_events(&p1.home);
     let refused: Vec<_> = events
         .iter()
         .filter(|e| e["event"] == "market.payload_refused")
@@ -794,7 +723,7 @@ fn a_result_altered_in_transit_is_rejected_never_printed_and_nothing_settles() {
         !out.stdout.contains(&secret) && !out.stderr.contains(&secret),
         "never printed"
     );
-    let events = docker_common::audit_events(&requester);
+    let events = common::docker::audit_events(&requester);
     assert!(events.iter().any(|e| e["event"] == "market.result_rejected"));
     assert!(!events.iter().any(|e| e["event"] == "market.settled"));
     let rs = status(&requester, &server);
@@ -818,19 +747,18 @@ fn ctrl_c_gives_the_lease_back_and_the_task_is_reoffered_at_once() {
     let secret = canary("ctrlc");
     let prompt = format!("scenario:slowecho {secret}");
     let started = Instant::now();
-    let (mut child, out, err) = spawn_bid(&requester, &server, &prompt);
-    wait_line(&err, 30, "running", |l| l.contains("running on node"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let first = loop {
+    let child = spawn_bid(&requester, &server, &prompt);
+    child.expect_stderr(30, "running", |l| l.contains("running on node"));
+    let first = wait_some(secs(20), || {
         if !p1.events("running").is_empty() {
-            break 1;
+            Some(1)
+        } else if !p2.events("running").is_empty() {
+            Some(2)
+        } else {
+            None
         }
-        if !p2.events("running").is_empty() {
-            break 2;
-        }
-        assert!(Instant::now() < deadline, "no provider started the job");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    })
+    .expect("no provider started the job");
     let (stopped, other) = if first == 1 { (&mut p1, &p2) } else { (&mut p2, &p1) };
     assert_eq!(stopped.interrupt(), 0, "Ctrl-C is a clean stop: {}", stopped.stderr());
     // (The reader thread may still be draining the pipe.)
@@ -838,10 +766,9 @@ fn ctrl_c_gives_the_lease_back_and_the_task_is_reoffered_at_once() {
     assert_eq!(gave_back["reason"], "withdrawn", "the lease is given back");
     stopped.wait(5, "withdrawn", |e| e["event"] == "withdrawn");
     assert_eq!(stopped.events("abandoned").len(), 1);
-    let code = child.wait().unwrap().code();
-    std::thread::sleep(Duration::from_millis(100));
-    let v: Value = serde_json::from_str(&out.lock().unwrap().join("\n")).expect("bid --json");
-    assert_eq!(code, Some(0));
+    let out = child.wait();
+    let v: Value = serde_json::from_str(&out.stdout).expect("bid --json");
+    assert_eq!(out.status, 0);
     assert_eq!(v["attempt"], 2);
     assert_eq!(v["provider"], other.node_id.as_str());
     assert!(
@@ -850,7 +777,7 @@ fn ctrl_c_gives_the_lease_back_and_the_task_is_reoffered_at_once() {
         started.elapsed()
     );
     // No container of the stopped job is left behind; its log verifies.
-    for e in docker_common::audit_events(&stopped.home) {
+    for e in common::docker::audit_events(&stopped.home) {
         if e["event"] == "job.started" {
             assert!(containers_of_job(e["job_id"].as_str().unwrap()).is_empty());
         }
@@ -865,7 +792,7 @@ fn ctrl_c_gives_the_lease_back_and_the_task_is_reoffered_at_once() {
 #[test]
 fn a_delivered_result_nobody_settles_is_settled_after_the_ttl() {
     use claude_max_market::market::protocol::Event;
-    use market_support::{expect_event, offer, post, Node};
+    use common::market::{expect_event, offer, post, Node};
     let server = Server::start(&["--settle-ttl-ms", "1000"]);
     let (req, prov) = (Node::new(), Node::new());
     rt().block_on(async {
@@ -901,7 +828,7 @@ fn a_delivered_result_nobody_settles_is_settled_after_the_ttl() {
                 task_id: task_id.clone(),
             })
             .await;
-        assert_eq!(market_support::reason_of(other), Reason::NotOwner);
+        assert_eq!(common::market::reason_of(other), Reason::NotOwner);
         let ev = expect_event(&mut p, 10, "settled", |e| matches!(e, Event::Settled { .. })).await;
         assert!(matches!(
             ev,
@@ -913,7 +840,7 @@ fn a_delivered_result_nobody_settles_is_settled_after_the_ttl() {
         ));
         // Settled: the stored bytes are gone.
         let gone = r.request(&Request::Result { task_id }).await;
-        assert_eq!(market_support::reason_of(gone), Reason::WrongState);
+        assert_eq!(common::market::reason_of(gone), Reason::WrongState);
         let st = r.request(&Request::Status {}).await.unwrap();
         assert_eq!(st["balance"], 995);
         assert_eq!(st["escrow"], 0);
@@ -940,7 +867,7 @@ fn a_provider_that_failed_an_attempt_is_not_given_the_next_attempt_of_the_same_t
     ));
     out.code(1);
     assert!(out.stderr.contains("refunded"), "{}", out.stderr);
-    let failed: Vec<Value> = docker_common::audit_events(&p1.home)
+    let failed: Vec<Value> = common::docker::audit_events(&p1.home)
         .into_iter()
         .filter(|e| e["event"] == "market.abandoned")
         .collect();
@@ -1003,6 +930,7 @@ fn a_task_posted_without_waiting_is_sent_and_collected_by_market_result() {
             || (e["event"] == "lease_lapsed" && e["task_id"] == task_id.as_str())
     });
     let attempt = if gone["event"] == "lease_lapsed" { 2 } else { 1 };
+    // A sleep by design: nothing may happen in this window.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
         p1.events("task_offered").len(),
@@ -1029,7 +957,7 @@ fn a_task_posted_without_waiting_is_sent_and_collected_by_market_result() {
     assert_eq!(status(&p1.home, &server)["balance"], 1005, "provider earns its ask");
     assert!(!kept.exists(), "the kept prompt is deleted once settled");
     assert!(!requester.read("audit.jsonl").contains(&secret));
-    let events = docker_common::audit_events(&requester);
+    let events = common::docker::audit_events(&requester);
     assert!(events.iter().any(|e| e["event"] == "market.settled"));
     audit_verifies(&requester);
     server.verify();
@@ -1097,7 +1025,7 @@ fn market_result_no_wait_on_an_undelivered_task_exits_1_with_a_hint() {
 
 #[test]
 fn only_the_requester_looks_up_a_task() {
-    use market_support::{post, Node};
+    use common::market::{post, Node};
     let server = Server::start(&[]);
     let (req, other) = (Node::new(), Node::new());
     rt().block_on(async {
@@ -1113,17 +1041,17 @@ fn only_the_requester_looks_up_a_task() {
             .unwrap();
         assert_eq!(v["state"], "open");
         assert_eq!(v["attempt"], 1);
-        assert_eq!(v["payload_hash"], market_support::hash("a prompt"));
+        assert_eq!(v["payload_hash"], common::market::hash("a prompt"));
         assert!(v["provider"].is_null());
         assert!(v["deadline"].is_string());
         let theirs = o.request(&Request::Task { task_id }).await;
-        assert_eq!(market_support::reason_of(theirs), Reason::NotOwner);
+        assert_eq!(common::market::reason_of(theirs), Reason::NotOwner);
         let unknown = r
             .request(&Request::Task {
                 task_id: "t-000000000000000000000000".into(),
             })
             .await;
-        assert_eq!(market_support::reason_of(unknown), Reason::NotFound);
+        assert_eq!(common::market::reason_of(unknown), Reason::NotFound);
     });
     server.verify();
 }
@@ -1139,14 +1067,13 @@ fn an_interrupted_bid_wait_is_resumed_by_market_result() {
     let secret = canary("resume");
     let prompt = format!("scenario:echo {secret}");
     // Posted, then killed before any provider is there.
-    let (mut child, _, err) = spawn_bid(&requester, &server, &prompt);
-    let task_id = posted_task_id(&err);
-    let _ = child.kill();
-    let _ = child.wait();
+    let mut child = spawn_bid(&requester, &server, &prompt);
+    let task_id = posted_task_id(&child);
+    child.kill9();
     assert!(pending_file(&requester, &task_id).exists());
     // `market result` picks the open task up and follows it: a provider
     // that comes online takes it, gets the payload, and delivers.
-    let mut cmd = requester
+    let child = requester
         .cmd(&[
             "--json",
             "market",
@@ -1157,17 +1084,12 @@ fn an_interrupted_bid_wait_is_resumed_by_market_result() {
             "--endpoint",
             &server.endpoint,
         ])
-        .cmd;
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn market result");
-    let out = collect(child.stdout.take().unwrap());
-    let err = collect(child.stderr.take().unwrap());
+        .spawn();
     let p1 = Provider::new(&server, &img, |_| {});
-    let code = child.wait().expect("market result exits").code();
-    std::thread::sleep(Duration::from_millis(100));
-    let stderr = err.lock().unwrap().join("\n");
-    assert_eq!(code, Some(0), "{stderr}");
-    let v: Value = serde_json::from_str(&out.lock().unwrap().join("\n")).expect("market result --json");
+    let out = child.wait();
+    let stderr = out.stderr;
+    assert_eq!(out.status, 0, "{stderr}");
+    let v: Value = serde_json::from_str(&out.stdout).expect("market result --json");
     assert!(v["result"]["result"].as_str().unwrap().contains(&secret));
     assert_eq!(v["provider"], p1.node_id.as_str());
     assert_eq!(v["settlement"]["paid"], 5);

@@ -12,12 +12,11 @@
 //! the honest nodes, as they would from other hosts.
 
 mod common;
-mod market_support;
 
 use base64::Engine as _;
 use claude_max_market::market::protocol::{auth_message, encode_request, Event, Reason, Request};
+use common::market::*;
 use futures_util::{SinkExt, StreamExt};
-use market_support::*;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -781,6 +780,7 @@ fn connections_are_limited_per_address_and_in_total_and_in_time() {
             loop {
                 tokio::select! {
                     r = slow.read(&mut buf) => if !matches!(r, Ok(n) if n > 0) { return true },
+                    // A sleep by design: a slow client trickles its head.
                     _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {
                         if slow.write_all(b"X-More: y\r\n").await.is_err() {
                             return true;

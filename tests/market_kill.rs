@@ -3,14 +3,13 @@
 //! without a lease or a refund, and the ledger verifies every time.
 
 mod common;
-mod market_support;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use claude_max_market::market::client::{Client, ClientError};
 use claude_max_market::market::protocol::{Reason, Request};
-use market_support::*;
+use common::market::*;
 use rand::Rng;
 
 const NODES: usize = 4;
@@ -144,6 +143,7 @@ fn kill_9_during_a_stream_of_operations_loses_no_money() {
         let pid = server.pid() as i32;
         let delay = Duration::from_millis(rng.gen_range(20..350));
         let killer = std::thread::spawn(move || {
+            // A sleep by design: the random moment of the kill is the test.
             std::thread::sleep(delay);
             // SAFETY: signalling our own child, which is reaped only after this thread is joined.
             unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -176,6 +176,7 @@ fn kill_9_during_a_stream_of_operations_loses_no_money() {
             assert!(resolve_post(&clients[key.0], &mut posts, key).await.is_ok());
         }
     });
+    // A sleep by design: stale leases must lapse on the coordinator's clock.
     std::thread::sleep(Duration::from_millis(1200));
     let v = server.verify();
     let totals = &v["report"]["totals"];

@@ -2,13 +2,12 @@
 //! accepts, leases and fencing, refunds, balances, and the client commands.
 
 mod common;
-mod market_support;
 
 use std::time::Duration;
 
 use claude_max_market::market::protocol::{Event, Reason, Request};
+use common::market::*;
 use common::Cmm;
-use market_support::*;
 use serde_json::Value;
 
 fn task_id(v: &Value) -> String {
@@ -127,7 +126,8 @@ fn lapsed_lease_reoffers_with_a_new_attempt_and_fences_the_old_one() {
         })
         .await
         .unwrap();
-        // Heartbeats keep the lease past its first deadline.
+        // Heartbeats keep the lease past its first deadline. A sleep by
+        // design: the time between heartbeats is what is tested.
         for _ in 0..8 {
             tokio::time::sleep(Duration::from_millis(150)).await;
             c1.request(&Request::Renew {
@@ -285,7 +285,11 @@ fn a_task_waits_for_its_requester_and_a_lease_without_payload_is_recalled_free()
         .await
         .unwrap();
         rc.close();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Delivered once the coordinator has seen the requester go (its
+        // session count drops just before it queues the goodbye).
+        assert!(tokio::task::block_in_place(
+            || server.wait_for(10, |s| s.try_metric("cmm_market_sessions") == Some(1))
+        ));
         c1.request(&Request::Deliver {
             task_id: tid.clone(),
             attempt: 2,
@@ -524,7 +528,10 @@ fn offers_outlive_a_short_disconnect_but_not_the_grace_period_and_logins_replace
         c.request(&offer(5)).await.unwrap();
         c.close();
         drop(c);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Back once the coordinator has seen it go.
+        assert!(tokio::task::block_in_place(
+            || server.wait_for(10, |s| s.try_metric("cmm_market_sessions") == Some(0))
+        ));
         let c = p.connect(&server).await;
         assert_eq!(
             c.request(&Request::Status {}).await.unwrap()["offers"]
@@ -539,6 +546,7 @@ fn offers_outlive_a_short_disconnect_but_not_the_grace_period_and_logins_replace
         expect_event(&mut old, 5, "replaced", |e| matches!(e, Event::Replaced {})).await;
         new.close();
         drop(new);
+        // A sleep by design: the grace period (1.5 s) must run out.
         tokio::time::sleep(Duration::from_millis(2500)).await;
         let c = p.connect(&server).await;
         let st = c.request(&Request::Status {}).await.unwrap();
@@ -592,19 +600,16 @@ fn advertise_reconnects_after_the_coordinator_restarts() {
             "--for",
             "6",
         ])
-        .cmd;
-    let mut child = child;
-    child
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let handle = child.spawn().expect("advertise");
-    std::thread::sleep(Duration::from_millis(1500));
+        .spawn();
+    // Killed once advertise is connected and its offer registered.
+    child.expect_json(20, "the first offer", |v| v["event"] == "offer");
     server.kill9();
-    std::thread::sleep(Duration::from_millis(300));
+    // Restarted once advertise has seen the coordinator go.
+    child.expect_json(20, "the disconnect", |v| v["event"] == "disconnected");
     server.spawn();
-    let out = handle.wait_with_output().expect("advertise ends by itself");
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8_lossy(&out.stdout);
+    let out = child.wait_within(Duration::from_secs(60), "advertise ends by itself");
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    let text = &out.stdout;
     let kinds: Vec<String> = text
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
@@ -633,7 +638,7 @@ fn opting_out_stops_advertise_and_withdraws_the_offer() {
     let server = Server::start(&[]);
     let prov = Cmm::new();
     prov.run(&["opt-in", "--accept-terms", "--claude-jobs"]).code(0);
-    let mut cmd = prov
+    let child = prov
         .cmd(&[
             "--json",
             "advertise",
@@ -646,17 +651,14 @@ fn opting_out_stops_advertise_and_withdraws_the_offer() {
             "--for",
             "30",
         ])
-        .cmd;
-    cmd.stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let child = cmd.spawn().expect("advertise");
-    std::thread::sleep(Duration::from_millis(1500));
+        .spawn();
+    child.expect_json(20, "the offer", |v| v["event"] == "offer");
     prov.run(&["opt-out", "--yes"]).code(0);
     let started = std::time::Instant::now();
-    let out = child.wait_with_output().expect("advertise stops");
+    let out = child.wait_within(Duration::from_secs(30), "advertise stops");
     assert!(started.elapsed() < Duration::from_secs(10), "stopped promptly");
-    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("\"withdrawn\""));
+    assert_eq!(out.status, 3, "{}", out.stderr);
+    assert!(out.stdout.contains("\"withdrawn\""));
     let db = rusqlite::Connection::open(&server.db).unwrap();
     let active: i64 = db
         .query_row("SELECT COUNT(*) FROM offers WHERE state = 'active'", [], |r| r.get(0))

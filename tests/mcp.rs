@@ -9,13 +9,13 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use claude_max_market::legal;
-use common::{Cmm, BIN};
+use common::{wait_until, Cmm, BIN};
 use serde_json::{json, Value};
 
 /// A Python interpreter that can `import mcp`.
@@ -187,36 +187,22 @@ fn the_python_sdk_reads_the_policy_and_calls_each_tool() {
 fn raw_session(t: &Cmm, extra: &[&str], lines: &[Value]) -> (Option<i32>, String, String) {
     let mut args = vec!["mcp"];
     args.extend_from_slice(extra);
-    let mut cmd = t.cmd(&args).cmd;
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
+    let mut child = t.cmd(&args).spawn_with_stdin();
     for l in lines {
-        writeln!(stdin, "{l}").unwrap();
+        writeln!(child.stdin(), "{l}").unwrap();
     }
-    // Give the server time to answer before the pipe closes, as a client
-    // hanging up after its last reply would.
-    std::thread::sleep(Duration::from_millis(300));
-    drop(stdin);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let code = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st.code();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("`mcp` did not exit within 10 s of stdin closing");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let (mut out, mut err) = (String::new(), String::new());
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-    (code, out, err)
+    // Close the pipe once the server has answered every request, as a
+    // client hanging up after its last reply would.
+    let requests = lines.iter().filter(|l| l.get("id").is_some()).count();
+    let answered = || child.stdout_text().lines().count() >= requests;
+    assert!(
+        wait_until(Duration::from_secs(10), answered),
+        "`mcp` did not answer {requests} requests within 10 s:\n{}",
+        child.stdout_text()
+    );
+    child.close_stdin();
+    let out = child.wait_within(Duration::from_secs(10), "`mcp` after stdin closed");
+    (Some(out.status), out.stdout, out.stderr)
 }
 
 #[test]

@@ -12,16 +12,13 @@
 
 mod api_standin;
 mod common;
-mod docker_common;
 
-use std::io::BufRead;
-use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use api_standin::StandIn;
+use common::docker::*;
 use common::{docker_available, Cmm, Output};
-use docker_common::*;
 use sha2::{Digest, Sha256};
 
 const API_KEY: &str = "sk-ant-api03-real-tier-key-not-a-secret-000000000000000000000000000000000000-AAAA";
@@ -254,24 +251,14 @@ fn a_stalled_real_answer_cancelled_still_counts_its_usage() {
         return;
     };
     let t = install(r);
-    let mut run = t.cmd(&["-v", "execute", "--approve-all", "--prompt", "scenario:stall"]);
-    run.cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = run.cmd.spawn().unwrap();
+    let child = t
+        .cmd(&["-v", "execute", "--approve-all", "--prompt", "scenario:stall"])
+        .spawn();
     // `-v` prints the token progress the API reported as the answer began.
-    let err = child.stderr.take().unwrap();
-    let mut lines = std::io::BufReader::new(err).lines();
-    let t0 = Instant::now();
-    loop {
-        let l = lines.next().expect("stderr ended before progress").unwrap();
-        if l.contains("12005/") {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "no progress line");
-    }
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(130), "{rest:?}");
+    child.expect_stderr(60, "progress line", |l| l.contains("12005/"));
+    child.signal(libc::SIGINT);
+    let out = child.wait();
+    assert_eq!(out.status, 130, "{}", out.stderr);
     let id = events_named(&audit_events(&t), "job.started")[0]["job_id"]
         .as_str()
         .unwrap()

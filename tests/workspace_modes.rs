@@ -4,18 +4,18 @@
 //! the whole round trip a job's workspace makes: select on the host, unpack
 //! and pack through the binary, diff on the host, `git apply` and `apply`.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
 use claude_max_market::exit::{Exit, HasExit};
 use claude_max_market::workspace::{self, ChangeKind, DiffRules, Rules, WorkspaceError};
 
-const BIN: &str = env!("CARGO_BIN_EXE_claude-max-market");
 const JOB_UID: u32 = 10001;
 
 fn is_root() -> bool {
@@ -63,27 +63,15 @@ struct Out {
 
 /// Run a workspace mode of our binary as the job's user.
 fn mode(args: &[&str], stdin: &[u8]) -> Out {
-    let mut c = Command::new(BIN);
-    c.args(args)
-        .env_clear()
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut run = common::bare(args).stdin(stdin);
     if is_root() {
-        c.uid(JOB_UID).gid(JOB_UID);
+        run = run.uid(JOB_UID, JOB_UID);
     }
-    let mut child = c.spawn().expect("spawn claude-max-market");
-    let mut sin = child.stdin.take().expect("stdin");
-    let bytes = stdin.to_vec();
-    let feeder = std::thread::spawn(move || {
-        let _ = sin.write_all(&bytes);
-    });
-    let out = child.wait_with_output().expect("wait");
-    let _ = feeder.join();
+    let out = run.run_bytes();
     Out {
-        code: out.status.code().unwrap_or(-1),
+        code: out.status,
         stdout: out.stdout,
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        stderr: out.stderr,
     }
 }
 
@@ -264,9 +252,7 @@ fn the_snapshot_tar_unpacks_in_the_container_mode() {
     assert_eq!(tree(dst.path()), want);
 }
 
-#[path = "common/raw_tar.rs"]
-mod raw_tar;
-use raw_tar::raw_tar;
+use common::raw_tar::raw_tar;
 
 #[test]
 fn hostile_archives_are_refused_and_nothing_lands_outside() {

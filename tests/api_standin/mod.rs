@@ -386,6 +386,8 @@ impl StandIn {
     /// Wait until a recorded request satisfies `pred`, up to `timeout`.
     /// For tests that must act at a point of the conversation (a stall).
     pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&Recorded) -> bool) -> Option<Recorded> {
+        // This module stands alone (examples/api_standin.rs builds it too),
+        // so it polls here rather than through the test harness.
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(r) = self.requests().into_iter().find(|r| pred(r)) {
@@ -471,7 +473,8 @@ fn full(bytes: impl Into<Bytes>) -> Body {
 async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, state: Arc<State>) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
-            // Out of descriptors, most likely: let connections close.
+            // Out of descriptors, most likely: let connections close (a
+            // server's back-off, not a test waiting for an event).
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
@@ -511,7 +514,8 @@ async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, state:
 async fn serve_proxy(listener: TcpListener, state: Arc<State>) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
-            // Out of descriptors, most likely: let connections close.
+            // Out of descriptors, most likely: let connections close (a
+            // server's back-off, not a test waiting for an event).
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };

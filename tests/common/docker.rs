@@ -1,15 +1,18 @@
-//! Shared by the Docker tests: the fake-claude test image (built with our own
-//! `docker build --context`, from scratch), and small `docker` CLI helpers
-//! used to look at what the engine really holds.
-#![allow(dead_code)]
+//! The Docker part of the harness: the fake-claude test image (built with
+//! our own `docker build --context`, from scratch), small `docker` CLI
+//! helpers to look at what the engine really holds, and readers of what a
+//! job left in its install (audit events, job records, usage).
+//!
+//! It only looks and builds the fixture image; it never runs a job itself.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::common::Cmm;
+use super::{wait_some, Cmm, Run};
 
 pub const FAKE_IMAGE: &str = "cmm-fake-claude:test";
 pub const LABEL: &str = "dev.claude-max-market.managed";
@@ -128,6 +131,21 @@ pub fn install_id(t: &Cmm) -> String {
     head["log_id"].as_str().expect("log_id").to_string()
 }
 
+/// `execute --json --approve-all` of `prompt` on the fake image, plus `extra`.
+pub fn fake_execute(t: &Cmm, prompt: &str, extra: &[&str]) -> Run {
+    let mut args = vec![
+        "execute",
+        "--json",
+        "--approve-all",
+        "--image",
+        FAKE_IMAGE,
+        "--prompt",
+        prompt,
+    ];
+    args.extend_from_slice(extra);
+    t.cmd(&args)
+}
+
 /// An opted-in install whose commands see a subscription token.
 pub fn job_env() -> Cmm {
     Cmm::opted_in().env("CLAUDE_CODE_OAUTH_TOKEN", TOKEN)
@@ -189,10 +207,30 @@ pub fn usage_today(t: &Cmm) -> (u64, u64, usize) {
 }
 
 /// Where `execute` keeps this user's relay copies and proxy sockets.
-pub fn relay_base() -> std::path::PathBuf {
-    let uid = String::from_utf8(std::process::Command::new("id").arg("-u").output().unwrap().stdout).unwrap();
-    match std::env::var_os("XDG_RUNTIME_DIR").map(std::path::PathBuf::from) {
+pub fn relay_base() -> PathBuf {
+    let uid = String::from_utf8(Command::new("id").arg("-u").output().unwrap().stdout).unwrap();
+    match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
         Some(d) if d.is_absolute() && d.is_dir() => d.join("claude-max-market"),
         _ => std::env::temp_dir().join(format!("claude-max-market-{}", uid.trim())),
     }
+}
+
+/// The ids of this install's started jobs, in order.
+pub fn started_jobs(t: &Cmm) -> Vec<String> {
+    events_named(&audit_events(t), "job.started")
+        .iter()
+        .map(|e| e["job_id"].as_str().expect("job_id").to_string())
+        .collect()
+}
+
+/// Wait until job number `nth` (from 0) of this install has started and
+/// its container exists; returns (job id, container id).
+#[track_caller]
+pub fn wait_for_job_container(t: &Cmm, nth: usize, secs: u64) -> (String, String) {
+    wait_some(Duration::from_secs(secs), || {
+        let id = started_jobs(t).into_iter().nth(nth)?;
+        let c = containers_of_job(&id).into_iter().next()?;
+        Some((id, c))
+    })
+    .unwrap_or_else(|| panic!("the container of job {nth} never appeared within {secs}s"))
 }

@@ -1,14 +1,14 @@
-//! Shared by the market tests: a real `market serve` process on a free
-//! loopback port with its own database, and nodes with their own `CMM_HOME`.
+//! The market part of the harness: a real `market serve` process on a free
+//! loopback port with its own database, nodes with their own `CMM_HOME`
+//! that talk to it through the library's client, and requests and waits
+//! shared by the market tests.
 //!
 //! `CMM_TEST_SERVE_BIN=PATH` runs another build of the binary as the
 //! coordinator (to check that a test fails on an older build).
-#![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use claude_max_market::crypto::keys::Identity;
@@ -17,7 +17,7 @@ use claude_max_market::market::protocol::{Event, Reason, Request};
 use claude_max_market::{AuditLog, Paths};
 use serde_json::Value;
 
-use crate::common::{Cmm, BIN};
+use super::{wait_some, wait_until, Cmm, Spawned, BIN};
 
 /// A coordinator process. Killed (SIGKILL) and reaped on drop.
 pub struct Server {
@@ -26,7 +26,7 @@ pub struct Server {
     pub addr: String,
     pub endpoint: String,
     args: Vec<String>,
-    child: Option<Child>,
+    child: Option<Spawned>,
 }
 
 impl Server {
@@ -65,38 +65,35 @@ impl Server {
         s
     }
 
-    /// (Re)start on the same address and database.
+    /// (Re)start on the same address and database. A restart may find
+    /// the old process's port not yet free: it tries again until it binds.
     pub fn spawn(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        let mut last = String::new();
+        let started = wait_some(Duration::from_secs(20), || {
             let bin = std::env::var("CMM_TEST_SERVE_BIN").unwrap_or_else(|_| BIN.to_string());
-            let mut cmd = Command::new(bin);
-            cmd.env("CMM_HOME", self.home.path())
-                .env("NO_COLOR", "1")
-                .args(["market", "serve", "--listen", &self.addr, "--db"])
-                .arg(&self.db)
-                .args(&self.args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            let mut child = cmd.spawn().expect("spawn market serve");
-            let mut line = String::new();
-            let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
-            let _ = out.read_line(&mut line);
-            if let Some(i) = line.find("ws://") {
-                let ep = line[i..].split_whitespace().next().unwrap_or_default().to_string();
-                self.addr = ep.trim_start_matches("ws://").to_string();
-                self.endpoint = ep;
-                self.child = Some(child);
-                return;
+            let db = self.db.to_str().expect("UTF-8 db path").to_string();
+            let mut args = vec!["market", "serve", "--listen", &self.addr, "--db", &db];
+            args.extend(self.args.iter().map(String::as_str));
+            let mut child = self.home.cmd_of(&bin, &args).spawn();
+            // The first line names the address it listens on; no line means
+            // it exited (the port is still taken).
+            let line = child.stdout_line(Duration::from_secs(20), |_| true).unwrap_or_default();
+            match line.find("ws://") {
+                Some(i) => Some((
+                    line[i..].split_whitespace().next().unwrap_or_default().to_string(),
+                    child,
+                )),
+                None => {
+                    child.kill9();
+                    last = format!("{line}{}", child.stderr_text());
+                    None
+                }
             }
-            let _ = child.kill();
-            let mut err = String::new();
-            let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
-            let _ = child.wait();
-            assert!(Instant::now() < deadline, "market serve did not start: {line}{err}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        });
+        let (ep, child) = started.unwrap_or_else(|| panic!("market serve did not start: {last}"));
+        self.addr = ep.trim_start_matches("ws://").to_string();
+        self.endpoint = ep;
+        self.child = Some(child);
     }
 
     pub fn pid(&self) -> u32 {
@@ -106,23 +103,24 @@ impl Server {
     /// `kill -9` and reap.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            c.kill9();
         }
     }
 
     /// SIGTERM and wait for a clean exit; returns the exit code.
     pub fn terminate(&mut self) -> i32 {
-        let mut c = self.child.take().expect("running server");
-        // SAFETY: sending a signal to our own child process.
-        unsafe {
-            libc::kill(c.id() as i32, libc::SIGTERM);
-        }
-        c.wait().expect("wait").code().unwrap_or(-1)
+        let c = self.child.take().expect("running server");
+        c.signal(libc::SIGTERM);
+        c.wait().status
     }
 
     pub fn alive(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child.as_mut().is_some_and(|c| c.exited().is_none())
+    }
+
+    /// What the coordinator printed on stderr so far.
+    pub fn stderr(&self) -> String {
+        self.child.as_ref().map(|c| c.stderr_text()).unwrap_or_default()
     }
 
     pub fn http_get(&self, path: &str) -> String {
@@ -167,18 +165,9 @@ impl Server {
         (t(11) + t(12)) / hz
     }
 
-    /// Wait up to `secs` for `pred` to hold, polling every 100 ms.
+    /// Wait up to `secs` for `pred` to hold.
     pub fn wait_for(&self, secs: u64, pred: impl Fn(&Server) -> bool) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if pred(self) {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_until(Duration::from_secs(secs), || pred(self))
     }
 
     /// Ask `/healthz` every 200 ms from a thread until the prober is
@@ -198,6 +187,7 @@ impl Server {
                     failed += 1;
                 }
                 worst = worst.max(t.elapsed());
+                // A sleep by design: the probe asks at a steady rate.
                 std::thread::sleep(Duration::from_millis(200));
             }
             Health { worst, asked, failed }

@@ -1,19 +1,20 @@
-//! Shared by the `keys` / `encrypt` / `decrypt` integration tests: a few
-//! identities generated once per test binary, peers introduced to each
-//! other, and the binary run with raw bytes on stdin and stdout.
-#![allow(dead_code)]
+//! The crypto part of the harness, for the `keys` / `encrypt` / `decrypt`
+//! tests: a few identities generated once per test binary, peers introduced
+//! to each other, the binary run with raw bytes on stdin and stdout, and the
+//! envelope layout of docs/FORMAT.md read independently of the library.
+//!
+//! It must not call the library's envelope code: the layout here is the
+//! second reading of the format that the tests compare against.
 
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::OnceLock;
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use sha2::{Digest, Sha256};
 
-use crate::common::{Cmm, Run};
+use super::{Cmm, Run};
 
 /// Plaintext bytes per chunk in envelopes the binary writes.
 pub const CHUNK: usize = 65536;
@@ -79,21 +80,8 @@ pub fn raw(t: &Cmm, args: &[&str], stdin: &[u8]) -> (i32, Vec<u8>, String) {
 
 /// [`raw`] for a command with extra settings (`t.cmd(..).env(..)`).
 pub fn raw_run(run: Run, stdin: &[u8]) -> (i32, Vec<u8>, String) {
-    let mut cmd = run.cmd;
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let mut sin = child.stdin.take().unwrap();
-    let bytes = stdin.to_vec();
-    let w = std::thread::spawn(move || {
-        let _ = sin.write_all(&bytes);
-    });
-    let out = child.wait_with_output().unwrap();
-    w.join().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        out.stdout,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = run.stdin(stdin).run_bytes();
+    (out.status, out.stdout, out.stderr)
 }
 
 /// `n` bytes of a recognisable, seed-dependent pattern.
