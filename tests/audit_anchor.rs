@@ -4,14 +4,17 @@
 //! node's own key (and re-signs the checkpoint with it).
 
 mod common;
+// The coordinator harness links the library: only market tests include it.
+#[path = "common/market.rs"]
+mod market;
 
 use claude_max_market::audit::Checkpoint;
 use claude_max_market::crypto::keys::Identity;
 use claude_max_market::market::protocol::{Event, Reason};
 use claude_max_market::market::server::anchor;
 use claude_max_market::Paths;
-use common::market::*;
 use common::Cmm;
+use market::*;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 

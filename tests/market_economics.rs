@@ -4,12 +4,15 @@
 //! serving other people's tasks on a subscription login.
 
 mod common;
+// The coordinator harness links the library: only market tests include it.
+#[path = "common/market.rs"]
+mod market;
 
 use std::time::Duration;
 
 use claude_max_market::market::protocol::{Event, Reason, Request};
-use common::market::*;
 use common::Cmm;
+use market::*;
 use serde_json::Value;
 
 fn task_id(v: &Value) -> String {

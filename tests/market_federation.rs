@@ -4,6 +4,9 @@
 //! the real Docker engine.
 
 mod common;
+// The coordinator harness links the library: only market tests include it.
+#[path = "common/market.rs"]
+mod market;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,8 +16,8 @@ use claude_max_market::market::client::Client;
 use claude_max_market::market::protocol::{Reason, Request};
 use claude_max_market::{AuditLog, Paths};
 use common::docker::{build_fixture_image, containers_of_job, docker, started_jobs, TOKEN};
-use common::market::{rt, Server};
 use common::{docker_available, secs, wait_some, wait_until, Cmm, Spawned};
+use market::{rt, Server};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -792,7 +795,7 @@ fn ctrl_c_gives_the_lease_back_and_the_task_is_reoffered_at_once() {
 #[test]
 fn a_delivered_result_nobody_settles_is_settled_after_the_ttl() {
     use claude_max_market::market::protocol::Event;
-    use common::market::{expect_event, offer, post, Node};
+    use market::{expect_event, offer, post, Node};
     let server = Server::start(&["--settle-ttl-ms", "1000"]);
     let (req, prov) = (Node::new(), Node::new());
     rt().block_on(async {
@@ -828,7 +831,7 @@ fn a_delivered_result_nobody_settles_is_settled_after_the_ttl() {
                 task_id: task_id.clone(),
             })
             .await;
-        assert_eq!(common::market::reason_of(other), Reason::NotOwner);
+        assert_eq!(market::reason_of(other), Reason::NotOwner);
         let ev = expect_event(&mut p, 10, "settled", |e| matches!(e, Event::Settled { .. })).await;
         assert!(matches!(
             ev,
@@ -840,7 +843,7 @@ fn a_delivered_result_nobody_settles_is_settled_after_the_ttl() {
         ));
         // Settled: the stored bytes are gone.
         let gone = r.request(&Request::Result { task_id }).await;
-        assert_eq!(common::market::reason_of(gone), Reason::WrongState);
+        assert_eq!(market::reason_of(gone), Reason::WrongState);
         let st = r.request(&Request::Status {}).await.unwrap();
         assert_eq!(st["balance"], 995);
         assert_eq!(st["escrow"], 0);
@@ -1025,7 +1028,7 @@ fn market_result_no_wait_on_an_undelivered_task_exits_1_with_a_hint() {
 
 #[test]
 fn only_the_requester_looks_up_a_task() {
-    use common::market::{post, Node};
+    use market::{post, Node};
     let server = Server::start(&[]);
     let (req, other) = (Node::new(), Node::new());
     rt().block_on(async {
@@ -1041,17 +1044,17 @@ fn only_the_requester_looks_up_a_task() {
             .unwrap();
         assert_eq!(v["state"], "open");
         assert_eq!(v["attempt"], 1);
-        assert_eq!(v["payload_hash"], common::market::hash("a prompt"));
+        assert_eq!(v["payload_hash"], market::hash("a prompt"));
         assert!(v["provider"].is_null());
         assert!(v["deadline"].is_string());
         let theirs = o.request(&Request::Task { task_id }).await;
-        assert_eq!(common::market::reason_of(theirs), Reason::NotOwner);
+        assert_eq!(market::reason_of(theirs), Reason::NotOwner);
         let unknown = r
             .request(&Request::Task {
                 task_id: "t-000000000000000000000000".into(),
             })
             .await;
-        assert_eq!(common::market::reason_of(unknown), Reason::NotFound);
+        assert_eq!(market::reason_of(unknown), Reason::NotFound);
     });
     server.verify();
 }

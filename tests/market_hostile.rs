@@ -12,11 +12,14 @@
 //! the honest nodes, as they would from other hosts.
 
 mod common;
+// The coordinator harness links the library: only market tests include it.
+#[path = "common/market.rs"]
+mod market;
 
 use base64::Engine as _;
 use claude_max_market::market::protocol::{auth_message, encode_request, Event, Reason, Request};
-use common::market::*;
 use futures_util::{SinkExt, StreamExt};
+use market::*;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -3,13 +3,16 @@
 //! without a lease or a refund, and the ledger verifies every time.
 
 mod common;
+// The coordinator harness links the library: only market tests include it.
+#[path = "common/market.rs"]
+mod market;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use claude_max_market::market::client::{Client, ClientError};
 use claude_max_market::market::protocol::{Reason, Request};
-use common::market::*;
+use market::*;
 use rand::Rng;
 
 const NODES: usize = 4;

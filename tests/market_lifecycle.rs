@@ -2,12 +2,15 @@
 //! accepts, leases and fencing, refunds, balances, and the client commands.
 
 mod common;
+// The coordinator harness links the library: only market tests include it.
+#[path = "common/market.rs"]
+mod market;
 
 use std::time::Duration;
 
 use claude_max_market::market::protocol::{Event, Reason, Request};
-use common::market::*;
 use common::Cmm;
+use market::*;
 use serde_json::Value;
 
 fn task_id(v: &Value) -> String {

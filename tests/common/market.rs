@@ -5,6 +5,11 @@
 //!
 //! `CMM_TEST_SERVE_BIN=PATH` runs another build of the binary as the
 //! coordinator (to check that a test fails on an older build).
+//!
+//! It links the library (its client and keys), which the rest of the
+//! harness does not: only the tests that need it include it, with
+//! `#[path = "common/market.rs"] mod market;` beside `mod common;`.
+#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -17,7 +22,7 @@ use claude_max_market::market::protocol::{Event, Reason, Request};
 use claude_max_market::{AuditLog, Paths};
 use serde_json::Value;
 
-use super::{wait_some, wait_until, Cmm, Spawned, BIN};
+use crate::common::{wait_some, wait_until, Cmm, Spawned, BIN};
 
 /// A coordinator process. Killed (SIGKILL) and reaped on drop.
 pub struct Server {

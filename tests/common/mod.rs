@@ -27,7 +27,7 @@
 pub mod child;
 pub mod crypto;
 pub mod docker;
-pub mod market;
+
 pub mod raw_tar;
 
 use std::ffi::OsStr;
