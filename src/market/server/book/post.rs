@@ -4,7 +4,7 @@
 //! It must not see the payload: the requester relays it to the lease
 //! holder later (`payload`).
 
-use rusqlite::params;
+use rusqlite::{params, Connection};
 use serde_json::{json, Value};
 
 use super::announce::announce;
@@ -27,7 +27,7 @@ pub struct NewTask {
     pub payload_bytes: Option<u64>,
 }
 
-pub fn apply(cx: Context, new: NewTask) -> Result<Value, Fail> {
+pub fn apply(cx: Context, req: NewTask) -> Result<Value, Fail> {
     let Context {
         c,
         rules: s,
@@ -36,63 +36,33 @@ pub fn apply(cx: Context, new: NewTask) -> Result<Value, Fail> {
         online,
         out,
     } = cx;
-    let NewTask {
-        model,
-        max_tokens,
-        max_price,
-        payload_hash,
-        deadline_secs,
-        max_attempts,
-        min_reputation,
-        payload_bytes,
-    } = new;
-    check_name("model", &model)?;
-    if let Some(b) = payload_bytes {
+    check_name("model", &req.model)?;
+    if let Some(b) = req.payload_bytes {
         check_range("payload_bytes", b, 1, 1 << 40)?;
     }
-    check_range("max_tokens", max_tokens, 1, 10_000_000)?;
-    check_range("max_price", max_price, 1, MAX_PRICE)?;
-    check_range("deadline_secs", deadline_secs, 1, 7 * 86_400)?;
-    let attempts = max_attempts.unwrap_or(s.default_attempts);
+    check_range("max_tokens", req.max_tokens, 1, 10_000_000)?;
+    check_range("max_price", req.max_price, 1, MAX_PRICE)?;
+    check_range("deadline_secs", req.deadline_secs, 1, 7 * 86_400)?;
+    let attempts = req.max_attempts.unwrap_or(s.default_attempts);
     check_range("max_attempts", attempts as u64, 1, MAX_ATTEMPTS as u64)?;
-    let min_rep = min_reputation.unwrap_or(0.0);
+    let min_rep = req.min_reputation.unwrap_or(0.0);
     if !(0.0..=1.0).contains(&min_rep) {
         return reject(Reason::InvalidField, "`min_reputation` must be in 0..=1");
     }
-    if payload_hash.len() != 64 || !payload_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if req.payload_hash.len() != 64 || !req.payload_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
         return reject(Reason::InvalidField, "`payload_hash` must be 64 hex digits (SHA-256)");
     }
     let task_id = new_id("t-");
-    let escrow = escrow_account(&task_id);
-    ledger::open_account(c, &escrow, "escrow")?;
-    let price = max_price as i64;
-    let account = node_account(node);
-    match ledger::post(
-        c,
-        now,
-        "escrow",
-        Some(&task_id),
-        &[(&account, -price), (&escrow, price)],
-    )? {
-        Ok(()) => {}
-        Err(o) => {
-            return reject(
-                Reason::InsufficientBalance,
-                format!(
-                    "your balance of {} RUV is short of the {price} RUV max price to lock in escrow",
-                    o.balance
-                ),
-            )
-        }
-    }
+    let price = req.max_price as i64;
+    lock_escrow(c, node, &task_id, price, now)?;
     let task = Task {
         task_id: task_id.clone(),
         requester: node.to_string(),
-        model,
-        max_tokens: max_tokens as i64,
+        model: req.model,
+        max_tokens: req.max_tokens as i64,
         max_price: price,
-        payload_hash: payload_hash.to_ascii_lowercase(),
-        deadline: now + deadline_secs as i64 * 1000,
+        payload_hash: req.payload_hash.to_ascii_lowercase(),
+        deadline: now + req.deadline_secs as i64 * 1000,
         max_attempts: attempts,
         min_reputation: min_rep,
         state: "open".into(),
@@ -100,7 +70,7 @@ pub fn apply(cx: Context, new: NewTask) -> Result<Value, Fail> {
         provider: None,
         ask: None,
         lease_deadline: None,
-        payload_bytes: payload_bytes.map(|b| b as i64),
+        payload_bytes: req.payload_bytes.map(|b| b as i64),
         payload_at: None,
         accepted_at: None,
     };
@@ -124,4 +94,22 @@ pub fn apply(cx: Context, new: NewTask) -> Result<Value, Fail> {
     ])?;
     announce(c, &task, now, online, out)?;
     Ok(json!({ "task": task.view(), "escrow": price }))
+}
+
+/// Open `task_id`'s escrow account and move the task's max price into it
+/// from `node`'s balance, refused if the balance cannot cover it.
+fn lock_escrow(c: &Connection, node: &str, task_id: &str, price: i64, now: i64) -> Result<(), Fail> {
+    let escrow = escrow_account(task_id);
+    ledger::open_account(c, &escrow, "escrow")?;
+    let account = node_account(node);
+    match ledger::post(c, now, "escrow", Some(task_id), &[(&account, -price), (&escrow, price)])? {
+        Ok(()) => Ok(()),
+        Err(o) => reject(
+            Reason::InsufficientBalance,
+            format!(
+                "your balance of {} RUV is short of the {price} RUV max price to lock in escrow",
+                o.balance
+            ),
+        ),
+    }
 }
