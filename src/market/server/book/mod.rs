@@ -6,14 +6,15 @@
 //! is a fencing token: a lapsed lease re-opens the task with `attempt + 1`,
 //! and every message naming an older attempt is refused.
 //!
-//! This module owns the market's rules ([`BookRules`]) and the dispatch of
-//! one authenticated request to its handler, one file per request (`post`,
-//! `accept`, `payload`, `deliver`, `settle`, ...). What several handlers
-//! share lives in files by topic: the task row (`task`), money (`money`),
-//! reputation (`reputation`), lease rules (`lease`), offering a task to
-//! providers (`announce`) and field checks (`fields`). Sessions coming and
-//! going are `presence`, the clock is `tick`, the operator's grant is
-//! `grant`.
+//! This module owns the dispatch of one authenticated request to its
+//! handler, one file per request (`post`, `accept`, `payload`, `deliver`,
+//! `settle`, ...). What every handler is given and how it fails is
+//! `handler`; the market's rules and bounds are `rules` ([`BookRules`]).
+//! What several handlers share lives in files by topic: the task row
+//! (`task`), money (`money`), reputation (`reputation`), lease rules
+//! (`lease`), offering a task to providers (`announce`) and field checks
+//! (`fields`). Sessions coming and going are `presence`, the clock is
+//! `tick`, the operator's grant is `grant`.
 //!
 //! It must not commit, roll back or send anything: the caller owns the
 //! transaction (and its savepoints), and events only leave through the
