@@ -382,13 +382,13 @@ fn serve(ctx: &Ctx, a: ServeArgs) -> Result<Exit> {
     }
     let mut opts = server::default_options(db.clone());
     opts.listen = a.listen;
-    opts.settings.initial_grant = a.initial_grant as i64;
-    opts.settings.lease_ms = a.lease_ms as i64;
-    opts.settings.grace_ms = a.grace_ms as i64;
-    opts.settings.default_attempts = a.max_attempts;
-    opts.settings.settle_ttl_ms = a.settle_ttl_ms.min(i64::MAX as u64) as i64;
-    opts.settings.cooldown_ms = a.cooldown_ms as i64;
-    opts.settings.payload_grace_ms = a.payload_grace_ms as i64;
+    opts.rules.initial_grant = a.initial_grant as i64;
+    opts.rules.lease_ms = a.lease_ms as i64;
+    opts.rules.grace_ms = a.grace_ms as i64;
+    opts.rules.default_attempts = a.max_attempts;
+    opts.rules.settle_ttl_ms = a.settle_ttl_ms.min(i64::MAX as u64) as i64;
+    opts.rules.cooldown_ms = a.cooldown_ms as i64;
+    opts.rules.payload_grace_ms = a.payload_grace_ms as i64;
     opts.control_cap = a.control_cap.max(1024);
     opts.payload_cap = a.payload_cap.max(opts.control_cap);
     opts.rate = a.rate.max(1) as f64;
@@ -407,7 +407,7 @@ fn serve(ctx: &Ctx, a: ServeArgs) -> Result<Exit> {
         send_timeout: Duration::from_millis(a.send_timeout_ms),
     };
     let p = ctx.out().clone();
-    server::serve(opts, |addr| {
+    let ready = |addr| {
         // Scripts and tests read this line to learn the port.
         if p.json {
             println!(
@@ -419,7 +419,30 @@ fn serve(ctx: &Ctx, a: ServeArgs) -> Result<Exit> {
         }
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
-    })?;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(server::ServeError::Io)?;
+    let served = rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        // Both handlers are in place before the port opens, so a signal
+        // sent as soon as the address is printed stops the coordinator in
+        // order instead of killing it.
+        let mut interrupt = signal(SignalKind::interrupt()).map_err(server::ServeError::Io)?;
+        let mut terminate = signal(SignalKind::terminate()).map_err(server::ServeError::Io)?;
+        let stop = async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+        };
+        server::serve(opts, ready, stop).await
+    });
+    // Sessions still open end with the runtime, after at most half a second.
+    rt.shutdown_timeout(Duration::from_millis(500));
+    served?;
     p.note("market coordinator stopped");
     Ok(Exit::Ok)
 }

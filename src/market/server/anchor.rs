@@ -9,6 +9,7 @@
 //! key. The witness keeps no state: it attests what it saw and when.
 //!
 //! Answered in the session task without touching the market database.
+//! It must not keep state between requests nor reach the writer.
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -5,6 +5,9 @@
 //! Every movement is one journal row whose postings sum to zero, written in
 //! the same transaction as the state change that caused it. Hence the
 //! invariant checked by [`verify`]: balances + escrow = issued.
+//!
+//! It must not decide why money moves: the order book (`book`) does, and
+//! calls [`post`] inside its own transaction.
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;

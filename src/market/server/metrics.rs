@@ -2,6 +2,8 @@
 //! plus the order book's and ledger's gauges, which the writer reads from
 //! the database once a second. Encoded by `prometheus-client` (OpenMetrics
 //! text), every name prefixed `cmm_market_`.
+//!
+//! It must not read the database itself: the writer hands it the gauges.
 
 use std::sync::{Arc, Mutex};
 

@@ -1,87 +1,51 @@
-//! `market serve`: the coordinator.
+//! `market serve`: the coordinator, wired together.
 //!
 //! One TCP port serves WebSocket sessions for nodes and plain HTTP
-//! `GET /healthz` and `GET /metrics`, both through hyper ([`http`]).
+//! `GET /healthz` and `GET /metrics`, both through hyper ([`http`]), each
+//! connection admitted under the connection limits first ([`admission`]).
 //! Connection tasks do everything that needs no state (limits, frame caps,
 //! parsing, rate limits, authentication: [`session`]); every state change
-//! goes to one writer thread that owns the SQLite connection ([`writer`]).
+//! goes to one writer thread that owns the SQLite connection ([`writer`]),
+//! over the commands and send queues of [`wire`]. The order book's rules
+//! are [`book`], the money [`ledger`], the schema [`store`].
+//!
+//! This module only starts the pieces, accepts connections until the
+//! caller's shutdown future completes, and stops the pieces in order. It
+//! must not listen for signals (the caller decides when to stop) nor build
+//! a runtime (it runs on the caller's).
 
+mod admission;
 pub mod anchor;
 pub mod book;
+mod gate;
 mod http;
 pub mod ledger;
 mod metrics;
+mod options;
+mod savepoint;
 mod session;
+mod shared;
 pub mod store;
+mod wire;
 mod writer;
 
+use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
+use rusqlite::Connection;
 use tokio::net::TcpListener;
 
-use book::Settings;
 use metrics::Metrics;
-use writer::Cmd;
+use shared::Shared;
+use wire::Cmd;
 
-use crate::market::protocol;
+pub use options::{default_options, Limits, ServeOptions};
+pub use writer::now_ms;
 
-/// How much the coordinator gives any one connection, and all of them.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Open connections, authenticated or not.
-    pub max_connections: usize,
-    /// Connections that have not authenticated yet, from everyone.
-    pub max_unauth: usize,
-    /// Connections that have not authenticated yet, from one address (an
-    /// IPv6 peer counts by its /64).
-    pub max_unauth_per_addr: usize,
-    /// From accepting a connection to its authenticated `hello`.
-    pub auth_timeout: Duration,
-    /// Longest life of a plain HTTP connection (one request).
-    pub http_timeout: Duration,
-    /// Largest HTTP request head (request line and headers).
-    pub max_header_bytes: usize,
-    /// A session's queue of frames waiting for its node: bytes, frames.
-    pub send_queue_bytes: usize,
-    pub send_queue_frames: usize,
-    /// A frame the node does not take within this long ends its session.
-    pub send_timeout: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_connections: 16_384,
-            max_unauth: 1024,
-            max_unauth_per_addr: 256,
-            auth_timeout: Duration::from_secs(10),
-            http_timeout: Duration::from_secs(10),
-            max_header_bytes: 8192,
-            send_queue_bytes: 2 * protocol::DEFAULT_PAYLOAD_CAP,
-            send_queue_frames: 1024,
-            send_timeout: Duration::from_secs(60),
-        }
-    }
-}
-
-/// Everything `market serve` can be told.
-#[derive(Debug, Clone)]
-pub struct ServeOptions {
-    pub listen: SocketAddr,
-    pub db: PathBuf,
-    pub settings: Settings,
-    pub control_cap: usize,
-    pub payload_cap: usize,
-    /// Sustained frames per second per session, and the burst above it.
-    pub rate: f64,
-    pub burst: f64,
-    pub sync_full: bool,
-    pub limits: Limits,
-}
 /// Why the coordinator could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -106,22 +70,6 @@ impl crate::exit::HasExit for ServeError {
             _ => None,
         }
     }
-}
-
-/// What every connection task shares.
-struct Shared {
-    opts: ServeOptions,
-    engine: std_mpsc::Sender<Cmd>,
-    metrics: Arc<Metrics>,
-    next_conn: AtomicU64,
-    admission: Arc<http::Admission>,
-    http: hyper::server::conn::http1::Builder,
-    /// Countersigns nodes' audit checkpoints (`anchor`).
-    witness: anchor::Witness,
-}
-
-pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }
 
 /// Raise the soft open-files limit to the hard one (every session is a
@@ -153,20 +101,64 @@ fn raise_nofile() -> u64 {
 /// listener, runtime).
 const RESERVED_FDS: u64 = 64;
 
-/// Run the coordinator until SIGINT or SIGTERM. `ready` is called with the
-/// bound address once the port is open.
-pub fn serve(mut opts: ServeOptions, ready: impl FnOnce(SocketAddr)) -> Result<(), ServeError> {
+/// Hold the connection limit below the open-files limit: a connection over
+/// the descriptor limit could not be accepted at all, so refusals stay
+/// orderly.
+fn fit_connections(limits: &mut Limits) {
     let nofile = raise_nofile();
-    // A connection over the descriptor limit could not be accepted at all:
-    // hold the connection limit below it, so refusals stay orderly.
     let fit = nofile.saturating_sub(RESERVED_FDS).max(1) as usize;
-    if opts.limits.max_connections > fit {
+    if limits.max_connections > fit {
         tracing::warn!(
             "--max-connections {} is over what the open-files limit ({nofile}) allows; using {fit}",
-            opts.limits.max_connections
+            limits.max_connections
         );
-        opts.limits.max_connections = fit;
+        limits.max_connections = fit;
     }
+}
+
+/// The thread that checkpoints the WAL four times a second (the writer's
+/// connection never does), and once more when it is stopped.
+struct Checkpoints {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl Checkpoints {
+    fn start(checkpointer: Connection) -> std::io::Result<Checkpoints> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("market-checkpoint".into())
+            .spawn(move || {
+                while !stop2.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(250));
+                    let _ = store::checkpoint(&checkpointer);
+                }
+                let _ = store::checkpoint(&checkpointer);
+            })?;
+        Ok(Checkpoints { stop, thread })
+    }
+
+    /// Stop after one last checkpoint, and wait for it.
+    async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let thread = self.thread;
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
+}
+
+/// Run the coordinator until `shutdown` completes. `ready` is called with
+/// the bound address once the port is open.
+///
+/// On shutdown the writer finishes its batch and commits, and the WAL is
+/// checkpointed, before this returns. Sessions still open are tasks on the
+/// caller's runtime: the caller ends them by shutting the runtime down.
+pub async fn serve(
+    mut opts: ServeOptions,
+    ready: impl FnOnce(SocketAddr),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    fit_connections(&mut opts.limits);
     let db_err = |source| ServeError::Db {
         path: opts.db.display().to_string(),
         source,
@@ -177,30 +169,15 @@ pub fn serve(mut opts: ServeOptions, ready: impl FnOnce(SocketAddr)) -> Result<(
     let metrics = Arc::new(Metrics::default());
     writer::refresh_gauges(&conn, &metrics);
     conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(db_err)?;
-    let checkpointer = store::open(&opts.db, opts.sync_full).map_err(db_err)?;
-    let stop_checkpoints = Arc::new(AtomicBool::new(false));
-    let stop2 = stop_checkpoints.clone();
-    let checkpoints = std::thread::Builder::new()
-        .name("market-checkpoint".into())
-        .spawn(move || {
-            while !stop2.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(250));
-                let _ = store::checkpoint(&checkpointer);
-            }
-            let _ = store::checkpoint(&checkpointer);
-        })?;
+    let checkpoints = Checkpoints::start(store::open(&opts.db, opts.sync_full).map_err(db_err)?)?;
     let (etx, erx) = std_mpsc::channel();
-    let settings = opts.settings.clone();
+    let rules = opts.rules.clone();
     let m2 = metrics.clone();
     let engine = std::thread::Builder::new()
         .name("market-writer".into())
-        .spawn(move || writer::writer(conn, settings, erx, m2))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+        .spawn(move || writer::writer(conn, rules, erx, m2))?;
     let shared = Arc::new(Shared {
-        admission: http::Admission::new(opts.limits.clone(), metrics.clone()),
+        admission: admission::Admission::new(opts.limits.clone(), metrics.clone()),
         http: http::http1(&opts.limits),
         opts: opts.clone(),
         engine: etx.clone(),
@@ -208,57 +185,45 @@ pub fn serve(mut opts: ServeOptions, ready: impl FnOnce(SocketAddr)) -> Result<(
         next_conn: AtomicU64::new(1),
         witness,
     });
-    let result = rt.block_on(async move {
-        let listener = TcpListener::bind(opts.listen)
-            .await
-            .map_err(|source| ServeError::Listen {
-                addr: opts.listen,
-                source,
-            })?;
-        ready(listener.local_addr()?);
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        loop {
-            tokio::select! {
-                r = listener.accept() => match r {
-                    Ok((stream, peer)) => {
-                        shared.metrics.connections_accepted.inc();
-                        match shared.admission.admit(peer.ip()) {
-                            Ok(slot) => {
-                                tokio::spawn(http::connection(stream, shared.clone(), slot));
-                            }
-                            // Closed at once: nothing of it is read.
-                            Err(why) => shared.metrics.refused(why),
-                        }
-                    }
-                    // Out of descriptors or similar: back off instead of spinning.
-                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-                },
-                _ = tokio::signal::ctrl_c() => break,
-                _ = term.recv() => break,
-            }
-        }
-        Ok::<(), ServeError>(())
-    });
+    let result = accept_until(opts.listen, shared, ready, shutdown).await;
     // Let the writer finish its batch and commit before the process ends.
     let _ = etx.send(Cmd::Shutdown);
-    let _ = engine.join();
-    stop_checkpoints.store(true, Ordering::Relaxed);
-    let _ = checkpoints.join();
-    rt.shutdown_timeout(Duration::from_millis(500));
+    let _ = tokio::task::spawn_blocking(move || engine.join()).await;
+    checkpoints.stop().await;
     result
 }
 
-/// Defaults for `market serve`.
-pub fn default_options(db: PathBuf) -> ServeOptions {
-    ServeOptions {
-        listen: "127.0.0.1:7700".parse().expect("literal address parses"),
-        db,
-        settings: Settings::default(),
-        control_cap: protocol::DEFAULT_CONTROL_CAP,
-        payload_cap: protocol::DEFAULT_PAYLOAD_CAP,
-        rate: 200.0,
-        burst: 400.0,
-        sync_full: true,
-        limits: Limits::default(),
+/// Bind `listen` and hand each admitted connection to its own task until
+/// `shutdown` completes.
+async fn accept_until(
+    listen: SocketAddr,
+    shared: Arc<Shared>,
+    ready: impl FnOnce(SocketAddr),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServeError::Listen { addr: listen, source })?;
+    ready(listener.local_addr()?);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    shared.metrics.connections_accepted.inc();
+                    match shared.admission.admit(peer.ip()) {
+                        Ok(slot) => {
+                            tokio::spawn(http::connection(stream, shared.clone(), slot));
+                        }
+                        // Closed at once: nothing of it is read.
+                        Err(why) => shared.metrics.refused(why),
+                    }
+                }
+                // Out of descriptors or similar: back off instead of spinning.
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            },
+            _ = &mut shutdown => break,
+        }
     }
+    Ok(())
 }

@@ -1,36 +1,35 @@
 //! One node's WebSocket session, from the challenge to the last frame.
 //!
 //! Before `hello` the connection is held to small limits while its bytes are
-//! read ([`Gate`]): every frame to the control cap, checked on the frame's
-//! header before its payload is buffered, all of them together to a byte
-//! budget, and the whole login to `--auth-timeout-ms`. After it, frames may
-//! use the payload cap, and everything the coordinator pushes to the node
-//! goes through a bounded queue ([`Outbound`]): a node that stops reading is
-//! disconnected, never buffered for without bound.
+//! read ([`Gate`]), and the whole login to `--auth-timeout-ms`. After it,
+//! frames may use the payload cap, and everything the coordinator pushes to
+//! the node goes through a bounded queue ([`Inbound`]): a node that stops
+//! reading is disconnected, never buffered for without bound.
+//!
+//! A session does everything that needs no market state (caps, parsing,
+//! rate limits, authentication, witnessing) and sends every state change to
+//! the writer as a [`Cmd`]. It must not touch the database.
 
-use std::io::{self, Cursor};
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use rand::RngCore;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use super::http::Slot;
+use super::admission::Slot;
+use super::anchor;
+use super::gate::{Gate, OverCap, MAX_HEADER};
 use super::metrics::Closed;
-use super::writer::{error_frame, Cmd};
-use super::Shared;
+use super::shared::Shared;
+use super::wire::{error_frame, queue, Cmd, Inbound, Out, QueueState};
 use crate::crypto::keys::PublicIdentity;
 use crate::market::protocol::{
     self, auth_message, decode_request, encode_event, Event, IdentityProof, Reason, Rejection, Request,
@@ -38,221 +37,8 @@ use crate::market::protocol::{
 
 /// Bad frames tolerated before authentication, then the connection closes.
 pub const PRE_AUTH_STRIKES: u32 = 8;
-/// Largest WebSocket frame header: 2 bytes, 8 of length, 4 of mask.
-const MAX_HEADER: usize = 14;
 
 type Ws = WebSocketStream<Gate<TokioIo<hyper::upgrade::Upgraded>>>;
-
-/// What the writer pushes to a session.
-pub enum Out {
-    Text(String),
-    Close,
-}
-
-struct QueueState {
-    bytes: AtomicUsize,
-    max_bytes: usize,
-    stopped: AtomicBool,
-    stop: Notify,
-}
-
-/// The writer's end of a session's send queue, bounded by frames (the
-/// channel) and by bytes. Once either bound is hit the session is told to
-/// stop and everything pushed after is dropped.
-#[derive(Clone)]
-pub struct Outbound {
-    tx: mpsc::Sender<Out>,
-    q: Arc<QueueState>,
-}
-
-/// The session's end of its send queue.
-pub struct Inbound {
-    rx: mpsc::Receiver<Out>,
-    q: Arc<QueueState>,
-}
-
-pub fn queue(frames: usize, max_bytes: usize) -> (Outbound, Inbound) {
-    let (tx, rx) = mpsc::channel(frames.max(1));
-    let q = Arc::new(QueueState {
-        bytes: AtomicUsize::new(0),
-        max_bytes,
-        stopped: AtomicBool::new(false),
-        stop: Notify::new(),
-    });
-    (Outbound { tx, q: q.clone() }, Inbound { rx, q })
-}
-
-impl Outbound {
-    /// Queue a frame for the node. False if the session is gone or was told
-    /// to stop (now or before).
-    pub fn push(&self, text: String) -> bool {
-        if self.q.stopped.load(Ordering::Relaxed) {
-            return false;
-        }
-        let n = text.len();
-        if self.q.bytes.fetch_add(n, Ordering::Relaxed) + n > self.q.max_bytes {
-            self.overflow();
-            return false;
-        }
-        match self.tx.try_send(Out::Text(text)) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.overflow();
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        }
-    }
-
-    /// Close the session after what is queued (another login replaced it).
-    pub fn close(&self) {
-        if self.tx.try_send(Out::Close).is_err() {
-            self.overflow();
-        }
-    }
-
-    fn overflow(&self) {
-        if !self.q.stopped.swap(true, Ordering::Relaxed) {
-            self.q.stop.notify_one();
-        }
-    }
-}
-
-impl Inbound {
-    async fn recv(&mut self) -> Option<Out> {
-        let o = self.rx.recv().await;
-        if let Some(Out::Text(t)) = &o {
-            self.q.bytes.fetch_sub(t.len(), Ordering::Relaxed);
-        }
-        o
-    }
-}
-
-/// A frame over its cap, or more bytes before `hello` than the budget.
-#[derive(Debug)]
-pub struct OverCap(String);
-
-impl std::fmt::Display for OverCap {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for OverCap {}
-
-/// Reads a connection's bytes under the pre-authentication limits.
-///
-/// tungstenite's own caps are set once per connection, for the payload cap;
-/// this holds each frame of the login phase to the control cap by reading
-/// its header (with tungstenite's parser) as the bytes arrive, so a frame
-/// over it is refused before its payload is buffered. [`Gate::open`] ends
-/// the login phase.
-pub struct Gate<S> {
-    inner: S,
-    open: bool,
-    frame_cap: u64,
-    budget: usize,
-    header: [u8; MAX_HEADER],
-    have: usize,
-    skip: u64,
-}
-
-impl<S> Gate<S> {
-    pub fn new(inner: S, frame_cap: usize, budget: usize) -> Gate<S> {
-        Gate {
-            inner,
-            open: false,
-            frame_cap: frame_cap as u64,
-            budget,
-            header: [0; MAX_HEADER],
-            have: 0,
-            skip: 0,
-        }
-    }
-
-    /// Authenticated: let every byte through.
-    pub fn open(&mut self) {
-        self.open = true;
-    }
-
-    fn inspect(&mut self, mut data: &[u8]) -> Result<(), OverCap> {
-        if data.len() > self.budget {
-            return Err(OverCap(
-                "more bytes before authentication than the login allows".to_string(),
-            ));
-        }
-        self.budget -= data.len();
-        while !data.is_empty() {
-            if self.skip > 0 {
-                let n = self.skip.min(data.len() as u64) as usize;
-                self.skip -= n as u64;
-                data = &data[n..];
-                continue;
-            }
-            let before = self.have;
-            let take = (MAX_HEADER - before).min(data.len());
-            self.header[before..before + take].copy_from_slice(&data[..take]);
-            self.have += take;
-            let mut cur = Cursor::new(&self.header[..self.have]);
-            match FrameHeader::parse(&mut cur) {
-                Ok(Some((_, len))) => {
-                    if len > self.frame_cap {
-                        return Err(OverCap(format!(
-                            "a {len} byte frame before authentication, over the {} byte control cap",
-                            self.frame_cap
-                        )));
-                    }
-                    data = &data[cur.position() as usize - before..];
-                    self.have = 0;
-                    self.skip = len;
-                }
-                Ok(None) => data = &data[take..],
-                // Not a frame header: tungstenite refuses the same bytes.
-                Err(_) => {
-                    self.open = true;
-                    return Ok(());
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Gate<S> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let start = buf.filled().len();
-        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
-        if !this.open {
-            if let Err(e) = this.inspect(&buf.filled()[start..]) {
-                return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
-            }
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Gate<S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
 
 /// A token bucket: `rate` frames per second with bursts up to `burst`.
 struct Bucket {
@@ -508,27 +294,7 @@ async fn authenticate(ws: &mut Ws, sh: &Shared) -> Result<Login, Option<Ending>>
                     sig,
                 },
             )) => {
-                let fatal = if signed != nonce {
-                    Some(Rejection::new(
-                        Reason::BadChallenge,
-                        "the signed nonce is not this session's challenge",
-                    ))
-                } else if let Err(e) = identity.validate() {
-                    Some(Rejection::new(Reason::BadIdentity, e.to_string()))
-                } else {
-                    let parsed = base64::engine::general_purpose::STANDARD
-                        .decode(&sig)
-                        .ok()
-                        .and_then(|b| ed25519_dalek::Signature::from_slice(&b).ok());
-                    match parsed {
-                        Some(s) if identity.verify(&auth_message(&nonce, &identity), &s) => None,
-                        _ => Some(Rejection::new(
-                            Reason::BadSignature,
-                            "the session signature does not verify",
-                        )),
-                    }
-                };
-                if let Some(r) = fatal {
+                if let Err(r) = check_hello(&nonce, &identity, &signed, &sig) {
                     let reason = r.reason.as_str();
                     send(ws, sh, refuse(None, r)).await?;
                     return Err(Some(Ending::new(Closed::BadLogin, CloseCode::Policy, reason)));
@@ -548,6 +314,31 @@ async fn authenticate(ws: &mut Ws, sh: &Shared) -> Result<Login, Option<Ending>>
     }
 }
 
+/// A `hello` answers this session's challenge `nonce` when it signed that
+/// nonce, its identity is well formed, and the signature verifies.
+fn check_hello(nonce: &str, identity: &PublicIdentity, signed: &str, sig: &str) -> Result<(), Rejection> {
+    if signed != nonce {
+        return Err(Rejection::new(
+            Reason::BadChallenge,
+            "the signed nonce is not this session's challenge",
+        ));
+    }
+    if let Err(e) = identity.validate() {
+        return Err(Rejection::new(Reason::BadIdentity, e.to_string()));
+    }
+    let parsed = base64::engine::general_purpose::STANDARD
+        .decode(sig)
+        .ok()
+        .and_then(|b| ed25519_dalek::Signature::from_slice(&b).ok());
+    match parsed {
+        Some(s) if identity.verify(&auth_message(nonce, identity), &s) => Ok(()),
+        _ => Err(Rejection::new(
+            Reason::BadSignature,
+            "the session signature does not verify",
+        )),
+    }
+}
+
 /// An authenticated session: requests in, replies and pushed events out.
 async fn authenticated(ws: &mut Ws, sh: &Shared, node: &str, out: &mut Inbound) -> Result<(), Option<Ending>> {
     let m = &sh.metrics;
@@ -562,7 +353,7 @@ async fn authenticated(ws: &mut Ws, sh: &Shared, node: &str, out: &mut Inbound) 
             "the node does not read: its send queue is full",
         ))
     };
-    let q = out.q.clone();
+    let q = out.state();
     loop {
         tokio::select! {
             biased;
@@ -670,8 +461,8 @@ async fn handle_frame(text: &str, sh: &Shared, node: &str, bucket: &mut Bucket) 
         );
     }
     // Witnessing needs no market state: answered here, never queued.
-    if kind == super::anchor::TYPE {
-        return match super::anchor::handle(text, &sh.witness, node) {
+    if kind == anchor::TYPE {
+        return match anchor::handle(text, &sh.witness, node) {
             Ok(frame) => Reply::Frame(frame),
             Err((id, r)) => refuse(id, r),
         };
@@ -708,51 +499,5 @@ async fn handle_frame(text: &str, sh: &Shared, node: &str, bucket: &mut Bucket) 
             Some(id),
             Rejection::new(Reason::Internal, "the coordinator is shutting down"),
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn header(len: u64) -> Vec<u8> {
-        let mut v = Vec::new();
-        let h = FrameHeader {
-            mask: Some([1, 2, 3, 4]),
-            ..FrameHeader::default()
-        };
-        h.format(len, &mut v).unwrap();
-        v
-    }
-
-    #[test]
-    fn the_gate_refuses_a_frame_over_the_cap_on_its_header() {
-        let mut g = Gate::new((), 100, usize::MAX);
-        let mut ok = header(100);
-        ok.extend(std::iter::repeat_n(b'x', 100));
-        // Split anywhere, including inside the header.
-        for cut in 0..ok.len() {
-            let mut g2 = Gate::new((), 100, usize::MAX);
-            g2.inspect(&ok[..cut]).unwrap();
-            g2.inspect(&ok[cut..]).unwrap();
-            assert_eq!((g2.have, g2.skip), (0, 0));
-        }
-        g.inspect(&ok).unwrap();
-        let big = header(4 * 1024 * 1024 - 1);
-        let e = g.inspect(&big[..3]).and_then(|_| g.inspect(&big[3..])).unwrap_err();
-        assert!(e.to_string().contains("over the 100 byte control cap"), "{e}");
-    }
-
-    #[test]
-    fn the_gate_holds_the_login_to_its_byte_budget_and_opens_after_it() {
-        let mut g = Gate::new((), 100, 250);
-        let mut f = header(90);
-        f.extend(std::iter::repeat_n(b'x', 90));
-        g.inspect(&f).unwrap();
-        g.inspect(&f).unwrap();
-        assert!(g.inspect(&f).is_err(), "a third frame is over the budget");
-        let mut g = Gate::new((), 100, 250);
-        g.open();
-        assert!(g.open);
     }
 }

@@ -5,6 +5,8 @@
 //! schema version is `PRAGMA user_version`; each migration runs in its own
 //! transaction with the version bump, so a crash mid-migration leaves the
 //! old schema intact.
+//!
+//! It must not hold market rules: it knows tables, not what they mean.
 
 use std::path::Path;
 

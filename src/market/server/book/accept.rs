@@ -1,0 +1,136 @@
+//! `accept`: a provider takes an open task; the first valid accept wins
+//! the lease (under one of its offers with a free slot), the requester is
+//! told who holds it and the other providers that it is gone.
+//!
+//! It must not let a node lease its own task, a stale attempt, a task whose
+//! requester is away, or a provider the lease rules bar.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::{json, Value};
+
+use super::announce::matching_providers;
+use super::handler::{reject, Context, Fail};
+use super::lease::{cooling_until, held_before};
+use super::reputation::node_reputation;
+use super::task::{load_task, ms_to_rfc3339, Task};
+use crate::market::protocol::{Event, Reason};
+
+pub fn apply(cx: Context, task_id: String, attempt: u32) -> Result<Value, Fail> {
+    let Context {
+        c,
+        rules: s,
+        node,
+        now,
+        online,
+        out,
+    } = cx;
+    let t = load_task(c, &task_id)?;
+    if t.requester == node {
+        return reject(Reason::NotOwner, "a node cannot accept its own task");
+    }
+    if attempt != t.attempt {
+        return reject(
+            Reason::StaleAttempt,
+            format!("attempt {attempt} is not the task's current attempt {}", t.attempt),
+        );
+    }
+    match t.state.as_str() {
+        "open" => {}
+        "assigned" | "delivered" => return reject(Reason::AlreadyTaken, "another provider holds the lease"),
+        other => return reject(Reason::WrongState, format!("task is {other}")),
+    }
+    if t.deadline <= now {
+        return reject(Reason::WrongState, "task deadline has passed");
+    }
+    if !online(&t.requester) {
+        return reject(
+            Reason::RequesterOffline,
+            "the requester is not connected; the task is offered again when it returns",
+        );
+    }
+    may_lease(c, &t, node, now)?;
+    let (offer_id, ask) = free_offer(c, &t, node, now)?;
+    let lease = now + s.lease_ms;
+    c.prepare_cached(
+        "UPDATE tasks SET state = 'assigned', provider = ?2, offer_id = ?3, ask = ?4, lease_deadline = ?5,
+           updated_at = ?6, payload_at = NULL, accepted_at = ?6 WHERE task_id = ?1",
+    )?
+    .execute(params![task_id, node, offer_id, ask, lease, now])?;
+    c.prepare_cached("INSERT OR IGNORE INTO attempt_holders(task_id, node_id) VALUES (?1, ?2)")?
+        .execute(params![task_id, node])?;
+    out.push((
+        t.requester.clone(),
+        Event::Assigned {
+            task_id: task_id.clone(),
+            attempt,
+            provider: node.to_string(),
+        },
+    ));
+    for other in matching_providers(c, &t, now, online)? {
+        if other != node {
+            out.push((
+                other,
+                Event::TaskClosed {
+                    task_id: task_id.clone(),
+                },
+            ));
+        }
+    }
+    Ok(
+        json!({ "task_id": task_id, "attempt": attempt, "ask": ask, "lease_deadline": ms_to_rfc3339(lease),
+               "payload_hash": t.payload_hash, "model": t.model, "max_tokens": t.max_tokens }),
+    )
+}
+
+/// The lease rules for `node` taking `t`: not while cooling down, not after
+/// holding an earlier attempt, not below the requester's minimum reputation.
+fn may_lease(c: &Connection, t: &Task, node: &str, now: i64) -> Result<(), Fail> {
+    if let Some(until) = cooling_until(c, node, now)? {
+        return reject(
+            Reason::CoolingDown,
+            format!(
+                "you gave up or lost a lease: no new lease until {}",
+                ms_to_rfc3339(until)
+            ),
+        );
+    }
+    if held_before(c, &t.task_id, node)? {
+        return reject(
+            Reason::AlreadyAttempted,
+            "you held an earlier attempt of this task; another node gets this one",
+        );
+    }
+    let score = node_reputation(c, node)?.score();
+    if score < t.min_reputation {
+        return reject(
+            Reason::ReputationTooLow,
+            format!(
+                "your reputation {score:.3} is below the requester's minimum {}",
+                t.min_reputation
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// `node`'s cheapest active offer for `t`'s model with a free slot and a
+/// price within the bid: (offer id, ask).
+fn free_offer(c: &Connection, t: &Task, node: &str, now: i64) -> Result<(String, i64), Fail> {
+    let offer: Option<(String, i64)> = c
+        .prepare_cached(
+            "SELECT o.offer_id, o.price FROM offers o JOIN offer_models m ON m.offer_id = o.offer_id AND m.model = ?4
+             WHERE o.node_id = ?1 AND o.state = 'active' AND o.price <= ?2 AND o.expires_at > ?3
+               AND o.slots > (SELECT COUNT(*) FROM tasks t
+                              WHERE t.offer_id = o.offer_id AND t.state IN ('assigned','delivered'))
+             ORDER BY o.price LIMIT 1",
+        )?
+        .query_row(params![node, t.max_price, now, t.model], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    match offer {
+        Some(o) => Ok(o),
+        None => reject(
+            Reason::NoMatchingOffer,
+            "you have no active offer with a free slot, this model and a price within the bid",
+        ),
+    }
+}

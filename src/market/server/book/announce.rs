@@ -1,0 +1,74 @@
+//! Offering a task to providers: which online providers' offers fit it,
+//! and telling them (`task_offered`) while its requester is online.
+//!
+//! It must not change any row: it only reads offers and queues events.
+
+use rusqlite::{params, Connection};
+
+use super::handler::{Fail, Outbox};
+use super::rules::FANOUT;
+use super::task::Task;
+use crate::market::protocol::{reputation, Event};
+
+/// Online providers whose active offer fits `task`, cheapest first.
+/// Not a provider cooling down, nor one that failed an earlier attempt of
+/// this task.
+pub fn matching_providers(
+    c: &Connection,
+    task: &Task,
+    now: i64,
+    online: &dyn Fn(&str) -> bool,
+) -> Result<Vec<String>, Fail> {
+    let mut stmt = c.prepare_cached(
+        "SELECT o.node_id, o.slots,
+            (SELECT COUNT(*) FROM tasks t WHERE t.offer_id = o.offer_id AND t.state IN ('assigned','delivered')),
+            COALESCE(n.clients, 0), COALESCE(n.failures, 0)
+         FROM offer_models m JOIN offers o ON o.offer_id = m.offer_id LEFT JOIN nodes n ON n.node_id = o.node_id
+         WHERE m.model = ?3 AND o.state = 'active' AND o.disconnected_at IS NULL AND o.price <= ?1 AND o.node_id != ?2
+           AND COALESCE(n.cooldown_until, 0) <= ?4
+           AND NOT EXISTS (SELECT 1 FROM attempt_holders h WHERE h.task_id = ?5 AND h.node_id = o.node_id)
+         ORDER BY o.price LIMIT 1024",
+    )?;
+    let rows = stmt.query_map(
+        params![task.max_price, task.requester, task.model, now, task.task_id],
+        |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
+        },
+    )?;
+    let mut out: Vec<String> = Vec::new();
+    for row in rows {
+        let (node, slots, used, s, f) = row?;
+        if used < slots && reputation(s, f) >= task.min_reputation && online(&node) && !out.contains(&node) {
+            out.push(node);
+            if out.len() >= FANOUT {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Offer `task` to matching online providers, if its requester is online:
+/// only the requester can send a lease holder the payload, so a task whose
+/// requester is away waits for its return ([`super::presence::requester_back`]).
+pub fn announce(
+    c: &Connection,
+    task: &Task,
+    now: i64,
+    online: &dyn Fn(&str) -> bool,
+    out: &mut Outbox,
+) -> Result<(), Fail> {
+    if !online(&task.requester) {
+        return Ok(());
+    }
+    for node in matching_providers(c, task, now, online)? {
+        out.push((node, Event::TaskOffered { task: task.view() }));
+    }
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! `post`: a requester posts a task (metadata and the payload's hash only),
+//! its max price locked in escrow, and the task is offered to providers.
+//!
+//! It must not see the payload: the requester relays it to the lease
+//! holder later (`payload`).
+
+use rusqlite::{params, Connection};
+use serde_json::{json, Value};
+
+use super::announce::announce;
+use super::fields::{check_name, check_range};
+use super::handler::{new_id, reject, Context, Fail};
+use super::rules::{MAX_ATTEMPTS, MAX_PRICE};
+use super::task::Task;
+use crate::market::protocol::Reason;
+use crate::market::server::ledger::{self, escrow_account, node_account};
+
+/// The fields of a `post` request.
+pub struct NewTask {
+    pub model: String,
+    pub max_tokens: u64,
+    pub max_price: u64,
+    pub payload_hash: String,
+    pub deadline_secs: u64,
+    pub max_attempts: Option<u32>,
+    pub min_reputation: Option<f64>,
+    pub payload_bytes: Option<u64>,
+}
+
+pub fn apply(cx: Context, req: NewTask) -> Result<Value, Fail> {
+    let Context {
+        c,
+        rules: s,
+        node,
+        now,
+        online,
+        out,
+    } = cx;
+    check_name("model", &req.model)?;
+    if let Some(b) = req.payload_bytes {
+        check_range("payload_bytes", b, 1, 1 << 40)?;
+    }
+    check_range("max_tokens", req.max_tokens, 1, 10_000_000)?;
+    check_range("max_price", req.max_price, 1, MAX_PRICE)?;
+    check_range("deadline_secs", req.deadline_secs, 1, 7 * 86_400)?;
+    let attempts = req.max_attempts.unwrap_or(s.default_attempts);
+    check_range("max_attempts", attempts as u64, 1, MAX_ATTEMPTS as u64)?;
+    let min_rep = req.min_reputation.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&min_rep) {
+        return reject(Reason::InvalidField, "`min_reputation` must be in 0..=1");
+    }
+    if req.payload_hash.len() != 64 || !req.payload_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return reject(Reason::InvalidField, "`payload_hash` must be 64 hex digits (SHA-256)");
+    }
+    let task_id = new_id("t-");
+    let price = req.max_price as i64;
+    lock_escrow(c, node, &task_id, price, now)?;
+    let task = Task {
+        task_id: task_id.clone(),
+        requester: node.to_string(),
+        model: req.model,
+        max_tokens: req.max_tokens as i64,
+        max_price: price,
+        payload_hash: req.payload_hash.to_ascii_lowercase(),
+        deadline: now + req.deadline_secs as i64 * 1000,
+        max_attempts: attempts,
+        min_reputation: min_rep,
+        state: "open".into(),
+        attempt: 1,
+        provider: None,
+        ask: None,
+        lease_deadline: None,
+        payload_bytes: req.payload_bytes.map(|b| b as i64),
+        payload_at: None,
+        accepted_at: None,
+    };
+    c.prepare_cached(
+        "INSERT INTO tasks(task_id, requester, model, max_tokens, max_price, payload_hash, deadline,
+           max_attempts, min_reputation, state, attempt, created_at, updated_at, payload_bytes)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'open', 1, ?10, ?10, ?11)",
+    )?
+    .execute(params![
+        task.task_id,
+        task.requester,
+        task.model,
+        task.max_tokens,
+        task.max_price,
+        task.payload_hash,
+        task.deadline,
+        task.max_attempts,
+        task.min_reputation,
+        now,
+        task.payload_bytes
+    ])?;
+    announce(c, &task, now, online, out)?;
+    Ok(json!({ "task": task.view(), "escrow": price }))
+}
+
+/// Open `task_id`'s escrow account and move the task's max price into it
+/// from `node`'s balance, refused if the balance cannot cover it.
+fn lock_escrow(c: &Connection, node: &str, task_id: &str, price: i64, now: i64) -> Result<(), Fail> {
+    let escrow = escrow_account(task_id);
+    ledger::open_account(c, &escrow, "escrow")?;
+    let account = node_account(node);
+    match ledger::post(c, now, "escrow", Some(task_id), &[(&account, -price), (&escrow, price)])? {
+        Ok(()) => Ok(()),
+        Err(o) => reject(
+            Reason::InsufficientBalance,
+            format!(
+                "your balance of {} RUV is short of the {price} RUV max price to lock in escrow",
+                o.balance
+            ),
+        ),
+    }
+}

@@ -1,0 +1,91 @@
+//! Reputation: a node's record of settled tasks, failures and distinct
+//! paying requesters, how the book counts a success or a failure, and the
+//! `reputation` request that reads any node's record.
+//!
+//! It must not decide whose fault a failure is (that is `lease`), nor move
+//! money.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::{json, Value};
+
+use super::handler::{reject, Context, Fail};
+use super::rules::BookRules;
+use crate::market::protocol::{reputation, Reason};
+
+/// A node's record: settled tasks, failures, distinct paying requesters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Record {
+    successes: i64,
+    failures: i64,
+    clients: i64,
+}
+
+impl Record {
+    pub fn score(self) -> f64 {
+        reputation(self.clients, self.failures)
+    }
+
+    pub fn view(self) -> Value {
+        json!({ "successes": self.successes, "failures": self.failures, "clients": self.clients,
+                "score": self.score() })
+    }
+}
+
+pub fn node_reputation(c: &Connection, node: &str) -> rusqlite::Result<Record> {
+    Ok(
+        c.prepare_cached("SELECT successes, failures, clients FROM nodes WHERE node_id = ?1")?
+            .query_row([node], |r| {
+                Ok(Record {
+                    successes: r.get(0)?,
+                    failures: r.get(1)?,
+                    clients: r.get(2)?,
+                })
+            })
+            .optional()?
+            .unwrap_or_default(),
+    )
+}
+
+/// A settled task: one more success, and one more client if this is the
+/// first paid task from this requester. Reputation counts clients, so two
+/// identities trading with each other earn one client each, however often.
+pub fn record_success(c: &Connection, provider: &str, requester: &str, paid: i64) -> rusqlite::Result<()> {
+    c.prepare_cached("UPDATE nodes SET successes = successes + 1 WHERE node_id = ?1")?
+        .execute([provider])?;
+    if paid > 0 {
+        let new = c
+            .prepare_cached("INSERT OR IGNORE INTO paid_clients(provider, requester) VALUES (?1, ?2)")?
+            .execute([provider, requester])?;
+        if new == 1 {
+            c.prepare_cached("UPDATE nodes SET clients = clients + 1 WHERE node_id = ?1")?
+                .execute([provider])?;
+        }
+    }
+    Ok(())
+}
+
+/// A failure of the provider's own: counted, and no new lease for the
+/// cool-down.
+pub fn record_failure(c: &Connection, s: &BookRules, node: &str, now: i64) -> rusqlite::Result<()> {
+    c.prepare_cached(
+        "UPDATE nodes SET failures = failures + 1, cooldown_until = MAX(COALESCE(cooldown_until, 0), ?2)
+         WHERE node_id = ?1",
+    )?
+    .execute(params![node, now + s.cooldown_ms])?;
+    Ok(())
+}
+
+/// `reputation`: any known node's record and score.
+pub fn apply(cx: Context, node_id: String) -> Result<Value, Fail> {
+    let known: bool =
+        cx.c.prepare_cached("SELECT 1 FROM nodes WHERE node_id = ?1")?
+            .query_row([&node_id], |_| Ok(true))
+            .optional()?
+            .unwrap_or(false);
+    if !known {
+        return reject(Reason::NotFound, format!("no node `{node_id}`"));
+    }
+    let mut v = node_reputation(cx.c, &node_id)?.view();
+    v["node_id"] = json!(node_id);
+    Ok(v)
+}

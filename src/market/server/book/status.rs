@@ -1,0 +1,65 @@
+//! `status`: a node's own view (balance, escrow, offers, tasks, reputation,
+//! cool-down) and the coordinator's totals.
+//!
+//! It must not change anything: a status is read-only and not remembered.
+
+use rusqlite::Connection;
+use serde_json::{json, Value};
+
+use super::handler::Fail;
+use super::lease::cooling_until;
+use super::reputation::node_reputation;
+use super::task::{ms_to_rfc3339, Task, TASK_COLS};
+use crate::market::server::ledger::{self, node_account};
+
+/// A node's view: balance, escrow, offers, tasks, reputation, totals.
+pub fn status(c: &Connection, node: &str, now: i64) -> Result<Value, Fail> {
+    let balance = ledger::balance(c, &node_account(node))?;
+    let escrow: i64 = c
+        .prepare_cached(
+            "SELECT COALESCE(SUM(max_price), 0) FROM tasks WHERE requester = ?1 AND state IN ('open','assigned','delivered')",
+        )?
+        .query_row([node], |r| r.get(0))?;
+    let offers: Vec<Value> = c
+        .prepare_cached(
+            "SELECT offer_id, slots, price, models, expires_at, disconnected_at FROM offers
+             WHERE node_id = ?1 AND state = 'active' ORDER BY created_at",
+        )?
+        .query_map([node], |r| {
+            let models: String = r.get(3)?;
+            Ok(json!({
+                "offer_id": r.get::<_, String>(0)?, "slots": r.get::<_, i64>(1)?, "price": r.get::<_, i64>(2)?,
+                "models": serde_json::from_str::<Value>(&models).unwrap_or(Value::Null),
+                "expires": ms_to_rfc3339(r.get(4)?), "connected": r.get::<_, Option<i64>>(5)?.is_none(),
+            }))
+        })?
+        .collect::<Result<_, _>>()?;
+    let tasks: Vec<Value> = c
+        .prepare_cached(&format!(
+            "SELECT {TASK_COLS} FROM tasks WHERE requester = ?1 OR provider = ?1 ORDER BY created_at DESC LIMIT 100"
+        ))?
+        .query_map([node], Task::from_row)?
+        .map(|t| t.map(|t| t.view()))
+        .collect::<Result<_, _>>()?;
+    let record = node_reputation(c, node)?;
+    let cooldown = cooling_until(c, node, now)?.map(ms_to_rfc3339);
+    let totals = ledger::totals(c)?;
+    let mut by_state = serde_json::Map::new();
+    let mut stmt = c.prepare_cached("SELECT state, COUNT(*) FROM tasks GROUP BY state")?;
+    for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+        let (k, n) = row?;
+        by_state.insert(k, n.into());
+    }
+    let active_offers: i64 = c.query_row("SELECT COUNT(*) FROM offers WHERE state = 'active'", [], |r| r.get(0))?;
+    let nodes: i64 = c.query_row("SELECT COUNT(*) FROM nodes", [], |r| r.get(0))?;
+    Ok(json!({
+        "node_id": node,
+        "balance": balance,
+        "escrow": escrow,
+        "offers": offers,
+        "tasks": tasks,
+        "reputation": record.view(),
+        "cooldown_until": cooldown,
+        "server": { "nodes": nodes, "active_offers": active_offers, "tasks": by_state, "ledger": totals },
+    }))
+}

@@ -1,0 +1,105 @@
+//! A task's row: the columns the book reads, its view on the wire, and how
+//! a handler loads one (any task, or one leased to the calling node).
+//!
+//! It must not change a task: every state change belongs to a handler, the
+//! lease rules or the clock.
+
+use rusqlite::{Connection, OptionalExtension, Row};
+use serde_json::{json, Value};
+
+use super::handler::{reject, Fail};
+use crate::market::protocol::Reason;
+
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub task_id: String,
+    pub requester: String,
+    pub model: String,
+    pub max_tokens: i64,
+    pub max_price: i64,
+    pub payload_hash: String,
+    pub deadline: i64,
+    pub max_attempts: u32,
+    pub min_reputation: f64,
+    pub state: String,
+    pub attempt: u32,
+    pub provider: Option<String>,
+    pub ask: Option<i64>,
+    pub lease_deadline: Option<i64>,
+    pub payload_bytes: Option<i64>,
+    pub payload_at: Option<i64>,
+    pub accepted_at: Option<i64>,
+}
+
+pub const TASK_COLS: &str = "task_id, requester, model, max_tokens, max_price, payload_hash, deadline, max_attempts,
+    min_reputation, state, attempt, provider, ask, lease_deadline, payload_bytes, payload_at, accepted_at";
+
+impl Task {
+    pub fn from_row(r: &Row) -> rusqlite::Result<Task> {
+        Ok(Task {
+            task_id: r.get(0)?,
+            requester: r.get(1)?,
+            model: r.get(2)?,
+            max_tokens: r.get(3)?,
+            max_price: r.get(4)?,
+            payload_hash: r.get(5)?,
+            deadline: r.get(6)?,
+            max_attempts: r.get(7)?,
+            min_reputation: r.get(8)?,
+            state: r.get(9)?,
+            attempt: r.get(10)?,
+            provider: r.get(11)?,
+            ask: r.get(12)?,
+            lease_deadline: r.get(13)?,
+            payload_bytes: r.get(14)?,
+            payload_at: r.get(15)?,
+            accepted_at: r.get(16)?,
+        })
+    }
+
+    pub fn view(&self) -> Value {
+        json!({
+            "task_id": self.task_id, "requester": self.requester, "model": self.model,
+            "max_tokens": self.max_tokens, "max_price": self.max_price, "payload_hash": self.payload_hash,
+            "deadline": ms_to_rfc3339(self.deadline), "max_attempts": self.max_attempts,
+            "min_reputation": self.min_reputation, "state": self.state, "attempt": self.attempt,
+            "provider": self.provider, "ask": self.ask,
+            "lease_deadline": self.lease_deadline.map(ms_to_rfc3339), "payload_bytes": self.payload_bytes,
+        })
+    }
+}
+
+pub fn ms_to_rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
+
+pub fn load_task(c: &Connection, task_id: &str) -> Result<Task, Fail> {
+    let t = c
+        .prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE task_id = ?1"))?
+        .query_row([task_id], Task::from_row)
+        .optional()?;
+    match t {
+        Some(t) => Ok(t),
+        None => reject(Reason::NotFound, format!("no task `{task_id}`")),
+    }
+}
+
+/// The task, checked to be leased to `node` under `attempt`.
+pub fn leased_to(c: &Connection, task_id: &str, node: &str, attempt: u32) -> Result<Task, Fail> {
+    let t = load_task(c, task_id)?;
+    if t.provider.as_deref() != Some(node) && attempt == t.attempt {
+        return reject(Reason::NotOwner, "this task is leased to another node");
+    }
+    if attempt != t.attempt {
+        return reject(
+            Reason::StaleAttempt,
+            format!("attempt {attempt} is fenced off: the task is on attempt {}", t.attempt),
+        );
+    }
+    if t.provider.as_deref() != Some(node) {
+        return reject(Reason::NotOwner, "this task is leased to another node");
+    }
+    Ok(t)
+}
