@@ -27,11 +27,12 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::fsutil::{self, FileLock};
-pub use crate::market::server::anchor::Cosignature;
 use crate::paths::Paths;
 
+mod anchor;
 pub mod error;
 mod event;
+pub use anchor::Cosignature;
 pub use error::AuditError;
 pub use event::{Event, EventName};
 

@@ -420,24 +420,12 @@ fn serve(ctx: &Ctx, a: ServeArgs) -> Result<Exit> {
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(server::ServeError::Io)?;
+    let rt = crate::runtime::workers(2).map_err(server::ServeError::Io)?;
     let served = rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
         // Both handlers are in place before the port opens, so a signal
         // sent as soon as the address is printed stops the coordinator in
         // order instead of killing it.
-        let mut interrupt = signal(SignalKind::interrupt()).map_err(server::ServeError::Io)?;
-        let mut terminate = signal(SignalKind::terminate()).map_err(server::ServeError::Io)?;
-        let stop = async move {
-            tokio::select! {
-                _ = interrupt.recv() => {}
-                _ = terminate.recv() => {}
-            }
-        };
+        let stop = crate::runtime::shutdown_signal().map_err(server::ServeError::Io)?;
         server::serve(opts, ready, stop).await
     });
     // Sessions still open end with the runtime, after at most half a second.
