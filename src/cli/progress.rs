@@ -1,6 +1,7 @@
 //! How image and job progress look on stderr: a spinner and bars on a
 //! terminal, and only the lines that matter (retries, rate limits, warnings)
-//! when stderr is a file or pipe.
+//! when stderr is a file or pipe; and the lines a federated job's steps
+//! print. Rendering only: nothing here decides or records anything.
 
 use std::io::{self, IsTerminal};
 use std::sync::Mutex;
@@ -11,6 +12,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use crate::context::{self, Printer};
 use crate::docker::image::{ImageEvent, ImageProgress};
 use crate::job::{JobEvent, Progress};
+use crate::market::requester::RequesterEvent;
 
 pub struct StderrProgress {
     printer: Printer,
@@ -186,5 +188,39 @@ impl Progress for StderrProgress {
             return Ok(None);
         }
         context::confirm(question).map(Some)
+    }
+}
+
+/// The first 16 characters of a node id, enough to tell nodes apart.
+pub fn short(node_id: &str) -> &str {
+    node_id.get(..16).unwrap_or(node_id)
+}
+
+/// One line of progress (stderr) for a step of following a task.
+pub fn requester_line(ev: &RequesterEvent) -> String {
+    match ev {
+        RequesterEvent::Posted { task_id, escrow } => format!("posted {task_id}; {escrow} RUV locked in escrow"),
+        RequesterEvent::Assigned { attempt, provider, .. } => {
+            format!("assigned to node {} (attempt {attempt})", short(provider))
+        }
+        RequesterEvent::Running { provider, .. } => {
+            format!("payload sent encrypted; running on node {}", short(provider))
+        }
+        RequesterEvent::PayloadRefused { error, .. } => format!("payload not relayed: {error}"),
+        RequesterEvent::Delivered { attempt, .. } => format!("result delivered (attempt {attempt}); verifying"),
+        RequesterEvent::AttemptFailed {
+            attempt,
+            provider,
+            reason,
+            error,
+            ..
+        } => format!(
+            "attempt {attempt} on node {} {}: {}; the task is re-offered",
+            short(provider),
+            reason.as_str(),
+            error.as_deref().unwrap_or("no report")
+        ),
+        RequesterEvent::Refunded { amount, why, .. } => format!("refunded {amount} RUV: {why}"),
+        RequesterEvent::Warning { message } => message.clone(),
     }
 }

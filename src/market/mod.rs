@@ -1,10 +1,27 @@
-//! The peer market (DESIGN.md section 9): the wire protocol, the node-side
-//! client, the provider loop and the coordinator.
+//! The peer market (DESIGN.md section 9): the wire protocol and its typed
+//! replies, the node-side client, the requester's and the provider's
+//! operations, and the coordinator.
+//!
+//! The operations a command runs live here, not in `cli/`: [`bid`] and
+//! [`collect`] for a requester, [`provider::advertise`] for a provider,
+//! [`status`] and [`grant`] for the books.
+//! Each takes plain options, does the work and writes its audit lines, and
+//! returns a serialisable outcome; none of them prints.
 
+pub mod bid;
 pub mod client;
+pub mod collect;
+pub mod grant;
 pub mod pending;
 pub mod protocol;
 pub mod provider;
+pub mod reply;
 pub mod requester;
 pub mod sealed;
 pub mod server;
+pub mod status;
+
+/// A small runtime for one client command.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()
+}

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::ledger::{self, escrow_account, node_account, ISSUER};
 use crate::crypto::keys::PublicIdentity;
-use crate::market::protocol::{reputation, Event, IdentityProof, Reason, Rejection, Request};
+use crate::market::protocol::{reputation, Event, IdentityProof, Reason, Rejection, Request, TaskView};
 
 /// Tunables of the coordinator.
 #[derive(Debug, Clone)]
@@ -149,14 +149,28 @@ impl Task {
     }
 
     fn view(&self) -> Value {
-        json!({
-            "task_id": self.task_id, "requester": self.requester, "model": self.model,
-            "max_tokens": self.max_tokens, "max_price": self.max_price, "payload_hash": self.payload_hash,
-            "deadline": ms_to_rfc3339(self.deadline), "max_attempts": self.max_attempts,
-            "min_reputation": self.min_reputation, "state": self.state, "attempt": self.attempt,
-            "provider": self.provider, "ask": self.ask,
-            "lease_deadline": self.lease_deadline.map(ms_to_rfc3339), "payload_bytes": self.payload_bytes,
-        })
+        // A struct of strings, numbers and options: serialising cannot fail.
+        serde_json::to_value(self.offered()).unwrap_or(Value::Null)
+    }
+
+    fn offered(&self) -> TaskView {
+        TaskView {
+            task_id: self.task_id.clone(),
+            requester: self.requester.clone(),
+            model: self.model.clone(),
+            max_tokens: self.max_tokens as u64,
+            max_price: self.max_price as u64,
+            payload_hash: self.payload_hash.clone(),
+            deadline: ms_to_rfc3339(self.deadline),
+            max_attempts: self.max_attempts,
+            min_reputation: self.min_reputation,
+            state: self.state.clone(),
+            attempt: self.attempt,
+            provider: self.provider.clone(),
+            ask: self.ask,
+            lease_deadline: self.lease_deadline.map(ms_to_rfc3339),
+            payload_bytes: self.payload_bytes.map(|b| b as u64),
+        }
     }
 }
 
@@ -510,7 +524,7 @@ fn announce(
         return Ok(());
     }
     for node in matching_providers(c, task, now, online)? {
-        out.push((node, Event::TaskOffered { task: task.view() }));
+        out.push((node, Event::TaskOffered { task: task.offered() }));
     }
     Ok(())
 }
@@ -605,7 +619,7 @@ pub fn apply(
                 }
             }
             for t in fits {
-                out.push((node.to_string(), Event::TaskOffered { task: t.view() }));
+                out.push((node.to_string(), Event::TaskOffered { task: t.offered() }));
             }
             Ok(json!({ "offer_id": offer_id, "expires": ms_to_rfc3339(expires) }))
         }
