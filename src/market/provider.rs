@@ -1089,3 +1089,32 @@ impl Lease {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pushed_event_prints_as_its_type_and_detail() {
+        let ev = ProviderEvent::pushed(Event::Settled {
+            task_id: "t-1".into(),
+            attempt: 2,
+            paid: 5,
+            refunded: 1,
+        });
+        assert_eq!(
+            serde_json::to_value(&ev).unwrap(),
+            json!({ "event": "settled",
+                    "detail": { "type": "settled", "task_id": "t-1", "attempt": 2, "paid": 5, "refunded": 1 } })
+        );
+        let (event, fields) = ev.audit_record().unwrap();
+        assert_eq!(event, "market.settled");
+        assert_eq!(fields["paid"], 5);
+        let ev = ProviderEvent::Disconnected { reconnect_in_ms: 7 };
+        assert_eq!(
+            serde_json::to_value(&ev).unwrap(),
+            json!({ "event": "disconnected", "reconnect_in_ms": 7 })
+        );
+        assert!(ev.audit_record().is_none());
+    }
+}

@@ -220,7 +220,9 @@ mod tests {
         });
         let posted = json!({ "task": task, "escrow": 5 });
         let back: Posted = serde_json::from_value(posted.clone()).unwrap();
-        assert_eq!(serde_json::to_string(&back).unwrap(), posted.to_string());
+        // (Printed through a `Value`, as every caller does, the keys are in
+        // the same order too.)
+        assert_eq!(serde_json::to_value(&back).unwrap().to_string(), posted.to_string());
         let rep = json!({ "successes": 1, "failures": 0, "clients": 1, "score": 0.5, "node_id": "n" });
         let back: ReputationView = serde_json::from_value(rep.clone()).unwrap();
         assert_eq!(serde_json::to_value(&back).unwrap(), rep);
