@@ -9,13 +9,11 @@
 
 use std::path::PathBuf;
 
-use serde_json::json;
-
-use crate::cli::progress::requester_line;
+use crate::cli::progress::{ok, render_settled, show_step};
 use crate::context::{Ctx, Printer};
 use crate::market::bid::{self, BidAction, BidOptions, BidOutcome, PostOptions};
 use crate::market::client;
-use crate::market::requester::{Outcome, RequesterEvent};
+use crate::market::requester::RequesterEvent;
 
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("what").required(true).args(["prompt", "file", "task_id"])))]
@@ -97,14 +95,6 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A step of following a task, on stderr (warnings as warnings).
-pub fn show_step(p: &Printer, ev: &RequesterEvent) {
-    match ev {
-        RequesterEvent::Warning { message } => p.warn(message),
-        ev => p.note(&requester_line(ev)),
-    }
-}
-
 fn render(o: &BidOutcome, p: &Printer) {
     match o {
         BidOutcome::Posted {
@@ -135,28 +125,5 @@ fn render(o: &BidOutcome, p: &Printer) {
             ));
         }
         BidOutcome::Settled(s) => render_settled(s, p),
-    }
-}
-
-/// A serialised outcome with `"ok": true` beside its fields.
-pub fn ok(outcome: &impl serde::Serialize) -> serde_json::Value {
-    let mut v = serde_json::to_value(outcome).unwrap_or_else(|_| json!({}));
-    if let Some(m) = v.as_object_mut() {
-        m.insert("ok".into(), true.into());
-    }
-    v
-}
-
-/// A verified, settled result: the payment on stderr, the result text on
-/// stdout (`--json`: the whole record).
-pub fn render_settled(o: &Outcome, p: &Printer) {
-    p.note(&format!(
-        "verified and settled: paid {} RUV, refunded {} RUV",
-        o.settlement.paid, o.settlement.refunded
-    ));
-    if p.json {
-        p.json(ok(o));
-    } else {
-        p.out(o.text());
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::builder::TypedValueParser as _;
 use serde_json::json;
 
-use crate::cli::bid::{ok, render_settled, show_step};
+use crate::cli::progress::{ok, render_settled, show_step};
 use crate::context::{Ctx, Printer};
 use crate::exit::{Exit, Failure, HasExit};
 use crate::market::client;
