@@ -64,6 +64,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
         min_bid: a.min_bid,
         image: a.image,
         ask,
+        own_nodes_only: crate::compliance::credential_kind(cfg) == "subscription",
     };
     let p = ctx.out();
     let mut report = |ev: &ProviderEvent| show(p, ev);

@@ -68,7 +68,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<()> {
     let cfg = ctx.config()?;
     // Refused before a prompt is read from stdin.
     bid::check_price(cfg.settings(), a.max_price)?;
-    let endpoint = client::endpoint(a.endpoint.clone(), cfg.settings())?;
+    let endpoint = client::endpoint(a.endpoint.clone(), &cfg.settings().market.endpoint)?;
     let action = match &a.task_id {
         Some(task_id) => BidAction::Raise {
             task_id: task_id.clone(),

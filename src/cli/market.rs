@@ -194,7 +194,7 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
 
 fn result(ctx: &Ctx, a: ResultArgs) -> anyhow::Result<i32> {
     let opts = CollectOptions {
-        endpoint: client::endpoint(a.endpoint, ctx.config()?.settings())?,
+        endpoint: client::endpoint(a.endpoint, &ctx.config()?.settings().market.endpoint)?,
         task_id: a.task_id,
         wait: (!a.no_wait).then(|| a.timeout.map(Duration::from_secs)),
     };
@@ -308,7 +308,7 @@ fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn status(ctx: &Ctx, a: StatusArgs) -> anyhow::Result<()> {
-    let endpoint = client::endpoint(a.endpoint, ctx.config()?.settings())?;
+    let endpoint = client::endpoint(a.endpoint, &ctx.config()?.settings().market.endpoint)?;
     let v = crate::market::runtime()?.block_on(crate::market::status::status(&ctx.paths, &endpoint))?;
     let p = ctx.out();
     if p.json {
@@ -416,7 +416,7 @@ fn ledger_cmd(ctx: &Ctx, a: LedgerArgs) -> anyhow::Result<i32> {
 /// The coordinator URL: flag, else config (for commands that talk to a
 /// coordinator on their own, such as `audit anchor`).
 pub fn endpoint(ctx: &Ctx, flag: Option<String>) -> anyhow::Result<String> {
-    Ok(client::endpoint(flag, ctx.config()?.settings())?)
+    Ok(client::endpoint(flag, &ctx.config()?.settings().market.endpoint)?)
 }
 
 /// A small runtime for one client command.

@@ -20,7 +20,6 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::config::Settings;
 use crate::crypto::keys::{Identity, PublicIdentity};
 use crate::exit::{Exit, HasExit};
 use crate::market::protocol::{self, auth_message, encode_request, Event, Reason, Request};
@@ -343,10 +342,10 @@ impl Client {
     }
 }
 
-/// The coordinator URL: `flag`, else `market.endpoint` (env and file
-/// already folded in); it must be a WebSocket URL.
-pub fn endpoint(flag: Option<String>, settings: &Settings) -> Result<String, ClientError> {
-    let e = flag.unwrap_or_else(|| settings.market.endpoint.clone());
+/// The coordinator URL: `flag`, else `configured` (`market.endpoint`, env
+/// and file already folded in); it must be a WebSocket URL.
+pub fn endpoint(flag: Option<String>, configured: &str) -> Result<String, ClientError> {
+    let e = flag.unwrap_or_else(|| configured.to_string());
     if e.starts_with("ws://") || e.starts_with("wss://") {
         Ok(e)
     } else {

@@ -11,7 +11,7 @@
 //! and its decoding. It must not decide anything about a task or a node
 //! (the coordinator's book and the node's requester and provider do), and it
 //! must not touch the network. The typed replies to each request are in
-//! [`crate::market::reply`].
+//! the `reply` module beside this one.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

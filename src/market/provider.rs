@@ -398,6 +398,9 @@ pub struct AdvertiseOptions {
     pub min_bid: Option<u64>,
     pub image: Option<String>,
     pub ask: Option<Ask>,
+    /// This node's Claude login is a subscription (OAuth) one, so it serves
+    /// only its owner's own nodes: said at the start and recorded.
+    pub own_nodes_only: bool,
 }
 
 /// Why advertising ended (short of an error).
@@ -429,7 +432,7 @@ fn resolve(cfg: &Config, opts: AdvertiseOptions) -> anyhow::Result<AdvertiseSpec
             .into());
     }
     Ok(AdvertiseSpec {
-        endpoint: client::endpoint(opts.endpoint, cfg.settings())?,
+        endpoint: client::endpoint(opts.endpoint, &settings.endpoint)?,
         slots: opts.slots,
         price: opts.price.unwrap_or(settings.default_price),
         models,
@@ -466,10 +469,10 @@ pub async fn run(
     report: Report<'_>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Stopped> {
+    let own_only = opts.own_nodes_only;
     let spec = resolve(cfg, opts)?;
     let audit = AuditLog::new(paths);
     let id = Arc::new(Identity::load_or_generate(paths, &audit)?);
-    let own_only = crate::compliance::credential_kind(cfg) == "subscription";
     audit.append(
         "market.advertise",
         json!({ "node_id": id.node_id(), "slots": spec.slots, "price": spec.price, "models": spec.models,

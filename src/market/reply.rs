@@ -1,7 +1,7 @@
 //! The typed result of each request, read on the node's side from the
 //! same JSON the coordinator sends in an `ok` frame (docs/PROTOCOL.md shows
 //! each one). One type per request type; [`Reply::ANSWERS`] names the
-//! request it answers, and [`crate::market::client::Client::call`] checks it.
+//! request it answers, and the client's `call` checks it.
 //!
 //! These are shapes only: this module must not decide anything and must not
 //! touch the network. Every field the coordinator sends is kept, so a reply
@@ -16,7 +16,7 @@ use crate::market::protocol::{IdentityProof, TaskView};
 
 /// A reply to one request type.
 pub trait Reply: DeserializeOwned {
-    /// The wire name of the request this answers ([`crate::market::protocol::Request::kind`]).
+    /// The wire name of the request this answers (`Request::kind`).
     const ANSWERS: &'static str;
 }
 
