@@ -2,7 +2,8 @@
 //!
 //! This file parses the flags, turns Ctrl-C, SIGTERM and `--for` into the
 //! shutdown the provider loop takes, and prints each step; the decisions,
-//! the work and their audit lines are [`crate::market::provider`]'s.
+//! the work and their audit lines are [`crate::market::provider`]'s, and
+//! nothing here decides on an offer or writes the audit log.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -5,7 +5,8 @@
 //! `market result TASK_ID` sends it and collects the result later.
 //!
 //! This file parses the flags and renders the outcome; the work and its
-//! records are [`crate::market::bid`]'s.
+//! records are [`crate::market::bid`]'s. It must not decide anything about
+//! the task or write the audit log.
 
 use std::path::PathBuf;
 

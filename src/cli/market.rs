@@ -3,7 +3,8 @@
 //!
 //! This file parses the flags and renders outcomes; the work and its audit
 //! lines are the market operations' ([`crate::market::collect`],
-//! [`crate::market::grant`], [`crate::market::status`]).
+//! [`crate::market::grant`], [`crate::market::status`]); no audit line is
+//! written here.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -268,3 +268,19 @@ pub fn record_end(paths: &Paths, r: Result<Outcome, RequesterError>, progress: R
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit::{Exit, HasExit};
+
+    #[test]
+    fn a_bid_above_the_cap_is_refused() {
+        let mut settings = Settings::defaults();
+        settings.market.max_bid_price = 10;
+        assert!(check_price(&settings, 10).is_ok());
+        let e = check_price(&settings, 11).unwrap_err();
+        assert_eq!(e.exit(), Exit::Refused);
+        assert!(e.hint().unwrap().contains("market.maxBidPrice"));
+    }
+}

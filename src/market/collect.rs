@@ -151,3 +151,28 @@ fn not_yet(task_id: &str, task: TaskView, pending: bool, payload_sent: bool) -> 
         hint,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit::{Exit, HasExit};
+
+    fn exit_of(e: anyhow::Error) -> Exit {
+        e.downcast_ref::<RequesterError>().expect("a requester error").exit()
+    }
+
+    #[test]
+    fn only_the_posted_prompt_may_be_sent() {
+        let paths = Paths::in_one_dir(std::path::PathBuf::from("/nonexistent"));
+        let prompt = b"the prompt";
+        let hash = hex::encode(Sha256::digest(prompt));
+        assert!(check_kept(&paths, "t-1", prompt, Some(&hash)).is_ok());
+        let other = hex::encode(Sha256::digest(b"another"));
+        let e = check_kept(&paths, "t-1", prompt, Some(&other)).unwrap_err();
+        assert!(e.to_string().contains("nothing was sent"), "{e}");
+        assert_eq!(exit_of(e), Exit::Integrity);
+        // A kept prompt with no record of what was posted is not sent either.
+        let e = check_kept(&paths, "t-1", prompt, None).unwrap_err();
+        assert_eq!(exit_of(e), Exit::Integrity);
+    }
+}
