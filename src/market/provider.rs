@@ -13,7 +13,10 @@
 //! Reconnects with exponential backoff and jitter.
 //!
 //! This module owns the provider's records too: every decision, lease,
-//! settlement and withdrawal is audited here as it happens. It must not
+//! settlement and withdrawal is audited here as it happens. A won lease is
+//! served by [`crate::market::lease`]; the steps are
+//! [`crate::market::provider_event`]'s shapes; the own-nodes rule is
+//! [`crate::market::own_nodes`]'s. It must not
 //! print or handle signals: each step goes to the caller as a
 //! [`ProviderEvent`], and it stops when the caller's shutdown future
 //! resolves (or consent is withdrawn).
@@ -25,22 +28,25 @@ use std::time::Duration;
 
 use chrono::Local;
 use serde::Serialize;
-use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
+use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::audit::AuditLog;
 use crate::config::Config;
 use crate::consent::{Consent, JOB_MARKET};
-use crate::crypto::keys::{Identity, PublicIdentity};
+use crate::crypto::keys::Identity;
 use crate::exit::Failure;
-use crate::job::{self, Approval, ApprovedBy, Cancel, CancelHandle, JobSource, JobSpec, Status, Unattended};
+use crate::job::{ApprovedBy, Cancel, CancelHandle};
 use crate::market::client::{self, Backoff, Client, ClientError};
-use crate::market::protocol::{AbandonReason, Event, IdentityProof, Request, TaskView};
-use crate::market::reply::{self, LeaseGranted, OfferRegistered, OfferWithdrawn, ReputationView};
-use crate::market::sealed::{self, Binding};
+use crate::market::lease::Lease;
+use crate::market::protocol::{Event, Request, TaskView};
+use crate::market::reply::{LeaseGranted, OfferRegistered, OfferWithdrawn, ReputationView};
+use crate::market::sealed::Binding;
 use crate::paths::Paths;
 use crate::usage::{Budget, Caps, HeldReservation, Ledger};
+
+pub use crate::market::own_nodes::{own_nodes, subscription_gate};
+pub use crate::market::provider_event::{ProviderEvent, Pushed, Report};
 
 /// Asks the person at the terminal; `None` when nobody can answer.
 pub type Ask = Arc<dyn Fn(String) -> Option<bool> + Send + Sync>;
@@ -67,149 +73,8 @@ pub struct AdvertiseSpec {
     pub ask: Option<Ask>,
 }
 
-/// One step of advertising, as it happens. `--json` prints each as one
-/// line; the field names are part of that output.
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum ProviderEvent {
-    /// This node's login serves only its owner's own nodes (how many are known).
-    OwnNodesOnly {
-        own_nodes: usize,
-    },
-    Connected {
-        node_id: String,
-        balance: i64,
-        granted: i64,
-    },
-    Reconnecting {
-        in_ms: u64,
-        error: String,
-    },
-    Offer {
-        offer: OfferRegistered,
-    },
-    /// A decision on a task offer, with its reason.
-    TaskOffered {
-        task: TaskView,
-        accept: bool,
-        approved_by: Option<&'static str>,
-        declined: Option<String>,
-    },
-    LeaseWon {
-        lease: LeaseGranted,
-    },
-    AcceptRefused {
-        task_id: String,
-        reason: Option<&'static str>,
-        error: String,
-    },
-    PayloadUnexpected {
-        task_id: String,
-        attempt: u32,
-    },
-    LeaseLapsed {
-        task_id: String,
-        attempt: u32,
-    },
-    Running {
-        task_id: String,
-        attempt: u32,
-    },
-    LeaseLost {
-        task_id: String,
-        attempt: u32,
-    },
-    Delivered {
-        task_id: String,
-        attempt: u32,
-        job_id: Option<String>,
-    },
-    DeliverRefused {
-        task_id: String,
-        attempt: u32,
-        reason: Option<&'static str>,
-        error: String,
-    },
-    Abandoned {
-        task_id: String,
-        attempt: u32,
-        reason: AbandonReason,
-        why: String,
-    },
-    Warning {
-        message: String,
-    },
-    Disconnected {
-        reconnect_in_ms: u64,
-    },
-    Withdrawn {
-        offer_id: String,
-    },
-    /// Anything else the coordinator pushed (a settlement, a refund, ...).
-    #[serde(untagged)]
-    Pushed(Pushed),
-}
-
-/// A coordinator event passed on as it came: `event` is its type.
-#[derive(Debug, Clone, Serialize)]
-pub struct Pushed {
-    pub event: String,
-    pub detail: Event,
-}
-
-impl ProviderEvent {
-    fn pushed(ev: Event) -> ProviderEvent {
-        let v = serde_json::to_value(&ev).unwrap_or(Value::Null);
-        ProviderEvent::Pushed(Pushed {
-            event: v["type"].as_str().unwrap_or_default().to_string(),
-            detail: ev,
-        })
-    }
-
-    /// The audit line this step is recorded as, if it is one worth a
-    /// record (ids and numbers only).
-    fn audit_record(&self) -> Option<(&'static str, Value)> {
-        Some(match self {
-            ProviderEvent::Offer { offer } => ("market.offer", json!({ "offer_id": offer.offer_id })),
-            ProviderEvent::TaskOffered {
-                task,
-                accept,
-                approved_by,
-                declined,
-            } => (
-                if *accept { "market.approved" } else { "market.declined" },
-                json!({ "task_id": task.task_id, "attempt": task.attempt, "requester": task.requester,
-                        "max_price": task.max_price, "model": task.model, "max_tokens": task.max_tokens,
-                        "approved_by": approved_by, "reason": declined }),
-            ),
-            ProviderEvent::LeaseWon { lease } => (
-                "market.accept",
-                json!({ "task_id": lease.task_id, "attempt": lease.attempt, "ask": lease.ask }),
-            ),
-            ProviderEvent::Pushed(Pushed {
-                detail: ev @ Event::Settled { .. },
-                ..
-            }) => ("market.settled", serde_json::to_value(ev).unwrap_or(Value::Null)),
-            ProviderEvent::Pushed(Pushed {
-                detail: Event::Refunded { task_id, why, .. },
-                ..
-            }) => ("market.refunded", json!({ "task_id": task_id, "why": why })),
-            ProviderEvent::LeaseLapsed { task_id, attempt } => {
-                ("market.lapsed", json!({ "task_id": task_id, "attempt": attempt }))
-            }
-            ProviderEvent::Withdrawn { offer_id } => ("market.withdraw", json!({ "offer_id": offer_id })),
-            _ => return None,
-        })
-    }
-}
-
-/// Where provider progress goes.
-pub type Report<'a> = &'a mut dyn FnMut(&ProviderEvent);
-
 /// How often the session is pinged while idle.
 const KEEPALIVE: Duration = Duration::from_secs(15);
-/// Longest wait for the requester's payload after winning a lease.
-const PAYLOAD_WAIT: Duration = Duration::from_secs(60);
 /// How often a running `advertise` re-reads consent.
 const CONSENT_POLL: Duration = Duration::from_millis(500);
 /// How long stopping jobs get to give their leases back.
@@ -233,43 +98,6 @@ pub fn passes_rules(spec: &AdvertiseSpec, task: &TaskView) -> Result<(), String>
         }
     }
     Ok(())
-}
-
-/// This user's own nodes: `market.ownNodes` and the peers imported with
-/// `keys import --own`.
-pub fn own_nodes(paths: &Paths, cfg: &Config) -> Vec<String> {
-    let mut own: Vec<String> = cfg.settings().market.own_nodes.clone().unwrap_or_default();
-    own.extend(crate::crypto::keys::Keyring::new(paths).own_node_ids());
-    own.sort();
-    own.dedup();
-    own
-}
-
-/// A subscription (OAuth) login serves only this user's own nodes:
-/// Anthropic's terms license Free/Pro/Max credentials for ordinary,
-/// individual use, and third-party tools may not route requests through them
-/// on behalf of other users. There is no override. An API key serves anyone
-/// the standing rules allow. `Err` carries the reason a task is declined.
-/// A credential that cannot be resolved is left to the job, which fails
-/// without one for every requester alike.
-pub fn subscription_gate(paths: &Paths, cfg: &Config, requester: &str) -> Result<(), String> {
-    let mut notes = Vec::new();
-    let Ok(cred) = crate::claude::credentials::resolve(cfg, &mut notes) else {
-        return Ok(());
-    };
-    if cred.kind != crate::claude::credentials::Kind::OAuth {
-        return Ok(());
-    }
-    if own_nodes(paths, cfg).iter().any(|n| n == requester) {
-        return Ok(());
-    }
-    Err(format!(
-        "this node runs on a subscription login ({}), which Anthropic's terms allow only for your own use: \
-         it serves only your own nodes (`market.ownNodes`, `keys import --own`), and requester {} is not one; \
-         serve other people's tasks with an API key (`credentials.source=api-key-env`)",
-        cred.source,
-        &requester[..requester.len().min(16)]
-    ))
 }
 
 /// The outcome of the gates for one offer.
@@ -808,316 +636,5 @@ impl<'a> Session<'a> {
             job.serve(prx, cancel).await;
             id
         });
-    }
-}
-
-/// One won lease, served to its end.
-struct Lease {
-    client: Arc<Client>,
-    me: Arc<Identity>,
-    paths: Paths,
-    image: Option<String>,
-    requester: String,
-    binding: Binding,
-    model: String,
-    max_tokens: u64,
-    lease_deadline: String,
-    approved_by: ApprovedBy,
-    /// The cap reservation taken for the offer, handed to the job.
-    reservation: std::sync::Mutex<Option<HeldReservation>>,
-    report: mpsc::UnboundedSender<ProviderEvent>,
-}
-
-/// What a finished job sends back: `completed` or `failed`, the result
-/// document sealed for the requester, and the local job's id.
-struct JobResult {
-    status: &'static str,
-    body: Value,
-    job_id: Option<String>,
-}
-
-impl Lease {
-    fn say(&self, ev: ProviderEvent) {
-        let _ = self.report.send(ev);
-    }
-
-    /// Heartbeat period: a third of the lease we were given.
-    fn heartbeat(&self) -> Duration {
-        let left = chrono::DateTime::parse_from_rfc3339(&self.lease_deadline)
-            .map(|d| (d.with_timezone(&chrono::Utc) - chrono::Utc::now()).num_milliseconds())
-            .unwrap_or(30_000);
-        Duration::from_millis((left / 3).clamp(20, 10_000) as u64)
-    }
-
-    async fn serve(self, payload: oneshot::Receiver<String>, cancel: Cancel) {
-        let beat = self.heartbeat();
-        let (client, binding) = (self.client.clone(), self.binding.clone());
-        let heartbeat = async move {
-            let mut t = tokio::time::interval(beat);
-            t.tick().await;
-            loop {
-                t.tick().await;
-                let renew = Request::Renew {
-                    task_id: binding.task_id.clone(),
-                    attempt: binding.attempt,
-                };
-                if let Err(e) = client.call::<reply::Renewed>(&renew).await {
-                    if !e.is_transient() {
-                        // Fenced off: stop renewing. The coordinator's
-                        // `lease_lapsed` cancels the job; the job itself is
-                        // never dropped mid-run, so its container is removed.
-                        return;
-                    }
-                }
-            }
-        };
-        let work = self.work(payload, cancel);
-        tokio::pin!(work);
-        tokio::select! {
-            _ = heartbeat => {
-                self.say(ProviderEvent::LeaseLost {
-                    task_id: self.binding.task_id.clone(),
-                    attempt: self.binding.attempt,
-                });
-                work.await;
-            }
-            _ = &mut work => {}
-        }
-    }
-
-    async fn requester_identity(&self) -> Result<PublicIdentity, String> {
-        let proof: IdentityProof = self
-            .client
-            .call(&Request::Identity {
-                node_id: self.requester.clone(),
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        proof
-            .verified(&self.requester)
-            .cloned()
-            .ok_or_else(|| "the requester's identity does not verify".to_string())
-    }
-
-    /// The requester's verified keys and its opened prompt, or why there
-    /// are none (the lease is given back).
-    async fn open(
-        &self,
-        payload: oneshot::Receiver<String>,
-        cancel: &Cancel,
-    ) -> Result<(PublicIdentity, Vec<u8>), String> {
-        let b = &self.binding;
-        // Fetch the requester's keys while the payload is on its way.
-        let (requester, data) = tokio::join!(self.requester_identity(), async {
-            tokio::select! {
-                d = tokio::time::timeout(PAYLOAD_WAIT, payload) => d.ok().and_then(Result::ok),
-                _ = cancel.cancelled() => None,
-            }
-        });
-        let requester = requester?;
-        let data = data.ok_or_else(|| "no payload arrived".to_string())?;
-        match sealed::open_payload(&self.me, &requester, b, &data) {
-            Ok(prompt) => Ok((requester, prompt)),
-            Err(e) => {
-                self.audit(
-                    "market.payload_refused",
-                    json!({ "task_id": b.task_id, "attempt": b.attempt, "error": e.to_string() }),
-                );
-                Err(e.to_string())
-            }
-        }
-    }
-
-    /// Run the task as a local job (the gates it passed at the offer are
-    /// checked once more where they may have changed).
-    async fn run_job(&self, prompt: Vec<u8>, cancel: &Cancel) -> Result<JobResult, String> {
-        let b = &self.binding;
-        let cfg = Config::load(&self.paths).map_err(|e| e.to_string())?;
-        // The credential may have changed since the offer was accepted.
-        if let Err(why) = subscription_gate(&self.paths, &cfg, &self.requester) {
-            self.audit(
-                "market.declined",
-                json!({ "task_id": b.task_id, "attempt": b.attempt, "requester": self.requester, "reason": why }),
-            );
-            return Err(why);
-        }
-        let mut spec = JobSpec::from_config(
-            &cfg,
-            prompt,
-            JobSource::Market {
-                task_id: b.task_id.clone(),
-                requester: Some(self.requester.clone()),
-                attempt: Some(b.attempt),
-            },
-        );
-        spec.model = self.model.clone();
-        spec.max_tokens = self.max_tokens;
-        // Someone else's task runs in Claude Code's default permission mode:
-        // this node's own `docker.permissionMode` is for its own jobs.
-        spec.permission_mode = None;
-        spec.reservation = self
-            .reservation
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .and_then(HeldReservation::hand_over);
-        if let Some(i) = &self.image {
-            spec.image = i.clone();
-        }
-        let outcome = job::run(
-            &self.paths,
-            &cfg,
-            spec,
-            Approval::PreApproved(self.approved_by),
-            Arc::new(Unattended),
-            cancel.clone(),
-        )
-        .await;
-        let (me, task_id, attempt) = (self.me.node_id(), &b.task_id, b.attempt);
-        Ok(match &outcome {
-            Ok(r) => {
-                let done = r.status == Status::Completed;
-                JobResult {
-                    status: if done { "completed" } else { "failed" },
-                    body: json!({
-                        "status": r.status, "result": r.result, "error": if done { None } else { Some(r.failure_message()) },
-                        "model": r.model, "model_resolved": r.model_resolved, "usage": r.usage,
-                        "total_tokens": r.total_tokens, "num_turns": r.num_turns, "duration_ms": r.duration_ms,
-                        "provider": me, "task_id": task_id, "attempt": attempt,
-                    }),
-                    job_id: Some(r.job_id.clone()),
-                }
-            }
-            Err(e) => JobResult {
-                status: "failed",
-                body: json!({ "status": "failed", "error": e.to_string(), "provider": me,
-                              "task_id": task_id, "attempt": attempt }),
-                job_id: None,
-            },
-        })
-    }
-
-    async fn work(&self, payload: oneshot::Receiver<String>, cancel: Cancel) {
-        let (requester, prompt) = match self.open(payload, &cancel).await {
-            Ok(x) => x,
-            Err(e) => return self.give_back(AbandonReason::Withdrawn, &e, None).await,
-        };
-        let b = &self.binding;
-        self.say(ProviderEvent::Running {
-            task_id: b.task_id.clone(),
-            attempt: b.attempt,
-        });
-        let result = match self.run_job(prompt, &cancel).await {
-            Ok(r) => r,
-            Err(e) => return self.give_back(AbandonReason::Withdrawn, &e, None).await,
-        };
-        if cancel.is_cancelled() {
-            return self
-                .give_back(AbandonReason::Withdrawn, "stopped before finishing", None)
-                .await;
-        }
-        let bytes = serde_json::to_vec(&result.body).unwrap_or_default();
-        let sealed = match sealed::seal_result(&self.me, &requester, b, result.status, &bytes) {
-            Ok(s) => s,
-            Err(e) => return self.give_back(AbandonReason::Withdrawn, &e.to_string(), None).await,
-        };
-        if result.status == "completed" {
-            self.deliver(sealed, result.job_id).await;
-        } else {
-            let why = result.body["error"].as_str().unwrap_or("failed").to_string();
-            self.give_back(AbandonReason::Failed, &why, Some(sealed)).await;
-        }
-    }
-
-    /// Hand the sealed result to the coordinator for the requester.
-    async fn deliver(&self, sealed: String, job_id: Option<String>) {
-        let b = &self.binding;
-        let digest = hex::encode(Sha256::digest(sealed.as_bytes()));
-        let deliver = Request::Deliver {
-            task_id: b.task_id.clone(),
-            attempt: b.attempt,
-            data: sealed,
-        };
-        match self.client.call::<reply::DeliveryHeld>(&deliver).await {
-            Ok(_) => {
-                self.audit(
-                    "market.delivered",
-                    json!({ "task_id": b.task_id, "attempt": b.attempt, "job_id": job_id, "sealed_sha256": digest }),
-                );
-                self.say(ProviderEvent::Delivered {
-                    task_id: b.task_id.clone(),
-                    attempt: b.attempt,
-                    job_id,
-                });
-            }
-            Err(e) => self.say(ProviderEvent::DeliverRefused {
-                task_id: b.task_id.clone(),
-                attempt: b.attempt,
-                reason: e.reason().map(|r| r.as_str()),
-                error: e.to_string(),
-            }),
-        }
-    }
-
-    /// Give the lease back so the coordinator re-offers the task at once.
-    async fn give_back(&self, reason: AbandonReason, why: &str, data: Option<String>) {
-        let b = &self.binding;
-        let r = self
-            .client
-            .call::<reply::Abandoned>(&Request::Abandon {
-                task_id: b.task_id.clone(),
-                attempt: b.attempt,
-                reason,
-                data,
-            })
-            .await;
-        self.audit(
-            "market.abandoned",
-            json!({ "task_id": b.task_id, "attempt": b.attempt, "reason": reason.as_str(),
-                    "accepted": r.is_ok() }),
-        );
-        self.say(ProviderEvent::Abandoned {
-            task_id: b.task_id.clone(),
-            attempt: b.attempt,
-            reason,
-            why: why.to_string(),
-        });
-    }
-
-    fn audit(&self, event: &str, fields: Value) {
-        if let Err(e) = AuditLog::new(&self.paths).append(event, fields) {
-            self.say(ProviderEvent::Warning {
-                message: format!("cannot write the audit log: {e}"),
-            });
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_pushed_event_prints_as_its_type_and_detail() {
-        let ev = ProviderEvent::pushed(Event::Settled {
-            task_id: "t-1".into(),
-            attempt: 2,
-            paid: 5,
-            refunded: 1,
-        });
-        assert_eq!(
-            serde_json::to_value(&ev).unwrap(),
-            json!({ "event": "settled",
-                    "detail": { "type": "settled", "task_id": "t-1", "attempt": 2, "paid": 5, "refunded": 1 } })
-        );
-        let (event, fields) = ev.audit_record().unwrap();
-        assert_eq!(event, "market.settled");
-        assert_eq!(fields["paid"], 5);
-        let ev = ProviderEvent::Disconnected { reconnect_in_ms: 7 };
-        assert_eq!(
-            serde_json::to_value(&ev).unwrap(),
-            json!({ "event": "disconnected", "reconnect_in_ms": 7 })
-        );
-        assert!(ev.audit_record().is_none());
     }
 }
