@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::cli::progress::{ok, render_settled, show_step};
 use crate::context::{Ctx, Printer};
-use crate::exit::{Exit, Failure, HasExit};
+use crate::exit::{Exit, Failure};
 use crate::market::client;
 use crate::market::collect::{self, CollectOptions, Collected};
 use crate::market::grant::{self, GrantOptions};
@@ -230,13 +230,7 @@ fn grant(ctx: &Ctx, a: GrantArgs) -> anyhow::Result<()> {
         amount: a.amount,
         db: a.db,
     };
-    let g = grant::grant(&ctx.paths, opts).map_err(|e| {
-        let f = Failure::new(e.exit(), e.to_string());
-        match e.hint() {
-            Some(h) => f.hint(h),
-            None => f,
-        }
-    })?;
+    let g = grant::grant(&ctx.paths, opts)?;
     let p = ctx.out();
     if p.json {
         p.json(ok(&g));

@@ -334,6 +334,8 @@ pub fn classify(err: &anyhow::Error) -> (Exit, Option<String>) {
             crate::market::pending::PendingError,
             crate::market::sealed::SealError,
             crate::market::client::ClientError,
+            crate::market::provider::AdvertiseError,
+            crate::market::grant::GrantError,
             crate::market::server::ServeError
         );
     }

@@ -94,7 +94,7 @@ pub async fn bid(
     settings: &Settings,
     opts: BidOptions,
     progress: Report<'_>,
-) -> anyhow::Result<BidOutcome> {
+) -> Result<BidOutcome, RequesterError> {
     check_price(settings, opts.max_price)?;
     let audit = AuditLog::new(paths);
     let post = match opts.action {
@@ -143,7 +143,7 @@ pub async fn bid(
     })
 }
 
-async fn raise(paths: &Paths, endpoint: &str, task_id: &str, max_price: u64) -> anyhow::Result<BidOutcome> {
+async fn raise(paths: &Paths, endpoint: &str, task_id: &str, max_price: u64) -> Result<BidOutcome, RequesterError> {
     let audit = AuditLog::new(paths);
     let id = Identity::load_or_generate(paths, &audit)?;
     let req = Request::Raise {
@@ -204,7 +204,7 @@ impl Posting<'_> {
         req: &Request,
         wait: Duration,
         progress: Report<'_>,
-    ) -> anyhow::Result<BidOutcome> {
+    ) -> Result<BidOutcome, RequesterError> {
         let mut step = |ev: RequesterEvent| {
             if let RequesterEvent::Posted { task_id, escrow } = &ev {
                 if let Err(e) = self.record(task_id, *escrow) {
@@ -224,7 +224,11 @@ impl Posting<'_> {
 /// The end of a federated job, recorded: a settled result is audited with
 /// its payment, a refund or a rejected result with why; once it is over
 /// either way, the kept prompt is removed.
-pub fn record_end(paths: &Paths, r: Result<Outcome, RequesterError>, progress: Report<'_>) -> anyhow::Result<Outcome> {
+pub fn record_end(
+    paths: &Paths,
+    r: Result<Outcome, RequesterError>,
+    progress: Report<'_>,
+) -> Result<Outcome, RequesterError> {
     let audit = AuditLog::new(paths);
     // Settled or refunded: the kept prompt is of no more use.
     let done = match &r {
@@ -264,7 +268,7 @@ pub fn record_end(paths: &Paths, r: Result<Outcome, RequesterError>, progress: R
                     json!({ "task_id": task_id, "attempt": attempt, "error": source.to_string() }),
                 )?;
             }
-            Err(e.into())
+            Err(e)
         }
     }
 }

@@ -55,7 +55,7 @@ pub struct NotYet {
 }
 
 /// The payload hash this node posted for `task_id`, from its own log.
-fn posted_hash(audit: &AuditLog, task_id: &str) -> anyhow::Result<Option<String>> {
+fn posted_hash(audit: &AuditLog, task_id: &str) -> Result<Option<String>, RequesterError> {
     Ok(audit
         .entries()?
         .filter(|e| e.event == "market.bid" && e.raw.get("task_id").and_then(Value::as_str) == Some(task_id))
@@ -64,7 +64,7 @@ fn posted_hash(audit: &AuditLog, task_id: &str) -> anyhow::Result<Option<String>
 }
 
 /// Send nothing but the prompt this node posted under this task.
-fn check_kept(paths: &Paths, task_id: &str, prompt: &[u8], posted: Option<&str>) -> anyhow::Result<()> {
+fn check_kept(paths: &Paths, task_id: &str, prompt: &[u8], posted: Option<&str>) -> Result<(), RequesterError> {
     let have = hex::encode(Sha256::digest(prompt));
     match posted {
         Some(h) if h == have => Ok(()),
@@ -73,14 +73,13 @@ fn check_kept(paths: &Paths, task_id: &str, prompt: &[u8], posted: Option<&str>)
             have,
             posted: h.to_string(),
             kept: pending::path(paths, task_id)?,
-        }
-        .into()),
-        None => Err(RequesterError::PromptUnrecorded(task_id.to_string()).into()),
+        }),
+        None => Err(RequesterError::PromptUnrecorded(task_id.to_string())),
     }
 }
 
 /// Run `market result`.
-pub async fn collect(paths: &Paths, opts: CollectOptions, progress: Report<'_>) -> anyhow::Result<Collected> {
+pub async fn collect(paths: &Paths, opts: CollectOptions, progress: Report<'_>) -> Result<Collected, RequesterError> {
     // A task id becomes a file name below: refuse anything else first.
     pending::path(paths, &opts.task_id)?;
     let audit = AuditLog::new(paths);
@@ -157,8 +156,8 @@ mod tests {
     use super::*;
     use crate::exit::{Exit, HasExit};
 
-    fn exit_of(e: anyhow::Error) -> Exit {
-        e.downcast_ref::<RequesterError>().expect("a requester error").exit()
+    fn exit_of(e: RequesterError) -> Exit {
+        e.exit()
     }
 
     #[test]

@@ -35,7 +35,7 @@ use crate::audit::AuditLog;
 use crate::config::Config;
 use crate::consent::{Consent, JOB_MARKET};
 use crate::crypto::keys::Identity;
-use crate::exit::Failure;
+use crate::exit::{Exit, Failure, HasExit};
 use crate::job::{ApprovedBy, Cancel, CancelHandle};
 use crate::market::client::{self, Backoff, Client, ClientError};
 use crate::market::lease::Lease;
@@ -241,8 +241,41 @@ pub enum Stopped {
     ConsentRevoked,
 }
 
+/// Why `advertise` could not start or go on.
+#[derive(Debug, thiserror::Error)]
+pub enum AdvertiseError {
+    /// Refused or bad input (no consent, no usable model, ...).
+    #[error(transparent)]
+    Refused(#[from] Failure),
+    #[error(transparent)]
+    Market(#[from] ClientError),
+    #[error(transparent)]
+    Keys(#[from] crate::crypto::KeyError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+}
+
+impl HasExit for AdvertiseError {
+    fn exit(&self) -> Exit {
+        match self {
+            AdvertiseError::Refused(e) => e.exit(),
+            AdvertiseError::Market(e) => e.exit(),
+            AdvertiseError::Keys(e) => e.exit(),
+            AdvertiseError::Audit(e) => e.exit(),
+        }
+    }
+    fn hint(&self) -> Option<String> {
+        match self {
+            AdvertiseError::Refused(e) => e.hint(),
+            AdvertiseError::Market(e) => e.hint(),
+            AdvertiseError::Keys(e) => e.hint(),
+            AdvertiseError::Audit(e) => e.hint(),
+        }
+    }
+}
+
 /// The spec `opts` come to under this node's config.
-fn resolve(cfg: &Config, opts: AdvertiseOptions) -> anyhow::Result<AdvertiseSpec> {
+fn resolve(cfg: &Config, opts: AdvertiseOptions) -> Result<AdvertiseSpec, AdvertiseError> {
     Consent::from_config(cfg).require(JOB_MARKET)?;
     if opts.slots == 0 {
         return Err(Failure::usage("--slots must be at least 1").into());
@@ -296,7 +329,7 @@ pub async fn run(
     opts: AdvertiseOptions,
     report: Report<'_>,
     shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<Stopped> {
+) -> Result<Stopped, AdvertiseError> {
     let own_only = opts.own_nodes_only;
     let spec = resolve(cfg, opts)?;
     let audit = AuditLog::new(paths);

@@ -67,12 +67,22 @@ pub enum RequesterError {
     AboveMaxBid { max_price: u64, cap: u64 },
     #[error("{0}")]
     Protocol(String),
+    /// This node's own records (audit log, keys, kept prompts) failed.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+    #[error(transparent)]
+    Keys(#[from] crate::crypto::KeyError),
+    #[error(transparent)]
+    Pending(#[from] crate::market::pending::PendingError),
 }
 
 impl HasExit for RequesterError {
     fn exit(&self) -> Exit {
         match self {
             RequesterError::Market(e) => e.exit(),
+            RequesterError::Audit(e) => e.exit(),
+            RequesterError::Keys(e) => e.exit(),
+            RequesterError::Pending(e) => e.exit(),
             RequesterError::Rejected { .. }
             | RequesterError::BadIdentity(_)
             | RequesterError::HashMismatch { .. }
@@ -88,6 +98,9 @@ impl HasExit for RequesterError {
     fn hint(&self) -> Option<String> {
         match self {
             RequesterError::Market(e) => e.hint(),
+            RequesterError::Audit(e) => e.hint(),
+            RequesterError::Keys(e) => e.hint(),
+            RequesterError::Pending(e) => e.hint(),
             RequesterError::Rejected { .. } => {
                 Some("nothing was decrypted or paid; post the task again, perhaps with `--min-reputation`".into())
             }

@@ -9,10 +9,11 @@ use crate::crypto::keys::Identity;
 use crate::market::client::Client;
 use crate::market::protocol::Request;
 use crate::market::reply::StatusView;
+use crate::market::requester::RequesterError;
 use crate::paths::Paths;
 
 /// Ask the coordinator at `endpoint` where this node stands.
-pub async fn status(paths: &Paths, endpoint: &str) -> anyhow::Result<StatusView> {
+pub async fn status(paths: &Paths, endpoint: &str) -> Result<StatusView, RequesterError> {
     let id = Identity::load_or_generate(paths, &AuditLog::new(paths))?;
     let client = Client::connect(endpoint, &id).await?;
     let v = client.call(&Request::Status {}).await;
