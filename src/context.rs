@@ -1,5 +1,6 @@
-//! `Ctx`: everything a command needs, resolved once — paths, config (lazily),
-//! the audit handle and the [`Printer`] that decides where output goes.
+//! `Ctx`: everything a command needs, resolved once — paths, config (lazily)
+//! and the [`Printer`] that decides where output goes. It holds no audit
+//! handle: the library operations write their own events.
 
 use std::borrow::Cow;
 use std::cell::OnceCell;
@@ -8,7 +9,6 @@ use std::io::{self, IsTerminal, Write};
 
 use serde_json::Value;
 
-use crate::audit::AuditLog;
 use crate::config::{Config, ConfigError};
 use crate::paths::Paths;
 
@@ -179,17 +179,6 @@ impl Ctx {
     /// Forget the cached config after this process changed the file.
     pub fn reload_config(&mut self) {
         self.config = OnceCell::new();
-    }
-
-    pub fn audit(&self) -> AuditLog {
-        AuditLog::new(&self.paths)
-    }
-
-    /// Before changing state that must be audited: make sure the log will
-    /// take the event (recovering a crash's leftovers), so a broken log
-    /// refuses the change instead of leaving it unrecorded.
-    pub fn preflight_audit(&self) -> Result<(), crate::audit::AuditError> {
-        self.audit().recover()
     }
 
     pub fn out(&self) -> &Printer {

@@ -34,7 +34,7 @@ fn crash_writer_child() {
         })
         .unwrap();
         log.append(
-            "config.changed",
+            claude_max_market::audit::Event::ConfigChanged,
             serde_json::json!({ "key": d.key, "new": v, "via": "crash-test" }),
         )
         .unwrap();

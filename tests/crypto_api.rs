@@ -5,20 +5,15 @@ mod common;
 
 use claude_max_market::crypto::envelope::{decrypt, encrypt_to, CryptoError};
 use claude_max_market::crypto::keys::{Identity, PublicIdentity};
-use claude_max_market::{AuditLog, Paths};
+use claude_max_market::Paths;
 use common::crypto::{data, file_key_of, reseal_chunk, Layout, CHUNK};
 
 fn identity() -> (tempfile::TempDir, Identity) {
     let home = tempfile::tempdir().unwrap();
     let paths = Paths::in_one_dir(home.path().to_path_buf());
-    let id = Identity::load_or_generate(&paths, &AuditLog::new(&paths)).unwrap();
+    let id = Identity::load_or_generate(&paths).unwrap();
     // A second call loads the same keys instead of generating new ones.
-    assert_eq!(
-        Identity::load_or_generate(&paths, &AuditLog::new(&paths))
-            .unwrap()
-            .node_id(),
-        id.node_id()
-    );
+    assert_eq!(Identity::load_or_generate(&paths).unwrap().node_id(), id.node_id());
     assert_eq!(Identity::load(&paths).unwrap().node_id(), id.node_id());
     (home, id)
 }

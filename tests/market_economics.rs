@@ -188,7 +188,7 @@ fn abandoning_a_lease_costs_reputation_and_a_cool_down() {
             &mut hc,
             5,
             "re-offer",
-            |e| matches!(e, Event::TaskOffered { task } if task["attempt"] == 2),
+            |e| matches!(e, Event::TaskOffered { task } if task.attempt == 2),
         )
         .await;
         assert_eq!(reason_of(sc.request(&accept(&tid, 2)).await), Reason::CoolingDown);

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use claude_max_market::crypto::keys::Identity;
 use claude_max_market::market::client::Client;
 use claude_max_market::market::protocol::{Reason, Request};
-use claude_max_market::{AuditLog, Paths};
+use claude_max_market::Paths;
 use common::docker::{build_fixture_image, containers_of_job, docker, started_jobs, TOKEN};
 use common::{docker_available, secs, wait_some, wait_until, Cmm, Spawned};
 use market::{rt, Server};
@@ -36,7 +36,7 @@ fn image() -> String {
 
 fn node_id(home: &Cmm) -> String {
     let paths = Paths::in_one_dir(home.path().to_path_buf());
-    Identity::load_or_generate(&paths, &AuditLog::new(&paths))
+    Identity::load_or_generate(&paths)
         .expect("node identity")
         .node_id()
         .to_string()

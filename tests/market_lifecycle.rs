@@ -151,7 +151,7 @@ fn lapsed_lease_reoffers_with_a_new_attempt_and_fences_the_old_one() {
             &mut c2,
             5,
             "re-offer",
-            |e| matches!(e, Event::TaskOffered { task } if task["attempt"] == 2),
+            |e| matches!(e, Event::TaskOffered { task } if task.attempt == 2),
         )
         .await;
         assert!(matches!(ev, Event::TaskOffered { .. }));
@@ -261,15 +261,15 @@ fn a_task_waits_for_its_requester_and_a_lease_without_payload_is_recalled_free()
             &mut c1,
             5,
             "offer on the requester's return",
-            |e| matches!(e, Event::TaskOffered { task } if task["task_id"] == tid.as_str()),
+            |e| matches!(e, Event::TaskOffered { task } if task.task_id == tid),
         )
         .await;
         let Event::TaskOffered { task } = ev else {
             unreachable!()
         };
-        assert_eq!(task["attempt"], 2);
+        assert_eq!(task.attempt, 2);
         assert_eq!(
-            task["max_attempts"].as_u64(),
+            Some(u64::from(task.max_attempts)),
             Some(max_attempts + 1),
             "the recall used no attempt"
         );

@@ -470,10 +470,13 @@ fn index_follows_appends_and_rebuilds_when_missing_or_replaced() {
     // A job finishing now: only the new bytes are read, and it counts today.
     let log = AuditLog::new(&paths);
     let before = log.read_head().unwrap().unwrap().len;
-    log.append("job.started", json!({ "job_id": "N", "model": "opus" }))
-        .unwrap();
     log.append(
-        "job.completed",
+        claude_max_market::audit::Event::JobStarted,
+        json!({ "job_id": "N", "model": "opus" }),
+    )
+    .unwrap();
+    log.append(
+        claude_max_market::audit::Event::JobCompleted,
         json!({ "job_id": "N", "model": "opus", "duration_ms": 7000,
                 "usage": { "input_tokens": 10, "output_tokens": 20, "cache_creation_input_tokens": 30,
                            "cache_read_input_tokens": 40, "total_tokens": 100 },

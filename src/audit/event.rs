@@ -95,24 +95,6 @@ impl Event {
     }
 }
 
-/// What [`super::AuditLog::append`] takes as an event's kind: an
-/// [`Event`]. A bare name is accepted while call sites move to the enum.
-pub trait EventName {
-    fn event_name(&self) -> &str;
-}
-
-impl EventName for Event {
-    fn event_name(&self) -> &str {
-        self.name()
-    }
-}
-
-impl EventName for &str {
-    fn event_name(&self) -> &str {
-        self
-    }
-}
-
 impl std::fmt::Display for Event {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())

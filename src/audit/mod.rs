@@ -34,7 +34,7 @@ pub mod error;
 mod event;
 pub use anchor::Cosignature;
 pub use error::AuditError;
-pub use event::{Event, EventName};
+pub use event::Event;
 
 /// Format version written in every line.
 pub const LOG_VERSION: u32 = 1;
@@ -151,6 +151,15 @@ pub struct CheckpointReport {
     pub own_key: bool,
 }
 
+/// What `audit verify` found: the walk, the checkpoint it signed (if the
+/// chain is sound) and why recovery failed, if it did.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub report: VerifyReport,
+    pub checkpoint: Option<Checkpoint>,
+    pub recovery: Option<String>,
+}
+
 /// Outcome of a full chain walk.
 #[derive(Debug, Clone, Serialize)]
 pub struct VerifyReport {
@@ -256,15 +265,15 @@ impl AuditLog {
 
     /// Append one event. `fields` must be a JSON object (or null); its keys
     /// must not collide with the envelope keys. Returns the new sequence number.
-    pub fn append(&self, event: impl EventName, fields: Value) -> Result<u64, AuditError> {
-        let (_, last) = self.append_lines(&[(event.event_name(), fields)])?;
+    pub fn append(&self, event: Event, fields: Value) -> Result<u64, AuditError> {
+        let (_, last) = self.append_lines(&[(event.name(), fields)])?;
         Ok(last)
     }
 
     /// Append several events under one lock (used by recovery and imports).
     /// Returns the first and last sequence numbers written.
-    pub fn append_many<E: EventName>(&self, events: &[(E, Value)]) -> Result<(u64, u64), AuditError> {
-        let lines: Vec<(&str, Value)> = events.iter().map(|(e, f)| (e.event_name(), f.clone())).collect();
+    pub fn append_many(&self, events: &[(Event, Value)]) -> Result<(u64, u64), AuditError> {
+        let lines: Vec<(&str, Value)> = events.iter().map(|(e, f)| (e.name(), f.clone())).collect();
         self.append_lines(&lines)
     }
 
@@ -575,6 +584,20 @@ impl AuditLog {
         rep.last_anchor = counted.last().cloned();
         rep.ok = rep.problems.is_empty();
         Ok(rep)
+    }
+
+    /// `audit verify` whole: settle a crash's torn tail first (itself a
+    /// chained event), then [`verify_and_checkpoint`](Self::verify_and_checkpoint).
+    /// A real break is in the report with its details; a failed recovery is
+    /// returned beside it, as one more thing to show.
+    pub fn check(&self) -> Result<Checked, AuditError> {
+        let recovery = self.recover().err().map(|e| e.to_string());
+        let (report, checkpoint) = self.verify_and_checkpoint()?;
+        Ok(Checked {
+            report,
+            checkpoint,
+            recovery,
+        })
     }
 
     /// `audit verify`: [`verify`](Self::verify), then, if the chain is sound,
@@ -1308,7 +1331,7 @@ mod tests {
     fn append_and_verify() {
         let (_d, log) = log();
         for i in 0..10 {
-            log.append("test.event", serde_json::json!({ "i": i })).unwrap();
+            log.append(Event::ConfigChanged, serde_json::json!({ "i": i })).unwrap();
         }
         let rep = log.verify().unwrap();
         assert!(rep.ok, "{:?}", rep.problems);
@@ -1319,22 +1342,25 @@ mod tests {
     #[test]
     fn torn_tail_is_recovered_as_a_chained_event() {
         let (_d, log) = log();
-        log.append("a", Value::Null).unwrap();
+        log.append(Event::ConfigChanged, Value::Null).unwrap();
         raw_append_for_tests(log.log_path(), b"{\"v\":1,\"seq\":2,\"ts\":\"20").unwrap();
         assert!(!log.verify().unwrap().ok);
-        log.append("b", Value::Null).unwrap();
+        log.append(Event::KeyCreated, Value::Null).unwrap();
         let rep = log.verify().unwrap();
         assert!(rep.ok, "{:?}", rep.problems);
         assert_eq!(rep.recoveries, 1);
         let events: Vec<String> = log.entries().unwrap().map(|e| e.event).collect();
-        assert_eq!(events, ["log.genesis", "a", "log.recovered", "b"]);
+        assert_eq!(
+            events,
+            ["log.genesis", "config.changed", "log.recovered", "key.created"]
+        );
     }
 
     #[test]
     fn edits_are_detected_and_block_appends() {
         let (_d, log) = log();
         for _ in 0..3 {
-            log.append("a", serde_json::json!({"n": 1})).unwrap();
+            log.append(Event::ConfigChanged, serde_json::json!({"n": 1})).unwrap();
         }
         let text = fs::read_to_string(log.log_path()).unwrap();
         fs::write(log.log_path(), text.replacen("\"n\":1", "\"n\":2", 1)).unwrap();
@@ -1342,10 +1368,13 @@ mod tests {
         assert!(!rep.ok);
         // Editing the *last* line is caught on append too.
         let (_d2, log2) = self::log();
-        log2.append("a", serde_json::json!({"n": 1})).unwrap();
+        log2.append(Event::ConfigChanged, serde_json::json!({"n": 1})).unwrap();
         let text = fs::read_to_string(log2.log_path()).unwrap();
         fs::write(log2.log_path(), text.replacen("\"n\":1", "\"n\":9", 1)).unwrap();
-        assert!(matches!(log2.append("b", Value::Null), Err(AuditError::Integrity(_))));
+        assert!(matches!(
+            log2.append(Event::KeyCreated, Value::Null),
+            Err(AuditError::Integrity(_))
+        ));
     }
 
     /// Same-length edit of line `n` (one digit of its timestamp).
@@ -1363,10 +1392,13 @@ mod tests {
     fn an_outside_write_anywhere_makes_the_next_append_walk_and_refuse() {
         let (_d, log) = log();
         for i in 0..10 {
-            log.append("a", serde_json::json!({ "i": i })).unwrap();
+            log.append(Event::ConfigChanged, serde_json::json!({ "i": i })).unwrap();
         }
         edit_line(&log, 3);
-        assert!(matches!(log.append("b", Value::Null), Err(AuditError::Integrity(_))));
+        assert!(matches!(
+            log.append(Event::KeyCreated, Value::Null),
+            Err(AuditError::Integrity(_))
+        ));
         assert!(matches!(log.quick_check(), Err(AuditError::Integrity(_))));
     }
 
@@ -1374,7 +1406,7 @@ mod tests {
     fn a_head_without_a_stamp_is_walked_once_and_stamped() {
         let (_d, log) = log();
         for _ in 0..5 {
-            log.append("a", Value::Null).unwrap();
+            log.append(Event::ConfigChanged, Value::Null).unwrap();
         }
         let mut head = log.read_head().unwrap().unwrap();
         head.file = None;
@@ -1386,14 +1418,14 @@ mod tests {
     #[test]
     fn checkpoints_advance_every_n_events() {
         let (_d, log) = log();
-        log.append("a", Value::Null).unwrap();
+        log.append(Event::ConfigChanged, Value::Null).unwrap();
         assert_eq!(
             log.read_checkpoint().unwrap().unwrap().seq,
             0,
             "genesis is checkpointed"
         );
         for i in 1..(2 * CHECKPOINT_EVERY + 50) {
-            log.append("a", serde_json::json!({ "i": i })).unwrap();
+            log.append(Event::ConfigChanged, serde_json::json!({ "i": i })).unwrap();
         }
         let cp = log.read_checkpoint().unwrap().unwrap();
         assert_eq!(cp.seq, 2 * CHECKPOINT_EVERY);
@@ -1405,7 +1437,7 @@ mod tests {
     fn an_edit_that_forges_the_stamp_is_caught_at_the_next_checkpoint() {
         let (_d, log) = log();
         for i in 0..100 {
-            log.append("a", serde_json::json!({ "i": i })).unwrap();
+            log.append(Event::ConfigChanged, serde_json::json!({ "i": i })).unwrap();
         }
         edit_line(&log, 50);
         // Forge the stamp so appends do not notice the outside write.
@@ -1413,7 +1445,7 @@ mod tests {
         head.file = Some(FileStamp::of(&fs::metadata(log.log_path()).unwrap()));
         log.write_head(&head).unwrap();
         let refused = (0..CHECKPOINT_EVERY)
-            .map(|i| log.append("b", serde_json::json!({ "i": i })))
+            .map(|i| log.append(Event::KeyCreated, serde_json::json!({ "i": i })))
             .position(|r| matches!(r, Err(AuditError::Integrity(_))));
         assert_eq!(
             // The head is at seq 100 + i when the i-th of these appends settles.
@@ -1427,7 +1459,7 @@ mod tests {
     fn tail_reads_last_lines() {
         let (_d, log) = log();
         for i in 0..100 {
-            log.append("t", serde_json::json!({ "i": i })).unwrap();
+            log.append(Event::ConfigChanged, serde_json::json!({ "i": i })).unwrap();
         }
         let t = log.tail(3).unwrap();
         assert_eq!(t.iter().map(|e| e.seq).collect::<Vec<_>>(), [98, 99, 100]);

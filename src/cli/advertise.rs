@@ -1,18 +1,16 @@
 //! `advertise`: offer capacity to the market and stay connected.
+//!
+//! This file parses the flags, turns Ctrl-C, SIGTERM and `--for` into the
+//! shutdown the provider loop takes, and prints each step; the decisions,
+//! the work and their audit lines are [`crate::market::provider`]'s, and
+//! nothing here decides on an offer or writes the audit log.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{json, Value};
-
-use crate::cli::market::{endpoint, runtime};
-use crate::config::Config;
-use crate::consent::{Consent, JOB_MARKET};
-use crate::context::{with_schema_version, Ctx};
-use crate::crypto::keys::Identity;
+use crate::context::{with_schema_version, Ctx, Printer};
 use crate::exit::{Exit, Failure, Result};
-use crate::market::provider::{self, AdvertiseSpec};
+use crate::market::provider::{self, AdvertiseOptions, ProviderEvent, Stopped};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -50,140 +48,30 @@ pub struct Args {
     pub endpoint: Option<String>,
 }
 
-/// How often a running `advertise` re-reads consent.
-const CONSENT_POLL: Duration = Duration::from_millis(500);
-
 pub fn run(ctx: &Ctx, a: Args) -> Result<Exit> {
     let cfg = ctx.config()?;
-    Consent::from_config(cfg).require(JOB_MARKET)?;
-    if a.slots == 0 {
-        return Err(Failure::usage("--slots must be at least 1").into());
-    }
-    let settings = &cfg.settings().market;
-    // `market.allowedModels` narrows what we advertise; the offer never
-    // names a model the standing rules would refuse.
-    let models = match &settings.allowed_models {
-        Some(allowed) => a.models.iter().filter(|m| allowed.contains(m)).cloned().collect(),
-        None => a.models.clone(),
-    };
-    if models.is_empty() {
-        return Err(Failure::usage("none of --models is in `market.allowedModels`")
-            .hint("pass a model listed in `market.allowedModels`, or change it with `claude-max-market config --set`")
-            .into());
-    }
-    let min_price = settings.min_price;
     let ask: Option<provider::Ask> = crate::context::interactive().then(|| {
         let ask: provider::Ask = Arc::new(|q: String| crate::context::confirm(&q).ok());
         ask
     });
-    let spec = AdvertiseSpec {
-        endpoint: endpoint(ctx, a.endpoint.clone())?,
+    let opts = AdvertiseOptions {
+        endpoint: a.endpoint,
         slots: a.slots,
-        price: a.price.unwrap_or(settings.default_price),
-        models,
+        price: a.price,
+        models: a.models,
         ttl_secs: a.ttl,
-        auto_accept: a.auto_accept || settings.auto_accept_bids,
+        auto_accept: a.auto_accept,
         max_tokens: a.max_tokens,
-        min_bid: Some(a.min_bid.unwrap_or(min_price)).filter(|m| *m > 0),
-        allowed_requesters: settings.allowed_requesters.clone(),
-        image: a.image.clone(),
+        min_bid: a.min_bid,
+        image: a.image,
         ask,
     };
-    let id = Arc::new(Identity::load_or_generate(&ctx.paths, &ctx.audit())?);
-    let audit = ctx.audit();
-    let own_only = crate::claude::credentials::kind(cfg) == Some(crate::claude::credentials::Kind::OAuth);
-    audit.append(
-        "market.advertise",
-        json!({ "node_id": id.node_id(), "slots": spec.slots, "price": spec.price, "models": spec.models,
-                "auto_accept": spec.auto_accept, "own_nodes_only": own_only }),
-    )?;
-    let p = ctx.out().clone();
-    if own_only {
-        let n = provider::own_nodes(&ctx.paths, cfg).len();
-        p.warn(&format!(
-            "your Claude login is a subscription (OAuth) credential, licensed for your own use: only tasks from \
-             your own nodes ({n} listed in `market.ownNodes` or imported with `keys import --own`) are served, \
-             every other task is declined; use an API key to serve others"
-        ));
-    }
-    let mut report = |v: Value| {
-        // Market events worth a record; ids and numbers only.
-        let audited = match v["event"].as_str() {
-            Some("offer") => Some(("market.offer", json!({ "offer_id": v["offer"]["offer_id"] }))),
-            // Every decision on a task offer, with its reason.
-            Some("task_offered") => Some((
-                if v["accept"] == true {
-                    "market.approved"
-                } else {
-                    "market.declined"
-                },
-                json!({ "task_id": v["task"]["task_id"], "attempt": v["task"]["attempt"],
-                        "requester": v["task"]["requester"], "max_price": v["task"]["max_price"],
-                        "model": v["task"]["model"], "max_tokens": v["task"]["max_tokens"],
-                        "approved_by": v["approved_by"], "reason": v["declined"] }),
-            )),
-            Some("lease_won") => Some((
-                "market.accept",
-                json!({ "task_id": v["lease"]["task_id"], "attempt": v["lease"]["attempt"], "ask": v["lease"]["ask"] }),
-            )),
-            Some("settled") => Some(("market.settled", v["detail"].clone())),
-            Some("refunded") => Some((
-                "market.refunded",
-                json!({ "task_id": v["detail"]["task_id"], "why": v["detail"]["why"] }),
-            )),
-            Some("lease_lapsed") => Some((
-                "market.lapsed",
-                json!({ "task_id": v["task_id"], "attempt": v["attempt"] }),
-            )),
-            Some("withdrawn") => Some(("market.withdraw", json!({ "offer_id": v["offer_id"] }))),
-            _ => None,
-        };
-        if let Some((event, fields)) = audited {
-            if let Err(e) = audit.append(event, fields) {
-                p.warn(&format!("cannot write the audit log: {e}"));
-            }
-        }
-        if p.json {
-            println!("{}", with_schema_version(v));
-        } else {
-            p.out(&describe(&v));
-        }
-    };
-    let for_secs = a.for_secs;
-    let paths = ctx.paths.clone();
-    let revoked = Arc::new(AtomicBool::new(false));
-    let revoked2 = revoked.clone();
-    let rt = runtime()?;
-    tokio::task::LocalSet::new().block_on(&rt, async {
-        let stop = async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            let timer = async {
-                match for_secs {
-                    Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
-                    None => std::future::pending().await,
-                }
-            };
-            // Opt-out takes effect at once: stop and withdraw the offer.
-            let consent_watch = async {
-                loop {
-                    tokio::time::sleep(CONSENT_POLL).await;
-                    let still = Config::load(&paths).map(|c| Consent::from_config(&c).allows(JOB_MARKET));
-                    if matches!(still, Ok(false)) {
-                        revoked2.store(true, Ordering::Relaxed);
-                        return;
-                    }
-                }
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-                _ = timer => {}
-                _ = consent_watch => {}
-            }
-        };
-        provider::advertise(id, &ctx.paths, &spec, &mut report, stop).await
-    })?;
-    if revoked.load(Ordering::Relaxed) {
+    let p = ctx.out();
+    let mut report = |ev: &ProviderEvent| show(p, ev);
+    let rt = crate::runtime::current_thread()?;
+    let work = provider::run(&ctx.paths, cfg, opts, &mut report, shutdown(a.for_secs));
+    let stopped = tokio::task::LocalSet::new().block_on(&rt, work)?;
+    if stopped == Stopped::ConsentRevoked {
         return Err(
             Failure::refused("consent was revoked: the offer is withdrawn and advertising stopped")
                 .hint("opt in again with `claude-max-market opt-in --claude-jobs`")
@@ -193,58 +81,102 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<Exit> {
     Ok(Exit::Ok)
 }
 
-fn describe(v: &Value) -> String {
-    let s = |k: &Value| k.as_str().unwrap_or("?").to_string();
-    match v["event"].as_str().unwrap_or("") {
-        "connected" => format!("connected as {} (balance {} RUV)", s(&v["node_id"]), v["balance"]),
-        "offer" => format!(
-            "offer {} registered until {}",
-            s(&v["offer"]["offer_id"]),
-            s(&v["offer"]["expires"])
+/// Resolves on Ctrl-C, SIGTERM, or when `--for` runs out.
+async fn shutdown(for_secs: Option<u64>) {
+    let timer = async {
+        match for_secs {
+            Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
+            None => std::future::pending().await,
+        }
+    };
+    let signalled = async {
+        match crate::runtime::shutdown_signal() {
+            Ok(stop) => stop.await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = signalled => {}
+        _ = timer => {}
+    }
+}
+
+/// One step: a JSON line with `--json`, else a line for people; warnings
+/// go to stderr either way.
+fn show(p: &Printer, ev: &ProviderEvent) {
+    match ev {
+        ProviderEvent::OwnNodesOnly { own_nodes } => p.warn(&format!(
+            "your Claude login is a subscription (OAuth) credential, licensed for your own use: only tasks from \
+             your own nodes ({own_nodes} listed in `market.ownNodes` or imported with `keys import --own`) are \
+             served, every other task is declined; use an API key to serve others"
+        )),
+        ProviderEvent::Warning { message } => p.warn(message),
+        ev if p.json => println!("{}", with_schema_version(serde_json::to_value(ev).unwrap_or_default())),
+        ev => p.out(&describe(ev)),
+    }
+}
+
+fn describe(ev: &ProviderEvent) -> String {
+    let or_unknown = |s: Option<&str>| s.unwrap_or("?").to_string();
+    match ev {
+        ProviderEvent::Connected { node_id, balance, .. } => format!("connected as {node_id} (balance {balance} RUV)"),
+        ProviderEvent::Offer { offer } => format!("offer {} registered until {}", offer.offer_id, offer.expires),
+        ProviderEvent::TaskOffered {
+            task: t,
+            accept,
+            approved_by,
+            declined,
+        } => format!(
+            "task offered: {}  model {}  max tokens {}  bid {} RUV  attempt {}  {}",
+            t.task_id,
+            t.model,
+            t.max_tokens,
+            t.max_price,
+            t.attempt,
+            if *accept {
+                format!("(accepting: {})", or_unknown(*approved_by))
+            } else {
+                format!("(declined: {})", or_unknown(declined.as_deref()))
+            }
         ),
-        "task_offered" => {
-            let t = &v["task"];
+        ProviderEvent::LeaseWon { lease } => {
             format!(
-                "task offered: {}  model {}  max tokens {}  bid {} RUV  attempt {}  {}",
-                s(&t["task_id"]),
-                s(&t["model"]),
-                t["max_tokens"],
-                t["max_price"],
-                t["attempt"],
-                if v["accept"] == true {
-                    format!("(accepting: {})", s(&v["approved_by"]))
-                } else {
-                    format!("(declined: {})", s(&v["declined"]))
-                }
+                "lease won: {} attempt {} at {} RUV",
+                lease.task_id, lease.attempt, lease.ask
             )
         }
-        "lease_won" => format!(
-            "lease won: {} attempt {} at {} RUV",
-            s(&v["lease"]["task_id"]),
-            v["lease"]["attempt"],
-            v["lease"]["ask"]
+        ProviderEvent::Running { task_id, attempt } => format!("running {task_id} attempt {attempt}"),
+        ProviderEvent::Delivered {
+            task_id,
+            attempt,
+            job_id,
+        } => format!(
+            "delivered {task_id} attempt {attempt} (job {})",
+            or_unknown(job_id.as_deref())
         ),
-        "running" => format!("running {} attempt {}", s(&v["task_id"]), v["attempt"]),
-        "delivered" => format!(
-            "delivered {} attempt {} (job {})",
-            s(&v["task_id"]),
-            v["attempt"],
-            s(&v["job_id"])
+        ProviderEvent::Abandoned {
+            task_id,
+            attempt,
+            reason,
+            why,
+        } => format!("gave back {task_id} attempt {attempt} ({}): {why}", reason.as_str()),
+        ProviderEvent::LeaseLapsed { task_id, attempt } => format!("lease lapsed: {task_id} attempt {attempt}"),
+        ProviderEvent::AcceptRefused { task_id, reason, .. } => {
+            format!("accept refused for {task_id}: {}", or_unknown(*reason))
+        }
+        ProviderEvent::Reconnecting { in_ms: ms, .. } | ProviderEvent::Disconnected { reconnect_in_ms: ms } => {
+            format!("connection lost; reconnecting in {ms} ms")
+        }
+        ProviderEvent::Withdrawn { offer_id } => format!("offer {offer_id} withdrawn"),
+        ProviderEvent::Pushed(pushed) => format!(
+            "{}: {}",
+            pushed.event,
+            serde_json::to_value(&pushed.detail).unwrap_or_default()
         ),
-        "abandoned" => format!(
-            "gave back {} attempt {} ({}): {}",
-            s(&v["task_id"]),
-            v["attempt"],
-            s(&v["reason"]),
-            s(&v["why"])
-        ),
-        "lease_lapsed" => format!("lease lapsed: {} attempt {}", s(&v["task_id"]), v["attempt"]),
-        "accept_refused" => format!("accept refused for {}: {}", s(&v["task_id"]), s(&v["reason"])),
-        "reconnecting" | "disconnected" => format!(
-            "connection lost; reconnecting in {} ms",
-            v["in_ms"].as_u64().or(v["reconnect_in_ms"].as_u64()).unwrap_or(0)
-        ),
-        "withdrawn" => format!("offer {} withdrawn", s(&v["offer_id"])),
-        other => format!("{other}: {}", v["detail"]),
+        // Steps with no line of their own: their name, as they always printed.
+        other => {
+            let v = serde_json::to_value(other).unwrap_or_default();
+            format!("{}: null", v["event"].as_str().unwrap_or_default())
+        }
     }
 }

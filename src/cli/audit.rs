@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use chrono::Utc;
 use serde_json::{json, Value};
 
-use crate::audit::Entry;
+use crate::audit::{AuditLog, Entry};
 use crate::audit_report::{self, Report};
 use crate::compliance;
 use crate::context::Ctx;
@@ -73,11 +73,9 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
 }
 
 fn verify(ctx: &Ctx) -> Result<Exit> {
-    let log = ctx.audit();
-    // Settle a crash's torn tail first (itself a chained event); a real
-    // break is reported by the walk below with its details.
-    let recovered = log.recover();
-    let (rep, signed) = log.verify_and_checkpoint()?;
+    let log = AuditLog::new(&ctx.paths);
+    let checked = log.check()?;
+    let (rep, signed) = (checked.report, checked.checkpoint);
     let p = ctx.out();
     if p.json {
         p.json(json!({ "ok": rep.ok, "report": rep, "new_checkpoint": signed }));
@@ -127,7 +125,7 @@ fn verify(ctx: &Ctx) -> Result<Exit> {
         for prob in &rep.problems {
             eprintln!("  - {prob}");
         }
-        if let Err(e) = recovered {
+        if let Some(e) = checked.recovery {
             eprintln!("  - {e}");
         }
         eprintln!(
@@ -142,7 +140,7 @@ fn verify(ctx: &Ctx) -> Result<Exit> {
 /// `audit anchor`: verify, sign a checkpoint at the head, and have the
 /// coordinator countersign it (docs/PROTOCOL.md, "anchor").
 fn anchor(ctx: &Ctx, args: AnchorArgs) -> Result<Exit> {
-    let endpoint = super::market::endpoint(ctx, args.endpoint)?;
+    let endpoint = crate::market::client::endpoint(args.endpoint, &ctx.config()?.settings().market.endpoint)?;
     let cosig = crate::runtime::current_thread()?.block_on(crate::market::anchor::anchor(&ctx.paths, &endpoint))?;
     let p = ctx.out();
     if p.json {
@@ -162,7 +160,7 @@ fn restart(ctx: &Ctx, args: RestartArgs) -> Result<Exit> {
             .hint("first try to restore audit.jsonl and audit.head from a backup; then run `claude-max-market audit restart --yes`")
             .into());
     }
-    let head = ctx.audit().restart(&args.reason)?;
+    let head = AuditLog::new(&ctx.paths).restart(&args.reason)?;
     let p = ctx.out();
     if p.json {
         p.json(json!({ "ok": true, "log_id": head.log_id }));

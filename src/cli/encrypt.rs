@@ -27,7 +27,7 @@ pub struct Args {
 }
 
 pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
-    let me = Identity::load_or_generate(&ctx.paths, &ctx.audit())?;
+    let me = Identity::load_or_generate(&ctx.paths)?;
     let own = me.public();
     let recipients = if args.recipients.is_empty() {
         vec![own.clone()]

@@ -56,7 +56,7 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
     let p = ctx.out();
     match args.command {
         KeysCommand::Generate { force } => {
-            let id = Identity::generate(&ctx.paths, &ctx.audit(), force)?;
+            let id = Identity::generate(&ctx.paths, force)?;
             let public = id.public();
             if p.json {
                 p.json(json!({ "ok": true, "identity": public }));
@@ -66,7 +66,7 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
             }
         }
         KeysCommand::Show => {
-            let id = Identity::load_or_generate(&ctx.paths, &ctx.audit())?;
+            let id = Identity::load_or_generate(&ctx.paths)?;
             let public = id.public();
             if p.json {
                 p.json(serde_json::to_value(&public).expect("identity serialises"));
@@ -75,7 +75,7 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
             }
         }
         KeysCommand::Export { public: file, force } => {
-            let id = Identity::load_or_generate(&ctx.paths, &ctx.audit())?;
+            let id = Identity::load_or_generate(&ctx.paths)?;
             if file.symlink_metadata().is_ok() && !force {
                 return Err(
                     Failure::usage(format!("{} already exists; not overwriting it", file.display()))
@@ -103,7 +103,7 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
         }
         KeysCommand::Import { name, file, own } => {
             let public = keys::read_public_file(&file)?;
-            Keyring::new(&ctx.paths).import_audited(&ctx.audit(), &name, &public, own)?;
+            Keyring::new(&ctx.paths).import_audited(&ctx.paths, &name, &public, own)?;
             if p.json {
                 p.json(json!({ "ok": true, "name": name, "node_id": public.node_id, "own": own }));
             } else if own {
@@ -152,7 +152,7 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
             }
         }
         KeysCommand::Rotate => {
-            let r = Identity::rotate(&ctx.paths, &ctx.audit())?;
+            let r = Identity::rotate(&ctx.paths)?;
             if p.json {
                 p.json(json!({ "ok": true, "rotation": r }));
             } else {

@@ -41,7 +41,7 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
         Some(s) => Some(timespec::parse_since(s, Utc::now()).map_err(Failure::usage)?),
         None => None,
     };
-    let log = ctx.audit();
+    let log = crate::audit::AuditLog::new(&ctx.paths);
     let keep = |e: &Entry| since.is_none_or(|s| DateTime::parse_from_rfc3339(&e.ts).is_ok_and(|t| t >= s));
     let p = ctx.out();
     let entries: Vec<Entry> = match args.tail {

@@ -1,20 +1,26 @@
-//! `market serve | status | ledger`: the coordinator and its books.
+//! `market serve | status | ledger | grant | result`: the coordinator and
+//! its books, and collecting a posted task's result.
+//!
+//! This file parses the flags and renders outcomes; the work and its audit
+//! lines are the market operations' ([`crate::market::collect`],
+//! [`crate::market::grant`], [`crate::market::status`]); no audit line is
+//! written here.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::TypedValueParser as _;
-use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
+use serde_json::json;
 
-use crate::context::Ctx;
-use crate::crypto::keys::Identity;
+use crate::cli::progress::{ok, render_settled, show_step};
+use crate::context::{Ctx, Printer};
 use crate::exit::{Exit, Failure, Result};
-use crate::market::client::Client;
-use crate::market::pending;
-use crate::market::protocol::Request;
-use crate::market::requester::{self, Resume, Resumed};
+use crate::market::client;
+use crate::market::collect::{self, CollectOptions, Collected};
+use crate::market::grant::{self, GrantOptions};
+use crate::market::reply::StatusView;
+use crate::market::requester::RequesterEvent;
 use crate::market::server::{self, book::MAX_ATTEMPTS, ledger, store, Limits};
 
 #[derive(Debug, clap::Args)]
@@ -188,178 +194,50 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
 }
 
 fn result(ctx: &Ctx, a: ResultArgs) -> Result<Exit> {
-    let endpoint = endpoint(ctx, a.endpoint)?;
-    // A task id becomes a file name below: refuse anything else first.
-    pending::path(&ctx.paths, &a.task_id)?;
-    let id = Identity::load_or_generate(&ctx.paths, &ctx.audit())?;
-    // The payload hash this node posted, from its own log: the result must
-    // be bound to it, whatever the coordinator says.
-    let posted = ctx
-        .audit()
-        .entries()?
-        .filter(|e| e.event == "market.bid" && e.raw.get("task_id").and_then(Value::as_str) == Some(&a.task_id))
-        .filter_map(|e| e.raw.get("payload_hash").and_then(Value::as_str).map(str::to_string))
-        .last();
-    let prompt = pending::load(&ctx.paths, &id, &a.task_id)?;
-    if let Some(prompt) = &prompt {
-        // Send nothing but the prompt this node posted under this task.
-        let have = hex::encode(Sha256::digest(prompt));
-        match &posted {
-            Some(h) if *h == have => {}
-            Some(h) => {
-                return Err(Failure::new(
-                    Exit::Integrity,
-                    format!(
-                        "the kept prompt of task {} hashes to {have}, not to the {h} you posted; nothing was sent",
-                        a.task_id
-                    ),
-                )
-                .hint(format!(
-                    "remove {} and post the task again",
-                    pending::path(&ctx.paths, &a.task_id)?.display()
-                ))
-                .into())
-            }
-            None => {
-                return Err(Failure::new(
-                    Exit::Integrity,
-                    format!(
-                        "a prompt is kept for task {} but your audit log has no `market.bid` for it, \
-                         so it cannot be checked; nothing was sent",
-                        a.task_id
-                    ),
-                )
-                .into())
-            }
-        }
-    } else if posted.is_none() {
-        ctx.out()
-            .warn("this task is not in your audit log; checking the result against the market's payload hash");
-    }
-    let p = ctx.out().clone();
-    let mut progress = |v: Value| p.note(&crate::cli::bid::progress_line(&v));
-    let spec = Resume {
-        task_id: &a.task_id,
-        posted_hash: posted,
-        prompt: prompt.as_deref(),
+    let opts = CollectOptions {
+        endpoint: client::endpoint(a.endpoint, &ctx.config()?.settings().market.endpoint)?,
+        task_id: a.task_id,
         wait: (!a.no_wait).then(|| a.timeout.map(Duration::from_secs)),
     };
-    let r = runtime()?.block_on(requester::resume(&endpoint, &id, &spec, &mut progress));
-    let (task, payload_sent) = match r {
-        Ok(Resumed::Settled(o)) => return crate::cli::bid::finish(ctx, Ok(o)),
-        Ok(Resumed::NotYet { task, payload_sent }) => (task, payload_sent),
-        Err(e) => return crate::cli::bid::finish(ctx, Err(e)),
-    };
-    // Not delivered, and not waited for.
-    let state = task["state"].as_str().unwrap_or("?").to_string();
-    let (message, hint) = if prompt.is_none() {
-        (
-            format!("task {} is {state}, and its prompt is not kept on this node", a.task_id),
-            "the payload goes out from the node that keeps the prompt: the machine that posted the task with \
-             `bid` (without `--wait`), or a `bid --wait` still running; this node can fetch the result \
-             once it is delivered"
-                .to_string(),
-        )
-    } else {
-        let holder = match task["provider"].as_str() {
-            Some(prov) if payload_sent => format!("; payload sent to node {}", &prov[..prov.len().min(16)]),
-            _ => "; no provider holds it yet".to_string(),
-        };
-        (
-            format!(
-                "task {} is {state} (attempt {} of {}){holder}; no result yet",
-                a.task_id, task["attempt"], task["max_attempts"]
-            ),
-            format!(
-                "run `claude-max-market market result {}` without `--no-wait` to send the payload when a provider \
-                 takes it and wait for the result",
-                a.task_id
-            ),
-        )
-    };
-    if p.json {
-        p.json(json!({ "ok": false, "task_id": a.task_id, "state": state, "task": task,
-                       "pending": prompt.is_some(), "payload_sent": payload_sent,
-                       "message": message, "hint": hint }));
-    } else {
-        // The answer to this command, so shown even with `-q`.
-        eprintln!("{message}");
-        eprintln!("{} {hint}", p.bold("hint:"));
+    let p = ctx.out();
+    let mut progress = |ev: RequesterEvent| show_step(p, &ev);
+    match crate::runtime::current_thread()?.block_on(collect::collect(&ctx.paths, opts, &mut progress))? {
+        Collected::Settled(o) => {
+            render_settled(&o, p);
+            Ok(Exit::Ok)
+        }
+        Collected::NotYet(n) => {
+            if p.json {
+                let mut v = serde_json::to_value(&n)?;
+                v["ok"] = false.into();
+                p.json(v);
+            } else {
+                // The answer to this command, so shown even with `-q`.
+                eprintln!("{}", n.message);
+                eprintln!("{} {}", p.bold("hint:"), n.hint);
+            }
+            Ok(Exit::Failed)
+        }
     }
-    Ok(Exit::Failed)
-}
-
-/// The coordinator URL: flag, else config (env and file already folded in).
-pub fn endpoint(ctx: &Ctx, flag: Option<String>) -> Result<String> {
-    let e = match flag {
-        Some(e) => e,
-        None => ctx.config()?.settings().market.endpoint.clone(),
-    };
-    if !(e.starts_with("ws://") || e.starts_with("wss://")) {
-        return Err(
-            Failure::usage(format!("market endpoint `{e}` is not a ws:// or wss:// URL"))
-                .hint("set it with `claude-max-market config --set market.endpoint=ws://HOST:PORT`")
-                .into(),
-        );
-    }
-    Ok(e)
-}
-
-/// A small runtime for one client command.
-pub fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(crate::runtime::current_thread()?)
 }
 
 /// `market grant`: one `operator_grant` journal entry, in its own durable
 /// transaction beside a running coordinator (SQLite serialises it with the
 /// coordinator's writer), then the operator's audit line.
 fn grant(ctx: &Ctx, a: GrantArgs) -> Result<Exit> {
-    use crate::market::server::book::{self, Fail};
-    let node = a.node_id.to_ascii_lowercase();
-    if node.len() != 64 || !node.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(Failure::usage(format!(
-            "`{}` is not a node id: a node id is 64 hex digits",
-            a.node_id.escape_debug()
-        ))
-        .hint("the node prints its id with `claude-max-market keys show`")
-        .into());
-    }
-    let db = match a.db {
-        Some(d) => d,
-        None => ctx.paths.market_db(),
+    let opts = GrantOptions {
+        node_id: a.node_id,
+        amount: a.amount,
+        db: a.db,
     };
-    if !db.exists() {
-        return Err(Failure::usage(format!("no market database at {}", db.display()))
-            .hint("pass the coordinator's `--db FILE`")
-            .into());
-    }
-    let mut conn = store::open(&db, true)
-        .map_err(|e| Failure::new(Exit::Unavailable, format!("cannot open {}: {e}", db.display())))?;
-    let tx = conn
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(|e| Failure::new(Exit::Unavailable, format!("cannot write {}: {e}", db.display())))?;
-    let amount = a.amount as i64;
-    let (journal_id, balance) = match book::operator_grant(&tx, &node, amount, server::now_ms()) {
-        Ok(r) => r,
-        Err(Fail::Reject(r)) => {
-            return Err(Failure::usage(r.message)
-                .hint("the node must connect to this coordinator once (e.g. `market status`) before it is funded")
-                .into())
-        }
-        Err(Fail::Sql(e)) => return Err(Failure::new(Exit::Unavailable, format!("{}: {e}", db.display())).into()),
-    };
-    tx.commit()
-        .map_err(|e| Failure::new(Exit::Unavailable, format!("cannot commit to {}: {e}", db.display())))?;
-    ctx.audit().append(
-        "market.granted",
-        json!({ "node_id": node, "amount": amount, "journal_id": journal_id, "db": db }),
-    )?;
+    let g = grant::grant(&ctx.paths, opts)?;
     let p = ctx.out();
     if p.json {
-        p.json(json!({ "ok": true, "node_id": node, "granted": amount, "balance": balance, "journal_id": journal_id }));
+        p.json(ok(&g));
     } else {
         p.out(&format!(
-            "Granted {amount} RUV to node {node} (ledger entry {journal_id}); its balance is {balance} RUV"
+            "Granted {} RUV to node {} (ledger entry {}); its balance is {} RUV",
+            g.granted, g.node_id, g.journal_id, g.balance
         ));
     }
     Ok(Exit::Ok)
@@ -436,69 +314,58 @@ fn serve(ctx: &Ctx, a: ServeArgs) -> Result<Exit> {
 }
 
 fn status(ctx: &Ctx, a: StatusArgs) -> Result<Exit> {
-    let endpoint = endpoint(ctx, a.endpoint)?;
-    let id = Identity::load_or_generate(&ctx.paths, &ctx.audit())?;
-    let v = runtime()?.block_on(async {
-        let client = Client::connect(&endpoint, &id).await?;
-        let v = client.request(&Request::Status {}).await?;
-        client.close();
-        Ok::<Value, crate::exit::Error>(v)
-    })?;
+    let endpoint = client::endpoint(a.endpoint, &ctx.config()?.settings().market.endpoint)?;
+    let v = crate::runtime::current_thread()?.block_on(crate::market::status::status(&ctx.paths, &endpoint))?;
     let p = ctx.out();
     if p.json {
         p.json(json!({ "ok": true, "endpoint": endpoint, "status": v }));
         return Ok(Exit::Ok);
     }
-    let rep = &v["reputation"];
+    p.out(&status_text(&v, p));
+    Ok(Exit::Ok)
+}
+
+fn status_text(v: &StatusView, p: &Printer) -> String {
+    let rep = &v.reputation;
     let mut s = format!(
         "{} {}\n{} {} RUV   {} {} RUV\n{} {:.3} ({} settled ok, {} failed or lapsed)\n",
         p.bold("Node:"),
-        v["node_id"].as_str().unwrap_or("?"),
+        v.node_id,
         p.bold("Balance:"),
-        v["balance"],
+        v.balance,
         p.bold("Escrow:"),
-        v["escrow"],
+        v.escrow,
         p.bold("Reputation:"),
-        rep["score"].as_f64().unwrap_or(0.0),
-        rep["successes"],
-        rep["failures"],
+        rep.score,
+        rep.successes,
+        rep.failures,
     );
-    let offers = v["offers"].as_array().cloned().unwrap_or_default();
-    s.push_str(&format!("{} {}\n", p.bold("Offers:"), offers.len()));
-    for o in offers {
+    s.push_str(&format!("{} {}\n", p.bold("Offers:"), v.offers.len()));
+    for o in &v.offers {
         s.push_str(&format!(
             "  {}  slots {}  price {}  models {}\n",
-            o["offer_id"].as_str().unwrap_or("?"),
-            o["slots"],
-            o["price"],
-            o["models"]
+            o.offer_id, o.slots, o.price, o.models
         ));
     }
-    let tasks = v["tasks"].as_array().cloned().unwrap_or_default();
-    s.push_str(&format!("{} {}\n", p.bold("Tasks:"), tasks.len()));
-    for t in tasks {
+    s.push_str(&format!("{} {}\n", p.bold("Tasks:"), v.tasks.len()));
+    for t in &v.tasks {
         s.push_str(&format!(
             "  {}  {:<9}  attempt {}  max price {}  model {}\n",
-            t["task_id"].as_str().unwrap_or("?"),
-            t["state"].as_str().unwrap_or("?"),
-            t["attempt"],
-            t["max_price"],
-            t["model"].as_str().unwrap_or("?")
+            t.task_id, t.state, t.attempt, t.max_price, t.model
         ));
     }
-    let srv = &v["server"];
+    let srv = &v.server;
     s.push_str(&format!(
         "{} {} nodes, {} active offers, tasks {}, issued {} RUV (balances {} + escrow {})",
         p.bold("Market:"),
-        srv["nodes"],
-        srv["active_offers"],
-        srv["tasks"],
-        srv["ledger"]["issued"],
-        srv["ledger"]["balances"],
-        srv["ledger"]["escrow"]
+        srv.nodes,
+        srv.active_offers,
+        json!(srv.tasks),
+        srv.ledger.issued,
+        srv.ledger.balances,
+        srv.ledger.escrow
     ));
-    p.out(&s);
-    Ok(Exit::Ok)
+    s
 }
 
 fn ledger_cmd(ctx: &Ctx, a: LedgerArgs) -> Result<Exit> {

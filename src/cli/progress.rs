@@ -1,6 +1,8 @@
 //! How image and job progress look on stderr: a spinner and bars on a
 //! terminal, and only the lines that matter (retries, rate limits, warnings)
-//! when stderr is a file or pipe.
+//! when stderr is a file or pipe; and how a federated job's steps and its
+//! settled result look (`bid --wait` and `market result` share them).
+//! Rendering only: nothing here decides or records anything.
 
 use std::io::{self, IsTerminal};
 use std::sync::Mutex;
@@ -11,6 +13,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use crate::context::{self, Printer};
 use crate::docker::image::{ImageEvent, ImageProgress};
 use crate::job::{JobEvent, Progress};
+use crate::market::requester::{Outcome, RequesterEvent};
 
 pub struct StderrProgress {
     printer: Printer,
@@ -186,5 +189,70 @@ impl Progress for StderrProgress {
             return Ok(None);
         }
         context::confirm(question).map(Some)
+    }
+}
+
+/// The first 16 characters of a node id, enough to tell nodes apart.
+pub fn short(node_id: &str) -> &str {
+    node_id.get(..16).unwrap_or(node_id)
+}
+
+/// One line of progress (stderr) for a step of following a task.
+pub fn requester_line(ev: &RequesterEvent) -> String {
+    match ev {
+        RequesterEvent::Posted { task_id, escrow } => format!("posted {task_id}; {escrow} RUV locked in escrow"),
+        RequesterEvent::Assigned { attempt, provider, .. } => {
+            format!("assigned to node {} (attempt {attempt})", short(provider))
+        }
+        RequesterEvent::Running { provider, .. } => {
+            format!("payload sent encrypted; running on node {}", short(provider))
+        }
+        RequesterEvent::PayloadRefused { error, .. } => format!("payload not relayed: {error}"),
+        RequesterEvent::Delivered { attempt, .. } => format!("result delivered (attempt {attempt}); verifying"),
+        RequesterEvent::AttemptFailed {
+            attempt,
+            provider,
+            reason,
+            error,
+            ..
+        } => format!(
+            "attempt {attempt} on node {} {}: {}; the task is re-offered",
+            short(provider),
+            reason.as_str(),
+            error.as_deref().unwrap_or("no report")
+        ),
+        RequesterEvent::Refunded { amount, why, .. } => format!("refunded {amount} RUV: {why}"),
+        RequesterEvent::Warning { message } => message.clone(),
+    }
+}
+
+/// A step of following a task, on stderr (warnings as warnings).
+pub fn show_step(p: &Printer, ev: &RequesterEvent) {
+    match ev {
+        RequesterEvent::Warning { message } => p.warn(message),
+        ev => p.note(&requester_line(ev)),
+    }
+}
+
+/// A serialised outcome with `"ok": true` beside its fields.
+pub fn ok(outcome: &impl serde::Serialize) -> serde_json::Value {
+    let mut v = serde_json::to_value(outcome).unwrap_or_default();
+    if let Some(m) = v.as_object_mut() {
+        m.insert("ok".into(), true.into());
+    }
+    v
+}
+
+/// A verified, settled result: the payment on stderr, the result text on
+/// stdout (`--json`: the whole record).
+pub fn render_settled(o: &Outcome, p: &Printer) {
+    p.note(&format!(
+        "verified and settled: paid {} RUV, refunded {} RUV",
+        o.settlement.paid, o.settlement.refunded
+    ));
+    if p.json {
+        p.json(ok(o));
+    } else {
+        p.out(o.text());
     }
 }

@@ -19,7 +19,7 @@ use crate::paths::Paths;
 
 impl Identity {
     /// Load the keys, generating (and auditing `key.created`) on first need.
-    pub fn load_or_generate(paths: &Paths, audit: &AuditLog) -> Result<Identity, KeyError> {
+    pub fn load_or_generate(paths: &Paths) -> Result<Identity, KeyError> {
         let store = Store::new(paths);
         if store.read_index()?.is_some() {
             return Identity::load(paths);
@@ -29,7 +29,7 @@ impl Identity {
         if store.read_index()?.is_some() {
             return Identity::load(paths);
         }
-        let pair = create_first(&store, audit, None)?;
+        let pair = create_first(&store, &AuditLog::new(paths), None)?;
         Ok(Identity {
             current: pair,
             older: Vec::new(),
@@ -38,7 +38,7 @@ impl Identity {
 
     /// Generate fresh keys. Without `force`, refuses when keys exist; with it,
     /// every existing generation is discarded.
-    pub fn generate(paths: &Paths, audit: &AuditLog, force: bool) -> Result<Identity, KeyError> {
+    pub fn generate(paths: &Paths, force: bool) -> Result<Identity, KeyError> {
         let store = Store::new(paths);
         let _lock = store.lock()?;
         let replaced = match store.read_index()? {
@@ -57,7 +57,7 @@ impl Identity {
             }
             None => None,
         };
-        let pair = create_first(&store, audit, replaced.flatten())?;
+        let pair = create_first(&store, &AuditLog::new(paths), replaced.flatten())?;
         Ok(Identity {
             current: pair,
             older: Vec::new(),
@@ -66,7 +66,8 @@ impl Identity {
 
     /// Make new keys current; the old current key stays usable for
     /// decryption for `security.keyRotationDays`. Expired keys are removed first.
-    pub fn rotate(paths: &Paths, audit: &AuditLog) -> Result<Rotation, KeyError> {
+    pub fn rotate(paths: &Paths) -> Result<Rotation, KeyError> {
+        let audit = &AuditLog::new(paths);
         let store = Store::new(paths);
         let days = rotation_days(paths)?;
         let _lock = store.lock()?;
@@ -186,7 +187,7 @@ impl Keyring {
     /// already imported), audited as `key.imported`.
     pub fn import_audited(
         &self,
-        audit: &AuditLog,
+        paths: &Paths,
         name: &str,
         public: &PublicIdentity,
         own: bool,
@@ -201,7 +202,7 @@ impl Keyring {
         if own {
             self.mark_own(name)?;
         }
-        audit.append(
+        AuditLog::new(paths).append(
             Event::KeyImported,
             json!({ "name": name, "node_id": public.node_id, "own": own }),
         )?;

@@ -17,7 +17,7 @@ use crate::paths::Paths;
 /// Anchor this node's audit log at `endpoint`; returns the cosignature kept.
 pub async fn anchor(paths: &Paths, endpoint: &str) -> Result<Cosignature> {
     let log = AuditLog::new(paths);
-    let id = Identity::load_or_generate(paths, &log)?;
+    let id = Identity::load_or_generate(paths)?;
     log.recover()?;
     let (rep, cp) = log.verify_and_checkpoint()?;
     if !rep.ok {

@@ -1,6 +1,11 @@
 //! The node side of the protocol: connect, authenticate, and match replies
 //! to requests by message id. Events the coordinator pushes (task offers,
 //! lease lapses, deliveries) arrive on [`Client::events`].
+//!
+//! [`Client::call`] reads each reply into its typed [`Reply`];
+//! [`Client::request`] hands back the raw JSON for tools that speak the wire
+//! directly. This module owns the session and nothing above it: it must not
+//! decide on tasks, write the audit log or print.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +23,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::crypto::keys::{Identity, PublicIdentity};
 use crate::exit::{Exit, HasExit};
 use crate::market::protocol::{self, auth_message, encode_request, Event, Reason, Request};
+use crate::market::reply::Reply;
 
 /// How long a request waits for its reply.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -50,6 +56,8 @@ pub enum ClientError {
     Rejected { reason: Reason, message: String },
     #[error("unexpected message from the market: {0}")]
     Protocol(String),
+    #[error("market endpoint `{0}` is not a ws:// or wss:// URL")]
+    BadEndpoint(String),
 }
 
 impl ClientError {
@@ -74,6 +82,7 @@ impl HasExit for ClientError {
         match self {
             ClientError::Unavailable { .. } | ClientError::Closed | ClientError::Timeout(_) => Exit::Unavailable,
             ClientError::Protocol(_) => Exit::Failed,
+            ClientError::BadEndpoint(_) => Exit::Usage,
             ClientError::Rejected { reason, .. } => match reason {
                 Reason::InsufficientBalance | Reason::ReputationTooLow | Reason::NoMatchingOffer => Exit::Refused,
                 Reason::BadSignature | Reason::BadChallenge | Reason::BadIdentity => Exit::Integrity,
@@ -89,6 +98,9 @@ impl HasExit for ClientError {
                 "start a coordinator with `claude-max-market market serve`, or point `--endpoint` / `market.endpoint` at one"
                     .into(),
             ),
+            ClientError::BadEndpoint(_) => {
+                Some("set it with `claude-max-market config --set market.endpoint=ws://HOST:PORT`".into())
+            }
             ClientError::Rejected {
                 reason: Reason::InsufficientBalance,
                 ..
@@ -267,6 +279,21 @@ impl Client {
         }
     }
 
+    /// Send a request with a fresh id and read its committed result as the
+    /// reply type of that request.
+    pub async fn call<R: Reply>(&self, req: &Request) -> Result<R, ClientError> {
+        let id = self.next_id();
+        self.call_with_id(&id, req).await
+    }
+
+    /// [`Client::call`] under a chosen id (see [`Client::request_with_id`]).
+    pub async fn call_with_id<R: Reply>(&self, id: &str, req: &Request) -> Result<R, ClientError> {
+        debug_assert_eq!(req.kind(), R::ANSWERS, "a reply type read for another request");
+        let v = self.request_with_id(id, req).await?;
+        serde_json::from_value(v)
+            .map_err(|e| ClientError::Protocol(format!("a `{}` reply that does not parse: {e}", req.kind())))
+    }
+
     /// Send raw text under id `id` and return whatever answers it (tests of
     /// hostile input use this).
     pub async fn exchange(&self, id: &str, text: &str) -> Result<Event, ClientError> {
@@ -312,6 +339,42 @@ impl Client {
     /// Close the session.
     pub fn close(&self) {
         let _ = self.out.send(Message::Close(None));
+    }
+}
+
+/// The coordinator URL: `flag`, else `configured` (`market.endpoint`, env
+/// and file already folded in); it must be a WebSocket URL.
+pub fn endpoint(flag: Option<String>, configured: &str) -> Result<String, ClientError> {
+    let e = flag.unwrap_or_else(|| configured.to_string());
+    if e.starts_with("ws://") || e.starts_with("wss://") {
+        Ok(e)
+    } else {
+        Err(ClientError::BadEndpoint(e))
+    }
+}
+
+/// Send one request on its own session, retrying on a fresh connection
+/// under the same message id if the connection fails, so a lost reply
+/// never applies it twice.
+pub async fn call_once<R: Reply>(endpoint: &str, signer: &dyn Signer, req: &Request) -> Result<R, ClientError> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+    let mut msg_id = None;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let attempt = async {
+            let client = Client::connect(endpoint, signer).await?;
+            let mid = msg_id.get_or_insert_with(|| client.next_id()).clone();
+            let r = client.call_with_id(&mid, req).await;
+            client.close();
+            r
+        };
+        match attempt.await {
+            Err(e) if e.is_transient() && tries < 4 && msg_id.is_some() => {
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            other => return other,
+        }
     }
 }
 

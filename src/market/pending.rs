@@ -4,6 +4,10 @@
 //! `market result TASK_ID` can seal it to whichever provider holds the lease
 //! later. One file per task, `market/pending/<task_id>.cmme`, 0600 in a 0700
 //! directory; removed once the task settles or is refunded.
+//!
+//! This module owns those files and nothing else: it must not decide when a
+//! prompt may be sent (the `collect` operation checks it against the posted
+//! hash first) and must not talk to the market.
 
 use std::io;
 use std::path::PathBuf;

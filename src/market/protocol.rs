@@ -6,6 +6,12 @@
 //! coordinator remembers per node: a request whose id was already applied is
 //! answered with a `duplicate_id` error carrying the original result, so a
 //! client that retries after a lost reply never applies an operation twice.
+//!
+//! This module owns the shapes only: what each frame carries, its envelope
+//! and its decoding. It must not decide anything about a task or a node
+//! (the coordinator's book and the node's requester and provider do), and it
+//! must not touch the network. The typed replies to each request are in
+//! the `reply` module beside this one.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -377,7 +383,7 @@ pub enum Event {
     },
     /// A task that fits one of your offers is open.
     TaskOffered {
-        task: Value,
+        task: TaskView,
     },
     /// A task you were told about was taken or closed.
     TaskClosed {
@@ -427,6 +433,35 @@ pub enum Event {
     },
     /// Another login for this node id replaced this session.
     Replaced {},
+}
+
+/// The coordinator's view of one task: what a provider is offered, what
+/// `post` returns, and what a requester's `task` look-up answers.
+///
+/// Every field is always present on the wire (absent values are `null`), so
+/// this serialises to exactly the JSON it was read from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskView {
+    pub task_id: String,
+    pub requester: String,
+    pub model: String,
+    pub max_tokens: u64,
+    pub max_price: u64,
+    pub payload_hash: String,
+    /// RFC 3339; the task is refunded if unfinished by then.
+    pub deadline: String,
+    pub max_attempts: u32,
+    pub min_reputation: f64,
+    /// `open`, `assigned`, `delivered`, `settled` or `refunded`.
+    pub state: String,
+    pub attempt: u32,
+    /// The current lease holder, if any.
+    pub provider: Option<String>,
+    /// The lease holder's asking price, if any.
+    pub ask: Option<i64>,
+    pub lease_deadline: Option<String>,
+    /// Size of the prompt in bytes, when the requester declared it.
+    pub payload_bytes: Option<u64>,
 }
 
 /// The bytes a node signs to authenticate a session.

@@ -11,6 +11,15 @@
 //! hash. A failed job is reported (signed) and the lease given back, so the
 //! coordinator re-offers at once; so is every lease still held at shutdown.
 //! Reconnects with exponential backoff and jitter.
+//!
+//! This module owns the provider's records too: every decision, lease,
+//! settlement and withdrawal is audited here as it happens. A won lease is
+//! served by [`crate::market::lease`]; the steps are
+//! [`crate::market::provider_event`]'s shapes; the own-nodes rule is
+//! [`crate::market::own_nodes`]'s. It must not
+//! print or handle signals: each step goes to the caller as a
+//! [`ProviderEvent`], and it stops when the caller's shutdown future
+//! resolves (or consent is withdrawn).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -18,19 +27,26 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Local;
-use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
+use serde::Serialize;
+use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::audit::{AuditLog, Event as AuditEvent};
 use crate::caps::{Budget, Caps, HeldReservation, Ledger};
 use crate::config::Config;
 use crate::consent::{Consent, JOB_MARKET};
-use crate::crypto::keys::{Identity, PublicIdentity};
-use crate::job::{self, Approval, ApprovedBy, Cancel, CancelHandle, JobSource, JobSpec, Status, Unattended};
-use crate::market::client::{Backoff, Client, ClientError};
-use crate::market::protocol::{AbandonReason, Event, IdentityProof, Request};
-use crate::market::sealed::{self, Binding};
+use crate::crypto::keys::Identity;
+use crate::exit::{Exit, Failure, HasExit};
+use crate::job::{ApprovedBy, Cancel, CancelHandle};
+use crate::market::client::{self, Backoff, Client, ClientError};
+use crate::market::lease::Lease;
+use crate::market::protocol::{Event, Request, TaskView};
+use crate::market::reply::{LeaseGranted, OfferRegistered, OfferWithdrawn, ReputationView};
+use crate::market::sealed::Binding;
 use crate::paths::Paths;
+
+pub use crate::market::own_nodes::{own_nodes, subscription_gate};
+pub use crate::market::provider_event::{ProviderEvent, Pushed, Report};
 
 /// Asks the person at the terminal; `None` when nobody can answer.
 pub type Ask = Arc<dyn Fn(String) -> Option<bool> + Send + Sync>;
@@ -59,15 +75,14 @@ pub struct AdvertiseSpec {
 
 /// How often the session is pinged while idle.
 const KEEPALIVE: Duration = Duration::from_secs(15);
-/// Longest wait for the requester's payload after winning a lease.
-const PAYLOAD_WAIT: Duration = Duration::from_secs(60);
+/// How often a running `advertise` re-reads consent.
+const CONSENT_POLL: Duration = Duration::from_millis(500);
+/// How long stopping jobs get to give their leases back.
+const DRAIN: Duration = Duration::from_secs(20);
 
 /// Does an offered task pass the standing rules?
-pub fn passes_rules(spec: &AdvertiseSpec, task: &Value) -> Result<(), String> {
-    let tokens = task["max_tokens"].as_u64().unwrap_or(u64::MAX);
-    let bid = task["max_price"].as_u64().unwrap_or(0);
-    let model = task["model"].as_str().unwrap_or_default();
-    let requester = task["requester"].as_str().unwrap_or_default();
+pub fn passes_rules(spec: &AdvertiseSpec, task: &TaskView) -> Result<(), String> {
+    let (tokens, bid, model) = (task.max_tokens, task.max_price, task.model.as_str());
     if let Some(m) = spec.max_tokens.filter(|m| tokens > *m) {
         return Err(format!("asks for {tokens} tokens, above the rule's {m}"));
     }
@@ -78,48 +93,11 @@ pub fn passes_rules(spec: &AdvertiseSpec, task: &Value) -> Result<(), String> {
         return Err(format!("model `{model}` is not among the allowed models"));
     }
     if let Some(allowed) = &spec.allowed_requesters {
-        if !allowed.iter().any(|a| a == requester) {
+        if !allowed.contains(&task.requester) {
             return Err("the requester is not in `market.allowedRequesters`".into());
         }
     }
     Ok(())
-}
-
-/// This user's own nodes: `market.ownNodes` and the peers imported with
-/// `keys import --own`.
-pub fn own_nodes(paths: &Paths, cfg: &Config) -> Vec<String> {
-    let mut own: Vec<String> = cfg.settings().market.own_nodes.clone().unwrap_or_default();
-    own.extend(crate::crypto::keys::Keyring::new(paths).own_node_ids());
-    own.sort();
-    own.dedup();
-    own
-}
-
-/// A subscription (OAuth) login serves only this user's own nodes:
-/// Anthropic's terms license Free/Pro/Max credentials for ordinary,
-/// individual use, and third-party tools may not route requests through them
-/// on behalf of other users. There is no override. An API key serves anyone
-/// the standing rules allow. `Err` carries the reason a task is declined.
-/// A credential that cannot be resolved is left to the job, which fails
-/// without one for every requester alike.
-pub fn subscription_gate(paths: &Paths, cfg: &Config, requester: &str) -> Result<(), String> {
-    let mut notes = Vec::new();
-    let Ok(cred) = crate::claude::credentials::resolve(cfg, &mut notes) else {
-        return Ok(());
-    };
-    if cred.kind != crate::claude::credentials::Kind::OAuth {
-        return Ok(());
-    }
-    if own_nodes(paths, cfg).iter().any(|n| n == requester) {
-        return Ok(());
-    }
-    Err(format!(
-        "this node runs on a subscription login ({}), which Anthropic's terms allow only for your own use: \
-         it serves only your own nodes (`market.ownNodes`, `keys import --own`), and requester {} is not one; \
-         serve other people's tasks with an API key (`credentials.source=api-key-env`)",
-        cred.source,
-        &requester[..requester.len().min(16)]
-    ))
 }
 
 /// The outcome of the gates for one offer.
@@ -130,40 +108,17 @@ enum Decision {
     Decline(String),
 }
 
-/// Consent, caps, then approval: the order a local job meets them.
-async fn decide(paths: &Paths, spec: &AdvertiseSpec, client: &Client, task: &Value) -> Decision {
-    // Fresh config: an opt-out or a changed cap applies to the next offer.
-    let cfg = match Config::load(paths) {
-        Ok(c) => c,
-        Err(e) => return Decision::Decline(format!("cannot read the config: {e}")),
-    };
-    if !Consent::from_config(&cfg).allows(JOB_MARKET) {
-        return Decision::Decline("no consent for market jobs".into());
-    }
-    if let Err(why) = subscription_gate(paths, &cfg, task["requester"].as_str().unwrap_or_default()) {
-        return Decision::Decline(why);
-    }
-    let caps = Caps::from_config(&cfg);
-    let tokens = task["max_tokens"].as_u64().unwrap_or(u64::MAX);
-    if tokens > caps.max_tokens_per_task {
-        return Decision::Decline(format!(
-            "asks for {tokens} tokens, above `limits.maxTokensPerTask` ({})",
-            caps.max_tokens_per_task
-        ));
-    }
-    // Reserve under every cap now, before approval, as a local job does:
-    // concurrent offers cannot all pass a cap that has room for one. The
-    // job that runs the task uses this reservation.
+/// Reserve under every cap now, before approval, as a local job does:
+/// concurrent offers cannot all pass a cap that has room for one. The job
+/// that runs the task uses this reservation.
+async fn reserve(paths: &Paths, caps: &Caps, task: &TaskView) -> Result<HeldReservation, String> {
     let ledger = Ledger::new(paths);
-    let label = format!(
-        "market-{}-{}",
-        task["task_id"].as_str().unwrap_or("?"),
-        task["attempt"].as_u64().unwrap_or(1)
-    );
+    let label = format!("market-{}-{}", task.task_id, task.attempt);
+    let tokens = task.max_tokens;
     let reserved = {
         let (ledger, caps) = (ledger.clone(), caps.clone());
         tokio::task::spawn_blocking(move || {
-            // The task's own token budget (checked against the cap above)
+            // The task's own token budget (checked against the cap before)
             // and this node's per-task cost cap.
             let budget = Budget {
                 tokens,
@@ -177,8 +132,56 @@ async fn decide(paths: &Paths, spec: &AdvertiseSpec, client: &Client, task: &Val
         .await
         .unwrap_or_else(|e| Err(e.to_string()))
     };
-    let reservation = match reserved {
-        Ok(id) => ledger.held(id),
+    reserved.map(|id| ledger.held(id))
+}
+
+/// The question put to the person at the terminal about one offer.
+async fn question(spec: &AdvertiseSpec, client: &Client, task: &TaskView) -> String {
+    let requester = &task.requester;
+    let rep = client
+        .call::<ReputationView>(&Request::Reputation {
+            node_id: requester.clone(),
+        })
+        .await
+        .ok()
+        .map(|r| r.score);
+    format!(
+        "Run market task {} from node {} (reputation {}): model `{}`, up to {} tokens, bid {} RUV (your ask {}), payload {}?",
+        task.task_id,
+        &requester[..requester.len().min(16)],
+        rep.map(|r| format!("{r:.3}")).unwrap_or_else(|| "unknown".into()),
+        task.model,
+        task.max_tokens,
+        task.max_price,
+        spec.price,
+        task.payload_bytes
+            .map(|b| format!("{b} bytes"))
+            .unwrap_or_else(|| "of undeclared size".into()),
+    )
+}
+
+/// Consent, caps, then approval: the order a local job meets them.
+async fn decide(paths: &Paths, spec: &AdvertiseSpec, client: &Client, task: &TaskView) -> Decision {
+    // Fresh config: an opt-out or a changed cap applies to the next offer.
+    let cfg = match Config::load(paths) {
+        Ok(c) => c,
+        Err(e) => return Decision::Decline(format!("cannot read the config: {e}")),
+    };
+    if !Consent::from_config(&cfg).allows(JOB_MARKET) {
+        return Decision::Decline("no consent for market jobs".into());
+    }
+    if let Err(why) = subscription_gate(paths, &cfg, &task.requester) {
+        return Decision::Decline(why);
+    }
+    let caps = Caps::from_config(&cfg);
+    if task.max_tokens > caps.max_tokens_per_task {
+        return Decision::Decline(format!(
+            "asks for {} tokens, above `limits.maxTokensPerTask` ({})",
+            task.max_tokens, caps.max_tokens_per_task
+        ));
+    }
+    let reservation = match reserve(paths, &caps, task).await {
+        Ok(r) => r,
         Err(e) => return Decision::Decline(e),
     };
     // A standing rule that matches decides without asking; otherwise the
@@ -197,34 +200,160 @@ async fn decide(paths: &Paths, spec: &AdvertiseSpec, client: &Client, task: &Val
             _ => "no terminal to ask and no standing rule (`--auto-accept`)".into(),
         });
     };
-    let requester = task["requester"].as_str().unwrap_or_default().to_string();
-    let rep = client
-        .request(&Request::Reputation {
-            node_id: requester.clone(),
-        })
-        .await
-        .ok()
-        .and_then(|v| v["score"].as_f64());
-    let question = format!(
-        "Run market task {} from node {} (reputation {}): model `{}`, up to {} tokens, bid {} RUV (your ask {}), payload {}?",
-        task["task_id"].as_str().unwrap_or("?"),
-        &requester[..requester.len().min(16)],
-        rep.map(|r| format!("{r:.3}")).unwrap_or_else(|| "unknown".into()),
-        task["model"].as_str().unwrap_or("?"),
-        tokens,
-        task["max_price"],
-        spec.price,
-        task["payload_bytes"]
-            .as_u64()
-            .map(|b| format!("{b} bytes"))
-            .unwrap_or_else(|| "of undeclared size".into()),
-    );
+    let question = question(spec, client, task).await;
     let ask = ask.clone();
     match tokio::task::spawn_blocking(move || ask(question)).await {
         Ok(Some(true)) => Decision::Accept(ApprovedBy::Interactive, reservation),
         Ok(Some(false)) => Decision::Decline("declined at the prompt".into()),
         _ => Decision::Decline("the prompt could not be read".into()),
     }
+}
+
+/// What `advertise` was asked for, before the config narrows it.
+#[derive(Clone)]
+pub struct AdvertiseOptions {
+    /// Coordinator URL (default: `market.endpoint`).
+    pub endpoint: Option<String>,
+    pub slots: u32,
+    /// Default: `market.defaultPrice`.
+    pub price: Option<u64>,
+    pub models: Vec<String>,
+    pub ttl_secs: u64,
+    /// Also on with `market.autoAcceptBids`.
+    pub auto_accept: bool,
+    pub max_tokens: Option<u64>,
+    /// Default: `market.minPrice`.
+    pub min_bid: Option<u64>,
+    pub image: Option<String>,
+    pub ask: Option<Ask>,
+}
+
+/// Why advertising ended (short of an error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stopped {
+    /// The caller's shutdown future resolved.
+    Shutdown,
+    /// Consent for market jobs was withdrawn: the offer is withdrawn.
+    ConsentRevoked,
+}
+
+/// Why `advertise` could not start or go on.
+#[derive(Debug, thiserror::Error)]
+pub enum AdvertiseError {
+    /// Refused or bad input (no consent, no usable model, ...).
+    #[error(transparent)]
+    Refused(#[from] Failure),
+    #[error(transparent)]
+    Market(#[from] ClientError),
+    #[error(transparent)]
+    Keys(#[from] crate::crypto::KeyError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+}
+
+impl HasExit for AdvertiseError {
+    fn exit(&self) -> Exit {
+        match self {
+            AdvertiseError::Refused(e) => e.exit(),
+            AdvertiseError::Market(e) => e.exit(),
+            AdvertiseError::Keys(e) => e.exit(),
+            AdvertiseError::Audit(e) => e.exit(),
+        }
+    }
+    fn hint(&self) -> Option<String> {
+        match self {
+            AdvertiseError::Refused(e) => e.hint(),
+            AdvertiseError::Market(e) => e.hint(),
+            AdvertiseError::Keys(e) => e.hint(),
+            AdvertiseError::Audit(e) => e.hint(),
+        }
+    }
+}
+
+/// The spec `opts` come to under this node's config.
+fn resolve(cfg: &Config, opts: AdvertiseOptions) -> Result<AdvertiseSpec, AdvertiseError> {
+    Consent::from_config(cfg).require(JOB_MARKET)?;
+    if opts.slots == 0 {
+        return Err(Failure::usage("--slots must be at least 1").into());
+    }
+    let settings = &cfg.settings().market;
+    // `market.allowedModels` narrows what we advertise; the offer never
+    // names a model the standing rules would refuse.
+    let models: Vec<String> = match &settings.allowed_models {
+        Some(allowed) => opts.models.iter().filter(|m| allowed.contains(m)).cloned().collect(),
+        None => opts.models.clone(),
+    };
+    if models.is_empty() {
+        return Err(Failure::usage("none of --models is in `market.allowedModels`")
+            .hint("pass a model listed in `market.allowedModels`, or change it with `claude-max-market config --set`")
+            .into());
+    }
+    Ok(AdvertiseSpec {
+        endpoint: client::endpoint(opts.endpoint, &settings.endpoint)?,
+        slots: opts.slots,
+        price: opts.price.unwrap_or(settings.default_price),
+        models,
+        ttl_secs: opts.ttl_secs,
+        auto_accept: opts.auto_accept || settings.auto_accept_bids,
+        max_tokens: opts.max_tokens,
+        min_bid: Some(opts.min_bid.unwrap_or(settings.min_price)).filter(|m| *m > 0),
+        allowed_requesters: settings.allowed_requesters.clone(),
+        image: opts.image,
+        ask: opts.ask,
+    })
+}
+
+/// Resolves once this node no longer consents to market jobs.
+async fn consent_withdrawn(paths: &Paths) {
+    loop {
+        tokio::time::sleep(CONSENT_POLL).await;
+        let still = Config::load(paths).map(|c| Consent::from_config(&c).allows(JOB_MARKET));
+        if matches!(still, Ok(false)) {
+            return;
+        }
+    }
+}
+
+/// Run `advertise`: check consent and the options against the config,
+/// record the start, then serve the market until `shutdown` resolves or
+/// consent is withdrawn (opt-out takes effect at once: the offer is
+/// withdrawn). Jobs run as local tasks: call this inside a
+/// [`tokio::task::LocalSet`].
+pub async fn run(
+    paths: &Paths,
+    cfg: &Config,
+    opts: AdvertiseOptions,
+    report: Report<'_>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Stopped, AdvertiseError> {
+    let own_only = crate::market::own_nodes::serves_only_own(cfg);
+    let spec = resolve(cfg, opts)?;
+    let audit = AuditLog::new(paths);
+    let id = Arc::new(Identity::load_or_generate(paths)?);
+    audit.append(
+        AuditEvent::MarketAdvertise,
+        json!({ "node_id": id.node_id(), "slots": spec.slots, "price": spec.price, "models": spec.models,
+                "auto_accept": spec.auto_accept, "own_nodes_only": own_only }),
+    )?;
+    if own_only {
+        report(&ProviderEvent::OwnNodesOnly {
+            own_nodes: own_nodes(paths, cfg).len(),
+        });
+    }
+    let revoked = std::cell::Cell::new(false);
+    let stop = async {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = consent_withdrawn(paths) => revoked.set(true),
+        }
+    };
+    advertise(id, paths, &spec, report, stop).await?;
+    Ok(if revoked.get() {
+        Stopped::ConsentRevoked
+    } else {
+        Stopped::Shutdown
+    })
 }
 
 /// A lease being served: where its payload goes, and how to stop it.
@@ -234,32 +363,62 @@ struct Held {
     cancel: CancelHandle,
 }
 
-/// Run until `stop` resolves. `report` receives one JSON document per
-/// thing worth showing (connected, offer registered, task offered, ...).
-/// Jobs run as local tasks: call this inside a [`tokio::task::LocalSet`].
+/// Report a step, after recording it if it is one worth a record.
+fn emit(audit: &AuditLog, report: Report<'_>, ev: &ProviderEvent) {
+    if let Some((event, fields)) = ev.audit_record() {
+        if let Err(e) = audit.append(event, fields) {
+            report(&ProviderEvent::Warning {
+                message: format!("cannot write the audit log: {e}"),
+            });
+        }
+    }
+    report(ev);
+}
+
+/// How one connected session ended.
+enum SessionEnd {
+    /// `stop` resolved: the offer was withdrawn.
+    Stopped,
+    /// The connection was lost; reconnect.
+    Lost,
+    /// The offer could not be registered for a passing reason; reconnect.
+    Retry,
+}
+
+/// Run until `stop` resolves, reconnecting when the connection is lost.
+/// `report` hears of every step; the ones worth a record are audited
+/// first. Jobs run as local tasks: call this inside a
+/// [`tokio::task::LocalSet`].
 pub async fn advertise(
     me: Arc<Identity>,
     paths: &Paths,
     spec: &AdvertiseSpec,
-    report: &mut dyn FnMut(Value),
+    report: Report<'_>,
     stop: impl Future<Output = ()>,
 ) -> Result<(), ClientError> {
+    let audit = AuditLog::new(paths);
+    let report = &mut |ev: &ProviderEvent| emit(&audit, &mut *report, ev);
     tokio::pin!(stop);
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     let mut first = true;
     let mut last_offer: Option<String> = None;
-    let (rep_tx, mut rep_rx) = mpsc::unbounded_channel::<Value>();
+    // Outlives each session: a job still giving its lease back when its
+    // session ended reports on the next one.
+    let (steps_tx, mut steps) = mpsc::unbounded_channel();
     loop {
         let connect = Client::connect(&spec.endpoint, me.as_ref());
         let client = tokio::select! {
             _ = &mut stop => return Ok(()),
             c = connect => c,
         };
-        let mut client = match client {
+        let client = match client {
             Ok(c) => c,
             Err(e) if e.is_transient() && !first => {
                 let d = backoff.next_delay();
-                report(json!({ "event": "reconnecting", "in_ms": d.as_millis() as u64, "error": e.to_string() }));
+                report(&ProviderEvent::Reconnecting {
+                    in_ms: d.as_millis() as u64,
+                    error: e.to_string(),
+                });
                 tokio::select! {
                     _ = &mut stop => return Ok(()),
                     _ = tokio::time::sleep(d) => continue,
@@ -269,146 +428,16 @@ pub async fn advertise(
         };
         first = false;
         backoff.reset();
-        report(
-            json!({ "event": "connected", "node_id": client.node_id, "balance": client.balance, "granted": client.granted }),
-        );
-        let mut events = std::mem::replace(&mut client.events, mpsc::unbounded_channel().1);
-        let client = Arc::new(client);
-        // The previous session's offer may still be inside its grace period:
-        // replace it rather than advertise the same capacity twice.
-        if let Some(old) = last_offer.take() {
-            let _ = client.request(&Request::Withdraw { offer_id: old }).await;
-        }
-        let offer = Request::Offer {
-            slots: spec.slots,
-            price: spec.price,
-            models: spec.models.clone(),
-            ttl_secs: spec.ttl_secs,
-        };
-        let offer_id = match client.request(&offer).await {
-            Ok(v) => {
-                report(json!({ "event": "offer", "offer": v }));
-                let id = v["offer_id"].as_str().unwrap_or_default().to_string();
-                last_offer = Some(id.clone());
-                id
-            }
-            Err(e) if e.is_transient() => continue,
-            Err(e) => return Err(e),
-        };
-        let mut held: HashMap<String, Held> = HashMap::new();
-        let mut running = tokio::task::JoinSet::new();
-        let mut keepalive = tokio::time::interval(KEEPALIVE);
-        keepalive.tick().await;
-        let stopped = loop {
-            tokio::select! {
-                _ = &mut stop => break true,
-                _ = keepalive.tick() => {
-                    if client.ping().is_err() {
-                        break false;
-                    }
-                }
-                Some(v) = rep_rx.recv() => report(v),
-                Some(done) = running.join_next(), if !running.is_empty() => {
-                    // Only this attempt's entry: the same node may already
-                    // hold the task's next attempt.
-                    if let Ok((task_id, attempt)) = done {
-                        if held.get(&task_id).is_some_and(|h| h.attempt == attempt) {
-                            held.remove(&task_id);
-                        }
-                    }
-                }
-                ev = events.recv() => {
-                    let Some(ev) = ev else { break false };
-                    match ev {
-                        Event::TaskOffered { task } => {
-                            let task_id = task["task_id"].as_str().unwrap_or_default().to_string();
-                            let attempt = task["attempt"].as_u64().unwrap_or(1) as u32;
-                            let decision = decide(paths, spec, &client, &task).await;
-                            let (take, why, how) = match &decision {
-                                Decision::Accept(by, _) => (true, None, Some(by.how())),
-                                Decision::Decline(w) => (false, Some(w.clone()), None),
-                            };
-                            report(json!({ "event": "task_offered", "task": task, "accept": take,
-                                           "approved_by": how, "declined": why }));
-                            let Decision::Accept(by, reservation) = decision else { continue };
-                            let accept = Request::Accept { task_id: task_id.clone(), attempt };
-                            match client.request(&accept).await {
-                                Ok(lease) => {
-                                    report(json!({ "event": "lease_won", "lease": lease }));
-                                    let (ptx, prx) = oneshot::channel();
-                                    let (cancel_h, cancel) = Cancel::new();
-                                    held.insert(task_id.clone(), Held { attempt, payload: Some(ptx), cancel: cancel_h });
-                                    let job = Lease {
-                                        client: client.clone(),
-                                        me: me.clone(),
-                                        paths: paths.clone(),
-                                        image: spec.image.clone(),
-                                        requester: task["requester"].as_str().unwrap_or_default().to_string(),
-                                        binding: Binding {
-                                            task_id: task_id.clone(),
-                                            attempt,
-                                            payload_hash: lease["payload_hash"].as_str().unwrap_or_default().to_string(),
-                                        },
-                                        model: lease["model"].as_str().unwrap_or("sonnet").to_string(),
-                                        max_tokens: lease["max_tokens"].as_u64().unwrap_or(1),
-                                        lease_deadline: lease["lease_deadline"].as_str().unwrap_or_default().to_string(),
-                                        approved_by: by,
-                                        reservation: std::sync::Mutex::new(Some(reservation)),
-                                        report: rep_tx.clone(),
-                                    };
-                                    running.spawn_local(async move {
-                                        let id = (job.binding.task_id.clone(), job.binding.attempt);
-                                        job.serve(prx, cancel).await;
-                                        id
-                                    });
-                                }
-                                Err(e) => report(json!({ "event": "accept_refused", "task_id": task_id,
-                                    "reason": e.reason().map(|r| r.as_str()), "error": e.to_string() })),
-                            }
-                        }
-                        Event::Payload { task_id, attempt, data } => {
-                            match held.get_mut(&task_id).filter(|h| h.attempt == attempt).and_then(|h| h.payload.take()) {
-                                Some(tx) => { let _ = tx.send(data); }
-                                None => report(json!({ "event": "payload_unexpected", "task_id": task_id, "attempt": attempt })),
-                            }
-                        }
-                        Event::LeaseLapsed { task_id, attempt } => {
-                            // Anything for this attempt is refused now: stop the job.
-                            if let Some(h) = held.get(&task_id).filter(|h| h.attempt == attempt) {
-                                h.cancel.cancel();
-                            }
-                            report(json!({ "event": "lease_lapsed", "task_id": task_id, "attempt": attempt }));
-                        }
-                        other => {
-                            let v = serde_json::to_value(&other).unwrap_or(Value::Null);
-                            report(json!({ "event": v["type"].clone(), "detail": v }));
-                        }
-                    }
-                }
-            }
-        };
-        // Stopping or disconnected: stop every job; each gives its lease
-        // back (best effort when the connection is gone).
-        for h in held.values() {
-            h.cancel.cancel();
-        }
-        let drain = async { while running.join_next().await.is_some() {} };
-        let _ = tokio::time::timeout(Duration::from_secs(20), drain).await;
-        while let Ok(v) = rep_rx.try_recv() {
-            report(v);
-        }
-        if stopped {
-            let _ = client
-                .request(&Request::Withdraw {
-                    offer_id: offer_id.clone(),
-                })
-                .await;
-            report(json!({ "event": "withdrawn", "offer_id": offer_id }));
-            client.close();
-            return Ok(());
+        let mut session = Session::new(client, me.clone(), paths, spec, (steps_tx.clone(), &mut steps));
+        match session.run(&mut last_offer, report, &mut stop).await? {
+            SessionEnd::Stopped => return Ok(()),
+            SessionEnd::Retry => continue,
+            SessionEnd::Lost => {}
         }
         let d = backoff.next_delay();
-        report(json!({ "event": "disconnected", "reconnect_in_ms": d.as_millis() as u64 }));
+        report(&ProviderEvent::Disconnected {
+            reconnect_in_ms: d.as_millis() as u64,
+        });
         tokio::select! {
             _ = &mut stop => return Ok(()),
             _ = tokio::time::sleep(d) => {}
@@ -416,243 +445,226 @@ pub async fn advertise(
     }
 }
 
-/// One won lease, served to its end.
-struct Lease {
+/// One connected session: its offer, the leases it holds and their jobs.
+struct Session<'a> {
     client: Arc<Client>,
+    events: mpsc::UnboundedReceiver<Event>,
     me: Arc<Identity>,
-    paths: Paths,
-    image: Option<String>,
-    requester: String,
-    binding: Binding,
-    model: String,
-    max_tokens: u64,
-    lease_deadline: String,
-    approved_by: ApprovedBy,
-    /// The cap reservation taken for the offer, handed to the job.
-    reservation: std::sync::Mutex<Option<HeldReservation>>,
-    report: mpsc::UnboundedSender<Value>,
+    paths: &'a Paths,
+    spec: &'a AdvertiseSpec,
+    held: HashMap<String, Held>,
+    running: tokio::task::JoinSet<(String, u32)>,
+    /// Steps reported by the jobs, passed on by the session loop.
+    steps_tx: mpsc::UnboundedSender<ProviderEvent>,
+    steps: &'a mut mpsc::UnboundedReceiver<ProviderEvent>,
 }
 
-impl Lease {
-    fn say(&self, v: Value) {
-        let _ = self.report.send(v);
-    }
+/// The jobs' side and the session's side of the steps channel.
+type Steps<'a> = (
+    mpsc::UnboundedSender<ProviderEvent>,
+    &'a mut mpsc::UnboundedReceiver<ProviderEvent>,
+);
 
-    /// Heartbeat period: a third of the lease we were given.
-    fn heartbeat(&self) -> Duration {
-        let left = chrono::DateTime::parse_from_rfc3339(&self.lease_deadline)
-            .map(|d| (d.with_timezone(&chrono::Utc) - chrono::Utc::now()).num_milliseconds())
-            .unwrap_or(30_000);
-        Duration::from_millis((left / 3).clamp(20, 10_000) as u64)
-    }
-
-    async fn serve(self, payload: oneshot::Receiver<String>, cancel: Cancel) {
-        let beat = self.heartbeat();
-        let (client, binding) = (self.client.clone(), self.binding.clone());
-        let heartbeat = async move {
-            let mut t = tokio::time::interval(beat);
-            t.tick().await;
-            loop {
-                t.tick().await;
-                let renew = Request::Renew {
-                    task_id: binding.task_id.clone(),
-                    attempt: binding.attempt,
-                };
-                if let Err(e) = client.request(&renew).await {
-                    if !e.is_transient() {
-                        // Fenced off: stop renewing. The coordinator's
-                        // `lease_lapsed` cancels the job; the job itself is
-                        // never dropped mid-run, so its container is removed.
-                        return;
-                    }
-                }
-            }
-        };
-        let work = self.work(payload, cancel);
-        tokio::pin!(work);
-        tokio::select! {
-            _ = heartbeat => {
-                self.say(json!({ "event": "lease_lost", "task_id": self.binding.task_id, "attempt": self.binding.attempt }));
-                work.await;
-            }
-            _ = &mut work => {}
-        }
-    }
-
-    async fn requester_identity(&self) -> Result<PublicIdentity, String> {
-        let v = self
-            .client
-            .request(&Request::Identity {
-                node_id: self.requester.clone(),
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        let proof: IdentityProof = serde_json::from_value(v).map_err(|e| e.to_string())?;
-        proof
-            .verified(&self.requester)
-            .cloned()
-            .ok_or_else(|| "the requester's identity does not verify".to_string())
-    }
-
-    async fn work(&self, payload: oneshot::Receiver<String>, cancel: Cancel) {
-        let b = &self.binding;
-        // Fetch the requester's keys while the payload is on its way.
-        let (requester, data) = tokio::join!(self.requester_identity(), async {
-            tokio::select! {
-                d = tokio::time::timeout(PAYLOAD_WAIT, payload) => d.ok().and_then(Result::ok),
-                _ = cancel.cancelled() => None,
-            }
-        });
-        let requester = match requester {
-            Ok(r) => r,
-            Err(e) => return self.give_back(AbandonReason::Withdrawn, &e, None).await,
-        };
-        let Some(data) = data else {
-            return self
-                .give_back(AbandonReason::Withdrawn, "no payload arrived", None)
-                .await;
-        };
-        let prompt = match sealed::open_payload(&self.me, &requester, b, &data) {
-            Ok(p) => p,
-            Err(e) => {
-                self.audit(
-                    "market.payload_refused",
-                    json!({ "task_id": b.task_id, "attempt": b.attempt, "error": e.to_string() }),
-                );
-                return self.give_back(AbandonReason::Withdrawn, &e.to_string(), None).await;
-            }
-        };
-        self.say(json!({ "event": "running", "task_id": b.task_id, "attempt": b.attempt }));
-        let cfg = match Config::load(&self.paths) {
-            Ok(c) => c,
-            Err(e) => return self.give_back(AbandonReason::Withdrawn, &e.to_string(), None).await,
-        };
-        // The credential may have changed since the offer was accepted.
-        if let Err(why) = subscription_gate(&self.paths, &cfg, &self.requester) {
-            self.audit(
-                "market.declined",
-                json!({ "task_id": b.task_id, "attempt": b.attempt, "requester": self.requester, "reason": why }),
-            );
-            return self.give_back(AbandonReason::Withdrawn, &why, None).await;
-        }
-        let mut spec = JobSpec::from_config(
-            &cfg,
-            prompt,
-            JobSource::Market {
-                task_id: b.task_id.clone(),
-                requester: Some(self.requester.clone()),
-                attempt: Some(b.attempt),
-            },
-        );
-        spec.model = self.model.clone();
-        spec.max_tokens = self.max_tokens;
-        // Someone else's task runs in Claude Code's default permission mode:
-        // this node's own `docker.permissionMode` is for its own jobs.
-        spec.permission_mode = None;
-        spec.reservation = self
-            .reservation
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .and_then(HeldReservation::hand_over);
-        if let Some(i) = &self.image {
-            spec.image = i.clone();
-        }
-        let outcome = job::run(
-            &self.paths,
-            &cfg,
+impl<'a> Session<'a> {
+    fn new(
+        mut client: Client,
+        me: Arc<Identity>,
+        paths: &'a Paths,
+        spec: &'a AdvertiseSpec,
+        (steps_tx, steps): Steps<'a>,
+    ) -> Session<'a> {
+        let events = std::mem::replace(&mut client.events, mpsc::unbounded_channel().1);
+        Session {
+            client: Arc::new(client),
+            events,
+            me,
+            paths,
             spec,
-            Approval::PreApproved(self.approved_by),
-            Arc::new(Unattended),
-            cancel.clone(),
-        )
-        .await;
-        let (status, body, job_id) = match &outcome {
-            Ok(r) => {
-                let st = if r.status == Status::Completed {
-                    "completed"
-                } else {
-                    "failed"
-                };
-                let body = json!({
-                    "status": r.status, "result": r.result, "error": if r.status == Status::Completed { None } else { Some(r.failure_message()) },
-                    "model": r.model, "model_resolved": r.model_resolved, "usage": r.usage,
-                    "total_tokens": r.total_tokens, "num_turns": r.num_turns, "duration_ms": r.duration_ms,
-                    "provider": self.me.node_id(), "task_id": b.task_id, "attempt": b.attempt,
-                });
-                (st, body, Some(r.job_id.clone()))
-            }
-            Err(e) => (
-                "failed",
-                json!({ "status": "failed", "error": e.to_string(), "provider": self.me.node_id(),
-                        "task_id": b.task_id, "attempt": b.attempt }),
-                None,
-            ),
-        };
-        if cancel.is_cancelled() {
-            return self
-                .give_back(AbandonReason::Withdrawn, "stopped before finishing", None)
-                .await;
-        }
-        let bytes = serde_json::to_vec(&body).expect("json serialises");
-        let sealed = match sealed::seal_result(&self.me, &requester, b, status, &bytes) {
-            Ok(s) => s,
-            Err(e) => return self.give_back(AbandonReason::Withdrawn, &e.to_string(), None).await,
-        };
-        let digest = hex::encode(Sha256::digest(sealed.as_bytes()));
-        if status == "completed" {
-            let deliver = Request::Deliver {
-                task_id: b.task_id.clone(),
-                attempt: b.attempt,
-                data: sealed,
-            };
-            match self.client.request(&deliver).await {
-                Ok(_) => {
-                    self.audit(
-                        "market.delivered",
-                        json!({ "task_id": b.task_id, "attempt": b.attempt, "job_id": job_id, "sealed_sha256": digest }),
-                    );
-                    self.say(
-                        json!({ "event": "delivered", "task_id": b.task_id, "attempt": b.attempt, "job_id": job_id }),
-                    );
-                }
-                Err(e) => self.say(
-                    json!({ "event": "deliver_refused", "task_id": b.task_id, "attempt": b.attempt,
-                    "reason": e.reason().map(|r| r.as_str()), "error": e.to_string() }),
-                ),
-            }
-        } else {
-            let why = body["error"].as_str().unwrap_or("failed").to_string();
-            self.give_back(AbandonReason::Failed, &why, Some(sealed)).await;
+            held: HashMap::new(),
+            running: tokio::task::JoinSet::new(),
+            steps_tx,
+            steps,
         }
     }
 
-    /// Give the lease back so the coordinator re-offers the task at once.
-    async fn give_back(&self, reason: AbandonReason, why: &str, data: Option<String>) {
-        let b = &self.binding;
-        let r = self
+    /// Register the offer (replacing `last_offer`), serve until `stop` or
+    /// the connection ends, then stop every job.
+    async fn run(
+        &mut self,
+        last_offer: &mut Option<String>,
+        report: Report<'_>,
+        stop: &mut (impl Future<Output = ()> + Unpin),
+    ) -> Result<SessionEnd, ClientError> {
+        let c = &self.client;
+        report(&ProviderEvent::Connected {
+            node_id: c.node_id.clone(),
+            balance: c.balance,
+            granted: c.granted,
+        });
+        // The previous session's offer may still be inside its grace period:
+        // replace it rather than advertise the same capacity twice.
+        if let Some(old) = last_offer.take() {
+            let _ = c.call::<OfferWithdrawn>(&Request::Withdraw { offer_id: old }).await;
+        }
+        let offer = Request::Offer {
+            slots: self.spec.slots,
+            price: self.spec.price,
+            models: self.spec.models.clone(),
+            ttl_secs: self.spec.ttl_secs,
+        };
+        let offer_id = match c.call::<OfferRegistered>(&offer).await {
+            Ok(offer) => {
+                let id = offer.offer_id.clone();
+                report(&ProviderEvent::Offer { offer });
+                *last_offer = Some(id.clone());
+                id
+            }
+            Err(e) if e.is_transient() => return Ok(SessionEnd::Retry),
+            Err(e) => return Err(e),
+        };
+        let stopped = self.serve(report, stop).await;
+        // Stopping or disconnected: stop every job; each gives its lease
+        // back (best effort when the connection is gone).
+        for h in self.held.values() {
+            h.cancel.cancel();
+        }
+        let running = &mut self.running;
+        let drain = async { while running.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(DRAIN, drain).await;
+        while let Ok(ev) = self.steps.try_recv() {
+            report(&ev);
+        }
+        if !stopped {
+            return Ok(SessionEnd::Lost);
+        }
+        let _ = self
             .client
-            .request(&Request::Abandon {
-                task_id: b.task_id.clone(),
-                attempt: b.attempt,
-                reason,
-                data,
+            .call::<OfferWithdrawn>(&Request::Withdraw {
+                offer_id: offer_id.clone(),
             })
             .await;
-        self.audit(
-            "market.abandoned",
-            json!({ "task_id": b.task_id, "attempt": b.attempt, "reason": reason.as_str(),
-                    "accepted": r.is_ok() }),
-        );
-        self.say(
-            json!({ "event": "abandoned", "task_id": b.task_id, "attempt": b.attempt,
-                         "reason": reason.as_str(), "why": why }),
-        );
+        report(&ProviderEvent::Withdrawn { offer_id });
+        self.client.close();
+        Ok(SessionEnd::Stopped)
     }
 
-    fn audit(&self, event: &str, fields: Value) {
-        if let Err(e) = crate::audit::AuditLog::new(&self.paths).append(event, fields) {
-            self.say(json!({ "event": "warning", "message": format!("cannot write the audit log: {e}") }));
+    /// Serve events until `stop` (true) or the connection ends (false).
+    async fn serve(&mut self, report: Report<'_>, stop: &mut (impl Future<Output = ()> + Unpin)) -> bool {
+        let mut keepalive = tokio::time::interval(KEEPALIVE);
+        keepalive.tick().await;
+        loop {
+            tokio::select! {
+                _ = &mut *stop => return true,
+                _ = keepalive.tick() => {
+                    if self.client.ping().is_err() {
+                        return false;
+                    }
+                }
+                Some(ev) = self.steps.recv() => report(&ev),
+                Some(done) = self.running.join_next(), if !self.running.is_empty() => {
+                    // Only this attempt's entry: the same node may already
+                    // hold the task's next attempt.
+                    if let Ok((task_id, attempt)) = done {
+                        if self.held.get(&task_id).is_some_and(|h| h.attempt == attempt) {
+                            self.held.remove(&task_id);
+                        }
+                    }
+                }
+                ev = self.events.recv() => {
+                    let Some(ev) = ev else { return false };
+                    self.on_event(ev, report).await;
+                }
+            }
         }
+    }
+
+    async fn on_event(&mut self, ev: Event, report: Report<'_>) {
+        match ev {
+            Event::TaskOffered { task } => self.on_offered(task, report).await,
+            Event::Payload { task_id, attempt, data } => {
+                let held = self.held.get_mut(&task_id).filter(|h| h.attempt == attempt);
+                match held.and_then(|h| h.payload.take()) {
+                    Some(tx) => {
+                        let _ = tx.send(data);
+                    }
+                    None => report(&ProviderEvent::PayloadUnexpected { task_id, attempt }),
+                }
+            }
+            Event::LeaseLapsed { task_id, attempt } => {
+                // Anything for this attempt is refused now: stop the job.
+                if let Some(h) = self.held.get(&task_id).filter(|h| h.attempt == attempt) {
+                    h.cancel.cancel();
+                }
+                report(&ProviderEvent::LeaseLapsed { task_id, attempt });
+            }
+            other => report(&ProviderEvent::pushed(other)),
+        }
+    }
+
+    /// Decide on an offer; if taken and the lease is won, start its job.
+    async fn on_offered(&mut self, task: TaskView, report: Report<'_>) {
+        let decision = decide(self.paths, self.spec, &self.client, &task).await;
+        let (accept, declined, approved_by) = match &decision {
+            Decision::Accept(by, _) => (true, None, Some(by.how())),
+            Decision::Decline(w) => (false, Some(w.clone()), None),
+        };
+        let (task_id, attempt, requester) = (task.task_id.clone(), task.attempt, task.requester.clone());
+        report(&ProviderEvent::TaskOffered {
+            task,
+            accept,
+            approved_by,
+            declined,
+        });
+        let Decision::Accept(by, reservation) = decision else {
+            return;
+        };
+        let accept = Request::Accept {
+            task_id: task_id.clone(),
+            attempt,
+        };
+        let lease = match self.client.call::<LeaseGranted>(&accept).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                return report(&ProviderEvent::AcceptRefused {
+                    task_id,
+                    reason: e.reason().map(|r| r.as_str()),
+                    error: e.to_string(),
+                })
+            }
+        };
+        report(&ProviderEvent::LeaseWon { lease: lease.clone() });
+        let (ptx, prx) = oneshot::channel();
+        let (cancel_h, cancel) = Cancel::new();
+        self.held.insert(
+            task_id.clone(),
+            Held {
+                attempt,
+                payload: Some(ptx),
+                cancel: cancel_h,
+            },
+        );
+        let job = Lease {
+            client: self.client.clone(),
+            me: self.me.clone(),
+            paths: self.paths.clone(),
+            image: self.spec.image.clone(),
+            requester,
+            binding: Binding {
+                task_id,
+                attempt,
+                payload_hash: lease.payload_hash,
+            },
+            model: lease.model,
+            max_tokens: lease.max_tokens,
+            lease_deadline: lease.lease_deadline,
+            approved_by: by,
+            reservation: std::sync::Mutex::new(Some(reservation)),
+            report: self.steps_tx.clone(),
+        };
+        self.running.spawn_local(async move {
+            let id = (job.binding.task_id.clone(), job.binding.attempt);
+            job.serve(prx, cancel).await;
+            id
+        });
     }
 }

@@ -8,15 +8,22 @@
 //! attempt, payload hash, status, ciphertext) verifies and the envelope
 //! opens; a result that fails is rejected (refund, provider failure) and
 //! reported, never shown.
+//!
+//! This module owns the conversation with the coordinator and the checks on
+//! what comes back. Each step is reported as a [`RequesterEvent`]; it must
+//! not print, write the audit log or keep prompts on disk (the `bid` and
+//! `collect` operations around it do).
 
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::crypto::keys::{Identity, PublicIdentity};
 use crate::exit::{Exit, HasExit};
 use crate::market::client::{Client, ClientError};
-use crate::market::protocol::{AbandonReason, Event, IdentityProof, Reason, Request};
+use crate::market::protocol::{AbandonReason, Event, IdentityProof, Reason, Request, TaskView};
+use crate::market::reply::{HeldResult, Posted, Rejected, Relayed, Settlement};
 use crate::market::sealed::{self, Binding, SealError};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,17 +50,45 @@ pub enum RequesterError {
         posted: String,
         market: String,
     },
+    #[error("the kept prompt of task {task_id} hashes to {have}, not to the {posted} you posted; nothing was sent")]
+    PromptMismatch {
+        task_id: String,
+        have: String,
+        posted: String,
+        /// The kept prompt's file.
+        kept: std::path::PathBuf,
+    },
+    #[error(
+        "a prompt is kept for task {0} but your audit log has no `market.bid` for it, so it cannot be checked; \
+         nothing was sent"
+    )]
+    PromptUnrecorded(String),
+    #[error("--max-price {max_price} is above your `market.maxBidPrice` of {cap} RUV")]
+    AboveMaxBid { max_price: u64, cap: u64 },
     #[error("{0}")]
     Protocol(String),
+    /// This node's own records (audit log, keys, kept prompts) failed.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+    #[error(transparent)]
+    Keys(#[from] crate::crypto::KeyError),
+    #[error(transparent)]
+    Pending(#[from] crate::market::pending::PendingError),
 }
 
 impl HasExit for RequesterError {
     fn exit(&self) -> Exit {
         match self {
             RequesterError::Market(e) => e.exit(),
-            RequesterError::Rejected { .. } | RequesterError::BadIdentity(_) | RequesterError::HashMismatch { .. } => {
-                Exit::Integrity
-            }
+            RequesterError::Audit(e) => e.exit(),
+            RequesterError::Keys(e) => e.exit(),
+            RequesterError::Pending(e) => e.exit(),
+            RequesterError::Rejected { .. }
+            | RequesterError::BadIdentity(_)
+            | RequesterError::HashMismatch { .. }
+            | RequesterError::PromptMismatch { .. }
+            | RequesterError::PromptUnrecorded(_) => Exit::Integrity,
+            RequesterError::AboveMaxBid { .. } => Exit::Refused,
             RequesterError::Refunded { .. }
             | RequesterError::TimedOut { .. }
             | RequesterError::Finished { .. }
@@ -63,6 +98,9 @@ impl HasExit for RequesterError {
     fn hint(&self) -> Option<String> {
         match self {
             RequesterError::Market(e) => e.hint(),
+            RequesterError::Audit(e) => e.hint(),
+            RequesterError::Keys(e) => e.hint(),
+            RequesterError::Pending(e) => e.hint(),
             RequesterError::Rejected { .. } => {
                 Some("nothing was decrypted or paid; post the task again, perhaps with `--min-reputation`".into())
             }
@@ -76,13 +114,19 @@ impl HasExit for RequesterError {
             RequesterError::HashMismatch { .. } => {
                 Some("nothing was sent; the coordinator describes a different prompt than the one you posted".into())
             }
+            RequesterError::PromptMismatch { kept, .. } => {
+                Some(format!("remove {} and post the task again", kept.display()))
+            }
+            RequesterError::AboveMaxBid { .. } => {
+                Some("raise it with `claude-max-market config --set market.maxBidPrice=N`".into())
+            }
             _ => None,
         }
     }
 }
 
 /// A verified, decrypted and settled result.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
     pub task_id: String,
     pub attempt: u32,
@@ -90,20 +134,75 @@ pub struct Outcome {
     /// `completed` (failed attempts are re-offered, not delivered).
     pub status: String,
     /// The provider's result document (status, result text, usage, ...).
+    #[serde(rename = "result")]
     pub body: Value,
     /// The coordinator's settlement (`paid`, `refunded`).
-    pub settlement: Value,
+    pub settlement: Settlement,
 }
+
+impl Outcome {
+    /// The result text the provider's job produced.
+    pub fn text(&self) -> &str {
+        self.body["result"].as_str().unwrap_or_default()
+    }
+}
+
+/// One step of seeing a task through, as it happens.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum RequesterEvent {
+    /// The task is posted; its id is known from here on.
+    Posted { task_id: String, escrow: i64 },
+    /// A provider holds the lease for `attempt`.
+    Assigned {
+        task_id: String,
+        attempt: u32,
+        provider: String,
+    },
+    /// The sealed payload reached the lease holder.
+    Running {
+        task_id: String,
+        attempt: u32,
+        provider: String,
+        bytes: u64,
+    },
+    /// The payload was not relayed (the lease moved on meanwhile).
+    PayloadRefused {
+        task_id: String,
+        attempt: u32,
+        error: String,
+    },
+    /// A result arrived and is being verified.
+    Delivered { task_id: String, attempt: u32 },
+    /// The lease holder gave the task back; `error` is its verified report.
+    AttemptFailed {
+        task_id: String,
+        attempt: u32,
+        provider: String,
+        reason: AbandonReason,
+        error: Option<String>,
+    },
+    /// The escrow came back: the task is over without a result.
+    Refunded { task_id: String, amount: i64, why: String },
+    /// Something went wrong beside the task (a record not written) and the
+    /// work carries on.
+    Warning { message: String },
+}
+
+/// Where requester progress goes.
+pub type Report<'a> = &'a mut dyn FnMut(RequesterEvent);
 
 /// A node's identity from the market, checked against its login signature.
 pub async fn peer_identity(client: &Client, node_id: &str) -> Result<PublicIdentity, RequesterError> {
-    let v = client
-        .request(&Request::Identity {
+    let proof: IdentityProof = client
+        .call(&Request::Identity {
             node_id: node_id.to_string(),
         })
-        .await?;
-    let proof: IdentityProof =
-        serde_json::from_value(v).map_err(|_| RequesterError::BadIdentity(node_id.to_string()))?;
+        .await
+        .map_err(|e| match e {
+            ClientError::Protocol(_) => RequesterError::BadIdentity(node_id.to_string()),
+            e => e.into(),
+        })?;
     proof
         .verified(node_id)
         .cloned()
@@ -127,7 +226,7 @@ pub async fn verify_and_settle(
         Ok(x) => x,
         Err(source) => {
             let _ = client
-                .request(&Request::Reject {
+                .call::<Rejected>(&Request::Reject {
                     task_id: binding.task_id.clone(),
                     attempt: binding.attempt,
                 })
@@ -139,8 +238,8 @@ pub async fn verify_and_settle(
             });
         }
     };
-    let settlement = client
-        .request(&Request::Settle {
+    let settlement: Settlement = client
+        .call(&Request::Settle {
             task_id: binding.task_id.clone(),
             attempt: binding.attempt,
         })
@@ -156,33 +255,35 @@ pub async fn verify_and_settle(
 }
 
 /// Post `post` (whose payload hash is `prompt`'s), then see it through
-/// with [`follow`]. `progress` receives one document per step, the first
-/// being `posted` (the task id is known from then on).
+/// with [`follow`]. `progress` hears of every step, the first being
+/// [`RequesterEvent::Posted`] (the task id is known from then on).
 pub async fn post_and_wait(
     endpoint: &str,
     me: &Identity,
     post: &Request,
     prompt: &[u8],
     wait: Duration,
-    progress: &mut dyn FnMut(Value),
+    progress: Report<'_>,
 ) -> Result<Outcome, RequesterError> {
     let mut client = Client::connect(endpoint, me).await?;
-    let posted = match client.request(post).await {
+    let posted: Posted = match client.call(post).await {
         Ok(p) => p,
         Err(e) => {
             client.close();
             return Err(e.into());
         }
     };
-    let task_id = posted["task"]["task_id"].as_str().unwrap_or_default().to_string();
-    let payload_hash = posted["task"]["payload_hash"].as_str().unwrap_or_default().to_string();
-    progress(json!({ "event": "posted", "task_id": task_id, "escrow": posted["escrow"] }));
-    let task = Followed {
-        task_id: &task_id,
-        payload_hash: &payload_hash,
+    let Posted { task, escrow } = posted;
+    progress(RequesterEvent::Posted {
+        task_id: task.task_id.clone(),
+        escrow,
+    });
+    let followed = Followed {
+        task_id: &task.task_id,
+        payload_hash: &task.payload_hash,
         prompt,
     };
-    follow(&mut client, me, &task, None, wait, progress).await
+    follow(&mut client, me, &followed, None, wait, progress).await
 }
 
 /// A posted task this node is seeing through.
@@ -193,6 +294,16 @@ pub struct Followed<'a> {
     pub prompt: &'a [u8],
 }
 
+impl Followed<'_> {
+    fn binding(&self, attempt: u32) -> Binding {
+        Binding {
+            task_id: self.task_id.to_string(),
+            attempt,
+            payload_hash: self.payload_hash.to_string(),
+        }
+    }
+}
+
 /// Seal the prompt to `provider` for `attempt` and send it; returns the
 /// provider's verified identity (results of that attempt must be its).
 async fn send_payload(
@@ -201,34 +312,38 @@ async fn send_payload(
     task: &Followed<'_>,
     attempt: u32,
     provider: &str,
-    progress: &mut dyn FnMut(Value),
+    progress: Report<'_>,
 ) -> Result<PublicIdentity, RequesterError> {
-    let task_id = task.task_id;
-    let peer = peer_identity(client, provider).await?;
-    let binding = Binding {
-        task_id: task_id.to_string(),
+    let task_id = task.task_id.to_string();
+    progress(RequesterEvent::Assigned {
+        task_id: task_id.clone(),
         attempt,
-        payload_hash: task.payload_hash.to_string(),
-    };
-    let data = sealed::seal_payload(me, &peer, &binding, task.prompt)
+        provider: provider.to_string(),
+    });
+    let peer = peer_identity(client, provider).await?;
+    let data = sealed::seal_payload(me, &peer, &task.binding(attempt), task.prompt)
         .map_err(|e| RequesterError::Protocol(format!("cannot seal the payload: {e}")))?;
-    match client
-        .request(&Request::Payload {
-            task_id: task_id.to_string(),
+    let sent = client
+        .call::<Relayed>(&Request::Payload {
+            task_id: task_id.clone(),
             attempt,
             data,
         })
-        .await
-    {
-        Ok(r) => progress(
-            json!({ "event": "running", "task_id": task_id, "attempt": attempt, "provider": provider, "bytes": r["bytes"] }),
-        ),
+        .await;
+    progress(match sent {
+        Ok(r) => RequesterEvent::Running {
+            task_id,
+            attempt,
+            provider: provider.to_string(),
+            bytes: r.bytes,
+        },
         // The lease moved on meanwhile; the next assignment gets it.
-        Err(e) => progress(
-            json!({ "event": "payload_refused", "task_id": task_id, "attempt": attempt,
-                                   "error": e.to_string() }),
-        ),
-    }
+        Err(e) => RequesterEvent::PayloadRefused {
+            task_id,
+            attempt,
+            error: e.to_string(),
+        },
+    });
     Ok(peer)
 }
 
@@ -244,11 +359,21 @@ pub async fn follow(
     task: &Followed<'_>,
     current: Option<(u32, String)>,
     wait: Duration,
-    progress: &mut dyn FnMut(Value),
+    progress: Report<'_>,
 ) -> Result<Outcome, RequesterError> {
     let r = follow_inner(client, me, task, current, wait, progress).await;
     client.close();
     r
+}
+
+/// What a failed attempt's report says, shown only if it verifies.
+fn failure_report(me: &Identity, peer: &PublicIdentity, binding: &Binding, data: &str) -> Option<String> {
+    match sealed::open_result(me, peer, binding, data) {
+        Ok((_, body)) => serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string)),
+        Err(e) => Some(format!("(failure report did not verify: {e})")),
+    }
 }
 
 async fn follow_inner(
@@ -257,14 +382,12 @@ async fn follow_inner(
     task: &Followed<'_>,
     current: Option<(u32, String)>,
     wait: Duration,
-    progress: &mut dyn FnMut(Value),
+    progress: Report<'_>,
 ) -> Result<Outcome, RequesterError> {
     let task_id = task.task_id.to_string();
-    let payload_hash = task.payload_hash.to_string();
     let deadline = tokio::time::Instant::now() + wait;
     let mut assigned: Option<(u32, PublicIdentity)> = None;
     if let Some((attempt, provider)) = current {
-        progress(json!({ "event": "assigned", "task_id": task_id, "attempt": attempt, "provider": provider }));
         let peer = send_payload(client, me, task, attempt, &provider, progress).await?;
         assigned = Some((attempt, peer));
     }
@@ -288,7 +411,6 @@ async fn follow_inner(
                 attempt,
                 provider,
             } if t == task_id && assigned.as_ref().is_none_or(|(a, _)| *a != attempt) => {
-                progress(json!({ "event": "assigned", "task_id": task_id, "attempt": attempt, "provider": provider }));
                 let peer = send_payload(client, me, task, attempt, &provider, progress).await?;
                 assigned = Some((attempt, peer));
             }
@@ -297,16 +419,14 @@ async fn follow_inner(
                 attempt,
                 data,
             } if t == task_id => {
-                progress(json!({ "event": "delivered", "task_id": task_id, "attempt": attempt }));
+                progress(RequesterEvent::Delivered {
+                    task_id: task_id.clone(),
+                    attempt,
+                });
                 let Some((_, peer)) = assigned.as_ref().filter(|(a, _)| *a == attempt) else {
                     continue;
                 };
-                let binding = Binding {
-                    task_id: task_id.clone(),
-                    attempt,
-                    payload_hash: payload_hash.clone(),
-                };
-                return verify_and_settle(client, me, peer, &binding, &data).await;
+                return verify_and_settle(client, me, peer, &task.binding(attempt), &data).await;
             }
             Event::Abandoned {
                 task_id: t,
@@ -315,34 +435,30 @@ async fn follow_inner(
                 reason,
                 data,
             } if t == task_id => {
-                // A failure report is shown only if it verifies.
                 let error = match (&assigned, &data) {
                     (Some((a, peer)), Some(d)) if *a == attempt && reason == AbandonReason::Failed => {
-                        let b = Binding {
-                            task_id: task_id.clone(),
-                            attempt,
-                            payload_hash: payload_hash.clone(),
-                        };
-                        match sealed::open_result(me, peer, &b, d) {
-                            Ok((_, body)) => serde_json::from_slice::<Value>(&body)
-                                .ok()
-                                .and_then(|v| v["error"].as_str().map(str::to_string)),
-                            Err(e) => Some(format!("(failure report did not verify: {e})")),
-                        }
+                        failure_report(me, peer, &task.binding(attempt), d)
                     }
                     _ => None,
                 };
-                progress(
-                    json!({ "event": "attempt_failed", "task_id": task_id, "attempt": attempt,
-                                 "provider": provider, "reason": reason.as_str(), "error": error }),
-                );
+                progress(RequesterEvent::AttemptFailed {
+                    task_id: task_id.clone(),
+                    attempt,
+                    provider,
+                    reason,
+                    error,
+                });
             }
             Event::Refunded {
                 task_id: t,
                 amount,
                 why,
             } if t == task_id => {
-                progress(json!({ "event": "refunded", "task_id": task_id, "amount": amount, "why": why }));
+                progress(RequesterEvent::Refunded {
+                    task_id: task_id.clone(),
+                    amount,
+                    why: why.clone(),
+                });
                 return Err(RequesterError::Refunded { task_id, why });
             }
             _ => {}
@@ -351,9 +467,9 @@ async fn follow_inner(
 }
 
 /// Where one of this node's tasks stands (the coordinator's `task` view).
-pub async fn look_up(client: &Client, task_id: &str) -> Result<Value, RequesterError> {
+pub async fn look_up(client: &Client, task_id: &str) -> Result<TaskView, RequesterError> {
     Ok(client
-        .request(&Request::Task {
+        .call(&Request::Task {
             task_id: task_id.to_string(),
         })
         .await?)
@@ -368,36 +484,22 @@ pub async fn fetch_held(
     task_id: &str,
     payload_hash: Option<String>,
 ) -> Result<Outcome, RequesterError> {
-    let v = client
-        .request(&Request::Result {
+    let held: HeldResult = client
+        .call(&Request::Result {
             task_id: task_id.to_string(),
         })
         .await?;
-    let attempt = v["attempt"].as_u64().unwrap_or(0) as u32;
-    let provider = v["provider"].as_str().unwrap_or_default().to_string();
-    let data = v["data"]
-        .as_str()
+    let data = held
+        .data
+        .as_deref()
         .ok_or_else(|| RequesterError::Protocol("the market holds no result bytes for this task".into()))?;
-    let peer = peer_identity(client, &provider).await?;
+    let peer = peer_identity(client, held.provider.as_deref().unwrap_or_default()).await?;
     let binding = Binding {
         task_id: task_id.to_string(),
-        attempt,
-        payload_hash: payload_hash.unwrap_or_else(|| v["payload_hash"].as_str().unwrap_or_default().to_string()),
+        attempt: held.attempt,
+        payload_hash: payload_hash.unwrap_or_else(|| held.payload_hash.clone()),
     };
     verify_and_settle(client, me, &peer, &binding, data).await
-}
-
-/// Read a held result back, verify, open and settle it (see [`fetch_held`]).
-pub async fn fetch_result(
-    endpoint: &str,
-    me: &Identity,
-    task_id: &str,
-    payload_hash: Option<String>,
-) -> Result<Outcome, RequesterError> {
-    let client = Client::connect(endpoint, me).await?;
-    let r = fetch_held(&client, me, task_id, payload_hash).await;
-    client.close();
-    r
 }
 
 /// What [`resume`] came to, short of an error.
@@ -408,7 +510,7 @@ pub enum Resumed {
     /// Not delivered, and not waited for (`--no-wait`, or no prompt here to
     /// send): the coordinator's view of the task, and whether this call
     /// sent the payload to the current lease holder.
-    NotYet { task: Value, payload_sent: bool },
+    NotYet { task: TaskView, payload_sent: bool },
 }
 
 /// What `market result` knows locally about one of its tasks.
@@ -435,7 +537,7 @@ pub async fn resume(
     endpoint: &str,
     me: &Identity,
     r: &Resume<'_>,
-    progress: &mut dyn FnMut(Value),
+    progress: Report<'_>,
 ) -> Result<Resumed, RequesterError> {
     let mut client = Client::connect(endpoint, me).await?;
     let out = resume_on(&mut client, me, r, progress).await;
@@ -443,11 +545,24 @@ pub async fn resume(
     out
 }
 
+/// How long to follow a task when no wait was given: until its deadline,
+/// plus the slack for the last attempt's result.
+fn until_deadline(task: &TaskView) -> Duration {
+    let left = chrono::DateTime::parse_from_rfc3339(&task.deadline)
+        .map(|d| {
+            (d.with_timezone(&chrono::Utc) - chrono::Utc::now())
+                .to_std()
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
+    left + DEADLINE_SLACK
+}
+
 async fn resume_on(
     client: &mut Client,
     me: &Identity,
     r: &Resume<'_>,
-    progress: &mut dyn FnMut(Value),
+    progress: Report<'_>,
 ) -> Result<Resumed, RequesterError> {
     let task = match look_up(client, r.task_id).await {
         // A coordinator from before `task` can still hand back a held result.
@@ -458,8 +573,7 @@ async fn resume_on(
         }
         other => other?,
     };
-    let state = task["state"].as_str().unwrap_or_default().to_string();
-    match state.as_str() {
+    match task.state.as_str() {
         "delivered" => {
             return fetch_held(client, me, r.task_id, r.posted_hash.clone())
                 .await
@@ -469,7 +583,7 @@ async fn resume_on(
         _ => {
             return Err(RequesterError::Finished {
                 task_id: r.task_id.to_string(),
-                state,
+                state: task.state,
             })
         }
     }
@@ -479,16 +593,15 @@ async fn resume_on(
             payload_sent: false,
         });
     };
-    let market_hash = task["payload_hash"].as_str().unwrap_or_default();
-    if market_hash != hash {
+    if task.payload_hash != hash {
         return Err(RequesterError::HashMismatch {
             task_id: r.task_id.to_string(),
             posted: hash.to_string(),
-            market: market_hash.to_string(),
+            market: task.payload_hash,
         });
     }
-    let current = match (state.as_str(), task["provider"].as_str()) {
-        ("assigned", Some(p)) => Some((task["attempt"].as_u64().unwrap_or(0) as u32, p.to_string())),
+    let current = match (task.state.as_str(), &task.provider) {
+        ("assigned", Some(p)) => Some((task.attempt, p.clone())),
         _ => None,
     };
     let followed = Followed {
@@ -499,24 +612,12 @@ async fn resume_on(
     let Some(wait) = r.wait else {
         let mut payload_sent = false;
         if let Some((attempt, provider)) = current {
-            progress(json!({ "event": "assigned", "task_id": r.task_id, "attempt": attempt, "provider": provider }));
             send_payload(client, me, &followed, attempt, &provider, progress).await?;
             payload_sent = true;
         }
         return Ok(Resumed::NotYet { task, payload_sent });
     };
-    let wait = wait.unwrap_or_else(|| {
-        let left = task["deadline"]
-            .as_str()
-            .and_then(|d| chrono::DateTime::parse_from_rfc3339(d).ok())
-            .map(|d| {
-                (d.with_timezone(&chrono::Utc) - chrono::Utc::now())
-                    .to_std()
-                    .unwrap_or_default()
-            })
-            .unwrap_or_default();
-        left + DEADLINE_SLACK
-    });
+    let wait = wait.unwrap_or_else(|| until_deadline(&task));
     follow(client, me, &followed, current, wait, progress)
         .await
         .map(Resumed::Settled)

@@ -7,6 +7,10 @@
 //! Opening checks the binding and the outer signature first, then lets the
 //! envelope check its own signature, and only then touches the private key:
 //! altered or replayed bytes never reach RSA (SECURITY.md, RUSTSEC-2023-0071).
+//!
+//! Pure functions over bytes and keys: this module must not talk to the
+//! market, write the audit log or decide what happens to a task whose
+//! sealed message fails a check (the requester and provider do).
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};

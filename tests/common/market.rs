@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use claude_max_market::crypto::keys::Identity;
 use claude_max_market::market::client::Client;
 use claude_max_market::market::protocol::{Event, Reason, Request};
-use claude_max_market::{AuditLog, Paths};
+use claude_max_market::Paths;
 use serde_json::Value;
 
 use crate::common::{wait_some, wait_until, Cmm, Spawned, BIN};
@@ -336,7 +336,7 @@ impl Node {
     pub fn new() -> Node {
         let home = Cmm::new();
         let paths = Paths::in_one_dir(home.path().to_path_buf());
-        let id = Identity::load_or_generate(&paths, &AuditLog::new(&paths)).expect("node identity");
+        let id = Identity::load_or_generate(&paths).expect("node identity");
         Node { home, id }
     }
 

@@ -68,7 +68,7 @@ pub fn announce(
         return Ok(());
     }
     for node in matching_providers(c, task, now, online)? {
-        out.push((node, Event::TaskOffered { task: task.view() }));
+        out.push((node, Event::TaskOffered { task: task.offered() }));
     }
     Ok(())
 }

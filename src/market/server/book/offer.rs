@@ -80,7 +80,7 @@ pub fn apply(cx: Context, slots: u32, price: u64, models: Vec<String>, ttl_secs:
         }
     }
     for t in fits {
-        out.push((node.to_string(), Event::TaskOffered { task: t.view() }));
+        out.push((node.to_string(), Event::TaskOffered { task: t.offered() }));
     }
     Ok(json!({ "offer_id": offer_id, "expires": ms_to_rfc3339(expires) }))
 }

@@ -5,10 +5,10 @@
 //! lease rules or the clock.
 
 use rusqlite::{Connection, OptionalExtension, Row};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::handler::{reject, Fail};
-use crate::market::protocol::Reason;
+use crate::market::protocol::{Reason, TaskView};
 
 #[derive(Debug, Clone)]
 pub struct Task {
@@ -58,14 +58,29 @@ impl Task {
     }
 
     pub fn view(&self) -> Value {
-        json!({
-            "task_id": self.task_id, "requester": self.requester, "model": self.model,
-            "max_tokens": self.max_tokens, "max_price": self.max_price, "payload_hash": self.payload_hash,
-            "deadline": ms_to_rfc3339(self.deadline), "max_attempts": self.max_attempts,
-            "min_reputation": self.min_reputation, "state": self.state, "attempt": self.attempt,
-            "provider": self.provider, "ask": self.ask,
-            "lease_deadline": self.lease_deadline.map(ms_to_rfc3339), "payload_bytes": self.payload_bytes,
-        })
+        // A struct of strings, numbers and options: serialising cannot fail.
+        serde_json::to_value(self.offered()).unwrap_or(Value::Null)
+    }
+
+    /// The task as providers and its requester see it.
+    pub fn offered(&self) -> TaskView {
+        TaskView {
+            task_id: self.task_id.clone(),
+            requester: self.requester.clone(),
+            model: self.model.clone(),
+            max_tokens: self.max_tokens as u64,
+            max_price: self.max_price as u64,
+            payload_hash: self.payload_hash.clone(),
+            deadline: ms_to_rfc3339(self.deadline),
+            max_attempts: self.max_attempts,
+            min_reputation: self.min_reputation,
+            state: self.state.clone(),
+            attempt: self.attempt,
+            provider: self.provider.clone(),
+            ask: self.ask,
+            lease_deadline: self.lease_deadline.map(ms_to_rfc3339),
+            payload_bytes: self.payload_bytes.map(|b| b as u64),
+        }
     }
 }
 

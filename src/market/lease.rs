@@ -1,0 +1,314 @@
+//! One won lease, served to its end: heartbeat it, wait for the
+//! requester's payload and verify it before decrypting, run the task as a
+//! local job exactly like `execute`, and send the result back sealed to the
+//! requester, or give the lease back (with a signed failure report when the
+//! job failed). It audits what it does with the task (`market.delivered`,
+//! `market.abandoned`, ...) and reports each step as a [`ProviderEvent`];
+//! it must not print or decide on offers (the provider loop does).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::audit::{AuditLog, Event};
+use crate::caps::HeldReservation;
+use crate::config::Config;
+use crate::crypto::keys::{Identity, PublicIdentity};
+use crate::job::{self, Approval, ApprovedBy, Cancel, JobSource, JobSpec, Status, Unattended};
+use crate::market::client::Client;
+use crate::market::own_nodes::subscription_gate;
+use crate::market::protocol::{AbandonReason, IdentityProof, Request};
+use crate::market::provider_event::ProviderEvent;
+use crate::market::reply;
+use crate::market::sealed::{self, Binding};
+use crate::paths::Paths;
+
+/// Longest wait for the requester's payload after winning a lease.
+const PAYLOAD_WAIT: Duration = Duration::from_secs(60);
+
+/// One won lease, served to its end.
+pub(crate) struct Lease {
+    pub(crate) client: Arc<Client>,
+    pub(crate) me: Arc<Identity>,
+    pub(crate) paths: Paths,
+    pub(crate) image: Option<String>,
+    pub(crate) requester: String,
+    pub(crate) binding: Binding,
+    pub(crate) model: String,
+    pub(crate) max_tokens: u64,
+    pub(crate) lease_deadline: String,
+    pub(crate) approved_by: ApprovedBy,
+    /// The cap reservation taken for the offer, handed to the job.
+    pub(crate) reservation: std::sync::Mutex<Option<HeldReservation>>,
+    pub(crate) report: mpsc::UnboundedSender<ProviderEvent>,
+}
+
+/// What a finished job sends back: `completed` or `failed`, the result
+/// document sealed for the requester, and the local job's id.
+struct JobResult {
+    status: &'static str,
+    body: Value,
+    job_id: Option<String>,
+}
+
+impl Lease {
+    fn say(&self, ev: ProviderEvent) {
+        let _ = self.report.send(ev);
+    }
+
+    /// Heartbeat period: a third of the lease we were given.
+    fn heartbeat(&self) -> Duration {
+        let left = chrono::DateTime::parse_from_rfc3339(&self.lease_deadline)
+            .map(|d| (d.with_timezone(&chrono::Utc) - chrono::Utc::now()).num_milliseconds())
+            .unwrap_or(30_000);
+        Duration::from_millis((left / 3).clamp(20, 10_000) as u64)
+    }
+
+    /// Heartbeat the lease while the job runs; give it back if the job
+    /// cannot finish.
+    pub(crate) async fn serve(self, payload: oneshot::Receiver<String>, cancel: Cancel) {
+        let beat = self.heartbeat();
+        let (client, binding) = (self.client.clone(), self.binding.clone());
+        let heartbeat = async move {
+            let mut t = tokio::time::interval(beat);
+            t.tick().await;
+            loop {
+                t.tick().await;
+                let renew = Request::Renew {
+                    task_id: binding.task_id.clone(),
+                    attempt: binding.attempt,
+                };
+                if let Err(e) = client.call::<reply::Renewed>(&renew).await {
+                    if !e.is_transient() {
+                        // Fenced off: stop renewing. The coordinator's
+                        // `lease_lapsed` cancels the job; the job itself is
+                        // never dropped mid-run, so its container is removed.
+                        return;
+                    }
+                }
+            }
+        };
+        let work = self.work(payload, cancel);
+        tokio::pin!(work);
+        tokio::select! {
+            _ = heartbeat => {
+                self.say(ProviderEvent::LeaseLost {
+                    task_id: self.binding.task_id.clone(),
+                    attempt: self.binding.attempt,
+                });
+                work.await;
+            }
+            _ = &mut work => {}
+        }
+    }
+
+    async fn requester_identity(&self) -> Result<PublicIdentity, String> {
+        let proof: IdentityProof = self
+            .client
+            .call(&Request::Identity {
+                node_id: self.requester.clone(),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        proof
+            .verified(&self.requester)
+            .cloned()
+            .ok_or_else(|| "the requester's identity does not verify".to_string())
+    }
+
+    /// The requester's verified keys and its opened prompt, or why there
+    /// are none (the lease is given back).
+    async fn open(
+        &self,
+        payload: oneshot::Receiver<String>,
+        cancel: &Cancel,
+    ) -> Result<(PublicIdentity, Vec<u8>), String> {
+        let b = &self.binding;
+        // Fetch the requester's keys while the payload is on its way.
+        let (requester, data) = tokio::join!(self.requester_identity(), async {
+            tokio::select! {
+                d = tokio::time::timeout(PAYLOAD_WAIT, payload) => d.ok().and_then(Result::ok),
+                _ = cancel.cancelled() => None,
+            }
+        });
+        let requester = requester?;
+        let data = data.ok_or_else(|| "no payload arrived".to_string())?;
+        match sealed::open_payload(&self.me, &requester, b, &data) {
+            Ok(prompt) => Ok((requester, prompt)),
+            Err(e) => {
+                self.audit(
+                    Event::MarketPayloadRefused,
+                    json!({ "task_id": b.task_id, "attempt": b.attempt, "error": e.to_string() }),
+                );
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Run the task as a local job (the gates it passed at the offer are
+    /// checked once more where they may have changed).
+    async fn run_job(&self, prompt: Vec<u8>, cancel: &Cancel) -> Result<JobResult, String> {
+        let b = &self.binding;
+        let cfg = Config::load(&self.paths).map_err(|e| e.to_string())?;
+        // The credential may have changed since the offer was accepted.
+        if let Err(why) = subscription_gate(&self.paths, &cfg, &self.requester) {
+            self.audit(
+                Event::MarketDeclined,
+                json!({ "task_id": b.task_id, "attempt": b.attempt, "requester": self.requester, "reason": why }),
+            );
+            return Err(why);
+        }
+        let mut spec = JobSpec::from_config(
+            &cfg,
+            prompt,
+            JobSource::Market {
+                task_id: b.task_id.clone(),
+                requester: Some(self.requester.clone()),
+                attempt: Some(b.attempt),
+            },
+        );
+        spec.model = self.model.clone();
+        spec.max_tokens = self.max_tokens;
+        // Someone else's task runs in Claude Code's default permission mode:
+        // this node's own `docker.permissionMode` is for its own jobs.
+        spec.permission_mode = None;
+        spec.reservation = self
+            .reservation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .and_then(HeldReservation::hand_over);
+        if let Some(i) = &self.image {
+            spec.image = i.clone();
+        }
+        let outcome = job::run(
+            &self.paths,
+            &cfg,
+            spec,
+            Approval::PreApproved(self.approved_by),
+            Arc::new(Unattended),
+            cancel.clone(),
+        )
+        .await;
+        let (me, task_id, attempt) = (self.me.node_id(), &b.task_id, b.attempt);
+        Ok(match &outcome {
+            Ok(r) => {
+                let done = r.status == Status::Completed;
+                JobResult {
+                    status: if done { "completed" } else { "failed" },
+                    body: json!({
+                        "status": r.status, "result": r.result, "error": if done { None } else { Some(r.failure_message()) },
+                        "model": r.model, "model_resolved": r.model_resolved, "usage": r.usage,
+                        "total_tokens": r.total_tokens, "num_turns": r.num_turns, "duration_ms": r.duration_ms,
+                        "provider": me, "task_id": task_id, "attempt": attempt,
+                    }),
+                    job_id: Some(r.job_id.clone()),
+                }
+            }
+            Err(e) => JobResult {
+                status: "failed",
+                body: json!({ "status": "failed", "error": e.to_string(), "provider": me,
+                              "task_id": task_id, "attempt": attempt }),
+                job_id: None,
+            },
+        })
+    }
+
+    async fn work(&self, payload: oneshot::Receiver<String>, cancel: Cancel) {
+        let (requester, prompt) = match self.open(payload, &cancel).await {
+            Ok(x) => x,
+            Err(e) => return self.give_back(AbandonReason::Withdrawn, &e, None).await,
+        };
+        let b = &self.binding;
+        self.say(ProviderEvent::Running {
+            task_id: b.task_id.clone(),
+            attempt: b.attempt,
+        });
+        let result = match self.run_job(prompt, &cancel).await {
+            Ok(r) => r,
+            Err(e) => return self.give_back(AbandonReason::Withdrawn, &e, None).await,
+        };
+        if cancel.is_cancelled() {
+            return self
+                .give_back(AbandonReason::Withdrawn, "stopped before finishing", None)
+                .await;
+        }
+        let bytes = serde_json::to_vec(&result.body).unwrap_or_default();
+        let sealed = match sealed::seal_result(&self.me, &requester, b, result.status, &bytes) {
+            Ok(s) => s,
+            Err(e) => return self.give_back(AbandonReason::Withdrawn, &e.to_string(), None).await,
+        };
+        if result.status == "completed" {
+            self.deliver(sealed, result.job_id).await;
+        } else {
+            let why = result.body["error"].as_str().unwrap_or("failed").to_string();
+            self.give_back(AbandonReason::Failed, &why, Some(sealed)).await;
+        }
+    }
+
+    /// Hand the sealed result to the coordinator for the requester.
+    async fn deliver(&self, sealed: String, job_id: Option<String>) {
+        let b = &self.binding;
+        let digest = hex::encode(Sha256::digest(sealed.as_bytes()));
+        let deliver = Request::Deliver {
+            task_id: b.task_id.clone(),
+            attempt: b.attempt,
+            data: sealed,
+        };
+        match self.client.call::<reply::DeliveryHeld>(&deliver).await {
+            Ok(_) => {
+                self.audit(
+                    Event::MarketDelivered,
+                    json!({ "task_id": b.task_id, "attempt": b.attempt, "job_id": job_id, "sealed_sha256": digest }),
+                );
+                self.say(ProviderEvent::Delivered {
+                    task_id: b.task_id.clone(),
+                    attempt: b.attempt,
+                    job_id,
+                });
+            }
+            Err(e) => self.say(ProviderEvent::DeliverRefused {
+                task_id: b.task_id.clone(),
+                attempt: b.attempt,
+                reason: e.reason().map(|r| r.as_str()),
+                error: e.to_string(),
+            }),
+        }
+    }
+
+    /// Give the lease back so the coordinator re-offers the task at once.
+    async fn give_back(&self, reason: AbandonReason, why: &str, data: Option<String>) {
+        let b = &self.binding;
+        let r = self
+            .client
+            .call::<reply::Abandoned>(&Request::Abandon {
+                task_id: b.task_id.clone(),
+                attempt: b.attempt,
+                reason,
+                data,
+            })
+            .await;
+        self.audit(
+            Event::MarketAbandoned,
+            json!({ "task_id": b.task_id, "attempt": b.attempt, "reason": reason.as_str(),
+                    "accepted": r.is_ok() }),
+        );
+        self.say(ProviderEvent::Abandoned {
+            task_id: b.task_id.clone(),
+            attempt: b.attempt,
+            reason,
+            why: why.to_string(),
+        });
+    }
+
+    fn audit(&self, event: Event, fields: Value) {
+        if let Err(e) = AuditLog::new(&self.paths).append(event, fields) {
+            self.say(ProviderEvent::Warning {
+                message: format!("cannot write the audit log: {e}"),
+            });
+        }
+    }
+}
