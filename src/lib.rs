@@ -2,18 +2,20 @@
 //! locked-down container, under your consent, caps and approval, with every
 //! action in a tamper-evident audit log.
 //!
-//! The binary is a thin layer over this library. The programmatic facade:
+//! The binary is a thin layer over this library: every command is one of
+//! its operations (docs/ARCHITECTURE.md). The programmatic facade:
 //!
 //! ```no_run
-//! use claude_max_market::{Paths, Config, AuditLog, status};
+//! use claude_max_market::{audit, status, AuditLog, Config, Paths};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let paths = Paths::resolve()?;
 //! let config = Config::load(&paths)?;
+//! println!("daily task cap: {}", config.settings().limits.daily_tasks);
 //! let report = status::read(&paths, &config)?;
 //! println!("opted in: {}", report.consent.accepted);
 //!
 //! let log = AuditLog::new(&paths);
-//! log.append("example.event", serde_json::json!({ "n": 1 }))?;
+//! log.append(audit::Event::ConfigChanged, serde_json::json!({ "key": "example" }))?;
 //! assert!(log.verify()?.ok);
 //! # Ok(()) }
 //! ```
