@@ -1,7 +1,11 @@
-//! Exit codes: one table, used by every command (DESIGN.md section 3).
+//! Exit codes and the one error type every command returns (DESIGN.md
+//! section 3).
 //!
-//! `health` and `compliance-check` speak the Nagios convention instead; they
-//! map their own results and only fall back to this table for plumbing errors.
+//! [`Exit`] is the table of documented codes; `health` and
+//! `compliance-check` report [`Exit::Check`] (the Nagios convention) and
+//! fall back to the table only for plumbing errors. [`Error`] carries the
+//! exit code and hint of its cause, taken when the cause converts through
+//! [`HasExit`]; this module must not know any other module's error types.
 
 use std::fmt;
 
