@@ -463,8 +463,9 @@ async fn closed_within(s: &mut TcpStream, wait: std::time::Duration) -> bool {
     }
 }
 
-/// How many of `conns` the coordinator closes at once (within 2 s, far
-/// from the 10 s an admitted connection may wait to log in).
+/// How many of `conns` the coordinator closes at once (within 2 s, apart
+/// from the login time an admitted connection may wait: 4 s or more in
+/// these tests).
 async fn refused_at_once(conns: &mut [TcpStream]) -> usize {
     let wait = std::time::Duration::from_secs(2);
     futures_util::future::join_all(conns.iter_mut().map(|c| closed_within(c, wait)))
@@ -557,7 +558,9 @@ fn after_attack(server: &Server, baseline_sockets: usize, health: Health) {
 #[test]
 fn connections_that_send_a_few_bytes_are_closed_and_their_sockets_released() {
     let _one = one_attack_at_a_time();
-    let server = Server::start(&[]);
+    // A request head must be complete within 3 s here (10 s by default),
+    // so the test waits 3 s for the coordinator to close them, not 10.
+    let server = Server::start(&["--http-timeout-ms", "3000"]);
     let baseline = server.sockets();
     let health = server.probe_health();
     let cpu0 = server.cpu_secs();
@@ -741,7 +744,9 @@ fn a_node_that_stops_reading_is_disconnected_and_a_payload_goes_once_per_attempt
 #[test]
 fn connections_are_limited_per_address_and_in_total_and_in_time() {
     let _one = one_attack_at_a_time();
-    let server = Server::start(&[]);
+    // Login and request-head time of 4 s here (10 s by default): still well
+    // apart from the 2 s in which a refused connection must be closed.
+    let server = Server::start(&["--auth-timeout-ms", "4000", "--http-timeout-ms", "4000"]);
     let baseline = server.sockets();
     let health = server.probe_health();
     rt().block_on(async {
