@@ -2,11 +2,13 @@
 //! `encrypt_to` / `decrypt`, and the order of checks on untrusted input.
 
 mod common;
+#[path = "common/crypto.rs"]
+mod crypto;
 
 use claude_max_market::crypto::envelope::{decrypt, encrypt_to, CryptoError};
 use claude_max_market::crypto::keys::{Identity, PublicIdentity};
 use claude_max_market::Paths;
-use common::crypto::{data, file_key_of, reseal_chunk, Layout, CHUNK};
+use crypto::{data, file_key_of, reseal_chunk, Layout, CHUNK};
 
 fn identity() -> (tempfile::TempDir, Identity) {
     let home = tempfile::tempdir().unwrap();

@@ -3,13 +3,15 @@
 //! bad input (exit code, message, and no output or temporary file left).
 
 mod common;
+#[path = "common/crypto.rs"]
+mod crypto;
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use common::crypto::*;
 use common::*;
+use crypto::*;
 use proptest::prelude::*;
 use serde_json::Value;
 

@@ -9,14 +9,16 @@
 //! the job container must not.
 
 mod common;
+#[path = "common/docker.rs"]
+mod docker;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use common::docker::*;
 use common::{docker_available, wait_some, Cmm};
+use docker::*;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 

@@ -3,9 +3,11 @@
 //! and no container left behind.
 
 mod common;
+#[path = "common/docker.rs"]
+mod docker;
 
-use common::docker::*;
 use common::{docker_available, secs, wait_until, Cmm, Output, Spawned};
+use docker::*;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 

@@ -4,11 +4,13 @@
 //! our containers. Tests here take turns: they count containers globally.
 
 mod common;
+#[path = "common/docker.rs"]
+mod docker;
 
 use std::sync::Mutex;
 
-use common::docker::*;
 use common::{docker_available, secs, wait_some, wait_until, Cmm, Spawned};
+use docker::*;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 

@@ -9,13 +9,15 @@
 //! mechanics are exercised in seconds.
 
 mod common;
+#[path = "common/docker.rs"]
+mod docker;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-use common::docker::{docker, image_exists, job_env};
 use common::{docker_available, Cmm, Output};
+use docker::{docker, image_exists, job_env};
 use serde_json::Value;
 
 const IMAGE_LABEL: &str = "dev.claude-max-market.image";

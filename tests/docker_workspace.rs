@@ -4,13 +4,15 @@
 //! is unchanged. Refusals happen before anything runs.
 
 mod common;
+#[path = "common/docker.rs"]
+mod docker;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
-use common::docker::*;
 use common::{docker_available, secs, wait_some, wait_until, Cmm, Output, Run};
+use docker::*;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 

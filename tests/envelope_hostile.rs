@@ -10,11 +10,13 @@
 //! tests that run in parallel.
 
 mod common;
+#[path = "common/crypto.rs"]
+mod crypto;
 
 use std::fs;
 
-use common::crypto::*;
 use common::Cmm;
+use crypto::*;
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 

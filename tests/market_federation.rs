@@ -4,6 +4,8 @@
 //! the real Docker engine.
 
 mod common;
+#[path = "common/docker.rs"]
+mod docker;
 // The coordinator harness links the library: only market tests include it.
 #[path = "common/market.rs"]
 mod market;
@@ -15,8 +17,8 @@ use claude_max_market::crypto::keys::Identity;
 use claude_max_market::market::client::Client;
 use claude_max_market::market::protocol::{Reason, Request};
 use claude_max_market::Paths;
-use common::docker::{build_fixture_image, containers_of_job, docker, started_jobs, TOKEN};
 use common::{docker_available, secs, wait_some, wait_until, Cmm, Spawned};
+use docker::{build_fixture_image, containers_of_job, docker, started_jobs, TOKEN};
 use market::{rt, Server};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -236,7 +238,7 @@ fn happy_path_settles_exactly_and_the_coordinator_never_sees_plaintext() {
     server.verify();
 
     // The job went through the pipeline on the provider, as a market job.
-    let events = common::docker::audit_events(&ran.home);
+    let events = docker::audit_events(&ran.home);
     let started: Vec<_> = events.iter().filter(|e| e["event"] == "job.started").collect();
     assert_eq!(started.len(), 1);
     assert_eq!(started[0]["source"], "market");
@@ -298,7 +300,7 @@ fn a_failing_job_is_reported_reoffered_and_refunded_after_the_last_attempt() {
     let mut reported = 0;
     for p in [&p1, &p2] {
         assert_eq!(status(&p.home, &server)["balance"], 1000);
-        let events = common::docker::audit_events(&p.home);
+        let events = docker::audit_events(&p.home);
         reported += events
             .iter()
             .filter(|e| e["event"] == "market.abandoned" && e["reason"] == "failed")
@@ -306,7 +308,7 @@ fn a_failing_job_is_reported_reoffered_and_refunded_after_the_last_attempt() {
         audit_verifies(&p.home);
     }
     assert_eq!(reported, 2, "each failure is reported, not dropped");
-    let events = common::docker::audit_events(&requester);
+    let events = docker::audit_events(&requester);
     assert!(events.iter().any(|e| e["event"] == "market.refunded"));
     audit_verifies(&requester);
     server.verify();
@@ -347,11 +349,11 @@ fn provider_killed_mid_job_lapses_and_the_other_completes_attempt_two() {
         "the job never got its container:\n{}\n{}\n{:?}",
         killed.stdout(),
         killed.stderr(),
-        common::docker::audit_events(&killed.home)
+        docker::audit_events(&killed.home)
     );
     killed.kill9();
     // Its orphaned job container is ours to remove.
-    for e in common::docker::audit_events(&killed.home) {
+    for e in docker::audit_events(&killed.home) {
         if e["event"] == "job.started" {
             for c in containers_of_job(e["job_id"].as_str().unwrap()) {
                 docker(&["rm", "-f", &c]);
@@ -462,7 +464,7 @@ fn a_provider_at_its_cap_declines_and_one_that_opted_out_gets_nothing() {
     let offered = capped.wait(10, "declined offer", |e| e["event"] == "task_offered");
     assert_eq!(offered["accept"], false);
     assert!(offered["declined"].as_str().unwrap().contains("daily"), "{offered:#}");
-    let events = common::docker::audit_events(&capped.home);
+    let events = docker::audit_events(&capped.home);
     assert!(events.iter().any(|e| e["event"] == "market.declined"));
     assert!(!events.iter().any(|e| e["event"] == "job.started"));
     assert!(
@@ -515,7 +517,7 @@ fn a_provider_reserves_its_cap_when_it_takes_an_offer_so_two_offers_cannot_both_
     );
     // No attempt failed for want of room: the reservation held from the offer.
     assert!(p.events("abandoned").is_empty(), "{:#?}", p.events("abandoned"));
-    let events = common::docker::audit_events(&p.home);
+    let events = docker::audit_events(&p.home);
     assert_eq!(events.iter().filter(|e| e["event"] == "job.started").count(), 1);
     let usage = p.home.run(&["--json", "status"]).code(0).json();
     assert_eq!(
@@ -686,7 +688,7 @@ fn a_payload_altered_in_transit_is_refused_before_decryption_and_nothing_settles
     assert!(proxy.flipped() >= 1, "the proxy altered the payload");
     assert!(out.stderr.contains("refunded 20 RUV"), "{}", out.stderr);
     assert!(!out.stdout.contains(&secret));
-    let events = common::docker::audit_events(&p1.home);
+    let events = docker::audit_events(&p1.home);
     let refused: Vec<_> = events
         .iter()
         .filter(|e| e["event"] == "market.payload_refused")
@@ -726,7 +728,7 @@ fn a_result_altered_in_transit_is_rejected_never_printed_and_nothing_settles() {
         !out.stdout.contains(&secret) && !out.stderr.contains(&secret),
         "never printed"
     );
-    let events = common::docker::audit_events(&requester);
+    let events = docker::audit_events(&requester);
     assert!(events.iter().any(|e| e["event"] == "market.result_rejected"));
     assert!(!events.iter().any(|e| e["event"] == "market.settled"));
     let rs = status(&requester, &server);
@@ -780,7 +782,7 @@ fn ctrl_c_gives_the_lease_back_and_the_task_is_reoffered_at_once() {
         started.elapsed()
     );
     // No container of the stopped job is left behind; its log verifies.
-    for e in common::docker::audit_events(&stopped.home) {
+    for e in docker::audit_events(&stopped.home) {
         if e["event"] == "job.started" {
             assert!(containers_of_job(e["job_id"].as_str().unwrap()).is_empty());
         }
@@ -870,7 +872,7 @@ fn a_provider_that_failed_an_attempt_is_not_given_the_next_attempt_of_the_same_t
     ));
     out.code(1);
     assert!(out.stderr.contains("refunded"), "{}", out.stderr);
-    let failed: Vec<Value> = common::docker::audit_events(&p1.home)
+    let failed: Vec<Value> = docker::audit_events(&p1.home)
         .into_iter()
         .filter(|e| e["event"] == "market.abandoned")
         .collect();
@@ -960,7 +962,7 @@ fn a_task_posted_without_waiting_is_sent_and_collected_by_market_result() {
     assert_eq!(status(&p1.home, &server)["balance"], 1005, "provider earns its ask");
     assert!(!kept.exists(), "the kept prompt is deleted once settled");
     assert!(!requester.read("audit.jsonl").contains(&secret));
-    let events = common::docker::audit_events(&requester);
+    let events = docker::audit_events(&requester);
     assert!(events.iter().any(|e| e["event"] == "market.settled"));
     audit_verifies(&requester);
     server.verify();

@@ -12,13 +12,15 @@
 
 mod api_standin;
 mod common;
+#[path = "common/docker.rs"]
+mod docker;
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use api_standin::StandIn;
-use common::docker::*;
 use common::{docker_available, Cmm, Output};
+use docker::*;
 use sha2::{Digest, Sha256};
 
 const API_KEY: &str = "sk-ant-api03-real-tier-key-not-a-secret-000000000000000000000000000000000000-AAAA";

@@ -5,6 +5,7 @@
 //!
 //! It must not call the library's envelope code: the layout here is the
 //! second reading of the format that the tests compare against.
+#![allow(dead_code)]
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -14,7 +15,7 @@ use std::sync::OnceLock;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use sha2::{Digest, Sha256};
 
-use super::{Cmm, Run};
+use crate::common::{Cmm, Run};
 
 /// Plaintext bytes per chunk in envelopes the binary writes.
 pub const CHUNK: usize = 65536;

@@ -4,6 +4,7 @@
 //! job left in its install (audit events, job records, usage).
 //!
 //! It only looks and builds the fixture image; it never runs a job itself.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{wait_some, Cmm, Run};
+use crate::common::{wait_some, Cmm, Run};
 
 pub const FAKE_IMAGE: &str = "cmm-fake-claude:test";
 pub const LABEL: &str = "dev.claude-max-market.managed";

@@ -7,11 +7,16 @@
 //!   [`wait_until`] / [`wait_some`], [`kill_after`], [`docker_available`];
 //! - [`child`]: [`Spawned`], a background run whose output lines are
 //!   collected as they come, to wait on (`advertise`, `bid --wait`, ...);
-//! - [`docker`]: the fake-claude image and `docker` CLI look-ups;
-//! - [`market`]: a real `market serve` and nodes that talk to it;
-//! - [`crypto`]: installs holding shared identities and envelope layout;
 //! - [`raw_tar`]: hostile tar archives (also used by the library's own
-//!   workspace tests through `#[path]`).
+//!   workspace tests through `#[path]`);
+//! - `docker.rs`: the fake-claude image and `docker` CLI look-ups;
+//! - `market.rs`: a real `market serve` and nodes that talk to it;
+//! - `crypto.rs`: installs holding shared identities and envelope layout.
+//!
+//! The last three are included only by the tests that use them, beside
+//! `mod common;` (`#[path = "common/docker.rs"] mod docker;`), so the other
+//! test binaries do not compile them (and do not link the library, which
+//! the market part needs).
 //!
 //! No test file runs our binary with `Command::new`: it goes through
 //! [`Cmm::cmd`] (or [`bare`]) here, so every run gets the same scrubbed
@@ -25,9 +30,6 @@
 #![allow(dead_code)]
 
 pub mod child;
-pub mod crypto;
-pub mod docker;
-
 pub mod raw_tar;
 
 use std::ffi::OsStr;
