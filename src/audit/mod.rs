@@ -266,25 +266,19 @@ impl AuditLog {
     /// Append one event. `fields` must be a JSON object (or null); its keys
     /// must not collide with the envelope keys. Returns the new sequence number.
     pub fn append(&self, event: Event, fields: Value) -> Result<u64, AuditError> {
-        let (_, last) = self.append_lines(&[(event.name(), fields)])?;
-        Ok(last)
+        Ok(self.append_many(&[(event, fields)])?.1)
     }
 
     /// Append several events under one lock (used by recovery and imports).
     /// Returns the first and last sequence numbers written.
     pub fn append_many(&self, events: &[(Event, Value)]) -> Result<(u64, u64), AuditError> {
-        let lines: Vec<(&str, Value)> = events.iter().map(|(e, f)| (e.name(), f.clone())).collect();
-        self.append_lines(&lines)
-    }
-
-    fn append_lines(&self, events: &[(&str, Value)]) -> Result<(u64, u64), AuditError> {
         fsutil::ensure_private_dir(&self.dir).map_err(|e| self.io(e))?;
         let _lock = FileLock::exclusive(&self.lock).map_err(|e| self.io(e))?;
         let mut file = fsutil::open_append(&self.log).map_err(|e| self.io(e))?;
         let mut head = self.settle_tail(&mut file)?;
         let mut first = None;
         for (event, fields) in events {
-            let (h, seq) = self.write_line(&mut file, head.as_ref(), event, fields)?;
+            let (h, seq) = self.write_line(&mut file, head.as_ref(), event.name(), fields)?;
             first.get_or_insert(seq);
             head = Some(h);
         }
