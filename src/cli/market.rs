@@ -7,7 +7,6 @@
 //! written here.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::TypedValueParser as _;
@@ -21,7 +20,19 @@ use crate::market::collect::{self, CollectOptions, Collected};
 use crate::market::grant::{self, GrantOptions};
 use crate::market::reply::StatusView;
 use crate::market::requester::RequesterEvent;
-use crate::market::server::{self, book::MAX_ATTEMPTS, ledger, store, Limits};
+use crate::market::server::anchor;
+use crate::market::server::store::{DbError, DbSpec, Store};
+use crate::market::server::{self, book::MAX_ATTEMPTS, ledger, Limits};
+
+/// A store failure while reading: unavailable if the database went away.
+fn store_failure(e: DbError) -> Failure {
+    let code = if e.is_unreachable() {
+        Exit::Unavailable
+    } else {
+        Exit::Failed
+    };
+    Failure::new(code, format!("the market database failed: {e}"))
+}
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -67,9 +78,16 @@ pub struct ServeArgs {
     /// Address to listen on (port 0 picks a free one)
     #[arg(long, default_value = "127.0.0.1:7700")]
     pub listen: SocketAddr,
-    /// SQLite file for the market state (default: market.db in the data dir)
-    #[arg(long)]
-    pub db: Option<PathBuf>,
+    /// The market's store: a SQLite file, or postgres://USER@HOST:PORT/DB to
+    /// run as one of several replicas on one database (default: `market.db`
+    /// in config or CMM_MARKET_DB, else market.db in the data dir). Keep a
+    /// password out of the command line: set CMM_MARKET_DB instead
+    #[arg(long, value_name = "FILE|URL")]
+    pub db: Option<String>,
+    /// This replica's name in /healthz and the `replica` label of /metrics
+    /// (default: the address it listens on)
+    #[arg(long, value_name = "NAME")]
+    pub replica: Option<String>,
     /// RUV credited once to every new node on its first login. 0 by default:
     /// anyone can make keypairs, so a per-identity grant can be farmed; fund
     /// nodes with `market grant` instead. Only for closed markets (tests, one
@@ -167,10 +185,11 @@ pub struct GrantArgs {
     /// Whole RUV to credit (1..=1000000000)
     #[arg(value_parser = clap::value_parser!(u64).range(1..=crate::market::server::book::MAX_GRANT as u64))]
     pub amount: u64,
-    /// SQLite file of the coordinator (default: market.db in the data dir); the
-    /// coordinator may be running
-    #[arg(long)]
-    pub db: Option<PathBuf>,
+    /// The coordinator's store, a SQLite file or postgres:// URL (default:
+    /// `market.db` in config or CMM_MARKET_DB, else market.db in the data
+    /// dir); the coordinator may be running
+    #[arg(long, value_name = "FILE|URL")]
+    pub db: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -178,9 +197,10 @@ pub struct LedgerArgs {
     /// Check every ledger and order-book invariant (exit 5 on any violation)
     #[arg(long)]
     pub verify: bool,
-    /// SQLite file to read (default: market.db in the data dir)
-    #[arg(long)]
-    pub db: Option<PathBuf>,
+    /// The store to read, a SQLite file or postgres:// URL (default:
+    /// `market.db` in config or CMM_MARKET_DB, else market.db in the data dir)
+    #[arg(long, value_name = "FILE|URL")]
+    pub db: Option<String>,
 }
 
 pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
@@ -228,7 +248,7 @@ fn grant(ctx: &Ctx, a: GrantArgs) -> Result<Exit> {
     let opts = GrantOptions {
         node_id: a.node_id,
         amount: a.amount,
-        db: a.db,
+        db: market_db(ctx, a.db.as_deref())?,
     };
     let g = grant::grant(&ctx.paths, opts)?;
     let p = ctx.out();
@@ -243,14 +263,18 @@ fn grant(ctx: &Ctx, a: GrantArgs) -> Result<Exit> {
     Ok(Exit::Ok)
 }
 
+/// The store a market command works on: `--db`, else `market.db` (env
+/// `CMM_MARKET_DB` folded in), else market.db in the data dir.
+fn market_db(ctx: &Ctx, flag: Option<&str>) -> Result<DbSpec> {
+    let configured = ctx.config()?.settings().market.db.clone();
+    Ok(DbSpec::resolve(flag, &configured, ctx.paths.market_db()))
+}
+
 fn serve(ctx: &Ctx, a: ServeArgs) -> Result<Exit> {
-    let db = match a.db {
-        Some(d) => d,
-        None => {
-            ctx.paths.ensure()?;
-            ctx.paths.market_db()
-        }
-    };
+    let db = market_db(ctx, a.db.as_deref())?;
+    if !db.is_postgres() {
+        ctx.paths.ensure()?;
+    }
     if a.initial_grant > 0 {
         ctx.out().warn(&format!(
             "--initial-grant {}: every new identity is credited {} RUV on its first login, so anyone who makes \
@@ -258,8 +282,16 @@ fn serve(ctx: &Ctx, a: ServeArgs) -> Result<Exit> {
             a.initial_grant, a.initial_grant
         ));
     }
-    let mut opts = server::default_options(db.clone());
+    let witness_key = match &db {
+        DbSpec::Sqlite(path) => anchor::key_path(path),
+        DbSpec::Postgres(_) => {
+            ctx.paths.ensure()?;
+            anchor::key_path(&ctx.paths.market_db())
+        }
+    };
+    let mut opts = server::default_options(db.clone(), witness_key);
     opts.listen = a.listen;
+    opts.replica = a.replica.clone().unwrap_or_default();
     opts.rules.initial_grant = a.initial_grant as i64;
     opts.rules.lease_ms = a.lease_ms as i64;
     opts.rules.grace_ms = a.grace_ms as i64;
@@ -285,15 +317,18 @@ fn serve(ctx: &Ctx, a: ServeArgs) -> Result<Exit> {
         send_timeout: Duration::from_millis(a.send_timeout_ms),
     };
     let p = ctx.out().clone();
-    let ready = |addr| {
-        // Scripts and tests read this line to learn the port.
+    let named = a.replica.clone();
+    let ready = |addr: SocketAddr| {
+        // Scripts and tests read this line to learn the port. The store is
+        // shown without a password.
+        let replica = named.clone().unwrap_or_else(|| addr.to_string());
         if p.json {
             println!(
                 "{}",
-                json!({ "schema_version": 1, "listening": format!("ws://{addr}"), "db": db })
+                json!({ "schema_version": 1, "listening": format!("ws://{addr}"), "db": db.to_string(), "replica": replica })
             );
         } else {
-            println!("market coordinator listening on ws://{addr} (db: {})", db.display());
+            println!("market coordinator listening on ws://{addr} (db: {db}, replica: {replica})");
         }
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
@@ -369,21 +404,29 @@ fn status_text(v: &StatusView, p: &Printer) -> String {
 }
 
 fn ledger_cmd(ctx: &Ctx, a: LedgerArgs) -> Result<Exit> {
-    let db = a.db.unwrap_or_else(|| ctx.paths.market_db());
-    if !db.exists() {
-        return Err(
-            Failure::new(Exit::Failed, format!("no market database at `{}`", db.display()))
-                .hint("pass `--db PATH`, or run `claude-max-market market serve` to create one")
-                .into(),
-        );
+    let db = market_db(ctx, a.db.as_deref())?;
+    if let DbSpec::Sqlite(path) = &db {
+        if !path.exists() {
+            return Err(Failure::new(Exit::Failed, format!("no market database at `{db}`"))
+                .hint(
+                    "pass `--db PATH` or `--db postgres://...`, or run `claude-max-market market serve` to create one",
+                )
+                .into());
+        }
     }
-    let conn = store::open_read(&db)
-        .map_err(|e| Failure::new(Exit::Failed, format!("cannot open `{}`: {e}", db.display())))?;
+    let mut conn = Store::open_read(&db).map_err(|e| {
+        let code = if e.is_unreachable() {
+            Exit::Unavailable
+        } else {
+            Exit::Failed
+        };
+        Failure::new(code, format!("cannot open `{db}`: {e}"))
+    })?;
     let p = ctx.out();
     if !a.verify {
-        let t = ledger::totals(&conn)?;
+        let t = ledger::totals(conn.db()).map_err(store_failure)?;
         if p.json {
-            p.json(json!({ "ok": true, "db": db, "totals": t }));
+            p.json(json!({ "ok": true, "db": db.to_string(), "totals": t }));
         } else {
             p.out(&format!(
                 "issued {} RUV = balances {} + escrow {}",
@@ -393,12 +436,12 @@ fn ledger_cmd(ctx: &Ctx, a: LedgerArgs) -> Result<Exit> {
         return Ok(Exit::Ok);
     }
     // A live coordinator may be writing: read one consistent snapshot.
-    conn.execute_batch("BEGIN")?;
-    let report = ledger::verify(&conn)?;
-    conn.execute_batch("COMMIT")?;
+    conn.begin_snapshot().map_err(store_failure)?;
+    let report = ledger::verify(conn.db()).map_err(store_failure)?;
+    conn.rollback();
     let code = Exit::unless(report.ok, Exit::Integrity);
     if p.json {
-        p.json(json!({ "ok": report.ok, "db": db, "report": report }));
+        p.json(json!({ "ok": report.ok, "db": db.to_string(), "report": report }));
     } else if report.ok {
         p.out(&format!(
             "ledger verifies: issued {} RUV = balances {} + escrow {} ({} nodes, {} tasks, {} journal entries)",

@@ -294,6 +294,12 @@ pub const SCHEMA: &[KeyDef] = &[
         "Jobs that may run at the same time"
     ),
     key!(
+        "market.db",
+        Kind::Str,
+        r#""""#,
+        "Coordinator store for `market serve`, `market ledger` and `market grant`: a SQLite file, or postgres://USER@HOST:PORT/DB shared by replicas (empty: market.db in the data dir; put a password in CMM_MARKET_DB, not the file)"
+    ),
+    key!(
         "market.endpoint",
         Kind::Str,
         r#""ws://127.0.0.1:7700""#,

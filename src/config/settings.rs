@@ -74,6 +74,8 @@ pub struct Limits {
 /// `market.*`: this node's market defaults and standing rules.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Market {
+    /// The coordinator's store (`market.db`): empty for the default file.
+    pub db: String,
     /// The raw value: one endpoint today.
     pub endpoint: String,
     pub default_price: u64,
@@ -204,6 +206,7 @@ impl Settings {
                 concurrent_jobs: r.count("limits.concurrentJobs").max(1),
             },
             market: Market {
+                db: r.text("market.db"),
                 endpoint: r.text("market.endpoint"),
                 default_price: r.count("market.defaultPrice"),
                 max_bid_price: r.count("market.maxBidPrice"),

@@ -73,7 +73,7 @@ impl ClientError {
         matches!(
             self,
             ClientError::Unavailable { .. } | ClientError::Closed | ClientError::Timeout(_)
-        ) || self.reason() == Some(Reason::RateLimited)
+        ) || matches!(self.reason(), Some(Reason::RateLimited | Reason::Unavailable))
     }
 }
 
@@ -86,7 +86,7 @@ impl HasExit for ClientError {
             ClientError::Rejected { reason, .. } => match reason {
                 Reason::InsufficientBalance | Reason::ReputationTooLow | Reason::NoMatchingOffer => Exit::Refused,
                 Reason::BadSignature | Reason::BadChallenge | Reason::BadIdentity => Exit::Integrity,
-                Reason::RateLimited | Reason::Internal => Exit::Unavailable,
+                Reason::RateLimited | Reason::Internal | Reason::Unavailable => Exit::Unavailable,
                 Reason::InvalidField | Reason::NotFound | Reason::NotOwner | Reason::PriceTooLow => Exit::Usage,
                 _ => Exit::Failed,
             },

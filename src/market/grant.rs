@@ -1,7 +1,8 @@
 //! The `market grant` operation: an operator credits a node with RUV from
 //! the issuer, as one `operator_grant` journal entry in its own durable
-//! transaction beside a running coordinator (SQLite serialises it with the
-//! coordinator's writer), then the operator's `market.granted` audit line.
+//! transaction beside running coordinators (SQLite serialises it with the
+//! coordinator's writer; on PostgreSQL it takes the replicas' write lock),
+//! then the operator's `market.granted` audit line.
 //!
 //! It must not print; the caller renders the [`Granted`] it returns.
 
@@ -12,8 +13,9 @@ use serde_json::json;
 
 use crate::audit::{AuditLog, Event};
 use crate::exit::{Exit, HasExit};
+use crate::market::server;
 use crate::market::server::book::{self, Fail};
-use crate::market::server::{self, store};
+use crate::market::server::store::{DbSpec, Store};
 use crate::paths::Paths;
 
 #[derive(Debug, Clone)]
@@ -21,8 +23,8 @@ pub struct GrantOptions {
     /// The node to credit (64 hex digits, any case).
     pub node_id: String,
     pub amount: u64,
-    /// The coordinator's database (default: market.db in the data dir).
-    pub db: Option<PathBuf>,
+    /// The coordinator's store.
+    pub db: DbSpec,
 }
 
 /// A grant made and recorded.
@@ -59,7 +61,7 @@ impl HasExit for GrantError {
     fn hint(&self) -> Option<String> {
         match self {
             GrantError::NotANodeId(_) => Some("the node prints its id with `claude-max-market keys show`".into()),
-            GrantError::NoDatabase(_) => Some("pass the coordinator's `--db FILE`".into()),
+            GrantError::NoDatabase(_) => Some("pass the coordinator's `--db FILE` or `--db postgres://...`".into()),
             GrantError::Refused(_) => {
                 Some("the node must connect to this coordinator once (e.g. `market status`) before it is funded".into())
             }
@@ -75,25 +77,33 @@ pub fn grant(paths: &Paths, opts: GrantOptions) -> Result<Granted, GrantError> {
     if node.len() != 64 || !node.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(GrantError::NotANodeId(opts.node_id));
     }
-    let db = opts.db.unwrap_or_else(|| paths.market_db());
-    if !db.exists() {
-        return Err(GrantError::NoDatabase(db));
+    let db = opts.db;
+    if let DbSpec::Sqlite(path) = &db {
+        if !path.exists() {
+            return Err(GrantError::NoDatabase(path.clone()));
+        }
     }
-    let store_err = |what: &str, e: &dyn std::fmt::Display| GrantError::Store(format!("{what}{}: {e}", db.display()));
-    let mut conn = store::open(&db, true).map_err(|e| store_err("cannot open ", &e))?;
-    let tx = conn
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(|e| store_err("cannot write ", &e))?;
+    let store_err = |what: &str, e: &dyn std::fmt::Display| GrantError::Store(format!("{what}{db}: {e}"));
+    let mut conn = Store::open(&db).map_err(|e| store_err("cannot open ", &e))?;
+    // On PostgreSQL this takes the market's write lock, so the grant
+    // applies between two batches of the running replicas.
+    conn.begin().map_err(|e| store_err("cannot write ", &e))?;
     let amount = opts.amount as i64;
-    let (journal_id, balance) = match book::operator_grant(&tx, &node, amount, server::now_ms()) {
+    let (journal_id, balance) = match book::operator_grant(conn.db(), &node, amount, server::now_ms()) {
         Ok(r) => r,
-        Err(Fail::Reject(r)) => return Err(GrantError::Refused(r.message)),
-        Err(Fail::Sql(e)) => return Err(store_err("", &e)),
+        Err(Fail::Reject(r)) => {
+            conn.rollback();
+            return Err(GrantError::Refused(r.message));
+        }
+        Err(Fail::Sql(e)) => {
+            conn.rollback();
+            return Err(store_err("", &e));
+        }
     };
-    tx.commit().map_err(|e| store_err("cannot commit to ", &e))?;
+    conn.commit().map_err(|e| store_err("cannot commit to ", &e))?;
     AuditLog::new(paths).append(
         Event::MarketGranted,
-        json!({ "node_id": node, "amount": amount, "journal_id": journal_id, "db": db }),
+        json!({ "node_id": node, "amount": amount, "journal_id": journal_id, "db": db.to_string() }),
     )?;
     Ok(Granted {
         node_id: node,

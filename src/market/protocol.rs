@@ -87,6 +87,9 @@ pub enum Reason {
     AlreadyAttempted,
     /// The coordinator failed; nothing was changed.
     Internal,
+    /// The coordinator cannot reach its database; nothing was changed.
+    /// Retry, here later or on another replica.
+    Unavailable,
 }
 
 impl Reason {
@@ -117,6 +120,7 @@ impl Reason {
         Reason::CoolingDown,
         Reason::AlreadyAttempted,
         Reason::Internal,
+        Reason::Unavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -147,6 +151,7 @@ impl Reason {
             Reason::CoolingDown => "cooling_down",
             Reason::AlreadyAttempted => "already_attempted",
             Reason::Internal => "internal",
+            Reason::Unavailable => "unavailable",
         }
     }
 }

@@ -137,7 +137,7 @@ mod tests {
 
     #[test]
     fn slots_count_under_every_limit_and_are_given_back() {
-        let adm = Admission::new(limits(3, 2, 1), Arc::default());
+        let adm = Admission::new(limits(3, 2, 1), Arc::new(Metrics::new("test")));
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let c: IpAddr = "10.0.0.3".parse().unwrap();
@@ -159,7 +159,7 @@ mod tests {
 
     #[test]
     fn ipv6_peers_count_by_their_64() {
-        let adm = Admission::new(limits(10, 10, 1), Arc::default());
+        let adm = Admission::new(limits(10, 10, 1), Arc::new(Metrics::new("test")));
         let _s = adm.admit("2001:db8::1".parse().unwrap()).unwrap();
         assert_eq!(
             adm.admit("2001:db8::2".parse().unwrap()).err(),

@@ -78,11 +78,7 @@ fn respond(mut req: Request<Incoming>, sh: &Arc<Shared>, slot: &Arc<Slot>, accep
     }
     let text = "text/plain; charset=utf-8";
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/healthz") => plain(
-            StatusCode::OK,
-            "application/json",
-            format!("{{\"ok\":true,\"witness\":\"{}\"}}\n", sh.witness.public_hex()),
-        ),
+        (&Method::GET, "/healthz") => healthz(sh),
         (&Method::GET, "/metrics") => plain(StatusCode::OK, metrics::CONTENT_TYPE, sh.metrics.render()),
         (_, "/healthz" | "/metrics") => plain(StatusCode::METHOD_NOT_ALLOWED, text, "use GET\n"),
         _ => plain(
@@ -91,6 +87,26 @@ fn respond(mut req: Request<Incoming>, sh: &Arc<Shared>, slot: &Arc<Slot>, accep
             "a market coordinator: nodes connect over WebSocket; GET /healthz or /metrics\n",
         ),
     }
+}
+
+/// `GET /healthz`: 200 and `"ok":true` while the database answers; 503
+/// and `"database":"unreachable"` while it does not (the replica refuses
+/// every write then). Names the replica and the witness key.
+fn healthz(sh: &Shared) -> Reply {
+    let up = sh.metrics.db_up();
+    let body = serde_json::json!({
+        "ok": up,
+        "database": if up { "up" } else { "unreachable" },
+        "engine": if sh.opts.db.is_postgres() { "postgres" } else { "sqlite" },
+        "replica": sh.opts.replica,
+        "witness": sh.witness.public_hex(),
+    });
+    let status = if up {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    plain(status, "application/json", format!("{body}\n"))
 }
 
 /// Does the comma-separated header `name` hold `token` (any case)?

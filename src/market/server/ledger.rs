@@ -1,4 +1,4 @@
-//! Double-entry ledger in SQLite.
+//! Double-entry ledger, in the market's store (SQLite or PostgreSQL).
 //!
 //! Accounts: `issuer` (goes negative by what was issued), `node:<id>` (a
 //! node's spendable balance) and `escrow:<task>` (a task's locked bid).
@@ -9,7 +9,7 @@
 //! It must not decide why money moves: the order book (`book`) does, and
 //! calls [`post`] inside its own transaction.
 
-use rusqlite::{params, Connection, OptionalExtension};
+use crate::market::server::store::{self, args, Db, Engine};
 use serde::Serialize;
 
 pub const ISSUER: &str = "issuer";
@@ -30,29 +30,29 @@ pub struct Overdraft {
     pub needed: i64,
 }
 
-pub fn balance(conn: &Connection, account: &str) -> rusqlite::Result<i64> {
+pub fn balance(conn: Db, account: &str) -> store::Result<i64> {
     Ok(conn
-        .prepare_cached("SELECT balance FROM accounts WHERE account = ?1")?
-        .query_row([account], |r| r.get(0))
-        .optional()?
+        .value("SELECT balance FROM accounts WHERE account = ?1", args![account])?
         .unwrap_or(0))
 }
 
-pub fn open_account(tx: &Connection, account: &str, kind: &str) -> rusqlite::Result<()> {
-    tx.prepare_cached("INSERT OR IGNORE INTO accounts(account, kind, balance) VALUES (?1, ?2, 0)")?
-        .execute(params![account, kind])?;
+pub fn open_account(tx: Db, account: &str, kind: &str) -> store::Result<()> {
+    tx.exec(
+        "INSERT INTO accounts(account, kind, balance) VALUES (?1, ?2, 0) ON CONFLICT DO NOTHING",
+        args![account, kind],
+    )?;
     Ok(())
 }
 
 /// Record one balanced movement. The caller's transaction makes it atomic
 /// with the state change; an overdraft is refused before anything is written.
 pub fn post(
-    tx: &Connection,
+    tx: Db,
     now: i64,
     memo: &str,
     task_id: Option<&str>,
     postings: &[(&str, i64)],
-) -> rusqlite::Result<Result<(), Overdraft>> {
+) -> store::Result<Result<(), Overdraft>> {
     debug_assert_eq!(
         postings.iter().map(|p| p.1).sum::<i64>(),
         0,
@@ -70,17 +70,22 @@ pub fn post(
             }
         }
     }
-    tx.prepare_cached("INSERT INTO journal(ts, memo, task_id) VALUES (?1, ?2, ?3)")?
-        .execute(params![now, memo, task_id])?;
-    let jid = tx.last_insert_rowid();
+    let jid = tx.count(
+        "INSERT INTO journal(ts, memo, task_id) VALUES (?1, ?2, ?3) RETURNING id",
+        args![now, memo, task_id],
+    )?;
     for (account, amount) in postings {
         if *amount == 0 {
             continue;
         }
-        tx.prepare_cached("INSERT INTO postings(journal_id, account, amount) VALUES (?1, ?2, ?3)")?
-            .execute(params![jid, account, amount])?;
-        tx.prepare_cached("UPDATE accounts SET balance = balance + ?2 WHERE account = ?1")?
-            .execute(params![account, amount])?;
+        tx.exec(
+            "INSERT INTO postings(journal_id, account, amount) VALUES (?1, ?2, ?3)",
+            args![jid, account, amount],
+        )?;
+        tx.exec(
+            "UPDATE accounts SET balance = balance + ?2 WHERE account = ?1",
+            args![account, amount],
+        )?;
     }
     Ok(Ok(()))
 }
@@ -93,12 +98,14 @@ pub struct Totals {
     pub escrow: i64,
 }
 
-pub fn totals(conn: &Connection) -> rusqlite::Result<Totals> {
+pub fn totals(conn: Db) -> store::Result<Totals> {
     let mut t = Totals::default();
-    let mut stmt = conn.prepare_cached("SELECT kind, SUM(balance) FROM accounts GROUP BY kind")?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-    for row in rows {
-        let (kind, sum) = row?;
+    let rows = conn.map(
+        "SELECT kind, CAST(SUM(balance) AS BIGINT) FROM accounts GROUP BY kind",
+        args![],
+        |r| Ok((r.get::<String>(0)?, r.get::<i64>(1)?)),
+    )?;
+    for (kind, sum) in rows {
         match kind.as_str() {
             "issuer" => t.issued = -sum,
             "node" => t.balances = sum,
@@ -121,7 +128,7 @@ pub struct VerifyReport {
 }
 
 /// Check every ledger and order-book invariant over the whole file.
-pub fn verify(conn: &Connection) -> rusqlite::Result<VerifyReport> {
+pub fn verify(conn: Db) -> store::Result<VerifyReport> {
     let mut problems = Vec::new();
     let totals = totals(conn)?;
     if totals.balances + totals.escrow != totals.issued {
@@ -130,15 +137,14 @@ pub fn verify(conn: &Connection) -> rusqlite::Result<VerifyReport> {
             totals.balances, totals.escrow, totals.issued
         ));
     }
-    let mut q = |sql: &str, what: &str| -> rusqlite::Result<()> {
-        let mut stmt = conn.prepare(sql)?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-        for (i, row) in rows.enumerate() {
+    let mut q = |sql: &str, what: &str| -> store::Result<()> {
+        let rows = conn.map(sql, args![], |r| r.get::<String>(0))?;
+        for (i, row) in rows.into_iter().enumerate() {
             if i >= 20 {
                 problems.push(format!("{what}: more not shown"));
                 break;
             }
-            problems.push(format!("{what}: {}", row?));
+            problems.push(format!("{what}: {row}"));
         }
         Ok(())
     };
@@ -189,18 +195,22 @@ pub fn verify(conn: &Connection) -> rusqlite::Result<VerifyReport> {
     )?;
     // Only from schema v6 (a database not yet opened by this build has no
     // record of clients; `market ledger` reads without migrating).
-    let has_clients: bool = conn
-        .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'paid_clients'")?
-        .exists([])?;
+    let has_clients = match conn.engine() {
+        Engine::Sqlite => conn.exists(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'paid_clients'",
+            args![],
+        )?,
+        Engine::Postgres => true,
+    };
     let clients_check = if has_clients {
         "SELECT n.node_id || ' counts ' || n.clients || ' paying clients but ' || COUNT(p.requester) || ' are recorded'
          FROM nodes n LEFT JOIN paid_clients p ON p.provider = n.node_id
          GROUP BY n.node_id HAVING n.clients != COUNT(p.requester)"
     } else {
-        "SELECT 1 WHERE 0"
+        "SELECT '' WHERE 1 = 0"
     };
     q(clients_check, "reputation out of step with its clients")?;
-    let count = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0));
+    let count = |sql: &str| conn.count(sql, args![]);
     Ok(VerifyReport {
         ok: problems.is_empty(),
         totals,

@@ -1,7 +1,10 @@
 //! `GET /metrics`: counters kept by the connection tasks and the writer,
 //! plus the order book's and ledger's gauges, which the writer reads from
 //! the database once a second. Encoded by `prometheus-client` (OpenMetrics
-//! text), every name prefixed `cmm_market_`.
+//! text), every name prefixed `cmm_market_` and labelled with the replica
+//! that serves it (`replica="..."`), so one scrape config covers all of a
+//! market's replicas. The database's health and latency are the writer's
+//! `db_up` and `db_batch_seconds`.
 //!
 //! It must not read the database itself: the writer hands it the gauges.
 
@@ -12,6 +15,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
@@ -108,6 +112,11 @@ pub struct Metrics {
     pub frames: Counter,
     pub commits: Counter,
     pub ops_committed: Counter,
+    /// 1 while the last batch reached the database, else 0.
+    db_up: Gauge,
+    /// Each batch's time in the database: begin (and the write lock on a
+    /// replica set), statements, commit.
+    db_batch: Histogram,
     rejects: Family<Label, Counter>,
     refused: Family<Label, Counter>,
     closed: Family<Label, Counter>,
@@ -141,8 +150,9 @@ impl Collector for BookCollector {
     }
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
+impl Metrics {
+    /// The metrics of the replica called `replica`.
+    pub fn new(replica: &str) -> Self {
         let (rejects, refused, closed) = (Family::default(), Family::default(), Family::default());
         // Every label value is shown from the start, at 0, so a scrape
         // never misses a series that has not happened yet.
@@ -156,13 +166,22 @@ impl Default for Metrics {
             let _ = closed.get_or_create(&[("why", c.as_str())]);
         }
         let m = Metrics {
-            registry: Registry::with_prefix("cmm_market"),
+            registry: Registry::with_prefix_and_labels(
+                "cmm_market",
+                [(
+                    std::borrow::Cow::Borrowed("replica"),
+                    std::borrow::Cow::Owned(replica.to_string()),
+                )]
+                .into_iter(),
+            ),
             connections: Gauge::default(),
             sessions: Gauge::default(),
             connections_accepted: Counter::default(),
             frames: Counter::default(),
             commits: Counter::default(),
             ops_committed: Counter::default(),
+            db_up: Gauge::default(),
+            db_batch: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             rejects,
             refused,
             closed,
@@ -190,12 +209,31 @@ impl Default for Metrics {
         r.register("rejects", "Frames refused, by reason", m.rejects.clone());
         r.register("commits", "Durable transactions", m.commits.clone());
         r.register("ops_committed", "Operations committed", m.ops_committed.clone());
+        r.register("db_up", "1 while the market database answers, else 0", m.db_up.clone());
+        r.register(
+            "db_batch_seconds",
+            "Time of each writer batch in the database, lock and commit included",
+            m.db_batch.clone(),
+        );
         r.register_collector(Box::new(BookCollector(m.book.clone())));
+        m.db_up.set(1);
         Metrics { registry: r, ..m }
     }
 }
 
 impl Metrics {
+    pub fn set_db_up(&self, up: bool) {
+        self.db_up.set(up as i64);
+    }
+
+    pub fn db_up(&self) -> bool {
+        self.db_up.get() == 1
+    }
+
+    pub fn observe_db(&self, d: std::time::Duration) {
+        self.db_batch.observe(d.as_secs_f64());
+    }
+
     pub fn reject(&self, r: Reason) {
         self.rejects.get_or_create(&[("reason", r.as_str())]).inc();
     }

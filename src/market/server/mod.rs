@@ -5,9 +5,12 @@
 //! connection admitted under the connection limits first ([`admission`]).
 //! Connection tasks do everything that needs no state (limits, frame caps,
 //! parsing, rate limits, authentication: [`session`]); every state change
-//! goes to one writer thread that owns the SQLite connection ([`writer`]),
-//! over the commands and send queues of [`wire`]. The order book's rules
-//! are [`book`], the money [`ledger`], the schema [`store`].
+//! goes to one writer thread that owns the store's connection
+//! ([`writer`]), over the commands and send queues of [`wire`]. The order
+//! book's rules are [`book`], the money [`ledger`], the store interface and
+//! its two engines (SQLite, PostgreSQL) [`store`]. On PostgreSQL, any
+//! number of these processes share one database as replicas of one market
+//! ([`replica`]).
 //!
 //! This module only starts the pieces, accepts connections until the
 //! caller's shutdown future completes, and stops the pieces in order. It
@@ -22,7 +25,7 @@ mod http;
 pub mod ledger;
 mod metrics;
 mod options;
-mod savepoint;
+pub mod replica;
 mod session;
 mod shared;
 pub mod store;
@@ -36,11 +39,12 @@ use std::sync::{mpsc as std_mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use rusqlite::Connection;
 use tokio::net::TcpListener;
 
 use metrics::Metrics;
+use replica::Replica;
 use shared::Shared;
+use store::{DbError, DbSpec, Store};
 use wire::Cmd;
 
 pub use options::{default_options, Limits, ServeOptions};
@@ -49,8 +53,8 @@ pub use writer::now_ms;
 /// Why the coordinator could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot open the market database `{path}`: {source}")]
-    Db { path: String, source: rusqlite::Error },
+    #[error("cannot open the market database `{db}`: {source}")]
+    Db { db: DbSpec, source: DbError },
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("{0}")]
@@ -61,12 +65,21 @@ impl crate::exit::HasExit for ServeError {
     fn exit(&self) -> crate::exit::Exit {
         match self {
             ServeError::Listen { .. } => crate::exit::Exit::Unavailable,
+            ServeError::Db { source, .. } if source.is_unreachable() => crate::exit::Exit::Unavailable,
             _ => crate::exit::Exit::Failed,
         }
     }
     fn hint(&self) -> Option<String> {
         match self {
             ServeError::Listen { .. } => Some("pick another address with `--listen 127.0.0.1:PORT`".into()),
+            ServeError::Db {
+                db: DbSpec::Postgres(_),
+                ..
+            } => Some(
+                "check that PostgreSQL is running and that the URL's user, host, port and database are right \
+                 (a password goes in `CMM_MARKET_DB`, not on the command line)"
+                    .into(),
+            ),
             _ => None,
         }
     }
@@ -124,7 +137,7 @@ struct Checkpoints {
 }
 
 impl Checkpoints {
-    fn start(checkpointer: Connection) -> std::io::Result<Checkpoints> {
+    fn start(checkpointer: rusqlite::Connection) -> std::io::Result<Checkpoints> {
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let thread = std::thread::Builder::new()
@@ -132,9 +145,9 @@ impl Checkpoints {
             .spawn(move || {
                 while !stop2.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(250));
-                    let _ = store::checkpoint(&checkpointer);
+                    let _ = store::sqlite::checkpoint(&checkpointer);
                 }
-                let _ = store::checkpoint(&checkpointer);
+                let _ = store::sqlite::checkpoint(&checkpointer);
             })?;
         Ok(Checkpoints { stop, thread })
     }
@@ -159,23 +172,28 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     fit_connections(&mut opts.limits);
-    let db_err = |source| ServeError::Db {
-        path: opts.db.display().to_string(),
-        source,
-    };
-    let conn = store::open(&opts.db, opts.sync_full).map_err(db_err)?;
-    let witness = anchor::Witness::load_or_create(&opts.db)?;
-    book::all_disconnected(&conn, now_ms()).map_err(db_err)?;
-    let metrics = Arc::new(Metrics::default());
-    writer::refresh_gauges(&conn, &metrics);
-    conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(db_err)?;
-    let checkpoints = Checkpoints::start(store::open(&opts.db, opts.sync_full).map_err(db_err)?)?;
+    let listener = TcpListener::bind(opts.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: opts.listen,
+            source,
+        })?;
+    if opts.replica.is_empty() {
+        opts.replica = listener.local_addr()?.to_string();
+    }
+    let witness = anchor::Witness::load_or_create(&opts.witness_key)?;
+    let (conn, replica, checkpoints) = open_store(&opts).await?;
+    let metrics = Arc::new(Metrics::new(&opts.replica));
     let (etx, erx) = std_mpsc::channel();
+    let relay = match (&opts.db, &replica) {
+        (DbSpec::Postgres(url), Some(r)) => Some(tokio::spawn(replica::listen(url.clone(), r.id, etx.clone()))),
+        _ => None,
+    };
     let rules = opts.rules.clone();
     let m2 = metrics.clone();
     let engine = std::thread::Builder::new()
         .name("market-writer".into())
-        .spawn(move || writer::writer(conn, rules, erx, m2))?;
+        .spawn(move || writer::writer(conn, rules, replica, erx, m2))?;
     let shared = Arc::new(Shared {
         admission: admission::Admission::new(opts.limits.clone(), metrics.clone()),
         http: http::http1(&opts.limits),
@@ -185,25 +203,71 @@ pub async fn serve(
         next_conn: AtomicU64::new(1),
         witness,
     });
-    let result = accept_until(opts.listen, shared, ready, shutdown).await;
+    let result = accept_until(listener, shared, ready, shutdown).await;
     // Let the writer finish its batch and commit before the process ends.
     let _ = etx.send(Cmd::Shutdown);
     let _ = tokio::task::spawn_blocking(move || engine.join()).await;
-    checkpoints.stop().await;
+    if let Some(l) = relay {
+        l.abort();
+    }
+    if let Some(c) = checkpoints {
+        c.stop().await;
+    }
     result
 }
 
-/// Bind `listen` and hand each admitted connection to its own task until
+/// Open the store and migrate it. SQLite: the file, with every offer put
+/// in its grace period (no node is connected yet) and a checkpointer
+/// thread. PostgreSQL: a connection, and this process registered as a new
+/// replica. The blocking PostgreSQL client runs its own runtime, so it is
+/// opened off this one.
+async fn open_store(opts: &ServeOptions) -> Result<(writer::Conn, Option<Replica>, Option<Checkpoints>), ServeError> {
+    let db_err = |source| ServeError::Db {
+        db: opts.db.clone(),
+        source,
+    };
+    match &opts.db {
+        DbSpec::Sqlite(path) => {
+            let lite = |r: rusqlite::Result<rusqlite::Connection>| r.map_err(|e| db_err(e.into()));
+            let conn = lite(store::sqlite::open(path, opts.sync_full))?;
+            book::all_disconnected(store::Db::Sqlite(&conn), now_ms()).map_err(db_err)?;
+            conn.pragma_update(None, "wal_autocheckpoint", 0)
+                .map_err(|e| db_err(e.into()))?;
+            let checkpoints = Checkpoints::start(lite(store::sqlite::open(path, opts.sync_full))?)?;
+            let conn = writer::Conn {
+                store: Store::Sqlite(conn),
+                reconnect: None,
+            };
+            Ok((conn, None, Some(checkpoints)))
+        }
+        DbSpec::Postgres(url) => {
+            let (url, name) = (url.clone(), opts.replica.clone());
+            let opened = tokio::task::spawn_blocking(move || {
+                let pg = store::postgres::PgConn::open(&url)?;
+                let replica = Replica::register(store::Db::Postgres(&pg), &name, now_ms())?;
+                Ok::<_, DbError>((pg, replica, url))
+            })
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let (pg, replica, url) = opened.map_err(db_err)?;
+            tracing::info!("replica {} ({}) joined the market", replica.id, replica.name);
+            let conn = writer::Conn {
+                store: Store::Postgres(Box::new(pg)),
+                reconnect: Some(url),
+            };
+            Ok((conn, Some(replica), None))
+        }
+    }
+}
+
+/// Hand each admitted connection on `listener` to its own task until
 /// `shutdown` completes.
 async fn accept_until(
-    listen: SocketAddr,
+    listener: TcpListener,
     shared: Arc<Shared>,
     ready: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|source| ServeError::Listen { addr: listen, source })?;
     ready(listener.local_addr()?);
     tokio::pin!(shutdown);
     loop {

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::book::BookRules;
+use super::store::DbSpec;
 use crate::market::protocol;
 
 /// How much the coordinator gives any one connection, and all of them.
@@ -55,7 +56,15 @@ impl Default for Limits {
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub listen: SocketAddr,
-    pub db: PathBuf,
+    /// The store: a SQLite file, or a PostgreSQL database shared with
+    /// other replicas.
+    pub db: DbSpec,
+    /// This replica's name in `/healthz`, `/metrics` and the replica
+    /// table (default: the listen address).
+    pub replica: String,
+    /// The witness key's file (default: beside the SQLite file, or in the
+    /// data dir for PostgreSQL). Replicas of one market share one key.
+    pub witness_key: PathBuf,
     /// The rules the market runs by.
     pub rules: BookRules,
     pub control_cap: usize,
@@ -68,10 +77,12 @@ pub struct ServeOptions {
 }
 
 /// Defaults for `market serve`.
-pub fn default_options(db: PathBuf) -> ServeOptions {
+pub fn default_options(db: DbSpec, witness_key: PathBuf) -> ServeOptions {
     ServeOptions {
         listen: "127.0.0.1:7700".parse().expect("literal address parses"),
         db,
+        replica: String::new(),
+        witness_key,
         rules: BookRules::default(),
         control_cap: protocol::DEFAULT_CONTROL_CAP,
         payload_cap: protocol::DEFAULT_PAYLOAD_CAP,

@@ -5,7 +5,7 @@
 //!
 //! Sessions and the writer both depend on this module and never on each
 //! other. It must not hold state of its own beyond the queues, nor know
-//! about SQLite or sockets.
+//! about the database or sockets.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -37,7 +37,18 @@ pub enum Cmd {
         node: String,
         conn_id: u64,
     },
+    /// Events another replica queued for sessions here (`replica::listen`).
+    Relay(Vec<Relayed>),
     Shutdown,
+}
+
+/// One event relayed from another replica: the frame for `node`, and with
+/// `close`, the id of this replica's session of `node` to close after it
+/// (the node logged in elsewhere).
+pub struct Relayed {
+    pub node: String,
+    pub close: Option<u64>,
+    pub frame: String,
 }
 
 /// The `error` frame for a refusal, naming the request it answers if any.

@@ -1,27 +1,34 @@
-//! The single writer: one thread owns the SQLite connection and applies
+//! The single writer: one thread owns the store's connection and applies
 //! the requests of many nodes in one transaction (group commit), replying
 //! only after that transaction is durable. A refused request rolls back to
 //! its own savepoint, so it changes nothing while its neighbours in the
 //! batch still commit. Events for nodes leave through each session's
 //! bounded send queue ([`Outbound`]) once the transaction commits.
 //!
-//! The writer keeps which session each node has, reads the clock for every
-//! batch and runs the order book's clock ([`book::tick`]). It must not
-//! block on a session: it only pushes to bounded queues and answers on
-//! one-shot channels.
+//! The writer keeps which session each node has here, reads the clock for
+//! every batch and runs the order book's clock ([`book::tick`]). On a
+//! shared PostgreSQL database it is also this process's part of the
+//! replica set ([`Replica`]): its batches take the market's write lock,
+//! an event for a node on another replica becomes a relay row in the same
+//! transaction, and the clock runs on one replica per tick. When the
+//! database cannot be reached it refuses every request with `unavailable`
+//! and acknowledges nothing, and reconnects by itself.
+//!
+//! It must not block on a session: it only pushes to bounded queues and
+//! answers on one-shot channels.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::oneshot;
 
 use super::book::{self, BookRules, Fail};
 use super::ledger;
 use super::metrics::{Book, Metrics};
-use super::savepoint::SavepointExt;
-use super::wire::{error_frame, Cmd, LoginReply, Outbound};
+use super::replica::{Replica, Whereabouts};
+use super::store::{args, Db, DbError, Store};
+use super::wire::{error_frame, Cmd, LoginReply, Outbound, Relayed};
 use crate::market::protocol::{encode_event, Event, Reason, Rejection, Request};
 
 /// The coordinator's clock, in milliseconds since the epoch.
@@ -30,18 +37,16 @@ pub fn now_ms() -> i64 {
 }
 
 /// Read the order book's and ledger's gauges for `/metrics`.
-pub fn refresh_gauges(c: &Connection, m: &Metrics) {
-    let offers = c
-        .query_row("SELECT COUNT(*) FROM offers WHERE state = 'active'", [], |r| r.get(0))
+pub fn refresh_gauges(db: Db, m: &Metrics) {
+    let offers = db
+        .count("SELECT COUNT(*) FROM offers WHERE state = 'active'", args![])
         .unwrap_or(0);
-    let tasks = c
-        .prepare_cached("SELECT state, COUNT(*) FROM tasks GROUP BY state")
-        .and_then(|mut s| {
-            s.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
-                .collect::<Result<Vec<_>, _>>()
+    let tasks = db
+        .map("SELECT state, COUNT(*) FROM tasks GROUP BY state", args![], |r| {
+            Ok((r.get::<String>(0)?, r.get::<i64>(1)?))
         })
         .unwrap_or_default();
-    let totals = ledger::totals(c).unwrap_or_default();
+    let totals = ledger::totals(db).unwrap_or_default();
     m.set_book(Book {
         offers_active: offers,
         tasks,
@@ -52,13 +57,19 @@ pub fn refresh_gauges(c: &Connection, m: &Metrics) {
 const BATCH_MAX: usize = 512;
 const TICK_EVERY: Duration = Duration::from_millis(100);
 const GAUGES_EVERY: Duration = Duration::from_secs(1);
+/// Between attempts to reach a database that went away.
+const RECONNECT_EVERY: Duration = Duration::from_millis(500);
 
 /// The writer's own state across batches.
 struct Writer {
     rules: BookRules,
     metrics: Arc<Metrics>,
-    /// Each online node's session: (connection id, send queue).
+    /// Each node with a session here: (connection id, send queue).
     sessions: HashMap<String, (u64, Outbound)>,
+    /// This process's place among replicas, on PostgreSQL.
+    replica: Option<Replica>,
+    /// Where other replicas' nodes are, for the batch being applied.
+    whereabouts: Whereabouts,
 }
 
 /// What one batch leaves to do once its transaction commits.
@@ -71,48 +82,109 @@ struct Done {
     ops: u64,
 }
 
+/// How the writer reaches its database: the open store, and on PostgreSQL
+/// the URL to reconnect to when the connection is lost.
+pub struct Conn {
+    pub store: Store,
+    pub reconnect: Option<String>,
+}
+
 /// The single writer: batches requests into one durable transaction.
-pub fn writer(mut conn: Connection, rules: BookRules, rx: std_mpsc::Receiver<Cmd>, metrics: Arc<Metrics>) {
+pub fn writer(
+    mut conn: Conn,
+    rules: BookRules,
+    replica: Option<Replica>,
+    rx: std_mpsc::Receiver<Cmd>,
+    metrics: Arc<Metrics>,
+) {
     let mut w = Writer {
         rules,
         metrics,
         sessions: HashMap::new(),
+        replica,
+        whereabouts: Whereabouts::default(),
     };
+    // Here, not in the caller: the blocking PostgreSQL client must not run
+    // on an async runtime's thread.
+    refresh_gauges(conn.store.db(), &w.metrics);
     let mut next_tick = Instant::now();
     let mut next_gauges = Instant::now() + GAUGES_EVERY;
+    let mut last_reconnect = Instant::now();
     let mut stopping = false;
     while !stopping {
         let Some(batch) = next_batch(&rx, next_tick.saturating_duration_since(Instant::now())) else {
             break;
         };
+        if !w.reachable(&mut conn, &mut last_reconnect) {
+            fail_batch(
+                batch,
+                Reason::Unavailable,
+                "the market database cannot be reached; nothing was changed",
+                &mut w,
+                &mut stopping,
+            );
+            continue;
+        }
+        let started = Instant::now();
         let now = now_ms();
         let tick_due = Instant::now() >= next_tick;
-        let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
-            Ok(tx) => tx,
-            Err(e) => {
-                fail_batch(batch, &e.to_string(), &w.metrics, &mut stopping);
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            }
-        };
+        if let Err(e) = conn.store.begin() {
+            let (reason, why) = failure(&e);
+            w.metrics.set_db_up(!e.is_unreachable());
+            fail_batch(batch, reason, &why, &mut w, &mut stopping);
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        let db = conn.store.db();
+        w.whereabouts.clear();
         let mut done = Done::default();
+        let beat = match w.replica.as_mut() {
+            Some(r) => r.beat(db, now),
+            None => Ok(()),
+        };
         for cmd in batch {
-            stopping |= w.apply(&tx, cmd, now, &mut done);
+            stopping |= w.apply(db, cmd, now, &mut done);
         }
         if tick_due {
             next_tick = Instant::now() + TICK_EVERY;
-            w.tick(&tx, now, &mut done.out);
+            w.tick(db, now, &mut done.out);
         }
-        match tx.commit() {
-            Ok(()) => w.committed(done),
-            Err(e) => w.commit_failed(done, &e),
+        if stopping {
+            w.retire(db, now, &mut done.out);
+        }
+        let routed = beat.and_then(|()| w.route(db, now, std::mem::take(&mut done.out)));
+        let committed = routed.and_then(|local| conn.store.commit().map(|()| local));
+        w.metrics.observe_db(started.elapsed());
+        match committed {
+            Ok(local) => {
+                w.metrics.set_db_up(true);
+                done.out = local;
+                w.committed(done);
+            }
+            Err(e) => {
+                conn.store.rollback();
+                w.metrics.set_db_up(!e.is_unreachable());
+                w.commit_failed(done, &e);
+            }
         }
         if Instant::now() >= next_gauges {
             next_gauges = Instant::now() + GAUGES_EVERY;
-            refresh_gauges(&conn, &w.metrics);
+            refresh_gauges(conn.store.db(), &w.metrics);
         }
     }
-    refresh_gauges(&conn, &w.metrics);
+    refresh_gauges(conn.store.db(), &w.metrics);
+}
+
+/// The reason and message for a batch the database refused.
+fn failure(e: &DbError) -> (Reason, String) {
+    if e.is_unreachable() {
+        (
+            Reason::Unavailable,
+            format!("the market database cannot be reached ({e}); nothing was changed"),
+        )
+    } else {
+        (Reason::Internal, format!("the market database failed: {e}"))
+    }
 }
 
 /// The next batch: waits up to `wait` for a first command, then takes what
@@ -134,9 +206,42 @@ fn next_batch(rx: &std_mpsc::Receiver<Cmd>, wait: Duration) -> Option<Vec<Cmd>> 
 }
 
 impl Writer {
+    /// Whether the database can take a batch now. A PostgreSQL connection
+    /// that was lost is opened again, at most every [`RECONNECT_EVERY`];
+    /// until then the replica reports itself down.
+    fn reachable(&mut self, conn: &mut Conn, last: &mut Instant) -> bool {
+        let Store::Postgres(pg) = &conn.store else {
+            return true;
+        };
+        if !pg.is_closed() {
+            return true;
+        }
+        self.metrics.set_db_up(false);
+        let Some(url) = conn.reconnect.as_deref() else {
+            return false;
+        };
+        if last.elapsed() < RECONNECT_EVERY {
+            return false;
+        }
+        *last = Instant::now();
+        match super::store::postgres::PgConn::connect(url) {
+            Ok(fresh) => {
+                conn.store = Store::Postgres(Box::new(fresh));
+                tracing::info!("the market database is reachable again");
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Is `node` online, here or on another live replica?
+    fn online(&self, db: Db, node: &str, now: i64) -> bool {
+        self.sessions.contains_key(node) || (self.replica.is_some() && self.whereabouts.get(db, node, now).is_some())
+    }
+
     /// Apply one command inside the batch's transaction. True for
     /// [`Cmd::Shutdown`]: the writer stops after this batch.
-    fn apply(&mut self, tx: &Connection, cmd: Cmd, now: i64, done: &mut Done) -> bool {
+    fn apply(&mut self, db: Db, cmd: Cmd, now: i64, done: &mut Done) -> bool {
         match cmd {
             Cmd::Shutdown => return true,
             Cmd::Login {
@@ -145,7 +250,7 @@ impl Writer {
                 conn_id,
                 tx: out_tx,
                 reply,
-            } => match book::login(tx, &self.rules, &identity, &proof, now) {
+            } => match self.login(db, &identity, &proof, conn_id, now, done) {
                 Ok(r) => {
                     if let Some((old_id, old)) = self.sessions.insert(identity.node_id.clone(), (conn_id, out_tx)) {
                         if old_id != conn_id {
@@ -153,9 +258,10 @@ impl Writer {
                             old.close();
                         }
                     }
+                    self.whereabouts.forget(&identity.node_id);
                     // Its open tasks were held back while it was away.
-                    let online = |n: &str| self.sessions.contains_key(n);
-                    let _ = book::requester_back(tx, &identity.node_id, now, &online, &mut done.out);
+                    let online = |n: &str| self.online(db, n, now);
+                    let _ = book::requester_back(db, &identity.node_id, now, &online, &mut done.out);
                     done.ops += 1;
                     done.logins.push((reply, r));
                 }
@@ -166,11 +272,18 @@ impl Writer {
             Cmd::Gone { node, conn_id } => {
                 if self.sessions.get(&node).is_some_and(|(id, _)| *id == conn_id) {
                     self.sessions.remove(&node);
-                    let _ = book::disconnected(tx, &node, now, &mut done.out);
+                    let still_its = match &self.replica {
+                        Some(r) => r.left(db, &node, conn_id).unwrap_or(false),
+                        None => true,
+                    };
+                    if still_its {
+                        let _ = book::disconnected(db, &node, now, &mut done.out);
+                    }
                 }
             }
+            Cmd::Relay(events) => self.relayed(events),
             Cmd::Request { node, id, req, reply } => {
-                let (frame, changed) = self.apply_one(tx, &node, &id, req, now, &mut done.out);
+                let (frame, changed) = self.apply_one(db, &node, &id, req, now, &mut done.out);
                 if changed {
                     done.ops += 1;
                 }
@@ -180,21 +293,125 @@ impl Writer {
         false
     }
 
-    /// Run the clock in its own savepoint: its events join the batch's
-    /// only if it applied in full.
-    fn tick(&self, tx: &Connection, now: i64, out: &mut book::Outbox) {
-        if let Ok(sp) = tx.unchecked_transaction_savepoint() {
-            let online = |n: &str| self.sessions.contains_key(n);
-            let mut tick_out = Vec::new();
-            match book::tick(&sp, &self.rules, now, &online, &mut tick_out) {
-                Ok(_) => {
-                    if sp.commit().is_ok() {
-                        out.extend(tick_out);
-                    }
-                }
-                Err(_) => drop(sp),
+    /// Register a login in its own savepoint; on a replica, record where
+    /// the session is and have a previous session on another replica
+    /// closed.
+    fn login(
+        &self,
+        db: Db,
+        identity: &crate::crypto::keys::PublicIdentity,
+        proof: &crate::market::protocol::IdentityProof,
+        conn_id: u64,
+        now: i64,
+        done: &mut Done,
+    ) -> Result<(i64, i64), DbError> {
+        let sp = db.savepoint()?;
+        let r = book::login(db, &self.rules, identity, proof, now)?;
+        if let Some(replica) = &self.replica {
+            if let Some((elsewhere, old_conn)) = replica.arrived(db, &identity.node_id, conn_id, now)? {
+                Replica::relay(
+                    db,
+                    elsewhere,
+                    &identity.node_id,
+                    Some(old_conn),
+                    &encode_event(&Event::Replaced {}),
+                )?;
+                Replica::notify(db, &BTreeSet::from([elsewhere]))?;
             }
         }
+        sp.commit()?;
+        let _ = done;
+        Ok(r)
+    }
+
+    /// Send what another replica queued for sessions here.
+    fn relayed(&mut self, events: Vec<Relayed>) {
+        for ev in events {
+            let Some((id, q)) = self.sessions.get(&ev.node) else {
+                continue;
+            };
+            match ev.close {
+                None => {
+                    q.push(ev.frame);
+                }
+                Some(c) if c == *id => {
+                    q.push(ev.frame);
+                    q.close();
+                    self.sessions.remove(&ev.node);
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// Run the clock in its own savepoint: its events join the batch's
+    /// only if it applied in full. On a replica set it runs on one replica
+    /// per tick, which also takes over the sessions of dead replicas.
+    fn tick(&self, db: Db, now: i64, out: &mut book::Outbox) {
+        let Ok(sp) = db.savepoint() else {
+            return;
+        };
+        let mut tick_out = Vec::new();
+        let ran = (|| -> Result<(), Fail> {
+            if self.replica.is_some() {
+                if !Replica::clock_due(db, now, TICK_EVERY.as_millis() as i64)? {
+                    return Ok(());
+                }
+                for node in Replica::reap(db, now)? {
+                    self.whereabouts.forget(&node);
+                    book::disconnected(db, &node, now, &mut tick_out)?;
+                }
+            }
+            let online = |n: &str| self.online(db, n, now);
+            book::tick(db, &self.rules, now, &online, &mut tick_out)?;
+            Ok(())
+        })();
+        if ran.is_ok() && sp.commit().is_ok() {
+            out.extend(tick_out);
+        }
+    }
+
+    /// The replica is stopping: its sessions end in the book now, so their
+    /// leases and offers move on without waiting for the heartbeat to age.
+    fn retire(&mut self, db: Db, now: i64, out: &mut book::Outbox) {
+        let Some(replica) = &self.replica else {
+            return;
+        };
+        let Ok(sp) = db.savepoint() else {
+            return;
+        };
+        let mut gone_out = Vec::new();
+        let ok = replica.retire(db).map_err(Fail::from).and_then(|nodes| {
+            self.sessions.clear();
+            for node in nodes {
+                book::disconnected(db, &node, now, &mut gone_out)?;
+            }
+            Ok(())
+        });
+        if ok.is_ok() && sp.commit().is_ok() {
+            out.extend(gone_out);
+        }
+    }
+
+    /// Split the batch's events: those for sessions here are sent after
+    /// the commit; those for nodes on other replicas become relay rows in
+    /// this transaction, and their replicas are notified on commit.
+    fn route(&self, db: Db, now: i64, out: book::Outbox) -> Result<book::Outbox, DbError> {
+        if self.replica.is_none() {
+            return Ok(out);
+        }
+        let mut local = Vec::with_capacity(out.len());
+        let mut woken = BTreeSet::new();
+        for (node, ev) in out {
+            if self.sessions.contains_key(&node) {
+                local.push((node, ev));
+            } else if let Some(r) = self.whereabouts.get(db, &node, now) {
+                Replica::relay(db, r, &node, None, &encode_event(&ev))?;
+                woken.insert(r);
+            }
+        }
+        Replica::notify(db, &woken)?;
+        Ok(local)
     }
 
     /// The batch is durable: answer everyone and send the events.
@@ -218,17 +435,19 @@ impl Writer {
     }
 
     /// The batch did not commit: nothing of it happened, and everyone
-    /// waiting on it is told so.
-    fn commit_failed(&self, done: Done, e: &rusqlite::Error) {
+    /// waiting on it is told so. Sessions that logged in during it are
+    /// not registered: they are closed, to log in again.
+    fn commit_failed(&mut self, done: Done, e: &DbError) {
+        let (reason, why) = failure(e);
         for (reply, _) in done.replies {
-            self.metrics.reject(Reason::Internal);
+            self.metrics.reject(reason);
             let _ = reply.send(error_frame(
                 None,
-                Rejection::new(Reason::Internal, format!("commit failed: {e}")),
+                Rejection::new(reason, format!("commit failed: {why}")),
             ));
         }
         for (reply, _) in done.logins {
-            let _ = reply.send(Err(format!("commit failed: {e}")));
+            let _ = reply.send(Err(format!("commit failed: {why}")));
         }
     }
 
@@ -236,7 +455,7 @@ impl Writer {
     /// whether state changed.
     fn apply_one(
         &self,
-        tx: &Connection,
+        db: Db,
         node: &str,
         id: &str,
         req: Request,
@@ -248,9 +467,10 @@ impl Writer {
             metrics.reject(r.reason);
             (error_frame(Some(id.to_string()), r), false)
         };
-        let seen: rusqlite::Result<Option<String>> = tx
-            .prepare_cached("SELECT result FROM requests WHERE node_id = ?1 AND msg_id = ?2")
-            .and_then(|mut st| st.query_row([node, id], |r| r.get(0)).optional());
+        let seen = db.value::<String>(
+            "SELECT result FROM requests WHERE node_id = ?1 AND msg_id = ?2",
+            args![node, id],
+        );
         match seen {
             Ok(Some(original)) => {
                 let mut r = Rejection::new(Reason::DuplicateId, format!("message id `{id}` was already applied"));
@@ -258,7 +478,7 @@ impl Writer {
                 return refuse(r);
             }
             Ok(None) => {}
-            Err(e) => return refuse(Rejection::new(Reason::Internal, e.to_string())),
+            Err(e) => return refuse(Rejection::new(failure(&e).0, e.to_string())),
         }
         // Read-only requests are not remembered: replaying them changes nothing.
         let remember = !matches!(
@@ -269,16 +489,18 @@ impl Writer {
                 | Request::Result { .. }
                 | Request::Task { .. }
         );
-        let sp = match tx.unchecked_transaction_savepoint() {
+        let sp = match db.savepoint() {
             Ok(sp) => sp,
-            Err(e) => return refuse(Rejection::new(Reason::Internal, e.to_string())),
+            Err(e) => return refuse(Rejection::new(failure(&e).0, e.to_string())),
         };
-        let online = |n: &str| self.sessions.contains_key(n);
+        let online = |n: &str| self.online(db, n, now);
         let mark = out.len();
-        let result = book::apply(&sp, &self.rules, node, req, now, &online, out).and_then(|v| {
+        let result = book::apply(db, &self.rules, node, req, now, &online, out).and_then(|v| {
             if remember {
-                sp.prepare_cached("INSERT INTO requests(node_id, msg_id, result, ts) VALUES (?1, ?2, ?3, ?4)")?
-                    .execute(rusqlite::params![node, id, v.to_string(), now])?;
+                db.exec(
+                    "INSERT INTO requests(node_id, msg_id, result, ts) VALUES (?1, ?2, ?3, ?4)",
+                    args![node, id, v.to_string(), now],
+                )?;
             }
             Ok(v)
         });
@@ -293,7 +515,7 @@ impl Writer {
                 ),
                 Err(e) => {
                     out.truncate(mark);
-                    refuse(Rejection::new(Reason::Internal, e.to_string()))
+                    refuse(Rejection::new(failure(&e).0, e.to_string()))
                 }
             },
             Err(f) => {
@@ -301,25 +523,35 @@ impl Writer {
                 drop(sp);
                 match f {
                     Fail::Reject(r) => refuse(r),
-                    Fail::Sql(e) => refuse(Rejection::new(Reason::Internal, e.to_string())),
+                    Fail::Sql(e) => refuse(Rejection::new(failure(&e).0, e.to_string())),
                 }
             }
         }
     }
 }
 
-fn fail_batch(batch: Vec<Cmd>, why: &str, metrics: &Metrics, stopping: &mut bool) {
+/// Refuse a whole batch without touching the database. Relayed events
+/// need no database and are still sent.
+fn fail_batch(batch: Vec<Cmd>, reason: Reason, why: &str, w: &mut Writer, stopping: &mut bool) {
     for cmd in batch {
         match cmd {
             Cmd::Request { id, reply, .. } => {
-                metrics.reject(Reason::Internal);
-                let _ = reply.send(error_frame(Some(id), Rejection::new(Reason::Internal, why)));
+                w.metrics.reject(reason);
+                let _ = reply.send(error_frame(Some(id), Rejection::new(reason, why)));
             }
             Cmd::Login { reply, .. } => {
                 let _ = reply.send(Err(why.to_string()));
             }
             Cmd::Shutdown => *stopping = true,
-            Cmd::Gone { .. } => {}
+            Cmd::Relay(events) => w.relayed(events),
+            Cmd::Gone { node, conn_id } => {
+                // Gone here at once; the book hears of it when this
+                // replica's heartbeat ages (another replica reaps it) or,
+                // on one process, at the next start.
+                if w.sessions.get(&node).is_some_and(|(id, _)| *id == conn_id) {
+                    w.sessions.remove(&node);
+                }
+            }
         }
     }
 }

@@ -5,7 +5,7 @@
 //! It must not let a node lease its own task, a stale attempt, a task whose
 //! requester is away, or a provider the lease rules bar.
 
-use rusqlite::{params, Connection, OptionalExtension};
+use crate::market::server::store::{args, Db};
 use serde_json::{json, Value};
 
 use super::announce::matching_providers;
@@ -51,13 +51,15 @@ pub fn apply(cx: Context, task_id: String, attempt: u32) -> Result<Value, Fail> 
     may_lease(c, &t, node, now)?;
     let (offer_id, ask) = free_offer(c, &t, node, now)?;
     let lease = now + s.lease_ms;
-    c.prepare_cached(
+    c.exec(
         "UPDATE tasks SET state = 'assigned', provider = ?2, offer_id = ?3, ask = ?4, lease_deadline = ?5,
            updated_at = ?6, payload_at = NULL, accepted_at = ?6 WHERE task_id = ?1",
-    )?
-    .execute(params![task_id, node, offer_id, ask, lease, now])?;
-    c.prepare_cached("INSERT OR IGNORE INTO attempt_holders(task_id, node_id) VALUES (?1, ?2)")?
-        .execute(params![task_id, node])?;
+        args![task_id, node, offer_id, ask, lease, now],
+    )?;
+    c.exec(
+        "INSERT INTO attempt_holders(task_id, node_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+        args![task_id, node],
+    )?;
     out.push((
         t.requester.clone(),
         Event::Assigned {
@@ -84,7 +86,7 @@ pub fn apply(cx: Context, task_id: String, attempt: u32) -> Result<Value, Fail> 
 
 /// The lease rules for `node` taking `t`: not while cooling down, not after
 /// holding an earlier attempt, not below the requester's minimum reputation.
-fn may_lease(c: &Connection, t: &Task, node: &str, now: i64) -> Result<(), Fail> {
+fn may_lease(c: Db, t: &Task, node: &str, now: i64) -> Result<(), Fail> {
     if let Some(until) = cooling_until(c, node, now)? {
         return reject(
             Reason::CoolingDown,
@@ -115,17 +117,16 @@ fn may_lease(c: &Connection, t: &Task, node: &str, now: i64) -> Result<(), Fail>
 
 /// `node`'s cheapest active offer for `t`'s model with a free slot and a
 /// price within the bid: (offer id, ask).
-fn free_offer(c: &Connection, t: &Task, node: &str, now: i64) -> Result<(String, i64), Fail> {
-    let offer: Option<(String, i64)> = c
-        .prepare_cached(
-            "SELECT o.offer_id, o.price FROM offers o JOIN offer_models m ON m.offer_id = o.offer_id AND m.model = ?4
+fn free_offer(c: Db, t: &Task, node: &str, now: i64) -> Result<(String, i64), Fail> {
+    let offer: Option<(String, i64)> = c.first(
+        "SELECT o.offer_id, o.price FROM offers o JOIN offer_models m ON m.offer_id = o.offer_id AND m.model = ?4
              WHERE o.node_id = ?1 AND o.state = 'active' AND o.price <= ?2 AND o.expires_at > ?3
                AND o.slots > (SELECT COUNT(*) FROM tasks t
                               WHERE t.offer_id = o.offer_id AND t.state IN ('assigned','delivered'))
              ORDER BY o.price LIMIT 1",
-        )?
-        .query_row(params![node, t.max_price, now, t.model], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
+        args![node, t.max_price, now, t.model],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
     match offer {
         Some(o) => Ok(o),
         None => reject(

@@ -3,7 +3,7 @@
 //!
 //! It must not change any row: it only reads offers and queues events.
 
-use rusqlite::{params, Connection};
+use crate::market::server::store::{args, Db};
 
 use super::handler::{Fail, Outbox};
 use super::rules::FANOUT;
@@ -13,13 +13,8 @@ use crate::market::protocol::{reputation, Event};
 /// Online providers whose active offer fits `task`, cheapest first.
 /// Not a provider cooling down, nor one that failed an earlier attempt of
 /// this task.
-pub fn matching_providers(
-    c: &Connection,
-    task: &Task,
-    now: i64,
-    online: &dyn Fn(&str) -> bool,
-) -> Result<Vec<String>, Fail> {
-    let mut stmt = c.prepare_cached(
+pub fn matching_providers(c: Db, task: &Task, now: i64, online: &dyn Fn(&str) -> bool) -> Result<Vec<String>, Fail> {
+    let rows = c.map(
         "SELECT o.node_id, o.slots,
             (SELECT COUNT(*) FROM tasks t WHERE t.offer_id = o.offer_id AND t.state IN ('assigned','delivered')),
             COALESCE(n.clients, 0), COALESCE(n.failures, 0)
@@ -28,22 +23,19 @@ pub fn matching_providers(
            AND COALESCE(n.cooldown_until, 0) <= ?4
            AND NOT EXISTS (SELECT 1 FROM attempt_holders h WHERE h.task_id = ?5 AND h.node_id = o.node_id)
          ORDER BY o.price LIMIT 1024",
-    )?;
-    let rows = stmt.query_map(
-        params![task.max_price, task.requester, task.model, now, task.task_id],
+        args![task.max_price, &task.requester, &task.model, now, &task.task_id],
         |r| {
             Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, i64>(4)?,
+                r.get::<String>(0)?,
+                r.get::<i64>(1)?,
+                r.get::<i64>(2)?,
+                r.get::<i64>(3)?,
+                r.get::<i64>(4)?,
             ))
         },
     )?;
     let mut out: Vec<String> = Vec::new();
-    for row in rows {
-        let (node, slots, used, s, f) = row?;
+    for (node, slots, used, s, f) in rows {
         if used < slots && reputation(s, f) >= task.min_reputation && online(&node) && !out.contains(&node) {
             out.push(node);
             if out.len() >= FANOUT {
@@ -57,13 +49,7 @@ pub fn matching_providers(
 /// Offer `task` to matching online providers, if its requester is online:
 /// only the requester can send a lease holder the payload, so a task whose
 /// requester is away waits for its return ([`super::presence::requester_back`]).
-pub fn announce(
-    c: &Connection,
-    task: &Task,
-    now: i64,
-    online: &dyn Fn(&str) -> bool,
-    out: &mut Outbox,
-) -> Result<(), Fail> {
+pub fn announce(c: Db, task: &Task, now: i64, online: &dyn Fn(&str) -> bool, out: &mut Outbox) -> Result<(), Fail> {
     if !online(&task.requester) {
         return Ok(());
     }

@@ -5,7 +5,7 @@
 //! It must not move money: payment waits for the requester's verdict
 //! (`settle`) or the settle deadline (`tick`).
 
-use rusqlite::params;
+use crate::market::server::store::args;
 use serde_json::{json, Value};
 
 use super::handler::{reject, Context, Fail};
@@ -19,10 +19,10 @@ pub fn apply(cx: Context, task_id: String, attempt: u32, data: String) -> Result
         return reject(Reason::WrongState, format!("task is {}", t.state));
     }
     let bytes = data.len();
-    c.prepare_cached(
+    c.exec(
         "UPDATE tasks SET state = 'delivered', result = ?2, updated_at = ?3, delivered_at = ?3 WHERE task_id = ?1",
-    )?
-    .execute(params![task_id, data, now])?;
+        args![task_id, data, now],
+    )?;
     out.push((
         t.requester.clone(),
         Event::Delivered {

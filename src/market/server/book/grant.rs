@@ -4,7 +4,7 @@
 //! It must not run inside the coordinator's writer: `market grant` calls
 //! it in its own transaction beside a running coordinator.
 
-use rusqlite::{Connection, OptionalExtension};
+use crate::market::server::store::{args, Db};
 
 use super::handler::{reject, Fail};
 use super::rules::MAX_GRANT;
@@ -15,14 +15,12 @@ use crate::market::server::ledger::{self, node_account, ISSUER};
 /// journal entry (`operator_grant`), so `market ledger --verify` and the
 /// totals account for it. The node must have logged in once (a mistyped
 /// id is refused, not funded). Returns the journal id and the new balance.
-pub fn operator_grant(c: &Connection, node: &str, amount: i64, now: i64) -> Result<(i64, i64), Fail> {
+pub fn operator_grant(c: Db, node: &str, amount: i64, now: i64) -> Result<(i64, i64), Fail> {
     if !(1..=MAX_GRANT).contains(&amount) {
         return reject(Reason::InvalidField, format!("a grant must be 1..={MAX_GRANT} RUV"));
     }
     let known = c
-        .prepare_cached("SELECT 1 FROM nodes WHERE node_id = ?1")?
-        .query_row([node], |_| Ok(()))
-        .optional()?
+        .first("SELECT 1 FROM nodes WHERE node_id = ?1", args![node], |_| Ok(()))?
         .is_some();
     if !known {
         return reject(
@@ -34,6 +32,6 @@ pub fn operator_grant(c: &Connection, node: &str, amount: i64, now: i64) -> Resu
     ledger::open_account(c, &account, "node")?;
     // The issuer may go negative by design; post() never refuses here.
     let _ = ledger::post(c, now, "operator_grant", None, &[(ISSUER, -amount), (&account, amount)])?;
-    let jid: i64 = c.query_row("SELECT MAX(id) FROM journal", [], |r| r.get(0))?;
+    let jid = c.count("SELECT MAX(id) FROM journal", args![])?;
     Ok((jid, ledger::balance(c, &account)?))
 }

@@ -5,20 +5,20 @@
 //! It must not apply anything itself.
 
 use rand::RngCore;
-use rusqlite::Connection;
 
 use super::rules::BookRules;
 use crate::market::protocol::{Event, Reason, Rejection};
+use crate::market::server::store::{Db, DbError};
 
 /// Why a request did not apply: refused, or the database failed.
 #[derive(Debug)]
 pub enum Fail {
     Reject(Rejection),
-    Sql(rusqlite::Error),
+    Sql(DbError),
 }
 
-impl From<rusqlite::Error> for Fail {
-    fn from(e: rusqlite::Error) -> Self {
+impl From<DbError> for Fail {
+    fn from(e: DbError) -> Self {
         Fail::Sql(e)
     }
 }
@@ -40,7 +40,7 @@ pub fn new_id(prefix: &str) -> String {
 /// rules, the node that sent the request, the time, who is online, and the
 /// outbox its events go to.
 pub struct Context<'a> {
-    pub c: &'a Connection,
+    pub c: Db<'a>,
     pub rules: &'a BookRules,
     pub node: &'a str,
     pub now: i64,

@@ -3,17 +3,18 @@
 //!
 //! It must not change anything: it is read-only and not remembered.
 
-use rusqlite::OptionalExtension;
+use crate::market::server::store::args;
 use serde_json::{json, Value};
 
 use super::handler::{reject, Context, Fail};
 use crate::market::protocol::Reason;
 
 pub fn apply(cx: Context, node_id: String) -> Result<Value, Fail> {
-    let row: Option<(Option<String>, Option<String>)> =
-        cx.c.prepare_cached("SELECT identity, proof FROM nodes WHERE node_id = ?1")?
-            .query_row([&node_id], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
+    let row: Option<(Option<String>, Option<String>)> = cx.c.first(
+        "SELECT identity, proof FROM nodes WHERE node_id = ?1",
+        args![&node_id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
     let Some((Some(identity), Some(proof))) = row else {
         return reject(Reason::NotFound, format!("no identity known for node `{node_id}`"));
     };

@@ -5,7 +5,7 @@
 //! It must not load or answer requests itself; the handlers and the clock
 //! call it with the task they hold.
 
-use rusqlite::{params, Connection, OptionalExtension};
+use crate::market::server::store::{self, args, Db};
 
 use super::announce::announce;
 use super::handler::{Fail, Outbox};
@@ -32,7 +32,7 @@ fn provider_at_fault(s: &BookRules, t: &Task, now: i64) -> bool {
 /// The lease of `t` ended at `now`: the provider's own failure costs it a
 /// failure, a cool-down and any further attempt of this task; a failure
 /// the requester caused costs it nothing. Returns whether it counted.
-pub fn lease_ended(c: &Connection, s: &BookRules, t: &Task, now: i64) -> rusqlite::Result<bool> {
+pub fn lease_ended(c: Db, s: &BookRules, t: &Task, now: i64) -> store::Result<bool> {
     let Some(p) = t.provider.as_deref() else {
         return Ok(false);
     };
@@ -40,37 +40,37 @@ pub fn lease_ended(c: &Connection, s: &BookRules, t: &Task, now: i64) -> rusqlit
         record_failure(c, s, p, now)?;
         Ok(true)
     } else {
-        c.prepare_cached("DELETE FROM attempt_holders WHERE task_id = ?1 AND node_id = ?2")?
-            .execute(params![t.task_id, p])?;
+        c.exec(
+            "DELETE FROM attempt_holders WHERE task_id = ?1 AND node_id = ?2",
+            args![t.task_id, p],
+        )?;
         Ok(false)
     }
 }
 
 /// When `node`'s cool-down ends, if it has not ended by `now`.
-pub fn cooling_until(c: &Connection, node: &str, now: i64) -> rusqlite::Result<Option<i64>> {
+pub fn cooling_until(c: Db, node: &str, now: i64) -> store::Result<Option<i64>> {
     let until: Option<i64> = c
-        .prepare_cached("SELECT cooldown_until FROM nodes WHERE node_id = ?1")?
-        .query_row([node], |r| r.get(0))
-        .optional()?
+        .value("SELECT cooldown_until FROM nodes WHERE node_id = ?1", args![node])?
         .flatten();
     Ok(until.filter(|u| *u > now))
 }
 
 /// Did `node` hold an earlier attempt of `task_id` and fail it?
-pub fn held_before(c: &Connection, task_id: &str, node: &str) -> rusqlite::Result<bool> {
-    Ok(
-        c.prepare_cached("SELECT 1 FROM attempt_holders WHERE task_id = ?1 AND node_id = ?2")?
-            .query_row([task_id, node], |_| Ok(()))
-            .optional()?
-            .is_some(),
-    )
+pub fn held_before(c: Db, task_id: &str, node: &str) -> store::Result<bool> {
+    Ok(c.first(
+        "SELECT 1 FROM attempt_holders WHERE task_id = ?1 AND node_id = ?2",
+        args![task_id, node],
+        |_| Ok(()),
+    )?
+    .is_some())
 }
 
 /// After a lapsed or abandoned lease: re-open the task under the next
 /// attempt (fencing off the old one), or refund it after its last attempt
 /// or past its deadline. Returns the task's new state.
 pub fn reopen_or_refund(
-    c: &Connection,
+    c: Db,
     t: Task,
     now: i64,
     last_why: &str,
@@ -79,11 +79,11 @@ pub fn reopen_or_refund(
 ) -> Result<&'static str, Fail> {
     if t.attempt < t.max_attempts && t.deadline > now {
         let next = t.attempt + 1;
-        c.prepare_cached(
+        c.exec(
             "UPDATE tasks SET state = 'open', attempt = ?2, provider = NULL, offer_id = NULL, ask = NULL,
                lease_deadline = NULL, updated_at = ?3 WHERE task_id = ?1",
-        )?
-        .execute(params![t.task_id, next, now])?;
+            args![t.task_id, next, now],
+        )?;
         let reopened = Task {
             attempt: next,
             state: "open".into(),

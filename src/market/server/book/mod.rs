@@ -46,7 +46,7 @@ mod task;
 mod tick;
 mod withdraw;
 
-use rusqlite::Connection;
+use crate::market::server::store::Db;
 use serde_json::Value;
 
 use crate::market::protocol::{Reason, Request};
@@ -66,7 +66,7 @@ pub use tick::{tick, TickReport};
 /// Apply one authenticated request. `Ok` carries the result document; the
 /// caller commits (or rolls back to its savepoint on `Err`).
 pub fn apply(
-    c: &Connection,
+    c: Db,
     rules: &BookRules,
     node: &str,
     req: Request,

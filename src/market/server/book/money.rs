@@ -4,7 +4,7 @@
 //! It must not open accounts or read balances for display; the ledger
 //! (`server::ledger`) owns the journal and its invariants.
 
-use rusqlite::{params, Connection};
+use crate::market::server::store::{args, Db};
 
 use super::handler::{reject, Fail, Outbox};
 use super::task::Task;
@@ -13,7 +13,7 @@ use crate::market::server::ledger::{self, escrow_account, node_account};
 
 /// Post `postings` for `task`, refused (not an error) when a balance cannot
 /// cover its part.
-pub fn move_money(c: &Connection, now: i64, memo: &str, task: &str, postings: &[(&str, i64)]) -> Result<(), Fail> {
+pub fn move_money(c: Db, now: i64, memo: &str, task: &str, postings: &[(&str, i64)]) -> Result<(), Fail> {
     match ledger::post(c, now, memo, Some(task), postings)? {
         Ok(()) => Ok(()),
         Err(o) => reject(
@@ -25,7 +25,7 @@ pub fn move_money(c: &Connection, now: i64, memo: &str, task: &str, postings: &[
 
 /// Give `t`'s whole escrow back to its requester and end the task in
 /// `state`, telling the requester `why`.
-pub fn refund(c: &Connection, t: &Task, state: &str, why: &str, now: i64, out: &mut Outbox) -> Result<(), Fail> {
+pub fn refund(c: Db, t: &Task, state: &str, why: &str, now: i64, out: &mut Outbox) -> Result<(), Fail> {
     let escrow = escrow_account(&t.task_id);
     move_money(
         c,
@@ -34,13 +34,12 @@ pub fn refund(c: &Connection, t: &Task, state: &str, why: &str, now: i64, out: &
         &t.task_id,
         &[(&escrow, -t.max_price), (&node_account(&t.requester), t.max_price)],
     )?;
-    c.prepare_cached(
+    c.exec(
         "UPDATE tasks SET state = ?2, provider = NULL, offer_id = NULL, ask = NULL, lease_deadline = NULL,
            result = NULL, updated_at = ?3 WHERE task_id = ?1",
-    )?
-    .execute(params![t.task_id, state, now])?;
-    c.prepare_cached("DELETE FROM attempt_holders WHERE task_id = ?1")?
-        .execute([&t.task_id])?;
+        args![t.task_id, state, now],
+    )?;
+    c.exec("DELETE FROM attempt_holders WHERE task_id = ?1", args![&t.task_id])?;
     out.push((
         t.requester.clone(),
         Event::Refunded {

@@ -3,7 +3,7 @@
 //!
 //! It must not lease anything: a provider takes a task only by `accept`.
 
-use rusqlite::params;
+use crate::market::server::store::args;
 use serde_json::{json, Value};
 
 use super::fields::{check_name, check_range};
@@ -37,34 +37,38 @@ pub fn apply(cx: Context, slots: u32, price: u64, models: Vec<String>, ttl_secs:
     }
     let offer_id = new_id("o-");
     let expires = now + ttl_secs as i64 * 1000;
-    c.prepare_cached(
+    c.exec(
         "INSERT INTO offers(offer_id, node_id, slots, price, models, created_at, expires_at, state)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'active')",
-    )?
-    .execute(params![
-        offer_id,
-        node,
-        slots,
-        price as i64,
-        serde_json::to_string(&models).expect("strings serialise"),
-        now,
-        expires
-    ])?;
+        args![
+            offer_id,
+            node,
+            slots,
+            price as i64,
+            serde_json::to_string(&models).expect("strings serialise"),
+            now,
+            expires
+        ],
+    )?;
     for m in &models {
-        c.prepare_cached("INSERT OR IGNORE INTO offer_models(offer_id, model) VALUES (?1, ?2)")?
-            .execute(params![offer_id, m])?;
+        c.exec(
+            "INSERT INTO offer_models(offer_id, model) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+            args![offer_id, m],
+        )?;
     }
     // Tell the new provider about open tasks it could take right now.
-    let mut stmt = c.prepare_cached(&format!(
-        "SELECT {TASK_COLS} FROM tasks WHERE state = 'open' AND max_price >= ?1 AND requester != ?2
-         ORDER BY created_at LIMIT 256"
-    ))?;
     let score = node_reputation(c, node)?.score();
     let open: Vec<Task> = if cooling_until(c, node, now)?.is_some() {
         Vec::new()
     } else {
-        stmt.query_map(params![price as i64, node], Task::from_row)?
-            .collect::<Result<_, _>>()?
+        c.map(
+            &format!(
+                "SELECT {TASK_COLS} FROM tasks WHERE state = 'open' AND max_price >= ?1 AND requester != ?2
+                 ORDER BY created_at LIMIT 256"
+            ),
+            args![price as i64, node],
+            Task::from_row,
+        )?
     };
     let mut fits = Vec::new();
     for t in open {

@@ -3,7 +3,7 @@
 //!
 //! It must not read or keep the payload: it is opaque and only relayed.
 
-use rusqlite::params;
+use crate::market::server::store::args;
 use serde_json::{json, Value};
 
 use super::handler::{reject, Context, Fail};
@@ -26,9 +26,10 @@ pub fn apply(cx: Context, task_id: String, attempt: u32, data: String) -> Result
     let bytes = data.len();
     // Once per attempt: the lease holder needs one copy, and a
     // requester repeating it would only fill the holder's queue.
-    let first = c
-        .prepare_cached("UPDATE tasks SET payload_at = ?2 WHERE task_id = ?1 AND payload_at IS NULL")?
-        .execute(params![task_id, now])?;
+    let first = c.exec(
+        "UPDATE tasks SET payload_at = ?2 WHERE task_id = ?1 AND payload_at IS NULL",
+        args![task_id, now],
+    )?;
     if first == 0 {
         return reject(
             Reason::WrongState,

@@ -4,7 +4,7 @@
 //! It must not see the payload: the requester relays it to the lease
 //! holder later (`payload`).
 
-use rusqlite::{params, Connection};
+use crate::market::server::store::{args, Db};
 use serde_json::{json, Value};
 
 use super::announce::announce;
@@ -74,31 +74,31 @@ pub fn apply(cx: Context, req: NewTask) -> Result<Value, Fail> {
         payload_at: None,
         accepted_at: None,
     };
-    c.prepare_cached(
+    c.exec(
         "INSERT INTO tasks(task_id, requester, model, max_tokens, max_price, payload_hash, deadline,
            max_attempts, min_reputation, state, attempt, created_at, updated_at, payload_bytes)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'open', 1, ?10, ?10, ?11)",
-    )?
-    .execute(params![
-        task.task_id,
-        task.requester,
-        task.model,
-        task.max_tokens,
-        task.max_price,
-        task.payload_hash,
-        task.deadline,
-        task.max_attempts,
-        task.min_reputation,
-        now,
-        task.payload_bytes
-    ])?;
+        args![
+            task.task_id,
+            task.requester,
+            task.model,
+            task.max_tokens,
+            task.max_price,
+            task.payload_hash,
+            task.deadline,
+            task.max_attempts,
+            task.min_reputation,
+            now,
+            task.payload_bytes
+        ],
+    )?;
     announce(c, &task, now, online, out)?;
     Ok(json!({ "task": task.view(), "escrow": price }))
 }
 
 /// Open `task_id`'s escrow account and move the task's max price into it
 /// from `node`'s balance, refused if the balance cannot cover it.
-fn lock_escrow(c: &Connection, node: &str, task_id: &str, price: i64, now: i64) -> Result<(), Fail> {
+fn lock_escrow(c: Db, node: &str, task_id: &str, price: i64, now: i64) -> Result<(), Fail> {
     let escrow = escrow_account(task_id);
     ledger::open_account(c, &escrow, "escrow")?;
     let account = node_account(node);

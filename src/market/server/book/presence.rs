@@ -6,7 +6,7 @@
 //! It must not know about sockets or send queues: the writer keeps the
 //! sessions and calls these with what happened.
 
-use rusqlite::{params, Connection};
+use crate::market::server::store::{self, args, Db};
 use serde_json::json;
 
 use super::announce::announce;
@@ -19,20 +19,12 @@ use crate::market::server::ledger::{self, node_account, ISSUER};
 
 /// A node logged in: register it (granting the initial RUV once) and keep
 /// its offers alive. Returns (balance, granted now).
-pub fn login(
-    c: &Connection,
-    s: &BookRules,
-    id: &PublicIdentity,
-    proof: &IdentityProof,
-    now: i64,
-) -> rusqlite::Result<(i64, i64)> {
-    let new = c
-        .prepare_cached(
-            "INSERT INTO nodes(node_id, ed25519, first_seen, last_seen) VALUES (?1, ?2, ?3, ?3)
+pub fn login(c: Db, s: &BookRules, id: &PublicIdentity, proof: &IdentityProof, now: i64) -> store::Result<(i64, i64)> {
+    let new = c.exec(
+        "INSERT INTO nodes(node_id, ed25519, first_seen, last_seen) VALUES (?1, ?2, ?3, ?3)
              ON CONFLICT(node_id) DO NOTHING",
-        )?
-        .execute(params![id.node_id, id.ed25519, now])?
-        == 1;
+        args![id.node_id, id.ed25519, now],
+    )? == 1;
     let account = node_account(&id.node_id);
     let mut granted = 0;
     if new {
@@ -50,38 +42,45 @@ pub fn login(
         }
     }
     // The latest login's identity and signature: what peers encrypt to.
-    c.prepare_cached("UPDATE nodes SET identity = ?2, proof = ?3, last_seen = ?4 WHERE node_id = ?1")?
-        .execute(params![
+    c.exec(
+        "UPDATE nodes SET identity = ?2, proof = ?3, last_seen = ?4 WHERE node_id = ?1",
+        args![
             id.node_id,
             serde_json::to_string(id).expect("identities serialise"),
             serde_json::to_string(&json!({ "nonce": proof.nonce, "sig": proof.sig })).expect("json serialises"),
             now
-        ])?;
-    c.prepare_cached("UPDATE offers SET disconnected_at = NULL WHERE node_id = ?1 AND state = 'active'")?
-        .execute([&id.node_id])?;
+        ],
+    )?;
+    c.exec(
+        "UPDATE offers SET disconnected_at = NULL WHERE node_id = ?1 AND state = 'active'",
+        args![&id.node_id],
+    )?;
     // Message ids are remembered for a day: long enough for any retry, and
     // pruned per node (a primary-key prefix scan) so the table stays small.
-    c.prepare_cached("DELETE FROM requests WHERE node_id = ?1 AND ts < ?2")?
-        .execute(params![id.node_id, now - ID_RETENTION_MS])?;
+    c.exec(
+        "DELETE FROM requests WHERE node_id = ?1 AND ts < ?2",
+        args![id.node_id, now - ID_RETENTION_MS],
+    )?;
     Ok((ledger::balance(c, &account)?, granted))
 }
 
 /// `node` has a session again: offer its open tasks, held back while it
 /// was away, to the providers online now.
 pub fn requester_back(
-    c: &Connection,
+    c: Db,
     node: &str,
     now: i64,
     online: &dyn Fn(&str) -> bool,
     out: &mut Outbox,
 ) -> Result<(), Fail> {
-    let open: Vec<Task> = c
-        .prepare_cached(&format!(
+    let open: Vec<Task> = c.map(
+        &format!(
             "SELECT {TASK_COLS} FROM tasks WHERE requester = ?1 AND state = 'open' AND deadline > ?2
              ORDER BY created_at LIMIT 256"
-        ))?
-        .query_map(params![node, now], Task::from_row)?
-        .collect::<Result<_, _>>()?;
+        ),
+        args![node, now],
+        Task::from_row,
+    )?;
     for t in &open {
         announce(c, t, now, online, out)?;
     }
@@ -94,27 +93,28 @@ pub fn requester_back(
 /// payload can come now. The lease holder is told (`lease_lapsed`) and the
 /// task is open again under a new attempt that does not count against its
 /// attempts, offered once the requester is back ([`requester_back`]).
-pub fn disconnected(c: &Connection, node: &str, now: i64, out: &mut Outbox) -> Result<(), Fail> {
-    c.prepare_cached(
+pub fn disconnected(c: Db, node: &str, now: i64, out: &mut Outbox) -> Result<(), Fail> {
+    c.exec(
         "UPDATE offers SET disconnected_at = ?2 WHERE node_id = ?1 AND state = 'active' AND disconnected_at IS NULL",
-    )?
-    .execute(params![node, now])?;
-    let waiting: Vec<Task> = c
-        .prepare_cached(&format!(
-            "SELECT {TASK_COLS} FROM tasks WHERE requester = ?1 AND state = 'assigned' AND payload_at IS NULL"
-        ))?
-        .query_map([node], Task::from_row)?
-        .collect::<Result<_, _>>()?;
+        args![node, now],
+    )?;
+    let waiting: Vec<Task> = c.map(
+        &format!("SELECT {TASK_COLS} FROM tasks WHERE requester = ?1 AND state = 'assigned' AND payload_at IS NULL"),
+        args![node],
+        Task::from_row,
+    )?;
     for t in waiting {
-        c.prepare_cached(
+        c.exec(
             "UPDATE tasks SET state = 'open', attempt = attempt + 1, max_attempts = max_attempts + 1, provider = NULL,
                offer_id = NULL, ask = NULL, lease_deadline = NULL, updated_at = ?2 WHERE task_id = ?1",
-        )?
-        .execute(params![t.task_id, now])?;
+            args![t.task_id, now],
+        )?;
         if let Some(p) = t.provider {
             // Not its fault: it may take the task again.
-            c.prepare_cached("DELETE FROM attempt_holders WHERE task_id = ?1 AND node_id = ?2")?
-                .execute([&t.task_id, &p])?;
+            c.exec(
+                "DELETE FROM attempt_holders WHERE task_id = ?1 AND node_id = ?2",
+                args![&t.task_id, &p],
+            )?;
             out.push((
                 p,
                 Event::LeaseLapsed {
@@ -128,10 +128,10 @@ pub fn disconnected(c: &Connection, node: &str, now: i64, out: &mut Outbox) -> R
 }
 
 /// On start-up no node is connected: every offer starts its grace period.
-pub fn all_disconnected(c: &Connection, now: i64) -> rusqlite::Result<()> {
-    c.execute(
+pub fn all_disconnected(c: Db, now: i64) -> store::Result<()> {
+    c.exec(
         "UPDATE offers SET disconnected_at = ?1 WHERE state = 'active' AND disconnected_at IS NULL",
-        [now],
+        args![now],
     )?;
     Ok(())
 }

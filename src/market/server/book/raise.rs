@@ -4,7 +4,7 @@
 //!
 //! It must not change the ask of a lease already taken.
 
-use rusqlite::params;
+use crate::market::server::store::args;
 use serde_json::{json, Value};
 
 use super::announce::announce;
@@ -52,8 +52,10 @@ pub fn apply(cx: Context, task_id: String, max_price: u64) -> Result<Value, Fail
             &task_id,
             &[(&node_account(node), -diff), (&escrow_account(&task_id), diff)],
         )?;
-        c.prepare_cached("UPDATE tasks SET max_price = ?2, updated_at = ?3 WHERE task_id = ?1")?
-            .execute(params![task_id, new, now])?;
+        c.exec(
+            "UPDATE tasks SET max_price = ?2, updated_at = ?3 WHERE task_id = ?1",
+            args![task_id, new, now],
+        )?;
         if t.state == "open" {
             let t2 = Task { max_price: new, ..t };
             announce(c, &t2, now, online, out)?;

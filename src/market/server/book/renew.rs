@@ -3,7 +3,7 @@
 //! It must not renew a lease for any node but its holder under the
 //! current attempt.
 
-use rusqlite::params;
+use crate::market::server::store::args;
 use serde_json::{json, Value};
 
 use super::handler::{reject, Context, Fail};
@@ -19,7 +19,9 @@ pub fn apply(cx: Context, task_id: String, attempt: u32) -> Result<Value, Fail> 
         return reject(Reason::WrongState, format!("task is {}", t.state));
     }
     let lease = now + s.lease_ms;
-    c.prepare_cached("UPDATE tasks SET lease_deadline = ?2 WHERE task_id = ?1")?
-        .execute(params![task_id, lease])?;
+    c.exec(
+        "UPDATE tasks SET lease_deadline = ?2 WHERE task_id = ?1",
+        args![task_id, lease],
+    )?;
     Ok(json!({ "task_id": task_id, "attempt": attempt, "lease_deadline": ms_to_rfc3339(lease) }))
 }

@@ -5,7 +5,7 @@
 //! It must not decide whose fault a failure is (that is `lease`), nor move
 //! money.
 
-use rusqlite::{params, Connection, OptionalExtension};
+use crate::market::server::store::{self, args, Db};
 use serde_json::{json, Value};
 
 use super::handler::{reject, Context, Fail};
@@ -31,34 +31,39 @@ impl Record {
     }
 }
 
-pub fn node_reputation(c: &Connection, node: &str) -> rusqlite::Result<Record> {
-    Ok(
-        c.prepare_cached("SELECT successes, failures, clients FROM nodes WHERE node_id = ?1")?
-            .query_row([node], |r| {
-                Ok(Record {
-                    successes: r.get(0)?,
-                    failures: r.get(1)?,
-                    clients: r.get(2)?,
-                })
+pub fn node_reputation(c: Db, node: &str) -> store::Result<Record> {
+    Ok(c.first(
+        "SELECT successes, failures, clients FROM nodes WHERE node_id = ?1",
+        args![node],
+        |r| {
+            Ok(Record {
+                successes: r.get(0)?,
+                failures: r.get(1)?,
+                clients: r.get(2)?,
             })
-            .optional()?
-            .unwrap_or_default(),
-    )
+        },
+    )?
+    .unwrap_or_default())
 }
 
 /// A settled task: one more success, and one more client if this is the
 /// first paid task from this requester. Reputation counts clients, so two
 /// identities trading with each other earn one client each, however often.
-pub fn record_success(c: &Connection, provider: &str, requester: &str, paid: i64) -> rusqlite::Result<()> {
-    c.prepare_cached("UPDATE nodes SET successes = successes + 1 WHERE node_id = ?1")?
-        .execute([provider])?;
+pub fn record_success(c: Db, provider: &str, requester: &str, paid: i64) -> store::Result<()> {
+    c.exec(
+        "UPDATE nodes SET successes = successes + 1 WHERE node_id = ?1",
+        args![provider],
+    )?;
     if paid > 0 {
-        let new = c
-            .prepare_cached("INSERT OR IGNORE INTO paid_clients(provider, requester) VALUES (?1, ?2)")?
-            .execute([provider, requester])?;
+        let new = c.exec(
+            "INSERT INTO paid_clients(provider, requester) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+            args![provider, requester],
+        )?;
         if new == 1 {
-            c.prepare_cached("UPDATE nodes SET clients = clients + 1 WHERE node_id = ?1")?
-                .execute([provider])?;
+            c.exec(
+                "UPDATE nodes SET clients = clients + 1 WHERE node_id = ?1",
+                args![provider],
+            )?;
         }
     }
     Ok(())
@@ -66,21 +71,16 @@ pub fn record_success(c: &Connection, provider: &str, requester: &str, paid: i64
 
 /// A failure of the provider's own: counted, and no new lease for the
 /// cool-down.
-pub fn record_failure(c: &Connection, s: &BookRules, node: &str, now: i64) -> rusqlite::Result<()> {
-    c.prepare_cached(
-        "UPDATE nodes SET failures = failures + 1, cooldown_until = MAX(COALESCE(cooldown_until, 0), ?2)
-         WHERE node_id = ?1",
-    )?
-    .execute(params![node, now + s.cooldown_ms])?;
+pub fn record_failure(c: Db, s: &BookRules, node: &str, now: i64) -> store::Result<()> {
+    c.exec("UPDATE nodes SET failures = failures + 1, cooldown_until = CASE WHEN COALESCE(cooldown_until, 0) > ?2 THEN cooldown_until ELSE ?2 END
+         WHERE node_id = ?1", args![node, now + s.cooldown_ms])?;
     Ok(())
 }
 
 /// `reputation`: any known node's record and score.
 pub fn apply(cx: Context, node_id: String) -> Result<Value, Fail> {
     let known: bool =
-        cx.c.prepare_cached("SELECT 1 FROM nodes WHERE node_id = ?1")?
-            .query_row([&node_id], |_| Ok(true))
-            .optional()?
+        cx.c.first("SELECT 1 FROM nodes WHERE node_id = ?1", args![&node_id], |_| Ok(true))?
             .unwrap_or(false);
     if !known {
         return reject(Reason::NotFound, format!("no node `{node_id}`"));

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use super::handler::{reject, Context, Fail};
 use super::task::load_task;
 use crate::market::protocol::Reason;
+use crate::market::server::store::args;
 
 pub fn apply(cx: Context, task_id: String) -> Result<Value, Fail> {
     let Context { c, node, .. } = cx;
@@ -23,8 +24,8 @@ pub fn apply(cx: Context, task_id: String) -> Result<Value, Fail> {
         );
     }
     let data: Option<String> = c
-        .prepare_cached("SELECT result FROM tasks WHERE task_id = ?1")?
-        .query_row([&task_id], |r| r.get(0))?;
+        .value::<Option<String>>("SELECT result FROM tasks WHERE task_id = ?1", args![&task_id])?
+        .flatten();
     Ok(
         json!({ "task_id": task_id, "attempt": t.attempt, "provider": t.provider,
                "payload_hash": t.payload_hash, "data": data }),

@@ -6,7 +6,7 @@
 //! It must not accept a verdict on a task that is not delivered, or from
 //! any node but the requester.
 
-use rusqlite::{params, Connection};
+use crate::market::server::store::{args, Db};
 use serde_json::{json, Value};
 
 use super::handler::{reject, Context, Fail, Outbox};
@@ -28,7 +28,7 @@ pub fn refuse(cx: Context, task_id: &str, attempt: u32) -> Result<Value, Fail> {
 
 /// Settle (pay the ask, refund the rest) or reject (refund all) a delivered task.
 pub fn finish(
-    c: &Connection,
+    c: Db,
     node: &str,
     task_id: &str,
     attempt: u32,
@@ -62,18 +62,21 @@ pub fn finish(
         &[(&escrow, -t.max_price), (&pacc, ask), (&racc, refund)],
     )?;
     let state = if pay { "settled" } else { "refunded" };
-    c.prepare_cached("UPDATE tasks SET state = ?2, result = NULL, updated_at = ?3 WHERE task_id = ?1")?
-        .execute(params![task_id, state, now])?;
+    c.exec(
+        "UPDATE tasks SET state = ?2, result = NULL, updated_at = ?3 WHERE task_id = ?1",
+        args![task_id, state, now],
+    )?;
     if pay {
         record_success(c, &provider, &t.requester, ask)?;
     } else {
         // A failure, as before, but no cool-down: a requester's verdict
         // costs it nothing, so it must not be able to bench a provider.
-        c.prepare_cached("UPDATE nodes SET failures = failures + 1 WHERE node_id = ?1")?
-            .execute([&provider])?;
+        c.exec(
+            "UPDATE nodes SET failures = failures + 1 WHERE node_id = ?1",
+            args![&provider],
+        )?;
     }
-    c.prepare_cached("DELETE FROM attempt_holders WHERE task_id = ?1")?
-        .execute([task_id])?;
+    c.exec("DELETE FROM attempt_holders WHERE task_id = ?1", args![task_id])?;
     let ev = if pay {
         Event::Settled {
             task_id: task_id.to_string(),

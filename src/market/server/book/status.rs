@@ -3,7 +3,7 @@
 //!
 //! It must not change anything: a status is read-only and not remembered.
 
-use rusqlite::Connection;
+use crate::market::server::store::{args, Db};
 use serde_json::{json, Value};
 
 use super::handler::Fail;
@@ -13,45 +13,41 @@ use super::task::{ms_to_rfc3339, Task, TASK_COLS};
 use crate::market::server::ledger::{self, node_account};
 
 /// A node's view: balance, escrow, offers, tasks, reputation, totals.
-pub fn status(c: &Connection, node: &str, now: i64) -> Result<Value, Fail> {
+pub fn status(c: Db, node: &str, now: i64) -> Result<Value, Fail> {
     let balance = ledger::balance(c, &node_account(node))?;
     let escrow: i64 = c
-        .prepare_cached(
-            "SELECT COALESCE(SUM(max_price), 0) FROM tasks WHERE requester = ?1 AND state IN ('open','assigned','delivered')",
-        )?
-        .query_row([node], |r| r.get(0))?;
-    let offers: Vec<Value> = c
-        .prepare_cached(
-            "SELECT offer_id, slots, price, models, expires_at, disconnected_at FROM offers
+        .count("SELECT CAST(COALESCE(SUM(max_price), 0) AS BIGINT) FROM tasks WHERE requester = ?1 AND state IN ('open','assigned','delivered')", args![node])?;
+    let offers: Vec<Value> = c.map(
+        "SELECT offer_id, slots, price, models, expires_at, disconnected_at FROM offers
              WHERE node_id = ?1 AND state = 'active' ORDER BY created_at",
-        )?
-        .query_map([node], |r| {
+        args![node],
+        |r| {
             let models: String = r.get(3)?;
             Ok(json!({
-                "offer_id": r.get::<_, String>(0)?, "slots": r.get::<_, i64>(1)?, "price": r.get::<_, i64>(2)?,
+                "offer_id": r.get::<String>(0)?, "slots": r.get::<i64>(1)?, "price": r.get::<i64>(2)?,
                 "models": serde_json::from_str::<Value>(&models).unwrap_or(Value::Null),
-                "expires": ms_to_rfc3339(r.get(4)?), "connected": r.get::<_, Option<i64>>(5)?.is_none(),
+                "expires": ms_to_rfc3339(r.get(4)?), "connected": r.get::<Option<i64>>(5)?.is_none(),
             }))
-        })?
-        .collect::<Result<_, _>>()?;
-    let tasks: Vec<Value> = c
-        .prepare_cached(&format!(
+        },
+    )?;
+    let tasks: Vec<Value> = c.map(
+        &format!(
             "SELECT {TASK_COLS} FROM tasks WHERE requester = ?1 OR provider = ?1 ORDER BY created_at DESC LIMIT 100"
-        ))?
-        .query_map([node], Task::from_row)?
-        .map(|t| t.map(|t| t.view()))
-        .collect::<Result<_, _>>()?;
+        ),
+        args![node],
+        |r| Task::from_row(r).map(|t| t.view()),
+    )?;
     let record = node_reputation(c, node)?;
     let cooldown = cooling_until(c, node, now)?.map(ms_to_rfc3339);
     let totals = ledger::totals(c)?;
     let mut by_state = serde_json::Map::new();
-    let mut stmt = c.prepare_cached("SELECT state, COUNT(*) FROM tasks GROUP BY state")?;
-    for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
-        let (k, n) = row?;
+    for (k, n) in c.map("SELECT state, COUNT(*) FROM tasks GROUP BY state", args![], |r| {
+        Ok((r.get::<String>(0)?, r.get::<i64>(1)?))
+    })? {
         by_state.insert(k, n.into());
     }
-    let active_offers: i64 = c.query_row("SELECT COUNT(*) FROM offers WHERE state = 'active'", [], |r| r.get(0))?;
-    let nodes: i64 = c.query_row("SELECT COUNT(*) FROM nodes", [], |r| r.get(0))?;
+    let active_offers = c.count("SELECT COUNT(*) FROM offers WHERE state = 'active'", args![])?;
+    let nodes = c.count("SELECT COUNT(*) FROM nodes", args![])?;
     Ok(json!({
         "node_id": node,
         "balance": balance,

@@ -4,7 +4,7 @@
 //! It must not change a task: every state change belongs to a handler, the
 //! lease rules or the clock.
 
-use rusqlite::{Connection, OptionalExtension, Row};
+use crate::market::server::store::{self, args, Db, Row};
 use serde_json::Value;
 
 use super::handler::{reject, Fail};
@@ -35,7 +35,7 @@ pub const TASK_COLS: &str = "task_id, requester, model, max_tokens, max_price, p
     min_reputation, state, attempt, provider, ask, lease_deadline, payload_bytes, payload_at, accepted_at";
 
 impl Task {
-    pub fn from_row(r: &Row) -> rusqlite::Result<Task> {
+    pub fn from_row(r: &Row) -> store::Result<Task> {
         Ok(Task {
             task_id: r.get(0)?,
             requester: r.get(1)?,
@@ -90,11 +90,12 @@ pub fn ms_to_rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-pub fn load_task(c: &Connection, task_id: &str) -> Result<Task, Fail> {
-    let t = c
-        .prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE task_id = ?1"))?
-        .query_row([task_id], Task::from_row)
-        .optional()?;
+pub fn load_task(c: Db, task_id: &str) -> Result<Task, Fail> {
+    let t = c.first(
+        &format!("SELECT {TASK_COLS} FROM tasks WHERE task_id = ?1"),
+        args![task_id],
+        Task::from_row,
+    )?;
     match t {
         Some(t) => Ok(t),
         None => reject(Reason::NotFound, format!("no task `{task_id}`")),
@@ -102,7 +103,7 @@ pub fn load_task(c: &Connection, task_id: &str) -> Result<Task, Fail> {
 }
 
 /// The task, checked to be leased to `node` under `attempt`.
-pub fn leased_to(c: &Connection, task_id: &str, node: &str, attempt: u32) -> Result<Task, Fail> {
+pub fn leased_to(c: Db, task_id: &str, node: &str, attempt: u32) -> Result<Task, Fail> {
     let t = load_task(c, task_id)?;
     if t.provider.as_deref() != Some(node) && attempt == t.attempt {
         return reject(Reason::NotOwner, "this task is leased to another node");

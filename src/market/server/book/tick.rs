@@ -6,7 +6,7 @@
 //! It must not answer requests; it runs in its own savepoint of the
 //! writer's batch.
 
-use rusqlite::{params, Connection};
+use crate::market::server::store::{args, Db};
 
 use super::handler::{Fail, Outbox};
 use super::lease::{lease_ended, reopen_or_refund};
@@ -29,19 +29,20 @@ pub struct TickReport {
 /// Apply the clock: lapse leases (re-offer or refund), expire open tasks,
 /// withdraw expired and abandoned offers.
 pub fn tick(
-    c: &Connection,
+    c: Db,
     s: &BookRules,
     now: i64,
     online: &dyn Fn(&str) -> bool,
     out: &mut Outbox,
 ) -> Result<TickReport, Fail> {
     let mut rep = TickReport::default();
-    let lapsed: Vec<Task> = c
-        .prepare_cached(&format!(
+    let lapsed: Vec<Task> = c.map(
+        &format!(
             "SELECT {TASK_COLS} FROM tasks WHERE state = 'assigned' AND (lease_deadline < ?1 OR deadline < ?1) LIMIT ?2"
-        ))?
-        .query_map(params![now, TICK_ROWS], Task::from_row)?
-        .collect::<Result<_, _>>()?;
+        ),
+        args![now, TICK_ROWS],
+        Task::from_row,
+    )?;
     for t in lapsed {
         rep.lapsed += 1;
         let provider = t.provider.clone().unwrap_or_default();
@@ -61,33 +62,28 @@ pub fn tick(
     // The provider did the work and delivered a result signed to this
     // task; the requester had the whole TTL to reject it. Refunding here
     // instead would let a requester get work for free by staying away.
-    let stale: Vec<(String, String, u32)> = c
-        .prepare_cached(
-            "SELECT task_id, requester, attempt FROM tasks WHERE state = 'delivered' AND delivered_at < ?1 LIMIT ?2",
-        )?
-        .query_map(params![now - s.settle_ttl_ms, TICK_ROWS], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })?
-        .collect::<Result<_, _>>()?;
+    let stale: Vec<(String, String, u32)> = c.map(
+        "SELECT task_id, requester, attempt FROM tasks WHERE state = 'delivered' AND delivered_at < ?1 LIMIT ?2",
+        args![now - s.settle_ttl_ms, TICK_ROWS],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
     for (task_id, requester, attempt) in stale {
         rep.auto_settled += 1;
         finish(c, &requester, &task_id, attempt, true, now, out)?;
     }
-    let expired: Vec<Task> = c
-        .prepare_cached(&format!(
-            "SELECT {TASK_COLS} FROM tasks WHERE state = 'open' AND deadline < ?1 LIMIT ?2"
-        ))?
-        .query_map(params![now, TICK_ROWS], Task::from_row)?
-        .collect::<Result<_, _>>()?;
+    let expired: Vec<Task> = c.map(
+        &format!("SELECT {TASK_COLS} FROM tasks WHERE state = 'open' AND deadline < ?1 LIMIT ?2"),
+        args![now, TICK_ROWS],
+        Task::from_row,
+    )?;
     for t in expired {
         rep.expired += 1;
         refund(c, &t, "expired", "no provider took it before the deadline", now, out)?;
     }
-    rep.offers_withdrawn = c
-        .prepare_cached(
-            "UPDATE offers SET state = 'withdrawn' WHERE state = 'active'
+    rep.offers_withdrawn = c.exec(
+        "UPDATE offers SET state = 'withdrawn' WHERE state = 'active'
                AND (expires_at < ?1 OR (disconnected_at IS NOT NULL AND disconnected_at < ?2))",
-        )?
-        .execute(params![now, now - s.grace_ms])?;
+        args![now, now - s.grace_ms],
+    )? as usize;
     Ok(rep)
 }

@@ -1,4 +1,5 @@
-//! The coordinator's SQLite file: open, tune for durability, migrate.
+//! The coordinator's SQLite file: open, tune for durability, migrate, and
+//! run the store interface's statements on it.
 //!
 //! WAL with `synchronous=FULL`: a commit returns only after the WAL is on
 //! disk, so an acknowledged operation survives `kill -9` and power loss. The
@@ -10,7 +11,49 @@
 
 use std::path::Path;
 
+use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::Connection;
+
+use super::{Result, Row, Value, V};
+
+impl rusqlite::ToSql for V<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match self {
+            V::Null => ValueRef::Null,
+            V::Int(i) => ValueRef::Integer(*i),
+            V::Real(f) => ValueRef::Real(*f),
+            V::Text(s) => ValueRef::Text(s.as_bytes()),
+            V::Blob(b) => ValueRef::Blob(b),
+        }))
+    }
+}
+
+fn value_of(v: ValueRef<'_>) -> Value {
+    match v {
+        ValueRef::Null => V::Null,
+        ValueRef::Integer(i) => V::Int(i),
+        ValueRef::Real(f) => V::Real(f),
+        ValueRef::Text(t) => V::Text(String::from_utf8_lossy(t).into_owned().into()),
+        ValueRef::Blob(b) => V::Blob(b.to_vec().into()),
+    }
+}
+
+pub(super) fn exec(c: &Connection, sql: &str, args: &[V]) -> Result<u64> {
+    Ok(c.prepare_cached(sql)?.execute(rusqlite::params_from_iter(args))? as u64)
+}
+
+pub(super) fn rows(c: &Connection, sql: &str, args: &[V]) -> Result<Vec<Row>> {
+    let mut st = c.prepare_cached(sql)?;
+    let n = st.column_count();
+    let mut q = st.query(rusqlite::params_from_iter(args))?;
+    let mut out = Vec::new();
+    while let Some(r) = q.next()? {
+        out.push(Row((0..n)
+            .map(|i| r.get_ref(i).map(value_of))
+            .collect::<rusqlite::Result<_>>()?));
+    }
+    Ok(out)
+}
 
 /// Migrations in order; `MIGRATIONS[i]` brings the schema to version `i + 1`.
 const MIGRATIONS: &[&str] = &[

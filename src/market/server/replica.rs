@@ -1,0 +1,277 @@
+//! One replica among several on a shared PostgreSQL database: its
+//! heartbeat, where each node's session is (`presence`), events for
+//! sessions on other replicas (`relay` rows and a `NOTIFY` carrying the
+//! target replica's id), the clock that runs once per tick across all of
+//! them, and taking over the sessions of a replica that died.
+//!
+//! Every call here runs inside the writer's batch transaction, which holds
+//! the market's write lock (`store::postgres::WRITE_LOCK`), so replicas
+//! never interleave their changes. [`listen`] is the exception: it runs on
+//! its own connection, outside the writer, and only takes relay rows.
+//!
+//! It must not hold market rules: the book decides what happens to a node
+//! that is gone; this only finds out who is gone and where a node is.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use tokio_postgres::AsyncMessage;
+
+use super::store::{self, args, Db};
+use super::wire::{Cmd, Relayed};
+
+/// A replica whose heartbeat is older than this is taken for dead: its
+/// sessions are gone and its nodes are offline.
+pub const LIVE_MS: i64 = 3_000;
+/// How often a replica writes its heartbeat.
+const BEAT_EVERY: Duration = Duration::from_millis(500);
+/// How long a dead replica's row is kept (for `/metrics` and inspection).
+const FORGET_MS: i64 = 3_600_000;
+
+/// The channel a replica listens on for relayed events.
+pub fn channel(replica_id: i64) -> String {
+    format!("cmm_relay_{replica_id}")
+}
+
+/// This process as a replica of the market.
+pub struct Replica {
+    pub id: i64,
+    pub name: String,
+    last_beat: Instant,
+}
+
+impl Replica {
+    /// Join the market: a new replica row with a fresh id (a restarted
+    /// process is a new replica; its old sessions are reaped as dead).
+    pub fn register(db: Db, name: &str, now: i64) -> store::Result<Replica> {
+        let id = db.count(
+            "INSERT INTO replicas(name, started_at, beat_at) VALUES (?1, ?2, ?2) RETURNING replica_id",
+            args![name, now],
+        )?;
+        Ok(Replica {
+            id,
+            name: name.to_string(),
+            last_beat: Instant::now(),
+        })
+    }
+
+    /// Write the heartbeat if it is due.
+    pub fn beat(&mut self, db: Db, now: i64) -> store::Result<()> {
+        if self.last_beat.elapsed() >= BEAT_EVERY {
+            db.exec(
+                "UPDATE replicas SET beat_at = ?2 WHERE replica_id = ?1",
+                args![self.id, now],
+            )?;
+            self.last_beat = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// A session of `node` opened here. Returns where its previous
+    /// session was, if on another live replica (that one must close it).
+    pub fn arrived(&self, db: Db, node: &str, conn_id: u64, now: i64) -> store::Result<Option<(i64, i64)>> {
+        let before = db.first(
+            "SELECT p.replica_id, p.conn_id FROM presence p JOIN replicas r ON r.replica_id = p.replica_id
+             WHERE p.node_id = ?1 AND r.beat_at > ?2",
+            args![node, now - LIVE_MS],
+            |r| Ok((r.get::<i64>(0)?, r.get::<i64>(1)?)),
+        )?;
+        db.exec(
+            "INSERT INTO presence(node_id, replica_id, conn_id, since) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (node_id) DO UPDATE SET replica_id = ?2, conn_id = ?3, since = ?4",
+            args![node, self.id, conn_id, now],
+        )?;
+        Ok(before.filter(|(r, _)| *r != self.id))
+    }
+
+    /// A session of `node` here ended. True if it was still the node's
+    /// session (not replaced by a newer one, here or elsewhere).
+    pub fn left(&self, db: Db, node: &str, conn_id: u64) -> store::Result<bool> {
+        Ok(db.exec(
+            "DELETE FROM presence WHERE node_id = ?1 AND replica_id = ?2 AND conn_id = ?3",
+            args![node, self.id, conn_id],
+        )? == 1)
+    }
+
+    /// The live replica holding `node`'s session, if any.
+    pub fn where_is(db: Db, node: &str, now: i64) -> store::Result<Option<i64>> {
+        db.value(
+            "SELECT p.replica_id FROM presence p JOIN replicas r ON r.replica_id = p.replica_id
+             WHERE p.node_id = ?1 AND r.beat_at > ?2",
+            args![node, now - LIVE_MS],
+        )
+    }
+
+    /// Queue `frame` for `node` on `replica`; with `close`, that replica
+    /// then closes the session `close` names (it was replaced).
+    pub fn relay(db: Db, replica: i64, node: &str, close: Option<i64>, frame: &str) -> store::Result<()> {
+        db.exec(
+            "INSERT INTO relay(replica_id, node_id, conn_id, frame) VALUES (?1, ?2, ?3, ?4)",
+            args![replica, node, close, frame],
+        )?;
+        Ok(())
+    }
+
+    /// Wake the listeners of `replicas` once the transaction commits
+    /// (PostgreSQL delivers a `NOTIFY` only on commit).
+    pub fn notify(db: Db, replicas: &BTreeSet<i64>) -> store::Result<()> {
+        for r in replicas {
+            db.exec("SELECT pg_notify(?1, '')", args![channel(*r)])?;
+        }
+        Ok(())
+    }
+
+    /// Whether the order book's clock is due: true on exactly one replica
+    /// per tick (the batches hold the write lock, so the check and the
+    /// update cannot interleave).
+    pub fn clock_due(db: Db, now: i64, every_ms: i64) -> store::Result<bool> {
+        Ok(db.exec(
+            "UPDATE clock SET last_tick = ?1 WHERE id = 1 AND last_tick <= ?2",
+            args![now, now - every_ms],
+        )? == 1)
+    }
+
+    /// The nodes whose sessions were on a replica that stopped beating:
+    /// their presence is removed (the caller tells the book they are gone),
+    /// with the events queued for them there.
+    pub fn reap(db: Db, now: i64) -> store::Result<Vec<String>> {
+        let dead = now - LIVE_MS;
+        let nodes = db.map(
+            "DELETE FROM presence WHERE replica_id IN (SELECT replica_id FROM replicas WHERE beat_at <= ?1)
+             RETURNING node_id",
+            args![dead],
+            |r| r.get::<String>(0),
+        )?;
+        db.exec(
+            "DELETE FROM relay WHERE replica_id IN (SELECT replica_id FROM replicas WHERE beat_at <= ?1)",
+            args![dead],
+        )?;
+        db.exec("DELETE FROM replicas WHERE beat_at <= ?1", args![now - FORGET_MS])?;
+        Ok(nodes)
+    }
+
+    /// This replica is stopping: its sessions end now (returned, for the
+    /// book), and it stops counting as live at once.
+    pub fn retire(&self, db: Db) -> store::Result<Vec<String>> {
+        let nodes = db.map(
+            "DELETE FROM presence WHERE replica_id = ?1 RETURNING node_id",
+            args![self.id],
+            |r| r.get::<String>(0),
+        )?;
+        db.exec("DELETE FROM relay WHERE replica_id = ?1", args![self.id])?;
+        db.exec("UPDATE replicas SET beat_at = 0 WHERE replica_id = ?1", args![self.id])?;
+        Ok(nodes)
+    }
+
+    /// The live replicas and their session counts (for `/healthz`).
+    pub fn live(db: Db, now: i64) -> store::Result<Vec<(i64, String, i64)>> {
+        db.map(
+            "SELECT r.replica_id, r.name, (SELECT COUNT(*) FROM presence p WHERE p.replica_id = r.replica_id)
+             FROM replicas r WHERE r.beat_at > ?1 ORDER BY r.replica_id",
+            args![now - LIVE_MS],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+    }
+}
+
+/// Where each node of one batch is: looked up once per batch, since the
+/// presence of other replicas' nodes cannot change while the batch holds
+/// the write lock.
+#[derive(Default)]
+pub struct Whereabouts(std::cell::RefCell<HashMap<String, Option<i64>>>);
+
+impl Whereabouts {
+    pub fn clear(&self) {
+        self.0.borrow_mut().clear();
+    }
+
+    pub fn get(&self, db: Db, node: &str, now: i64) -> Option<i64> {
+        if let Some(r) = self.0.borrow().get(node) {
+            return *r;
+        }
+        // A failed lookup reads as offline: the node is told what it
+        // missed by `status` and `task` when it is back.
+        let r = Replica::where_is(db, node, now).ok().flatten();
+        self.0.borrow_mut().insert(node.to_string(), r);
+        r
+    }
+
+    pub fn forget(&self, node: &str) {
+        self.0.borrow_mut().remove(node);
+    }
+}
+
+/// Take the relay rows queued for `replica_id` whenever its channel is
+/// notified (and once a second, in case a notification was missed while
+/// reconnecting), and hand them to the writer to send. Runs until the
+/// writer is gone; reconnects when the database goes away.
+pub async fn listen(url: String, replica_id: i64, engine: std::sync::mpsc::Sender<Cmd>) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match listen_once(&url, replica_id, &engine).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!("relay listener: {e}; reconnecting");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// One connection's worth of [`listen`]: `Ok` once the writer is gone.
+async fn listen_once(
+    url: &str,
+    replica_id: i64,
+    engine: &std::sync::mpsc::Sender<Cmd>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let config: tokio_postgres::Config = url.parse()?;
+    let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
+    let (wake_tx, mut wake) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let conn_task = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(m) = messages.next().await {
+            match m {
+                Ok(AsyncMessage::Notification(_)) => {
+                    let _ = wake_tx.send(());
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    let result = async {
+        client.batch_execute(&format!("LISTEN {}", channel(replica_id))).await?;
+        let take = client
+            .prepare("DELETE FROM relay WHERE replica_id = $1 RETURNING id, node_id, conn_id, frame")
+            .await?;
+        loop {
+            let mut rows = client.query(&take, &[&replica_id]).await?;
+            if !rows.is_empty() {
+                rows.sort_by_key(|r| r.get::<_, i64>(0));
+                let batch = rows
+                    .iter()
+                    .map(|r| Relayed {
+                        node: r.get(1),
+                        close: r.get::<_, Option<i64>>(2).map(|c| c as u64),
+                        frame: r.get(3),
+                    })
+                    .collect();
+                if engine.send(Cmd::Relay(batch)).is_err() {
+                    return Ok(());
+                }
+            }
+            tokio::select! {
+                w = wake.recv() => if w.is_none() {
+                    return Err("the database connection closed".into());
+                },
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            while wake.try_recv().is_ok() {}
+        }
+    }
+    .await;
+    conn_task.abort();
+    result
+}
