@@ -74,7 +74,7 @@ fn fresh_identities_mint_nothing_and_only_an_operator_grant_funds_a_node() {
 
     // The operator funds one node, beside the running coordinator.
     let op = Cmm::new();
-    let db = server.db.to_str().unwrap();
+    let db = server.store.as_str();
     let out = op.run(&["--json", "market", "grant", &ids[0], "300", "--db", db]);
     out.code(0);
     assert_eq!(out.json()["balance"], 300);

@@ -6,6 +6,11 @@
 //! `CMM_TEST_SERVE_BIN=PATH` runs another build of the binary as the
 //! coordinator (to check that a test fails on an older build).
 //!
+//! `CMM_TEST_MARKET_STORE=postgres` gives every coordinator a fresh
+//! database of the shared PostgreSQL cluster ([`postgres::shared`]) instead
+//! of its SQLite file; the default (`sqlite`) is the file `market.db` in
+//! the coordinator's home.
+//!
 //! It links the library (its client and keys), which the rest of the
 //! harness does not: only the tests that need it include it, with
 //! `#[path = "common/market.rs"] mod market;` beside `mod common;`.
@@ -24,10 +29,27 @@ use serde_json::Value;
 
 use crate::common::{wait_some, wait_until, Cmm, Spawned, BIN};
 
+/// The PostgreSQL part, reached as `market::postgres` by the market tests.
+#[path = "postgres.rs"]
+pub mod postgres;
+
+/// Does `CMM_TEST_MARKET_STORE` ask for PostgreSQL? Any value other than
+/// `postgres` or `sqlite` is a mistake worth stopping for.
+pub fn store_is_postgres() -> bool {
+    match std::env::var("CMM_TEST_MARKET_STORE").as_deref() {
+        Ok("postgres") => true,
+        Ok("sqlite") | Ok("") | Err(_) => false,
+        Ok(other) => panic!("CMM_TEST_MARKET_STORE={other}: say `sqlite` (the default) or `postgres`"),
+    }
+}
+
 /// A coordinator process. Killed (SIGKILL) and reaped on drop.
 pub struct Server {
     pub home: Cmm,
+    /// The SQLite file (in `home`); on PostgreSQL nothing is there.
     pub db: PathBuf,
+    /// What `--db` names: `db`, or a PostgreSQL URL.
+    pub store: String,
     pub addr: String,
     pub endpoint: String,
     args: Vec<String>,
@@ -58,9 +80,20 @@ impl Server {
     pub fn start_bare(extra: &[&str]) -> Server {
         let home = Cmm::new();
         let db = home.file("market.db");
+        let store = if store_is_postgres() {
+            if let Err(why) = postgres::bin_dir() {
+                if std::env::var_os("CMM_TEST_POSTGRES_URL").is_none() {
+                    panic!("CMM_TEST_MARKET_STORE=postgres, but {why}");
+                }
+            }
+            postgres::shared().fresh_db()
+        } else {
+            db.to_str().expect("UTF-8 db path").to_string()
+        };
         let mut s = Server {
             home,
             db,
+            store,
             addr: "127.0.0.1:0".into(),
             endpoint: String::new(),
             args: extra.iter().map(|s| s.to_string()).collect(),
@@ -76,8 +109,7 @@ impl Server {
         let mut last = String::new();
         let started = wait_some(Duration::from_secs(20), || {
             let bin = std::env::var("CMM_TEST_SERVE_BIN").unwrap_or_else(|_| BIN.to_string());
-            let db = self.db.to_str().expect("UTF-8 db path").to_string();
-            let mut args = vec!["market", "serve", "--listen", &self.addr, "--db", &db];
+            let mut args = vec!["market", "serve", "--listen", &self.addr, "--db", &self.store];
             args.extend(self.args.iter().map(String::as_str));
             let mut child = self.home.cmd_of(&bin, &args).spawn();
             // The first line names the address it listens on; no line means
@@ -103,6 +135,11 @@ impl Server {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Is the store a PostgreSQL database (`CMM_TEST_MARKET_STORE=postgres`)?
+    pub fn on_postgres(&self) -> bool {
+        self.store.starts_with("postgres://") || self.store.starts_with("postgresql://")
     }
 
     /// `kill -9` and reap.
@@ -219,10 +256,10 @@ impl Server {
         metric_in(&text, name)
     }
 
-    /// `market ledger --verify --json`; asserts it verifies.
+    /// `market ledger --verify --json` of the store; asserts it verifies.
     #[track_caller]
     pub fn verify(&self) -> Value {
-        verify_db(&self.db)
+        verify_db(&self.store)
     }
 }
 
@@ -310,10 +347,13 @@ pub async fn full_cycle(s: &Server) {
     pc.close();
 }
 
+/// `market ledger --verify --json --db STORE` (a SQLite path or a
+/// PostgreSQL URL); asserts it verifies.
 #[track_caller]
-pub fn verify_db(db: &Path) -> Value {
+pub fn verify_db(db: impl AsRef<Path>) -> Value {
     let t = Cmm::new();
-    let out = t.run(&["--json", "market", "ledger", "--verify", "--db", db.to_str().unwrap()]);
+    let db = db.as_ref().to_str().expect("UTF-8 store").to_string();
+    let out = t.run(&["--json", "market", "ledger", "--verify", "--db", &db]);
     let v = out.json();
     assert_eq!(v["ok"], true, "ledger does not verify: {v:#}");
     out.code(0);
