@@ -567,7 +567,12 @@ fn offers_outlive_a_short_disconnect_but_not_the_grace_period_and_logins_replace
 fn server_reports_health_and_metrics_and_stops_cleanly_on_sigterm() {
     let mut server = Server::start(&[]);
     assert!(server.http_get("/healthz").contains("\"ok\":true"));
-    let m = server.http_get("/metrics");
+    let raw = server.http_get("/metrics");
+    assert!(
+        raw.contains(&format!("cmm_market_connections{{replica=\"{}\"}}", server.addr)),
+        "every series names the replica, by default its address:\n{raw}"
+    );
+    let m = server.metrics_text();
     for name in [
         "cmm_market_connections",
         "cmm_market_offers_active",

@@ -103,6 +103,33 @@ impl Server {
         s
     }
 
+    /// A replica on the store `store` (a PostgreSQL URL shared with other
+    /// replicas), listening on `listen` (`127.0.0.x:0` picks a free port).
+    /// The same defaults as [`Server::start`] unless `extra` sets them.
+    pub fn start_store(store: &str, listen: &str, extra: &[&str]) -> Server {
+        let mut args: Vec<String> = Vec::new();
+        if !extra.contains(&"--initial-grant") {
+            args.extend(["--initial-grant".into(), "1000".into()]);
+        }
+        if !extra.contains(&"--cooldown-ms") {
+            args.extend(["--cooldown-ms".into(), "0".into()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let home = Cmm::new();
+        let db = home.file("market.db");
+        let mut s = Server {
+            home,
+            db,
+            store: store.to_string(),
+            addr: listen.to_string(),
+            endpoint: String::new(),
+            args,
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+
     /// (Re)start on the same address and database. A restart may find
     /// the old process's port not yet free: it tries again until it binds.
     pub fn spawn(&mut self) {
@@ -240,6 +267,15 @@ impl Server {
         }
     }
 
+    /// `/metrics` with the replica label taken off every series.
+    pub fn metrics_text(&self) -> String {
+        self.http_get("/metrics")
+            .lines()
+            .map(without_replica)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     pub fn metric(&self, name: &str) -> i64 {
         let text = self.http_get("/metrics");
         metric_in(&text, name).unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
@@ -265,9 +301,28 @@ impl Server {
 
 fn metric_in(text: &str, name: &str) -> Option<i64> {
     text.lines()
+        .map(without_replica)
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|l| l.rsplit(' ').next().map(str::to_string))
         .and_then(|v| v.parse().ok())
+}
+
+/// A metrics line without its `replica="..."` label (every series has
+/// one), so tests name a series as on a single coordinator:
+/// `x{replica="a",why="b"} 1` reads `x{why="b"} 1`, `x{replica="a"} 1`
+/// reads `x 1`.
+pub fn without_replica(line: &str) -> String {
+    let Some(i) = line.find("replica=\"") else {
+        return line.to_string();
+    };
+    let Some(j) = line[i + 9..].find('"') else {
+        return line.to_string();
+    };
+    let rest = &line[i + 10 + j..];
+    let rest = rest.strip_prefix(',').unwrap_or(rest);
+    let head = &line[..i];
+    let joined = format!("{head}{rest}");
+    joined.replace(",}", "}").replace("{}", "")
 }
 
 /// One `GET /healthz`: true if it answered `{"ok":true}` within `wait`.
