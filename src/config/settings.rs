@@ -74,7 +74,8 @@ pub struct Limits {
 /// `market.*`: this node's market defaults and standing rules.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Market {
-    /// The raw value: one endpoint today.
+    /// The raw value: one coordinator URL, or a comma-separated list of
+    /// replicas (parsed by `market::client::Endpoints`).
     pub endpoint: String,
     pub default_price: u64,
     pub max_bid_price: u64,

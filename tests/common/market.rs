@@ -406,3 +406,29 @@ pub fn rt() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// Replicas of one market: coordinators on the same database file.
+impl Server {
+    /// A loopback address nothing listens on now: for a replica started
+    /// later, or one that stays dead.
+    pub fn free_addr() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
+        l.local_addr().expect("its address").to_string()
+    }
+
+    /// Another coordinator on this one's database file (its standby),
+    /// listening on `addr`, with the same flags. Start it once this one is
+    /// gone: replicas of a SQLite market do not run side by side.
+    pub fn standby(&self, addr: &str) -> Server {
+        let mut s = Server {
+            home: Cmm::new(),
+            db: self.db.clone(),
+            addr: addr.to_string(),
+            endpoint: String::new(),
+            args: self.args.clone(),
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+}
