@@ -32,9 +32,11 @@ now_ms() { date +%s%3N; }
 
 # Wait until FILE has at least COUNT lines matching PATTERN (10 s at most).
 wait_lines() {
-    i=0
-    until [ "$(grep -c "$2" "$1" 2>/dev/null || true)" -ge "$3" ]; do
-        i=$((i + 1)); [ "$i" -lt 1000 ] || { echo "timed out waiting for $2 in $1" >&2; cat "$1" >&2; exit 1; }
+    w=0
+    while :; do
+        c=$(grep -c "$2" "$1" 2>/dev/null) || true
+        [ "${c:-0}" -lt "$3" ] || break
+        w=$((w + 1)); [ "$w" -lt 1000 ] || { echo "timed out waiting for $2 in $1" >&2; cat "$1" >&2; exit 1; }
         sleep 0.01
     done
 }
