@@ -518,9 +518,12 @@ pub async fn call_once<R: Reply>(endpoints: &Endpoints, signer: &dyn Signer, req
         match r {
             Err(e) if e.is_transient() && tries < 4 => {
                 if e.reason().is_none() {
-                    // The connection failed, not the request: try the next replica now.
+                    // The connection failed, not the request: the next replica
+                    // is tried at once, the same one after a pause.
                     failover.lost();
-                    continue;
+                    if endpoints.urls().len() > 1 {
+                        continue;
+                    }
                 }
                 tokio::time::sleep(backoff.next_delay()).await;
             }

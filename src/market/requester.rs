@@ -227,12 +227,41 @@ pub async fn verify_and_settle(
     binding: &Binding,
     data: &str,
 ) -> Result<Outcome, RequesterError> {
+    let opened = open_or_reject(client, me, provider, binding, data).await?;
+    settle(client, &opened).await
+}
+
+/// A delivered result that verified and opened, to be settled under one
+/// message id (sent again on the next session if the reply is lost).
+struct Opened {
+    binding: Binding,
+    provider: String,
+    status: String,
+    body: Value,
+    settle_id: String,
+}
+
+/// Verify and open a delivered result; on a failed check, reject it
+/// (refund) and return why.
+async fn open_or_reject(
+    client: &Client,
+    me: &Identity,
+    provider: &PublicIdentity,
+    binding: &Binding,
+    data: &str,
+) -> Result<Opened, RequesterError> {
     let opened = sealed::open_result(me, provider, binding, data).and_then(|(status, body)| {
         let body: Value = serde_json::from_slice(&body).map_err(|e| SealError::Malformed(e.to_string()))?;
         Ok((status, body))
     });
-    let (status, body) = match opened {
-        Ok(x) => x,
+    match opened {
+        Ok((status, body)) => Ok(Opened {
+            binding: binding.clone(),
+            provider: provider.node_id.clone(),
+            status,
+            body,
+            settle_id: client.next_id(),
+        }),
         Err(source) => {
             let _ = client
                 .call::<Rejected>(&Request::Reject {
@@ -240,25 +269,32 @@ pub async fn verify_and_settle(
                     attempt: binding.attempt,
                 })
                 .await;
-            return Err(RequesterError::Rejected {
+            Err(RequesterError::Rejected {
                 task_id: binding.task_id.clone(),
                 attempt: binding.attempt,
                 source,
-            });
+            })
         }
-    };
+    }
+}
+
+async fn settle(client: &Client, o: &Opened) -> Result<Outcome, RequesterError> {
+    let b = &o.binding;
     let settlement: Settlement = client
-        .call(&Request::Settle {
-            task_id: binding.task_id.clone(),
-            attempt: binding.attempt,
-        })
+        .call_with_id(
+            &o.settle_id,
+            &Request::Settle {
+                task_id: b.task_id.clone(),
+                attempt: b.attempt,
+            },
+        )
         .await?;
     Ok(Outcome {
-        task_id: binding.task_id.clone(),
-        attempt: binding.attempt,
-        provider: provider.node_id.clone(),
-        status,
-        body,
+        task_id: b.task_id.clone(),
+        attempt: b.attempt,
+        provider: o.provider.clone(),
+        status: o.status.clone(),
+        body: o.body.clone(),
         settlement,
     })
 }
@@ -444,6 +480,8 @@ struct Seen {
     assigned: Option<(u32, PublicIdentity)>,
     /// The attempt whose payload the coordinator confirmed relaying.
     sent: Option<u32>,
+    /// A result opened and being settled.
+    opened: Option<Opened>,
 }
 
 /// See a posted task through on `conn`: send the sealed payload to each
@@ -495,6 +533,14 @@ async fn follow_on(
         // Where the task stands now, on the next replica that answers.
         let view = loop {
             conn.reconnect(me, until, progress).await?;
+            // A result already opened is settled again under its message
+            // id: if the first settle applied, this returns its answer.
+            if let Some(o) = &seen.opened {
+                match settle(&conn.client, o).await {
+                    Err(e) if connection_lost(&e) => continue,
+                    r => return r,
+                }
+            }
             match look_up(&conn.client, task.task_id).await {
                 Ok(v) => break v,
                 Err(e) if connection_lost(&e) => continue,
@@ -591,7 +637,8 @@ async fn follow_inner(
                 let Some((_, peer)) = seen.assigned.as_ref().filter(|(a, _)| *a == attempt) else {
                     continue;
                 };
-                return verify_and_settle(client, me, peer, &task.binding(attempt), &data).await;
+                let opened = open_or_reject(client, me, peer, &task.binding(attempt), &data).await?;
+                return settle(client, seen.opened.insert(opened)).await;
             }
             Event::Abandoned {
                 task_id: t,
