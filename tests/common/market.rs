@@ -410,10 +410,17 @@ pub fn rt() -> tokio::runtime::Runtime {
 /// Replicas of one market: coordinators on the same database file.
 impl Server {
     /// A loopback address nothing listens on now: for a replica started
-    /// later, or one that stays dead.
+    /// later, or one that stays dead. Picked below the kernel's ephemeral
+    /// range, so a coordinator another test starts on port 0 meanwhile
+    /// cannot be handed the same port.
     pub fn free_addr() -> String {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
-        l.local_addr().expect("its address").to_string()
+        for _ in 0..1000 {
+            let port = rand::random::<u16>() % 12_000 + 20_000;
+            if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                return l.local_addr().expect("its address").to_string();
+            }
+        }
+        panic!("no free loopback port between 20000 and 32000");
     }
 
     /// Another coordinator on this one's database file (its standby),
