@@ -65,9 +65,12 @@ fn a_task_crosses_three_replicas_and_settles_with_exact_balances() {
         let v = rc.request(&post(20)).await.expect("post on A");
         let tid = task_id(&v);
         for (c, on) in [(&mut c1, "B"), (&mut c2, "C")] {
-            expect_event(c, 10, &format!("the task offered on {on}"), |e| {
-                matches!(e, Event::TaskOffered { task } if task.task_id == tid)
-            })
+            expect_event(
+                c,
+                10,
+                &format!("the task offered on {on}"),
+                |e| matches!(e, Event::TaskOffered { task } if task.task_id == tid),
+            )
             .await;
         }
         c1.request(&Request::Accept {
@@ -77,13 +80,19 @@ fn a_task_crosses_three_replicas_and_settles_with_exact_balances() {
         .await
         .expect("accept on B");
         let me = p1.node_id();
-        expect_event(&mut rc, 10, "the lease told on A", |e| {
-            matches!(e, Event::Assigned { provider, .. } if *provider == me)
-        })
+        expect_event(
+            &mut rc,
+            10,
+            "the lease told on A",
+            |e| matches!(e, Event::Assigned { provider, .. } if *provider == me),
+        )
         .await;
-        expect_event(&mut c2, 10, "the task closed on C", |e| {
-            matches!(e, Event::TaskClosed { task_id } if *task_id == tid)
-        })
+        expect_event(
+            &mut c2,
+            10,
+            "the task closed on C",
+            |e| matches!(e, Event::TaskClosed { task_id } if *task_id == tid),
+        )
         .await;
         rc.request(&Request::Payload {
             task_id: tid.clone(),
@@ -92,9 +101,12 @@ fn a_task_crosses_three_replicas_and_settles_with_exact_balances() {
         })
         .await
         .expect("payload through A");
-        expect_event(&mut c1, 10, "the payload on B", |e| {
-            matches!(e, Event::Payload { data, .. } if data == "cGF5bG9hZA==")
-        })
+        expect_event(
+            &mut c1,
+            10,
+            "the payload on B",
+            |e| matches!(e, Event::Payload { data, .. } if data == "cGF5bG9hZA=="),
+        )
         .await;
         c1.request(&Request::Deliver {
             task_id: tid.clone(),
@@ -103,9 +115,12 @@ fn a_task_crosses_three_replicas_and_settles_with_exact_balances() {
         })
         .await
         .expect("deliver through B");
-        expect_event(&mut rc, 10, "the result on A", |e| {
-            matches!(e, Event::Delivered { task_id, .. } if *task_id == tid)
-        })
+        expect_event(
+            &mut rc,
+            10,
+            "the result on A",
+            |e| matches!(e, Event::Delivered { task_id, .. } if *task_id == tid),
+        )
         .await;
         let v = rc
             .request(&Request::Settle {
@@ -130,7 +145,10 @@ fn a_task_crosses_three_replicas_and_settles_with_exact_balances() {
         assert!(h.contains("\"database\":\"up\""), "{h}");
         let m = r.http_get("/metrics");
         assert!(m.contains("cmm_market_db_up{replica="), "per-replica label: {m}");
-        assert!(m.contains("cmm_market_db_batch_seconds_count{replica="), "database latency: {m}");
+        assert!(
+            m.contains("cmm_market_db_batch_seconds_count{replica="),
+            "database latency: {m}"
+        );
     }
 }
 
@@ -159,7 +177,11 @@ fn two_providers_racing_on_two_replicas_never_both_win() {
             let (a1, a2) = tokio::join!(c1.request(&accept), c2.request(&accept));
             let winner = match (&a1, &a2) {
                 (Ok(_), Err(e)) | (Err(e), Ok(_)) => {
-                    assert_eq!(e.reason(), Some(Reason::AlreadyTaken), "race {race}: the loser is told why: {e}");
+                    assert_eq!(
+                        e.reason(),
+                        Some(Reason::AlreadyTaken),
+                        "race {race}: the loser is told why: {e}"
+                    );
                     if a1.is_ok() {
                         wins1 += 1;
                         &c1
@@ -178,9 +200,12 @@ fn two_providers_racing_on_two_replicas_never_both_win() {
                 })
                 .await
                 .expect("deliver");
-            rc.request(&Request::Settle { task_id: tid, attempt: 1 })
-                .await
-                .expect("settle");
+            rc.request(&Request::Settle {
+                task_id: tid,
+                attempt: 1,
+            })
+            .await
+            .expect("settle");
         }
         assert_eq!(wins1 + wins2, 200);
         assert_eq!(balance(&rc).await, 100_000 - 200, "one ask paid per race");
@@ -268,7 +293,10 @@ fn kill_9_of_replicas_in_a_stream_loses_nothing_acknowledged_and_applies_nothing
     let runtime = rt();
     let mut cycles = 0u64;
     let mut tasks = BTreeSet::new();
-    let (mut rq, mut pv) = (Sticky::new(&r, endpoints.clone(), 0), Sticky::new(&p, endpoints.clone(), 1));
+    let (mut rq, mut pv) = (
+        Sticky::new(&r, endpoints.clone(), 0),
+        Sticky::new(&p, endpoints.clone(), 1),
+    );
     runtime.block_on(async {
         pv.once(&offer(1)).await.expect("offer");
     });
@@ -314,9 +342,12 @@ fn kill_9_of_replicas_in_a_stream_loses_nothing_acknowledged_and_applies_nothing
                 })
                 .await
                 .expect("deliver");
-                rq.once(&Request::Settle { task_id: tid, attempt: 1 })
-                    .await
-                    .expect("settle");
+                rq.once(&Request::Settle {
+                    task_id: tid,
+                    attempt: 1,
+                })
+                .await
+                .expect("settle");
                 cycles += 1;
             }
         });
@@ -335,10 +366,7 @@ fn kill_9_of_replicas_in_a_stream_loses_nothing_acknowledged_and_applies_nothing
             .unwrap();
         let mut states = BTreeMap::new();
         for t in &tasks {
-            let v = rq
-                .once(&Request::Task { task_id: t.clone() })
-                .await
-                .expect("task");
+            let v = rq.once(&Request::Task { task_id: t.clone() }).await.expect("task");
             *states
                 .entry(v["state"].as_str().unwrap_or("?").to_string())
                 .or_insert(0) += 1;
@@ -406,7 +434,8 @@ fn a_database_outage_is_refused_as_unavailable_and_recovered_from_by_itself() {
         cluster.start_again();
         let before = acked.len();
         let back = wait_until(Duration::from_secs(20), || {
-            rs.iter().all(|s| s.http_get("/healthz").contains("\"database\":\"up\""))
+            rs.iter()
+                .all(|s| s.http_get("/healthz").contains("\"database\":\"up\""))
         });
         assert!(back, "the replicas did not see the database again");
         // The old sessions may have been closed by the outage: new ones.
@@ -445,7 +474,10 @@ fn a_database_outage_is_refused_as_unavailable_and_recovered_from_by_itself() {
         (before, acked.len())
     });
     let v = rs[0].verify();
-    assert_eq!(v["report"]["tasks"], acked_after as i64, "no unacknowledged post was applied: {v:#}");
+    assert_eq!(
+        v["report"]["tasks"], acked_after as i64,
+        "no unacknowledged post was applied: {v:#}"
+    );
     eprintln!("{acked_before} posts acknowledged before and during the outage, {acked_after} in all");
     assert!(rs[0].metric("cmm_market_rejects_total{reason=\"unavailable\"}") > 0);
 }

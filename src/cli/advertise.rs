@@ -43,7 +43,7 @@ pub struct Args {
     /// Stop after this many seconds (default: run until Ctrl-C; at most 31536000, a year)
     #[arg(long = "for", value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
     pub for_secs: Option<u64>,
-    /// Coordinator URL (default: `market.endpoint`)
+    /// Coordinator URL, or replicas as a comma-separated list tried in order (default: `market.endpoint`)
     #[arg(long)]
     pub endpoint: Option<String>,
 }
@@ -119,7 +119,15 @@ fn show(p: &Printer, ev: &ProviderEvent) {
 fn describe(ev: &ProviderEvent) -> String {
     let or_unknown = |s: Option<&str>| s.unwrap_or("?").to_string();
     match ev {
-        ProviderEvent::Connected { node_id, balance, .. } => format!("connected as {node_id} (balance {balance} RUV)"),
+        ProviderEvent::Connected {
+            node_id,
+            balance,
+            endpoint,
+            ..
+        } => format!("connected as {node_id} (balance {balance} RUV) at {endpoint}"),
+        ProviderEvent::Failover { endpoint, from } => {
+            format!("connection to {from} lost; now using {endpoint} (leases held carry on)")
+        }
         ProviderEvent::Offer { offer } => format!("offer {} registered until {}", offer.offer_id, offer.expires),
         ProviderEvent::TaskOffered {
             task: t,

@@ -41,7 +41,7 @@ pub enum Sub {
 
 #[derive(Debug, clap::Args)]
 pub struct AnchorArgs {
-    /// Coordinator to ask (default: market.endpoint)
+    /// Coordinator to ask, or replicas as a comma-separated list tried in order (default: market.endpoint)
     #[arg(long, value_name = "URL")]
     pub endpoint: Option<String>,
 }
@@ -140,8 +140,9 @@ fn verify(ctx: &Ctx) -> Result<Exit> {
 /// `audit anchor`: verify, sign a checkpoint at the head, and have the
 /// coordinator countersign it (docs/PROTOCOL.md, "anchor").
 fn anchor(ctx: &Ctx, args: AnchorArgs) -> Result<Exit> {
-    let endpoint = crate::market::client::endpoint(args.endpoint, &ctx.config()?.settings().market.endpoint)?;
-    let cosig = crate::runtime::current_thread()?.block_on(crate::market::anchor::anchor(&ctx.paths, &endpoint))?;
+    let endpoints =
+        crate::market::client::Endpoints::resolve(args.endpoint, &ctx.config()?.settings().market.endpoint)?;
+    let cosig = crate::runtime::current_thread()?.block_on(crate::market::anchor::anchor(&ctx.paths, &endpoints))?;
     let p = ctx.out();
     if p.json {
         p.json(json!({ "ok": true, "anchor": cosig }));

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use crate::cli::progress::{ok, render_settled, show_step};
 use crate::context::{Ctx, Printer};
 use crate::market::bid::{self, BidAction, BidOptions, BidOutcome, PostOptions};
-use crate::market::client;
+use crate::market::client::Endpoints;
 use crate::market::requester::RequesterEvent;
 
 #[derive(Debug, clap::Args)]
@@ -48,7 +48,7 @@ pub struct Args {
     /// Only providers with at least this reputation (0 to 1) may take it
     #[arg(long, value_parser = parse_reputation)]
     pub min_reputation: Option<f64>,
-    /// Coordinator URL (default: `market.endpoint`)
+    /// Coordinator URL, or replicas as a comma-separated list tried in order (default: `market.endpoint`)
     #[arg(long)]
     pub endpoint: Option<String>,
     /// Stay until the result: send the payload encrypted to the assigned provider,
@@ -70,7 +70,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<Exit> {
     let cfg = ctx.config()?;
     // Refused before a prompt is read from stdin.
     bid::check_price(cfg.settings(), a.max_price)?;
-    let endpoint = client::endpoint(a.endpoint.clone(), &cfg.settings().market.endpoint)?;
+    let endpoint = Endpoints::resolve(a.endpoint.clone(), &cfg.settings().market.endpoint)?;
     let action = match &a.task_id {
         Some(task_id) => BidAction::Raise {
             task_id: task_id.clone(),

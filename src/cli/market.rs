@@ -15,7 +15,7 @@ use serde_json::json;
 use crate::cli::progress::{ok, render_settled, show_step};
 use crate::context::{Ctx, Printer};
 use crate::exit::{Exit, Failure, Result};
-use crate::market::client;
+use crate::market::client::Endpoints;
 use crate::market::collect::{self, CollectOptions, Collected};
 use crate::market::grant::{self, GrantOptions};
 use crate::market::reply::StatusView;
@@ -59,7 +59,7 @@ pub enum MarketCommand {
 pub struct ResultArgs {
     /// The task id `bid` printed
     pub task_id: String,
-    /// Coordinator URL (default: `market.endpoint`)
+    /// Coordinator URL, or replicas as a comma-separated list tried in order (default: `market.endpoint`)
     #[arg(long)]
     pub endpoint: Option<String>,
     /// Seconds to wait for the result (default: until the task's deadline + 30 s;
@@ -173,7 +173,7 @@ pub struct ServeArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
-    /// Coordinator URL (default: `market.endpoint`)
+    /// Coordinator URL, or replicas as a comma-separated list tried in order (default: `market.endpoint`)
     #[arg(long)]
     pub endpoint: Option<String>,
 }
@@ -215,7 +215,7 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
 
 fn result(ctx: &Ctx, a: ResultArgs) -> Result<Exit> {
     let opts = CollectOptions {
-        endpoint: client::endpoint(a.endpoint, &ctx.config()?.settings().market.endpoint)?,
+        endpoint: Endpoints::resolve(a.endpoint, &ctx.config()?.settings().market.endpoint)?,
         task_id: a.task_id,
         wait: (!a.no_wait).then(|| a.timeout.map(Duration::from_secs)),
     };
@@ -349,8 +349,9 @@ fn serve(ctx: &Ctx, a: ServeArgs) -> Result<Exit> {
 }
 
 fn status(ctx: &Ctx, a: StatusArgs) -> Result<Exit> {
-    let endpoint = client::endpoint(a.endpoint, &ctx.config()?.settings().market.endpoint)?;
-    let v = crate::runtime::current_thread()?.block_on(crate::market::status::status(&ctx.paths, &endpoint))?;
+    let endpoints = Endpoints::resolve(a.endpoint, &ctx.config()?.settings().market.endpoint)?;
+    let (endpoint, v) =
+        crate::runtime::current_thread()?.block_on(crate::market::status::status(&ctx.paths, &endpoints))?;
     let p = ctx.out();
     if p.json {
         p.json(json!({ "ok": true, "endpoint": endpoint, "status": v }));

@@ -222,6 +222,9 @@ pub fn requester_line(ev: &RequesterEvent) -> String {
             error.as_deref().unwrap_or("no report")
         ),
         RequesterEvent::Refunded { amount, why, .. } => format!("refunded {amount} RUV: {why}"),
+        RequesterEvent::Failover { endpoint, from } => {
+            format!("connection to {from} lost; now using {endpoint}, carrying on with the task")
+        }
         RequesterEvent::Warning { message } => message.clone(),
     }
 }

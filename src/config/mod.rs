@@ -57,6 +57,9 @@ pub enum Kind {
     },
     /// A comma-separated list (`null` when unset), each item checked.
     OptList(ListItem),
+    /// Market coordinator replicas: a `ws://` / `wss://` URL, or a
+    /// comma-separated list of them tried in order.
+    Endpoints,
 }
 
 /// What the items of an [`Kind::OptList`] must be.
@@ -301,9 +304,9 @@ pub const SCHEMA: &[KeyDef] = &[
     ),
     key!(
         "market.endpoint",
-        Kind::Str,
+        Kind::Endpoints,
         r#""ws://127.0.0.1:7700""#,
-        "Market coordinator WebSocket URL"
+        "Market coordinator WebSocket URL, or replicas of one market as a comma-separated list tried in order"
     ),
     key!(
         "market.defaultPrice",
@@ -537,6 +540,7 @@ pub fn kind_help(kind: Kind) -> String {
         }
         Kind::OptList(ListItem::Model) => "comma-separated model names, or `none` to clear".into(),
         Kind::OptList(ListItem::NodeId) => "comma-separated node ids (64 hex digits), or `none` to clear".into(),
+        Kind::Endpoints => "a ws:// or wss:// URL, or a comma-separated list of them tried in order".into(),
     }
 }
 
@@ -553,6 +557,7 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::Usd { .. } => "usd",
         Kind::OptUsd { .. } => "usd|null",
         Kind::OptList(_) => "list|null",
+        Kind::Endpoints => "string",
     }
 }
 
@@ -607,7 +612,7 @@ pub fn parse_text(d: &KeyDef, text: &str) -> Result<Value, String> {
                     .unwrap_or(Value::Null),
             )
         }
-        Kind::OptList(_) => check(d, &Value::String(t.to_string())),
+        Kind::OptList(_) | Kind::Endpoints => check(d, &Value::String(t.to_string())),
         Kind::Str | Kind::OptStr | Kind::Size { .. } | Kind::Enum(_) | Kind::OptEnum(_) => {
             check(d, &Value::String(t.to_string()))
         }
@@ -658,6 +663,9 @@ pub fn check(d: &KeyDef, v: &Value) -> Result<Value, String> {
             }
             Ok(Value::String(items.join(",")))
         }
+        (Kind::Endpoints, Value::String(s)) => crate::market::client::Endpoints::parse(s)
+            .map(|e| Value::String(e.to_string()))
+            .map_err(|e| e.to_string()),
         (Kind::Str, Value::String(s)) | (Kind::OptStr, Value::String(s)) => {
             if s.is_empty() && matches!(d.kind, Kind::Str) {
                 Err("must not be empty".into())
@@ -1139,6 +1147,21 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn the_market_endpoint_takes_a_list_of_replicas() {
+        let d = def("market.endpoint").unwrap();
+        assert_eq!(parse_text(d, "ws://a:1").unwrap(), Value::from("ws://a:1"));
+        assert_eq!(
+            parse_text(d, " ws://a:1 , wss://b:2 ").unwrap(),
+            Value::from("ws://a:1,wss://b:2")
+        );
+        let e = parse_text(d, "ws://a:1,http://b:2").unwrap_err();
+        assert!(e.contains("`http://b:2`"), "{e}");
+        let e = parse_text(d, "ws://a:1,,ws://b:2").unwrap_err();
+        assert!(e.contains("empty item (item 2)"), "{e}");
+        assert!(check(d, &Value::from(3)).is_err());
     }
 
     #[test]

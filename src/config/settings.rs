@@ -76,7 +76,8 @@ pub struct Limits {
 pub struct Market {
     /// The coordinator's store (`market.db`): empty for the default file.
     pub db: String,
-    /// The raw value: one endpoint today.
+    /// The raw value: one coordinator URL, or a comma-separated list of
+    /// replicas (parsed by `market::client::Endpoints`).
     pub endpoint: String,
     pub default_price: u64,
     pub max_bid_price: u64,

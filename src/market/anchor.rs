@@ -9,13 +9,14 @@
 use crate::audit::{AuditError, AuditLog};
 use crate::crypto::keys::Identity;
 use crate::exit::{Exit, Failure, Result};
-use crate::market::client::Client;
+use crate::market::client::{Endpoints, Failover};
 use crate::market::protocol::Event;
 use crate::market::server::anchor::{self, Cosignature};
 use crate::paths::Paths;
 
-/// Anchor this node's audit log at `endpoint`; returns the cosignature kept.
-pub async fn anchor(paths: &Paths, endpoint: &str) -> Result<Cosignature> {
+/// Anchor this node's audit log at the first of `endpoints` that answers;
+/// returns the cosignature kept.
+pub async fn anchor(paths: &Paths, endpoints: &Endpoints) -> Result<Cosignature> {
     let log = AuditLog::new(paths);
     let id = Identity::load_or_generate(paths)?;
     log.recover()?;
@@ -26,7 +27,7 @@ pub async fn anchor(paths: &Paths, endpoint: &str) -> Result<Cosignature> {
     let Some(cp) = cp.filter(|c| c.sig.is_some()) else {
         return Err(Failure::new(Exit::Failed, "no signed checkpoint to anchor").into());
     };
-    let client = Client::connect(endpoint, &id).await?;
+    let client = Failover::new(endpoints.clone()).connect(&id).await?;
     let rid = client.next_id();
     let answer = client.exchange(&rid, &anchor::encode_request(&rid, &cp)).await?;
     client.close();

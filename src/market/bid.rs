@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::audit::{AuditLog, Event};
 use crate::config::Settings;
 use crate::crypto::keys::Identity;
-use crate::market::client::call_once;
+use crate::market::client::{call_once, Endpoints};
 use crate::market::pending;
 use crate::market::protocol::{Request, TaskView};
 use crate::market::reply::{Posted, Raised};
@@ -48,7 +48,8 @@ pub enum BidAction {
 
 #[derive(Debug, Clone)]
 pub struct BidOptions {
-    pub endpoint: String,
+    /// The coordinator replicas, tried in order.
+    pub endpoint: Endpoints,
     /// Most RUV to pay; at most `market.maxBidPrice`.
     pub max_price: u64,
     pub action: BidAction,
@@ -143,7 +144,12 @@ pub async fn bid(
     })
 }
 
-async fn raise(paths: &Paths, endpoint: &str, task_id: &str, max_price: u64) -> Result<BidOutcome, RequesterError> {
+async fn raise(
+    paths: &Paths,
+    endpoint: &Endpoints,
+    task_id: &str,
+    max_price: u64,
+) -> Result<BidOutcome, RequesterError> {
     let audit = AuditLog::new(paths);
     let id = Identity::load_or_generate(paths)?;
     let req = Request::Raise {
@@ -200,7 +206,7 @@ impl Posting<'_> {
     /// cut short.
     async fn wait(
         &self,
-        endpoint: &str,
+        endpoint: &Endpoints,
         req: &Request,
         wait: Duration,
         progress: Report<'_>,

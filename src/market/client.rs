@@ -2,13 +2,20 @@
 //! to requests by message id. Events the coordinator pushes (task offers,
 //! lease lapses, deliveries) arrive on [`Client::events`].
 //!
+//! A node may know several coordinator replicas ([`Endpoints`], the one
+//! parser of `market.endpoint` and `--endpoint`): [`Failover`] connects to
+//! the first that answers, in list order, and after a lost session starts
+//! with the one after it. [`Link`] is the session a long-lived node is on
+//! now, so work that outlives one connection (a held lease) carries on on
+//! the next.
+//!
 //! [`Client::call`] reads each reply into its typed [`Reply`];
 //! [`Client::request`] hands back the raw JSON for tools that speak the wire
 //! directly. This module owns the session and nothing above it: it must not
 //! decide on tasks, write the audit log or print.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,7 +23,7 @@ use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -58,6 +65,8 @@ pub enum ClientError {
     Protocol(String),
     #[error("market endpoint `{0}` is not a ws:// or wss:// URL")]
     BadEndpoint(String),
+    #[error("market endpoint list `{list}` has an empty item (item {position})")]
+    EmptyEndpoint { list: String, position: usize },
 }
 
 impl ClientError {
@@ -82,7 +91,7 @@ impl HasExit for ClientError {
         match self {
             ClientError::Unavailable { .. } | ClientError::Closed | ClientError::Timeout(_) => Exit::Unavailable,
             ClientError::Protocol(_) => Exit::Failed,
-            ClientError::BadEndpoint(_) => Exit::Usage,
+            ClientError::BadEndpoint(_) | ClientError::EmptyEndpoint { .. } => Exit::Usage,
             ClientError::Rejected { reason, .. } => match reason {
                 Reason::InsufficientBalance | Reason::ReputationTooLow | Reason::NoMatchingOffer => Exit::Refused,
                 Reason::BadSignature | Reason::BadChallenge | Reason::BadIdentity => Exit::Integrity,
@@ -98,9 +107,11 @@ impl HasExit for ClientError {
                 "start a coordinator with `claude-max-market market serve`, or point `--endpoint` / `market.endpoint` at one"
                     .into(),
             ),
-            ClientError::BadEndpoint(_) => {
-                Some("set it with `claude-max-market config --set market.endpoint=ws://HOST:PORT`".into())
-            }
+            ClientError::BadEndpoint(_) | ClientError::EmptyEndpoint { .. } => Some(
+                "set it with `claude-max-market config --set market.endpoint=ws://HOST:PORT` (several replicas: \
+                 `ws://HOST1:PORT,ws://HOST2:PORT`, tried in that order)"
+                    .into(),
+            ),
             ClientError::Rejected {
                 reason: Reason::InsufficientBalance,
                 ..
@@ -116,6 +127,10 @@ type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Event>>>>;
 pub struct Client {
     out: mpsc::UnboundedSender<Message>,
     pending: Pending,
+    /// Cleared when the connection is gone (no reply will come).
+    alive: Arc<AtomicBool>,
+    /// The endpoint this session is connected to.
+    pub endpoint: String,
     /// Events pushed by the coordinator (and errors not tied to a request).
     pub events: mpsc::UnboundedReceiver<Event>,
     pub node_id: String,
@@ -201,6 +216,7 @@ impl Client {
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let pending: Pending = Arc::default();
+        let alive = Arc::new(AtomicBool::new(true));
         tokio::spawn(async move {
             while let Some(m) = out_rx.recv().await {
                 let close = matches!(m, Message::Close(_));
@@ -210,6 +226,7 @@ impl Client {
             }
         });
         let p2 = pending.clone();
+        let alive2 = alive.clone();
         tokio::spawn(async move {
             while let Some(Ok(m)) = stream.next().await {
                 let Message::Text(t) = m else { continue };
@@ -233,7 +250,9 @@ impl Client {
                     }
                 }
             }
-            // Connection gone: wake every waiter with `Closed`.
+            // Connection gone: wake every waiter with `Closed` (a request
+            // sent from now on sees `alive` cleared).
+            alive2.store(false, Ordering::SeqCst);
             if let Ok(mut p) = p2.lock() {
                 p.clear();
             }
@@ -243,6 +262,8 @@ impl Client {
         Ok(Client {
             out: out_tx,
             pending,
+            alive,
+            endpoint: endpoint.to_string(),
             events: ev_rx,
             node_id,
             balance,
@@ -302,7 +323,12 @@ impl Client {
             .lock()
             .map_err(|_| ClientError::Closed)?
             .insert(id.to_string(), tx);
-        if self.out.send(Message::text(text.to_string())).is_err() {
+        // Registered before the check: the reader clears `alive` before it
+        // drops the waiters, so a waiter it missed sees the flag here.
+        if !self.alive.load(Ordering::SeqCst) || self.out.send(Message::text(text.to_string())).is_err() {
+            if let Ok(mut p) = self.pending.lock() {
+                p.remove(id);
+            }
             return Err(ClientError::Closed);
         }
         match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
@@ -340,40 +366,235 @@ impl Client {
     pub fn close(&self) {
         let _ = self.out.send(Message::Close(None));
     }
+
+    /// Whether the connection is gone.
+    pub fn is_closed(&self) -> bool {
+        !self.alive.load(Ordering::SeqCst)
+    }
 }
 
-/// The coordinator URL: `flag`, else `configured` (`market.endpoint`, env
-/// and file already folded in); it must be a WebSocket URL.
-pub fn endpoint(flag: Option<String>, configured: &str) -> Result<String, ClientError> {
-    let e = flag.unwrap_or_else(|| configured.to_string());
-    if e.starts_with("ws://") || e.starts_with("wss://") {
-        Ok(e)
-    } else {
-        Err(ClientError::BadEndpoint(e))
+/// The coordinator replicas a node uses, in the order it tries them:
+/// `market.endpoint` or `--endpoint`, one `ws://` / `wss://` URL or a
+/// comma-separated list of them (spaces around commas allowed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoints(Vec<String>);
+
+impl Endpoints {
+    /// Parse a list; an empty item or a non-WebSocket URL is refused,
+    /// naming it.
+    pub fn parse(text: &str) -> Result<Endpoints, ClientError> {
+        let mut urls = Vec::new();
+        for (i, item) in text.split(',').map(str::trim).enumerate() {
+            if item.is_empty() {
+                return Err(ClientError::EmptyEndpoint {
+                    list: text.to_string(),
+                    position: i + 1,
+                });
+            }
+            let rest = item
+                .strip_prefix("ws://")
+                .or_else(|| item.strip_prefix("wss://"))
+                .unwrap_or_default();
+            let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+            if host.is_empty() || item.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(ClientError::BadEndpoint(item.to_string()));
+            }
+            urls.push(item.to_string());
+        }
+        Ok(Endpoints(urls))
+    }
+
+    /// `flag`, else `configured` (`market.endpoint`, env and file already
+    /// folded in).
+    pub fn resolve(flag: Option<String>, configured: &str) -> Result<Endpoints, ClientError> {
+        Endpoints::parse(flag.as_deref().unwrap_or(configured))
+    }
+
+    /// The URLs, in the order they are tried (never empty).
+    pub fn urls(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Endpoints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join(","))
+    }
+}
+
+/// Which replica to try next: connects to the first of the list that
+/// answers, in order; after a lost session, from the one after it.
+#[derive(Debug, Clone)]
+pub struct Failover {
+    endpoints: Endpoints,
+    next: usize,
+    current: Option<usize>,
+}
+
+impl Failover {
+    pub fn new(endpoints: Endpoints) -> Failover {
+        Failover {
+            endpoints,
+            next: 0,
+            current: None,
+        }
+    }
+
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
+    }
+
+    /// The endpoint of the last session made.
+    pub fn current(&self) -> Option<&str> {
+        self.current.map(|i| self.endpoints.0[i].as_str())
+    }
+
+    /// One round: each endpoint once, from the next one, moving on at once
+    /// when one is unreachable. A refusal that is not about reachability
+    /// (a bad signature, ...) ends the round: every replica would say it.
+    /// When all fail, the error names each.
+    pub async fn connect(&mut self, signer: &dyn Signer) -> Result<Client, ClientError> {
+        let urls = &self.endpoints.0;
+        let mut failures = Vec::new();
+        for k in 0..urls.len() {
+            let i = (self.next + k) % urls.len();
+            match Client::connect(&urls[i], signer).await {
+                Ok(c) => {
+                    self.current = Some(i);
+                    self.next = i;
+                    return Ok(c);
+                }
+                Err(e) if e.is_transient() => failures.push(e),
+                Err(e) => return Err(e),
+            }
+        }
+        if failures.len() == 1 {
+            return Err(failures.remove(0));
+        }
+        let detail = failures
+            .iter()
+            .map(|e| match e {
+                ClientError::Unavailable { endpoint, detail } => format!("{endpoint}: {detail}"),
+                e => e.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        Err(ClientError::Unavailable {
+            endpoint: self.endpoints.to_string(),
+            detail: format!("no replica answered ({detail})"),
+        })
+    }
+
+    /// The last session was lost: the next round starts after its endpoint,
+    /// so a replica that just went away is not the first tried again.
+    pub fn lost(&mut self) {
+        if let Some(i) = self.current {
+            self.next = (i + 1) % self.endpoints.0.len();
+        }
     }
 }
 
 /// Send one request on its own session, retrying on a fresh connection
-/// under the same message id if the connection fails, so a lost reply
-/// never applies it twice.
-pub async fn call_once<R: Reply>(endpoint: &str, signer: &dyn Signer, req: &Request) -> Result<R, ClientError> {
+/// (the next replica first) under the same message id if the connection
+/// fails, so a lost reply never applies it twice.
+pub async fn call_once<R: Reply>(endpoints: &Endpoints, signer: &dyn Signer, req: &Request) -> Result<R, ClientError> {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+    let mut failover = Failover::new(endpoints.clone());
     let mut msg_id = None;
     let mut tries = 0;
     loop {
         tries += 1;
-        let attempt = async {
-            let client = Client::connect(endpoint, signer).await?;
-            let mid = msg_id.get_or_insert_with(|| client.next_id()).clone();
-            let r = client.call_with_id(&mid, req).await;
-            client.close();
-            r
-        };
-        match attempt.await {
+        let client = match failover.connect(signer).await {
+            Ok(c) => c,
             Err(e) if e.is_transient() && tries < 4 && msg_id.is_some() => {
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let mid = msg_id.get_or_insert_with(|| client.next_id()).clone();
+        let r = client.call_with_id(&mid, req).await;
+        client.close();
+        match r {
+            Err(e) if e.is_transient() && tries < 4 => {
+                if e.reason().is_none() {
+                    // The connection failed, not the request: the next replica
+                    // is tried at once, the same one after a pause.
+                    failover.lost();
+                    if endpoints.urls().len() > 1 {
+                        continue;
+                    }
+                }
                 tokio::time::sleep(backoff.next_delay()).await;
             }
             other => return other,
+        }
+    }
+}
+
+/// The session a long-lived node is on now, replaced on each reconnect
+/// (`None` between sessions). Work that outlives one connection calls
+/// through it and carries on on the next session.
+#[derive(Clone)]
+pub struct Link(Arc<watch::Sender<Option<Arc<Client>>>>);
+
+impl Default for Link {
+    fn default() -> Self {
+        Link::new()
+    }
+}
+
+impl Link {
+    pub fn new() -> Link {
+        Link(Arc::new(watch::channel(None).0))
+    }
+
+    /// Put `client` in use (`None`: the session is gone).
+    pub fn set(&self, client: Option<Arc<Client>>) {
+        self.0.send_replace(client);
+    }
+
+    /// The session in use, if it is still connected.
+    pub fn current(&self) -> Option<Arc<Client>> {
+        self.0.borrow().clone().filter(|c| !c.is_closed())
+    }
+
+    /// Hears of every change of session.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Client>>> {
+        self.0.subscribe()
+    }
+
+    /// A connected session, waiting until `until` for one.
+    async fn session(&self, until: tokio::time::Instant) -> Result<Arc<Client>, ClientError> {
+        let mut rx = self.subscribe();
+        let live = rx.wait_for(|c| c.as_ref().is_some_and(|c| !c.is_closed()));
+        let got = match tokio::time::timeout_at(until, live).await {
+            Ok(Ok(c)) => c.clone(),
+            _ => None,
+        };
+        got.ok_or(ClientError::Closed)
+    }
+
+    /// Call `req` under one message id on the session in use; if that
+    /// session is lost before the answer, send it again under the same id
+    /// on the next one, for up to `wait`: it applies once whichever
+    /// replica answers.
+    pub async fn call<R: Reply>(&self, req: &Request, wait: Duration) -> Result<R, ClientError> {
+        let until = tokio::time::Instant::now() + wait;
+        let mut msg_id = None;
+        loop {
+            let client = self.session(until).await?;
+            let mid = msg_id.get_or_insert_with(|| client.next_id()).clone();
+            match client.call_with_id(&mid, req).await {
+                Err(e) if e.is_transient() && tokio::time::Instant::now() < until => {
+                    if !client.is_closed() {
+                        // Rate limited or slow, on a live session: pause before asking again.
+                        let pause = tokio::time::Instant::now() + Duration::from_millis(250);
+                        tokio::time::sleep_until(pause.min(until)).await;
+                    }
+                }
+                other => return other,
+            }
         }
     }
 }
@@ -416,5 +637,55 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn an_endpoint_list_parses_in_order_and_refuses_bad_items_by_name() {
+        let e = Endpoints::parse("ws://a:1").unwrap();
+        assert_eq!(e.urls(), ["ws://a:1"]);
+        let e = Endpoints::parse(" ws://a:1 , wss://b:2/x,ws://c:3").unwrap();
+        assert_eq!(e.urls(), ["ws://a:1", "wss://b:2/x", "ws://c:3"]);
+        assert_eq!(e.to_string(), "ws://a:1,wss://b:2/x,ws://c:3");
+        for (bad, item) in [
+            ("http://a:1", "http://a:1"),
+            ("ws://a:1,http://b:2", "http://b:2"),
+            ("ws://a:1, ftp://x", "ftp://x"),
+            ("ws://", "ws://"),
+            ("ws:///path", "ws:///path"),
+        ] {
+            match Endpoints::parse(bad) {
+                Err(ClientError::BadEndpoint(i)) => assert_eq!(i, item, "{bad}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        for (bad, position) in [("", 1), ("ws://a:1,", 2), ("ws://a:1,,ws://b:2", 2), (" , ws://a:1", 1)] {
+            let e = Endpoints::parse(bad).unwrap_err();
+            assert!(
+                matches!(e, ClientError::EmptyEndpoint { position: p, .. } if p == position),
+                "{bad}: {e:?}"
+            );
+            assert_eq!(e.exit(), Exit::Usage);
+            assert!(e.to_string().contains(&format!("item {position}")), "{e}");
+        }
+        assert_eq!(Endpoints::parse("x").unwrap_err().exit(), Exit::Usage);
+        // The flag wins over the configured value.
+        let e = Endpoints::resolve(Some("ws://flag:1".into()), "ws://cfg:2").unwrap();
+        assert_eq!(e.urls(), ["ws://flag:1"]);
+        let e = Endpoints::resolve(None, "ws://cfg:2, ws://cfg:3").unwrap();
+        assert_eq!(e.urls().len(), 2);
+    }
+
+    #[test]
+    fn a_lost_session_moves_the_next_round_past_its_endpoint() {
+        let mut f = Failover::new(Endpoints::parse("ws://a:1,ws://b:2,ws://c:3").unwrap());
+        assert_eq!(f.current(), None);
+        f.lost();
+        assert_eq!(f.next, 0, "nothing lost before a first session");
+        f.current = Some(2);
+        f.lost();
+        assert_eq!(f.next, 0, "wraps around");
+        f.current = Some(0);
+        f.lost();
+        assert_eq!(f.next, 1);
     }
 }

@@ -24,7 +24,8 @@ use crate::paths::Paths;
 
 #[derive(Debug, Clone)]
 pub struct CollectOptions {
-    pub endpoint: String,
+    /// The coordinator replicas, tried in order.
+    pub endpoint: crate::market::client::Endpoints,
     pub task_id: String,
     /// `None`: one look. `Some(None)`: until the task's deadline + 30 s.
     pub wait: Option<Option<Duration>>,

@@ -5,6 +5,11 @@
 //! job failed). It audits what it does with the task (`market.delivered`,
 //! `market.abandoned`, ...) and reports each step as a [`ProviderEvent`];
 //! it must not print or decide on offers (the provider loop does).
+//!
+//! It calls the coordinator through the provider's [`Link`], not one
+//! connection: a lease outlives a lost session, and its renewals, delivery
+//! or give-back go out on the next one, under the same message id when a
+//! reply was lost (so each applies once).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +23,7 @@ use crate::caps::HeldReservation;
 use crate::config::Config;
 use crate::crypto::keys::{Identity, PublicIdentity};
 use crate::job::{self, Approval, ApprovedBy, Cancel, JobSource, JobSpec, Status, Unattended};
-use crate::market::client::Client;
+use crate::market::client::Link;
 use crate::market::own_nodes::subscription_gate;
 use crate::market::protocol::{AbandonReason, IdentityProof, Request};
 use crate::market::provider_event::ProviderEvent;
@@ -28,10 +33,13 @@ use crate::paths::Paths;
 
 /// Longest wait for the requester's payload after winning a lease.
 const PAYLOAD_WAIT: Duration = Duration::from_secs(60);
+/// Longest wait for a session to deliver or give back on, when none is up.
+const SESSION_WAIT: Duration = Duration::from_secs(60);
 
 /// One won lease, served to its end.
 pub(crate) struct Lease {
-    pub(crate) client: Arc<Client>,
+    /// The provider's session in use, replaced on each reconnect.
+    pub(crate) link: Link,
     pub(crate) me: Arc<Identity>,
     pub(crate) paths: Paths,
     pub(crate) image: Option<String>,
@@ -67,21 +75,30 @@ impl Lease {
         Duration::from_millis((left / 3).clamp(20, 10_000) as u64)
     }
 
-    /// Heartbeat the lease while the job runs; give it back if the job
-    /// cannot finish.
+    /// Heartbeat the lease while the job runs (at once on each new
+    /// session, too); give it back if the job cannot finish.
     pub(crate) async fn serve(self, payload: oneshot::Receiver<String>, cancel: Cancel) {
         let beat = self.heartbeat();
-        let (client, binding) = (self.client.clone(), self.binding.clone());
+        let (link, binding) = (self.link.clone(), self.binding.clone());
         let heartbeat = async move {
             let mut t = tokio::time::interval(beat);
             t.tick().await;
+            let mut sessions = link.subscribe();
+            sessions.mark_unchanged();
             loop {
-                t.tick().await;
+                tokio::select! {
+                    _ = t.tick() => {}
+                    changed = sessions.changed() => {
+                        if changed.is_err() || sessions.borrow_and_update().is_none() {
+                            continue;
+                        }
+                    }
+                }
                 let renew = Request::Renew {
                     task_id: binding.task_id.clone(),
                     attempt: binding.attempt,
                 };
-                if let Err(e) = client.call::<reply::Renewed>(&renew).await {
+                if let Err(e) = link.call::<reply::Renewed>(&renew, beat).await {
                     if !e.is_transient() {
                         // Fenced off: stop renewing. The coordinator's
                         // `lease_lapsed` cancels the job; the job itself is
@@ -107,10 +124,13 @@ impl Lease {
 
     async fn requester_identity(&self) -> Result<PublicIdentity, String> {
         let proof: IdentityProof = self
-            .client
-            .call(&Request::Identity {
-                node_id: self.requester.clone(),
-            })
+            .link
+            .call(
+                &Request::Identity {
+                    node_id: self.requester.clone(),
+                },
+                SESSION_WAIT,
+            )
             .await
             .map_err(|e| e.to_string())?;
         proof
@@ -258,7 +278,7 @@ impl Lease {
             attempt: b.attempt,
             data: sealed,
         };
-        match self.client.call::<reply::DeliveryHeld>(&deliver).await {
+        match self.link.call::<reply::DeliveryHeld>(&deliver, SESSION_WAIT).await {
             Ok(_) => {
                 self.audit(
                     Event::MarketDelivered,
@@ -283,13 +303,16 @@ impl Lease {
     async fn give_back(&self, reason: AbandonReason, why: &str, data: Option<String>) {
         let b = &self.binding;
         let r = self
-            .client
-            .call::<reply::Abandoned>(&Request::Abandon {
-                task_id: b.task_id.clone(),
-                attempt: b.attempt,
-                reason,
-                data,
-            })
+            .link
+            .call::<reply::Abandoned>(
+                &Request::Abandon {
+                    task_id: b.task_id.clone(),
+                    attempt: b.attempt,
+                    reason,
+                    data,
+                },
+                SESSION_WAIT,
+            )
             .await;
         self.audit(
             Event::MarketAbandoned,

@@ -10,7 +10,15 @@
 //! back encrypted to the requester and signed with task, attempt and payload
 //! hash. A failed job is reported (signed) and the lease given back, so the
 //! coordinator re-offers at once; so is every lease still held at shutdown.
-//! Reconnects with exponential backoff and jitter.
+//!
+//! A lost connection does not stop the jobs: a lease lives in the
+//! coordinator's database, not in the session, so its job keeps running
+//! and renews, delivers or gives back on the next session, under the same
+//! task and attempt. The session moves to the next coordinator replica
+//! ([`client::Failover`]) and the offer is registered again there; only
+//! when no replica answers does it wait, with exponential backoff and
+//! jitter. A lease the coordinator no longer honours (lapsed meanwhile) is
+//! refused at its next renewal, and its job is stopped.
 //!
 //! This module owns the provider's records too: every decision, lease,
 //! settlement and withdrawal is audited here as it happens. A won lease is
@@ -38,7 +46,7 @@ use crate::consent::{Consent, JOB_MARKET};
 use crate::crypto::keys::Identity;
 use crate::exit::{Exit, Failure, HasExit};
 use crate::job::{ApprovedBy, Cancel, CancelHandle};
-use crate::market::client::{self, Backoff, Client, ClientError};
+use crate::market::client::{Backoff, Client, ClientError, Endpoints, Failover, Link};
 use crate::market::lease::Lease;
 use crate::market::protocol::{Event, Request, TaskView};
 use crate::market::reply::{LeaseGranted, OfferRegistered, OfferWithdrawn, ReputationView};
@@ -54,7 +62,8 @@ pub type Ask = Arc<dyn Fn(String) -> Option<bool> + Send + Sync>;
 /// What to advertise and which offers to take on our own.
 #[derive(Clone)]
 pub struct AdvertiseSpec {
-    pub endpoint: String,
+    /// The coordinator replicas, tried in order.
+    pub endpoints: Endpoints,
     pub slots: u32,
     pub price: u64,
     pub models: Vec<String>,
@@ -212,7 +221,7 @@ async fn decide(paths: &Paths, spec: &AdvertiseSpec, client: &Client, task: &Tas
 /// What `advertise` was asked for, before the config narrows it.
 #[derive(Clone)]
 pub struct AdvertiseOptions {
-    /// Coordinator URL (default: `market.endpoint`).
+    /// Coordinator URL or comma-separated replicas (default: `market.endpoint`).
     pub endpoint: Option<String>,
     pub slots: u32,
     /// Default: `market.defaultPrice`.
@@ -290,7 +299,7 @@ fn resolve(cfg: &Config, opts: AdvertiseOptions) -> Result<AdvertiseSpec, Advert
             .into());
     }
     Ok(AdvertiseSpec {
-        endpoint: client::endpoint(opts.endpoint, &settings.endpoint)?,
+        endpoints: Endpoints::resolve(opts.endpoint, &settings.endpoint)?,
         slots: opts.slots,
         price: opts.price.unwrap_or(settings.default_price),
         models,
@@ -377,17 +386,18 @@ fn emit(audit: &AuditLog, report: Report<'_>, ev: &ProviderEvent) {
 
 /// How one connected session ended.
 enum SessionEnd {
-    /// `stop` resolved: the offer was withdrawn.
+    /// `stop` resolved: the jobs were stopped and the offer withdrawn.
     Stopped,
-    /// The connection was lost; reconnect.
+    /// The connection was lost after the offer was registered; reconnect.
     Lost,
     /// The offer could not be registered for a passing reason; reconnect.
     Retry,
 }
 
-/// Run until `stop` resolves, reconnecting when the connection is lost.
-/// `report` hears of every step; the ones worth a record are audited
-/// first. Jobs run as local tasks: call this inside a
+/// Run until `stop` resolves, reconnecting (the next replica first) when
+/// the connection is lost; held leases and their jobs carry on across
+/// sessions. `report` hears of every step; the ones worth a record are
+/// audited first. Jobs run as local tasks: call this inside a
 /// [`tokio::task::LocalSet`].
 pub async fn advertise(
     me: Arc<Identity>,
@@ -400,18 +410,29 @@ pub async fn advertise(
     let report = &mut |ev: &ProviderEvent| emit(&audit, &mut *report, ev);
     tokio::pin!(stop);
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+    let mut failover = Failover::new(spec.endpoints.clone());
     let mut first = true;
     let mut last_offer: Option<String> = None;
-    // Outlives each session: a job still giving its lease back when its
-    // session ended reports on the next one.
-    let (steps_tx, mut steps) = mpsc::unbounded_channel();
+    // The endpoint of the session that was lost, reported on the next one.
+    let mut lost_from: Option<String> = None;
+    let (steps_tx, steps) = mpsc::unbounded_channel();
+    let mut work = Work {
+        me: me.clone(),
+        paths,
+        spec,
+        link: Link::new(),
+        held: HashMap::new(),
+        running: tokio::task::JoinSet::new(),
+        steps_tx,
+        steps,
+    };
     loop {
-        let connect = Client::connect(&spec.endpoint, me.as_ref());
-        let client = tokio::select! {
-            _ = &mut stop => return Ok(()),
-            c = connect => c,
+        let connect = failover.connect(me.as_ref());
+        let Some(client) = work.meanwhile(report, &mut stop, connect).await else {
+            work.stop_jobs(report).await;
+            return Ok(());
         };
-        let client = match client {
+        let mut client = match client {
             Ok(c) => c,
             Err(e) if e.is_transient() && !first => {
                 let d = backoff.next_delay();
@@ -419,88 +440,150 @@ pub async fn advertise(
                     in_ms: d.as_millis() as u64,
                     error: e.to_string(),
                 });
-                tokio::select! {
-                    _ = &mut stop => return Ok(()),
-                    _ = tokio::time::sleep(d) => continue,
+                if work.meanwhile(report, &mut stop, tokio::time::sleep(d)).await.is_none() {
+                    work.stop_jobs(report).await;
+                    return Ok(());
                 }
+                continue;
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                work.stop_jobs(report).await;
+                return Err(e);
+            }
         };
         first = false;
-        backoff.reset();
-        let mut session = Session::new(client, me.clone(), paths, spec, (steps_tx.clone(), &mut steps));
-        match session.run(&mut last_offer, report, &mut stop).await? {
-            SessionEnd::Stopped => return Ok(()),
-            SessionEnd::Retry => continue,
-            SessionEnd::Lost => {}
+        report(&ProviderEvent::Connected {
+            node_id: client.node_id.clone(),
+            balance: client.balance,
+            granted: client.granted,
+            endpoint: client.endpoint.clone(),
+        });
+        if let Some(from) = lost_from.take() {
+            report(&ProviderEvent::Failover {
+                endpoint: client.endpoint.clone(),
+                from,
+            });
         }
-        let d = backoff.next_delay();
+        let events = std::mem::replace(&mut client.events, mpsc::unbounded_channel().1);
+        let client = Arc::new(client);
+        work.link.set(Some(client.clone()));
+        let end = work.session(&client, events, &mut last_offer, report, &mut stop).await;
+        work.link.set(None);
+        let end = match end {
+            Ok(end) => end,
+            Err(e) => {
+                work.stop_jobs(report).await;
+                return Err(e);
+            }
+        };
+        let d = match end {
+            SessionEnd::Stopped => return Ok(()),
+            // A session that got as far as its offer was a good one: with
+            // another replica to go to, go at once.
+            SessionEnd::Lost => {
+                backoff.reset();
+                if spec.endpoints.urls().len() > 1 {
+                    Duration::ZERO
+                } else {
+                    backoff.next_delay()
+                }
+            }
+            SessionEnd::Retry => backoff.next_delay(),
+        };
+        failover.lost();
+        lost_from = Some(client.endpoint.clone());
         report(&ProviderEvent::Disconnected {
             reconnect_in_ms: d.as_millis() as u64,
         });
-        tokio::select! {
-            _ = &mut stop => return Ok(()),
-            _ = tokio::time::sleep(d) => {}
+        if !d.is_zero() && work.meanwhile(report, &mut stop, tokio::time::sleep(d)).await.is_none() {
+            work.stop_jobs(report).await;
+            return Ok(());
         }
     }
 }
 
-/// One connected session: its offer, the leases it holds and their jobs.
-struct Session<'a> {
-    client: Arc<Client>,
-    events: mpsc::UnboundedReceiver<Event>,
+/// What outlives each session: the leases held and their jobs, the steps
+/// the jobs report, and the session they call through.
+struct Work<'a> {
     me: Arc<Identity>,
     paths: &'a Paths,
     spec: &'a AdvertiseSpec,
+    link: Link,
     held: HashMap<String, Held>,
     running: tokio::task::JoinSet<(String, u32)>,
-    /// Steps reported by the jobs, passed on by the session loop.
+    /// Steps reported by the jobs, passed on by the provider loop.
     steps_tx: mpsc::UnboundedSender<ProviderEvent>,
-    steps: &'a mut mpsc::UnboundedReceiver<ProviderEvent>,
+    steps: mpsc::UnboundedReceiver<ProviderEvent>,
 }
 
-/// The jobs' side and the session's side of the steps channel.
-type Steps<'a> = (
-    mpsc::UnboundedSender<ProviderEvent>,
-    &'a mut mpsc::UnboundedReceiver<ProviderEvent>,
-);
+impl Work<'_> {
+    /// Pass a job's step on; a lease the coordinator refused to renew is
+    /// gone, so its job is stopped.
+    fn on_step(&mut self, ev: ProviderEvent, report: Report<'_>) {
+        if let ProviderEvent::LeaseLost { task_id, attempt } = &ev {
+            if let Some(h) = self.held.get(task_id).filter(|h| h.attempt == *attempt) {
+                h.cancel.cancel();
+            }
+        }
+        report(&ev);
+    }
 
-impl<'a> Session<'a> {
-    fn new(
-        mut client: Client,
-        me: Arc<Identity>,
-        paths: &'a Paths,
-        spec: &'a AdvertiseSpec,
-        (steps_tx, steps): Steps<'a>,
-    ) -> Session<'a> {
-        let events = std::mem::replace(&mut client.events, mpsc::unbounded_channel().1);
-        Session {
-            client: Arc::new(client),
-            events,
-            me,
-            paths,
-            spec,
-            held: HashMap::new(),
-            running: tokio::task::JoinSet::new(),
-            steps_tx,
-            steps,
+    /// A job ended: drop only its attempt's entry (the same node may
+    /// already hold the task's next attempt).
+    fn finished(&mut self, done: Result<(String, u32), tokio::task::JoinError>) {
+        if let Ok((task_id, attempt)) = done {
+            if self.held.get(&task_id).is_some_and(|h| h.attempt == attempt) {
+                self.held.remove(&task_id);
+            }
         }
     }
 
-    /// Register the offer (replacing `last_offer`), serve until `stop` or
-    /// the connection ends, then stop every job.
-    async fn run(
+    /// Wait for `fut` while the jobs carry on (their steps reported, ended
+    /// jobs cleared); `None` if `stop` resolved first.
+    async fn meanwhile<F: Future>(
         &mut self,
+        report: Report<'_>,
+        stop: &mut (impl Future<Output = ()> + Unpin),
+        fut: F,
+    ) -> Option<F::Output> {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                _ = &mut *stop => return None,
+                out = &mut fut => return Some(out),
+                Some(ev) = self.steps.recv() => self.on_step(ev, report),
+                Some(done) = self.running.join_next(), if !self.running.is_empty() => self.finished(done),
+            }
+        }
+    }
+
+    /// Stop every job; each gives its lease back (best effort when no
+    /// session is up) within [`DRAIN`].
+    async fn stop_jobs(&mut self, report: Report<'_>) {
+        for h in self.held.values() {
+            h.cancel.cancel();
+        }
+        let running = &mut self.running;
+        let drain = async { while running.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(DRAIN, drain).await;
+        self.held.clear();
+        while let Ok(ev) = self.steps.try_recv() {
+            report(&ev);
+        }
+    }
+
+    /// One connected session: register the offer (replacing `last_offer`),
+    /// serve until `stop` or the connection ends. On `stop`, every job is
+    /// stopped and the offer withdrawn; a lost connection leaves the jobs
+    /// running.
+    async fn session(
+        &mut self,
+        c: &Arc<Client>,
+        mut events: mpsc::UnboundedReceiver<Event>,
         last_offer: &mut Option<String>,
         report: Report<'_>,
         stop: &mut (impl Future<Output = ()> + Unpin),
     ) -> Result<SessionEnd, ClientError> {
-        let c = &self.client;
-        report(&ProviderEvent::Connected {
-            node_id: c.node_id.clone(),
-            balance: c.balance,
-            granted: c.granted,
-        });
         // The previous session's offer may still be inside its grace period:
         // replace it rather than advertise the same capacity twice.
         if let Some(old) = last_offer.take() {
@@ -522,65 +605,52 @@ impl<'a> Session<'a> {
             Err(e) if e.is_transient() => return Ok(SessionEnd::Retry),
             Err(e) => return Err(e),
         };
-        let stopped = self.serve(report, stop).await;
-        // Stopping or disconnected: stop every job; each gives its lease
-        // back (best effort when the connection is gone).
-        for h in self.held.values() {
-            h.cancel.cancel();
-        }
-        let running = &mut self.running;
-        let drain = async { while running.join_next().await.is_some() {} };
-        let _ = tokio::time::timeout(DRAIN, drain).await;
-        while let Ok(ev) = self.steps.try_recv() {
-            report(&ev);
-        }
-        if !stopped {
+        if !self.serve(c, &mut events, report, stop).await {
             return Ok(SessionEnd::Lost);
         }
-        let _ = self
-            .client
+        // Stopping: each job gives its lease back on this session.
+        self.stop_jobs(report).await;
+        let _ = c
             .call::<OfferWithdrawn>(&Request::Withdraw {
                 offer_id: offer_id.clone(),
             })
             .await;
         report(&ProviderEvent::Withdrawn { offer_id });
-        self.client.close();
+        c.close();
         Ok(SessionEnd::Stopped)
     }
 
     /// Serve events until `stop` (true) or the connection ends (false).
-    async fn serve(&mut self, report: Report<'_>, stop: &mut (impl Future<Output = ()> + Unpin)) -> bool {
+    async fn serve(
+        &mut self,
+        c: &Client,
+        events: &mut mpsc::UnboundedReceiver<Event>,
+        report: Report<'_>,
+        stop: &mut (impl Future<Output = ()> + Unpin),
+    ) -> bool {
         let mut keepalive = tokio::time::interval(KEEPALIVE);
         keepalive.tick().await;
         loop {
             tokio::select! {
                 _ = &mut *stop => return true,
                 _ = keepalive.tick() => {
-                    if self.client.ping().is_err() {
+                    if c.ping().is_err() {
                         return false;
                     }
                 }
-                Some(ev) = self.steps.recv() => report(&ev),
-                Some(done) = self.running.join_next(), if !self.running.is_empty() => {
-                    // Only this attempt's entry: the same node may already
-                    // hold the task's next attempt.
-                    if let Ok((task_id, attempt)) = done {
-                        if self.held.get(&task_id).is_some_and(|h| h.attempt == attempt) {
-                            self.held.remove(&task_id);
-                        }
-                    }
-                }
-                ev = self.events.recv() => {
+                Some(ev) = self.steps.recv() => self.on_step(ev, report),
+                Some(done) = self.running.join_next(), if !self.running.is_empty() => self.finished(done),
+                ev = events.recv() => {
                     let Some(ev) = ev else { return false };
-                    self.on_event(ev, report).await;
+                    self.on_event(c, ev, report).await;
                 }
             }
         }
     }
 
-    async fn on_event(&mut self, ev: Event, report: Report<'_>) {
+    async fn on_event(&mut self, c: &Client, ev: Event, report: Report<'_>) {
         match ev {
-            Event::TaskOffered { task } => self.on_offered(task, report).await,
+            Event::TaskOffered { task } => self.on_offered(c, task, report).await,
             Event::Payload { task_id, attempt, data } => {
                 let held = self.held.get_mut(&task_id).filter(|h| h.attempt == attempt);
                 match held.and_then(|h| h.payload.take()) {
@@ -602,8 +672,8 @@ impl<'a> Session<'a> {
     }
 
     /// Decide on an offer; if taken and the lease is won, start its job.
-    async fn on_offered(&mut self, task: TaskView, report: Report<'_>) {
-        let decision = decide(self.paths, self.spec, &self.client, &task).await;
+    async fn on_offered(&mut self, c: &Client, task: TaskView, report: Report<'_>) {
+        let decision = decide(self.paths, self.spec, c, &task).await;
         let (accept, declined, approved_by) = match &decision {
             Decision::Accept(by, _) => (true, None, Some(by.how())),
             Decision::Decline(w) => (false, Some(w.clone()), None),
@@ -622,7 +692,7 @@ impl<'a> Session<'a> {
             task_id: task_id.clone(),
             attempt,
         };
-        let lease = match self.client.call::<LeaseGranted>(&accept).await {
+        let lease = match c.call::<LeaseGranted>(&accept).await {
             Ok(lease) => lease,
             Err(e) => {
                 return report(&ProviderEvent::AcceptRefused {
@@ -644,7 +714,7 @@ impl<'a> Session<'a> {
             },
         );
         let job = Lease {
-            client: self.client.clone(),
+            link: self.link.clone(),
             me: self.me.clone(),
             paths: self.paths.clone(),
             image: self.spec.image.clone(),

@@ -26,6 +26,14 @@ pub enum ProviderEvent {
         node_id: String,
         balance: i64,
         granted: i64,
+        /// The coordinator replica this session is on.
+        endpoint: String,
+    },
+    /// The session on `from` was lost and this one is on `endpoint`; held
+    /// leases carry on here.
+    Failover {
+        endpoint: String,
+        from: String,
     },
     Reconnecting {
         in_ms: u64,

@@ -9,6 +9,12 @@
 //! opens; a result that fails is rejected (refund, provider failure) and
 //! reported, never shown.
 //!
+//! A lost connection does not end the wait: the session moves to the next
+//! coordinator replica ([`Conn`]), re-reads where the task stands, sends the
+//! payload again if the current lease has none from this node, and keeps
+//! following; the task is posted once (the post is retried under its
+//! message id).
+//!
 //! This module owns the conversation with the coordinator and the checks on
 //! what comes back. Each step is reported as a [`RequesterEvent`]; it must
 //! not print, write the audit log or keep prompts on disk (the `bid` and
@@ -21,7 +27,7 @@ use serde_json::Value;
 
 use crate::crypto::keys::{Identity, PublicIdentity};
 use crate::exit::{Exit, HasExit};
-use crate::market::client::{Client, ClientError};
+use crate::market::client::{Backoff, Client, ClientError, Endpoints, Failover};
 use crate::market::protocol::{AbandonReason, Event, IdentityProof, Reason, Request, TaskView};
 use crate::market::reply::{HeldResult, Posted, Rejected, Relayed, Settlement};
 use crate::market::sealed::{self, Binding, SealError};
@@ -184,6 +190,9 @@ pub enum RequesterEvent {
     },
     /// The escrow came back: the task is over without a result.
     Refunded { task_id: String, amount: i64, why: String },
+    /// The connection to `from` was lost; the work carries on through
+    /// `endpoint`.
+    Failover { endpoint: String, from: String },
     /// Something went wrong beside the task (a record not written) and the
     /// work carries on.
     Warning { message: String },
@@ -218,12 +227,41 @@ pub async fn verify_and_settle(
     binding: &Binding,
     data: &str,
 ) -> Result<Outcome, RequesterError> {
+    let opened = open_or_reject(client, me, provider, binding, data).await?;
+    settle(client, &opened).await
+}
+
+/// A delivered result that verified and opened, to be settled under one
+/// message id (sent again on the next session if the reply is lost).
+struct Opened {
+    binding: Binding,
+    provider: String,
+    status: String,
+    body: Value,
+    settle_id: String,
+}
+
+/// Verify and open a delivered result; on a failed check, reject it
+/// (refund) and return why.
+async fn open_or_reject(
+    client: &Client,
+    me: &Identity,
+    provider: &PublicIdentity,
+    binding: &Binding,
+    data: &str,
+) -> Result<Opened, RequesterError> {
     let opened = sealed::open_result(me, provider, binding, data).and_then(|(status, body)| {
         let body: Value = serde_json::from_slice(&body).map_err(|e| SealError::Malformed(e.to_string()))?;
         Ok((status, body))
     });
-    let (status, body) = match opened {
-        Ok(x) => x,
+    match opened {
+        Ok((status, body)) => Ok(Opened {
+            binding: binding.clone(),
+            provider: provider.node_id.clone(),
+            status,
+            body,
+            settle_id: client.next_id(),
+        }),
         Err(source) => {
             let _ = client
                 .call::<Rejected>(&Request::Reject {
@@ -231,46 +269,130 @@ pub async fn verify_and_settle(
                     attempt: binding.attempt,
                 })
                 .await;
-            return Err(RequesterError::Rejected {
+            Err(RequesterError::Rejected {
                 task_id: binding.task_id.clone(),
                 attempt: binding.attempt,
                 source,
-            });
+            })
         }
-    };
+    }
+}
+
+async fn settle(client: &Client, o: &Opened) -> Result<Outcome, RequesterError> {
+    let b = &o.binding;
     let settlement: Settlement = client
-        .call(&Request::Settle {
-            task_id: binding.task_id.clone(),
-            attempt: binding.attempt,
-        })
+        .call_with_id(
+            &o.settle_id,
+            &Request::Settle {
+                task_id: b.task_id.clone(),
+                attempt: b.attempt,
+            },
+        )
         .await?;
     Ok(Outcome {
-        task_id: binding.task_id.clone(),
-        attempt: binding.attempt,
-        provider: provider.node_id.clone(),
-        status,
-        body,
+        task_id: b.task_id.clone(),
+        attempt: b.attempt,
+        provider: o.provider.clone(),
+        status: o.status.clone(),
+        body: o.body.clone(),
         settlement,
     })
 }
 
+/// A requester's session, moved to the next coordinator replica when it
+/// is lost.
+pub struct Conn {
+    failover: Failover,
+    pub client: Client,
+}
+
+impl Conn {
+    /// A session on the first of `endpoints` that answers (one round: none
+    /// answering is an error).
+    pub async fn open(endpoints: &Endpoints, me: &Identity) -> Result<Conn, ClientError> {
+        let mut failover = Failover::new(endpoints.clone());
+        let client = failover.connect(me).await?;
+        Ok(Conn { failover, client })
+    }
+
+    /// The session was lost: connect again, the next replica first, in
+    /// rounds with backoff until `until`, and report the move.
+    async fn reconnect(
+        &mut self,
+        me: &Identity,
+        until: tokio::time::Instant,
+        progress: Report<'_>,
+    ) -> Result<(), RequesterError> {
+        let from = self.client.endpoint.clone();
+        self.client.close();
+        self.failover.lost();
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        loop {
+            match self.failover.connect(me).await {
+                Ok(c) => {
+                    self.client = c;
+                    progress(RequesterEvent::Failover {
+                        endpoint: self.client.endpoint.clone(),
+                        from,
+                    });
+                    return Ok(());
+                }
+                Err(e) if e.is_transient() => {
+                    let d = backoff.next_delay();
+                    if tokio::time::Instant::now() + d >= until {
+                        return Err(e.into());
+                    }
+                    tokio::time::sleep(d).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    pub fn close(&self) {
+        self.client.close();
+    }
+}
+
+/// Whether `e` says the session is gone (not that the request was refused).
+fn connection_lost(e: &RequesterError) -> bool {
+    matches!(e, RequesterError::Market(e) if e.is_transient() && e.reason().is_none())
+}
+
 /// Post `post` (whose payload hash is `prompt`'s), then see it through
 /// with [`follow`]. `progress` hears of every step, the first being
-/// [`RequesterEvent::Posted`] (the task id is known from then on).
+/// [`RequesterEvent::Posted`] (the task id is known from then on). A post
+/// whose connection is lost is sent again on the next replica under the
+/// same message id, so the task is posted once.
 pub async fn post_and_wait(
-    endpoint: &str,
+    endpoints: &Endpoints,
     me: &Identity,
     post: &Request,
     prompt: &[u8],
     wait: Duration,
     progress: Report<'_>,
 ) -> Result<Outcome, RequesterError> {
-    let mut client = Client::connect(endpoint, me).await?;
-    let posted: Posted = match client.call(post).await {
-        Ok(p) => p,
-        Err(e) => {
-            client.close();
-            return Err(e.into());
+    let mut conn = Conn::open(endpoints, me).await?;
+    let until = tokio::time::Instant::now() + wait;
+    let msg_id = conn.client.next_id();
+    let posted: Posted = loop {
+        let r = conn
+            .client
+            .call_with_id(&msg_id, post)
+            .await
+            .map_err(RequesterError::from);
+        match r {
+            Ok(p) => break p,
+            Err(e) if connection_lost(&e) => {
+                if let Err(e) = conn.reconnect(me, until, progress).await {
+                    conn.close();
+                    return Err(e);
+                }
+            }
+            Err(e) => {
+                conn.close();
+                return Err(e);
+            }
         }
     };
     let Posted { task, escrow } = posted;
@@ -283,7 +405,7 @@ pub async fn post_and_wait(
         payload_hash: &task.payload_hash,
         prompt,
     };
-    follow(&mut client, me, &followed, None, wait, progress).await
+    follow(&mut conn, me, &followed, None, wait, progress).await
 }
 
 /// A posted task this node is seeing through.
@@ -305,7 +427,9 @@ impl Followed<'_> {
 }
 
 /// Seal the prompt to `provider` for `attempt` and send it; returns the
-/// provider's verified identity (results of that attempt must be its).
+/// provider's verified identity (results of that attempt must be its) and
+/// whether the coordinator relayed the payload. A lost connection is an
+/// error (the caller resumes on the next session); a refusal is reported.
 async fn send_payload(
     client: &Client,
     me: &Identity,
@@ -313,7 +437,7 @@ async fn send_payload(
     attempt: u32,
     provider: &str,
     progress: Report<'_>,
-) -> Result<PublicIdentity, RequesterError> {
+) -> Result<(PublicIdentity, bool), RequesterError> {
     let task_id = task.task_id.to_string();
     progress(RequesterEvent::Assigned {
         task_id: task_id.clone(),
@@ -330,6 +454,7 @@ async fn send_payload(
             data,
         })
         .await;
+    let relayed = sent.is_ok();
     progress(match sent {
         Ok(r) => RequesterEvent::Running {
             task_id,
@@ -337,6 +462,7 @@ async fn send_payload(
             provider: provider.to_string(),
             bytes: r.bytes,
         },
+        Err(e) if e.is_transient() && e.reason().is_none() => return Err(e.into()),
         // The lease moved on meanwhile; the next assignment gets it.
         Err(e) => RequesterEvent::PayloadRefused {
             task_id,
@@ -344,26 +470,108 @@ async fn send_payload(
             error: e.to_string(),
         },
     });
-    Ok(peer)
+    Ok((peer, relayed))
 }
 
-/// See a posted task through on `client`: send the sealed payload to each
+/// What following a task has seen so far, kept across sessions.
+#[derive(Default)]
+struct Seen {
+    /// The lease holder of the attempt being served, verified.
+    assigned: Option<(u32, PublicIdentity)>,
+    /// The attempt whose payload the coordinator confirmed relaying.
+    sent: Option<u32>,
+    /// A result opened and being settled.
+    opened: Option<Opened>,
+}
+
+/// See a posted task through on `conn`: send the sealed payload to each
 /// lease holder, report failed attempts, and verify, open and settle the
 /// result, until it settles, is refunded, or `wait` ends. `current` is a
 /// lease already held when following starts (attempt, provider): its
 /// `assigned` event went to a session that is gone, so the payload is sent
-/// at once. Closes the client.
+/// at once. A lost session moves to the next replica and picks the task up
+/// where it stands there. Closes the session.
 pub async fn follow(
-    client: &mut Client,
+    conn: &mut Conn,
     me: &Identity,
     task: &Followed<'_>,
     current: Option<(u32, String)>,
     wait: Duration,
     progress: Report<'_>,
 ) -> Result<Outcome, RequesterError> {
-    let r = follow_inner(client, me, task, current, wait, progress).await;
-    client.close();
+    let r = follow_on(conn, me, task, current, wait, progress).await;
+    conn.close();
     r
+}
+
+async fn follow_on(
+    conn: &mut Conn,
+    me: &Identity,
+    task: &Followed<'_>,
+    mut current: Option<(u32, String)>,
+    wait: Duration,
+    progress: Report<'_>,
+) -> Result<Outcome, RequesterError> {
+    let until = tokio::time::Instant::now() + wait;
+    let mut seen = Seen::default();
+    loop {
+        let r = follow_inner(
+            &mut conn.client,
+            me,
+            task,
+            current.take(),
+            &mut seen,
+            until,
+            wait,
+            progress,
+        )
+        .await;
+        match r {
+            Err(e) if connection_lost(&e) && tokio::time::Instant::now() < until => {}
+            other => return other,
+        }
+        // Where the task stands now, on the next replica that answers.
+        let view = loop {
+            conn.reconnect(me, until, progress).await?;
+            // A result already opened is settled again under its message
+            // id: if the first settle applied, this returns its answer.
+            if let Some(o) = &seen.opened {
+                match settle(&conn.client, o).await {
+                    Err(e) if connection_lost(&e) => continue,
+                    r => return r,
+                }
+            }
+            match look_up(&conn.client, task.task_id).await {
+                Ok(v) => break v,
+                Err(e) if connection_lost(&e) => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        match view.state.as_str() {
+            "delivered" => {
+                return fetch_held(&conn.client, me, task.task_id, Some(task.payload_hash.to_string())).await;
+            }
+            "assigned" => {
+                // Send the payload unless this attempt's lease has it from us.
+                if seen.sent != Some(view.attempt) {
+                    current = view.provider.map(|p| (view.attempt, p));
+                }
+            }
+            "open" => {}
+            "refunded" => {
+                return Err(RequesterError::Refunded {
+                    task_id: task.task_id.to_string(),
+                    why: "the task was refunded while the connection was lost".into(),
+                })
+            }
+            state => {
+                return Err(RequesterError::Finished {
+                    task_id: task.task_id.to_string(),
+                    state: state.to_string(),
+                })
+            }
+        }
+    }
 }
 
 /// What a failed attempt's report says, shown only if it verifies.
@@ -376,20 +584,22 @@ fn failure_report(me: &Identity, peer: &PublicIdentity, binding: &Binding, data:
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn follow_inner(
     client: &mut Client,
     me: &Identity,
     task: &Followed<'_>,
     current: Option<(u32, String)>,
+    seen: &mut Seen,
+    deadline: tokio::time::Instant,
     wait: Duration,
     progress: Report<'_>,
 ) -> Result<Outcome, RequesterError> {
     let task_id = task.task_id.to_string();
-    let deadline = tokio::time::Instant::now() + wait;
-    let mut assigned: Option<(u32, PublicIdentity)> = None;
     if let Some((attempt, provider)) = current {
-        let peer = send_payload(client, me, task, attempt, &provider, progress).await?;
-        assigned = Some((attempt, peer));
+        let (peer, relayed) = send_payload(client, me, task, attempt, &provider, progress).await?;
+        seen.assigned = Some((attempt, peer));
+        seen.sent = relayed.then_some(attempt).or(seen.sent);
     }
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -410,9 +620,10 @@ async fn follow_inner(
                 task_id: t,
                 attempt,
                 provider,
-            } if t == task_id && assigned.as_ref().is_none_or(|(a, _)| *a != attempt) => {
-                let peer = send_payload(client, me, task, attempt, &provider, progress).await?;
-                assigned = Some((attempt, peer));
+            } if t == task_id && seen.assigned.as_ref().is_none_or(|(a, _)| *a != attempt) => {
+                let (peer, relayed) = send_payload(client, me, task, attempt, &provider, progress).await?;
+                seen.assigned = Some((attempt, peer));
+                seen.sent = relayed.then_some(attempt).or(seen.sent);
             }
             Event::Delivered {
                 task_id: t,
@@ -423,10 +634,11 @@ async fn follow_inner(
                     task_id: task_id.clone(),
                     attempt,
                 });
-                let Some((_, peer)) = assigned.as_ref().filter(|(a, _)| *a == attempt) else {
+                let Some((_, peer)) = seen.assigned.as_ref().filter(|(a, _)| *a == attempt) else {
                     continue;
                 };
-                return verify_and_settle(client, me, peer, &task.binding(attempt), &data).await;
+                let opened = open_or_reject(client, me, peer, &task.binding(attempt), &data).await?;
+                return settle(client, seen.opened.insert(opened)).await;
             }
             Event::Abandoned {
                 task_id: t,
@@ -435,7 +647,7 @@ async fn follow_inner(
                 reason,
                 data,
             } if t == task_id => {
-                let error = match (&assigned, &data) {
+                let error = match (&seen.assigned, &data) {
                     (Some((a, peer)), Some(d)) if *a == attempt && reason == AbandonReason::Failed => {
                         failure_report(me, peer, &task.binding(attempt), d)
                     }
@@ -534,14 +746,14 @@ pub const DEADLINE_SLACK: Duration = Duration::from_secs(30);
 /// this is one look, is followed like `bid --wait` until it settles, is
 /// refunded, or the wait ends.
 pub async fn resume(
-    endpoint: &str,
+    endpoints: &Endpoints,
     me: &Identity,
     r: &Resume<'_>,
     progress: Report<'_>,
 ) -> Result<Resumed, RequesterError> {
-    let mut client = Client::connect(endpoint, me).await?;
-    let out = resume_on(&mut client, me, r, progress).await;
-    client.close();
+    let mut conn = Conn::open(endpoints, me).await?;
+    let out = resume_on(&mut conn, me, r, progress).await;
+    conn.close();
     out
 }
 
@@ -559,11 +771,12 @@ fn until_deadline(task: &TaskView) -> Duration {
 }
 
 async fn resume_on(
-    client: &mut Client,
+    conn: &mut Conn,
     me: &Identity,
     r: &Resume<'_>,
     progress: Report<'_>,
 ) -> Result<Resumed, RequesterError> {
+    let client = &conn.client;
     let task = match look_up(client, r.task_id).await {
         // A coordinator from before `task` can still hand back a held result.
         Err(RequesterError::Market(e)) if e.reason() == Some(Reason::UnknownType) => {
@@ -618,7 +831,7 @@ async fn resume_on(
         return Ok(Resumed::NotYet { task, payload_sent });
     };
     let wait = wait.unwrap_or_else(|| until_deadline(&task));
-    follow(client, me, &followed, current, wait, progress)
+    follow(conn, me, &followed, current, wait, progress)
         .await
         .map(Resumed::Settled)
 }

@@ -5,17 +5,18 @@
 //! print; the caller renders the [`StatusView`].
 
 use crate::crypto::keys::Identity;
-use crate::market::client::Client;
+use crate::market::client::{Endpoints, Failover};
 use crate::market::protocol::Request;
 use crate::market::reply::StatusView;
 use crate::market::requester::RequesterError;
 use crate::paths::Paths;
 
-/// Ask the coordinator at `endpoint` where this node stands.
-pub async fn status(paths: &Paths, endpoint: &str) -> Result<StatusView, RequesterError> {
+/// Ask the first of `endpoints` that answers where this node stands;
+/// returns the endpoint that answered with the view.
+pub async fn status(paths: &Paths, endpoints: &Endpoints) -> Result<(String, StatusView), RequesterError> {
     let id = Identity::load_or_generate(paths)?;
-    let client = Client::connect(endpoint, &id).await?;
+    let client = Failover::new(endpoints.clone()).connect(&id).await?;
     let v = client.call(&Request::Status {}).await;
     client.close();
-    Ok(v?)
+    Ok((client.endpoint.clone(), v?))
 }

@@ -501,3 +501,37 @@ pub fn rt() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// Standbys of one market: coordinators on the same store, one after another.
+impl Server {
+    /// A loopback address nothing listens on now: for a replica started
+    /// later, or one that stays dead. Picked below the kernel's ephemeral
+    /// range, so a coordinator another test starts on port 0 meanwhile
+    /// cannot be handed the same port.
+    pub fn free_addr() -> String {
+        for _ in 0..1000 {
+            let port = rand::random::<u16>() % 12_000 + 20_000;
+            if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                return l.local_addr().expect("its address").to_string();
+            }
+        }
+        panic!("no free loopback port between 20000 and 32000");
+    }
+
+    /// Another coordinator on this one's store (its standby), listening on
+    /// `addr`, with the same flags. On SQLite, start it once this one is
+    /// gone: coordinators on one SQLite file do not run side by side.
+    pub fn standby(&self, addr: &str) -> Server {
+        let mut s = Server {
+            home: Cmm::new(),
+            db: self.db.clone(),
+            store: self.store.clone(),
+            addr: addr.to_string(),
+            endpoint: String::new(),
+            args: self.args.clone(),
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+}
