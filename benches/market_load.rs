@@ -157,8 +157,12 @@ fn metric(addr: &str, name: &str) -> i64 {
     let _ = write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     let mut body = String::new();
     let _ = s.read_to_string(&mut body);
+    // Every series carries the replica's label: `name{replica="..."} v`.
     body.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .find(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with("{replica=\""))
+        })
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(-1)

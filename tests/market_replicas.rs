@@ -481,3 +481,99 @@ fn a_database_outage_is_refused_as_unavailable_and_recovered_from_by_itself() {
     eprintln!("{acked_before} posts acknowledged before and during the outage, {acked_after} in all");
     assert!(rs[0].metric("cmm_market_rejects_total{reason=\"unavailable\"}") > 0);
 }
+
+/// Three replicas started at the same moment on an empty database: one
+/// creates the schema while the others wait for it (the migration lock),
+/// and all three serve one market.
+#[test]
+fn replicas_starting_together_migrate_once() {
+    let Some(url) = fresh_db("replicas_starting_together_migrate_once") else {
+        return;
+    };
+    let rs: Vec<Server> = std::thread::scope(|s| {
+        let started: Vec<_> = (1..=3)
+            .map(|i| {
+                let url = &url;
+                s.spawn(move || Server::start_store(url, &format!("127.0.0.{i}:0"), &[]))
+            })
+            .collect();
+        started
+            .into_iter()
+            .map(|h| h.join().expect("a replica started"))
+            .collect()
+    });
+    rt().block_on(async {
+        for s in &rs {
+            market::full_cycle(s).await;
+        }
+    });
+    let mut db = postgres::connect(&url).expect("connect");
+    let version: i64 = db.query_one("SELECT version FROM cmm_schema", &[]).unwrap().get(0);
+    assert_eq!(version, 1);
+    let rows: i64 = db.query_one("SELECT COUNT(*) FROM cmm_schema", &[]).unwrap().get(0);
+    assert_eq!(rows, 1, "one schema version row");
+    rs[1].verify();
+}
+
+/// The order book's clock runs once per tick across the replicas, not
+/// once per replica: over a few seconds the replicas' tick counts add up
+/// to about one per 100 ms, and the clock still lapses a lease exactly
+/// once.
+#[test]
+fn the_clock_runs_once_per_tick_across_replicas() {
+    let Some(url) = fresh_db("the_clock_runs_once_per_tick_across_replicas") else {
+        return;
+    };
+    let rs = replicas(&url, 3, &["--lease-ms", "1000"]);
+    let ticks = |rs: &[Server]| -> i64 { rs.iter().map(|s| s.metric("cmm_market_clock_ticks_total")).sum() };
+    let before = ticks(&rs);
+    let started = Instant::now();
+    rt().block_on(async {
+        let (r, p) = (Node::new(), Node::new());
+        let rc = r.connect(&rs[0]).await;
+        let mut pc = p.connect(&rs[1]).await;
+        pc.request(&offer(5)).await.expect("offer");
+        let tid = task_id(&rc.request(&post(20)).await.expect("post"));
+        pc.request(&Request::Accept {
+            task_id: tid.clone(),
+            attempt: 1,
+        })
+        .await
+        .expect("accept");
+        rc.request(&Request::Payload {
+            task_id: tid.clone(),
+            attempt: 1,
+            data: "cGF5bG9hZA==".into(),
+        })
+        .await
+        .expect("payload");
+        // No renewal: the lease lapses once (told to the provider on B),
+        // and the task is open again under attempt 2.
+        expect_event(
+            &mut pc,
+            15,
+            "the lease lapsed",
+            |e| matches!(e, Event::LeaseLapsed { task_id, attempt: 1 } if *task_id == tid),
+        )
+        .await;
+        // A second lapse, if the clock ran once per replica, would come
+        // within a tick or two.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let v = rc.request(&Request::Task { task_id: tid.clone() }).await.expect("task");
+        assert_eq!(v["attempt"], 2, "lapsed once, not once per replica: {v}");
+        let rep = pc
+            .request(&Request::Reputation { node_id: p.node_id() })
+            .await
+            .expect("reputation");
+        assert_eq!(rep["failures"], 1, "one failure counted: {rep}");
+    });
+    let elapsed = started.elapsed().as_millis() as i64;
+    let ran = ticks(&rs) - before;
+    let per_tick = elapsed / 100;
+    assert!(
+        ran <= per_tick + per_tick / 2 + 5,
+        "{ran} ticks ran in {elapsed} ms over 3 replicas: about {per_tick} expected, not {}",
+        3 * per_tick
+    );
+    assert!(ran >= per_tick / 2, "the clock ran only {ran} times in {elapsed} ms");
+}

@@ -112,6 +112,9 @@ pub struct Metrics {
     pub frames: Counter,
     pub commits: Counter,
     pub ops_committed: Counter,
+    /// Times this replica ran the order book's clock (on a replica set,
+    /// the sum over replicas is one per tick).
+    pub clock_ticks: Counter,
     /// 1 while the last batch reached the database, else 0.
     db_up: Gauge,
     /// Each batch's time in the database: begin (and the write lock on a
@@ -180,6 +183,7 @@ impl Metrics {
             frames: Counter::default(),
             commits: Counter::default(),
             ops_committed: Counter::default(),
+            clock_ticks: Counter::default(),
             db_up: Gauge::default(),
             db_batch: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             rejects,
@@ -209,6 +213,11 @@ impl Metrics {
         r.register("rejects", "Frames refused, by reason", m.rejects.clone());
         r.register("commits", "Durable transactions", m.commits.clone());
         r.register("ops_committed", "Operations committed", m.ops_committed.clone());
+        r.register(
+            "clock_ticks",
+            "Ticks of the order book's clock run by this replica",
+            m.clock_ticks.clone(),
+        );
         r.register("db_up", "1 while the market database answers, else 0", m.db_up.clone());
         r.register(
             "db_batch_seconds",

@@ -70,6 +70,8 @@ struct Writer {
     replica: Option<Replica>,
     /// Where other replicas' nodes are, for the batch being applied.
     whereabouts: Whereabouts,
+    /// Whether this batch ran the clock (counted once it commits).
+    ticked: std::cell::Cell<bool>,
 }
 
 /// What one batch leaves to do once its transaction commits.
@@ -103,6 +105,7 @@ pub fn writer(
         sessions: HashMap::new(),
         replica,
         whereabouts: Whereabouts::default(),
+        ticked: std::cell::Cell::new(false),
     };
     // Here, not in the caller: the blocking PostgreSQL client must not run
     // on an async runtime's thread.
@@ -162,6 +165,7 @@ pub fn writer(
                 w.committed(done);
             }
             Err(e) => {
+                w.ticked.set(false);
                 conn.store.rollback();
                 w.metrics.set_db_up(!e.is_unreachable());
                 w.commit_failed(done, &e);
@@ -352,10 +356,10 @@ impl Writer {
             return;
         };
         let mut tick_out = Vec::new();
-        let ran = (|| -> Result<(), Fail> {
+        let ran = (|| -> Result<bool, Fail> {
             if self.replica.is_some() {
                 if !Replica::clock_due(db, now, TICK_EVERY.as_millis() as i64)? {
-                    return Ok(());
+                    return Ok(false);
                 }
                 for node in Replica::reap(db, now)? {
                     self.whereabouts.forget(&node);
@@ -364,10 +368,13 @@ impl Writer {
             }
             let online = |n: &str| self.online(db, n, now);
             book::tick(db, &self.rules, now, &online, &mut tick_out)?;
-            Ok(())
+            Ok(true)
         })();
-        if ran.is_ok() && sp.commit().is_ok() {
-            out.extend(tick_out);
+        if let Ok(ran) = ran {
+            if sp.commit().is_ok() {
+                out.extend(tick_out);
+                self.ticked.set(ran);
+            }
         }
     }
 
@@ -417,6 +424,9 @@ impl Writer {
     /// The batch is durable: answer everyone and send the events.
     fn committed(&self, done: Done) {
         self.metrics.commits.inc();
+        if self.ticked.take() {
+            self.metrics.clock_ticks.inc();
+        }
         self.metrics.ops_committed.inc_by(done.ops);
         for (reply, frame) in done.replies {
             let _ = reply.send(frame);
