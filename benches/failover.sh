@@ -8,6 +8,10 @@
 #
 #   benches/failover.sh [N]      (N >= 3 runs; default 7)
 #
+# With CMM_BENCH_PG=postgres://USER@HOST:PORT/DB, A and B are two live
+# replicas on that PostgreSQL database from the start (B is not started
+# after the kill): the time is then the provider's reconnect alone.
+#
 # Needs a built binary (BIN=..., default target/release/claude-max-market)
 # and GNU date (milliseconds). Prints each run and the medians.
 set -eu
@@ -55,16 +59,25 @@ CMM_HOME="$WORK/prov" "$BIN" -q keys generate >/dev/null 2>&1 || true
 
 T="$(mktemp)"; S="$(mktemp)"
 i=1
+PG="${CMM_BENCH_PG:-}"
 while [ "$i" -le "$N" ]; do
     DB="$WORK/market-$i.db"
-    # A on a free port; B's port is found the same way, by a throwaway
-    # coordinator that is stopped before A starts.
-    serve 127.0.0.1:0 "$WORK/probe-$i.db" "$WORK/probe-$i"; P=$PID
-    wait_lines "$WORK/probe-$i" 'ws://' 1
-    B="$(grep -o 'ws://[0-9.:]*' "$WORK/probe-$i" | head -1)"
-    kill "$P"; wait "$P" 2>/dev/null || true
-    serve 127.0.0.1:0 "$DB" "$WORK/a-$i"; SA=$PID
-    wait_lines "$WORK/a-$i" 'ws://' 1
+    if [ -n "$PG" ]; then
+        serve 127.0.0.1:0 "$PG" "$WORK/a-$i"; SA=$PID
+        wait_lines "$WORK/a-$i" 'ws://' 1
+        serve 127.0.0.2:0 "$PG" "$WORK/b-$i"; SB=$PID
+        wait_lines "$WORK/b-$i" 'ws://' 1
+        B="$(grep -o 'ws://[0-9.:]*' "$WORK/b-$i" | head -1)"
+    else
+        # A on a free port; B's port is found the same way, by a throwaway
+        # coordinator that is stopped before A starts.
+        serve 127.0.0.1:0 "$WORK/probe-$i.db" "$WORK/probe-$i"; P=$PID
+        wait_lines "$WORK/probe-$i" 'ws://' 1
+        B="$(grep -o 'ws://[0-9.:]*' "$WORK/probe-$i" | head -1)"
+        kill "$P"; wait "$P" 2>/dev/null || true
+        serve 127.0.0.1:0 "$DB" "$WORK/a-$i"; SA=$PID
+        wait_lines "$WORK/a-$i" 'ws://' 1
+    fi
     A="$(grep -o 'ws://[0-9.:]*' "$WORK/a-$i" | head -1)"
 
     CMM_HOME="$WORK/prov" "$BIN" --json advertise --slots 1 --price 1 --endpoint "$A,$B" >"$WORK/adv-$i" 2>&1 &
@@ -73,8 +86,10 @@ while [ "$i" -le "$N" ]; do
 
     t0=$(now_ms)
     kill -9 "$SA"; wait "$SA" 2>/dev/null || true; SA=
-    serve "${B#ws://}" "$DB" "$WORK/b-$i"; SB=$PID
-    wait_lines "$WORK/b-$i" 'ws://' 1
+    if [ -z "$PG" ]; then
+        serve "${B#ws://}" "$DB" "$WORK/b-$i"; SB=$PID
+        wait_lines "$WORK/b-$i" 'ws://' 1
+    fi
     t1=$(now_ms)
     wait_lines "$WORK/adv-$i" '"event":"offer"' 2
     t2=$(now_ms)
