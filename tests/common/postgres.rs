@@ -116,9 +116,12 @@ fn find_bin_dir() -> Result<PathBuf, String> {
 /// `CMM_TEST_POSTGRES_URL` nor the programs) a test skips loudly, unless
 /// `CMM_REQUIRE_POSTGRES=1` makes that a failure.
 pub fn available(test: &str) -> bool {
-    if std::env::var_os("CMM_TEST_POSTGRES_URL").is_some() {
-        return true;
-    }
+    std::env::var_os("CMM_TEST_POSTGRES_URL").is_some() || programs_available(test)
+}
+
+/// Can a test start a cluster of its own ([`Cluster::start`], to stop and
+/// start it)? The same skip rule as [`available`], without the URL.
+pub fn programs_available(test: &str) -> bool {
     match bin_dir() {
         Ok(_) => true,
         Err(why) => {
@@ -131,6 +134,21 @@ pub fn available(test: &str) -> bool {
             false
         }
     }
+}
+
+/// An error with its causes (the driver's own text leaves them out).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// A throwaway PostgreSQL cluster: its own data directory, one postmaster
@@ -462,7 +480,7 @@ pub fn create_db(admin_url: &str) -> Result<String, String> {
     off_runtime(|| {
         let mut c = connect(admin_url)?;
         c.batch_execute(&sql)
-            .map_err(|e| format!("`{sql}` on {admin_url} failed: {e}"))
+            .map_err(|e| format!("`{sql}` on {admin_url} failed: {}", chain(&e)))
     })?;
     Ok(with_db(admin_url, &name))
 }
@@ -474,7 +492,7 @@ pub fn connect(url: &str) -> Result<postgres::Client, String> {
     let mut cfg: postgres::Config = url.parse().map_err(|e| format!("{url} is not a PostgreSQL URL: {e}"))?;
     cfg.connect_timeout(Duration::from_secs(5));
     cfg.connect(postgres::NoTls)
-        .map_err(|e| format!("cannot connect to {url}: {e}"))
+        .map_err(|e| format!("cannot connect to {url}: {}", chain(&e)))
 }
 
 /// `SELECT 1` on `url`.
@@ -483,7 +501,7 @@ pub fn ping(url: &str) -> Result<(), String> {
         connect(url)?
             .simple_query("SELECT 1")
             .map(drop)
-            .map_err(|e| format!("{url} refused `SELECT 1`: {e}"))
+            .map_err(|e| format!("{url} refused `SELECT 1`: {}", chain(&e)))
     })
 }
 
