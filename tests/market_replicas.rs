@@ -392,7 +392,7 @@ fn kill_9_of_replicas_in_a_stream_loses_nothing_acknowledged_and_applies_nothing
 /// back, with every acknowledged operation in the ledger.
 #[test]
 fn a_database_outage_is_refused_as_unavailable_and_recovered_from_by_itself() {
-    if !postgres::available("a_database_outage_is_refused_as_unavailable") {
+    if !postgres::programs_available("a_database_outage_is_refused_as_unavailable") {
         return;
     }
     let mut cluster = postgres::Cluster::start();
