@@ -410,6 +410,9 @@ fn a_database_outage_is_refused_as_unavailable_and_recovered_from_by_itself() {
         }
         cluster.stop();
         let stopped = Instant::now();
+        // A session that ends while the database is away: the book must
+        // still hear of it once the database is back.
+        pc.close();
         let mut refused = 0;
         let mut ok_during = 0;
         while stopped.elapsed() < Duration::from_secs(10) {
@@ -438,6 +441,18 @@ fn a_database_outage_is_refused_as_unavailable_and_recovered_from_by_itself() {
                 .all(|s| s.http_get("/healthz").contains("\"database\":\"up\""))
         });
         assert!(back, "the replicas did not see the database again");
+        let gone = wait_until(Duration::from_secs(10), || {
+            // The blocking client must not run on this runtime's thread.
+            postgres::off_runtime(|| {
+                let mut db = postgres::connect(&url).expect("connect");
+                let n: i64 = db
+                    .query_one("SELECT COUNT(*) FROM presence WHERE node_id = $1", &[&p.node_id()])
+                    .expect("presence")
+                    .get(0);
+                n == 0
+            })
+        });
+        assert!(gone, "the session that ended during the outage is still counted online");
         // The old sessions may have been closed by the outage: new ones.
         let rc = r.connect(&rs[0]).await;
         let pc = p.connect(&rs[1]).await;

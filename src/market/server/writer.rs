@@ -72,6 +72,9 @@ struct Writer {
     whereabouts: Whereabouts,
     /// Whether this batch ran the clock (counted once it commits).
     ticked: std::cell::Cell<bool>,
+    /// Sessions that ended while the database could not be reached: the
+    /// book hears of them in the first batch that reaches it again.
+    lost: Vec<(String, u64)>,
 }
 
 /// What one batch leaves to do once its transaction commits.
@@ -106,6 +109,7 @@ pub fn writer(
         replica,
         whereabouts: Whereabouts::default(),
         ticked: std::cell::Cell::new(false),
+        lost: Vec::new(),
     };
     // Here, not in the caller: the blocking PostgreSQL client must not run
     // on an async runtime's thread.
@@ -145,6 +149,7 @@ pub fn writer(
             Some(r) => r.beat(db, now),
             None => Ok(()),
         };
+        w.gone_while_down(db, now, &mut done.out);
         for cmd in batch {
             stopping |= w.apply(db, cmd, now, &mut done);
         }
@@ -254,7 +259,7 @@ impl Writer {
                 conn_id,
                 tx: out_tx,
                 reply,
-            } => match self.login(db, &identity, &proof, conn_id, now, done) {
+            } => match self.login(db, &identity, &proof, conn_id, now) {
                 Ok(r) => {
                     if let Some((old_id, old)) = self.sessions.insert(identity.node_id.clone(), (conn_id, out_tx)) {
                         if old_id != conn_id {
@@ -297,6 +302,34 @@ impl Writer {
         false
     }
 
+    /// Tell the book of the sessions that ended while the database was
+    /// away, each in its own savepoint. One that fails stays for the next
+    /// batch.
+    fn gone_while_down(&mut self, db: Db, now: i64, out: &mut book::Outbox) {
+        for (node, conn_id) in std::mem::take(&mut self.lost) {
+            let Ok(sp) = db.savepoint() else {
+                self.lost.push((node, conn_id));
+                continue;
+            };
+            let mut gone_out = Vec::new();
+            let r = (|| -> Result<(), Fail> {
+                let still_its = match &self.replica {
+                    Some(r) => r.left(db, &node, conn_id)?,
+                    None => true,
+                };
+                if still_its {
+                    book::disconnected(db, &node, now, &mut gone_out)?;
+                }
+                Ok(())
+            })();
+            if r.is_ok() && sp.commit().is_ok() {
+                out.extend(gone_out);
+            } else {
+                self.lost.push((node, conn_id));
+            }
+        }
+    }
+
     /// Register a login in its own savepoint; on a replica, record where
     /// the session is and have a previous session on another replica
     /// closed.
@@ -307,7 +340,6 @@ impl Writer {
         proof: &crate::market::protocol::IdentityProof,
         conn_id: u64,
         now: i64,
-        done: &mut Done,
     ) -> Result<(i64, i64), DbError> {
         let sp = db.savepoint()?;
         let r = book::login(db, &self.rules, identity, proof, now)?;
@@ -324,7 +356,6 @@ impl Writer {
             }
         }
         sp.commit()?;
-        let _ = done;
         Ok(r)
     }
 
@@ -555,11 +586,11 @@ fn fail_batch(batch: Vec<Cmd>, reason: Reason, why: &str, w: &mut Writer, stoppi
             Cmd::Shutdown => *stopping = true,
             Cmd::Relay(events) => w.relayed(events),
             Cmd::Gone { node, conn_id } => {
-                // Gone here at once; the book hears of it when this
-                // replica's heartbeat ages (another replica reaps it) or,
-                // on one process, at the next start.
+                // Gone here at once; the book hears of it once the
+                // database answers again.
                 if w.sessions.get(&node).is_some_and(|(id, _)| *id == conn_id) {
                     w.sessions.remove(&node);
+                    w.lost.push((node, conn_id));
                 }
             }
         }
