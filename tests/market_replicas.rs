@@ -592,3 +592,38 @@ fn the_clock_runs_once_per_tick_across_replicas() {
     );
     assert!(ran >= per_tick / 2, "the clock ran only {ran} times in {elapsed} ms");
 }
+
+/// A store that cannot be used is refused with what was wrong and what to
+/// do, and a password in the URL is never shown.
+#[test]
+fn bad_stores_are_refused_with_what_to_do_and_no_password_shown() {
+    let home = common::Cmm::new();
+    // Nothing listens on port 1: the database cannot be reached (exit 4).
+    home.run(&[
+        "market",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        "postgres://cmm:hunter2@127.0.0.1:1/market",
+    ])
+    .code(4)
+    .stderr_has("cannot open the market database `postgres://cmm:***@127.0.0.1:1/market`")
+    .stderr_has("check that PostgreSQL is running");
+    let out = home.run(&["market", "ledger", "--db", "postgres://cmm:hunter2@127.0.0.1:1/market"]);
+    out.code(4);
+    assert!(!out.stderr.contains("hunter2"), "the password leaked: {}", out.stderr);
+    // The store from CMM_MARKET_DB when there is no --db.
+    home.cmd(&["market", "ledger", "--verify"])
+        .env("CMM_MARKET_DB", "postgres://cmm:hunter2@127.0.0.1:1/market")
+        .run()
+        .code(4)
+        .stderr_has("postgres://cmm:***@127.0.0.1:1/market");
+    let Some(url) = fresh_db("bad_stores_are_refused") else {
+        return;
+    };
+    // A reachable database that holds no market yet.
+    home.run(&["market", "ledger", "--verify", "--db", &url])
+        .code(1)
+        .stderr_has("holds no market yet");
+}

@@ -105,11 +105,15 @@ fn pg_message(e: &::postgres::Error) -> String {
             None => d.message().to_string(),
         },
         None => {
+            // The driver's message, then each cause it does not already say.
             let mut s = e.to_string();
             let mut src = std::error::Error::source(e);
             while let Some(cause) = src {
-                s.push_str(": ");
-                s.push_str(&cause.to_string());
+                let c = cause.to_string();
+                if !s.contains(&c) {
+                    s.push_str(": ");
+                    s.push_str(&c);
+                }
                 src = cause.source();
             }
             s
