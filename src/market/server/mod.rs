@@ -53,8 +53,9 @@ pub use writer::now_ms;
 /// Why the coordinator could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot open the market database `{db}`: {source}")]
-    Db { db: DbSpec, source: DbError },
+    /// The cause is in the message, not chained, so a report says it once.
+    #[error("cannot open the market database `{db}`: {error}")]
+    Db { db: DbSpec, error: DbError },
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("{0}")]
@@ -65,7 +66,7 @@ impl crate::exit::HasExit for ServeError {
     fn exit(&self) -> crate::exit::Exit {
         match self {
             ServeError::Listen { .. } => crate::exit::Exit::Unavailable,
-            ServeError::Db { source, .. } if source.is_unreachable() => crate::exit::Exit::Unavailable,
+            ServeError::Db { error, .. } if error.is_unreachable() => crate::exit::Exit::Unavailable,
             _ => crate::exit::Exit::Failed,
         }
     }
@@ -222,9 +223,9 @@ pub async fn serve(
 /// replica. The blocking PostgreSQL client runs its own runtime, so it is
 /// opened off this one.
 async fn open_store(opts: &ServeOptions) -> Result<(writer::Conn, Option<Replica>, Option<Checkpoints>), ServeError> {
-    let db_err = |source| ServeError::Db {
+    let db_err = |error| ServeError::Db {
         db: opts.db.clone(),
-        source,
+        error,
     };
     match &opts.db {
         DbSpec::Sqlite(path) => {

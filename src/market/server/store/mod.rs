@@ -89,12 +89,20 @@ pub fn redact(url: &str) -> String {
 pub enum DbError {
     #[error("{0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// Its message already holds its causes (see `pg_message`), so it is
+    /// not chained as a source: an error report would say them twice.
     #[error("{}", pg_message(.0))]
-    Postgres(#[from] ::postgres::Error),
+    Postgres(::postgres::Error),
     #[error("{0}")]
     Schema(String),
     #[error("column {0}: {1}")]
     Type(usize, String),
+}
+
+impl From<::postgres::Error> for DbError {
+    fn from(e: ::postgres::Error) -> Self {
+        DbError::Postgres(e)
+    }
 }
 
 /// PostgreSQL's own message (with its detail), not only "db error".
