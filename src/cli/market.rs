@@ -267,7 +267,7 @@ fn grant(ctx: &Ctx, a: GrantArgs) -> Result<Exit> {
 /// `CMM_MARKET_DB` folded in), else market.db in the data dir.
 fn market_db(ctx: &Ctx, flag: Option<&str>) -> Result<DbSpec> {
     let configured = ctx.config()?.settings().market.db.clone();
-    Ok(DbSpec::resolve(flag, &configured, ctx.paths.market_db()))
+    Ok(DbSpec::resolve(flag, configured.as_deref(), ctx.paths.market_db()))
 }
 
 fn serve(ctx: &Ctx, a: ServeArgs) -> Result<Exit> {

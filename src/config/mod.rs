@@ -298,9 +298,9 @@ pub const SCHEMA: &[KeyDef] = &[
     ),
     key!(
         "market.db",
-        Kind::Str,
-        r#""""#,
-        "Coordinator store for `market serve`, `market ledger` and `market grant`: a SQLite file, or postgres://USER@HOST:PORT/DB shared by replicas (empty: market.db in the data dir; put a password in CMM_MARKET_DB, not the file)"
+        Kind::OptStr,
+        "null",
+        "Coordinator store for `market serve`, `market ledger` and `market grant`: a SQLite file, or postgres://USER@HOST:PORT/DB shared by replicas (null: market.db in the data dir; put a password in CMM_MARKET_DB, not the file)"
     ),
     key!(
         "market.endpoint",

@@ -74,8 +74,8 @@ pub struct Limits {
 /// `market.*`: this node's market defaults and standing rules.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Market {
-    /// The coordinator's store (`market.db`): empty for the default file.
-    pub db: String,
+    /// The coordinator's store (`market.db`): `None` for the default file.
+    pub db: Option<String>,
     /// The raw value: one coordinator URL, or a comma-separated list of
     /// replicas (parsed by `market::client::Endpoints`).
     pub endpoint: String,
@@ -207,7 +207,7 @@ impl Settings {
                 concurrent_jobs: r.count("limits.concurrentJobs").max(1),
             },
             market: Market {
-                db: r.text("market.db"),
+                db: r.opt_text("market.db"),
                 endpoint: r.text("market.endpoint"),
                 default_price: r.count("market.defaultPrice"),
                 max_bid_price: r.count("market.maxBidPrice"),

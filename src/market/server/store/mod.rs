@@ -43,10 +43,9 @@ impl DbSpec {
 
     /// The store in force: `flag` (`--db`), else `configured`
     /// (`market.db`, env `CMM_MARKET_DB` folded in), else `default`.
-    pub fn resolve(flag: Option<&str>, configured: &str, default: PathBuf) -> DbSpec {
-        match flag.filter(|s| !s.is_empty()) {
-            Some(f) => DbSpec::parse(f),
-            None if !configured.is_empty() => DbSpec::parse(configured),
+    pub fn resolve(flag: Option<&str>, configured: Option<&str>, default: PathBuf) -> DbSpec {
+        match flag.or(configured).filter(|s| !s.is_empty()) {
+            Some(s) => DbSpec::parse(s),
             None => DbSpec::Sqlite(default),
         }
     }
