@@ -59,9 +59,10 @@ pub fn key_path(db: &Path) -> PathBuf {
 }
 
 impl Witness {
-    /// Load the key next to the database, creating it (0600) on first start.
-    pub fn load_or_create(db: &Path) -> io::Result<Witness> {
-        let path = key_path(db);
+    /// Load the key from `path` (see [`key_path`]), creating it (0600) on
+    /// first start.
+    pub fn load_or_create(path: &Path) -> io::Result<Witness> {
+        let path = path.to_path_buf();
         match std::fs::read(&path) {
             Ok(b) => {
                 let seed: [u8; 32] = b.as_slice().try_into().map_err(|_| {
