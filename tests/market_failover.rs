@@ -132,8 +132,19 @@ fn posted_task_id(bid: &Spawned) -> String {
         .to_string()
 }
 
-fn tasks_in(db: &std::path::Path) -> i64 {
-    let c = rusqlite::Connection::open(db).expect("open the market database");
+/// How many tasks the coordinator's store holds, SQLite file or
+/// PostgreSQL database.
+fn tasks_in(server: &Server) -> i64 {
+    if server.on_postgres() {
+        let url = server.store.clone();
+        return market::postgres::off_runtime(move || {
+            let mut c = market::postgres::connect(&url).expect("connect to the market database");
+            c.query_one("SELECT COUNT(*) FROM tasks", &[])
+                .expect("count tasks")
+                .get(0)
+        });
+    }
+    let c = rusqlite::Connection::open(&server.db).expect("open the market database");
     c.query_row("SELECT COUNT(*) FROM tasks", [], |r| r.get(0)).unwrap()
 }
 
@@ -166,7 +177,7 @@ fn status_and_bid_go_through_the_second_endpoint_when_the_first_is_dead() {
     ]);
     out.code(0);
     let task_id = out.json()["task_id"].as_str().expect("a task id").to_string();
-    assert_eq!(tasks_in(&server.db), 1);
+    assert_eq!(tasks_in(&server), 1);
     assert_eq!(status(&node, &server.endpoint)["escrow"], 7);
 
     // `market.endpoint` takes the same list, and `market result` uses it.
@@ -305,7 +316,7 @@ fn a_provider_keeps_its_lease_and_offer_across_a_replica_kill() {
     assert_eq!(ps["balance"], 1010, "{ps:#}");
     assert_eq!(ps["reputation"]["successes"], 2);
     assert_eq!(ps["server"]["ledger"]["escrow"], 0);
-    assert_eq!(tasks_in(&b.db), 2);
+    assert_eq!(tasks_in(&b), 2);
     b.verify();
     provider.home.run(&["audit", "verify"]).code(0);
     requester.run(&["audit", "verify"]).code(0);
@@ -337,7 +348,7 @@ fn bid_wait_carries_on_across_a_replica_kill_and_posts_once() {
     assert_eq!(v["provider"], provider.node_id.as_str());
     assert_eq!(v["settlement"]["paid"], 5);
     assert_eq!(v["settlement"]["refunded"], 15);
-    assert_eq!(tasks_in(&b.db), 1, "posted once");
+    assert_eq!(tasks_in(&b), 1, "posted once");
     assert_eq!(
         out.stderr.matches("posted ").count(),
         1,

@@ -187,7 +187,14 @@ pub async fn serve(
     let metrics = Arc::new(Metrics::new(&opts.replica));
     let (etx, erx) = std_mpsc::channel();
     let relay = match (&opts.db, &replica) {
-        (DbSpec::Postgres(url), Some(r)) => Some(tokio::spawn(replica::listen(url.clone(), r.id, etx.clone()))),
+        (DbSpec::Postgres(url), Some(r)) => {
+            let (tx, listening) = tokio::sync::oneshot::channel();
+            let task = tokio::spawn(replica::listen(url.clone(), r.id, etx.clone(), tx));
+            // Listening before the port opens, so no relayed event waits
+            // for the once-a-second look (it retries by itself if not).
+            let _ = tokio::time::timeout(Duration::from_secs(5), listening).await;
+            Some(task)
+        }
         _ => None,
     };
     let rules = opts.rules.clone();

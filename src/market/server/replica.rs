@@ -205,11 +205,18 @@ impl Whereabouts {
 /// Take the relay rows queued for `replica_id` whenever its channel is
 /// notified (and once a second, in case a notification was missed while
 /// reconnecting), and hand them to the writer to send. Runs until the
-/// writer is gone; reconnects when the database goes away.
-pub async fn listen(url: String, replica_id: i64, engine: std::sync::mpsc::Sender<Cmd>) {
+/// writer is gone; reconnects when the database goes away. `listening`
+/// is told once the first `LISTEN` is in place.
+pub async fn listen(
+    url: String,
+    replica_id: i64,
+    engine: std::sync::mpsc::Sender<Cmd>,
+    listening: tokio::sync::oneshot::Sender<()>,
+) {
     let mut delay = Duration::from_millis(200);
+    let mut listening = Some(listening);
     loop {
-        match listen_once(&url, replica_id, &engine).await {
+        match listen_once(&url, replica_id, &engine, &mut listening).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!("relay listener: {e}; reconnecting");
@@ -225,6 +232,7 @@ async fn listen_once(
     url: &str,
     replica_id: i64,
     engine: &std::sync::mpsc::Sender<Cmd>,
+    listening: &mut Option<tokio::sync::oneshot::Sender<()>>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let config: tokio_postgres::Config = url.parse()?;
     let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
@@ -243,6 +251,9 @@ async fn listen_once(
     });
     let result = async {
         client.batch_execute(&format!("LISTEN {}", channel(replica_id))).await?;
+        if let Some(tx) = listening.take() {
+            let _ = tx.send(());
+        }
         let take = client
             .prepare("DELETE FROM relay WHERE replica_id = $1 RETURNING id, node_id, conn_id, frame")
             .await?;
