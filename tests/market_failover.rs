@@ -13,33 +13,10 @@ mod docker;
 #[path = "common/market.rs"]
 mod market;
 
-use claude_max_market::crypto::keys::Identity;
-use claude_max_market::Paths;
 use common::{docker_available, Cmm, Spawned};
-use docker::build_fixture_image;
-use market::Server;
+use docker::market_image;
+use market::{node_id_of, Server};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
-
-/// The fake-claude image, tagged by the fixture's content.
-fn image() -> String {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake-claude");
-    let mut h = Sha256::new();
-    for f in ["Dockerfile", "claude", "entrypoint.sh"] {
-        h.update(std::fs::read(dir.join(f)).expect("fixture file"));
-    }
-    let tag = format!("cmm-fake-claude:fed-{}", &hex::encode(h.finalize())[..12]);
-    build_fixture_image(&tag);
-    tag
-}
-
-fn node_id(home: &Cmm) -> String {
-    let paths = Paths::in_one_dir(home.path().to_path_buf());
-    Identity::load_or_generate(&paths)
-        .expect("node identity")
-        .node_id()
-        .to_string()
-}
 
 /// `advertise --auto-accept --json` on `endpoints`, running the fake image.
 struct Provider {
@@ -56,7 +33,7 @@ impl Provider {
         let home = Cmm::opted_in().env("ANTHROPIC_API_KEY", "sk-ant-api03-market-provider-not-a-secret");
         home.run(&["opt-in", "--accept-terms", "--claude-jobs"]).code(0);
         home.run(&["config", "--set", "limits.maxTokensPerTask=40000"]).code(0);
-        let node_id = node_id(&home);
+        let node_id = node_id_of(&home);
         let child = home
             .cmd(&[
                 "--json",
@@ -248,7 +225,7 @@ fn a_provider_keeps_its_lease_and_offer_across_a_replica_kill() {
     if !docker_available("a_provider_keeps_its_lease_and_offer_across_a_replica_kill") {
         return;
     }
-    let img = image();
+    let img = market_image();
     let mut a = Server::start(&["--lease-ms", "10000"]);
     let b_addr = Server::free_addr();
     let list = format!("{},ws://{b_addr}", a.endpoint);
@@ -327,7 +304,7 @@ fn bid_wait_carries_on_across_a_replica_kill_and_posts_once() {
     if !docker_available("bid_wait_carries_on_across_a_replica_kill_and_posts_once") {
         return;
     }
-    let img = image();
+    let img = market_image();
     let mut a = Server::start(&["--lease-ms", "10000"]);
     let b_addr = Server::free_addr();
     let list = format!("{},ws://{b_addr}", a.endpoint);

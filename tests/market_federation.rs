@@ -18,31 +18,9 @@ use claude_max_market::market::client::Client;
 use claude_max_market::market::protocol::{Reason, Request};
 use claude_max_market::Paths;
 use common::{docker_available, secs, wait_some, wait_until, Cmm, Spawned};
-use docker::{build_fixture_image, containers_of_job, docker, started_jobs, TOKEN};
-use market::{rt, Server};
+use docker::{containers_of_job, docker, market_image, started_jobs, TOKEN};
+use market::{node_id_of, rt, Server};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
-
-/// The fake-claude image, tagged by the fixture's content so a changed
-/// fixture is rebuilt rather than a stale image reused.
-fn image() -> String {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake-claude");
-    let mut h = Sha256::new();
-    for f in ["Dockerfile", "claude", "entrypoint.sh"] {
-        h.update(std::fs::read(dir.join(f)).expect("fixture file"));
-    }
-    let tag = format!("cmm-fake-claude:fed-{}", &hex::encode(h.finalize())[..12]);
-    build_fixture_image(&tag);
-    tag
-}
-
-fn node_id(home: &Cmm) -> String {
-    let paths = Paths::in_one_dir(home.path().to_path_buf());
-    Identity::load_or_generate(&paths)
-        .expect("node identity")
-        .node_id()
-        .to_string()
-}
 
 /// `advertise --auto-accept` running the fake image.
 struct Provider {
@@ -63,7 +41,7 @@ impl Provider {
         home.run(&["opt-in", "--accept-terms", "--claude-jobs"]).code(0);
         home.run(&["config", "--set", "limits.maxTokensPerTask=40000"]).code(0);
         setup(&home);
-        let node_id = node_id(&home);
+        let node_id = node_id_of(&home);
         let child = home
             .cmd(&[
                 "--json",
@@ -198,7 +176,7 @@ fn happy_path_settles_exactly_and_the_coordinator_never_sees_plaintext() {
     if !docker_available("happy_path_settles_exactly_and_the_coordinator_never_sees_plaintext") {
         return;
     }
-    let img = image();
+    let img = market_image();
     let server = Server::start(&["--lease-ms", "10000"]);
     let p1 = Provider::new(&server, &img, |_| {});
     let p2 = Provider::new(&server, &img, |_| {});
@@ -274,7 +252,7 @@ fn a_failing_job_is_reported_reoffered_and_refunded_after_the_last_attempt() {
     if !docker_available("a_failing_job_is_reported_reoffered_and_refunded_after_the_last_attempt") {
         return;
     }
-    let img = image();
+    let img = market_image();
     let server = Server::start(&["--lease-ms", "10000"]);
     let p1 = Provider::new(&server, &img, |_| {});
     let p2 = Provider::new(&server, &img, |_| {});
@@ -319,7 +297,7 @@ fn provider_killed_mid_job_lapses_and_the_other_completes_attempt_two() {
     if !docker_available("provider_killed_mid_job_lapses_and_the_other_completes_attempt_two") {
         return;
     }
-    let img = image();
+    let img = market_image();
     let server = Server::start(&["--lease-ms", "3000"]);
     let mut p1 = Provider::new(&server, &img, |_| {});
     let mut p2 = Provider::new(&server, &img, |_| {});
@@ -395,7 +373,7 @@ fn an_offline_requester_fetches_the_result_later() {
     if !docker_available("an_offline_requester_fetches_the_result_later") {
         return;
     }
-    let img = image();
+    let img = market_image();
     let server = Server::start(&["--lease-ms", "10000"]);
     let _p1 = Provider::new(&server, &img, |_| {});
     let requester = Cmm::new();
@@ -441,7 +419,7 @@ fn a_provider_at_its_cap_declines_and_one_that_opted_out_gets_nothing() {
     if !docker_available("a_provider_at_its_cap_declines_and_one_that_opted_out_gets_nothing") {
         return;
     }
-    let img = image();
+    let img = market_image();
     let server = Server::start(&["--lease-ms", "10000"]);
     let capped = Provider::new(&server, &img, |h| {
         h.run(&["config", "--set", "limits.dailyTasks=0"]).code(0);
@@ -481,7 +459,7 @@ fn a_provider_reserves_its_cap_when_it_takes_an_offer_so_two_offers_cannot_both_
     if !docker_available("a_provider_reserves_its_cap_when_it_takes_an_offer_so_two_offers_cannot_both_pass") {
         return;
     }
-    let img = image();
+    let img = market_image();
     let server = Server::start(&["--lease-ms", "10000"]);
     // Room for one task today, and a job that takes a while: the second
     // offer arrives while the first task is held.
@@ -673,7 +651,7 @@ fn a_payload_altered_in_transit_is_refused_before_decryption_and_nothing_settles
     if !docker_available("a_payload_altered_in_transit_is_refused_before_decryption_and_nothing_settles") {
         return;
     }
-    let img = image();
+    let img = market_image();
     let server = Server::start(&["--lease-ms", "10000"]);
     let p1 = Provider::new(&server, &img, |_| {});
     let proxy = TamperProxy::start(&server.endpoint, Tamper::Payload);
@@ -710,7 +688,7 @@ fn a_result_altered_in_transit_is_rejected_never_printed_and_nothing_settles() {
     if !docker_available("a_result_altered_in_transit_is_rejected_never_printed_and_nothing_settles") {
         return;
     }
-    let img = image();
+    let img = market_image();
     let server = Server::start(&["--lease-ms", "10000"]);
     let p1 = Provider::new(&server, &img, |_| {});
     let proxy = TamperProxy::start(&server.endpoint, Tamper::Result);
@@ -743,7 +721,7 @@ fn ctrl_c_gives_the_lease_back_and_the_task_is_reoffered_at_once() {
     if !docker_available("ctrl_c_gives_the_lease_back_and_the_task_is_reoffered_at_once") {
         return;
     }
-    let img = image();
+    let img = market_image();
     // A lease long enough that only a clean give-back explains a quick re-offer.
     let server = Server::start(&["--lease-ms", "30000"]);
     let mut p1 = Provider::new(&server, &img, |_| {});
@@ -861,7 +839,7 @@ fn a_provider_that_failed_an_attempt_is_not_given_the_next_attempt_of_the_same_t
     // A task's attempts do not all go to one node: after p1 fails attempt 1,
     // attempt 2 waits for another provider, and with none the task is
     // refunded at its deadline.
-    let img = image();
+    let img = market_image();
     let server = Server::start(&["--lease-ms", "10000"]);
     let p1 = Provider::new(&server, &img, |_| {});
     let requester = Cmm::new();
@@ -904,7 +882,7 @@ fn a_task_posted_without_waiting_is_sent_and_collected_by_market_result() {
     if !docker_available("a_task_posted_without_waiting_is_sent_and_collected_by_market_result") {
         return;
     }
-    let img = image();
+    let img = market_image();
     let server = Server::start(&["--lease-ms", "10000"]);
     let p1 = Provider::new(&server, &img, |_| {});
     let requester = Cmm::new();
@@ -1066,7 +1044,7 @@ fn an_interrupted_bid_wait_is_resumed_by_market_result() {
     if !docker_available("an_interrupted_bid_wait_is_resumed_by_market_result") {
         return;
     }
-    let img = image();
+    let img = market_image();
     let server = Server::start(&["--lease-ms", "10000"]);
     let requester = Cmm::new();
     let secret = canary("resume");

@@ -75,6 +75,21 @@ pub fn fake_image() -> &'static str {
     FAKE_IMAGE
 }
 
+/// The fake-claude image the market tests' providers run, tagged by the
+/// fixture's content so a changed fixture is rebuilt rather than a stale
+/// image reused.
+pub fn market_image() -> String {
+    use sha2::{Digest, Sha256};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake-claude");
+    let mut h = Sha256::new();
+    for f in ["Dockerfile", "claude", "entrypoint.sh"] {
+        h.update(std::fs::read(dir.join(f)).expect("fixture file"));
+    }
+    let tag = format!("cmm-fake-claude:fed-{}", &hex::encode(h.finalize())[..12]);
+    build_fixture_image(&tag);
+    tag
+}
+
 pub fn build_fixture_image(tag: &str) {
     let _g = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     let (ctx, hash) = fixture_context();

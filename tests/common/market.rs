@@ -421,6 +421,16 @@ impl Drop for Server {
     }
 }
 
+/// The node id of the node whose home is `home` (its keys are made on
+/// first use).
+pub fn node_id_of(home: &Cmm) -> String {
+    let paths = Paths::in_one_dir(home.path().to_path_buf());
+    Identity::load_or_generate(&paths)
+        .expect("node identity")
+        .node_id()
+        .to_string()
+}
+
 /// A node with its own `CMM_HOME` and identity.
 pub struct Node {
     pub home: Cmm,
