@@ -35,6 +35,7 @@ use crate::docker::DockerError;
 use crate::exit::{Exit, Failure, HasExit};
 use crate::paths::Paths;
 
+pub mod acceptance;
 mod admit;
 mod outcome;
 mod prepare;
