@@ -80,9 +80,9 @@ mod spool;
 mod tests;
 
 pub use apply::{apply, Applied};
-pub use container::{pack_dir, pack_main, unpack_into, unpack_main, Counts, PACK_MODE, UNPACK_MODE};
+pub use container::{pack_dir, pack_main, unpack_into, unpack_main, unpack_untrusted, Counts, PACK_MODE, UNPACK_MODE};
 pub use diff::{diff, ChangeKind, ChangeSet, DiffRules, FileChange, Ignored, PatchInfo, Skipped, Totals};
-pub use error::WorkspaceError;
+pub use error::{Bound, Untrusted, WorkspaceError};
 pub use snapshot::{select, Entry, EntryKind, Snapshot};
 
 use std::path::PathBuf;
