@@ -97,6 +97,15 @@ pub enum WorkspaceError {
     )]
     OverBound { input: Untrusted, what: Bound, limit: u64 },
 
+    #[error("the job's changes cannot be packed from `{}`: {why}", dir.display())]
+    ChangesUnusable { dir: PathBuf, why: String },
+
+    #[error("the job's changes come to more than {}, the bound on a delta", human_bytes(*limit))]
+    DeltaTooBig { limit: u64 },
+
+    #[error("`{}` is inside the git work tree `{}`, whose ignore rules would hide files that were sent", dir.display(), top.display())]
+    InsideWorkTree { dir: PathBuf, top: PathBuf },
+
     #[error("this change set was not made from this snapshot")]
     WrongSnapshot,
 
@@ -156,6 +165,9 @@ impl HasExit for WorkspaceError {
             | OutputTooBig { .. }
             | Refused { .. }
             | OverBound { .. }
+            | ChangesUnusable { .. }
+            | DeltaTooBig { .. }
+            | InsideWorkTree { .. }
             | WrongSnapshot
             | ApplyFailed { .. }
             | Io { .. } => Exit::Failed,
@@ -197,6 +209,13 @@ impl HasExit for WorkspaceError {
                         .into()
                 }
             }),
+            ChangesUnusable { .. } => {
+                Some("the job's record or its directory was changed after the job; run the job again".into())
+            }
+            DeltaTooBig { .. } => {
+                Some("the job changed more than can be sent back; ask for a smaller change, or raise the bound".into())
+            }
+            InsideWorkTree { .. } => Some("unpack the workspace into a directory outside any git repository".into()),
             Changed { .. } | InTheWay { .. } => Some(
                 "the job's patch is saved with the job: review it and apply it yourself with `git apply` \
                  (`--3way` merges), or run the job again on the current files"
