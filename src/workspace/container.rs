@@ -1,22 +1,32 @@
-//! The two modes of our binary that run inside a job container, as uid
+//! Packing and unpacking workspace trees as tar: the two modes of our
+//! binary that run inside a job container, as uid
 //! [`super::CONTAINER_UID`], started by `docker exec` of the copy mounted at
-//! `/.cmm`: [`UNPACK_MODE`] fills the workspace tmpfs from a tar on stdin,
-//! [`PACK_MODE`] writes a tar of it to stdout when the job is done.
+//! `/.cmm` ([`UNPACK_MODE`] fills the workspace tmpfs from a tar on stdin,
+//! [`PACK_MODE`] writes a tar of it to stdout when the job is done), and
+//! [`unpack_untrusted`], which a provider runs on its own host over a
+//! stranger's archive.
 //!
-//! Both are single-threaded and speak only through their exit code (0 ok,
-//! 1 failed) and, on failure, one line on stderr. What the job leaves behind
-//! is untrusted: neither mode follows a link, and extraction refuses absolute
-//! paths, `..`, and any entry that would be written through a link or a
-//! file, including one the same archive created a moment earlier.
+//! The modes are single-threaded and speak only through their exit code (0
+//! ok, 1 failed) and, on failure, one line on stderr. What the job leaves
+//! behind is untrusted: neither mode follows a link, and extraction refuses
+//! absolute paths, `..`, and any entry that would be written through a link
+//! or a file, including one the same archive created a moment earlier. On
+//! the host, extraction must also not let an archive decide how much it
+//! writes, make links that lead out, or leave what the user cannot remove.
 
+use std::cell::Cell;
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::rc::Rc;
 
 use serde::Serialize;
 
+use super::error::{Bound, Untrusted};
 use super::fsat::{fchmod, is_not_a_dir, set_file_mtime, DirFd, Kind};
+use super::rules::link_stays_inside;
 use super::{archive_components, WorkspaceError, MAX_DEPTH};
 
 /// `claude-max-market __workspace-unpack DIR < tar`.
@@ -71,38 +81,173 @@ fn malformed(msg: String) -> WorkspaceError {
 /// regular files and links only, permission bits and modification times
 /// kept (directories' last, so a read-only one does not block its
 /// contents). Stops at the first entry it refuses; nothing is ever written
-/// outside `dir`.
+/// outside `dir`. For our own archives; a stranger's goes through
+/// [`unpack_untrusted`].
 pub fn unpack_into(dir: &Path, r: impl Read) -> Result<Counts, WorkspaceError> {
+    unpack_with(dir, r, &Policy::OWN)
+}
+
+/// Extract a tar someone else sent (a requester's workspace, on a
+/// provider's host) into the existing, empty directory `dir`, as
+/// [`unpack_into`] does and more strictly: at most `max_bytes` are read
+/// (headers, long names and padding included; file contents count again
+/// as they are written, so a sparse entry cannot expand past the bound)
+/// and at most `max_entries` entries made (directories implied by a path
+/// count too); names and link targets must be UTF-8; every link must
+/// resolve inside `dir`, also through the other links; permission bits
+/// lose setuid, setgid and sticky and gain the owner's read and write (and
+/// search, for a directory), so whoever unpacked it can read and remove
+/// it all. Absolute paths, `..`, entries below a link or a file, entries
+/// twice, hard links, devices and fifos are refused, each by a
+/// [`WorkspaceError::Refused`] naming the entry.
+///
+/// On an error `dir` holds what was extracted before it, never anything
+/// outside: remove it.
+pub fn unpack_untrusted(dir: &Path, r: impl Read, max_bytes: u64, max_entries: u64) -> Result<Counts, WorkspaceError> {
+    let policy = Policy {
+        input: Some(Untrusted::Workspace),
+        owner_access: true,
+        max_bytes,
+        max_entries,
+    };
+    unpack_with(dir, r, &policy)
+}
+
+/// How far an extraction trusts its archive.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Policy {
+    /// Whose bytes these are; `None`: our own (the snapshot's tar), so
+    /// refusals are [`WorkspaceError::Archive`] and no bound applies.
+    pub input: Option<Untrusted>,
+    /// Give the owner read and write on every file and directory (and
+    /// search on directories), so the tree can be written to and removed.
+    pub owner_access: bool,
+    pub max_bytes: u64,
+    pub max_entries: u64,
+}
+
+impl Policy {
+    pub(crate) const OWN: Policy = Policy {
+        input: None,
+        owner_access: false,
+        max_bytes: u64::MAX,
+        max_entries: u64::MAX,
+    };
+
+    /// A refusal of the entry `path` (`why` follows its name).
+    fn refuse(&self, path: &str, why: impl Into<String>) -> WorkspaceError {
+        let why = why.into();
+        match self.input {
+            None => malformed(format!("`{path}` {why}")),
+            Some(input) => WorkspaceError::Refused {
+                input,
+                path: Some(path.to_string()),
+                why,
+            },
+        }
+    }
+
+    /// A refusal of the archive as a whole (it does not parse).
+    fn unreadable(&self, why: String) -> WorkspaceError {
+        match self.input {
+            None => malformed(why),
+            Some(input) => WorkspaceError::Refused { input, path: None, why },
+        }
+    }
+
+    fn over(&self, what: Bound) -> WorkspaceError {
+        let limit = match what {
+            Bound::Bytes => self.max_bytes,
+            Bound::Entries => self.max_entries,
+        };
+        match self.input {
+            Some(input) => WorkspaceError::OverBound { input, what, limit },
+            None => malformed(format!("over the bound of {limit} {what:?}")),
+        }
+    }
+
+    fn file_mode(&self, mode: u32) -> u32 {
+        if self.owner_access {
+            (mode & 0o777) | 0o600
+        } else {
+            mode & 0o777
+        }
+    }
+
+    fn dir_mode(&self, mode: u32) -> u32 {
+        if self.owner_access {
+            (mode & 0o777) | 0o700
+        } else {
+            mode & 0o777
+        }
+    }
+}
+
+/// [`unpack_into`] and [`unpack_untrusted`], as `policy` says.
+pub(crate) fn unpack_with(dir: &Path, r: impl Read, policy: &Policy) -> Result<Counts, WorkspaceError> {
     let root = DirFd::open(dir).map_err(WorkspaceError::io(format!("cannot open `{}`", dir.display())))?;
-    let mut archive = tar::Archive::new(r);
+    let hit = Rc::new(Cell::new(false));
+    let reader = Bounded {
+        inner: r,
+        left: policy.max_bytes,
+        hit: hit.clone(),
+    };
+    let bad_archive = |e: io::Error| {
+        if hit.get() {
+            policy.over(Bound::Bytes)
+        } else {
+            policy.unreadable(e.to_string())
+        }
+    };
+    let mut archive = tar::Archive::new(reader);
     let mut counts = Counts::default();
+    let mut made = Made::default();
     let mut dirs: Vec<(Vec<Vec<u8>>, u32, i64)> = Vec::new();
+    let mut links: Vec<(String, String)> = Vec::new();
     let mut cache: Option<(Vec<u8>, DirFd)> = None;
     let mut buf = vec![0u8; 256 * 1024];
-    let entries = archive.entries().map_err(|e| malformed(e.to_string()))?;
+    let untrusted = policy.input.is_some();
+    let entries = archive.entries().map_err(bad_archive)?;
     for entry in entries {
-        let mut entry = entry.map_err(|e| malformed(e.to_string()))?;
+        let mut entry = entry.map_err(bad_archive)?;
+        made.entries += 1;
+        if made.entries > policy.max_entries {
+            return Err(policy.over(Bound::Entries));
+        }
         let raw = entry.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw).into_owned();
-        let Some(comps) = archive_components(&raw).map_err(malformed)? else {
-            continue; // the root itself
+        let comps = match archive_components(&raw) {
+            Ok(Some(comps)) => comps,
+            Ok(None) => continue, // the root itself
+            Err(why) => {
+                return Err(match policy.input {
+                    None => malformed(why),
+                    Some(_) => policy.refuse(&shown, format!("is not a relative path inside the workspace ({why})")),
+                })
+            }
         };
+        if untrusted {
+            if std::str::from_utf8(&raw).is_err() {
+                return Err(policy.refuse(&shown, "has a name that is not valid UTF-8"));
+            }
+            if comps.len() > MAX_DEPTH {
+                return Err(policy.refuse(&shown, format!("nests deeper than {MAX_DEPTH} directories")));
+            }
+        }
         let header = entry.header();
-        let mode = header.mode().unwrap_or(0o644) & 0o777;
+        let mode = header.mode().unwrap_or(0o644);
         let mtime = header.mtime().ok().and_then(|t| i64::try_from(t).ok()).unwrap_or(0);
         let kind = header.entry_type();
         let Some((last, parents)) = comps.split_last() else {
             continue;
         };
         let name = OsStr::from_bytes(last);
-        let parent = parent_dir(&root, parents, &mut cache, &shown)?;
+        let parent = parent_dir(&root, parents, &mut cache, &shown, policy, &mut made)?;
         let write_err = |e: io::Error| -> WorkspaceError {
             if e.kind() == io::ErrorKind::AlreadyExists {
-                malformed(format!(
-                    "`{shown}` is in the archive twice, or over something already there"
-                ))
+                policy.refuse(&shown, "is in the archive twice, or over something already there")
             } else if is_not_a_dir(&e) {
-                malformed(format!("`{shown}` would be written through a symbolic link"))
+                policy.refuse(&shown, "would be written through a symbolic link")
             } else {
                 WorkspaceError::Io {
                     context: format!("cannot write `{shown}`"),
@@ -113,14 +258,20 @@ pub fn unpack_into(dir: &Path, r: impl Read) -> Result<Counts, WorkspaceError> {
         match kind {
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 let mut f = parent.create_new(name, 0o600).map_err(write_err)?;
-                let n = copy(&mut entry, &mut f, &mut buf).map_err(|e| {
-                    if e.kind() == io::ErrorKind::UnexpectedEof || e.kind() == io::ErrorKind::InvalidData {
-                        malformed(format!("`{shown}` is cut short: {e}"))
+                let left = policy.max_bytes.saturating_sub(counts.bytes);
+                let n = copy(&mut (&mut entry).take(left.saturating_add(1)), &mut f, &mut buf).map_err(|e| {
+                    if hit.get() {
+                        policy.over(Bound::Bytes)
+                    } else if e.kind() == io::ErrorKind::UnexpectedEof || e.kind() == io::ErrorKind::InvalidData {
+                        policy.refuse(&shown, format!("is cut short: {e}"))
                     } else {
                         write_err(e)
                     }
                 })?;
-                fchmod(&f, mode).map_err(write_err)?;
+                if n > left {
+                    return Err(policy.over(Bound::Bytes));
+                }
+                fchmod(&f, policy.file_mode(mode)).map_err(write_err)?;
                 set_file_mtime(&f, mtime).map_err(write_err)?;
                 counts.files += 1;
                 counts.bytes += n;
@@ -132,25 +283,35 @@ pub fn unpack_into(dir: &Path, r: impl Read) -> Result<Counts, WorkspaceError> {
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists && is_dir(parent, name) => {}
                     Err(e) => return Err(write_err(e)),
                 }
-                dirs.push((comps.iter().map(|c| c.to_vec()).collect(), mode, mtime));
+                dirs.push((comps.iter().map(|c| c.to_vec()).collect(), policy.dir_mode(mode), mtime));
                 counts.dirs += 1;
             }
             tar::EntryType::Symlink => {
                 let target = entry
                     .link_name_bytes()
-                    .ok_or_else(|| malformed(format!("link `{shown}` has no target")))?;
+                    .ok_or_else(|| policy.refuse(&shown, "is a link without a target"))?;
+                if untrusted {
+                    let Ok(t) = std::str::from_utf8(&target) else {
+                        return Err(policy.refuse(&shown, "is a link whose target is not valid UTF-8"));
+                    };
+                    links.push((String::from_utf8_lossy(&comps.join(&b'/')).into_owned(), t.to_string()));
+                }
                 parent.symlink(OsStr::from_bytes(&target), name).map_err(write_err)?;
                 counts.links += 1;
             }
             tar::EntryType::XGlobalHeader => {}
             other => {
-                return Err(malformed(format!(
-                    "`{shown}` is a {other:?} entry; a workspace holds only files, directories and links"
-                )))
+                return Err(policy.refuse(
+                    &shown,
+                    format!("is a {other:?} entry; a workspace holds only files, directories and links"),
+                ))
             }
         }
     }
     drop(cache);
+    if untrusted {
+        links_stay_inside(&links, policy)?;
+    }
     dirs.sort_by_key(|d| std::cmp::Reverse(d.0.len()));
     for (comps, mode, mtime) in dirs {
         let Some((last, parents)) = comps.split_last() else {
@@ -166,9 +327,58 @@ pub fn unpack_into(dir: &Path, r: impl Read) -> Result<Counts, WorkspaceError> {
     Ok(counts)
 }
 
+/// Every link of an untrusted archive resolves inside it, expanding the
+/// other links on the way as the kernel would; links are judged once all
+/// are known, since a later one can redirect an earlier one.
+fn links_stay_inside(links: &[(String, String)], policy: &Policy) -> Result<(), WorkspaceError> {
+    let by_path: HashMap<&str, &str> = links.iter().map(|(p, t)| (p.as_str(), t.as_str())).collect();
+    for (path, target) in links {
+        if !link_stays_inside(path, target, |p| by_path.get(p).copied()) {
+            return Err(policy.refuse(
+                path,
+                format!("is a symbolic link to `{target}`, which leads outside the workspace"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What an extraction made, against [`Policy::max_entries`].
+#[derive(Debug, Default)]
+struct Made {
+    /// Archive entries, and directories made for their paths.
+    entries: u64,
+}
+
+/// A reader that fails once more than `left` bytes are asked of it, and
+/// says so in `hit` (the tar crate wraps our error in its own).
+struct Bounded<R> {
+    inner: R,
+    left: u64,
+    hit: Rc<Cell<bool>>,
+}
+
+impl<R: Read> Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            // An archive that ends exactly at the bound reads no further.
+            let mut probe = [0u8; 1];
+            if self.inner.read(&mut probe)? == 0 {
+                return Ok(0);
+            }
+            self.hit.set(true);
+            return Err(io::Error::other("the archive is over its size bound"));
+        }
+        let want = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
 /// `io::copy` with a buffer big enough that a workspace is a few thousand
 /// writes, not tens of thousands.
-fn copy(r: &mut impl Read, w: &mut impl Write, buf: &mut [u8]) -> io::Result<u64> {
+pub(crate) fn copy(r: &mut impl Read, w: &mut impl Write, buf: &mut [u8]) -> io::Result<u64> {
     let mut n = 0u64;
     loop {
         let k = match r.read(buf) {
@@ -188,13 +398,15 @@ fn is_dir(parent: &DirFd, name: &OsStr) -> bool {
 
 /// The directory that holds an entry: reached from the root one
 /// `O_NOFOLLOW` step at a time, missing directories made (mode 0700 until
-/// their own entry sets it). Consecutive entries usually share a parent, so
-/// the last one is kept open.
+/// their own entry sets it), each counted in `made`. Consecutive entries
+/// usually share a parent, so the last one is kept open.
 fn parent_dir<'c>(
     root: &DirFd,
     parents: &[&[u8]],
     cache: &'c mut Option<(Vec<u8>, DirFd)>,
     shown: &str,
+    policy: &Policy,
+    made: &mut Made,
 ) -> Result<&'c DirFd, WorkspaceError> {
     let key = parents.join(&b'/');
     let hit = matches!(cache, Some((k, _)) if *k == key);
@@ -205,14 +417,17 @@ fn parent_dir<'c>(
             let name = OsStr::from_bytes(c);
             d = match d.child(name) {
                 Ok(next) => next,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => d
-                    .mkdir(name, 0o700)
-                    .and_then(|()| d.child(name))
-                    .map_err(WorkspaceError::io(format!("cannot make the directories for `{shown}`")))?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    made.entries += 1;
+                    if made.entries > policy.max_entries {
+                        return Err(policy.over(Bound::Entries));
+                    }
+                    d.mkdir(name, 0o700)
+                        .and_then(|()| d.child(name))
+                        .map_err(WorkspaceError::io(format!("cannot make the directories for `{shown}`")))?
+                }
                 Err(e) if is_not_a_dir(&e) => {
-                    return Err(malformed(format!(
-                        "`{shown}` would be written through a symbolic link or a file"
-                    )))
+                    return Err(policy.refuse(shown, "would be written through a symbolic link or a file"))
                 }
                 Err(e) => {
                     return Err(WorkspaceError::Io {

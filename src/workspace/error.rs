@@ -8,6 +8,32 @@ use crate::exit::{Exit, HasExit};
 
 use super::human_bytes;
 
+/// Bytes that came from someone else, and so are checked before anything is
+/// made of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Untrusted {
+    /// A requester's workspace archive, unpacked on a provider's host.
+    Workspace,
+    /// A provider's delta, rebuilt on the requester's host.
+    Delta,
+}
+
+impl std::fmt::Display for Untrusted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Untrusted::Workspace => "the workspace archive sent with the task",
+            Untrusted::Delta => "the provider's delta",
+        })
+    }
+}
+
+/// What an untrusted input has too much of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    Bytes,
+    Entries,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum WorkspaceError {
     #[error("workspace `{}` is not a directory", path.display())]
@@ -56,6 +82,29 @@ pub enum WorkspaceError {
 
     #[error("the job's workspace archive is larger than {}", human_bytes(*limit))]
     OutputTooBig { limit: u64 },
+
+    #[error("{input} is refused{}: {why}", path.as_ref().map(|p| format!(" at `{p}`")).unwrap_or_default())]
+    Refused {
+        input: Untrusted,
+        /// The entry refused, when the refusal is about one.
+        path: Option<String>,
+        why: String,
+    },
+
+    #[error(
+        "{input} holds more than {}",
+        match what { Bound::Bytes => human_bytes(*limit), Bound::Entries => format!("{limit} entries") }
+    )]
+    OverBound { input: Untrusted, what: Bound, limit: u64 },
+
+    #[error("the job's changes cannot be packed from `{}`: {why}", dir.display())]
+    ChangesUnusable { dir: PathBuf, why: String },
+
+    #[error("the job's changes come to more than {}, the bound on a delta", human_bytes(*limit))]
+    DeltaTooBig { limit: u64 },
+
+    #[error("`{}` is inside the git work tree `{}`, whose ignore rules would hide files that were sent", dir.display(), top.display())]
+    InsideWorkTree { dir: PathBuf, top: PathBuf },
 
     #[error("this change set was not made from this snapshot")]
     WrongSnapshot,
@@ -112,7 +161,16 @@ impl HasExit for WorkspaceError {
             // work. That is a refusal by policy, like a cap, and scripts can
             // tell it from a broken apply (1).
             Changed { .. } | InTheWay { .. } => Exit::Refused,
-            Archive(_) | OutputTooBig { .. } | WrongSnapshot | ApplyFailed { .. } | Io { .. } => Exit::Failed,
+            Archive(_)
+            | OutputTooBig { .. }
+            | Refused { .. }
+            | OverBound { .. }
+            | ChangesUnusable { .. }
+            | DeltaTooBig { .. }
+            | InsideWorkTree { .. }
+            | WrongSnapshot
+            | ApplyFailed { .. }
+            | Io { .. } => Exit::Failed,
         }
     }
 
@@ -139,6 +197,25 @@ impl HasExit for WorkspaceError {
             Archive(_) | OutputTooBig { .. } => {
                 Some("the job's changes cannot be trusted and were not applied; run the job again".into())
             }
+            Refused { input, .. } | OverBound { input, .. } => Some(match input {
+                Untrusted::Workspace => {
+                    "decline the task: its workspace cannot be unpacked safely; nothing was written outside the \
+                     directory it was unpacked into, which can be removed"
+                        .into()
+                }
+                Untrusted::Delta => {
+                    "the provider's result cannot be used and nothing was applied; post the task again, \
+                     or to another provider"
+                        .into()
+                }
+            }),
+            ChangesUnusable { .. } => {
+                Some("the job's record or its directory was changed after the job; run the job again".into())
+            }
+            DeltaTooBig { .. } => {
+                Some("the job changed more than can be sent back; ask for a smaller change, or raise the bound".into())
+            }
+            InsideWorkTree { .. } => Some("unpack the workspace into a directory outside any git repository".into()),
             Changed { .. } | InTheWay { .. } => Some(
                 "the job's patch is saved with the job: review it and apply it yourself with `git apply` \
                  (`--3way` merges), or run the job again on the current files"

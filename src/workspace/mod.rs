@@ -11,6 +11,13 @@
 //! git-style patch that `git apply` accepts and the new contents, so that
 //! [`apply`](fn@apply) can write them into DIR, but only if DIR has not changed since.
 //!
+//! A market task takes the same workspace to another host: the requester
+//! sends the snapshot's tar, the provider unpacks it as a stranger's
+//! ([`unpack_untrusted`]), selects it as sent ([`select_received`]), runs
+//! the job and sends back a delta ([`pack_delta`]); the requester
+//! [`rebuild`]s the job's tree from its own snapshot and that delta and
+//! makes its own change set from the result, never from the provider's.
+//!
 //! Each stage lives in its own submodule, and of them all only `apply`
 //! writes to DIR; this file holds what they share (the selection `Rules`,
 //! the bounds, and how an archive path is split and checked).
@@ -69,6 +76,9 @@
 
 mod apply;
 mod container;
+mod delta;
+#[cfg(test)]
+mod delta_tests;
 mod diff;
 mod error;
 mod fsat;
@@ -80,9 +90,10 @@ mod spool;
 mod tests;
 
 pub use apply::{apply, Applied};
-pub use container::{pack_dir, pack_main, unpack_into, unpack_main, Counts, PACK_MODE, UNPACK_MODE};
+pub use container::{pack_dir, pack_main, unpack_into, unpack_main, unpack_untrusted, Counts, PACK_MODE, UNPACK_MODE};
+pub use delta::{pack_delta, rebuild, select_received};
 pub use diff::{diff, ChangeKind, ChangeSet, DiffRules, FileChange, Ignored, PatchInfo, Skipped, Totals};
-pub use error::WorkspaceError;
+pub use error::{Bound, Untrusted, WorkspaceError};
 pub use snapshot::{select, Entry, EntryKind, Snapshot};
 
 use std::path::PathBuf;
@@ -116,6 +127,21 @@ impl Rules {
             limit_bytes,
             include_git: false,
             global_excludes: ignore::gitignore::gitconfig_excludes_path(),
+        }
+    }
+}
+
+impl Rules {
+    /// The rules a provider selects a workspace it was sent with: the
+    /// archive's own `.gitignore` files and nothing of this host's (no
+    /// global excludes file), `.git` as the requester chose, so the job
+    /// sees exactly what was sent. See [`select_received`], which also
+    /// makes sure no parent directory's rules apply.
+    pub fn exact(limit_bytes: u64, include_git: bool) -> Rules {
+        Rules {
+            limit_bytes,
+            include_git,
+            global_excludes: None,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Selection, packing, diff and apply, end to end on real directories, with
-//! git itself as the judge of the patch and of what is ignored.
+//! git itself as the judge of the patch and of what is ignored; and the host-side
+//! unpack of an archive a stranger sent.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -11,7 +12,7 @@ use std::process::{Command, Stdio};
 use super::*;
 use crate::exit::{Exit, HasExit};
 
-fn rules() -> Rules {
+pub(super) fn rules() -> Rules {
     Rules {
         limit_bytes: 10 * 1024 * 1024,
         include_git: false,
@@ -19,21 +20,21 @@ fn rules() -> Rules {
     }
 }
 
-fn tmp() -> tempfile::TempDir {
+pub(super) fn tmp() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("cmm-ws-").tempdir().expect("temp dir")
 }
 
-fn put(root: &Path, rel: &str, content: impl AsRef<[u8]>) {
+pub(super) fn put(root: &Path, rel: &str, content: impl AsRef<[u8]>) {
     let p = root.join(rel);
     fs::create_dir_all(p.parent().expect("parent")).expect("mkdir -p");
     fs::write(p, content).expect("write");
 }
 
-fn chmod(root: &Path, rel: &str, mode: u32) {
+pub(super) fn chmod(root: &Path, rel: &str, mode: u32) {
     fs::set_permissions(root.join(rel), fs::Permissions::from_mode(mode)).expect("chmod");
 }
 
-fn link(root: &Path, target: &str, rel: &str) {
+pub(super) fn link(root: &Path, target: &str, rel: &str) {
     let p = root.join(rel);
     fs::create_dir_all(p.parent().expect("parent")).expect("mkdir -p");
     symlink(target, p).expect("symlink");
@@ -48,7 +49,7 @@ fn selected(s: &Snapshot) -> Vec<String> {
 }
 
 /// Run git with no user or system configuration.
-fn git(dir: &Path, args: &[&str], stdin: Option<&[u8]>) -> (bool, String) {
+pub(super) fn git(dir: &Path, args: &[&str], stdin: Option<&[u8]>) -> (bool, String) {
     let empty = tmp();
     let mut c = Command::new("git");
     c.current_dir(dir)
@@ -75,7 +76,7 @@ fn git(dir: &Path, args: &[&str], stdin: Option<&[u8]>) -> (bool, String) {
 }
 
 /// What a tree holds, for comparison: path -> (kind, content or target, exec).
-fn tree(root: &Path) -> BTreeMap<String, (char, Vec<u8>, bool)> {
+pub(super) fn tree(root: &Path) -> BTreeMap<String, (char, Vec<u8>, bool)> {
     fn walk(root: &Path, rel: &str, out: &mut BTreeMap<String, (char, Vec<u8>, bool)>) {
         let dir = if rel.is_empty() {
             root.to_path_buf()
@@ -104,11 +105,23 @@ fn tree(root: &Path) -> BTreeMap<String, (char, Vec<u8>, bool)> {
     out
 }
 
-fn files_only(t: BTreeMap<String, (char, Vec<u8>, bool)>) -> BTreeMap<String, (char, Vec<u8>, bool)> {
+/// Make a directory tree removable again after a test made parts of it
+/// read-only (each directory before what it holds, so it can be listed).
+pub(super) fn writable(dir: &Path) {
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+    for e in fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            writable(&e.path());
+        }
+    }
+}
+
+pub(super) fn files_only(t: BTreeMap<String, (char, Vec<u8>, bool)>) -> BTreeMap<String, (char, Vec<u8>, bool)> {
     t.into_iter().filter(|(_, v)| v.0 != 'd').collect()
 }
 
-fn copy_tree(from: &Path) -> tempfile::TempDir {
+pub(super) fn copy_tree(from: &Path) -> tempfile::TempDir {
     let to = tmp();
     let ok = Command::new("cp")
         .arg("-a")
@@ -122,7 +135,7 @@ fn copy_tree(from: &Path) -> tempfile::TempDir {
 
 /// The container side, in process: unpack the snapshot's tar, let `job`
 /// change the tree, pack it again.
-fn run_job(snap: &Snapshot, job: impl FnOnce(&Path)) -> (tempfile::TempDir, Vec<u8>) {
+pub(super) fn run_job(snap: &Snapshot, job: impl FnOnce(&Path)) -> (tempfile::TempDir, Vec<u8>) {
     let mut tar = Vec::new();
     snap.write_tar(&mut tar).expect("write_tar");
     let container = tmp();
@@ -133,7 +146,7 @@ fn run_job(snap: &Snapshot, job: impl FnOnce(&Path)) -> (tempfile::TempDir, Vec<
     (container, out)
 }
 
-fn big() -> DiffRules {
+pub(super) fn big() -> DiffRules {
     DiffRules::new(1 << 30)
 }
 
@@ -512,7 +525,7 @@ fn the_tar_is_relative_sorted_deterministic_and_owned_by_the_job_user() {
 // ---------------------------------------------------------------------------
 // Diff and patch
 
-fn sample() -> tempfile::TempDir {
+pub(super) fn sample() -> tempfile::TempDir {
     let d = tmp();
     put(d.path(), ".gitignore", "target/\n.env\nnode_modules/\n");
     put(d.path(), ".env", "SECRET=1\n");
@@ -718,7 +731,7 @@ fn links_the_job_points_outside_are_skipped() {
 }
 
 #[path = "../../tests/common/raw_tar.rs"]
-mod raw_tar;
+pub(super) mod raw_tar;
 use raw_tar::raw_tar;
 
 #[test]
@@ -910,4 +923,205 @@ fn apply_checks_the_change_set_belongs_to_the_snapshot() {
         apply(&changes, &s2, a.path()),
         Err(WorkspaceError::WrongSnapshot)
     ));
+}
+
+// ---------------------------------------------------------------------------
+// Hostile workspace archives, unpacked on the provider's host
+
+fn unpack_err(tar: &[u8], max_bytes: u64, max_entries: u64) -> (WorkspaceError, tempfile::TempDir) {
+    let base = tmp();
+    let dir = base.path().join("ws");
+    fs::create_dir(&dir).unwrap();
+    fs::create_dir(base.path().join("victim")).unwrap();
+    let err = unpack_untrusted(&dir, tar, max_bytes, max_entries).unwrap_err();
+    assert_eq!(
+        fs::read_dir(base.path().join("victim")).unwrap().count(),
+        0,
+        "wrote outside: {err}"
+    );
+    (err, base)
+}
+
+#[test]
+fn hostile_workspace_archives_are_refused_on_the_host() {
+    let r = tar::EntryType::Regular;
+    let l = tar::EntryType::Symlink;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("absolute", raw_tar(&[(b"/tmp/x", r, b"x", b"")]), "`/tmp/x`"),
+        ("climbs", raw_tar(&[(b"a/../../victim/x", r, b"x", b"")]), "`..`"),
+        (
+            "below a link",
+            raw_tar(&[
+                (b"sub/", tar::EntryType::Directory, b"", b""),
+                (b"l", l, b"", b"sub"),
+                (b"l/x", r, b"x", b""),
+            ]),
+            "through a symbolic link",
+        ),
+        (
+            "below its link out",
+            raw_tar(&[(b"l", l, b"", b"../victim"), (b"l/x", r, b"x", b"")]),
+            "through a symbolic link",
+        ),
+        ("link out", raw_tar(&[(b"l", l, b"", b"../victim")]), "leads outside"),
+        (
+            "absolute link",
+            raw_tar(&[(b"l", l, b"", b"/etc/passwd")]),
+            "leads outside",
+        ),
+        (
+            "links that add up to out",
+            raw_tar(&[(b"x", l, b"", b"d/up/.."), (b"d/up", l, b"", b"..")]),
+            "leads outside",
+        ),
+        (
+            "below a file",
+            raw_tar(&[(b"f", r, b"x", b""), (b"f/g", r, b"x", b"")]),
+            "symbolic link or a file",
+        ),
+        (
+            "hard link",
+            raw_tar(&[(b"a", r, b"x", b""), (b"h", tar::EntryType::Link, b"", b"a")]),
+            "Link entry",
+        ),
+        (
+            "device",
+            raw_tar(&[(b"d", tar::EntryType::Char, b"", b"")]),
+            "Char entry",
+        ),
+        ("fifo", raw_tar(&[(b"p", tar::EntryType::Fifo, b"", b"")]), "Fifo entry"),
+        ("twice", raw_tar(&[(b"f", r, b"1", b""), (b"f", r, b"2", b"")]), "twice"),
+        (
+            "a link over a directory",
+            raw_tar(&[(b"d/", tar::EntryType::Directory, b"", b""), (b"d", l, b"", b".")]),
+            "twice",
+        ),
+        ("not UTF-8", raw_tar(&[(b"caf\xe9", r, b"x", b"")]), "not valid UTF-8"),
+        (
+            "link target not UTF-8",
+            raw_tar(&[(b"l", l, b"", b"\xff")]),
+            "not valid UTF-8",
+        ),
+    ];
+    for (name, tar, want) in cases {
+        let (err, _base) = unpack_err(&tar, 1 << 20, 1000);
+        assert!(
+            matches!(
+                err,
+                WorkspaceError::Refused {
+                    input: Untrusted::Workspace,
+                    path: Some(_),
+                    ..
+                }
+            ),
+            "{name}: {err}"
+        );
+        assert!(err.to_string().contains(want), "{name}: want {want:?} in: {err}");
+        assert!(
+            err.to_string()
+                .starts_with("the workspace archive sent with the task is refused at `"),
+            "{err}"
+        );
+        assert_eq!(err.exit(), Exit::Failed);
+        assert!(err.hint().unwrap().starts_with("decline the task"));
+    }
+
+    // Garbage is refused as a whole.
+    let (err, _b) = unpack_err(&[7u8; 1024], 1 << 20, 1000);
+    assert!(matches!(err, WorkspaceError::Refused { path: None, .. }), "{err}");
+}
+
+#[test]
+fn workspace_archives_are_bounded_in_bytes_and_entries() {
+    let r = tar::EntryType::Regular;
+    // Content over the bound.
+    let tar = raw_tar(&[(b"big", r, &[b'x'; 10_000], b"")]);
+    let (err, _b) = unpack_err(&tar, 8_000, 1000);
+    assert!(
+        matches!(
+            err,
+            WorkspaceError::OverBound {
+                what: Bound::Bytes,
+                limit: 8_000,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("more than 7.8 KiB"), "{err}");
+    // Headers count too: many empty files.
+    let names: Vec<String> = (0..40).map(|i| format!("f{i}")).collect();
+    let entries: Vec<_> = names.iter().map(|n| (n.as_bytes(), r, &b""[..], &b""[..])).collect();
+    let tar = raw_tar(&entries);
+    let (err, _b) = unpack_err(&tar, 10_000, 1000);
+    assert!(
+        matches!(err, WorkspaceError::OverBound { what: Bound::Bytes, .. }),
+        "{err}"
+    );
+    // Entries over the bound, and directories a path implies count.
+    let (err, _b) = unpack_err(&tar, 1 << 20, 39);
+    assert!(
+        matches!(
+            err,
+            WorkspaceError::OverBound {
+                what: Bound::Entries,
+                limit: 39,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("more than 39 entries"), "{err}");
+    let deep = raw_tar(&[(b"a/b/c/d/e/f", r, b"x", b"")]);
+    let (err, _b) = unpack_err(&deep, 1 << 20, 5);
+    assert!(
+        matches!(
+            err,
+            WorkspaceError::OverBound {
+                what: Bound::Entries,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // At the bounds exactly, it unpacks.
+    let dir = tmp();
+    let counts = unpack_untrusted(dir.path(), &tar[..], tar.len() as u64, 40).unwrap();
+    assert_eq!(counts.files, 40);
+    let dir = tmp();
+    unpack_untrusted(dir.path(), &deep[..], 1 << 20, 6).unwrap();
+    assert_eq!(fs::read(dir.path().join("a/b/c/d/e/f")).unwrap(), b"x");
+}
+
+#[test]
+fn unpacked_modes_lose_setuid_and_stay_the_owners_to_remove() {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, kind: tar::EntryType, mode: u32, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, path, data).unwrap();
+    };
+    add("locked/", tar::EntryType::Directory, 0o000, b"");
+    add("locked/f", tar::EntryType::Regular, 0o000, b"secret");
+    add("suid", tar::EntryType::Regular, 0o4755, b"#!/bin/sh\n");
+    add("sticky/", tar::EntryType::Directory, 0o1777, b"");
+    let tar = b.into_inner().unwrap();
+    let dir = tmp();
+    unpack_untrusted(dir.path(), &tar[..], 1 << 20, 100).unwrap();
+    let mode = |p: &str| fs::symlink_metadata(dir.path().join(p)).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode("suid"), 0o755);
+    assert_eq!(mode("sticky"), 0o777);
+    assert_eq!(mode("locked"), 0o700);
+    assert_eq!(mode("locked/f"), 0o600);
+    assert_eq!(fs::read(dir.path().join("locked/f")).unwrap(), b"secret");
+    // Inside the container our own archive keeps its modes.
+    let own = tmp();
+    unpack_into(own.path(), &tar[..]).unwrap();
+    let own_mode = |p: &str| fs::symlink_metadata(own.path().join(p)).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(own_mode("locked/f"), 0o000);
+    writable(own.path());
+    // The TempDirs remove themselves: the point of owner access.
+    drop(dir);
 }
