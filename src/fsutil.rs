@@ -83,7 +83,7 @@ fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
-/// An exclusive advisory lock on a lock file, released on drop.
+/// An advisory lock on a lock file (exclusive or shared), released on drop.
 ///
 /// Uses `flock(2)` through std's `File::lock`, so a process that dies
 /// (even by `kill -9`) releases its lock with its file descriptors.
@@ -103,6 +103,20 @@ impl FileLock {
             .mode(FILE_MODE)
             .open(path)?;
         file.lock()?;
+        Ok(FileLock { file })
+    }
+
+    /// Block until a shared lock on `path` is ours: no exclusive holder
+    /// (a writer) can be in the middle of a change while we read.
+    pub fn shared(path: &Path) -> io::Result<FileLock> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .mode(FILE_MODE)
+            .open(path)?;
+        file.lock_shared()?;
         Ok(FileLock { file })
     }
 }

@@ -505,6 +505,15 @@ impl AuditLog {
     /// (`seq` is right after the fixed prefix, `prev` is the fixed suffix);
     /// no JSON parse, so throughput is bounded by hashing.
     pub fn verify(&self) -> Result<VerifyReport, AuditError> {
+        // Head and log are read under the writers' lock (shared), so a line
+        // another process is appending meanwhile is never seen without its
+        // head, which would read as a broken chain. (A home this user cannot
+        // write to is read without it: nobody can be appending there.)
+        let _lock = if self.log.exists() {
+            FileLock::shared(&self.lock).ok()
+        } else {
+            None
+        };
         let mut rep = VerifyReport {
             ok: true,
             events: 0,
