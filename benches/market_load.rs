@@ -488,8 +488,7 @@ fn run_config(opts: &Opts, store: &Store, replicas: usize, label: &str) -> Resul
                                 deadline_secs: 600,
                                 max_attempts: None,
                                 min_reputation: None,
-                                payload_bytes: None,
-                            })
+                                payload_bytes: None, workspace_bytes: None, permission_mode: None, })
                             .await?;
                         let tid = v["task"]["task_id"].as_str().unwrap_or_default().to_string();
                         p.request(&Request::Accept { task_id: tid.clone(), attempt: 1 }).await?;

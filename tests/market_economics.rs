@@ -171,6 +171,8 @@ fn abandoning_a_lease_costs_reputation_and_a_cool_down() {
             task_id: tid.clone(),
             attempt: 1,
             data: "eA==".into(),
+            part: None,
+            parts: None,
         })
         .await
         .unwrap();
@@ -224,6 +226,8 @@ fn a_tasks_attempts_do_not_all_go_to_one_node() {
             task_id: tid.clone(),
             attempt: 1,
             data: "eA==".into(),
+            part: None,
+            parts: None,
         })
         .await
         .unwrap();
@@ -300,6 +304,9 @@ fn a_requester_cannot_frame_a_provider() {
         rc.request(&Request::Reject {
             task_id: tid.clone(),
             attempt: 2,
+            reason_sha256: None,
+            reason_bytes: None,
+            data: None,
         })
         .await
         .unwrap();

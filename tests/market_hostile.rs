@@ -293,7 +293,9 @@ fn bad_frames_after_login_get_reason_codes_and_change_nothing() {
                 mc.request(&Request::Payload {
                     task_id: tid.clone(),
                     attempt: 1,
-                    data: "eA==".into()
+                    data: "eA==".into(),
+                    part: None,
+                    parts: None,
                 })
                 .await
             ),

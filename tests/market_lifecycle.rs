@@ -70,6 +70,8 @@ fn two_providers_race_and_exactly_one_wins_then_settles() {
             task_id: tid.clone(),
             attempt: 1,
             data: "ZW5jcnlwdGVk".into(),
+            part: None,
+            parts: None,
         })
         .await
         .unwrap();
@@ -284,6 +286,8 @@ fn a_task_waits_for_its_requester_and_a_lease_without_payload_is_recalled_free()
             task_id: tid.clone(),
             attempt: 2,
             data: "eA==".into(),
+            part: None,
+            parts: None,
         })
         .await
         .unwrap();

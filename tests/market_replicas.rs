@@ -98,6 +98,8 @@ fn a_task_crosses_three_replicas_and_settles_with_exact_balances() {
             task_id: tid.clone(),
             attempt: 1,
             data: "cGF5bG9hZA==".into(),
+            part: None,
+            parts: None,
         })
         .await
         .expect("payload through A");
@@ -559,6 +561,8 @@ fn the_clock_runs_once_per_tick_across_replicas() {
             task_id: tid.clone(),
             attempt: 1,
             data: "cGF5bG9hZA==".into(),
+            part: None,
+            parts: None,
         })
         .await
         .expect("payload");

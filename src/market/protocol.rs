@@ -90,6 +90,8 @@ pub enum Reason {
     /// The coordinator cannot reach its database; nothing was changed.
     /// Retry, here later or on another replica.
     Unavailable,
+    /// The requester rejected too many results: it may not post for now.
+    Suspended,
 }
 
 impl Reason {
@@ -121,6 +123,7 @@ impl Reason {
         Reason::AlreadyAttempted,
         Reason::Internal,
         Reason::Unavailable,
+        Reason::Suspended,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -152,6 +155,7 @@ impl Reason {
             Reason::AlreadyAttempted => "already_attempted",
             Reason::Internal => "internal",
             Reason::Unavailable => "unavailable",
+            Reason::Suspended => "suspended",
         }
     }
 }
@@ -188,9 +192,16 @@ pub enum Request {
         max_attempts: Option<u32>,
         #[serde(default)]
         min_reputation: Option<f64>,
-        /// Size of the prompt in bytes, shown to providers deciding on it.
+        /// Size of the payload in bytes, shown to providers deciding on it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         payload_bytes: Option<u64>,
+        /// The task carries a workspace of this many bytes (its files'
+        /// contents, inside the sealed payload).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        workspace_bytes: Option<u64>,
+        /// The Claude Code permission mode the task asks to run in.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        permission_mode: Option<String>,
     },
     /// Raise an unfinished task's bid (never lower it).
     Raise {
@@ -207,11 +218,17 @@ pub enum Request {
         task_id: String,
         attempt: u32,
     },
-    /// Requester -> lease holder: the encrypted, signed payload (opaque).
+    /// Requester -> lease holder: the encrypted, signed payload (opaque),
+    /// in `parts` frames sent in order (`part` 0, 1, ...) when it is
+    /// larger than one frame may be.
     Payload {
         task_id: String,
         attempt: u32,
         data: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        part: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        parts: Option<u32>,
     },
     /// Lease holder -> requester: the encrypted, signed result (opaque).
     Deliver {
@@ -224,10 +241,25 @@ pub enum Request {
         task_id: String,
         attempt: u32,
     },
-    /// Requester refuses a delivered result: refund, provider failure.
+    /// Requester refuses a delivered result: a failure of the provider's;
+    /// the task is offered again while attempts remain, else refunded.
+    /// `reason_sha256` and `reason_bytes` name the requester's reason, whose
+    /// text travels sealed to the provider in `data`.
     Reject {
         task_id: String,
         attempt: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason_sha256: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason_bytes: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data: Option<String>,
+    },
+    /// Lease holder -> requester: how the job is going (sealed, opaque).
+    Progress {
+        task_id: String,
+        attempt: u32,
+        data: String,
     },
     /// Balance, escrow, offers, tasks, reputation and totals.
     Status {},
@@ -326,6 +358,7 @@ impl Request {
         "result",
         "task",
         "abandon",
+        "progress",
     ];
 
     /// The wire name of this message's type.
@@ -348,6 +381,7 @@ impl Request {
             Request::Result { .. } => "result",
             Request::Task { .. } => "task",
             Request::Abandon { .. } => "abandon",
+            Request::Progress { .. } => "progress",
         }
     }
 
@@ -388,7 +422,7 @@ pub enum Event {
     },
     /// A task that fits one of your offers is open.
     TaskOffered {
-        task: TaskView,
+        task: Box<TaskView>,
     },
     /// A task you were told about was taken or closed.
     TaskClosed {
@@ -409,6 +443,10 @@ pub enum Event {
         task_id: String,
         attempt: u32,
         data: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        part: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        parts: Option<u32>,
     },
     Delivered {
         task_id: String,
@@ -436,8 +474,55 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         data: Option<String>,
     },
+    /// To the provider: the requester rejected its delivery. The task is
+    /// `open` again (another provider's attempt) or `refunded`; `data` is the
+    /// requester's sealed reason, whose hash and size the coordinator keeps.
+    Rejected {
+        task_id: String,
+        attempt: u32,
+        state: String,
+        #[serde(default)]
+        reason_sha256: Option<String>,
+        #[serde(default)]
+        reason_bytes: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data: Option<String>,
+    },
+    /// To the requester: the lease holder's sealed progress report.
+    Progress {
+        task_id: String,
+        attempt: u32,
+        data: String,
+    },
     /// Another login for this node id replaced this session.
     Replaced {},
+}
+
+/// How a requester has judged the results it received: settled and
+/// rejected deliveries, and the score providers see.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RequesterStanding {
+    pub settled: i64,
+    pub rejected: i64,
+    pub score: f64,
+}
+
+/// A requester's score: `(settled + 1) / (settled + rejected + 2)`, so a new
+/// requester stands at 0.5 and every rejection pulls it down.
+pub fn requester_score(settled: i64, rejected: i64) -> f64 {
+    (settled.max(0) as f64 + 1.0) / ((settled.max(0) + rejected.max(0)) as f64 + 2.0)
+}
+
+/// Posting is suspended once a requester has judged at least this many
+/// deliveries and rejected more than [`SUSPEND_RATE`] of them.
+pub const SUSPEND_MIN_VERDICTS: i64 = 5;
+/// See [`SUSPEND_MIN_VERDICTS`].
+pub const SUSPEND_RATE: f64 = 0.5;
+
+/// Whether a requester with this record may not post.
+pub fn requester_suspended(settled: i64, rejected: i64) -> bool {
+    let n = settled + rejected;
+    n >= SUSPEND_MIN_VERDICTS && rejected as f64 > SUSPEND_RATE * n as f64
 }
 
 /// The coordinator's view of one task: what a provider is offered, what
@@ -465,8 +550,17 @@ pub struct TaskView {
     /// The lease holder's asking price, if any.
     pub ask: Option<i64>,
     pub lease_deadline: Option<String>,
-    /// Size of the prompt in bytes, when the requester declared it.
+    /// Size of the payload in bytes, when the requester declared it.
     pub payload_bytes: Option<u64>,
+    /// The task carries a workspace of this many bytes.
+    #[serde(default)]
+    pub workspace_bytes: Option<u64>,
+    /// The permission mode the task asks for (`None`: Claude Code's default).
+    #[serde(default)]
+    pub permission_mode: Option<String>,
+    /// How the requester has judged results so far (in offers).
+    #[serde(default)]
+    pub requester_standing: Option<RequesterStanding>,
 }
 
 /// The bytes a node signs to authenticate a session.

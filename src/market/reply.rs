@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::market::protocol::{IdentityProof, TaskView};
+use crate::market::protocol::{IdentityProof, RequesterStanding, TaskView};
 
 /// A reply to one request type.
 pub trait Reply: DeserializeOwned {
@@ -45,7 +45,16 @@ answers!(
     HeldResult => "result",
     TaskView => "task",
     Abandoned => "abandon",
+    ProgressRelayed => "progress",
 );
+
+/// `progress`: relayed to the requester (or dropped while it is away).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProgressRelayed {
+    pub task_id: String,
+    pub attempt: u32,
+    pub relayed: bool,
+}
 
 /// `offer`: the registered offer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -121,7 +130,7 @@ pub struct DeliveryHeld {
 pub struct Settlement {
     pub task_id: String,
     pub attempt: u32,
-    /// `settled` or `refunded`.
+    /// `settled`, `refunded`, or (a rejection with attempts left) `open`.
     pub state: String,
     pub paid: i64,
     pub refunded: i64,
@@ -160,6 +169,9 @@ pub struct ReputationView {
     /// Present when asked for one node (`reputation`), not inside `status`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
+    /// How the node judged results it received as a requester (`reputation`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub as_requester: Option<RequesterStanding>,
 }
 
 /// One of this node's active offers, inside `status`.
@@ -216,7 +228,8 @@ mod tests {
             "task_id": "t-1", "requester": "r", "model": "sonnet", "max_tokens": 10, "max_price": 5,
             "payload_hash": "ab", "deadline": "2030-01-01T00:00:00.000Z", "max_attempts": 3,
             "min_reputation": 0.0, "state": "open", "attempt": 1, "provider": null, "ask": null,
-            "lease_deadline": null, "payload_bytes": 12,
+            "lease_deadline": null, "payload_bytes": 12, "workspace_bytes": 2048,
+            "permission_mode": "acceptEdits", "requester_standing": { "settled": 1, "rejected": 0, "score": 0.6666666666666666 },
         });
         let posted = json!({ "task": task, "escrow": 5 });
         let back: Posted = serde_json::from_value(posted.clone()).unwrap();

@@ -24,6 +24,10 @@ use crate::exit::{Exit, HasExit};
 pub const PAYLOAD_CONTEXT: &str = "cmm-market-payload/1";
 /// Domain separation for the signed statement over a result.
 pub const RESULT_CONTEXT: &str = "cmm-market-result/1";
+/// Domain separation for a requester's reason for rejecting a delivery.
+pub const REJECTION_CONTEXT: &str = "cmm-market-rejection/1";
+/// Domain separation for a lease holder's progress report.
+pub const PROGRESS_CONTEXT: &str = "cmm-market-progress/1";
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
@@ -204,6 +208,35 @@ pub fn open_result(
     let (wire, env) = check("result", RESULT_CONTEXT, from, expect, data)?;
     let opened = envelope::decrypt(me, &env, Some(from))?;
     Ok((wire.status.unwrap_or_default(), opened.plaintext))
+}
+
+/// Requester: the reason for rejecting a delivery, encrypted to its
+/// provider and signed with task, attempt and payload hash, so the provider
+/// holds evidence of what the requester said.
+pub fn seal_rejection(me: &Identity, to: &PublicIdentity, b: &Binding, reason: &[u8]) -> Result<String, SealError> {
+    seal("rejection", REJECTION_CONTEXT, me, to, b, None, reason)
+}
+
+/// Provider: verify and open the requester's reason for a rejection.
+pub fn open_rejection(
+    me: &Identity,
+    from: &PublicIdentity,
+    expect: &Binding,
+    data: &str,
+) -> Result<Vec<u8>, SealError> {
+    let (_, env) = check("rejection", REJECTION_CONTEXT, from, expect, data)?;
+    Ok(envelope::decrypt(me, &env, Some(from))?.plaintext)
+}
+
+/// Lease holder: a progress report, encrypted to the requester.
+pub fn seal_progress(me: &Identity, to: &PublicIdentity, b: &Binding, report: &[u8]) -> Result<String, SealError> {
+    seal("progress", PROGRESS_CONTEXT, me, to, b, None, report)
+}
+
+/// Requester: verify and open the lease holder's progress report.
+pub fn open_progress(me: &Identity, from: &PublicIdentity, expect: &Binding, data: &str) -> Result<Vec<u8>, SealError> {
+    let (_, env) = check("progress", PROGRESS_CONTEXT, from, expect, data)?;
+    Ok(envelope::decrypt(me, &env, Some(from))?.plaintext)
 }
 
 #[cfg(test)]

@@ -471,6 +471,8 @@ pub fn post(max_price: u64) -> Request {
         max_attempts: None,
         min_reputation: None,
         payload_bytes: None,
+        workspace_bytes: None,
+        permission_mode: None,
     }
 }
 

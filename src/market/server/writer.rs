@@ -529,6 +529,7 @@ impl Writer {
                 | Request::Identity { .. }
                 | Request::Result { .. }
                 | Request::Task { .. }
+                | Request::Progress { .. }
         );
         let sp = match db.savepoint() {
             Ok(sp) => sp,

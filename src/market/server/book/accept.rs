@@ -53,7 +53,7 @@ pub fn apply(cx: Context, task_id: String, attempt: u32) -> Result<Value, Fail> 
     let lease = now + s.lease_ms;
     c.exec(
         "UPDATE tasks SET state = 'assigned', provider = ?2, offer_id = ?3, ask = ?4, lease_deadline = ?5,
-           updated_at = ?6, payload_at = NULL, accepted_at = ?6 WHERE task_id = ?1",
+           updated_at = ?6, payload_at = NULL, payload_next = 0, accepted_at = ?6 WHERE task_id = ?1",
         args![task_id, node, offer_id, ask, lease, now],
     )?;
     c.exec(

@@ -6,6 +6,7 @@
 use crate::market::server::store::{args, Db};
 
 use super::handler::{Fail, Outbox};
+use super::reputation::requester_standing;
 use super::rules::FANOUT;
 use super::task::Task;
 use crate::market::protocol::{reputation, Event};
@@ -53,8 +54,20 @@ pub fn announce(c: Db, task: &Task, now: i64, online: &dyn Fn(&str) -> bool, out
     if !online(&task.requester) {
         return Ok(());
     }
-    for node in matching_providers(c, task, now, online)? {
-        out.push((node, Event::TaskOffered { task: task.offered() }));
+    let providers = matching_providers(c, task, now, online)?;
+    if providers.is_empty() {
+        return Ok(());
+    }
+    // Providers decide on the requester too: how it judged results so far.
+    let mut view = task.offered();
+    view.requester_standing = Some(requester_standing(c, &task.requester)?);
+    for node in providers {
+        out.push((
+            node,
+            Event::TaskOffered {
+                task: Box::new(view.clone()),
+            },
+        ));
     }
     Ok(())
 }

@@ -35,6 +35,7 @@ mod offer;
 mod payload;
 mod post;
 mod presence;
+mod progress;
 mod raise;
 mod renew;
 mod reputation;
@@ -102,6 +103,8 @@ pub fn apply(
             max_attempts,
             min_reputation,
             payload_bytes,
+            workspace_bytes,
+            permission_mode,
         } => post::apply(
             cx,
             post::NewTask {
@@ -113,12 +116,21 @@ pub fn apply(
                 max_attempts,
                 min_reputation,
                 payload_bytes,
+                workspace_bytes,
+                permission_mode,
             },
         ),
         Request::Raise { task_id, max_price } => raise::apply(cx, task_id, max_price),
         Request::Accept { task_id, attempt } => accept::apply(cx, task_id, attempt),
         Request::Renew { task_id, attempt } => renew::apply(cx, task_id, attempt),
-        Request::Payload { task_id, attempt, data } => payload::apply(cx, task_id, attempt, data),
+        Request::Payload {
+            task_id,
+            attempt,
+            data,
+            part,
+            parts,
+        } => payload::apply(cx, task_id, attempt, data, part.unwrap_or(0), parts.unwrap_or(1)),
+        Request::Progress { task_id, attempt, data } => progress::apply(cx, task_id, attempt, data),
         Request::Deliver { task_id, attempt, data } => deliver::apply(cx, task_id, attempt, data),
         Request::Identity { node_id } => identity::apply(cx, node_id),
         Request::Result { task_id } => result::apply(cx, task_id),
@@ -130,6 +142,21 @@ pub fn apply(
             data,
         } => abandon::apply(cx, task_id, attempt, reason, data),
         Request::Settle { task_id, attempt } => settle::settle(cx, &task_id, attempt),
-        Request::Reject { task_id, attempt } => settle::refuse(cx, &task_id, attempt),
+        Request::Reject {
+            task_id,
+            attempt,
+            reason_sha256,
+            reason_bytes,
+            data,
+        } => settle::refuse(
+            cx,
+            &task_id,
+            attempt,
+            settle::Why {
+                sha256: reason_sha256,
+                bytes: reason_bytes,
+                data,
+            },
+        ),
     }
 }

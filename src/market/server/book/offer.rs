@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use super::fields::{check_name, check_range};
 use super::handler::{new_id, reject, Context, Fail};
 use super::lease::{cooling_until, held_before};
-use super::reputation::node_reputation;
+use super::reputation::{node_reputation, requester_standing};
 use super::rules::{FANOUT, MAX_MODELS, MAX_PRICE};
 use super::task::{ms_to_rfc3339, Task, TASK_COLS};
 use crate::market::protocol::{Event, Reason};
@@ -84,7 +84,9 @@ pub fn apply(cx: Context, slots: u32, price: u64, models: Vec<String>, ttl_secs:
         }
     }
     for t in fits {
-        out.push((node.to_string(), Event::TaskOffered { task: t.offered() }));
+        let mut view = t.offered();
+        view.requester_standing = Some(requester_standing(c, &t.requester)?);
+        out.push((node.to_string(), Event::TaskOffered { task: Box::new(view) }));
     }
     Ok(json!({ "offer_id": offer_id, "expires": ms_to_rfc3339(expires) }))
 }

@@ -10,9 +10,10 @@ use serde_json::{json, Value};
 use super::announce::announce;
 use super::fields::{check_name, check_range};
 use super::handler::{new_id, reject, Context, Fail};
+use super::reputation::requester_standing;
 use super::rules::{MAX_ATTEMPTS, MAX_PRICE};
 use super::task::Task;
-use crate::market::protocol::Reason;
+use crate::market::protocol::{requester_suspended, Reason, SUSPEND_MIN_VERDICTS, SUSPEND_RATE};
 use crate::market::server::ledger::{self, escrow_account, node_account};
 
 /// The fields of a `post` request.
@@ -25,6 +26,8 @@ pub struct NewTask {
     pub max_attempts: Option<u32>,
     pub min_reputation: Option<f64>,
     pub payload_bytes: Option<u64>,
+    pub workspace_bytes: Option<u64>,
+    pub permission_mode: Option<String>,
 }
 
 pub fn apply(cx: Context, req: NewTask) -> Result<Value, Fail> {
@@ -48,6 +51,25 @@ pub fn apply(cx: Context, req: NewTask) -> Result<Value, Fail> {
     let min_rep = req.min_reputation.unwrap_or(0.0);
     if !(0.0..=1.0).contains(&min_rep) {
         return reject(Reason::InvalidField, "`min_reputation` must be in 0..=1");
+    }
+    if let Some(b) = req.workspace_bytes {
+        check_range("workspace_bytes", b, 1, 1 << 40)?;
+    }
+    if let Some(m) = &req.permission_mode {
+        check_name("permission_mode", m)?;
+    }
+    let standing = requester_standing(c, node)?;
+    if requester_suspended(standing.settled, standing.rejected) {
+        return reject(
+            Reason::Suspended,
+            format!(
+                "you rejected {} of the {} results you judged, more than {}% of at least {}: posting is suspended",
+                standing.rejected,
+                standing.settled + standing.rejected,
+                (SUSPEND_RATE * 100.0) as u32,
+                SUSPEND_MIN_VERDICTS
+            ),
+        );
     }
     if req.payload_hash.len() != 64 || !req.payload_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
         return reject(Reason::InvalidField, "`payload_hash` must be 64 hex digits (SHA-256)");
@@ -73,11 +95,15 @@ pub fn apply(cx: Context, req: NewTask) -> Result<Value, Fail> {
         payload_bytes: req.payload_bytes.map(|b| b as i64),
         payload_at: None,
         accepted_at: None,
+        workspace_bytes: req.workspace_bytes.map(|b| b as i64),
+        permission_mode: req.permission_mode,
+        payload_next: 0,
     };
     c.exec(
         "INSERT INTO tasks(task_id, requester, model, max_tokens, max_price, payload_hash, deadline,
-           max_attempts, min_reputation, state, attempt, created_at, updated_at, payload_bytes)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'open', 1, ?10, ?10, ?11)",
+           max_attempts, min_reputation, state, attempt, created_at, updated_at, payload_bytes,
+           workspace_bytes, permission_mode)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'open', 1, ?10, ?10, ?11, ?12, ?13)",
         args![
             task.task_id,
             task.requester,
@@ -89,7 +115,9 @@ pub fn apply(cx: Context, req: NewTask) -> Result<Value, Fail> {
             task.max_attempts,
             task.min_reputation,
             now,
-            task.payload_bytes
+            task.payload_bytes,
+            task.workspace_bytes,
+            task.permission_mode
         ],
     )?;
     announce(c, &task, now, online, out)?;

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use super::handler::{reject, Context, Fail};
 use super::rules::BookRules;
-use crate::market::protocol::{reputation, Reason};
+use crate::market::protocol::{reputation, requester_score, Reason, RequesterStanding};
 
 /// A node's record: settled tasks, failures, distinct paying requesters.
 #[derive(Debug, Clone, Copy, Default)]
@@ -77,6 +77,35 @@ pub fn record_failure(c: Db, s: &BookRules, node: &str, now: i64) -> store::Resu
     Ok(())
 }
 
+/// How `node` has judged the deliveries it received as a requester.
+pub fn requester_standing(c: Db, node: &str) -> store::Result<RequesterStanding> {
+    let (settled, rejected) = c
+        .first(
+            "SELECT req_settled, req_rejected FROM nodes WHERE node_id = ?1",
+            args![node],
+            |r| Ok((r.get::<i64>(0)?, r.get::<i64>(1)?)),
+        )?
+        .unwrap_or((0, 0));
+    Ok(RequesterStanding {
+        settled,
+        rejected,
+        score: requester_score(settled, rejected),
+    })
+}
+
+/// A requester's verdict on a delivery: one more settled or rejected.
+pub fn record_verdict(c: Db, requester: &str, settled: bool) -> store::Result<()> {
+    c.exec(
+        if settled {
+            "UPDATE nodes SET req_settled = req_settled + 1 WHERE node_id = ?1"
+        } else {
+            "UPDATE nodes SET req_rejected = req_rejected + 1 WHERE node_id = ?1"
+        },
+        args![requester],
+    )?;
+    Ok(())
+}
+
 /// `reputation`: any known node's record and score.
 pub fn apply(cx: Context, node_id: String) -> Result<Value, Fail> {
     let known: bool =
@@ -87,5 +116,6 @@ pub fn apply(cx: Context, node_id: String) -> Result<Value, Fail> {
     }
     let mut v = node_reputation(cx.c, &node_id)?.view();
     v["node_id"] = json!(node_id);
+    v["as_requester"] = json!(requester_standing(cx.c, &node_id)?);
     Ok(v)
 }

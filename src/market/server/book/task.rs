@@ -29,10 +29,15 @@ pub struct Task {
     pub payload_bytes: Option<i64>,
     pub payload_at: Option<i64>,
     pub accepted_at: Option<i64>,
+    pub workspace_bytes: Option<i64>,
+    pub permission_mode: Option<String>,
+    /// The next payload part the lease holder expects (parts come in order).
+    pub payload_next: i64,
 }
 
 pub const TASK_COLS: &str = "task_id, requester, model, max_tokens, max_price, payload_hash, deadline, max_attempts,
-    min_reputation, state, attempt, provider, ask, lease_deadline, payload_bytes, payload_at, accepted_at";
+    min_reputation, state, attempt, provider, ask, lease_deadline, payload_bytes, payload_at, accepted_at,
+    workspace_bytes, permission_mode, payload_next";
 
 impl Task {
     pub fn from_row(r: &Row) -> store::Result<Task> {
@@ -54,6 +59,9 @@ impl Task {
             payload_bytes: r.get(14)?,
             payload_at: r.get(15)?,
             accepted_at: r.get(16)?,
+            workspace_bytes: r.get(17)?,
+            permission_mode: r.get(18)?,
+            payload_next: r.get(19)?,
         })
     }
 
@@ -80,6 +88,9 @@ impl Task {
             ask: self.ask,
             lease_deadline: self.lease_deadline.map(ms_to_rfc3339),
             payload_bytes: self.payload_bytes.map(|b| b as u64),
+            workspace_bytes: self.workspace_bytes.map(|b| b as u64),
+            permission_mode: self.permission_mode.clone(),
+            requester_standing: None,
         }
     }
 }

@@ -69,7 +69,7 @@ pub fn tick(
     )?;
     for (task_id, requester, attempt) in stale {
         rep.auto_settled += 1;
-        finish(c, &requester, &task_id, attempt, true, now, out)?;
+        finish(c, &requester, &task_id, attempt, now, out)?;
     }
     let expired: Vec<Task> = c.map(
         &format!("SELECT {TASK_COLS} FROM tasks WHERE state = 'open' AND deadline < ?1 LIMIT ?2"),

@@ -37,7 +37,8 @@ const MIGRATE_LOCK: i64 = 0x636d_6d5f_6d67; // "cmm_mg"
 /// Migrations in order; `MIGRATIONS[i]` brings the schema to version
 /// `i + 1`. Version 1 is the SQLite schema at its version 6 plus the
 /// tables replicas share.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE nodes (
     node_id        TEXT PRIMARY KEY,
     ed25519        TEXT NOT NULL,
@@ -162,7 +163,27 @@ CREATE TABLE clock (
     last_tick BIGINT NOT NULL
 );
 INSERT INTO clock(id, last_tick) VALUES (1, 0);
-"#];
+"#,
+    // v2 = SQLite's v7: workspace tasks, payloads in parts, requester
+    // standing and rejection reasons (hash and size only).
+    r#"
+ALTER TABLE tasks ADD COLUMN workspace_bytes BIGINT;
+ALTER TABLE tasks ADD COLUMN permission_mode TEXT;
+ALTER TABLE tasks ADD COLUMN payload_next BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN req_settled BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN req_rejected BIGINT NOT NULL DEFAULT 0;
+CREATE TABLE rejections (
+    task_id       TEXT NOT NULL,
+    attempt       BIGINT NOT NULL,
+    requester     TEXT NOT NULL,
+    provider      TEXT NOT NULL,
+    reason_sha256 TEXT,
+    reason_bytes  BIGINT,
+    at            BIGINT NOT NULL,
+    PRIMARY KEY (task_id, attempt)
+);
+"#,
+];
 
 impl ToSql for V<'_> {
     fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> std::result::Result<IsNull, Box<dyn StdError + Sync + Send>> {

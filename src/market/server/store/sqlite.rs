@@ -190,6 +190,27 @@ INSERT OR IGNORE INTO paid_clients(provider, requester)
     SELECT provider, requester FROM tasks WHERE state = 'settled' AND ask > 0 AND provider IS NOT NULL;
 UPDATE nodes SET clients = (SELECT COUNT(*) FROM paid_clients p WHERE p.provider = nodes.node_id);
 "#,
+    // v7: tasks that carry a workspace (its size and the permission mode
+    // they ask for), payloads in several frames, and how each requester
+    // judges results (settled and rejected deliveries, each rejection's
+    // reason by hash and size only).
+    r#"
+ALTER TABLE tasks ADD COLUMN workspace_bytes INTEGER;
+ALTER TABLE tasks ADD COLUMN permission_mode TEXT;
+ALTER TABLE tasks ADD COLUMN payload_next INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN req_settled INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN req_rejected INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE rejections (
+    task_id       TEXT NOT NULL,
+    attempt       INTEGER NOT NULL,
+    requester     TEXT NOT NULL,
+    provider      TEXT NOT NULL,
+    reason_sha256 TEXT,
+    reason_bytes  INTEGER,
+    at            INTEGER NOT NULL,
+    PRIMARY KEY (task_id, attempt)
+) WITHOUT ROWID;
+"#,
 ];
 
 /// Open (creating if needed) and migrate. `sync_full` picks
