@@ -19,7 +19,7 @@ use crate::fsutil::{self, FileLock};
 use crate::paths::Paths;
 
 mod settings;
-pub use settings::{Limits, Settings};
+pub use settings::{Limits, Market, Settings};
 
 /// The type of a config value; drives parsing and validation.
 #[derive(Debug, Clone, Copy)]
@@ -55,6 +55,8 @@ pub enum Kind {
     OptUsd {
         max: f64,
     },
+    /// A number from 0 to 1 (a score).
+    Fraction,
     /// A comma-separated list (`null` when unset), each item checked.
     OptList(ListItem),
     /// Market coordinator replicas: a `ws://` / `wss://` URL, or a
@@ -69,6 +71,8 @@ pub enum ListItem {
     Model,
     /// A node id: 64 lowercase hex digits.
     NodeId,
+    /// One of Claude Code's permission modes ([`PERMISSION_MODES`]).
+    PermissionMode,
 }
 
 impl ListItem {
@@ -82,6 +86,7 @@ impl ListItem {
             ListItem::NodeId => {
                 item.len() == 64 && item.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
             }
+            ListItem::PermissionMode => PERMISSION_MODES.contains(&item),
         };
         if ok {
             Ok(())
@@ -89,6 +94,10 @@ impl ListItem {
             Err(match self {
                 ListItem::Model => format!("`{item}` is not a model name (1 to 64 of A-Z a-z 0-9 - _ . : /)"),
                 ListItem::NodeId => format!("`{item}` is not a node id (64 lowercase hex digits)"),
+                ListItem::PermissionMode => format!(
+                    "`{item}` is not a permission mode (one of: {})",
+                    PERMISSION_MODES.join(", ")
+                ),
             })
         }
     }
@@ -354,6 +363,24 @@ pub const SCHEMA: &[KeyDef] = &[
         "Standing rule: requester node ids whose tasks may be accepted, comma-separated (null: anyone)"
     ),
     key!(
+        "market.maxWorkspaceBytes",
+        Kind::Size { max: MAX_SIZE },
+        r#""50m""#,
+        "Standing rule: the largest workspace a market task may bring to this node; bigger ones are declined before anything is downloaded"
+    ),
+    key!(
+        "market.permissionModes",
+        Kind::OptList(ListItem::PermissionMode),
+        r#""acceptEdits""#,
+        "Standing rule: permission modes other people's tasks may run in here, comma-separated (null: acceptEdits only; bypassPermissions only if listed)"
+    ),
+    key!(
+        "market.minRequesterReputation",
+        Kind::Fraction,
+        "0",
+        "Standing rule: decline tasks from requesters whose standing (how they judged results, 0 to 1; new ones stand at 0.5) is below this"
+    ),
+    key!(
         "market.ownNodes",
         Kind::OptList(ListItem::NodeId),
         "null",
@@ -540,6 +567,11 @@ pub fn kind_help(kind: Kind) -> String {
         }
         Kind::OptList(ListItem::Model) => "comma-separated model names, or `none` to clear".into(),
         Kind::OptList(ListItem::NodeId) => "comma-separated node ids (64 hex digits), or `none` to clear".into(),
+        Kind::OptList(ListItem::PermissionMode) => format!(
+            "comma-separated permission modes ({}), or `none` for the default",
+            PERMISSION_MODES.join(", ")
+        ),
+        Kind::Fraction => "a number from 0 to 1 (e.g. `0.4`)".into(),
         Kind::Endpoints => "a ws:// or wss:// URL, or a comma-separated list of them tried in order".into(),
     }
 }
@@ -556,6 +588,7 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::OptEnum(_) => "enum|null",
         Kind::Usd { .. } => "usd",
         Kind::OptUsd { .. } => "usd|null",
+        Kind::Fraction => "number",
         Kind::OptList(_) => "list|null",
         Kind::Endpoints => "string",
     }
@@ -612,6 +645,15 @@ pub fn parse_text(d: &KeyDef, text: &str) -> Result<Value, String> {
                     .unwrap_or(Value::Null),
             )
         }
+        Kind::Fraction => match t.parse::<f64>() {
+            Ok(x) => check(
+                d,
+                &serde_json::Number::from_f64(x)
+                    .map(Value::Number)
+                    .unwrap_or(Value::Null),
+            ),
+            Err(_) => Err(format!("`{t}` is not a number from 0 to 1")),
+        },
         Kind::OptList(_) | Kind::Endpoints => check(d, &Value::String(t.to_string())),
         Kind::Str | Kind::OptStr | Kind::Size { .. } | Kind::Enum(_) | Kind::OptEnum(_) => {
             check(d, &Value::String(t.to_string()))
@@ -653,6 +695,10 @@ pub fn check(d: &KeyDef, v: &Value) -> Result<Value, String> {
                 .map(Value::Number)
                 .ok_or_else(|| format!("`{n}` is not an amount"))
         }
+        (Kind::Fraction, Value::Number(n)) => match n.as_f64() {
+            Some(x) if (0.0..=1.0).contains(&x) => Ok(v.clone()),
+            _ => Err(format!("{n} is out of range (0 to 1)")),
+        },
         (Kind::OptList(item), Value::String(s)) => {
             let items: Vec<&str> = s.split(',').map(str::trim).filter(|x| !x.is_empty()).collect();
             if items.is_empty() {

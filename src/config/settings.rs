@@ -87,6 +87,12 @@ pub struct Market {
     pub allowed_models: Option<Vec<String>>,
     pub allowed_requesters: Option<Vec<String>>,
     pub own_nodes: Option<Vec<String>>,
+    /// Standing rule: the largest workspace another node's task may bring.
+    pub max_workspace_bytes: u64,
+    /// Standing rule: the permission modes others' tasks may run in.
+    pub permission_modes: Vec<String>,
+    /// Standing rule: the lowest requester standing accepted.
+    pub min_requester_reputation: f64,
 }
 
 /// `compliance.*`.
@@ -217,6 +223,11 @@ impl Settings {
                 allowed_models: r.list("market.allowedModels"),
                 allowed_requesters: r.list("market.allowedRequesters"),
                 own_nodes: r.list("market.ownNodes"),
+                max_workspace_bytes: r.bytes("market.maxWorkspaceBytes")?,
+                permission_modes: r
+                    .list("market.permissionModes")
+                    .unwrap_or_else(|| vec!["acceptEdits".to_string()]),
+                min_requester_reputation: (r.value)("market.minRequesterReputation").as_f64().unwrap_or(0.0),
             },
             compliance: Compliance {
                 require_approval: r.flag("compliance.requireApproval"),
