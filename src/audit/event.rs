@@ -82,6 +82,12 @@ events! {
     MarketSettled = "market.settled",
     MarketRefunded = "market.refunded",
     MarketResultRejected = "market.result_rejected",
+    /// The requester's acceptance check of a workspace task's changes.
+    MarketAcceptance = "market.acceptance",
+    /// The requester rejected a delivery it opened, with its reason's text.
+    MarketRejected = "market.rejected",
+    /// A provider's delivery was rejected; the requester's reason, verified.
+    MarketRejectionReceived = "market.rejection_received",
     MarketGranted = "market.granted",
 }
 

@@ -176,6 +176,18 @@ fn describe(ev: &ProviderEvent) -> String {
             format!("connection lost; reconnecting in {ms} ms")
         }
         ProviderEvent::Withdrawn { offer_id } => format!("offer {offer_id} withdrawn"),
+        ProviderEvent::Rejected {
+            task_id,
+            attempt,
+            state,
+            reason,
+            verified,
+            ..
+        } => format!(
+            "rejected by the requester: {task_id} attempt {attempt} (task now {state}){}: {}",
+            if *verified { "" } else { " [reason not verified]" },
+            reason.lines().next().unwrap_or_default()
+        ),
         ProviderEvent::Pushed(pushed) => format!(
             "{}: {}",
             pushed.event,

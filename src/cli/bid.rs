@@ -57,6 +57,29 @@ pub struct Args {
     /// once a provider takes the task and collects the result)
     #[arg(long, conflicts_with = "task_id")]
     pub wait: bool,
+    /// Send DIR with the task (selected as `execute --workspace` selects it,
+    /// sealed to the provider with the prompt); the changes come back and are
+    /// checked here before anything is paid
+    #[arg(long, value_name = "DIR", conflicts_with = "task_id")]
+    pub workspace: Option<PathBuf>,
+    /// Settle only if CMD exits 0: run it (`sh -c CMD`) on a copy of DIR with
+    /// the returned changes, in a hardened container with no network and no
+    /// credential; otherwise reject the attempt with CMD's exit code and last
+    /// lines as the reason (the task goes to another provider while attempts remain)
+    #[arg(long, value_name = "CMD", requires = "workspace")]
+    pub accept_cmd: Option<String>,
+    /// The image the acceptance command runs in (default: `docker.image`)
+    #[arg(long, value_name = "IMAGE", requires = "accept_cmd")]
+    pub accept_image: Option<String>,
+    /// Apply the accepted changes to DIR (only if DIR has not changed since
+    /// the bid; otherwise the patch is kept and the path printed)
+    #[arg(long, requires = "workspace")]
+    pub apply: bool,
+    /// The Claude Code permission mode the task asks to run in (default with
+    /// a workspace: acceptEdits; providers decline modes their
+    /// `market.permissionModes` does not list)
+    #[arg(long, value_name = "MODE", value_parser = clap::builder::PossibleValuesParser::new(crate::config::PERMISSION_MODES))]
+    pub permission_mode: Option<String>,
 }
 
 fn parse_reputation(s: &str) -> Result<f64, String> {
@@ -83,6 +106,13 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<Exit> {
             max_attempts: a.max_attempts,
             min_reputation: a.min_reputation,
             wait: a.wait,
+            workspace: a.workspace.clone().map(|dir| bid::WorkspaceBid {
+                dir,
+                accept_cmd: a.accept_cmd.clone(),
+                accept_image: a.accept_image.clone(),
+                apply: a.apply,
+                permission_mode: a.permission_mode.clone(),
+            }),
         }),
     };
     let opts = BidOptions {

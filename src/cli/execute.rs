@@ -127,6 +127,7 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<Exit> {
         dir,
         include_git: args.include_git,
         apply: args.apply,
+        exact: false,
     });
     if let Some(s) = args.timeout {
         spec.timeout = Duration::from_secs(s);

@@ -71,6 +71,10 @@ pub struct ResultArgs {
     /// stands (sending the payload if a provider holds it) and exit 1
     #[arg(long)]
     pub no_wait: bool,
+    /// A workspace task: apply the accepted changes to the DIR it was posted
+    /// with (only if DIR has not changed since the bid; else the patch is kept)
+    #[arg(long)]
+    pub apply: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -218,6 +222,7 @@ fn result(ctx: &Ctx, a: ResultArgs) -> Result<Exit> {
         endpoint: Endpoints::resolve(a.endpoint, &ctx.config()?.settings().market.endpoint)?,
         task_id: a.task_id,
         wait: (!a.no_wait).then(|| a.timeout.map(Duration::from_secs)),
+        apply: a.apply,
     };
     let p = ctx.out();
     let mut progress = |ev: RequesterEvent| show_step(p, &ev);

@@ -209,6 +209,31 @@ pub fn requester_line(ev: &RequesterEvent) -> String {
         }
         RequesterEvent::PayloadRefused { error, .. } => format!("payload not relayed: {error}"),
         RequesterEvent::Delivered { attempt, .. } => format!("result delivered (attempt {attempt}); verifying"),
+        RequesterEvent::Progress {
+            attempt,
+            turns,
+            tokens,
+            files_changed,
+            ..
+        } => match files_changed {
+            Some(n) => format!("attempt {attempt}: done after {turns} turns, {tokens} tokens; {n} files changed"),
+            None => format!("attempt {attempt}: {turns} turns, {tokens} tokens so far"),
+        },
+        RequesterEvent::Checking { accept_cmd, .. } => match accept_cmd {
+            Some(c) => format!("rebuilding the changes on a copy of the workspace and running `{c}`"),
+            None => "rebuilding the changes on a copy of the workspace".into(),
+        },
+        RequesterEvent::ResultRejected {
+            attempt,
+            provider,
+            reason,
+            state,
+            ..
+        } => format!(
+            "attempt {attempt} on node {} rejected ({}); the task is {state}",
+            short(provider),
+            reason.lines().next().unwrap_or_default()
+        ),
         RequesterEvent::AttemptFailed {
             attempt,
             provider,
@@ -253,6 +278,18 @@ pub fn render_settled(o: &Outcome, p: &Printer) {
         "verified and settled: paid {} RUV, refunded {} RUV",
         o.settlement.paid, o.settlement.refunded
     ));
+    if let Some(w) = &o.workspace {
+        p.note(&format!("changes: {}", w.changes["summary"].as_str().unwrap_or("none")));
+        if let Some(a) = &w.acceptance {
+            p.note(&format!("acceptance command passed in {} ms", a.duration_ms));
+        }
+        match (&w.applied, &w.apply_error, &w.patch) {
+            (Some(a), _, _) => p.note(&format!("{} in {}", a.summary(), w.dir.display())),
+            (None, Some(e), _) => p.warn(e),
+            (None, None, Some(path)) => p.note(&format!("patch saved at {}", path.display())),
+            _ => {}
+        }
+    }
     if p.json {
         p.json(ok(o));
     } else {

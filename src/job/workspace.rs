@@ -27,6 +27,10 @@ pub struct WorkspaceSpec {
     pub include_git: bool,
     /// Apply the patch to `dir` once the job has completed.
     pub apply: bool,
+    /// Select exactly what is in `dir` (its own `.gitignore` files still
+    /// apply, but not this user's global excludes): for a workspace another
+    /// node selected and sent (a market task), which must run as it came.
+    pub exact: bool,
 }
 
 /// The workspace part of a job record.
@@ -62,11 +66,17 @@ pub(super) async fn select(spec: &WorkspaceSpec, limit: u64) -> Result<Arc<Snaps
         include_git: spec.include_git,
         ..Rules::new(limit)
     };
-    let dir = spec.dir.clone();
-    tokio::task::spawn_blocking(move || workspace::select(&dir, &rules).map(Arc::new))
-        .await
-        .map_err(super::joined)?
-        .map_err(JobError::Workspace)
+    let (dir, exact, git) = (spec.dir.clone(), spec.exact, spec.include_git);
+    tokio::task::spawn_blocking(move || {
+        if exact {
+            workspace::select_received(&dir, limit, git).map(Arc::new)
+        } else {
+            workspace::select(&dir, &rules).map(Arc::new)
+        }
+    })
+    .await
+    .map_err(super::joined)?
+    .map_err(JobError::Workspace)
 }
 
 /// The snapshot as a tar in an unlinked temporary file, at its start.

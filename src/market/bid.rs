@@ -22,6 +22,7 @@ use crate::market::pending;
 use crate::market::protocol::{Request, TaskView};
 use crate::market::reply::{Posted, Raised};
 use crate::market::requester::{self, Outcome, Report, RequesterError, RequesterEvent};
+use crate::market::workspace_task::{self, Check};
 use crate::paths::Paths;
 
 /// What to post, as the caller asked for it (defaults not yet applied).
@@ -37,6 +38,22 @@ pub struct PostOptions {
     pub min_reputation: Option<f64>,
     /// Stay until the result (else keep the prompt for `market result`).
     pub wait: bool,
+    /// Send DIR with the task and check the changes that come back.
+    pub workspace: Option<WorkspaceBid>,
+}
+
+/// `bid --workspace DIR`: what goes out with the task and how its result is
+/// checked before it is paid.
+#[derive(Debug, Clone)]
+pub struct WorkspaceBid {
+    pub dir: std::path::PathBuf,
+    /// Run on the patched copy in a hardened container; pay only on exit 0.
+    pub accept_cmd: Option<String>,
+    pub accept_image: Option<String>,
+    /// Apply the accepted changes to DIR (only if DIR is unchanged).
+    pub apply: bool,
+    /// The permission mode the task asks for (default `acceptEdits`).
+    pub permission_mode: Option<String>,
 }
 
 /// Post a task, or raise the bid of one.
@@ -102,7 +119,16 @@ pub async fn bid(
         BidAction::Raise { task_id } => return raise(paths, &opts.endpoint, &task_id, opts.max_price).await,
         BidAction::Post(p) => p,
     };
-    let hash = hex::encode(Sha256::digest(&post.prompt));
+    // A workspace task's payload is the bundle of prompt and DIR; only its
+    // hash and sizes go to the coordinator.
+    let (payload, check) = match &post.workspace {
+        None => (post.prompt.clone(), None),
+        Some(w) => {
+            let (bundle, check) = workspace_payload(paths, settings, &post.prompt, w).await?;
+            (bundle, Some(check))
+        }
+    };
+    let hash = hex::encode(Sha256::digest(&payload));
     let req = Request::Post {
         model: post.model.clone(),
         max_tokens: post.max_tokens.unwrap_or(settings.limits.max_tokens_per_task),
@@ -113,7 +139,13 @@ pub async fn bid(
             .unwrap_or(settings.market.bid_timeout.as_secs().max(1)),
         max_attempts: post.max_attempts,
         min_reputation: post.min_reputation,
-        payload_bytes: Some(post.prompt.len() as u64),
+        payload_bytes: Some(payload.len() as u64),
+        workspace_bytes: check.as_ref().map(|c: &Check| c.snapshot.total_bytes().max(1)),
+        permission_mode: post.workspace.as_ref().map(|w| {
+            w.permission_mode
+                .clone()
+                .unwrap_or_else(|| workspace_task::DEFAULT_MODE.to_string())
+        }),
     };
     let id = Identity::load_or_generate(paths)?;
     let posted = Posting {
@@ -123,7 +155,8 @@ pub async fn bid(
         hash: &hash,
         model: &post.model,
         max_price: opts.max_price,
-        prompt: &post.prompt,
+        prompt: &payload,
+        check: check.as_ref(),
     };
     if post.wait {
         let Request::Post { deadline_secs, .. } = &req else {
@@ -142,6 +175,45 @@ pub async fn bid(
         pending,
         max_price: opts.max_price,
     })
+}
+
+/// Select DIR, bundle it with the prompt, and say how the result is checked.
+async fn workspace_payload(
+    paths: &Paths,
+    settings: &Settings,
+    prompt: &[u8],
+    w: &WorkspaceBid,
+) -> Result<(Vec<u8>, Check), RequesterError> {
+    if let Some(m) = &w.permission_mode {
+        if !crate::config::PERMISSION_MODES.contains(&m.as_str()) {
+            return Err(RequesterError::Workspace(format!(
+                "`{m}` is not a permission mode (one of: {})",
+                crate::config::PERMISSION_MODES.join(", ")
+            )));
+        }
+    }
+    let (dir, limit) = (w.dir.clone(), settings.docker.workspace_limit);
+    let selected = tokio::task::spawn_blocking(move || {
+        let s = workspace_task::select(&dir, limit)?;
+        let tar = workspace_task::tar_of(&s)?;
+        Ok::<_, crate::workspace::WorkspaceError>((s, tar))
+    })
+    .await
+    .map_err(|e| RequesterError::Workspace(e.to_string()))?;
+    let (snapshot, tar) = selected.map_err(|e| RequesterError::Workspace(e.to_string()))?;
+    let bundle = workspace_task::bundle(prompt, &tar);
+    Ok((
+        bundle,
+        Check {
+            paths: paths.clone(),
+            dir: w.dir.clone(),
+            snapshot: std::sync::Arc::new(snapshot),
+            accept_cmd: w.accept_cmd.clone(),
+            accept_image: w.accept_image.clone(),
+            accept_timeout: None,
+            apply: w.apply,
+        },
+    ))
 }
 
 async fn raise(
@@ -173,18 +245,21 @@ struct Posting<'a> {
     model: &'a str,
     max_price: u64,
     prompt: &'a [u8],
+    check: Option<&'a Check>,
 }
 
 impl Posting<'_> {
     /// The record a later `market result` checks the result against.
     fn record(&self, task_id: &str, escrow: i64) -> Result<(), crate::audit::AuditError> {
-        self.audit
-            .append(
-                Event::MarketBid,
-                json!({ "task_id": task_id, "payload_hash": self.hash, "max_price": self.max_price,
-                        "model": self.model, "escrow": escrow }),
-            )
-            .map(|_| ())
+        let mut fields = json!({ "task_id": task_id, "payload_hash": self.hash, "max_price": self.max_price,
+                                 "model": self.model, "escrow": escrow });
+        if let Some(c) = self.check {
+            fields["workspace"] = json!({
+                "dir": c.dir, "files": c.snapshot.file_count(), "bytes": c.snapshot.total_bytes(),
+                "snapshot": c.snapshot.id(), "accept_cmd": c.accept_cmd, "accept_image": c.accept_image,
+            });
+        }
+        self.audit.append(Event::MarketBid, fields).map(|_| ())
     }
 
     /// Keep the prompt, encrypted to our own key, for `market result`;
@@ -222,7 +297,7 @@ impl Posting<'_> {
             }
             progress(ev);
         };
-        let r = requester::post_and_wait(endpoint, self.me, req, self.prompt, wait, &mut step).await;
+        let r = requester::post_and_wait(endpoint, self.me, req, self.prompt, self.check, wait, &mut step).await;
         Ok(BidOutcome::Settled(record_end(self.paths, r, progress)?))
     }
 }
@@ -251,12 +326,19 @@ pub fn record_end(
     }
     match r {
         Ok(o) => {
-            audit.append(
-                Event::MarketSettled,
-                json!({ "task_id": o.task_id, "attempt": o.attempt, "provider": o.provider,
-                        "paid": o.settlement.paid, "refunded": o.settlement.refunded,
-                        "result_sha256": hex::encode(Sha256::digest(o.text().as_bytes())) }),
-            )?;
+            let mut fields = json!({ "task_id": o.task_id, "attempt": o.attempt, "provider": o.provider,
+                    "paid": o.settlement.paid, "refunded": o.settlement.refunded,
+                    "result_sha256": hex::encode(Sha256::digest(o.text().as_bytes())) });
+            if let Some(w) = &o.workspace {
+                fields["workspace_files"] = json!(w.files_in);
+                fields["workspace_bytes"] = json!(w.bytes_in);
+                fields["files_changed"] = json!(w.changes["files"].as_array().map_or(0, |f| f.len()));
+                fields["patch_sha256"] = w.changes["patch"]["sha256"].clone();
+                fields["acceptance"] = json!(w.acceptance);
+                fields["applied"] = json!(w.applied.as_ref().map(|a| a.summary()));
+                fields["apply_error"] = json!(w.apply_error);
+            }
+            audit.append(Event::MarketSettled, fields)?;
             Ok(o)
         }
         Err(e) => {

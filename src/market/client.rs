@@ -137,6 +137,8 @@ pub struct Client {
     /// Balance at login, and what this login granted (first login only).
     pub balance: i64,
     pub granted: i64,
+    /// The coordinator's cap on a payload frame (from its challenge).
+    pub payload_cap: usize,
     prefix: String,
     counter: AtomicU64,
 }
@@ -189,8 +191,8 @@ impl Client {
         .await
         .map_err(|_| unavailable("timed out".into()))?
         .map_err(|e| unavailable(e.to_string()))?;
-        let nonce = match next_text(&mut ws).await? {
-            Event::Challenge { nonce, .. } => nonce,
+        let (nonce, payload_cap) = match next_text(&mut ws).await? {
+            Event::Challenge { nonce, payload_cap, .. } => (nonce, payload_cap),
             other => return Err(ClientError::Protocol(format!("expected a challenge, got {other:?}"))),
         };
         let identity = signer.public();
@@ -268,6 +270,7 @@ impl Client {
             node_id,
             balance,
             granted,
+            payload_cap: payload_cap.min(protocol::DEFAULT_PAYLOAD_CAP),
             prefix: hex::encode(prefix),
             counter: AtomicU64::new(1),
         })

@@ -20,6 +20,7 @@ use crate::market::bid::record_end;
 use crate::market::pending;
 use crate::market::protocol::TaskView;
 use crate::market::requester::{self, Outcome, Report, RequesterError, RequesterEvent, Resume, Resumed};
+use crate::market::workspace_task::{self, Check};
 use crate::paths::Paths;
 
 #[derive(Debug, Clone)]
@@ -29,6 +30,9 @@ pub struct CollectOptions {
     pub task_id: String,
     /// `None`: one look. `Some(None)`: until the task's deadline + 30 s.
     pub wait: Option<Option<Duration>>,
+    /// A workspace task: apply the accepted changes to its DIR (only if DIR
+    /// is unchanged since the bid).
+    pub apply: bool,
 }
 
 /// What `market result` came to, short of an error.
@@ -38,7 +42,7 @@ pub enum Collected {
     /// Verified, opened and settled.
     Settled(Outcome),
     /// Not delivered, and not waited for.
-    NotYet(NotYet),
+    NotYet(Box<NotYet>),
 }
 
 /// A task with no result yet, and what to do about it.
@@ -55,13 +59,79 @@ pub struct NotYet {
     pub hint: String,
 }
 
-/// The payload hash this node posted for `task_id`, from its own log.
-fn posted_hash(audit: &AuditLog, task_id: &str) -> Result<Option<String>, RequesterError> {
+/// The `market.bid` line this node wrote for `task_id`, from its own log.
+fn bid_line(audit: &AuditLog, task_id: &str) -> Result<Option<Value>, RequesterError> {
     Ok(audit
         .entries()?
         .filter(|e| e.kind() == Some(Event::MarketBid) && e.raw.get("task_id").and_then(Value::as_str) == Some(task_id))
-        .filter_map(|e| e.raw.get("payload_hash").and_then(Value::as_str).map(str::to_string))
+        .map(|e| Value::Object(e.raw.clone()))
         .last())
+}
+
+/// How a workspace task's result is checked when it is collected later:
+/// against DIR if it is still what was sent, else against the sent
+/// workspace kept in the bundle (and then `--apply` refuses, DIR having
+/// changed).
+async fn workspace_check(
+    paths: &Paths,
+    line: &Value,
+    kept: Option<&[u8]>,
+    apply: bool,
+) -> Result<Option<Check>, RequesterError> {
+    let w = &line["workspace"];
+    let Some(dir) = w["dir"].as_str().map(std::path::PathBuf::from) else {
+        return Ok(None);
+    };
+    let want = w["snapshot"].as_str().unwrap_or_default().to_string();
+    let limit = crate::config::Config::load(paths)
+        .map_err(|e| RequesterError::Workspace(e.to_string()))?
+        .settings()
+        .docker
+        .workspace_limit;
+    let tar = kept
+        .map(|b| workspace_task::unbundle(b).map(|(_, t)| t.to_vec()))
+        .transpose();
+    let tar = tar.map_err(RequesterError::Workspace)?;
+    let d = dir.clone();
+    let snapshot = tokio::task::spawn_blocking(move || -> Result<_, String> {
+        if let Ok(s) = workspace_task::select(&d, limit) {
+            if s.id() == want {
+                return Ok((s, None));
+            }
+        }
+        let tar = tar.ok_or_else(|| {
+            format!(
+                "{} has changed since the bid and the workspace that was sent is not kept here",
+                d.display()
+            )
+        })?;
+        let base = tempfile::Builder::new()
+            .prefix("cmm-sent-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        let bound = crate::docker::hardening::WorkspaceMount::archive_bound(limit);
+        crate::workspace::unpack_untrusted(base.path(), &tar[..], bound, workspace_task::MAX_FILES)
+            .map_err(|e| e.to_string())?;
+        let s = crate::workspace::select(base.path(), &crate::workspace::Rules::exact(limit, false))
+            .map_err(|e| e.to_string())?;
+        Ok((s, Some(base)))
+    })
+    .await
+    .map_err(|e| RequesterError::Workspace(e.to_string()))?
+    .map_err(RequesterError::Workspace)?;
+    let (snapshot, base) = snapshot;
+    // The sent tree stays on disk while the check runs (the snapshot keeps
+    // its own copy of the bytes; the directory itself can go).
+    drop(base);
+    Ok(Some(Check {
+        paths: paths.clone(),
+        dir,
+        snapshot: std::sync::Arc::new(snapshot),
+        accept_cmd: w["accept_cmd"].as_str().map(str::to_string),
+        accept_image: w["accept_image"].as_str().map(str::to_string),
+        accept_timeout: None,
+        apply,
+    }))
 }
 
 /// Send nothing but the prompt this node posted under this task.
@@ -86,7 +156,10 @@ pub async fn collect(paths: &Paths, opts: CollectOptions, progress: Report<'_>) 
     let audit = AuditLog::new(paths);
     let id = Identity::load_or_generate(paths)?;
     // The result must be bound to the hash this node posted.
-    let posted = posted_hash(&audit, &opts.task_id)?;
+    let line = bid_line(&audit, &opts.task_id)?;
+    let posted = line
+        .as_ref()
+        .and_then(|l| l.get("payload_hash").and_then(Value::as_str).map(str::to_string));
     let prompt = pending::load(paths, &id, &opts.task_id)?;
     match &prompt {
         Some(prompt) => check_kept(paths, &opts.task_id, prompt, posted.as_deref())?,
@@ -95,23 +168,28 @@ pub async fn collect(paths: &Paths, opts: CollectOptions, progress: Report<'_>) 
         }),
         None => {}
     }
+    let check = match &line {
+        Some(l) => workspace_check(paths, l, prompt.as_deref(), opts.apply).await?,
+        None => None,
+    };
     let spec = Resume {
         task_id: &opts.task_id,
         posted_hash: posted,
         prompt: prompt.as_deref(),
         wait: opts.wait,
+        check: check.as_ref(),
     };
     let (task, payload_sent) = match requester::resume(&opts.endpoint, &id, &spec, progress).await {
         Ok(Resumed::Settled(o)) => return record_end(paths, Ok(o), progress).map(Collected::Settled),
         Ok(Resumed::NotYet { task, payload_sent }) => (task, payload_sent),
         Err(e) => return record_end(paths, Err(e), progress).map(Collected::Settled),
     };
-    Ok(Collected::NotYet(not_yet(
+    Ok(Collected::NotYet(Box::new(not_yet(
         &opts.task_id,
         task,
         prompt.is_some(),
         payload_sent,
-    )))
+    ))))
 }
 
 /// Where an undelivered task stands, said for people.

@@ -22,19 +22,44 @@ use crate::audit::{AuditLog, Event};
 use crate::caps::HeldReservation;
 use crate::config::Config;
 use crate::crypto::keys::{Identity, PublicIdentity};
-use crate::job::{self, Approval, ApprovedBy, Cancel, JobSource, JobSpec, Status, Unattended};
+use crate::job::{self, Approval, ApprovedBy, Cancel, JobSource, JobSpec, Status};
 use crate::market::client::Link;
 use crate::market::own_nodes::subscription_gate;
 use crate::market::protocol::{AbandonReason, IdentityProof, Request};
 use crate::market::provider_event::ProviderEvent;
 use crate::market::reply;
 use crate::market::sealed::{self, Binding};
+use crate::market::workspace_task;
 use crate::paths::Paths;
 
 /// Longest wait for the requester's payload after winning a lease.
 const PAYLOAD_WAIT: Duration = Duration::from_secs(60);
 /// Longest wait for a session to deliver or give back on, when none is up.
 const SESSION_WAIT: Duration = Duration::from_secs(60);
+/// How often the requester hears of a running job at most.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// Longest wait for a progress report to be relayed.
+const PROGRESS_WAIT: Duration = Duration::from_secs(5);
+
+/// The job's display side for a market job: its turns and tokens go to the
+/// requester ([`Lease::progress_reports`]); nobody is asked anything.
+struct Forward(mpsc::UnboundedSender<(u64, u64)>);
+
+impl crate::docker::build::ImageProgress for Forward {
+    fn image_event(&self, _: crate::docker::build::ImageEvent<'_>) {}
+}
+
+impl job::Progress for Forward {
+    fn job_event(&self, event: job::JobEvent<'_>) {
+        if let job::JobEvent::Tokens { so_far, turns, .. } = event {
+            let _ = self.0.send((turns, so_far));
+        }
+    }
+    fn note(&self, _: &str) {}
+    fn ask(&self, _: &str) -> std::io::Result<Option<bool>> {
+        Ok(None)
+    }
+}
 
 /// One won lease, served to its end.
 pub(crate) struct Lease {
@@ -47,6 +72,11 @@ pub(crate) struct Lease {
     pub(crate) binding: Binding,
     pub(crate) model: String,
     pub(crate) max_tokens: u64,
+    /// The task carries a workspace of this many bytes (its metadata).
+    pub(crate) workspace_bytes: Option<u64>,
+    /// The permission mode the task asked for (checked against this node's
+    /// `market.permissionModes` before the accept).
+    pub(crate) permission_mode: Option<String>,
     pub(crate) lease_deadline: String,
     pub(crate) approved_by: ApprovedBy,
     /// The cap reservation taken for the offer, handed to the job.
@@ -170,9 +200,29 @@ impl Lease {
 
     /// Run the task as a local job (the gates it passed at the offer are
     /// checked once more where they may have changed).
-    async fn run_job(&self, prompt: Vec<u8>, cancel: &Cancel) -> Result<JobResult, String> {
+    async fn run_job(
+        &self,
+        payload: Vec<u8>,
+        requester: &PublicIdentity,
+        cancel: &Cancel,
+    ) -> Result<JobResult, String> {
         let b = &self.binding;
         let cfg = Config::load(&self.paths).map_err(|e| e.to_string())?;
+        // A workspace task: the bundle's tar is unpacked here (as untrusted
+        // input, within what the task declared and this node allows), and
+        // the job runs on that copy like `execute --workspace --apply`.
+        let (prompt, received) = match self.workspace_bytes {
+            None => (payload, None),
+            Some(declared) => {
+                let (prompt, tar) = workspace_task::unbundle(&payload)?;
+                let max = declared.min(cfg.settings().market.max_workspace_bytes);
+                let tar = tar.to_vec();
+                let got = tokio::task::spawn_blocking(move || workspace_task::receive(&tar, max))
+                    .await
+                    .map_err(|e| e.to_string())??;
+                (prompt.to_vec(), Some(got))
+            }
+        };
         // The credential may have changed since the offer was accepted.
         if let Err(why) = subscription_gate(&self.paths, &cfg, &self.requester) {
             self.audit(
@@ -192,9 +242,19 @@ impl Lease {
         );
         spec.model = self.model.clone();
         spec.max_tokens = self.max_tokens;
-        // Someone else's task runs in Claude Code's default permission mode:
-        // this node's own `docker.permissionMode` is for its own jobs.
-        spec.permission_mode = None;
+        // Someone else's task runs in the mode it asked for (allowed by
+        // `market.permissionModes` before the accept), else in Claude Code's
+        // default mode: this node's own `docker.permissionMode` is for its
+        // own jobs.
+        spec.permission_mode = self.permission_mode.clone();
+        if let Some(r) = &received {
+            spec.workspace = Some(job::WorkspaceSpec {
+                dir: r.dir.path().to_path_buf(),
+                include_git: true,
+                apply: true,
+                exact: true,
+            });
+        }
         spec.reservation = self
             .reservation
             .lock()
@@ -204,27 +264,51 @@ impl Lease {
         if let Some(i) = &self.image {
             spec.image = i.clone();
         }
-        let outcome = job::run(
+        let (tx, rx) = mpsc::unbounded_channel();
+        let reports = self.progress_reports(requester.clone(), rx);
+        let run = job::run(
             &self.paths,
             &cfg,
             spec,
             Approval::PreApproved(self.approved_by),
-            Arc::new(Unattended),
+            Arc::new(Forward(tx)),
             cancel.clone(),
-        )
-        .await;
+        );
+        let (outcome, ()) = tokio::join!(run, reports);
         let (me, task_id, attempt) = (self.me.node_id(), &b.task_id, b.attempt);
         Ok(match &outcome {
             Ok(r) => {
                 let done = r.status == Status::Completed;
+                let mut body = json!({
+                    "status": r.status, "result": r.result, "error": if done { None } else { Some(r.failure_message()) },
+                    "model": r.model, "model_resolved": r.model_resolved, "usage": r.usage,
+                    "total_tokens": r.total_tokens, "num_turns": r.num_turns, "duration_ms": r.duration_ms,
+                    "provider": me, "task_id": task_id, "attempt": attempt,
+                });
+                let mut status = if done { "completed" } else { "failed" };
+                if let (Some(rcv), true) = (&received, done) {
+                    let (dir, changes) = (rcv.dir.path().to_path_buf(), r.changes.clone());
+                    let part = workspace_task::result_part(&dir, rcv, changes.as_ref());
+                    match part {
+                        Ok(w) => {
+                            self.send_progress(
+                                requester,
+                                json!({ "turns": r.num_turns, "tokens": r.total_tokens,
+                                        "files_changed": w["files_changed"] }),
+                            )
+                            .await;
+                            body["workspace"] = w;
+                        }
+                        Err(e) => {
+                            status = "failed";
+                            body["status"] = json!("failed");
+                            body["error"] = json!(format!("the changes cannot be sent back: {e}"));
+                        }
+                    }
+                }
                 JobResult {
-                    status: if done { "completed" } else { "failed" },
-                    body: json!({
-                        "status": r.status, "result": r.result, "error": if done { None } else { Some(r.failure_message()) },
-                        "model": r.model, "model_resolved": r.model_resolved, "usage": r.usage,
-                        "total_tokens": r.total_tokens, "num_turns": r.num_turns, "duration_ms": r.duration_ms,
-                        "provider": me, "task_id": task_id, "attempt": attempt,
-                    }),
+                    status,
+                    body,
                     job_id: Some(r.job_id.clone()),
                 }
             }
@@ -247,7 +331,7 @@ impl Lease {
             task_id: b.task_id.clone(),
             attempt: b.attempt,
         });
-        let result = match self.run_job(prompt, &cancel).await {
+        let result = match self.run_job(prompt, &requester, &cancel).await {
             Ok(r) => r,
             Err(e) => return self.give_back(AbandonReason::Withdrawn, &e, None).await,
         };
@@ -325,6 +409,48 @@ impl Lease {
             reason,
             why: why.to_string(),
         });
+    }
+
+    /// Seal one progress report to the requester and send it (best effort:
+    /// a report that does not go out changes nothing).
+    async fn send_progress(&self, requester: &PublicIdentity, report: Value) {
+        let b = &self.binding;
+        let bytes = serde_json::to_vec(&report).unwrap_or_default();
+        let Ok(data) = sealed::seal_progress(&self.me, requester, b, &bytes) else {
+            return;
+        };
+        let req = Request::Progress {
+            task_id: b.task_id.clone(),
+            attempt: b.attempt,
+            data,
+        };
+        let _ = self.link.call::<reply::ProgressRelayed>(&req, PROGRESS_WAIT).await;
+    }
+
+    /// Pass the job's turns and tokens on to the requester as they grow, at
+    /// most one report per [`PROGRESS_EVERY`]; ends when the job does.
+    async fn progress_reports(&self, requester: PublicIdentity, mut rx: mpsc::UnboundedReceiver<(u64, u64)>) {
+        let mut last: Option<tokio::time::Instant> = None;
+        let mut latest: Option<(u64, u64)> = None;
+        loop {
+            let wait = match (last, latest) {
+                (Some(t), Some(_)) => (t + PROGRESS_EVERY).saturating_duration_since(tokio::time::Instant::now()),
+                _ => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                got = rx.recv() => match got {
+                    Some(x) => latest = Some(x),
+                    None => return,
+                },
+                _ = tokio::time::sleep(wait) => {}
+            }
+            let due = last.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
+            if let (true, Some((turns, tokens))) = (due, latest.take()) {
+                last = Some(tokio::time::Instant::now());
+                self.send_progress(&requester, json!({ "turns": turns, "tokens": tokens }))
+                    .await;
+            }
+        }
     }
 
     fn audit(&self, event: Event, fields: Value) {

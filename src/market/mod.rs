@@ -24,3 +24,4 @@ pub mod requester;
 pub mod sealed;
 pub mod server;
 pub mod status;
+pub mod workspace_task;

@@ -51,6 +51,7 @@ use crate::market::lease::Lease;
 use crate::market::protocol::{Event, Request, TaskView};
 use crate::market::reply::{LeaseGranted, OfferRegistered, OfferWithdrawn, ReputationView};
 use crate::market::sealed::Binding;
+use crate::market::workspace_task;
 use crate::paths::Paths;
 
 pub use crate::market::own_nodes::{own_nodes, subscription_gate};
@@ -88,6 +89,8 @@ const KEEPALIVE: Duration = Duration::from_secs(15);
 const CONSENT_POLL: Duration = Duration::from_millis(500);
 /// How long stopping jobs get to give their leases back.
 const DRAIN: Duration = Duration::from_secs(20);
+/// Most leases remembered while their verdict is awaited.
+const MAX_SERVED: usize = 4096;
 
 /// Does an offered task pass the standing rules?
 pub fn passes_rules(spec: &AdvertiseSpec, task: &TaskView) -> Result<(), String> {
@@ -154,8 +157,21 @@ async fn question(spec: &AdvertiseSpec, client: &Client, task: &TaskView) -> Str
         .await
         .ok()
         .map(|r| r.score);
+    let standing = task
+        .requester_standing
+        .map(|s| {
+            format!(
+                ", as a requester {:.3}: {} settled, {} rejected",
+                s.score, s.settled, s.rejected
+            )
+        })
+        .unwrap_or_default();
+    let workspace = task
+        .workspace_bytes
+        .map(|b| format!(", with a workspace of {}", crate::workspace::human_bytes(b)))
+        .unwrap_or_default();
     format!(
-        "Run market task {} from node {} (reputation {}): model `{}`, up to {} tokens, bid {} RUV (your ask {}), payload {}?",
+        "Run market task {} from node {} (reputation {}{standing}): model `{}`, up to {} tokens, bid {} RUV (your ask {}), payload {}{workspace}, permission mode `{}`?",
         task.task_id,
         &requester[..requester.len().min(16)],
         rep.map(|r| format!("{r:.3}")).unwrap_or_else(|| "unknown".into()),
@@ -166,7 +182,36 @@ async fn question(spec: &AdvertiseSpec, client: &Client, task: &TaskView) -> Str
         task.payload_bytes
             .map(|b| format!("{b} bytes"))
             .unwrap_or_else(|| "of undeclared size".into()),
+        task.permission_mode.as_deref().unwrap_or("default"),
     )
+}
+
+/// The rules no approval overrides: the workspace's size, the permission
+/// mode, and the requester's standing (all decided before any download).
+fn hard_rules(market: &crate::config::Market, task: &TaskView) -> Result<(), String> {
+    if let Some(b) = task.workspace_bytes.filter(|b| *b > market.max_workspace_bytes) {
+        return Err(format!(
+            "brings a workspace of {}, above `market.maxWorkspaceBytes` ({})",
+            crate::workspace::human_bytes(b),
+            crate::workspace::human_bytes(market.max_workspace_bytes)
+        ));
+    }
+    let mode = task.permission_mode.as_deref().unwrap_or("default");
+    if !workspace_task::mode_allowed(&market.permission_modes, mode) {
+        return Err(format!(
+            "asks for permission mode `{mode}`, which `market.permissionModes` ({}) does not allow",
+            market.permission_modes.join(",")
+        ));
+    }
+    if let Some(s) = task.requester_standing {
+        if s.score < market.min_requester_reputation {
+            return Err(format!(
+                "the requester's standing {:.3} ({} settled, {} rejected) is below `market.minRequesterReputation` ({})",
+                s.score, s.settled, s.rejected, market.min_requester_reputation
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Consent, caps, then approval: the order a local job meets them.
@@ -180,6 +225,9 @@ async fn decide(paths: &Paths, spec: &AdvertiseSpec, client: &Client, task: &Tas
         return Decision::Decline("no consent for market jobs".into());
     }
     if let Err(why) = subscription_gate(paths, &cfg, &task.requester) {
+        return Decision::Decline(why);
+    }
+    if let Err(why) = hard_rules(&cfg.settings().market, task) {
         return Decision::Decline(why);
     }
     let caps = Caps::from_config(&cfg);
@@ -369,7 +417,18 @@ pub async fn run(
 struct Held {
     attempt: u32,
     payload: Option<oneshot::Sender<String>>,
+    /// The parts of a payload sent in several frames, joined in order.
+    parts: String,
+    next_part: u32,
     cancel: CancelHandle,
+}
+
+/// A lease this node served, until its verdict arrives: whose task it was
+/// (a rejection's reason is sealed by that requester).
+struct Served {
+    attempt: u32,
+    requester: String,
+    payload_hash: String,
 }
 
 /// Report a step, after recording it if it is one worth a record.
@@ -422,6 +481,7 @@ pub async fn advertise(
         spec,
         link: Link::new(),
         held: HashMap::new(),
+        served: HashMap::new(),
         running: tokio::task::JoinSet::new(),
         steps_tx,
         steps,
@@ -510,6 +570,8 @@ struct Work<'a> {
     spec: &'a AdvertiseSpec,
     link: Link,
     held: HashMap<String, Held>,
+    /// Leases served here whose verdict has not come yet.
+    served: HashMap<String, Served>,
     running: tokio::task::JoinSet<(String, u32)>,
     /// Steps reported by the jobs, passed on by the provider loop.
     steps_tx: mpsc::UnboundedSender<ProviderEvent>,
@@ -650,15 +712,51 @@ impl Work<'_> {
 
     async fn on_event(&mut self, c: &Client, ev: Event, report: Report<'_>) {
         match ev {
-            Event::TaskOffered { task } => self.on_offered(c, task, report).await,
-            Event::Payload { task_id, attempt, data } => {
+            Event::TaskOffered { task } => self.on_offered(c, *task, report).await,
+            Event::Payload {
+                task_id,
+                attempt,
+                data,
+                part,
+                parts,
+            } => {
                 let held = self.held.get_mut(&task_id).filter(|h| h.attempt == attempt);
-                match held.and_then(|h| h.payload.take()) {
-                    Some(tx) => {
-                        let _ = tx.send(data);
-                    }
-                    None => report(&ProviderEvent::PayloadUnexpected { task_id, attempt }),
+                let Some(h) = held.filter(|h| h.payload.is_some()) else {
+                    return report(&ProviderEvent::PayloadUnexpected { task_id, attempt });
+                };
+                let (part, parts) = (part.unwrap_or(0), parts.unwrap_or(1));
+                if part != h.next_part || part >= parts {
+                    // The coordinator relays parts once and in order; a gap
+                    // means the payload cannot be whole.
+                    h.payload = None;
+                    return report(&ProviderEvent::PayloadUnexpected { task_id, attempt });
                 }
+                h.next_part += 1;
+                if parts == 1 {
+                    h.parts = data;
+                } else {
+                    h.parts.push_str(&data);
+                }
+                if part + 1 == parts {
+                    if let Some(tx) = h.payload.take() {
+                        let _ = tx.send(std::mem::take(&mut h.parts));
+                    }
+                }
+            }
+            Event::Rejected {
+                task_id,
+                attempt,
+                state,
+                reason_sha256,
+                reason_bytes: _,
+                data,
+            } => {
+                self.on_rejected(c, task_id, attempt, state, reason_sha256, data, report)
+                    .await
+            }
+            Event::Settled { ref task_id, .. } => {
+                self.served.remove(task_id);
+                report(&ProviderEvent::pushed(ev));
             }
             Event::LeaseLapsed { task_id, attempt } => {
                 // Anything for this attempt is refused now: stop the job.
@@ -671,6 +769,60 @@ impl Work<'_> {
         }
     }
 
+    /// The requester rejected a delivery of ours: its reason, verified as
+    /// the requester's and bound to the task, goes into the audit log in
+    /// full (the coordinator keeps only its hash), as evidence.
+    #[allow(clippy::too_many_arguments)]
+    async fn on_rejected(
+        &mut self,
+        c: &Client,
+        task_id: String,
+        attempt: u32,
+        state: String,
+        reason_sha256: Option<String>,
+        data: Option<String>,
+        report: Report<'_>,
+    ) {
+        let served = self.served.remove(&task_id).filter(|s| s.attempt == attempt);
+        let (reason, verified) = match (served, data) {
+            (Some(s), Some(data)) => {
+                let binding = Binding {
+                    task_id: task_id.clone(),
+                    attempt,
+                    payload_hash: s.payload_hash,
+                };
+                let proof = c
+                    .call::<crate::market::protocol::IdentityProof>(&Request::Identity {
+                        node_id: s.requester.clone(),
+                    })
+                    .await;
+                let opened = match proof.ok().and_then(|p| p.verified(&s.requester).cloned()) {
+                    Some(peer) => crate::market::sealed::open_rejection(&self.me, &peer, &binding, &data)
+                        .map_err(|e| e.to_string()),
+                    None => Err("the requester's identity does not verify".to_string()),
+                };
+                match opened {
+                    Ok(text) => {
+                        let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&text));
+                        let matches = reason_sha256.as_deref() == Some(hash.as_str());
+                        (String::from_utf8_lossy(&text).into_owned(), matches)
+                    }
+                    Err(e) => (format!("(the reason could not be opened: {e})"), false),
+                }
+            }
+            (_, None) => ("(no reason given)".to_string(), false),
+            (None, Some(_)) => ("(a rejection of a lease this session does not know)".to_string(), false),
+        };
+        report(&ProviderEvent::Rejected {
+            task_id,
+            attempt,
+            state,
+            reason,
+            reason_sha256,
+            verified,
+        });
+    }
+
     /// Decide on an offer; if taken and the lease is won, start its job.
     async fn on_offered(&mut self, c: &Client, task: TaskView, report: Report<'_>) {
         let decision = decide(self.paths, self.spec, c, &task).await;
@@ -679,8 +831,9 @@ impl Work<'_> {
             Decision::Decline(w) => (false, Some(w.clone()), None),
         };
         let (task_id, attempt, requester) = (task.task_id.clone(), task.attempt, task.requester.clone());
+        let (workspace_bytes, permission_mode) = (task.workspace_bytes, task.permission_mode.clone());
         report(&ProviderEvent::TaskOffered {
-            task,
+            task: Box::new(task),
             accept,
             approved_by,
             declined,
@@ -710,7 +863,20 @@ impl Work<'_> {
             Held {
                 attempt,
                 payload: Some(ptx),
+                parts: String::new(),
+                next_part: 0,
                 cancel: cancel_h,
+            },
+        );
+        if self.served.len() >= MAX_SERVED {
+            self.served.clear();
+        }
+        self.served.insert(
+            task_id.clone(),
+            Served {
+                attempt,
+                requester: requester.clone(),
+                payload_hash: lease.payload_hash.clone(),
             },
         );
         let job = Lease {
@@ -726,6 +892,8 @@ impl Work<'_> {
             },
             model: lease.model,
             max_tokens: lease.max_tokens,
+            workspace_bytes,
+            permission_mode,
             lease_deadline: lease.lease_deadline,
             approved_by: by,
             reservation: std::sync::Mutex::new(Some(reservation)),

@@ -44,7 +44,7 @@ pub enum ProviderEvent {
     },
     /// A decision on a task offer, with its reason.
     TaskOffered {
-        task: TaskView,
+        task: Box<TaskView>,
         accept: bool,
         approved_by: Option<&'static str>,
         declined: Option<String>,
@@ -89,6 +89,17 @@ pub enum ProviderEvent {
         attempt: u32,
         reason: AbandonReason,
         why: String,
+    },
+    /// The requester rejected our delivery; `reason` is its text, opened
+    /// (`verified`: sealed by the requester and matching the hash the
+    /// coordinator keeps). The task is `state` now.
+    Rejected {
+        task_id: String,
+        attempt: u32,
+        state: String,
+        reason: String,
+        reason_sha256: Option<String>,
+        verified: bool,
     },
     Warning {
         message: String,
@@ -161,6 +172,18 @@ impl ProviderEvent {
                 json!({ "task_id": task_id, "attempt": attempt }),
             ),
             ProviderEvent::Withdrawn { offer_id } => (AuditEvent::MarketWithdraw, json!({ "offer_id": offer_id })),
+            ProviderEvent::Rejected {
+                task_id,
+                attempt,
+                state,
+                reason,
+                reason_sha256,
+                verified,
+            } => (
+                AuditEvent::MarketRejectionReceived,
+                json!({ "task_id": task_id, "attempt": attempt, "state": state, "reason": reason,
+                        "reason_sha256": reason_sha256, "verified": verified }),
+            ),
             _ => return None,
         })
     }

@@ -31,6 +31,7 @@ use crate::market::client::{Backoff, Client, ClientError, Endpoints, Failover};
 use crate::market::protocol::{AbandonReason, Event, IdentityProof, Reason, Request, TaskView};
 use crate::market::reply::{HeldResult, Posted, Rejected, Relayed, Settlement};
 use crate::market::sealed::{self, Binding, SealError};
+use crate::market::workspace_task::{Check, Checked, Verdict, WorkspaceOutcome};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RequesterError {
@@ -73,6 +74,9 @@ pub enum RequesterError {
     AboveMaxBid { max_price: u64, cap: u64 },
     #[error("{0}")]
     Protocol(String),
+    /// DIR could not be selected or sent (`bid --workspace`).
+    #[error("the workspace cannot go with the task: {0}")]
+    Workspace(String),
     /// This node's own records (audit log, keys, kept prompts) failed.
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
@@ -99,6 +103,7 @@ impl HasExit for RequesterError {
             | RequesterError::TimedOut { .. }
             | RequesterError::Finished { .. }
             | RequesterError::Protocol(_) => Exit::Failed,
+            RequesterError::Workspace(_) => Exit::Usage,
         }
     }
     fn hint(&self) -> Option<String> {
@@ -144,6 +149,10 @@ pub struct Outcome {
     pub body: Value,
     /// The coordinator's settlement (`paid`, `refunded`).
     pub settlement: Settlement,
+    /// A workspace task: the changes as computed here, the acceptance
+    /// command's result, and what `--apply` did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<Box<WorkspaceOutcome>>,
 }
 
 impl Outcome {
@@ -180,6 +189,30 @@ pub enum RequesterEvent {
     },
     /// A result arrived and is being verified.
     Delivered { task_id: String, attempt: u32 },
+    /// The lease holder's job, as it reported (verified): turns and tokens
+    /// so far, and the number of files changed once it is done.
+    Progress {
+        task_id: String,
+        attempt: u32,
+        turns: u64,
+        tokens: u64,
+        files_changed: Option<u64>,
+    },
+    /// A workspace task's changes are being rebuilt and tested here.
+    Checking {
+        task_id: String,
+        attempt: u32,
+        accept_cmd: Option<String>,
+    },
+    /// The delivery failed this node's check and was rejected: the task is
+    /// `open` again for another provider, or `refunded`.
+    ResultRejected {
+        task_id: String,
+        attempt: u32,
+        provider: String,
+        reason: String,
+        state: String,
+    },
     /// The lease holder gave the task back; `error` is its verified report.
     AttemptFailed {
         task_id: String,
@@ -226,9 +259,19 @@ pub async fn verify_and_settle(
     provider: &PublicIdentity,
     binding: &Binding,
     data: &str,
+    check: Option<&Check>,
+    progress: Report<'_>,
 ) -> Result<Outcome, RequesterError> {
-    let opened = open_or_reject(client, me, provider, binding, data).await?;
-    settle(client, &opened).await
+    let mut opened = open_or_reject(client, me, provider, binding, data).await?;
+    if let Some(check) = check {
+        if let Some(state) = judge(client, me, provider, check, &mut opened, progress).await? {
+            return Err(RequesterError::Refunded {
+                task_id: binding.task_id.clone(),
+                why: format!("the result failed this node's check; the task is {state}"),
+            });
+        }
+    }
+    settle(client, &opened, check).await
 }
 
 /// A delivered result that verified and opened, to be settled under one
@@ -239,6 +282,106 @@ struct Opened {
     status: String,
     body: Value,
     settle_id: String,
+    /// A workspace task's changes, rebuilt and accepted here.
+    checked: Option<Checked>,
+}
+
+/// Check a workspace task's opened result; a failure is rejected with its
+/// reason sealed to the provider. `Some(state)`: rejected, and the task is
+/// now `state` (`open` for another attempt, or `refunded`).
+async fn judge(
+    client: &Client,
+    me: &Identity,
+    provider: &PublicIdentity,
+    check: &Check,
+    opened: &mut Opened,
+    progress: Report<'_>,
+) -> Result<Option<String>, RequesterError> {
+    let b = opened.binding.clone();
+    progress(RequesterEvent::Checking {
+        task_id: b.task_id.clone(),
+        attempt: b.attempt,
+        accept_cmd: check.accept_cmd.clone(),
+    });
+    let cfg = crate::config::Config::load(&check.paths).map_err(|e| RequesterError::Protocol(e.to_string()))?;
+    let verdict = check.judge(&cfg, &opened.body, crate::job::Cancel::never()).await;
+    let audit = crate::audit::AuditLog::new(&check.paths);
+    let (acceptance, files) = match &verdict {
+        Verdict::Accept(c) | Verdict::Reject { checked: Some(c), .. } => {
+            (c.acceptance.clone(), Some(c.changes.files.len()))
+        }
+        Verdict::Reject { checked: None, .. } => (None, None),
+    };
+    if let Err(e) = audit.append(
+        crate::audit::Event::MarketAcceptance,
+        serde_json::json!({
+            "task_id": b.task_id, "attempt": b.attempt, "provider": provider.node_id,
+            "accept_cmd": check.accept_cmd, "files_changed": files, "acceptance": acceptance,
+            "passed": matches!(verdict, Verdict::Accept(_)),
+        }),
+    ) {
+        progress(RequesterEvent::Warning {
+            message: format!("cannot write the audit log: {e}"),
+        });
+    }
+    let (reason, checked) = match verdict {
+        Verdict::Accept(c) => {
+            opened.checked = Some(c);
+            return Ok(None);
+        }
+        Verdict::Reject { reason, checked } => (reason, checked),
+    };
+    let r = reject_with(client, me, provider, &b, &reason).await;
+    let state = match &r {
+        Ok(s) => s.0.state.clone(),
+        Err(e) => format!("not rejected ({e})"),
+    };
+    progress(RequesterEvent::ResultRejected {
+        task_id: b.task_id.clone(),
+        attempt: b.attempt,
+        provider: provider.node_id.clone(),
+        reason: reason.clone(),
+        state: state.clone(),
+    });
+    if let Err(e) = audit.append(
+        crate::audit::Event::MarketRejected,
+        serde_json::json!({
+            "task_id": b.task_id, "attempt": b.attempt, "provider": provider.node_id,
+            "reason": reason, "reason_sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(reason.as_bytes())),
+            "acceptance": checked.as_ref().and_then(|c| c.acceptance.clone()),
+            "files_changed": checked.as_ref().map(|c| c.changes.files.len()),
+            "state": state,
+        }),
+    ) {
+        progress(RequesterEvent::Warning {
+            message: format!("cannot write the audit log: {e}"),
+        });
+    }
+    r?;
+    Ok(Some(state))
+}
+
+/// Reject a delivery, its reason sealed to the provider (the coordinator
+/// keeps only its hash and size).
+async fn reject_with(
+    client: &Client,
+    me: &Identity,
+    provider: &PublicIdentity,
+    b: &Binding,
+    reason: &str,
+) -> Result<Rejected, RequesterError> {
+    use sha2::Digest as _;
+    let data = sealed::seal_rejection(me, provider, b, reason.as_bytes())
+        .map_err(|e| RequesterError::Protocol(format!("cannot seal the reason: {e}")))?;
+    Ok(client
+        .call::<Rejected>(&Request::Reject {
+            task_id: b.task_id.clone(),
+            attempt: b.attempt,
+            reason_sha256: Some(hex::encode(sha2::Sha256::digest(reason.as_bytes()))),
+            reason_bytes: Some(reason.len() as u64),
+            data: Some(data),
+        })
+        .await?)
 }
 
 /// Verify and open a delivered result; on a failed check, reject it
@@ -261,14 +404,17 @@ async fn open_or_reject(
             status,
             body,
             settle_id: client.next_id(),
+            checked: None,
         }),
         Err(source) => {
-            let _ = client
-                .call::<Rejected>(&Request::Reject {
-                    task_id: binding.task_id.clone(),
-                    attempt: binding.attempt,
-                })
-                .await;
+            let _ = reject_with(
+                client,
+                me,
+                provider,
+                binding,
+                &format!("the result failed verification: {source}"),
+            )
+            .await;
             Err(RequesterError::Rejected {
                 task_id: binding.task_id.clone(),
                 attempt: binding.attempt,
@@ -278,7 +424,7 @@ async fn open_or_reject(
     }
 }
 
-async fn settle(client: &Client, o: &Opened) -> Result<Outcome, RequesterError> {
+async fn settle(client: &Client, o: &Opened, check: Option<&Check>) -> Result<Outcome, RequesterError> {
     let b = &o.binding;
     let settlement: Settlement = client
         .call_with_id(
@@ -296,6 +442,9 @@ async fn settle(client: &Client, o: &Opened) -> Result<Outcome, RequesterError> 
         status: o.status.clone(),
         body: o.body.clone(),
         settlement,
+        workspace: check
+            .zip(o.checked.as_ref())
+            .map(|(c, k)| Box::new(c.finish(&b.task_id, k))),
     })
 }
 
@@ -369,6 +518,7 @@ pub async fn post_and_wait(
     me: &Identity,
     post: &Request,
     prompt: &[u8],
+    check: Option<&Check>,
     wait: Duration,
     progress: Report<'_>,
 ) -> Result<Outcome, RequesterError> {
@@ -404,6 +554,7 @@ pub async fn post_and_wait(
         task_id: &task.task_id,
         payload_hash: &task.payload_hash,
         prompt,
+        check,
     };
     follow(&mut conn, me, &followed, None, wait, progress).await
 }
@@ -413,7 +564,10 @@ pub struct Followed<'a> {
     pub task_id: &'a str,
     /// The hash this node posted: payloads and results are bound to it.
     pub payload_hash: &'a str,
+    /// The payload's plaintext: the prompt, or a workspace task's bundle.
     pub prompt: &'a [u8],
+    /// A workspace task: how its result is checked before it is paid.
+    pub check: Option<&'a Check>,
 }
 
 impl Followed<'_> {
@@ -447,13 +601,7 @@ async fn send_payload(
     let peer = peer_identity(client, provider).await?;
     let data = sealed::seal_payload(me, &peer, &task.binding(attempt), task.prompt)
         .map_err(|e| RequesterError::Protocol(format!("cannot seal the payload: {e}")))?;
-    let sent = client
-        .call::<Relayed>(&Request::Payload {
-            task_id: task_id.clone(),
-            attempt,
-            data,
-        })
-        .await;
+    let sent = send_parts(client, &task_id, attempt, data).await;
     let relayed = sent.is_ok();
     progress(match sent {
         Ok(r) => RequesterEvent::Running {
@@ -471,6 +619,48 @@ async fn send_payload(
         },
     });
     Ok((peer, relayed))
+}
+
+/// Room in a payload frame for the fields around `data`.
+const FRAME_SLACK: usize = 64 * 1024;
+
+/// Send a sealed payload in as many frames as the coordinator's payload cap
+/// needs, in order (base64 text splits anywhere: the receiver joins the
+/// parts before decoding). The reply to the last part is the answer.
+async fn send_parts(client: &Client, task_id: &str, attempt: u32, data: String) -> Result<Relayed, ClientError> {
+    let size = client.payload_cap.saturating_sub(FRAME_SLACK).max(FRAME_SLACK);
+    if data.len() <= size {
+        return client
+            .call::<Relayed>(&Request::Payload {
+                task_id: task_id.to_string(),
+                attempt,
+                data,
+                part: None,
+                parts: None,
+            })
+            .await;
+    }
+    let parts = data.len().div_ceil(size) as u32;
+    let mut total = 0;
+    let mut last = None;
+    for (i, chunk) in data.as_bytes().chunks(size).enumerate() {
+        // Base64 is ASCII, so every chunk is valid UTF-8.
+        let chunk = String::from_utf8_lossy(chunk).into_owned();
+        let r = client
+            .call::<Relayed>(&Request::Payload {
+                task_id: task_id.to_string(),
+                attempt,
+                data: chunk,
+                part: Some(i as u32),
+                parts: Some(parts),
+            })
+            .await?;
+        total += r.bytes;
+        last = Some(r);
+    }
+    let mut r = last.expect("at least two parts");
+    r.bytes = total;
+    Ok(r)
 }
 
 /// What following a task has seen so far, kept across sessions.
@@ -536,7 +726,7 @@ async fn follow_on(
             // A result already opened is settled again under its message
             // id: if the first settle applied, this returns its answer.
             if let Some(o) = &seen.opened {
-                match settle(&conn.client, o).await {
+                match settle(&conn.client, o, task.check).await {
                     Err(e) if connection_lost(&e) => continue,
                     r => return r,
                 }
@@ -549,7 +739,15 @@ async fn follow_on(
         };
         match view.state.as_str() {
             "delivered" => {
-                return fetch_held(&conn.client, me, task.task_id, Some(task.payload_hash.to_string())).await;
+                return fetch_held(
+                    &conn.client,
+                    me,
+                    task.task_id,
+                    Some(task.payload_hash.to_string()),
+                    task.check,
+                    progress,
+                )
+                .await;
             }
             "assigned" => {
                 // Send the payload unless this attempt's lease has it from us.
@@ -637,8 +835,37 @@ async fn follow_inner(
                 let Some((_, peer)) = seen.assigned.as_ref().filter(|(a, _)| *a == attempt) else {
                     continue;
                 };
-                let opened = open_or_reject(client, me, peer, &task.binding(attempt), &data).await?;
-                return settle(client, seen.opened.insert(opened)).await;
+                let mut opened = open_or_reject(client, me, peer, &task.binding(attempt), &data).await?;
+                if let Some(check) = task.check {
+                    let peer = peer.clone();
+                    // Rejected: the task is offered again (its `assigned`
+                    // comes next) or refunded (so is that).
+                    if judge(client, me, &peer, check, &mut opened, progress).await?.is_some() {
+                        continue;
+                    }
+                }
+                return settle(client, seen.opened.insert(opened), task.check).await;
+            }
+            Event::Progress {
+                task_id: t,
+                attempt,
+                data,
+            } if t == task_id => {
+                let Some((_, peer)) = seen.assigned.as_ref().filter(|(a, _)| *a == attempt) else {
+                    continue;
+                };
+                // A report that does not verify is not shown (it changes nothing).
+                if let Ok(body) = sealed::open_progress(me, peer, &task.binding(attempt), &data) {
+                    if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+                        progress(RequesterEvent::Progress {
+                            task_id: task_id.clone(),
+                            attempt,
+                            turns: v["turns"].as_u64().unwrap_or(0),
+                            tokens: v["tokens"].as_u64().unwrap_or(0),
+                            files_changed: v["files_changed"].as_u64(),
+                        });
+                    }
+                }
             }
             Event::Abandoned {
                 task_id: t,
@@ -695,6 +922,8 @@ pub async fn fetch_held(
     me: &Identity,
     task_id: &str,
     payload_hash: Option<String>,
+    check: Option<&Check>,
+    progress: Report<'_>,
 ) -> Result<Outcome, RequesterError> {
     let held: HeldResult = client
         .call(&Request::Result {
@@ -711,7 +940,7 @@ pub async fn fetch_held(
         attempt: held.attempt,
         payload_hash: payload_hash.unwrap_or_else(|| held.payload_hash.clone()),
     };
-    verify_and_settle(client, me, &peer, &binding, data).await
+    verify_and_settle(client, me, &peer, &binding, data, check, progress).await
 }
 
 /// What [`resume`] came to, short of an error.
@@ -734,6 +963,8 @@ pub struct Resume<'a> {
     pub prompt: Option<&'a [u8]>,
     /// `None`: one look. `Some(None)`: wait until the task's deadline + 30 s.
     pub wait: Option<Option<Duration>>,
+    /// A workspace task: how its result is checked before it is paid.
+    pub check: Option<&'a Check>,
 }
 
 /// Slack past a task's deadline for the last attempt's result to arrive.
@@ -780,7 +1011,7 @@ async fn resume_on(
     let task = match look_up(client, r.task_id).await {
         // A coordinator from before `task` can still hand back a held result.
         Err(RequesterError::Market(e)) if e.reason() == Some(Reason::UnknownType) => {
-            return fetch_held(client, me, r.task_id, r.posted_hash.clone())
+            return fetch_held(client, me, r.task_id, r.posted_hash.clone(), r.check, progress)
                 .await
                 .map(Resumed::Settled)
         }
@@ -788,7 +1019,7 @@ async fn resume_on(
     };
     match task.state.as_str() {
         "delivered" => {
-            return fetch_held(client, me, r.task_id, r.posted_hash.clone())
+            return fetch_held(client, me, r.task_id, r.posted_hash.clone(), r.check, progress)
                 .await
                 .map(Resumed::Settled)
         }
@@ -821,6 +1052,7 @@ async fn resume_on(
         task_id: r.task_id,
         payload_hash: hash,
         prompt,
+        check: r.check,
     };
     let Some(wait) = r.wait else {
         let mut payload_sent = false;
