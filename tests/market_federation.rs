@@ -695,7 +695,9 @@ fn a_result_altered_in_transit_is_rejected_never_printed_and_nothing_settles() {
     let requester = Cmm::new();
     let secret = canary("tamperr");
     let prompt = format!("scenario:echo {secret}");
-    let mut args = bid(&server, &prompt, &[]);
+    // One attempt: a rejected result is refunded at once (with attempts
+    // left the task would be offered again).
+    let mut args = bid(&server, &prompt, &["--max-attempts", "1"]);
     let at = args.iter().position(|a| *a == server.endpoint).unwrap();
     args[at] = &proxy.endpoint;
     let out = requester.run(&args);
@@ -1082,5 +1084,368 @@ fn an_interrupted_bid_wait_is_resumed_by_market_result() {
     assert!(!pending_file(&requester, &task_id).exists());
     assert_eq!(status(&requester, &server)["balance"], 995);
     audit_verifies(&requester);
+    server.verify();
+}
+
+// ---------------------------------------------------------------------------
+// Tasks that carry a workspace and come back as changes the requester checks.
+
+/// A small project with a canary file whose content must never reach the
+/// coordinator.
+fn project(canary: &str) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("README.md"), "the project\n").unwrap();
+    std::fs::write(d.path().join("canary.txt"), format!("{canary}\n")).unwrap();
+    std::fs::create_dir(d.path().join("src")).unwrap();
+    std::fs::write(d.path().join("src/lib.rs"), "pub fn f() {}\n").unwrap();
+    d
+}
+
+/// `bid --wait --workspace DIR` for the fake's `scenario:answer` (two turns).
+fn workspace_bid<'a>(server: &'a Server, dir: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--json",
+        "bid",
+        "--prompt",
+        "scenario:answer",
+        "--max-price",
+        "20",
+        "--max-tokens",
+        "30000",
+        "--wait",
+        "--endpoint",
+        &server.endpoint,
+        "--workspace",
+        dir,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// The fake image with `FAKE_ANSWER=wrong`: its jobs write the wrong answer.
+fn wrong_answer_image(base: &str) -> String {
+    use std::io::Write;
+    let tag = format!("{base}-wrong");
+    let mut child = std::process::Command::new("docker")
+        .args(["build", "-q", "-t", &tag, "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("docker build");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("FROM {base}\nENV FAKE_ANSWER=wrong\n").as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "build {tag}");
+    tag
+}
+
+#[test]
+fn a_workspace_task_comes_back_as_changes_that_pass_the_acceptance_command_then_settle_and_apply() {
+    if !docker_available(
+        "a_workspace_task_comes_back_as_changes_that_pass_the_acceptance_command_then_settle_and_apply",
+    ) {
+        return;
+    }
+    let img = market_image();
+    let server = Server::start(&["--lease-ms", "10000"]);
+    let p1 = Provider::new(&server, &img, |_| {});
+    let requester = Cmm::new();
+    let secret = canary("workspace");
+    let dir = project(&secret);
+    let ws = dir.path().to_str().unwrap();
+    let out = requester.run(&workspace_bid(
+        &server,
+        ws,
+        &[
+            "--accept-cmd",
+            "grep -qx right answer.txt && test -f canary.txt",
+            "--accept-image",
+            &img,
+            "--apply",
+        ],
+    ));
+    out.code(0);
+    let v = out.json();
+    assert_eq!(v["settlement"]["paid"], 5, "{v:#}");
+    let w = &v["workspace"];
+    assert_eq!(w["acceptance"]["passed"], true, "{v:#}");
+    assert_eq!(w["acceptance"]["exit_code"], 0);
+    let mut changed: Vec<(String, String)> = w["changes"]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["path"].as_str().unwrap().to_string(),
+                f["change"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    changed.sort();
+    assert_eq!(
+        changed,
+        vec![
+            ("README.md".into(), "modified".into()),
+            ("answer.txt".into(), "added".into())
+        ],
+        "{v:#}"
+    );
+    assert_eq!(w["files_in"], 3);
+    // Applied to DIR, which had not changed since the bid.
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("answer.txt")).unwrap(),
+        "right\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("README.md")).unwrap(),
+        "the project\nanswered by the job\n"
+    );
+    let patch = std::fs::read_to_string(w["patch"].as_str().expect("patch saved")).unwrap();
+    assert!(patch.contains("+right"), "{patch}");
+    // The remote job's progress reached the requester as it happened.
+    assert!(out.stderr.contains("tokens so far"), "{}", out.stderr);
+    assert!(out.stderr.contains("2 files changed"), "{}", out.stderr);
+    assert!(out.stderr.contains("grep -qx right"), "{}", out.stderr);
+    p1.wait(10, "settled", |e| e["event"] == "settled");
+    let rs = status(&requester, &server);
+    assert_eq!(
+        (rs["balance"].as_i64(), rs["escrow"].as_i64()),
+        (Some(995), Some(0)),
+        "{rs:#}"
+    );
+    assert_eq!(status(&p1.home, &server)["balance"], 1005);
+    server.verify();
+    // The provider's job ran on the workspace in the mode the task asked for.
+    let events = docker::audit_events(&p1.home);
+    let started: Vec<_> = events.iter().filter(|e| e["event"] == "job.started").collect();
+    assert_eq!(started.len(), 1);
+    assert_eq!(started[0]["permission_mode"], "acceptEdits");
+    assert_eq!(started[0]["workspace_files"], 3);
+    let ended: Vec<_> = events.iter().filter(|e| e["event"] == "job.completed").collect();
+    assert_eq!(ended[0]["files_changed"], 2, "{:#}", ended[0]);
+    // The requester's records say what came in and what was checked.
+    let events = docker::audit_events(&requester);
+    let settled: Vec<_> = events.iter().filter(|e| e["event"] == "market.settled").collect();
+    assert_eq!(settled[0]["files_changed"], 2, "{:#}", settled[0]);
+    assert_eq!(settled[0]["acceptance"]["passed"], true);
+    assert!(events.iter().any(|e| e["event"] == "market.acceptance"));
+    for h in [&requester, &p1.home] {
+        audit_verifies(h);
+    }
+    // The coordinator's database, WAL and logs never hold a workspace file's content.
+    let hits = dir_contains(server.home.path(), &secret);
+    assert!(hits.is_empty(), "coordinator files hold workspace content: {hits:?}");
+    assert!(!server.stderr().contains(&secret));
+    assert!(!requester.read("audit.jsonl").contains(&secret));
+}
+
+#[test]
+fn a_failed_acceptance_rejects_attempt_one_and_the_next_provider_is_paid() {
+    if !docker_available("a_failed_acceptance_rejects_attempt_one_and_the_next_provider_is_paid") {
+        return;
+    }
+    let img = market_image();
+    let wrong = wrong_answer_image(&img);
+    let server = Server::start(&["--lease-ms", "10000"]);
+    // Only the wrong provider is there for attempt 1.
+    let bad = Provider::new(&server, &wrong, |_| {});
+    let requester = Cmm::new();
+    requester
+        .run(&["config", "--set", &format!("docker.image={img}")])
+        .code(0);
+    let dir = project(&canary("reject"));
+    let ws = dir.path().to_str().unwrap().to_string();
+    let child = requester
+        .cmd(&workspace_bid(
+            &server,
+            &ws,
+            &["--accept-cmd", "cat answer.txt; grep -qx right answer.txt"],
+        ))
+        .spawn();
+    bad.wait(60, "rejected", |e| e["event"] == "rejected");
+    let good = Provider::new(&server, &img, |_| {});
+    let out = child.wait();
+    out.code(0);
+    let v = out.json();
+    assert_eq!(v["attempt"], 2, "{v:#}");
+    assert_eq!(v["provider"], good.node_id.as_str());
+    assert_eq!(v["workspace"]["acceptance"]["passed"], true);
+    let stderr = &out.stderr;
+    assert!(
+        stderr.contains("attempt 1 on node") && stderr.contains("rejected"),
+        "{stderr}"
+    );
+    good.wait(10, "settled", |e| e["event"] == "settled");
+    // Exact balances: the first provider is not paid, the second is.
+    let rs = status(&requester, &server);
+    assert_eq!(
+        (rs["balance"].as_i64(), rs["escrow"].as_i64()),
+        (Some(995), Some(0)),
+        "{rs:#}"
+    );
+    let bs = status(&bad.home, &server);
+    assert_eq!(bs["balance"], 1000);
+    assert_eq!(bs["reputation"]["failures"], 1, "{bs:#}");
+    let gs = status(&good.home, &server);
+    assert_eq!(gs["balance"], 1005);
+    assert_eq!(gs["reputation"]["successes"], 1);
+    // The requester's standing counts one rejection and one settlement.
+    let me = node_id_of(&requester);
+    let standing = claude_max_market_reputation(&server, &me);
+    assert_eq!(
+        (standing["settled"].as_i64(), standing["rejected"].as_i64()),
+        (Some(1), Some(1)),
+        "{standing:#}"
+    );
+    assert!((standing["score"].as_f64().unwrap() - 0.5).abs() < 1e-9);
+    // The reason: exit code and last lines, in full in both nodes' logs,
+    // verified as the requester's on the provider's side.
+    let got: Vec<_> = docker::audit_events(&bad.home)
+        .into_iter()
+        .filter(|e| e["event"] == "market.rejection_received")
+        .collect();
+    assert_eq!(got.len(), 1, "{got:#?}");
+    let reason = got[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("exited 1") && reason.contains("wrong"), "{reason}");
+    assert_eq!(got[0]["verified"], true);
+    let sent: Vec<_> = docker::audit_events(&requester)
+        .into_iter()
+        .filter(|e| e["event"] == "market.rejected")
+        .collect();
+    assert_eq!(sent[0]["reason"].as_str(), Some(reason));
+    assert_eq!(sent[0]["reason_sha256"], got[0]["reason_sha256"]);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("answer.txt")).ok(),
+        None,
+        "no --apply"
+    );
+    for h in [&requester, &bad.home, &good.home] {
+        audit_verifies(h);
+    }
+    server.verify();
+}
+
+/// A node's standing as a requester, as the coordinator reports it.
+fn claude_max_market_reputation(server: &Server, node: &str) -> Value {
+    rt().block_on(async {
+        let asker = market::Node::new();
+        let c = asker.connect(server).await;
+        let v = c
+            .request(&Request::Reputation {
+                node_id: node.to_string(),
+            })
+            .await
+            .unwrap();
+        v["as_requester"].clone()
+    })
+}
+
+#[test]
+fn a_provider_declines_a_workspace_too_big_or_a_mode_it_does_not_allow_before_any_download() {
+    if !docker_available("a_provider_declines_a_workspace_too_big_or_a_mode_it_does_not_allow_before_any_download") {
+        return;
+    }
+    let img = market_image();
+    let server = Server::start(&["--lease-ms", "10000"]);
+    let p = Provider::new(&server, &img, |h| {
+        h.run(&["config", "--set", "market.maxWorkspaceBytes=6m"]).code(0);
+    });
+    let requester = Cmm::new();
+    let big = project("big");
+    let blob: Vec<u8> = (0..7 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(big.path().join("data.bin"), blob).unwrap();
+    let out = requester.run(&workspace_bid(
+        &server,
+        big.path().to_str().unwrap(),
+        &["--deadline", "3"],
+    ));
+    out.code(1);
+    let small = project("small");
+    let out = requester.run(&workspace_bid(
+        &server,
+        small.path().to_str().unwrap(),
+        &["--deadline", "3", "--permission-mode", "bypassPermissions"],
+    ));
+    out.code(1);
+    let events = docker::audit_events(&p.home);
+    let declined: Vec<_> = events.iter().filter(|e| e["event"] == "market.declined").collect();
+    assert_eq!(declined.len(), 2, "{declined:#?}");
+    assert!(
+        declined[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("market.maxWorkspaceBytes"),
+        "{:#}",
+        declined[0]
+    );
+    assert!(
+        declined[1]["reason"].as_str().unwrap().contains("bypassPermissions"),
+        "{:#}",
+        declined[1]
+    );
+    // Declined before the accept: no lease, so no payload was ever sent.
+    assert!(!events.iter().any(|e| e["event"] == "market.accept"), "{events:#?}");
+    assert!(p.events("payload_unexpected").is_empty());
+    let rs = status(&requester, &server);
+    assert_eq!(
+        (rs["balance"].as_i64(), rs["escrow"].as_i64()),
+        (Some(1000), Some(0)),
+        "{rs:#}"
+    );
+    server.verify();
+}
+
+#[test]
+fn a_workspace_result_altered_in_transit_is_refused_before_it_is_applied_or_tested() {
+    if !docker_available("a_workspace_result_altered_in_transit_is_refused_before_it_is_applied_or_tested") {
+        return;
+    }
+    let img = market_image();
+    let server = Server::start(&["--lease-ms", "10000"]);
+    let _p = Provider::new(&server, &img, |_| {});
+    let proxy = TamperProxy::start(&server.endpoint, Tamper::Result);
+    let requester = Cmm::new();
+    let dir = project(&canary("tamperw"));
+    let ws = dir.path().to_str().unwrap();
+    let marker = dir
+        .path()
+        .join("..")
+        .join(format!("tested-{}", hex::encode(rand::random::<[u8; 4]>())));
+    let cmd = format!("touch {}", marker.display());
+    let mut args = workspace_bid(
+        &server,
+        ws,
+        &[
+            "--max-attempts",
+            "1",
+            "--accept-cmd",
+            &cmd,
+            "--accept-image",
+            &img,
+            "--apply",
+        ],
+    );
+    let at = args.iter().position(|a| *a == server.endpoint).unwrap();
+    args[at] = &proxy.endpoint;
+    let out = requester.run(&args);
+    out.code(5);
+    assert_eq!(proxy.flipped(), 1, "the proxy altered the result");
+    assert!(out.stdout.contains("signature"), "{}", out.stdout);
+    assert!(!out.stderr.contains("rebuilding"), "never tested: {}", out.stderr);
+    assert!(!dir.path().join("answer.txt").exists(), "nothing applied");
+    let events = docker::audit_events(&requester);
+    assert!(!events
+        .iter()
+        .any(|e| e["event"] == "market.settled" || e["event"] == "market.acceptance"));
+    let rs = status(&requester, &server);
+    assert_eq!(
+        (rs["balance"].as_i64(), rs["escrow"].as_i64()),
+        (Some(1000), Some(0)),
+        "{rs:#}"
+    );
     server.verify();
 }
