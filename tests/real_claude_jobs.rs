@@ -14,6 +14,9 @@ mod api_standin;
 mod common;
 #[path = "common/docker.rs"]
 mod docker;
+// The coordinator harness links the library: only market tests include it.
+#[path = "common/market.rs"]
+mod market;
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -294,4 +297,127 @@ fn an_untrusted_certificate_says_why_in_claude_code_s_words() {
         "scenario:text",
     ]);
     out.code(1).stderr_has("Claude Code said:").stderr_has("certificate");
+}
+
+/// A provider on its own API key, serving market tasks with the real
+/// Claude Code (`advertise --auto-accept`).
+fn real_provider(r: &Real, server: &market::Server, key: &str) -> (Cmm, common::Spawned) {
+    let t = Cmm::opted_in()
+        .env("ANTHROPIC_API_KEY", key)
+        .env("CMM_EGRESS_RESOLVE", &r.api.resolve_env());
+    t.run(&["opt-in", "--accept-terms", "--claude-jobs"]).code(0);
+    t.run(&["config", "--set", &format!("docker.image={}", r.image)])
+        .code(0);
+    let child = t
+        .cmd(&[
+            "--json",
+            "advertise",
+            "--slots",
+            "1",
+            "--price",
+            "5",
+            "--auto-accept",
+            "--endpoint",
+            &server.endpoint,
+        ])
+        .spawn();
+    child.expect_json(30, "offer", |v| v["event"] == "offer");
+    (t, child)
+}
+
+fn market_balance(home: &Cmm, server: &market::Server) -> (i64, i64) {
+    let v = home
+        .run(&["--json", "market", "status", "--endpoint", &server.endpoint])
+        .code(0)
+        .json();
+    (
+        v["status"]["balance"].as_i64().unwrap(),
+        v["status"]["escrow"].as_i64().unwrap(),
+    )
+}
+
+#[test]
+fn a_real_market_workspace_task_is_tested_rejected_on_attempt_one_and_paid_and_applied_on_attempt_two() {
+    let Some(r) =
+        real("a_real_market_workspace_task_is_tested_rejected_on_attempt_one_and_paid_and_applied_on_attempt_two")
+    else {
+        return;
+    };
+    const WRONG_KEY: &str = "sk-ant-api03-real-tier-wrong-provider-000000000000000000000000000000000000-BBBB";
+    let server = market::Server::start(&["--lease-ms", "20000"]);
+    // Attempt 1 goes to the only provider there: the stand-in answers its
+    // account with the wrong content.
+    let (bad, bad_child) = real_provider(r, &server, WRONG_KEY);
+    let requester = Cmm::new();
+    requester
+        .run(&["config", "--set", &format!("docker.image={}", r.image)])
+        .code(0);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("README.md"), "the old text\n").unwrap();
+    let prompt = format!(
+        "scenario:write path=answer.txt content=right wrong_for={} wrong=wrong",
+        &sha(WRONG_KEY)[..16]
+    );
+    let ws = dir.path().to_str().unwrap();
+    let bid = requester
+        .cmd(&[
+            "--json",
+            "bid",
+            "--prompt",
+            &prompt,
+            "--max-price",
+            "20",
+            "--wait",
+            "--endpoint",
+            &server.endpoint,
+            "--workspace",
+            ws,
+            "--accept-cmd",
+            "cat answer.txt; grep -qx right answer.txt",
+            "--apply",
+        ])
+        .spawn();
+    bad_child.expect_json(240, "rejected", |v| v["event"] == "rejected");
+    let (good, good_child) = real_provider(r, &server, API_KEY);
+    let out = bid.wait();
+    out.code(0);
+    let (v, stderr) = (out.json(), &out.stderr);
+    assert_eq!(v["attempt"], 2, "{v:#}");
+    let w = &v["workspace"];
+    assert_eq!(w["acceptance"]["passed"], true, "{v:#}");
+    let files = w["changes"]["files"].as_array().unwrap();
+    assert_eq!(files.len(), 1, "{v:#}");
+    assert_eq!(
+        (files[0]["path"].as_str(), files[0]["change"].as_str()),
+        (Some("answer.txt"), Some("added"))
+    );
+    // `--apply`: Claude Code's Write, on the provider, is now in DIR.
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("answer.txt"))
+            .unwrap()
+            .trim_end(),
+        "right"
+    );
+    assert!(stderr.contains("rejected"), "{stderr}");
+    good_child.expect_json(20, "settled", |e| e["event"] == "settled");
+    // Exact balances: the wrong provider is not paid, the right one is.
+    assert_eq!(market_balance(&requester, &server), (995, 0));
+    assert_eq!(market_balance(&bad, &server), (1000, 0));
+    assert_eq!(market_balance(&good, &server), (1005, 0));
+    let got: Vec<_> = audit_events(&bad)
+        .into_iter()
+        .filter(|e| e["event"] == "market.rejection_received")
+        .collect();
+    assert_eq!(got.len(), 1);
+    assert!(got[0]["reason"].as_str().unwrap().contains("wrong"), "{:#}", got[0]);
+    // Both jobs ran the real Claude Code on the workspace, in acceptEdits.
+    for h in [&bad, &good] {
+        let events = audit_events(h);
+        let started: Vec<_> = events.iter().filter(|e| e["event"] == "job.started").collect();
+        assert_eq!(started.len(), 1);
+        assert_eq!(started[0]["permission_mode"], "acceptEdits");
+        h.run(&["audit", "verify"]).code(0);
+    }
+    requester.run(&["audit", "verify"]).code(0);
+    server.verify();
 }

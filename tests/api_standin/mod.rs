@@ -955,7 +955,13 @@ fn messages(state: &State, conv: &Conversation, body: &Value, session: &str, rec
                 name: "Write",
                 input: json!({
                     "file_path": conv.path(sc.arg("path").unwrap_or("standin.txt")),
-                    "content": sc.arg("content").unwrap_or(""),
+                    // `wrong_for=PREFIX wrong=TEXT`: the account whose API
+                    // key hashes to PREFIX... is answered TEXT instead (one
+                    // provider of a market task gets it wrong).
+                    "content": match (sc.arg("wrong_for"), &rec.api_key_sha256) {
+                        (Some(p), Some(k)) if !p.is_empty() && k.starts_with(p) => sc.arg("wrong").unwrap_or(""),
+                        _ => sc.arg("content").unwrap_or(""),
+                    },
                 }),
             },
             _ => Block::Text(conv.quote_last()),
