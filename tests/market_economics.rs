@@ -450,3 +450,143 @@ fn a_subscription_login_serves_only_the_users_own_nodes() {
         .stdout_has("Subscription logins serve only your own nodes");
     server.verify();
 }
+
+/// Rejecting costs the requester: each rejection re-offers the task to
+/// another provider (none of the escrow moves until the last attempt), is
+/// kept by hash and size only, counts in the requester's standing that
+/// providers are offered, and past half of at least five verdicts the
+/// requester may not post at all.
+#[test]
+fn rejections_reoffer_the_task_count_against_the_requester_and_suspend_its_posting() {
+    let server = Server::start(&[]);
+    rt().block_on(async {
+        let (r, p1, p2) = (Node::new(), Node::new(), Node::new());
+        let rc = r.connect(&server).await;
+        let mut c1 = p1.connect(&server).await;
+        let mut c2 = p2.connect(&server).await;
+        c1.request(&offer(5)).await.unwrap();
+        let reason = "the acceptance command `make test` exited 2\nFAIL: test_add";
+        let reason_sha = hash(reason);
+        let deliver = |tid: &str, attempt: u32| Request::Deliver {
+            task_id: tid.into(),
+            attempt,
+            data: "eQ==".into(),
+        };
+        let reject = |tid: &str, attempt: u32| Request::Reject {
+            task_id: tid.into(),
+            attempt,
+            reason_sha256: Some(reason_sha.clone()),
+            reason_bytes: Some(reason.len() as u64),
+            data: Some("c2VhbGVk".into()),
+        };
+        let payload = |tid: &str, attempt: u32| Request::Payload {
+            task_id: tid.into(),
+            attempt,
+            data: "cA==".into(),
+            part: None,
+            parts: None,
+        };
+        // Attempt 1 on p1, rejected: the task is open again, escrow still locked.
+        let tid = task_id(
+            &rc.request(&post_with(20, |p| {
+                if let Request::Post { max_attempts, .. } = p {
+                    *max_attempts = Some(2);
+                }
+            }))
+            .await
+            .unwrap(),
+        );
+        c1.request(&accept(&tid, 1)).await.unwrap();
+        rc.request(&payload(&tid, 1)).await.unwrap();
+        c1.request(&deliver(&tid, 1)).await.unwrap();
+        c2.request(&offer(5)).await.unwrap();
+        let v = rc.request(&reject(&tid, 1)).await.unwrap();
+        assert_eq!(
+            (v["state"].as_str(), v["paid"].as_i64(), v["refunded"].as_i64()),
+            (Some("open"), Some(0), Some(0)),
+            "{v}"
+        );
+        let ev = expect_event(&mut c1, 5, "rejected", |e| matches!(e, Event::Rejected { .. })).await;
+        let Event::Rejected {
+            state,
+            reason_sha256,
+            data,
+            ..
+        } = ev
+        else {
+            unreachable!()
+        };
+        assert_eq!(
+            (state.as_str(), reason_sha256.as_deref(), data.as_deref()),
+            ("open", Some(reason_sha.as_str()), Some("c2VhbGVk"))
+        );
+        // Offered to p2 with the requester's standing; p1 may not take it again.
+        let ev = expect_event(
+            &mut c2,
+            5,
+            "re-offer",
+            |e| matches!(e, Event::TaskOffered { task } if task.task_id == tid),
+        )
+        .await;
+        let Event::TaskOffered { task } = ev else {
+            unreachable!()
+        };
+        assert_eq!(task.attempt, 2);
+        let standing = task.requester_standing.expect("standing in the offer");
+        assert_eq!((standing.settled, standing.rejected), (0, 1));
+        assert!((standing.score - 1.0 / 3.0).abs() < 1e-9, "{standing:?}");
+        assert_eq!(reason_of(c1.request(&accept(&tid, 2)).await), Reason::AlreadyAttempted);
+        let st = rc.request(&Request::Status {}).await.unwrap();
+        assert_eq!(
+            (st["balance"].as_i64(), st["escrow"].as_i64()),
+            (Some(980), Some(20)),
+            "{st}"
+        );
+        // Attempt 2 rejected too: the last attempt, so refunded in full.
+        c2.request(&accept(&tid, 2)).await.unwrap();
+        rc.request(&payload(&tid, 2)).await.unwrap();
+        c2.request(&deliver(&tid, 2)).await.unwrap();
+        let v = rc.request(&reject(&tid, 2)).await.unwrap();
+        assert_eq!(
+            (v["state"].as_str(), v["refunded"].as_i64()),
+            (Some("refunded"), Some(20)),
+            "{v}"
+        );
+        let st = rc.request(&Request::Status {}).await.unwrap();
+        assert_eq!(
+            (st["balance"].as_i64(), st["escrow"].as_i64()),
+            (Some(1000), Some(0)),
+            "{st}"
+        );
+        // Three more rejected deliveries: 5 verdicts, all rejections.
+        for _ in 0..3 {
+            let tid = task_id(&rc.request(&post(20)).await.unwrap());
+            c2.request(&accept(&tid, 1)).await.unwrap();
+            rc.request(&payload(&tid, 1)).await.unwrap();
+            c2.request(&deliver(&tid, 1)).await.unwrap();
+            rc.request(&reject(&tid, 1)).await.unwrap();
+        }
+        let rep = c1.request(&Request::Reputation { node_id: r.node_id() }).await.unwrap();
+        assert_eq!(rep["as_requester"]["rejected"], 5, "{rep}");
+        let refused = rc.request(&post(20)).await;
+        assert_eq!(reason_of(refused), Reason::Suspended);
+        let st = c1.request(&Request::Status {}).await.unwrap();
+        assert_eq!(st["reputation"]["failures"], 1, "{st}");
+        assert!(st["cooldown_until"].is_null(), "a verdict benches nobody: {st}");
+    });
+    // The coordinator keeps each reason's hash and size (its text went
+    // only sealed to the provider).
+    if !server.on_postgres() {
+        let db = rusqlite::Connection::open_with_flags(&server.db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        let kept: Vec<(String, i64)> = db
+            .prepare("SELECT reason_sha256, reason_bytes FROM rejections")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let reason = "the acceptance command `make test` exited 2\nFAIL: test_add";
+        assert_eq!(kept, vec![(hash(reason), reason.len() as i64); 5]);
+    }
+    server.verify();
+}

@@ -1371,9 +1371,19 @@ fn a_provider_declines_a_workspace_too_big_or_a_mode_it_does_not_allow_before_an
         &["--deadline", "3", "--permission-mode", "bypassPermissions"],
     ));
     out.code(1);
+    // A floor on the requester's standing (a new requester stands at 0.5).
+    p.home
+        .run(&["config", "--set", "market.minRequesterReputation=0.6"])
+        .code(0);
+    let out = requester.run(&workspace_bid(
+        &server,
+        small.path().to_str().unwrap(),
+        &["--deadline", "3"],
+    ));
+    out.code(1);
     let events = docker::audit_events(&p.home);
     let declined: Vec<_> = events.iter().filter(|e| e["event"] == "market.declined").collect();
-    assert_eq!(declined.len(), 2, "{declined:#?}");
+    assert_eq!(declined.len(), 3, "{declined:#?}");
     assert!(
         declined[0]["reason"]
             .as_str()
@@ -1387,6 +1397,8 @@ fn a_provider_declines_a_workspace_too_big_or_a_mode_it_does_not_allow_before_an
         "{:#}",
         declined[1]
     );
+    let floor = declined[2]["reason"].as_str().unwrap();
+    assert!(floor.contains("market.minRequesterReputation"), "{floor}");
     // Declined before the accept: no lease, so no payload was ever sent.
     assert!(!events.iter().any(|e| e["event"] == "market.accept"), "{events:#?}");
     assert!(p.events("payload_unexpected").is_empty());
@@ -1437,6 +1449,147 @@ fn a_workspace_result_altered_in_transit_is_refused_before_it_is_applied_or_test
     assert!(out.stdout.contains("signature"), "{}", out.stdout);
     assert!(!out.stderr.contains("rebuilding"), "never tested: {}", out.stderr);
     assert!(!dir.path().join("answer.txt").exists(), "nothing applied");
+    let events = docker::audit_events(&requester);
+    assert!(!events
+        .iter()
+        .any(|e| e["event"] == "market.settled" || e["event"] == "market.acceptance"));
+    let rs = status(&requester, &server);
+    assert_eq!(
+        (rs["balance"].as_i64(), rs["escrow"].as_i64()),
+        (Some(1000), Some(0)),
+        "{rs:#}"
+    );
+    server.verify();
+}
+
+#[test]
+fn a_workspace_task_posted_without_waiting_is_checked_and_applied_by_market_result() {
+    if !docker_available("a_workspace_task_posted_without_waiting_is_checked_and_applied_by_market_result") {
+        return;
+    }
+    let img = market_image();
+    let server = Server::start(&["--lease-ms", "10000"]);
+    let p1 = Provider::new(&server, &img, |_| {});
+    let requester = Cmm::new();
+    requester
+        .run(&["config", "--set", &format!("docker.image={img}")])
+        .code(0);
+    let dir = project(&canary("later"));
+    let ws = dir.path().to_str().unwrap();
+    let mut args = workspace_bid(&server, ws, &["--accept-cmd", "grep -qx right answer.txt"]);
+    args.retain(|a| *a != "--wait");
+    let out = requester.run(&args);
+    out.code(0);
+    let task_id = out.json()["task_id"].as_str().expect("task id").to_string();
+    // The acceptance command and DIR come from this node's own `market.bid`.
+    let out = requester.run(&[
+        "--json",
+        "market",
+        "result",
+        &task_id,
+        "--apply",
+        "--endpoint",
+        &server.endpoint,
+    ]);
+    out.code(0);
+    let v = out.json();
+    assert_eq!(v["workspace"]["acceptance"]["passed"], true, "{v:#}");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("answer.txt")).unwrap(),
+        "right\n"
+    );
+    p1.wait(10, "settled", |e| e["event"] == "settled");
+    let rs = status(&requester, &server);
+    assert_eq!(
+        (rs["balance"].as_i64(), rs["escrow"].as_i64()),
+        (Some(995), Some(0)),
+        "{rs:#}"
+    );
+    audit_verifies(&requester);
+    server.verify();
+}
+
+#[test]
+fn a_workspace_result_signed_by_another_node_is_refused_before_it_is_rebuilt_tested_or_applied() {
+    use claude_max_market::market::protocol::{Event, IdentityProof};
+    use claude_max_market::market::sealed::{self, Binding};
+    let server = Server::start(&[]);
+    let requester = Cmm::new();
+    let dir = project(&canary("forged"));
+    let ws = dir.path().to_str().unwrap().to_string();
+    let marker = tempfile::tempdir().unwrap();
+    let cmd = format!("touch {}/tested", marker.path().display());
+    let bid = requester
+        .cmd(&workspace_bid(
+            &server,
+            &ws,
+            &["--max-attempts", "1", "--accept-cmd", &cmd, "--apply"],
+        ))
+        .spawn();
+    let requester_id = node_id_of(&requester);
+    rt().block_on(async {
+        let (provider, forger) = (market::Node::new(), market::Node::new());
+        let mut c = provider.connect(&server).await;
+        c.request(&market::offer(5)).await.unwrap();
+        let ev = market::expect_event(&mut c, 30, "offer", |e| matches!(e, Event::TaskOffered { .. })).await;
+        let Event::TaskOffered { task } = ev else {
+            unreachable!()
+        };
+        assert!(task.workspace_bytes.is_some(), "{task:?}");
+        let lease = c
+            .request(&Request::Accept {
+                task_id: task.task_id.clone(),
+                attempt: 1,
+            })
+            .await
+            .unwrap();
+        market::expect_event(&mut c, 30, "payload", |e| matches!(e, Event::Payload { .. })).await;
+        let proof: IdentityProof = serde_json::from_value(
+            c.request(&Request::Identity {
+                node_id: requester_id.clone(),
+            })
+            .await
+            .unwrap(),
+        )
+        .unwrap();
+        let binding = Binding {
+            task_id: task.task_id.clone(),
+            attempt: 1,
+            payload_hash: lease["payload_hash"].as_str().unwrap().to_string(),
+        };
+        // A well-formed result with changes, sealed by a node that does not
+        // hold the lease.
+        let body = serde_json::json!({ "status": "completed", "result": "forged",
+            "workspace": { "delta": "Q01NREVMVEE=" } });
+        let data = sealed::seal_result(
+            &forger.id,
+            &proof.identity,
+            &binding,
+            "completed",
+            body.to_string().as_bytes(),
+        )
+        .unwrap();
+        c.request(&Request::Deliver {
+            task_id: task.task_id.clone(),
+            attempt: 1,
+            data,
+        })
+        .await
+        .unwrap();
+    });
+    let out = bid.wait();
+    out.code(5);
+    assert!(out.stdout.contains("signature"), "{}", out.stdout);
+    assert!(
+        !out.stderr.contains("rebuilding"),
+        "never rebuilt or tested: {}",
+        out.stderr
+    );
+    assert!(
+        !marker.path().join("tested").exists(),
+        "the acceptance command never ran"
+    );
+    assert!(!dir.path().join("answer.txt").exists());
     let events = docker::audit_events(&requester);
     assert!(!events
         .iter()
