@@ -105,10 +105,7 @@ async fn workspace_check(
                 d.display()
             )
         })?;
-        let base = tempfile::Builder::new()
-            .prefix("cmm-sent-")
-            .tempdir()
-            .map_err(|e| e.to_string())?;
+        let base = workspace_task::scratch_dir("cmm-sent-", tar.len() as u64).map_err(|e| e.to_string())?;
         let bound = crate::docker::hardening::WorkspaceMount::archive_bound(limit);
         crate::workspace::unpack_untrusted(base.path(), &tar[..], bound, workspace_task::MAX_FILES)
             .map_err(|e| e.to_string())?;

@@ -122,6 +122,41 @@ pub fn tar_of(snapshot: &Snapshot) -> Result<Vec<u8>, workspace::WorkspaceError>
     Ok(tar)
 }
 
+/// A private temporary directory for a copy of a workspace of about
+/// `bytes`: on a memory file system when one has room (`$XDG_RUNTIME_DIR`,
+/// else `/dev/shm`), since creating thousands of files on a disk file system
+/// costs far more than the job itself; else in the temporary directory.
+pub fn scratch_dir(prefix: &str, bytes: u64) -> std::io::Result<tempfile::TempDir> {
+    let need = bytes.saturating_mul(3).saturating_add(64 << 20);
+    let candidates = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(std::iter::once(PathBuf::from("/dev/shm")));
+    for dir in candidates {
+        if in_memory_with_room(&dir, need) {
+            if let Ok(d) = tempfile::Builder::new().prefix(prefix).tempdir_in(&dir) {
+                return Ok(d);
+            }
+        }
+    }
+    tempfile::Builder::new().prefix(prefix).tempdir()
+}
+
+/// Whether `dir` is a tmpfs with at least `need` bytes free.
+fn in_memory_with_room(dir: &Path, need: u64) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid C string and `st` a zeroed statfs the call fills.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    st.f_type as i64 == TMPFS_MAGIC && (st.f_bavail as u64).saturating_mul(st.f_bsize as u64) >= need
+}
+
 // ---------------------------------------------------------------------------
 // Provider side.
 
@@ -136,9 +171,7 @@ pub struct Received {
 /// Unpack a requester's workspace tar (untrusted) into a fresh directory,
 /// at most `max_bytes` of content.
 pub fn receive(tar: &[u8], max_bytes: u64) -> Result<Received, String> {
-    let dir = tempfile::Builder::new()
-        .prefix("cmm-market-ws-")
-        .tempdir()
+    let dir = scratch_dir("cmm-market-ws-", max_bytes.min(tar.len() as u64))
         .map_err(|e| format!("cannot create a directory for the workspace: {e}"))?;
     let bound = crate::docker::hardening::WorkspaceMount::archive_bound(max_bytes);
     let counts = workspace::unpack_untrusted(dir.path(), tar, bound, MAX_FILES)
@@ -359,9 +392,7 @@ fn rebuild(snapshot: &Snapshot, delta: Option<&str>) -> Result<(ChangeSet, tempf
             delta.len()
         ));
     }
-    let copy = tempfile::Builder::new()
-        .prefix("cmm-accept-")
-        .tempdir()
+    let copy = scratch_dir("cmm-accept-", snapshot.total_bytes() + delta.len() as u64)
         .map_err(|e| format!("cannot create a directory for the copy: {e}"))?;
     let into = copy.path().join("ws");
     std::fs::create_dir(&into).map_err(|e| format!("cannot create {}: {e}", into.display()))?;

@@ -1,0 +1,111 @@
+#!/bin/sh
+# What the market adds to a workspace job: `bid --wait --workspace DIR
+# --accept-cmd true` (select and pack DIR, seal it to the provider, relay it
+# through the coordinator in payload frames, the provider's unpack and job,
+# the delta back, the requester's rebuild, diff and acceptance container,
+# settle) against a local `execute --workspace DIR` of the same job, paired
+# run by run on the instant fake `claude`. Coordinator, provider and
+# requester all run here, on loopback.
+#
+#   benches/market_workspace.sh [N] [FILES] [KIB]   (default 10 pairs of a
+#                                                  2,000-file, 20 MiB tree)
+#
+# Needs a Docker engine, a static busybox (`apt-get install busybox-static`)
+# and a built binary (BIN=..., default target/release/claude-max-market).
+# Prints each pair, and the median extra wall time.
+set -eu
+
+N="${1:-10}"
+FILES="${2:-2000}"
+KIB="${3:-10}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+BIN="${BIN:-$ROOT/target/release/claude-max-market}"
+IMAGE=cmm-fake-claude:bench
+KEY=sk-ant-api03-bench-provider-not-a-secret
+
+[ -x "$BIN" ] || { echo "no binary at $BIN (cargo build --release, or set BIN)" >&2; exit 2; }
+
+WORK="$(mktemp -d)"
+chmod 700 "$WORK"
+WS="$WORK/ws"
+mkdir -p "$WS" "$WORK/srv" "$WORK/prov" "$WORK/req" "$WORK/local"
+chmod 700 "$WORK/srv" "$WORK/prov" "$WORK/req" "$WORK/local"
+cleanup() {
+    for p in ${ADV:-} ${SRV:-}; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    CMM_HOME="$WORK/prov" "$BIN" -q clean >/dev/null 2>&1 || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+. "$ROOT/benches/fake_image.sh"
+build_fake_image "$IMAGE"
+
+python3 - "$WS" "$FILES" "$KIB" <<'PY'
+import os, sys
+root, files, kib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+line = b"0123456789abcdef" * 4 + b"\n"
+body = line * (kib * 1024 // len(line))
+for i in range(files):
+    d = os.path.join(root, "pkg%02d" % (i % 50))
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "file%05d.txt" % i), "wb") as f:
+        f.write(body[:-6] + b"%05d\n" % i)
+with open(os.path.join(root, "README.md"), "wb") as f:
+    f.write(b"# bench\n")
+PY
+echo "workspace: $(find "$WS" -type f | wc -l) files, $(du -sm "$WS" | cut -f1) MiB"
+
+now_ms() { date +%s%3N; }
+export ANTHROPIC_API_KEY="$KEY"
+for h in prov local; do
+    CMM_HOME="$WORK/$h" "$BIN" -q opt-in --accept-terms --claude-jobs >/dev/null
+    CMM_HOME="$WORK/$h" "$BIN" -q limits --daily 1000 --tokens 100000000000 --daily-cost none >/dev/null
+    CMM_HOME="$WORK/$h" "$BIN" -q config --set docker.workspaceLimit=200m >/dev/null
+done
+CMM_HOME="$WORK/req" "$BIN" -q config --set docker.workspaceLimit=200m >/dev/null
+
+CMM_HOME="$WORK/srv" "$BIN" market serve --listen 127.0.0.1:0 --initial-grant 100000 >"$WORK/srv.out" 2>&1 &
+SRV=$!
+w=0
+until grep -q 'ws://' "$WORK/srv.out" 2>/dev/null; do
+    w=$((w + 1)); [ "$w" -lt 1000 ] || { cat "$WORK/srv.out" >&2; exit 1; }
+    sleep 0.01
+done
+EP="$(grep -o 'ws://[0-9.:]*' "$WORK/srv.out" | head -1)"
+CMM_HOME="$WORK/prov" "$BIN" --json advertise --slots 1 --price 1 --auto-accept --image "$IMAGE" \
+    --endpoint "$EP" >"$WORK/adv.out" 2>&1 &
+ADV=$!
+w=0
+until grep -q '"event":"offer"' "$WORK/adv.out" 2>/dev/null; do
+    w=$((w + 1)); [ "$w" -lt 2000 ] || { cat "$WORK/adv.out" >&2; exit 1; }
+    sleep 0.01
+done
+
+local_job() {
+    CMM_HOME="$WORK/local" "$BIN" -q execute --approve-all --image "$IMAGE" --workspace "$WS" \
+        --prompt "scenario:answer" >/dev/null 2>&1
+}
+market_job() {
+    CMM_HOME="$WORK/req" "$BIN" -q bid --wait --max-price 5 --max-tokens 30000 --endpoint "$EP" \
+        --workspace "$WS" --accept-cmd true --accept-image "$IMAGE" --prompt "scenario:answer" >/dev/null 2>"$WORK/bid.err" \
+        || { cat "$WORK/bid.err" >&2; exit 1; }
+}
+
+local_job; market_job
+EXTRA="$(mktemp)"
+i=1
+while [ "$i" -le "$N" ]; do
+    if [ $((i % 2)) -eq 0 ]; then
+        t0=$(now_ms); market_job; t1=$(now_ms); local_job; t2=$(now_ms)
+        m=$((t1 - t0)); l=$((t2 - t1))
+    else
+        t0=$(now_ms); local_job; t1=$(now_ms); market_job; t2=$(now_ms)
+        l=$((t1 - t0)); m=$((t2 - t1))
+    fi
+    echo "pair $i: market ${m} ms, local ${l} ms, extra $((m - l)) ms"
+    echo "$((m - l))" >> "$EXTRA"
+    i=$((i + 1))
+done
+median=$(sort -n "$EXTRA" | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }')
+rm -f "$EXTRA"
+echo "median extra wall time of the market round trip: ${median} ms (goal: <= 1500 ms)"
