@@ -1602,3 +1602,40 @@ fn a_workspace_result_signed_by_another_node_is_refused_before_it_is_rebuilt_tes
     );
     server.verify();
 }
+
+#[test]
+fn a_workspace_result_this_node_cannot_test_is_neither_paid_nor_rejected() {
+    if !docker_available("a_workspace_result_this_node_cannot_test_is_neither_paid_nor_rejected") {
+        return;
+    }
+    let img = market_image();
+    let server = Server::start(&["--lease-ms", "10000"]);
+    let p1 = Provider::new(&server, &img, |_| {});
+    let requester = Cmm::new();
+    let dir = project(&canary("untested"));
+    let ws = dir.path().to_str().unwrap();
+    let out = requester.run(&workspace_bid(
+        &server,
+        ws,
+        &["--accept-cmd", "true", "--accept-image", "cmm-no-such-image:missing"],
+    ));
+    out.code(1);
+    let all = format!("{}{}", out.stdout, out.stderr);
+    assert!(all.contains("neither paid nor rejected"), "{all}");
+    assert!(all.contains("cmm-no-such-image:missing"), "the image is named: {all}");
+    assert!(all.contains("market result"), "says what to do: {all}");
+    // The provider did its work: no failure counts against it, and the
+    // result stays held, its escrow locked.
+    let ps = status(&p1.home, &server);
+    assert_eq!(ps["reputation"]["failures"], 0, "{ps:#}");
+    let rs = status(&requester, &server);
+    assert_eq!(
+        (rs["balance"].as_i64(), rs["escrow"].as_i64()),
+        (Some(980), Some(20)),
+        "{rs:#}"
+    );
+    let tasks = rs["tasks"].as_array().unwrap();
+    assert!(tasks.iter().any(|t| t["state"] == "delivered"), "{rs:#}");
+    assert!(p1.events("rejected").is_empty());
+    server.verify();
+}

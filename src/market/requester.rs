@@ -77,6 +77,10 @@ pub enum RequesterError {
     /// DIR could not be selected or sent (`bid --workspace`).
     #[error("the workspace cannot go with the task: {0}")]
     Workspace(String),
+    /// A delivered workspace result could not be checked on this machine;
+    /// it is neither paid nor rejected.
+    #[error("task {task_id}: {why}; the result was neither paid nor rejected")]
+    Unchecked { task_id: String, why: String },
     /// This node's own records (audit log, keys, kept prompts) failed.
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
@@ -104,6 +108,7 @@ impl HasExit for RequesterError {
             | RequesterError::Finished { .. }
             | RequesterError::Protocol(_) => Exit::Failed,
             RequesterError::Workspace(_) => Exit::Usage,
+            RequesterError::Unchecked { .. } => Exit::Failed,
         }
     }
     fn hint(&self) -> Option<String> {
@@ -128,6 +133,10 @@ impl HasExit for RequesterError {
             RequesterError::PromptMismatch { kept, .. } => {
                 Some(format!("remove {} and post the task again", kept.display()))
             }
+            RequesterError::Unchecked { task_id, .. } => Some(format!(
+                "the coordinator holds it until the settle deadline (then it is paid): fix the cause (a Docker \
+                 engine, the `--accept-image`) and run `claude-max-market market result {task_id}`"
+            )),
             RequesterError::AboveMaxBid { .. } => {
                 Some("raise it with `claude-max-market config --set market.maxBidPrice=N`".into())
             }
@@ -310,7 +319,7 @@ async fn judge(
         Verdict::Accept(c) | Verdict::Reject { checked: Some(c), .. } => {
             (c.acceptance.clone(), Some(c.changes.files.len()))
         }
-        Verdict::Reject { checked: None, .. } => (None, None),
+        Verdict::Reject { checked: None, .. } | Verdict::Unchecked { .. } => (None, None),
     };
     if let Err(e) = audit.append(
         crate::audit::Event::MarketAcceptance,
@@ -318,6 +327,7 @@ async fn judge(
             "task_id": b.task_id, "attempt": b.attempt, "provider": provider.node_id,
             "accept_cmd": check.accept_cmd, "files_changed": files, "acceptance": acceptance,
             "passed": matches!(verdict, Verdict::Accept(_)),
+            "error": match &verdict { Verdict::Unchecked { why } => Some(why.as_str()), _ => None },
         }),
     ) {
         progress(RequesterEvent::Warning {
@@ -330,6 +340,12 @@ async fn judge(
             return Ok(None);
         }
         Verdict::Reject { reason, checked } => (reason, checked),
+        Verdict::Unchecked { why } => {
+            return Err(RequesterError::Unchecked {
+                task_id: b.task_id.clone(),
+                why,
+            })
+        }
     };
     let r = reject_with(client, me, provider, &b, &reason).await;
     let state = match &r {

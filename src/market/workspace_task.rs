@@ -225,6 +225,9 @@ pub enum Verdict {
     Accept(Checked),
     /// Do not pay; the reason goes to the provider and both audit logs.
     Reject { reason: String, checked: Option<Checked> },
+    /// This node could not run the check (its own fault, not the
+    /// provider's): neither pay nor reject.
+    Unchecked { why: String },
 }
 
 /// A delivery's changes, rebuilt on this machine.
@@ -327,14 +330,10 @@ impl Check {
                 }
             }
             // Our own machine failed to test (no engine, image missing):
-            // that is not the provider's fault, but nothing unchecked is paid.
-            Err(e) => Verdict::Reject {
-                reason: format!("the acceptance command could not be run here: {e}"),
-                checked: Some(Checked {
-                    changes,
-                    acceptance: None,
-                    _copy: copy,
-                }),
+            // not the provider's fault, so no rejection; and nothing
+            // unchecked is paid. The delivery stays held for `market result`.
+            Err(e) => Verdict::Unchecked {
+                why: format!("the acceptance command could not be run here: {e}"),
             },
         }
     }
