@@ -26,6 +26,7 @@ export CMM_HOME="$(mktemp -d)"
 WS="$(mktemp -d)"
 trap 'rm -rf "$CMM_HOME" "$WS"' EXIT
 . "$ROOT/benches/fake_image.sh"
+. "$ROOT/benches/workspace_tree.sh"
 
 build_fake_image "$IMAGE"
 "$BIN" -q opt-in --accept-terms >/dev/null
@@ -34,20 +35,9 @@ build_fake_image "$IMAGE"
 export CLAUDE_CODE_OAUTH_TOKEN="$TOKEN"
 
 # FILES files of KIB KiB each in 50 directories, plus what the job edits.
-python3 - "$WS" "$FILES" "$KIB" <<'PY'
-import os, sys
-root, files, kib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-line = b"0123456789abcdef" * 4 + b"\n"
-body = line * (kib * 1024 // len(line))
-for i in range(files):
-    d = os.path.join(root, "pkg%02d" % (i % 50))
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, "file%05d.txt" % i), "wb") as f:
-        f.write(body[:-6] + b"%05d\n" % i)
-for name, text in [("README.md", b"# bench\n"), ("delete-me.txt", b"old\n"), ("run.sh", b"#!/bin/sh\n")]:
-    with open(os.path.join(root, name), "wb") as f:
-        f.write(text)
-PY
+make_tree "$WS" "$FILES" "$KIB"
+printf 'old\n' > "$WS/delete-me.txt"
+printf '#!/bin/sh\n' > "$WS/run.sh"
 echo "workspace: $(find "$WS" -type f | wc -l) files, $(du -sm "$WS" | cut -f1) MiB"
 
 now_ms() { date +%s%3N; }
@@ -71,7 +61,7 @@ while [ "$i" -le "$N" ]; do
     echo "$((ws - base))" >> "$EXTRA"
     i=$((i + 1))
 done
-median=$(sort -n "$EXTRA" | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }')
+median=$(median "$EXTRA")
 rm -f "$EXTRA"
 echo "median extra wall time of the workspace: ${median} ms (goal: <= 2000 ms)"
 "$BIN" -q clean >/dev/null

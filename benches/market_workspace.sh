@@ -38,21 +38,10 @@ cleanup() {
 }
 trap cleanup EXIT
 . "$ROOT/benches/fake_image.sh"
+. "$ROOT/benches/workspace_tree.sh"
 build_fake_image "$IMAGE"
 
-python3 - "$WS" "$FILES" "$KIB" <<'PY'
-import os, sys
-root, files, kib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-line = b"0123456789abcdef" * 4 + b"\n"
-body = line * (kib * 1024 // len(line))
-for i in range(files):
-    d = os.path.join(root, "pkg%02d" % (i % 50))
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, "file%05d.txt" % i), "wb") as f:
-        f.write(body[:-6] + b"%05d\n" % i)
-with open(os.path.join(root, "README.md"), "wb") as f:
-    f.write(b"# bench\n")
-PY
+make_tree "$WS" "$FILES" "$KIB"
 echo "workspace: $(find "$WS" -type f | wc -l) files, $(du -sm "$WS" | cut -f1) MiB"
 
 now_ms() { date +%s%3N; }
@@ -106,6 +95,6 @@ while [ "$i" -le "$N" ]; do
     echo "$((m - l))" >> "$EXTRA"
     i=$((i + 1))
 done
-median=$(sort -n "$EXTRA" | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }')
+median=$(median "$EXTRA")
 rm -f "$EXTRA"
 echo "median extra wall time of the market round trip: ${median} ms (goal: <= 1500 ms)"

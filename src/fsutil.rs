@@ -95,13 +95,7 @@ pub struct FileLock {
 impl FileLock {
     /// Block until the exclusive lock on `path` is ours.
     pub fn exclusive(path: &Path) -> io::Result<FileLock> {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .mode(FILE_MODE)
-            .open(path)?;
+        let file = Self::open(path)?;
         file.lock()?;
         Ok(FileLock { file })
     }
@@ -109,15 +103,20 @@ impl FileLock {
     /// Block until a shared lock on `path` is ours: no exclusive holder
     /// (a writer) can be in the middle of a change while we read.
     pub fn shared(path: &Path) -> io::Result<FileLock> {
-        let file = OpenOptions::new()
+        let file = Self::open(path)?;
+        file.lock_shared()?;
+        Ok(FileLock { file })
+    }
+
+    /// The lock file, created (private) if it is not there yet.
+    fn open(path: &Path) -> io::Result<File> {
+        OpenOptions::new()
             .create(true)
             .truncate(false)
             .read(true)
             .write(true)
             .mode(FILE_MODE)
-            .open(path)?;
-        file.lock_shared()?;
-        Ok(FileLock { file })
+            .open(path)
     }
 }
 

@@ -1122,6 +1122,25 @@ fn workspace_bid<'a>(server: &'a Server, dir: &'a str, extra: &[&'a str]) -> Vec
     args
 }
 
+/// Nothing was paid or tested: no settlement or acceptance in the
+/// requester's log, its balance whole and no escrow left.
+#[track_caller]
+fn nothing_paid(requester: &Cmm, server: &Server) {
+    let events = docker::audit_events(requester);
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["event"] == "market.settled" || e["event"] == "market.acceptance"),
+        "{events:#?}"
+    );
+    let rs = status(requester, server);
+    assert_eq!(
+        (rs["balance"].as_i64(), rs["escrow"].as_i64()),
+        (Some(1000), Some(0)),
+        "{rs:#}"
+    );
+}
+
 /// The fake image with `FAKE_ANSWER=wrong`: its jobs write the wrong answer.
 fn wrong_answer_image(base: &str) -> String {
     use std::io::Write;
@@ -1449,16 +1468,7 @@ fn a_workspace_result_altered_in_transit_is_refused_before_it_is_applied_or_test
     assert!(out.stdout.contains("signature"), "{}", out.stdout);
     assert!(!out.stderr.contains("rebuilding"), "never tested: {}", out.stderr);
     assert!(!dir.path().join("answer.txt").exists(), "nothing applied");
-    let events = docker::audit_events(&requester);
-    assert!(!events
-        .iter()
-        .any(|e| e["event"] == "market.settled" || e["event"] == "market.acceptance"));
-    let rs = status(&requester, &server);
-    assert_eq!(
-        (rs["balance"].as_i64(), rs["escrow"].as_i64()),
-        (Some(1000), Some(0)),
-        "{rs:#}"
-    );
+    nothing_paid(&requester, &server);
     server.verify();
 }
 
@@ -1590,16 +1600,7 @@ fn a_workspace_result_signed_by_another_node_is_refused_before_it_is_rebuilt_tes
         "the acceptance command never ran"
     );
     assert!(!dir.path().join("answer.txt").exists());
-    let events = docker::audit_events(&requester);
-    assert!(!events
-        .iter()
-        .any(|e| e["event"] == "market.settled" || e["event"] == "market.acceptance"));
-    let rs = status(&requester, &server);
-    assert_eq!(
-        (rs["balance"].as_i64(), rs["escrow"].as_i64()),
-        (Some(1000), Some(0)),
-        "{rs:#}"
-    );
+    nothing_paid(&requester, &server);
     server.verify();
 }
 

@@ -24,6 +24,7 @@ use std::rc::Rc;
 
 use serde::Serialize;
 
+use super::diff::Capped;
 use super::error::{Bound, Untrusted};
 use super::fsat::{fchmod, is_not_a_dir, set_file_mtime, DirFd, Kind};
 use super::rules::link_stays_inside;
@@ -187,7 +188,7 @@ impl Policy {
 pub(crate) fn unpack_with(dir: &Path, r: impl Read, policy: &Policy) -> Result<Counts, WorkspaceError> {
     let root = DirFd::open(dir).map_err(WorkspaceError::io(format!("cannot open `{}`", dir.display())))?;
     let hit = Rc::new(Cell::new(false));
-    let reader = Bounded {
+    let reader = Capped {
         inner: r,
         left: policy.max_bytes,
         hit: hit.clone(),
@@ -348,32 +349,6 @@ fn links_stay_inside(links: &[(String, String)], policy: &Policy) -> Result<(), 
 struct Made {
     /// Archive entries, and directories made for their paths.
     entries: u64,
-}
-
-/// A reader that fails once more than `left` bytes are asked of it, and
-/// says so in `hit` (the tar crate wraps our error in its own).
-struct Bounded<R> {
-    inner: R,
-    left: u64,
-    hit: Rc<Cell<bool>>,
-}
-
-impl<R: Read> Read for Bounded<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.left == 0 {
-            // An archive that ends exactly at the bound reads no further.
-            let mut probe = [0u8; 1];
-            if self.inner.read(&mut probe)? == 0 {
-                return Ok(0);
-            }
-            self.hit.set(true);
-            return Err(io::Error::other("the archive is over its size bound"));
-        }
-        let want = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
-        let n = self.inner.read(&mut buf[..want])?;
-        self.left -= n as u64;
-        Ok(n)
-    }
 }
 
 /// `io::copy` with a buffer big enough that a workspace is a few thousand

@@ -762,11 +762,13 @@ fn summary(c: &ChangeSet) -> String {
     s
 }
 
-/// A reader that fails once more than `left` bytes are asked of it.
-struct Capped<R> {
-    inner: R,
-    left: u64,
-    hit: Rc<Cell<bool>>,
+/// A reader that fails once more than `left` bytes are asked of it, and
+/// says so in `hit` (the tar crate wraps our error in its own). Every
+/// reader of an archive we did not write goes through one.
+pub(super) struct Capped<R> {
+    pub(super) inner: R,
+    pub(super) left: u64,
+    pub(super) hit: Rc<Cell<bool>>,
 }
 
 impl<R: Read> Read for Capped<R> {
