@@ -1640,3 +1640,56 @@ fn a_workspace_result_this_node_cannot_test_is_neither_paid_nor_rejected() {
     assert!(p1.events("rejected").is_empty());
     server.verify();
 }
+
+#[test]
+fn a_workspace_that_changed_since_the_bid_keeps_the_paid_patch_and_exits_3() {
+    if !docker_available("a_workspace_that_changed_since_the_bid_keeps_the_paid_patch_and_exits_3") {
+        return;
+    }
+    let img = market_image();
+    let server = Server::start(&["--lease-ms", "10000"]);
+    let p1 = Provider::new(&server, &img, |_| {});
+    let requester = Cmm::new();
+    requester
+        .run(&["config", "--set", &format!("docker.image={img}")])
+        .code(0);
+    let dir = project(&canary("changed"));
+    let ws = dir.path().to_str().unwrap();
+    let mut args = workspace_bid(&server, ws, &["--accept-cmd", "grep -qx right answer.txt"]);
+    args.retain(|a| *a != "--wait");
+    let out = requester.run(&args);
+    out.code(0);
+    let task_id = out.json()["task_id"].as_str().unwrap().to_string();
+    // DIR changes after the bid: the result is checked against what was
+    // sent (kept with the task), paid for, and not applied.
+    std::fs::write(dir.path().join("README.md"), "edited meanwhile\n").unwrap();
+    let out = requester.run(&[
+        "--json",
+        "market",
+        "result",
+        &task_id,
+        "--apply",
+        "--endpoint",
+        &server.endpoint,
+    ]);
+    out.code(3);
+    let v = out.json();
+    assert_eq!(v["workspace"]["acceptance"]["passed"], true, "{v:#}");
+    let why = v["workspace"]["apply_error"].as_str().expect("why nothing was applied");
+    let patch = v["workspace"]["patch"].as_str().expect("the patch is kept");
+    assert!(why.contains(patch), "{why}");
+    assert!(std::fs::read_to_string(patch).unwrap().contains("+right"));
+    assert!(!dir.path().join("answer.txt").exists(), "nothing applied");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("README.md")).unwrap(),
+        "edited meanwhile\n"
+    );
+    p1.wait(10, "settled", |e| e["event"] == "settled");
+    let rs = status(&requester, &server);
+    assert_eq!(
+        (rs["balance"].as_i64(), rs["escrow"].as_i64()),
+        (Some(995), Some(0)),
+        "{rs:#}"
+    );
+    server.verify();
+}

@@ -11,7 +11,7 @@
 use crate::exit::{Exit, Result};
 use std::path::PathBuf;
 
-use crate::cli::progress::{ok, render_settled, show_step};
+use crate::cli::progress::{ok, render_settled, settled_exit, show_step};
 use crate::context::{Ctx, Printer};
 use crate::market::bid::{self, BidAction, BidOptions, BidOutcome, PostOptions};
 use crate::market::client::Endpoints;
@@ -125,7 +125,10 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<Exit> {
     let outcome =
         crate::runtime::current_thread()?.block_on(bid::bid(&ctx.paths, cfg.settings(), opts, &mut progress))?;
     render(&outcome, p);
-    Ok(Exit::Ok)
+    Ok(match &outcome {
+        BidOutcome::Settled(o) => settled_exit(o),
+        _ => Exit::Ok,
+    })
 }
 
 fn render(o: &BidOutcome, p: &Printer) {

@@ -229,7 +229,7 @@ fn result(ctx: &Ctx, a: ResultArgs) -> Result<Exit> {
     match crate::runtime::current_thread()?.block_on(collect::collect(&ctx.paths, opts, &mut progress))? {
         Collected::Settled(o) => {
             render_settled(&o, p);
-            Ok(Exit::Ok)
+            Ok(crate::cli::progress::settled_exit(&o))
         }
         Collected::NotYet(n) => {
             if p.json {

@@ -271,6 +271,16 @@ pub fn ok(outcome: &impl serde::Serialize) -> serde_json::Value {
     v
 }
 
+/// The exit code of a settled result: refused (3) when `--apply` could not
+/// write the accepted changes into DIR (the patch is kept), as `execute
+/// --apply` does.
+pub fn settled_exit(o: &Outcome) -> crate::exit::Exit {
+    match o.workspace.as_ref().and_then(|w| w.apply_error.as_ref()) {
+        Some(_) => crate::exit::Exit::Refused,
+        None => crate::exit::Exit::Ok,
+    }
+}
+
 /// A verified, settled result: the payment on stderr, the result text on
 /// stdout (`--json`: the whole record).
 pub fn render_settled(o: &Outcome, p: &Printer) {
