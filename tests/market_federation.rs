@@ -1693,3 +1693,57 @@ fn a_workspace_that_changed_since_the_bid_keeps_the_paid_patch_and_exits_3() {
     );
     server.verify();
 }
+
+#[test]
+fn the_approval_prompt_shows_the_workspace_the_permission_mode_and_the_requesters_standing() {
+    if !docker_available("the_approval_prompt_shows_the_workspace_the_permission_mode_and_the_requesters_standing") {
+        return;
+    }
+    let img = market_image();
+    let server = Server::start(&["--lease-ms", "10000"]);
+    let requester = Cmm::new();
+    requester
+        .run(&["config", "--set", &format!("docker.image={img}")])
+        .code(0);
+    let dir = project(&canary("prompt"));
+    let ws = dir.path().to_str().unwrap().to_string();
+    let bid = requester
+        .cmd(&workspace_bid(
+            &server,
+            &ws,
+            &["--accept-cmd", "grep -qx right answer.txt"],
+        ))
+        .spawn();
+    bid.expect_stderr(30, "posted", |l| l.starts_with("posted "));
+    // A provider with no standing rule, on a terminal: it is asked, and says yes.
+    let prov = Cmm::opted_in().env("ANTHROPIC_API_KEY", "sk-ant-api03-market-provider-not-a-secret");
+    prov.run(&["opt-in", "--accept-terms", "--claude-jobs"]).code(0);
+    prov.run(&["config", "--set", "limits.maxTokensPerTask=40000"]).code(0);
+    let shown = prov.on_terminal(
+        &["[y/N]=y"],
+        &[
+            "advertise",
+            "--for",
+            "15",
+            "--slots",
+            "1",
+            "--price",
+            "5",
+            "--image",
+            &img,
+            "--endpoint",
+            &server.endpoint,
+        ],
+    );
+    let text = &shown.stdout;
+    assert!(text.contains("with a workspace of"), "{text}");
+    assert!(text.contains("permission mode `acceptEdits`"), "{text}");
+    assert!(text.contains("as a requester 0.500: 0 settled, 0 rejected"), "{text}");
+    let out = bid.wait();
+    out.code(0);
+    assert_eq!(out.json()["workspace"]["acceptance"]["passed"], true);
+    let events = docker::audit_events(&prov);
+    let approved: Vec<_> = events.iter().filter(|e| e["event"] == "market.approved").collect();
+    assert_eq!(approved[0]["approved_by"], "tty", "{:#}", approved[0]);
+    server.verify();
+}
