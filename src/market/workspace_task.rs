@@ -254,21 +254,31 @@ pub struct WorkspaceOutcome {
     pub apply_error: Option<String>,
 }
 
-/// The last `n` lines of `text`, at most [`MAX_REASON_BYTES`].
-fn tail(text: &str, n: usize) -> String {
+/// The last `n` lines of `text`, at most `max` bytes (cut at a line, or
+/// within a character boundary when one line alone is longer).
+fn tail(text: &str, n: usize, max: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let mut s = lines[lines.len().saturating_sub(n)..].join("\n");
-    while s.len() > MAX_REASON_BYTES {
+    while s.len() > max {
         match s.find('\n') {
             Some(i) => s.drain(..=i),
             None => {
-                let cut = s.len() - MAX_REASON_BYTES;
+                let cut = s.len() - max;
                 let cut = (cut..s.len()).find(|i| s.is_char_boundary(*i)).unwrap_or(s.len());
                 s.drain(..cut)
             }
         };
     }
     s
+}
+
+/// A rejection's reason: what the command did on its first line (always
+/// kept), then the last lines of its output, all within
+/// [`MAX_REASON_BYTES`].
+fn reason(head: &str, output: &str) -> String {
+    let head = tail(head, 1, MAX_REASON_BYTES / 4);
+    let room = MAX_REASON_BYTES - head.len() - 1;
+    format!("{head}\n{}", tail(output, REASON_LINES, room))
 }
 
 impl Check {
@@ -319,9 +329,8 @@ impl Check {
                     (None, Some(c)) => format!("the acceptance command `{cmd}` exited {c}"),
                     (None, None) => format!("the acceptance command `{cmd}` did not report an exit code"),
                 };
-                let reason = format!("{head}\n{}", tail(&o.tail, REASON_LINES));
                 Verdict::Reject {
-                    reason: tail(&reason, REASON_LINES + 1),
+                    reason: reason(&head, &o.tail),
                     checked: Some(Checked {
                         changes,
                         acceptance: Some(o),
@@ -431,9 +440,23 @@ mod tests {
     #[test]
     fn a_reason_keeps_the_last_lines_within_its_size() {
         let text: String = (0..50).map(|i| format!("line {i}\n")).collect();
-        let t = tail(&text, 20);
+        let t = tail(&text, 20, MAX_REASON_BYTES);
         assert!(t.starts_with("line 30") && t.ends_with("line 49"));
         let long = "x".repeat(10_000);
-        assert_eq!(tail(&long, 20).len(), MAX_REASON_BYTES);
+        assert_eq!(tail(&long, 20, MAX_REASON_BYTES).len(), MAX_REASON_BYTES);
+    }
+
+    #[test]
+    fn a_reason_keeps_what_the_command_did_however_long_its_output() {
+        let output: String = (0..40).map(|i| format!("{i:03} {}\n", "y".repeat(200))).collect();
+        let r = reason("the acceptance command `make` exited 2", &output);
+        assert!(r.len() <= MAX_REASON_BYTES, "{}", r.len());
+        assert!(r.starts_with("the acceptance command `make` exited 2\n"), "{r}");
+        assert!(
+            r.ends_with(&format!("039 {}", "y".repeat(200))),
+            "the last line is there"
+        );
+        let r = reason(&"c".repeat(5_000), "out");
+        assert!(r.len() <= MAX_REASON_BYTES && r.ends_with("\nout"), "{}", r.len());
     }
 }
