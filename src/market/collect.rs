@@ -117,8 +117,8 @@ async fn workspace_check(
     .map_err(|e| RequesterError::Workspace(e.to_string()))?
     .map_err(RequesterError::Workspace)?;
     let (snapshot, base) = snapshot;
-    // The sent tree stays on disk while the check runs (the snapshot keeps
-    // its own copy of the bytes; the directory itself can go).
+    // The snapshot keeps its own copy of the sent bytes, so the unpacked
+    // tree can go now.
     drop(base);
     Ok(Some(Check {
         paths: paths.clone(),

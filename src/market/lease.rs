@@ -214,13 +214,15 @@ impl Lease {
         let (prompt, received) = match self.workspace_bytes {
             None => (payload, None),
             Some(declared) => {
-                let (prompt, tar) = workspace_task::unbundle(&payload)?;
                 let max = declared.min(cfg.settings().market.max_workspace_bytes);
-                let tar = tar.to_vec();
-                let got = tokio::task::spawn_blocking(move || workspace_task::receive(&tar, max))
-                    .await
-                    .map_err(|e| e.to_string())??;
-                (prompt.to_vec(), Some(got))
+                // The payload moves to the blocking thread: its tar is
+                // unpacked where it lies, not copied first.
+                tokio::task::spawn_blocking(move || {
+                    let (prompt, tar) = workspace_task::unbundle(&payload)?;
+                    Ok::<_, String>((prompt.to_vec(), Some(workspace_task::receive(tar, max)?)))
+                })
+                .await
+                .map_err(|e| e.to_string())??
             }
         };
         // The credential may have changed since the offer was accepted.
