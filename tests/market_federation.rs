@@ -1122,6 +1122,37 @@ fn workspace_bid<'a>(server: &'a Server, dir: &'a str, extra: &[&'a str]) -> Vec
     args
 }
 
+/// A requester whose runner image (for its acceptance commands) is `img`.
+fn requester_using(img: &str) -> Cmm {
+    let requester = Cmm::new();
+    requester
+        .run(&["config", "--set", &format!("docker.image={img}")])
+        .code(0);
+    requester
+}
+
+/// `bid --workspace DIR --accept-cmd CMD` without `--wait`: the task id.
+fn post_without_waiting(requester: &Cmm, server: &Server, dir: &str, cmd: &str) -> String {
+    let mut args = workspace_bid(server, dir, &["--accept-cmd", cmd]);
+    args.retain(|a| *a != "--wait");
+    let out = requester.run(&args);
+    out.code(0);
+    out.json()["task_id"].as_str().expect("task id").to_string()
+}
+
+/// `market result TASK --apply --json`.
+fn collect_applied(requester: &Cmm, server: &Server, task_id: &str) -> common::Output {
+    requester.run(&[
+        "--json",
+        "market",
+        "result",
+        task_id,
+        "--apply",
+        "--endpoint",
+        &server.endpoint,
+    ])
+}
+
 /// Nothing was paid or tested: no settlement or acceptance in the
 /// requester's log, its balance whole and no escrow left.
 #[track_caller]
@@ -1272,10 +1303,7 @@ fn a_failed_acceptance_rejects_attempt_one_and_the_next_provider_is_paid() {
     let server = Server::start(&["--lease-ms", "10000"]);
     // Only the wrong provider is there for attempt 1.
     let bad = Provider::new(&server, &wrong, |_| {});
-    let requester = Cmm::new();
-    requester
-        .run(&["config", "--set", &format!("docker.image={img}")])
-        .code(0);
+    let requester = requester_using(&img);
     let dir = project(&canary("reject"));
     let ws = dir.path().to_str().unwrap().to_string();
     let child = requester
@@ -1480,27 +1508,12 @@ fn a_workspace_task_posted_without_waiting_is_checked_and_applied_by_market_resu
     let img = market_image();
     let server = Server::start(&["--lease-ms", "10000"]);
     let p1 = Provider::new(&server, &img, |_| {});
-    let requester = Cmm::new();
-    requester
-        .run(&["config", "--set", &format!("docker.image={img}")])
-        .code(0);
+    let requester = requester_using(&img);
     let dir = project(&canary("later"));
     let ws = dir.path().to_str().unwrap();
-    let mut args = workspace_bid(&server, ws, &["--accept-cmd", "grep -qx right answer.txt"]);
-    args.retain(|a| *a != "--wait");
-    let out = requester.run(&args);
-    out.code(0);
-    let task_id = out.json()["task_id"].as_str().expect("task id").to_string();
+    let task_id = post_without_waiting(&requester, &server, ws, "grep -qx right answer.txt");
     // The acceptance command and DIR come from this node's own `market.bid`.
-    let out = requester.run(&[
-        "--json",
-        "market",
-        "result",
-        &task_id,
-        "--apply",
-        "--endpoint",
-        &server.endpoint,
-    ]);
+    let out = collect_applied(&requester, &server, &task_id);
     out.code(0);
     let v = out.json();
     assert_eq!(v["workspace"]["acceptance"]["passed"], true, "{v:#}");
@@ -1649,29 +1662,14 @@ fn a_workspace_that_changed_since_the_bid_keeps_the_paid_patch_and_exits_3() {
     let img = market_image();
     let server = Server::start(&["--lease-ms", "10000"]);
     let p1 = Provider::new(&server, &img, |_| {});
-    let requester = Cmm::new();
-    requester
-        .run(&["config", "--set", &format!("docker.image={img}")])
-        .code(0);
+    let requester = requester_using(&img);
     let dir = project(&canary("changed"));
     let ws = dir.path().to_str().unwrap();
-    let mut args = workspace_bid(&server, ws, &["--accept-cmd", "grep -qx right answer.txt"]);
-    args.retain(|a| *a != "--wait");
-    let out = requester.run(&args);
-    out.code(0);
-    let task_id = out.json()["task_id"].as_str().unwrap().to_string();
+    let task_id = post_without_waiting(&requester, &server, ws, "grep -qx right answer.txt");
     // DIR changes after the bid: the result is checked against what was
     // sent (kept with the task), paid for, and not applied.
     std::fs::write(dir.path().join("README.md"), "edited meanwhile\n").unwrap();
-    let out = requester.run(&[
-        "--json",
-        "market",
-        "result",
-        &task_id,
-        "--apply",
-        "--endpoint",
-        &server.endpoint,
-    ]);
+    let out = collect_applied(&requester, &server, &task_id);
     out.code(3);
     let v = out.json();
     assert_eq!(v["workspace"]["acceptance"]["passed"], true, "{v:#}");
@@ -1701,10 +1699,7 @@ fn the_approval_prompt_shows_the_workspace_the_permission_mode_and_the_requester
     }
     let img = market_image();
     let server = Server::start(&["--lease-ms", "10000"]);
-    let requester = Cmm::new();
-    requester
-        .run(&["config", "--set", &format!("docker.image={img}")])
-        .code(0);
+    let requester = requester_using(&img);
     let dir = project(&canary("prompt"));
     let ws = dir.path().to_str().unwrap().to_string();
     let bid = requester
