@@ -26,7 +26,7 @@ export CMM_HOME="$(mktemp -d)"
 WS="$(mktemp -d)"
 trap 'rm -rf "$CMM_HOME" "$WS"' EXIT
 . "$ROOT/benches/fake_image.sh"
-. "$ROOT/benches/workspace_tree.sh"
+. "$ROOT/benches/pairs.sh"
 
 build_fake_image "$IMAGE"
 "$BIN" -q opt-in --accept-terms >/dev/null
@@ -40,28 +40,12 @@ printf 'old\n' > "$WS/delete-me.txt"
 printf '#!/bin/sh\n' > "$WS/run.sh"
 echo "workspace: $(find "$WS" -type f | wc -l) files, $(du -sm "$WS" | cut -f1) MiB"
 
-now_ms() { date +%s%3N; }
 plain() { "$BIN" -q execute --approve-all --image "$IMAGE" --prompt "scenario:ok" >/dev/null 2>&1; }
 # The job edits its copy; DIR itself is never changed without --apply, so
 # every run starts from the same tree.
 with_ws() { "$BIN" -q execute --approve-all --image "$IMAGE" --workspace "$WS" --prompt "scenario:workspace" >/dev/null 2>&1; }
 
 plain; with_ws
-EXTRA="$(mktemp)"
-i=1
-while [ "$i" -le "$N" ]; do
-    if [ $((i % 2)) -eq 0 ]; then
-        t0=$(now_ms); with_ws; t1=$(now_ms); plain; t2=$(now_ms)
-        ws=$((t1 - t0)); base=$((t2 - t1))
-    else
-        t0=$(now_ms); plain; t1=$(now_ms); with_ws; t2=$(now_ms)
-        base=$((t1 - t0)); ws=$((t2 - t1))
-    fi
-    echo "pair $i: with workspace ${ws} ms, without ${base} ms, extra $((ws - base)) ms"
-    echo "$((ws - base))" >> "$EXTRA"
-    i=$((i + 1))
-done
-median=$(median "$EXTRA")
-rm -f "$EXTRA"
-echo "median extra wall time of the workspace: ${median} ms (goal: <= 2000 ms)"
+run_pairs "$N" "with workspace" with_ws without plain
+echo "median extra wall time of the workspace: ${MEDIAN} ms (goal: <= 2000 ms)"
 "$BIN" -q clean >/dev/null

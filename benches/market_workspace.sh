@@ -38,13 +38,12 @@ cleanup() {
 }
 trap cleanup EXIT
 . "$ROOT/benches/fake_image.sh"
-. "$ROOT/benches/workspace_tree.sh"
+. "$ROOT/benches/pairs.sh"
 build_fake_image "$IMAGE"
 
 make_tree "$WS" "$FILES" "$KIB"
 echo "workspace: $(find "$WS" -type f | wc -l) files, $(du -sm "$WS" | cut -f1) MiB"
 
-now_ms() { date +%s%3N; }
 export ANTHROPIC_API_KEY="$KEY"
 for h in prov local; do
     CMM_HOME="$WORK/$h" "$BIN" -q opt-in --accept-terms --claude-jobs >/dev/null
@@ -55,20 +54,12 @@ CMM_HOME="$WORK/req" "$BIN" -q config --set docker.workspaceLimit=200m >/dev/nul
 
 CMM_HOME="$WORK/srv" "$BIN" market serve --listen 127.0.0.1:0 --initial-grant 100000 >"$WORK/srv.out" 2>&1 &
 SRV=$!
-w=0
-until grep -q 'ws://' "$WORK/srv.out" 2>/dev/null; do
-    w=$((w + 1)); [ "$w" -lt 1000 ] || { cat "$WORK/srv.out" >&2; exit 1; }
-    sleep 0.01
-done
+wait_line "$WORK/srv.out" 'ws://'
 EP="$(grep -o 'ws://[0-9.:]*' "$WORK/srv.out" | head -1)"
 CMM_HOME="$WORK/prov" "$BIN" --json advertise --slots 1 --price 1 --auto-accept --image "$IMAGE" \
     --endpoint "$EP" >"$WORK/adv.out" 2>&1 &
 ADV=$!
-w=0
-until grep -q '"event":"offer"' "$WORK/adv.out" 2>/dev/null; do
-    w=$((w + 1)); [ "$w" -lt 2000 ] || { cat "$WORK/adv.out" >&2; exit 1; }
-    sleep 0.01
-done
+wait_line "$WORK/adv.out" '"event":"offer"'
 
 local_job() {
     CMM_HOME="$WORK/local" "$BIN" -q execute --approve-all --image "$IMAGE" --workspace "$WS" \
@@ -81,20 +72,5 @@ market_job() {
 }
 
 local_job; market_job
-EXTRA="$(mktemp)"
-i=1
-while [ "$i" -le "$N" ]; do
-    if [ $((i % 2)) -eq 0 ]; then
-        t0=$(now_ms); market_job; t1=$(now_ms); local_job; t2=$(now_ms)
-        m=$((t1 - t0)); l=$((t2 - t1))
-    else
-        t0=$(now_ms); local_job; t1=$(now_ms); market_job; t2=$(now_ms)
-        l=$((t1 - t0)); m=$((t2 - t1))
-    fi
-    echo "pair $i: market ${m} ms, local ${l} ms, extra $((m - l)) ms"
-    echo "$((m - l))" >> "$EXTRA"
-    i=$((i + 1))
-done
-median=$(median "$EXTRA")
-rm -f "$EXTRA"
-echo "median extra wall time of the market round trip: ${median} ms (goal: <= 1500 ms)"
+run_pairs "$N" market market_job local local_job
+echo "median extra wall time of the market round trip: ${MEDIAN} ms (goal: <= 1500 ms)"
