@@ -1153,6 +1153,17 @@ fn collect_applied(requester: &Cmm, server: &Server, task_id: &str) -> common::O
     ])
 }
 
+/// A node's balance and escrow at the coordinator, exactly.
+#[track_caller]
+fn balance_is(home: &Cmm, server: &Server, balance: i64, escrow: i64) {
+    let rs = status(home, server);
+    assert_eq!(
+        (rs["balance"].as_i64(), rs["escrow"].as_i64()),
+        (Some(balance), Some(escrow)),
+        "{rs:#}"
+    );
+}
+
 /// Nothing was paid or tested: no settlement or acceptance in the
 /// requester's log, its balance whole and no escrow left.
 #[track_caller]
@@ -1164,12 +1175,7 @@ fn nothing_paid(requester: &Cmm, server: &Server) {
             .any(|e| e["event"] == "market.settled" || e["event"] == "market.acceptance"),
         "{events:#?}"
     );
-    let rs = status(requester, server);
-    assert_eq!(
-        (rs["balance"].as_i64(), rs["escrow"].as_i64()),
-        (Some(1000), Some(0)),
-        "{rs:#}"
-    );
+    balance_is(requester, server, 1000, 0);
 }
 
 /// The fake image with `FAKE_ANSWER=wrong`: its jobs write the wrong answer.
@@ -1261,12 +1267,7 @@ fn a_workspace_task_comes_back_as_changes_that_pass_the_acceptance_command_then_
     assert!(out.stderr.contains("2 files changed"), "{}", out.stderr);
     assert!(out.stderr.contains("grep -qx right"), "{}", out.stderr);
     p1.wait(10, "settled", |e| e["event"] == "settled");
-    let rs = status(&requester, &server);
-    assert_eq!(
-        (rs["balance"].as_i64(), rs["escrow"].as_i64()),
-        (Some(995), Some(0)),
-        "{rs:#}"
-    );
+    balance_is(&requester, &server, 995, 0);
     assert_eq!(status(&p1.home, &server)["balance"], 1005);
     server.verify();
     // The provider's job ran on the workspace in the mode the task asked for.
@@ -1328,12 +1329,7 @@ fn a_failed_acceptance_rejects_attempt_one_and_the_next_provider_is_paid() {
     );
     good.wait(10, "settled", |e| e["event"] == "settled");
     // Exact balances: the first provider is not paid, the second is.
-    let rs = status(&requester, &server);
-    assert_eq!(
-        (rs["balance"].as_i64(), rs["escrow"].as_i64()),
-        (Some(995), Some(0)),
-        "{rs:#}"
-    );
+    balance_is(&requester, &server, 995, 0);
     let bs = status(&bad.home, &server);
     assert_eq!(bs["balance"], 1000);
     assert_eq!(bs["reputation"]["failures"], 1, "{bs:#}");
@@ -1449,12 +1445,7 @@ fn a_provider_declines_a_workspace_too_big_or_a_mode_it_does_not_allow_before_an
     // Declined before the accept: no lease, so no payload was ever sent.
     assert!(!events.iter().any(|e| e["event"] == "market.accept"), "{events:#?}");
     assert!(p.events("payload_unexpected").is_empty());
-    let rs = status(&requester, &server);
-    assert_eq!(
-        (rs["balance"].as_i64(), rs["escrow"].as_i64()),
-        (Some(1000), Some(0)),
-        "{rs:#}"
-    );
+    balance_is(&requester, &server, 1000, 0);
     server.verify();
 }
 
@@ -1522,12 +1513,7 @@ fn a_workspace_task_posted_without_waiting_is_checked_and_applied_by_market_resu
         "right\n"
     );
     p1.wait(10, "settled", |e| e["event"] == "settled");
-    let rs = status(&requester, &server);
-    assert_eq!(
-        (rs["balance"].as_i64(), rs["escrow"].as_i64()),
-        (Some(995), Some(0)),
-        "{rs:#}"
-    );
+    balance_is(&requester, &server, 995, 0);
     audit_verifies(&requester);
     server.verify();
 }
@@ -1683,12 +1669,7 @@ fn a_workspace_that_changed_since_the_bid_keeps_the_paid_patch_and_exits_3() {
         "edited meanwhile\n"
     );
     p1.wait(10, "settled", |e| e["event"] == "settled");
-    let rs = status(&requester, &server);
-    assert_eq!(
-        (rs["balance"].as_i64(), rs["escrow"].as_i64()),
-        (Some(995), Some(0)),
-        "{rs:#}"
-    );
+    balance_is(&requester, &server, 995, 0);
     server.verify();
 }
 
