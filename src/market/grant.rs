@@ -1,7 +1,8 @@
 //! The `market grant` operation: an operator credits a node with RUV from
 //! the issuer, as one `operator_grant` journal entry in its own durable
 //! transaction beside running coordinators (SQLite serialises it with the
-//! coordinator's writer; on PostgreSQL it takes the replicas' write lock),
+//! coordinator's writer; on PostgreSQL it locks the rows it changes, as a
+//! replica's batch does),
 //! then the operator's `market.granted` audit line.
 //!
 //! It must not print; the caller renders the [`Granted`] it returns.
@@ -85,8 +86,6 @@ pub fn grant(paths: &Paths, opts: GrantOptions) -> Result<Granted, GrantError> {
     }
     let store_err = |what: &str, e: &dyn std::fmt::Display| GrantError::Store(format!("{what}{db}: {e}"));
     let mut conn = Store::open(&db).map_err(|e| store_err("cannot open ", &e))?;
-    // On PostgreSQL this takes the market's write lock, so the grant
-    // applies between two batches of the running replicas.
     conn.begin().map_err(|e| store_err("cannot write ", &e))?;
     let amount = opts.amount as i64;
     let (journal_id, balance) = match book::operator_grant(conn.db(), &node, amount, server::now_ms()) {

@@ -37,7 +37,7 @@ pub fn balance(conn: Db, account: &str) -> store::Result<i64> {
 }
 
 pub fn open_account(tx: Db, account: &str, kind: &str) -> store::Result<()> {
-    tx.exec(
+    tx.write(
         "INSERT INTO accounts(account, kind, balance) VALUES (?1, ?2, 0) ON CONFLICT DO NOTHING",
         args![account, kind],
     )?;
@@ -60,7 +60,14 @@ pub fn post(
     );
     for (account, amount) in postings {
         if *account != ISSUER && *amount < 0 {
-            let have = balance(tx, account)?;
+            // Locked until the transaction ends: no other replica spends
+            // what this check found.
+            let have = tx
+                .value(
+                    &format!("SELECT balance FROM accounts WHERE account = ?1{}", tx.for_update()),
+                    args![account],
+                )?
+                .unwrap_or(0);
             if have + amount < 0 {
                 return Ok(Err(Overdraft {
                     account: account.to_string(),
@@ -78,11 +85,11 @@ pub fn post(
         if *amount == 0 {
             continue;
         }
-        tx.exec(
+        tx.write(
             "INSERT INTO postings(journal_id, account, amount) VALUES (?1, ?2, ?3)",
             args![jid, account, amount],
         )?;
-        tx.exec(
+        tx.write(
             "UPDATE accounts SET balance = balance + ?2 WHERE account = ?1",
             args![account, amount],
         )?;

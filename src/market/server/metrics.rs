@@ -117,8 +117,8 @@ pub struct Metrics {
     pub clock_ticks: Counter,
     /// 1 while the last batch reached the database, else 0.
     db_up: Gauge,
-    /// Each batch's time in the database: begin (and the write lock on a
-    /// replica set), statements, commit.
+    /// Each batch's time in the database: begin, statements (and waits for
+    /// rows other replicas hold), commit.
     db_batch: Histogram,
     rejects: Family<Label, Counter>,
     refused: Family<Label, Counter>,

@@ -4,15 +4,15 @@
 //! target replica's id), the clock that runs once per tick across all of
 //! them, and taking over the sessions of a replica that died.
 //!
-//! Every call here runs inside the writer's batch transaction, which holds
-//! the market's write lock (`store::postgres::WRITE_LOCK`), so replicas
-//! never interleave their changes. [`listen`] is the exception: it runs on
-//! its own connection, outside the writer, and only takes relay rows.
+//! Every call here runs inside the writer's batch transaction; batches of
+//! different replicas run at once, each locking the rows it decides on
+//! (see `store::postgres`). [`listen`] is the exception: it runs on its own
+//! connection, outside the writer, and only takes relay rows.
 //!
 //! It must not hold market rules: the book decides what happens to a node
 //! that is gone; this only finds out who is gone and where a node is.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -26,6 +26,10 @@ use super::wire::{Cmd, Relayed};
 pub const LIVE_MS: i64 = 3_000;
 /// How often a replica writes its heartbeat.
 const BEAT_EVERY: Duration = Duration::from_millis(500);
+/// The relay table is vacuumed by a listener that took this many rows since
+/// it last did, at most every [`VACUUM_EVERY`].
+const VACUUM_AFTER_ROWS: usize = 2_000;
+const VACUUM_EVERY: Duration = Duration::from_secs(2);
 /// How long a dead replica's row is kept (for `/metrics` and inspection).
 const FORGET_MS: i64 = 3_600_000;
 
@@ -59,7 +63,7 @@ impl Replica {
     /// Write the heartbeat if it is due.
     pub fn beat(&mut self, db: Db, now: i64) -> store::Result<()> {
         if self.last_beat.elapsed() >= BEAT_EVERY {
-            db.exec(
+            db.write(
                 "UPDATE replicas SET beat_at = ?2 WHERE replica_id = ?1",
                 args![self.id, now],
             )?;
@@ -77,7 +81,7 @@ impl Replica {
             args![node, now - LIVE_MS],
             |r| Ok((r.get::<i64>(0)?, r.get::<i64>(1)?)),
         )?;
-        db.exec(
+        db.write(
             "INSERT INTO presence(node_id, replica_id, conn_id, since) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (node_id) DO UPDATE SET replica_id = ?2, conn_id = ?3, since = ?4",
             args![node, self.id, conn_id, now],
@@ -106,28 +110,22 @@ impl Replica {
     /// Queue `frame` for `node` on `replica`; with `close`, that replica
     /// then closes the session `close` names (it was replaced).
     pub fn relay(db: Db, replica: i64, node: &str, close: Option<i64>, frame: &str) -> store::Result<()> {
-        db.exec(
+        db.write(
             "INSERT INTO relay(replica_id, node_id, conn_id, frame) VALUES (?1, ?2, ?3, ?4)",
             args![replica, node, close, frame],
         )?;
         Ok(())
     }
 
-    /// Wake the listeners of `replicas` once the transaction commits
-    /// (PostgreSQL delivers a `NOTIFY` only on commit).
-    pub fn notify(db: Db, replicas: &BTreeSet<i64>) -> store::Result<()> {
-        for r in replicas {
-            db.exec("SELECT pg_notify(?1, '')", args![channel(*r)])?;
-        }
-        Ok(())
-    }
-
-    /// Whether the order book's clock is due: true on exactly one replica
-    /// per tick (the batches hold the write lock, so the check and the
-    /// update cannot interleave).
+    /// Whether the order book's clock is due: true on at most one replica
+    /// per tick. The clock's row stays locked until the batch that moved it
+    /// commits; another replica's batch passes over it instead of waiting
+    /// (it is that replica's tick no longer), and one that comes after the
+    /// commit finds the tick already taken.
     pub fn clock_due(db: Db, now: i64, every_ms: i64) -> store::Result<bool> {
         Ok(db.exec(
-            "UPDATE clock SET last_tick = ?1 WHERE id = 1 AND last_tick <= ?2",
+            "UPDATE clock SET last_tick = ?1
+             WHERE id = (SELECT id FROM clock WHERE id = 1 AND last_tick <= ?2 FOR UPDATE SKIP LOCKED)",
             args![now, now - every_ms],
         )? == 1)
     }
@@ -143,11 +141,11 @@ impl Replica {
             args![dead],
             |r| r.get::<String>(0),
         )?;
-        db.exec(
+        db.write(
             "DELETE FROM relay WHERE replica_id IN (SELECT replica_id FROM replicas WHERE beat_at <= ?1)",
             args![dead],
         )?;
-        db.exec("DELETE FROM replicas WHERE beat_at <= ?1", args![now - FORGET_MS])?;
+        db.write("DELETE FROM replicas WHERE beat_at <= ?1", args![now - FORGET_MS])?;
         Ok(nodes)
     }
 
@@ -159,8 +157,8 @@ impl Replica {
             args![self.id],
             |r| r.get::<String>(0),
         )?;
-        db.exec("DELETE FROM relay WHERE replica_id = ?1", args![self.id])?;
-        db.exec("UPDATE replicas SET beat_at = 0 WHERE replica_id = ?1", args![self.id])?;
+        db.write("DELETE FROM relay WHERE replica_id = ?1", args![self.id])?;
+        db.write("UPDATE replicas SET beat_at = 0 WHERE replica_id = ?1", args![self.id])?;
         Ok(nodes)
     }
 
@@ -175,25 +173,37 @@ impl Replica {
     }
 }
 
-/// Where each node of one batch is: looked up once per batch, since the
-/// presence of other replicas' nodes cannot change while the batch holds
-/// the write lock.
+/// How long a node found on another replica is taken to be there without
+/// asking again.
+const REMEMBER_MS: i64 = 250;
+
+/// Where the nodes of other replicas are: looked up once per batch, and a
+/// node found on a live replica is remembered for [`REMEMBER_MS`] (the
+/// lookup is a round trip, and nodes seldom move). One not found is asked
+/// again in the next batch, so a node that arrives is seen at once. A node
+/// that moves or leaves meanwhile may miss an event sent to its old
+/// replica; it is told what it missed by `status` and `task`, which every
+/// client reads again when it connects.
 #[derive(Default)]
-pub struct Whereabouts(std::cell::RefCell<HashMap<String, Option<i64>>>);
+pub struct Whereabouts(std::cell::RefCell<HashMap<String, (Option<i64>, i64)>>);
 
 impl Whereabouts {
-    pub fn clear(&self) {
-        self.0.borrow_mut().clear();
+    /// A new batch at `now`: forget the nodes not found, and those found
+    /// too long ago.
+    pub fn new_batch(&self, now: i64) {
+        self.0
+            .borrow_mut()
+            .retain(|_, (r, at)| r.is_some() && now - *at < REMEMBER_MS);
     }
 
     pub fn get(&self, db: Db, node: &str, now: i64) -> Option<i64> {
-        if let Some(r) = self.0.borrow().get(node) {
+        if let Some((r, _)) = self.0.borrow().get(node) {
             return *r;
         }
         // A failed lookup reads as offline: the node is told what it
         // missed by `status` and `task` when it is back.
         let r = Replica::where_is(db, node, now).ok().flatten();
-        self.0.borrow_mut().insert(node.to_string(), r);
+        self.0.borrow_mut().insert(node.to_string(), (r, now));
         r
     }
 
@@ -257,8 +267,23 @@ async fn listen_once(
         let take = client
             .prepare("DELETE FROM relay WHERE replica_id = $1 RETURNING id, node_id, conn_id, frame")
             .await?;
+        let mut taken = 0usize;
+        let mut vacuumed = Instant::now();
+        let mut may_vacuum = true;
         loop {
             let mut rows = client.query(&take, &[&replica_id]).await?;
+            taken += rows.len();
+            if may_vacuum && taken >= VACUUM_AFTER_ROWS && vacuumed.elapsed() >= VACUUM_EVERY {
+                // Every relay row lives a moment: its index fills with the
+                // dead ones faster than autovacuum comes by (once a minute
+                // by default), and each take would read through them.
+                if let Err(e) = client.batch_execute("VACUUM (SKIP_LOCKED) relay").await {
+                    tracing::info!("relay listener: cannot vacuum the relay table ({e}); leaving it to autovacuum");
+                    may_vacuum = false;
+                }
+                taken = 0;
+                vacuumed = Instant::now();
+            }
             if !rows.is_empty() {
                 rows.sort_by_key(|r| r.get::<_, i64>(0));
                 let batch = rows

@@ -8,9 +8,10 @@
 //! The writer keeps which session each node has here, reads the clock for
 //! every batch and runs the order book's clock ([`book::tick`]). On a
 //! shared PostgreSQL database it is also this process's part of the
-//! replica set ([`Replica`]): its batches take the market's write lock,
-//! an event for a node on another replica becomes a relay row in the same
-//! transaction, and the clock runs on one replica per tick. When the
+//! replica set ([`Replica`]): its batches run beside other replicas',
+//! locking the rows they decide on, an event for a node on another replica
+//! becomes a relay row in the same transaction, and the clock runs on one
+//! replica per tick. When the
 //! database cannot be reached it refuses every request with `unavailable`
 //! and acknowledges nothing, and reconnects by itself.
 //!
@@ -26,7 +27,7 @@ use tokio::sync::oneshot;
 use super::book::{self, BookRules, Fail};
 use super::ledger;
 use super::metrics::{Book, Metrics};
-use super::replica::{Replica, Whereabouts};
+use super::replica::{self, Replica, Whereabouts};
 use super::store::{args, Db, DbError, Store};
 use super::wire::{error_frame, Cmd, LoginReply, Outbound, Relayed};
 use crate::market::protocol::{encode_event, Event, Reason, Rejection, Request};
@@ -72,6 +73,9 @@ struct Writer {
     whereabouts: Whereabouts,
     /// Whether this batch ran the clock (counted once it commits).
     ticked: std::cell::Cell<bool>,
+    /// The replicas that this batch left relay rows for: woken once it
+    /// commits.
+    woken: std::cell::RefCell<BTreeSet<i64>>,
     /// Sessions that ended while the database could not be reached: the
     /// book hears of them in the first batch that reaches it again.
     lost: Vec<(String, u64)>,
@@ -109,6 +113,7 @@ pub fn writer(
         replica,
         whereabouts: Whereabouts::default(),
         ticked: std::cell::Cell::new(false),
+        woken: Default::default(),
         lost: Vec::new(),
     };
     // Here, not in the caller: the blocking PostgreSQL client must not run
@@ -143,7 +148,7 @@ pub fn writer(
             continue;
         }
         let db = conn.store.db();
-        w.whereabouts.clear();
+        w.whereabouts.new_batch(now);
         let mut done = Done::default();
         let beat = match w.replica.as_mut() {
             Some(r) => r.beat(db, now),
@@ -161,7 +166,11 @@ pub fn writer(
             w.retire(db, now, &mut done.out);
         }
         let routed = beat.and_then(|()| w.route(db, now, std::mem::take(&mut done.out)));
-        let committed = routed.and_then(|local| conn.store.commit().map(|()| local));
+        let woken: Vec<String> = std::mem::take(&mut *w.woken.borrow_mut())
+            .into_iter()
+            .map(replica::channel)
+            .collect();
+        let committed = routed.and_then(|local| conn.store.commit_and_notify(&woken).map(|()| local));
         w.metrics.observe_db(started.elapsed());
         match committed {
             Ok(local) => {
@@ -191,9 +200,20 @@ fn failure(e: &DbError) -> (Reason, String) {
             Reason::Unavailable,
             format!("the market database cannot be reached ({e}); nothing was changed"),
         )
+    } else if e.is_contention() {
+        (
+            Reason::Unavailable,
+            format!("another replica held what this request needed ({e}); nothing was changed, send it again"),
+        )
     } else {
         (Reason::Internal, format!("the market database failed: {e}"))
     }
+}
+
+/// A request refused because the database failed it.
+fn db_rejection(e: &DbError) -> Rejection {
+    let (reason, why) = failure(e);
+    Rejection::new(reason, why)
 }
 
 /// The next batch: waits up to `wait` for a first command, then takes what
@@ -352,7 +372,7 @@ impl Writer {
                     Some(old_conn),
                     &encode_event(&Event::Replaced {}),
                 )?;
-                Replica::notify(db, &BTreeSet::from([elsewhere]))?;
+                self.woken.borrow_mut().insert(elsewhere);
             }
         }
         sp.commit()?;
@@ -448,7 +468,7 @@ impl Writer {
                 woken.insert(r);
             }
         }
-        Replica::notify(db, &woken)?;
+        self.woken.borrow_mut().extend(woken);
         Ok(local)
     }
 
@@ -508,19 +528,6 @@ impl Writer {
             metrics.reject(r.reason);
             (error_frame(Some(id.to_string()), r), false)
         };
-        let seen = db.value::<String>(
-            "SELECT result FROM requests WHERE node_id = ?1 AND msg_id = ?2",
-            args![node, id],
-        );
-        match seen {
-            Ok(Some(original)) => {
-                let mut r = Rejection::new(Reason::DuplicateId, format!("message id `{id}` was already applied"));
-                r.original = serde_json::from_str(&original).ok();
-                return refuse(r);
-            }
-            Ok(None) => {}
-            Err(e) => return refuse(Rejection::new(failure(&e).0, e.to_string())),
-        }
         // Read-only requests are not remembered: replaying them changes nothing.
         let remember = !matches!(
             req,
@@ -531,41 +538,64 @@ impl Writer {
                 | Request::Task { .. }
                 | Request::Progress { .. }
         );
+        // An id already applied is answered with what it answered then. A
+        // read-only request is checked first. A change is applied and its
+        // id recorded; only if that fails (the id's row is there, or the
+        // request was refused) is the record looked up, so on the usual
+        // path the check costs no statement of its own.
+        let seen = || match db.value::<String>(
+            "SELECT result FROM requests WHERE node_id = ?1 AND msg_id = ?2",
+            args![node, id],
+        ) {
+            Ok(Some(original)) => {
+                let mut r = Rejection::new(Reason::DuplicateId, format!("message id `{id}` was already applied"));
+                r.original = serde_json::from_str(&original).ok();
+                Some(r)
+            }
+            Ok(None) => None,
+            Err(e) => Some(db_rejection(&e)),
+        };
+        if !remember {
+            if let Some(r) = seen() {
+                return refuse(r);
+            }
+        }
         let sp = match db.savepoint() {
             Ok(sp) => sp,
-            Err(e) => return refuse(Rejection::new(failure(&e).0, e.to_string())),
+            Err(e) => return refuse(db_rejection(&e)),
         };
         let online = |n: &str| self.online(db, n, now);
         let mark = out.len();
-        let result = book::apply(db, &self.rules, node, req, now, &online, out).and_then(|v| {
-            if remember {
-                db.exec(
-                    "INSERT INTO requests(node_id, msg_id, result, ts) VALUES (?1, ?2, ?3, ?4)",
-                    args![node, id, v.to_string(), now],
-                )?;
-            }
-            Ok(v)
-        });
-        match result {
-            Ok(v) => match sp.commit() {
-                Ok(()) => (
-                    encode_event(&Event::Ok {
-                        re: id.to_string(),
-                        result: v,
-                    }),
-                    remember,
-                ),
-                Err(e) => {
-                    out.truncate(mark);
-                    refuse(Rejection::new(failure(&e).0, e.to_string()))
+        let result = book::apply(db, &self.rules, node, req, now, &online, out)
+            .and_then(|v| {
+                if remember {
+                    db.write(
+                        "INSERT INTO requests(node_id, msg_id, result, ts) VALUES (?1, ?2, ?3, ?4)",
+                        args![node, id, v.to_string(), now],
+                    )?;
                 }
-            },
+                Ok(v)
+            })
+            .and_then(|v| sp.commit().map(|()| v).map_err(Fail::Sql));
+        match result {
+            Ok(v) => (
+                encode_event(&Event::Ok {
+                    re: id.to_string(),
+                    result: v,
+                }),
+                remember,
+            ),
             Err(f) => {
+                // Rolled back to the savepoint by now (dropped uncommitted).
                 out.truncate(mark);
-                drop(sp);
+                if remember {
+                    if let Some(r) = seen() {
+                        return refuse(r);
+                    }
+                }
                 match f {
                     Fail::Reject(r) => refuse(r),
-                    Fail::Sql(e) => refuse(Rejection::new(failure(&e).0, e.to_string())),
+                    Fail::Sql(e) => refuse(db_rejection(&e)),
                 }
             }
         }

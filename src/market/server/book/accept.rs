@@ -8,10 +8,9 @@
 use crate::market::server::store::{args, Db};
 use serde_json::{json, Value};
 
-use super::announce::matching_providers;
+use super::announce::offered_to;
 use super::handler::{reject, Context, Fail};
-use super::lease::{cooling_until, held_before};
-use super::reputation::node_reputation;
+use super::reputation::Record;
 use super::task::{load_task, ms_to_rfc3339, Task};
 use crate::market::protocol::{Event, Reason};
 
@@ -51,12 +50,12 @@ pub fn apply(cx: Context, task_id: String, attempt: u32) -> Result<Value, Fail> 
     may_lease(c, &t, node, now)?;
     let (offer_id, ask) = free_offer(c, &t, node, now)?;
     let lease = now + s.lease_ms;
-    c.exec(
+    c.write(
         "UPDATE tasks SET state = 'assigned', provider = ?2, offer_id = ?3, ask = ?4, lease_deadline = ?5,
            updated_at = ?6, payload_at = NULL, payload_next = 0, accepted_at = ?6 WHERE task_id = ?1",
         args![task_id, node, offer_id, ask, lease, now],
     )?;
-    c.exec(
+    c.write(
         "INSERT INTO attempt_holders(task_id, node_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
         args![task_id, node],
     )?;
@@ -68,7 +67,7 @@ pub fn apply(cx: Context, task_id: String, attempt: u32) -> Result<Value, Fail> 
             provider: node.to_string(),
         },
     ));
-    for other in matching_providers(c, &t, now, online)? {
+    for other in offered_to(c, &t, online)? {
         if other != node {
             out.push((
                 other,
@@ -86,8 +85,18 @@ pub fn apply(cx: Context, task_id: String, attempt: u32) -> Result<Value, Fail> 
 
 /// The lease rules for `node` taking `t`: not while cooling down, not after
 /// holding an earlier attempt, not below the requester's minimum reputation.
+/// All three are read in one statement.
 fn may_lease(c: Db, t: &Task, node: &str, now: i64) -> Result<(), Fail> {
-    if let Some(until) = cooling_until(c, node, now)? {
+    let (until, record, held) = c
+        .first(
+            "SELECT n.cooldown_until, n.successes, n.failures, n.clients,
+                EXISTS (SELECT 1 FROM attempt_holders h WHERE h.task_id = ?2 AND h.node_id = n.node_id)
+             FROM nodes n WHERE n.node_id = ?1",
+            args![node, &t.task_id],
+            |r| Ok((r.get::<Option<i64>>(0)?, Record::at(r, 1)?, r.get::<bool>(4)?)),
+        )?
+        .unwrap_or_default();
+    if let Some(until) = until.filter(|u| *u > now) {
         return reject(
             Reason::CoolingDown,
             format!(
@@ -96,13 +105,13 @@ fn may_lease(c: Db, t: &Task, node: &str, now: i64) -> Result<(), Fail> {
             ),
         );
     }
-    if held_before(c, &t.task_id, node)? {
+    if held {
         return reject(
             Reason::AlreadyAttempted,
             "you held an earlier attempt of this task; another node gets this one",
         );
     }
-    let score = node_reputation(c, node)?.score();
+    let score = record.score();
     if score < t.min_reputation {
         return reject(
             Reason::ReputationTooLow,
@@ -116,14 +125,18 @@ fn may_lease(c: Db, t: &Task, node: &str, now: i64) -> Result<(), Fail> {
 }
 
 /// `node`'s cheapest active offer for `t`'s model with a free slot and a
-/// price within the bid: (offer id, ask).
+/// price within the bid: (offer id, ask). The offer's row stays locked, so
+/// its free slot is this lease's alone.
 fn free_offer(c: Db, t: &Task, node: &str, now: i64) -> Result<(String, i64), Fail> {
     let offer: Option<(String, i64)> = c.first(
-        "SELECT o.offer_id, o.price FROM offers o JOIN offer_models m ON m.offer_id = o.offer_id AND m.model = ?4
+        &format!(
+            "SELECT o.offer_id, o.price FROM offers o JOIN offer_models m ON m.offer_id = o.offer_id AND m.model = ?4
              WHERE o.node_id = ?1 AND o.state = 'active' AND o.price <= ?2 AND o.expires_at > ?3
                AND o.slots > (SELECT COUNT(*) FROM tasks t
                               WHERE t.offer_id = o.offer_id AND t.state IN ('assigned','delivered'))
-             ORDER BY o.price LIMIT 1",
+             ORDER BY o.price LIMIT 1{}",
+            c.for_update()
+        ),
         args![node, t.max_price, now, t.model],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;

@@ -9,7 +9,7 @@ use super::handler::{Fail, Outbox};
 use super::reputation::requester_standing;
 use super::rules::FANOUT;
 use super::task::Task;
-use crate::market::protocol::{reputation, Event};
+use crate::market::protocol::{reputation, Event, RequesterStanding};
 
 /// Online providers whose active offer fits `task`, cheapest first.
 /// Not a provider cooling down, nor one that failed an earlier attempt of
@@ -47,10 +47,39 @@ pub fn matching_providers(c: Db, task: &Task, now: i64, online: &dyn Fn(&str) ->
     Ok(out)
 }
 
+/// Online providers with an active offer for `task`'s model within its
+/// price: every provider [`matching_providers`] may have offered it to,
+/// and maybe a few more, found without counting slots or records (for
+/// telling them it is gone, which a provider that never saw it ignores).
+pub fn offered_to(c: Db, task: &Task, online: &dyn Fn(&str) -> bool) -> Result<Vec<String>, Fail> {
+    let nodes = c.map(
+        "SELECT DISTINCT o.node_id FROM offer_models m JOIN offers o ON o.offer_id = m.offer_id
+         WHERE m.model = ?1 AND o.state = 'active' AND o.disconnected_at IS NULL AND o.price <= ?2
+           AND o.node_id != ?3
+         LIMIT 1024",
+        args![&task.model, task.max_price, &task.requester],
+        |r| r.get::<String>(0),
+    )?;
+    Ok(nodes.into_iter().filter(|n| online(n)).collect())
+}
+
 /// Offer `task` to matching online providers, if its requester is online:
 /// only the requester can send a lease holder the payload, so a task whose
 /// requester is away waits for its return ([`super::presence::requester_back`]).
 pub fn announce(c: Db, task: &Task, now: i64, online: &dyn Fn(&str) -> bool, out: &mut Outbox) -> Result<(), Fail> {
+    announce_by(c, task, None, now, online, out)
+}
+
+/// [`announce`], with the requester's standing when the caller has just
+/// read it.
+pub fn announce_by(
+    c: Db,
+    task: &Task,
+    standing: Option<RequesterStanding>,
+    now: i64,
+    online: &dyn Fn(&str) -> bool,
+    out: &mut Outbox,
+) -> Result<(), Fail> {
     if !online(&task.requester) {
         return Ok(());
     }
@@ -60,7 +89,10 @@ pub fn announce(c: Db, task: &Task, now: i64, online: &dyn Fn(&str) -> bool, out
     }
     // Providers decide on the requester too: how it judged results so far.
     let mut view = task.offered();
-    view.requester_standing = Some(requester_standing(c, &task.requester)?);
+    view.requester_standing = Some(match standing {
+        Some(s) => s,
+        None => requester_standing(c, &task.requester)?,
+    });
     for node in providers {
         out.push((
             node,

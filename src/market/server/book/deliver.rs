@@ -19,7 +19,7 @@ pub fn apply(cx: Context, task_id: String, attempt: u32, data: String) -> Result
         return reject(Reason::WrongState, format!("task is {}", t.state));
     }
     let bytes = data.len();
-    c.exec(
+    c.write(
         "UPDATE tasks SET state = 'delivered', result = ?2, updated_at = ?3, delivered_at = ?3 WHERE task_id = ?1",
         args![task_id, data, now],
     )?;

@@ -40,7 +40,7 @@ pub fn lease_ended(c: Db, s: &BookRules, t: &Task, now: i64) -> store::Result<bo
         record_failure(c, s, p, now)?;
         Ok(true)
     } else {
-        c.exec(
+        c.write(
             "DELETE FROM attempt_holders WHERE task_id = ?1 AND node_id = ?2",
             args![t.task_id, p],
         )?;
@@ -79,7 +79,7 @@ pub fn reopen_or_refund(
 ) -> Result<&'static str, Fail> {
     if t.attempt < t.max_attempts && t.deadline > now {
         let next = t.attempt + 1;
-        c.exec(
+        c.write(
             "UPDATE tasks SET state = 'open', attempt = ?2, provider = NULL, offer_id = NULL, ask = NULL,
                lease_deadline = NULL, updated_at = ?3 WHERE task_id = ?1",
             args![t.task_id, next, now],

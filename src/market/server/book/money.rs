@@ -34,12 +34,12 @@ pub fn refund(c: Db, t: &Task, state: &str, why: &str, now: i64, out: &mut Outbo
         &t.task_id,
         &[(&escrow, -t.max_price), (&node_account(&t.requester), t.max_price)],
     )?;
-    c.exec(
+    c.write(
         "UPDATE tasks SET state = ?2, provider = NULL, offer_id = NULL, ask = NULL, lease_deadline = NULL,
            result = NULL, updated_at = ?3 WHERE task_id = ?1",
         args![t.task_id, state, now],
     )?;
-    c.exec("DELETE FROM attempt_holders WHERE task_id = ?1", args![&t.task_id])?;
+    c.write("DELETE FROM attempt_holders WHERE task_id = ?1", args![&t.task_id])?;
     out.push((
         t.requester.clone(),
         Event::Refunded {

@@ -37,7 +37,7 @@ pub fn apply(cx: Context, slots: u32, price: u64, models: Vec<String>, ttl_secs:
     }
     let offer_id = new_id("o-");
     let expires = now + ttl_secs as i64 * 1000;
-    c.exec(
+    c.write(
         "INSERT INTO offers(offer_id, node_id, slots, price, models, created_at, expires_at, state)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'active')",
         args![
@@ -51,7 +51,7 @@ pub fn apply(cx: Context, slots: u32, price: u64, models: Vec<String>, ttl_secs:
         ],
     )?;
     for m in &models {
-        c.exec(
+        c.write(
             "INSERT INTO offer_models(offer_id, model) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
             args![offer_id, m],
         )?;

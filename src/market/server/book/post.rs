@@ -7,7 +7,7 @@
 use crate::market::server::store::{args, Db};
 use serde_json::{json, Value};
 
-use super::announce::announce;
+use super::announce::announce_by;
 use super::fields::{check_name, check_range};
 use super::handler::{new_id, reject, Context, Fail};
 use super::reputation::requester_standing;
@@ -99,7 +99,7 @@ pub fn apply(cx: Context, req: NewTask) -> Result<Value, Fail> {
         permission_mode: req.permission_mode,
         payload_next: 0,
     };
-    c.exec(
+    c.write(
         "INSERT INTO tasks(task_id, requester, model, max_tokens, max_price, payload_hash, deadline,
            max_attempts, min_reputation, state, attempt, created_at, updated_at, payload_bytes,
            workspace_bytes, permission_mode)
@@ -120,7 +120,7 @@ pub fn apply(cx: Context, req: NewTask) -> Result<Value, Fail> {
             task.permission_mode
         ],
     )?;
-    announce(c, &task, now, online, out)?;
+    announce_by(c, &task, Some(standing), now, online, out)?;
     Ok(json!({ "task": task.view(), "escrow": price }))
 }
 

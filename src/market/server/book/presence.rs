@@ -42,7 +42,7 @@ pub fn login(c: Db, s: &BookRules, id: &PublicIdentity, proof: &IdentityProof, n
         }
     }
     // The latest login's identity and signature: what peers encrypt to.
-    c.exec(
+    c.write(
         "UPDATE nodes SET identity = ?2, proof = ?3, last_seen = ?4 WHERE node_id = ?1",
         args![
             id.node_id,
@@ -51,13 +51,13 @@ pub fn login(c: Db, s: &BookRules, id: &PublicIdentity, proof: &IdentityProof, n
             now
         ],
     )?;
-    c.exec(
+    c.write(
         "UPDATE offers SET disconnected_at = NULL WHERE node_id = ?1 AND state = 'active'",
         args![&id.node_id],
     )?;
     // Message ids are remembered for a day: long enough for any retry, and
     // pruned per node (a primary-key prefix scan) so the table stays small.
-    c.exec(
+    c.write(
         "DELETE FROM requests WHERE node_id = ?1 AND ts < ?2",
         args![id.node_id, now - ID_RETENTION_MS],
     )?;
@@ -94,24 +94,27 @@ pub fn requester_back(
 /// task is open again under a new attempt that does not count against its
 /// attempts, offered once the requester is back ([`requester_back`]).
 pub fn disconnected(c: Db, node: &str, now: i64, out: &mut Outbox) -> Result<(), Fail> {
-    c.exec(
+    c.write(
         "UPDATE offers SET disconnected_at = ?2 WHERE node_id = ?1 AND state = 'active' AND disconnected_at IS NULL",
         args![node, now],
     )?;
     let waiting: Vec<Task> = c.map(
-        &format!("SELECT {TASK_COLS} FROM tasks WHERE requester = ?1 AND state = 'assigned' AND payload_at IS NULL"),
+        &format!(
+            "SELECT {TASK_COLS} FROM tasks WHERE requester = ?1 AND state = 'assigned' AND payload_at IS NULL{}",
+            c.for_update()
+        ),
         args![node],
         Task::from_row,
     )?;
     for t in waiting {
-        c.exec(
+        c.write(
             "UPDATE tasks SET state = 'open', attempt = attempt + 1, max_attempts = max_attempts + 1, provider = NULL,
                offer_id = NULL, ask = NULL, lease_deadline = NULL, updated_at = ?2 WHERE task_id = ?1",
             args![t.task_id, now],
         )?;
         if let Some(p) = t.provider {
             // Not its fault: it may take the task again.
-            c.exec(
+            c.write(
                 "DELETE FROM attempt_holders WHERE task_id = ?1 AND node_id = ?2",
                 args![&t.task_id, &p],
             )?;
@@ -129,7 +132,7 @@ pub fn disconnected(c: Db, node: &str, now: i64, out: &mut Outbox) -> Result<(),
 
 /// On start-up no node is connected: every offer starts its grace period.
 pub fn all_disconnected(c: Db, now: i64) -> store::Result<()> {
-    c.exec(
+    c.write(
         "UPDATE offers SET disconnected_at = ?1 WHERE state = 'active' AND disconnected_at IS NULL",
         args![now],
     )?;

@@ -52,7 +52,7 @@ pub fn apply(cx: Context, task_id: String, max_price: u64) -> Result<Value, Fail
             &task_id,
             &[(&node_account(node), -diff), (&escrow_account(&task_id), diff)],
         )?;
-        c.exec(
+        c.write(
             "UPDATE tasks SET max_price = ?2, updated_at = ?3 WHERE task_id = ?1",
             args![task_id, new, now],
         )?;

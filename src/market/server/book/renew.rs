@@ -19,7 +19,7 @@ pub fn apply(cx: Context, task_id: String, attempt: u32) -> Result<Value, Fail> 
         return reject(Reason::WrongState, format!("task is {}", t.state));
     }
     let lease = now + s.lease_ms;
-    c.exec(
+    c.write(
         "UPDATE tasks SET lease_deadline = ?2 WHERE task_id = ?1",
         args![task_id, lease],
     )?;

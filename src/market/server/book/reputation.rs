@@ -5,7 +5,7 @@
 //! It must not decide whose fault a failure is (that is `lease`), nor move
 //! money.
 
-use crate::market::server::store::{self, args, Db};
+use crate::market::server::store::{self, args, Db, Row};
 use serde_json::{json, Value};
 
 use super::handler::{reject, Context, Fail};
@@ -29,19 +29,23 @@ impl Record {
         json!({ "successes": self.successes, "failures": self.failures, "clients": self.clients,
                 "score": self.score() })
     }
+
+    /// The record in columns `i..i + 3` of `r`: successes, failures,
+    /// clients.
+    pub fn at(r: &Row, i: usize) -> store::Result<Record> {
+        Ok(Record {
+            successes: r.get(i)?,
+            failures: r.get(i + 1)?,
+            clients: r.get(i + 2)?,
+        })
+    }
 }
 
 pub fn node_reputation(c: Db, node: &str) -> store::Result<Record> {
     Ok(c.first(
         "SELECT successes, failures, clients FROM nodes WHERE node_id = ?1",
         args![node],
-        |r| {
-            Ok(Record {
-                successes: r.get(0)?,
-                failures: r.get(1)?,
-                clients: r.get(2)?,
-            })
-        },
+        |r| Record::at(r, 0),
     )?
     .unwrap_or_default())
 }
@@ -50,7 +54,7 @@ pub fn node_reputation(c: Db, node: &str) -> store::Result<Record> {
 /// first paid task from this requester. Reputation counts clients, so two
 /// identities trading with each other earn one client each, however often.
 pub fn record_success(c: Db, provider: &str, requester: &str, paid: i64) -> store::Result<()> {
-    c.exec(
+    c.write(
         "UPDATE nodes SET successes = successes + 1 WHERE node_id = ?1",
         args![provider],
     )?;
@@ -60,7 +64,7 @@ pub fn record_success(c: Db, provider: &str, requester: &str, paid: i64) -> stor
             args![provider, requester],
         )?;
         if new == 1 {
-            c.exec(
+            c.write(
                 "UPDATE nodes SET clients = clients + 1 WHERE node_id = ?1",
                 args![provider],
             )?;
@@ -72,7 +76,7 @@ pub fn record_success(c: Db, provider: &str, requester: &str, paid: i64) -> stor
 /// A failure of the provider's own: counted, and no new lease for the
 /// cool-down.
 pub fn record_failure(c: Db, s: &BookRules, node: &str, now: i64) -> store::Result<()> {
-    c.exec("UPDATE nodes SET failures = failures + 1, cooldown_until = CASE WHEN COALESCE(cooldown_until, 0) > ?2 THEN cooldown_until ELSE ?2 END
+    c.write("UPDATE nodes SET failures = failures + 1, cooldown_until = CASE WHEN COALESCE(cooldown_until, 0) > ?2 THEN cooldown_until ELSE ?2 END
          WHERE node_id = ?1", args![node, now + s.cooldown_ms])?;
     Ok(())
 }
@@ -95,7 +99,7 @@ pub fn requester_standing(c: Db, node: &str) -> store::Result<RequesterStanding>
 
 /// A requester's verdict on a delivery: one more settled or rejected.
 pub fn record_verdict(c: Db, requester: &str, settled: bool) -> store::Result<()> {
-    c.exec(
+    c.write(
         if settled {
             "UPDATE nodes SET req_settled = req_settled + 1 WHERE node_id = ?1"
         } else {

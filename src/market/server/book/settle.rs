@@ -77,12 +77,12 @@ pub fn refuse(cx: Context, task_id: &str, attempt: u32, why: Why) -> Result<Valu
     }
     let t = delivered(c, node, task_id, attempt)?;
     let provider = t.provider.clone().unwrap_or_default();
-    c.exec(
+    c.write(
         "UPDATE nodes SET failures = failures + 1 WHERE node_id = ?1",
         args![&provider],
     )?;
     record_verdict(c, node, false)?;
-    c.exec(
+    c.write(
         "INSERT INTO rejections(task_id, attempt, requester, provider, reason_sha256, reason_bytes, at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
         args![
@@ -95,7 +95,7 @@ pub fn refuse(cx: Context, task_id: &str, attempt: u32, why: Why) -> Result<Valu
             now
         ],
     )?;
-    c.exec(
+    c.write(
         "UPDATE tasks SET result = NULL, updated_at = ?2 WHERE task_id = ?1",
         args![task_id, now],
     )?;
@@ -131,13 +131,13 @@ pub fn finish(c: Db, node: &str, task_id: &str, attempt: u32, now: i64, out: &mu
         task_id,
         &[(&escrow, -t.max_price), (&pacc, ask), (&racc, refund)],
     )?;
-    c.exec(
+    c.write(
         "UPDATE tasks SET state = 'settled', result = NULL, updated_at = ?2 WHERE task_id = ?1",
         args![task_id, now],
     )?;
     record_success(c, &provider, &t.requester, ask)?;
     record_verdict(c, &t.requester, true)?;
-    c.exec("DELETE FROM attempt_holders WHERE task_id = ?1", args![task_id])?;
+    c.write("DELETE FROM attempt_holders WHERE task_id = ?1", args![task_id])?;
     out.push((
         provider,
         Event::Settled {

@@ -101,9 +101,11 @@ pub fn ms_to_rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
+/// The task, its row locked for the rest of the batch: what is decided on
+/// it holds while another replica decides on the same task.
 pub fn load_task(c: Db, task_id: &str) -> Result<Task, Fail> {
     let t = c.first(
-        &format!("SELECT {TASK_COLS} FROM tasks WHERE task_id = ?1"),
+        &format!("SELECT {TASK_COLS} FROM tasks WHERE task_id = ?1{}", c.for_update()),
         args![task_id],
         Task::from_row,
     )?;

@@ -4,7 +4,8 @@
 //! and long-disconnected offers, at most [`TICK_ROWS`] rows of each.
 //!
 //! It must not answer requests; it runs in its own savepoint of the
-//! writer's batch.
+//! writer's batch. The rows it changes it locks as it finds them, passing
+//! over those another replica's batch holds (they come up next tick).
 
 use crate::market::server::store::{args, Db};
 
@@ -38,7 +39,8 @@ pub fn tick(
     let mut rep = TickReport::default();
     let lapsed: Vec<Task> = c.map(
         &format!(
-            "SELECT {TASK_COLS} FROM tasks WHERE state = 'assigned' AND (lease_deadline < ?1 OR deadline < ?1) LIMIT ?2"
+            "SELECT {TASK_COLS} FROM tasks WHERE state = 'assigned' AND (lease_deadline < ?1 OR deadline < ?1) LIMIT ?2{}",
+            c.skip_locked()
         ),
         args![now, TICK_ROWS],
         Task::from_row,
@@ -63,7 +65,10 @@ pub fn tick(
     // task; the requester had the whole TTL to reject it. Refunding here
     // instead would let a requester get work for free by staying away.
     let stale: Vec<(String, String, u32)> = c.map(
-        "SELECT task_id, requester, attempt FROM tasks WHERE state = 'delivered' AND delivered_at < ?1 LIMIT ?2",
+        &format!(
+            "SELECT task_id, requester, attempt FROM tasks WHERE state = 'delivered' AND delivered_at < ?1 LIMIT ?2{}",
+            c.skip_locked()
+        ),
         args![now - s.settle_ttl_ms, TICK_ROWS],
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )?;
@@ -72,7 +77,10 @@ pub fn tick(
         finish(c, &requester, &task_id, attempt, now, out)?;
     }
     let expired: Vec<Task> = c.map(
-        &format!("SELECT {TASK_COLS} FROM tasks WHERE state = 'open' AND deadline < ?1 LIMIT ?2"),
+        &format!(
+            "SELECT {TASK_COLS} FROM tasks WHERE state = 'open' AND deadline < ?1 LIMIT ?2{}",
+            c.skip_locked()
+        ),
         args![now, TICK_ROWS],
         Task::from_row,
     )?;

@@ -21,7 +21,7 @@ pub fn apply(cx: Context, offer_id: String) -> Result<Value, Fail> {
         Some((o, _)) if o != node => reject(Reason::NotOwner, "this offer belongs to another node"),
         Some((_, st)) if st != "active" => reject(Reason::WrongState, "this offer is already withdrawn"),
         Some(_) => {
-            c.exec(
+            c.write(
                 "UPDATE offers SET state = 'withdrawn' WHERE offer_id = ?1",
                 args![&offer_id],
             )?;

@@ -129,6 +129,24 @@ fn pg_message(e: &::postgres::Error) -> String {
 }
 
 impl DbError {
+    /// The statement gave way to another replica's: it waited too long for
+    /// a row, or was chosen to end a deadlock. Nothing of it happened and
+    /// the same request can be sent again.
+    pub fn is_contention(&self) -> bool {
+        use ::postgres::error::SqlState;
+        match self {
+            DbError::Postgres(e) => e.code().is_some_and(|c| {
+                [
+                    SqlState::LOCK_NOT_AVAILABLE,
+                    SqlState::T_R_DEADLOCK_DETECTED,
+                    SqlState::T_R_SERIALIZATION_FAILURE,
+                ]
+                .contains(c)
+            }),
+            _ => false,
+        }
+    }
+
     /// The database could not be reached (as opposed to refusing a
     /// statement): the replica reports itself unavailable.
     pub fn is_unreachable(&self) -> bool {
@@ -167,6 +185,19 @@ pub enum V<'a> {
 
 /// A column value read out of a row.
 pub type Value = V<'static>;
+
+impl V<'_> {
+    /// The same value, owning its text or bytes.
+    pub fn to_owned_value(&self) -> Value {
+        match self {
+            V::Null => V::Null,
+            V::Int(i) => V::Int(*i),
+            V::Real(f) => V::Real(*f),
+            V::Text(s) => V::Text(Cow::Owned(s.to_string())),
+            V::Blob(b) => V::Blob(Cow::Owned(b.to_vec())),
+        }
+    }
+}
 
 /// A statement parameter, borrowed: what `args!` takes.
 pub trait Arg {
@@ -333,6 +364,17 @@ impl<'a> Db<'a> {
         }
     }
 
+    /// Run a statement whose row count the caller does not need. On
+    /// PostgreSQL it goes with the next statement that is answered (a
+    /// read, a savepoint's release, the commit), in one round trip: its
+    /// failure is that statement's. SQLite runs it at once.
+    pub fn write(&self, sql: &str, args: &[V]) -> Result<()> {
+        match self {
+            Db::Sqlite(c) => sqlite::exec(c, sql, args).map(|_| ()),
+            Db::Postgres(c) => c.write(sql, args),
+        }
+    }
+
     /// Every row of a query.
     pub fn rows(&self, sql: &str, args: &[V]) -> Result<Vec<Row>> {
         match self {
@@ -370,11 +412,31 @@ impl<'a> Db<'a> {
         Ok(!self.rows(sql, args)?.is_empty())
     }
 
+    /// Appended to a query whose rows the caller goes on to change on what
+    /// it read: on PostgreSQL they are locked until the batch commits (a
+    /// replica deciding on the same rows waits, then reads the change), on
+    /// SQLite there is one writer and nothing to add.
+    pub fn for_update(&self) -> &'static str {
+        match self {
+            Db::Sqlite(_) => "",
+            Db::Postgres(_) => " FOR UPDATE",
+        }
+    }
+
+    /// Like [`Db::for_update`], but rows another batch holds are passed
+    /// over: for work that any one replica may do, such as the clock's.
+    pub fn skip_locked(&self) -> &'static str {
+        match self {
+            Db::Sqlite(_) => "",
+            Db::Postgres(_) => " FOR UPDATE SKIP LOCKED",
+        }
+    }
+
     /// Open a savepoint on the current transaction: dropped without
     /// [`Savepoint::commit`] it rolls back to where it began, so a refused
     /// request changes nothing while its neighbours in the batch commit.
     pub fn savepoint(&self) -> Result<Savepoint<'a>> {
-        self.exec("SAVEPOINT op", &[])?;
+        self.write("SAVEPOINT op", &[])?;
         Ok(Savepoint { db: *self, done: false })
     }
 }
@@ -390,17 +452,26 @@ impl<'a> Savepoint<'a> {
         self.db
     }
 
+    /// Keep what was done since the savepoint. On PostgreSQL this is where
+    /// the savepoint's queued writes are answered: if one failed, all of
+    /// it is rolled back and that failure returned.
     pub fn commit(mut self) -> Result<()> {
+        self.db.exec("RELEASE SAVEPOINT op", &[])?;
         self.done = true;
-        self.db.exec("RELEASE SAVEPOINT op", &[]).map(|_| ())
+        Ok(())
     }
 }
 
 impl Drop for Savepoint<'_> {
     fn drop(&mut self) {
         if !self.done {
-            let _ = self.db.exec("ROLLBACK TO SAVEPOINT op", &[]);
-            let _ = self.db.exec("RELEASE SAVEPOINT op", &[]);
+            let _ = match self.db {
+                Db::Sqlite(_) => self
+                    .db
+                    .exec("ROLLBACK TO SAVEPOINT op", &[])
+                    .and_then(|_| self.db.exec("RELEASE SAVEPOINT op", &[])),
+                Db::Postgres(c) => c.rollback_to_savepoint().map(|()| 0),
+            };
         }
     }
 }
@@ -454,19 +525,29 @@ impl Store {
         }
     }
 
-    /// Begin the batch's transaction. On PostgreSQL it also takes the
-    /// market's write lock, so the batches of all replicas apply one after
-    /// another, exactly as one writer's would: a task is accepted once and
-    /// a balance spent once, whichever replica each request came through.
+    /// Begin the batch's transaction. SQLite has one writer; on
+    /// PostgreSQL the batches of all replicas run at once, and the rows a
+    /// decision rests on are locked as they are read ([`Db::for_update`]),
+    /// so a task is accepted once and a balance spent once, whichever
+    /// replica each request came through.
     pub fn begin(&mut self) -> Result<()> {
         match self {
             Store::Sqlite(c) => c.execute_batch("BEGIN IMMEDIATE").map_err(Into::into),
-            Store::Postgres(c) => c.begin_locked(),
+            Store::Postgres(c) => c.begin(),
         }
     }
 
     pub fn commit(&mut self) -> Result<()> {
-        let r = self.db().exec("COMMIT", &[]).map(|_| ());
+        self.commit_and_notify(&[])
+    }
+
+    /// Commit, then (on PostgreSQL) notify `channels`, outside the batch's
+    /// transaction (see [`postgres::PgConn::commit_and_notify`]).
+    pub fn commit_and_notify(&mut self, channels: &[String]) -> Result<()> {
+        let r = match self {
+            Store::Sqlite(c) => sqlite::exec(c, "COMMIT", &[]).map(|_| ()),
+            Store::Postgres(c) => c.commit_and_notify(channels),
+        };
         if r.is_err() {
             self.rollback();
         }
@@ -474,6 +555,11 @@ impl Store {
     }
 
     pub fn rollback(&mut self) {
-        let _ = self.db().exec("ROLLBACK", &[]);
+        match self {
+            Store::Sqlite(c) => {
+                let _ = sqlite::exec(c, "ROLLBACK", &[]);
+            }
+            Store::Postgres(c) => c.rollback(),
+        }
     }
 }

@@ -4,10 +4,16 @@
 //!
 //! Several `market serve` replicas share one database. Three things make
 //! them one market:
-//! - every writer batch takes one transaction-scoped advisory lock
-//!   ([`WRITE_LOCK`]), so batches from all replicas apply one after another
-//!   and the book's checks (one accept per attempt, no overdraft) hold
-//!   across replicas exactly as they do in one process;
+//! - every writer batch is one `READ COMMITTED` transaction in which the
+//!   rows a decision rests on are locked as they are read (`FOR UPDATE`,
+//!   see [`super::Db::for_update`]): a task, a debited account, the offer a
+//!   lease takes a slot of. Two replicas deciding on the same row take
+//!   turns, and the second reads what the first committed, so the book's
+//!   checks (one accept per attempt, no overdraft) hold across replicas as
+//!   they do in one process, while batches on different rows run at once.
+//!   Work for one replica per tick takes its row with `SKIP LOCKED`. A lock
+//!   not had within [`LOCK_WAIT`] (a deadlock ends that way too) refuses the
+//!   request that waited, as `unavailable`, for its client to retry;
 //! - who is connected where is a table (`presence`), with each replica's
 //!   heartbeat in `replicas`, so a replica knows which nodes are online on
 //!   the others;
@@ -25,12 +31,12 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use postgres::types::{to_sql_checked, IsNull, ToSql, Type};
-use postgres::{Client, NoTls, Statement};
+use postgres::{NoTls, Statement};
 
 use super::{DbError, Result, Row, Value, V};
 
-/// The write lock every batch takes (`pg_advisory_xact_lock`).
-pub const WRITE_LOCK: i64 = 0x636d_6d5f_7772; // "cmm_wr"
+/// The longest a statement waits for a row another replica's batch holds.
+pub const LOCK_WAIT: &str = "500ms";
 /// The lock a replica holds while it migrates (`pg_advisory_lock`).
 const MIGRATE_LOCK: i64 = 0x636d_6d5f_6d67; // "cmm_mg"
 
@@ -255,25 +261,49 @@ fn value_at(r: &postgres::Row, i: usize) -> Result<Value> {
     Ok(v.unwrap_or(V::Null))
 }
 
-/// Statements that manage the transaction go as simple queries: they take
-/// no parameters and need no plan.
-fn is_control(sql: &str) -> bool {
-    ["BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE"]
-        .iter()
-        .any(|k| sql.starts_with(k))
+/// One statement of a round trip.
+enum Op {
+    /// A transaction-control statement, as a simple query.
+    Simple(&'static str),
+    Exec(Statement, Vec<Value>),
+    Query(Statement, Vec<Value>),
 }
 
-/// One connection to the market's database.
+/// What the last statement of a round trip answered.
+enum Answer {
+    Done,
+    Count(u64),
+    Rows(Vec<postgres::Row>),
+}
+
+/// One connection to the market's database, pipelined.
+///
+/// A write whose row count the caller does not need ([`PgConn::write`],
+/// and the savepoints and commit around it) is not sent on its own: it
+/// waits for the next statement whose answer is needed, and goes with it
+/// in one round trip, in order. Each statement still has its own `Sync`,
+/// so the first that fails is the error of that round trip, and those
+/// after it fail with it. A batch is then a round trip per read, not per
+/// statement: on loopback a round trip costs more than the statement, in
+/// the writer's wake-ups and the server's.
+///
+/// Any failure marks the transaction spoiled until a savepoint rolls it
+/// back ([`PgConn::rollback_to_savepoint`]); a spoiled transaction never
+/// commits (PostgreSQL would answer that `COMMIT` with a silent rollback).
 pub struct PgConn {
-    client: RefCell<Client>,
+    rt: tokio::runtime::Runtime,
+    client: tokio_postgres::Client,
     /// Prepared statements by their source text.
     stmts: RefCell<HashMap<String, Statement>>,
+    /// Writes waiting for the next round trip.
+    waiting: RefCell<Vec<Op>>,
+    spoiled: std::cell::Cell<bool>,
 }
 
 /// Connection settings for `url`: a short connect timeout, so a replica
 /// whose database is down answers `unavailable` quickly.
-pub fn config(url: &str) -> Result<postgres::Config> {
-    let mut c: postgres::Config = url.parse().map_err(|e: postgres::Error| {
+pub fn config(url: &str) -> Result<tokio_postgres::Config> {
+    let mut c: tokio_postgres::Config = url.parse().map_err(|e: postgres::Error| {
         DbError::Schema(format!("`{}` is not a PostgreSQL URL: {e}", super::redact(url)))
     })?;
     if c.get_connect_timeout().is_none() {
@@ -286,13 +316,26 @@ pub fn config(url: &str) -> Result<postgres::Config> {
 }
 
 impl PgConn {
-    /// Connect (no migration). Call outside any async runtime: the blocking
-    /// client runs its own.
+    /// Connect (no migration). Call outside any async runtime: the client
+    /// runs its own, on the calling thread.
     pub fn connect(url: &str) -> Result<PgConn> {
-        let client = config(url)?.connect(NoTls)?;
+        let config = config(url)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| DbError::Schema(format!("cannot start the database client: {e}")))?;
+        let (client, connection) = rt.block_on(config.connect(NoTls))?;
+        // Driven whenever a round trip waits on this thread's runtime.
+        rt.spawn(async move {
+            let _ = connection.await;
+        });
+        rt.block_on(client.batch_execute(&format!("SET lock_timeout = '{LOCK_WAIT}'")))?;
         Ok(PgConn {
-            client: RefCell::new(client),
+            rt,
+            client,
             stmts: RefCell::new(HashMap::new()),
+            waiting: RefCell::new(Vec::new()),
+            spoiled: std::cell::Cell::new(false),
         })
     }
 
@@ -306,73 +349,131 @@ impl PgConn {
     }
 
     pub fn is_closed(&self) -> bool {
-        self.client.borrow().is_closed()
+        self.client.is_closed()
     }
 
     fn migrate(&self) -> Result<()> {
-        let mut c = self.client.borrow_mut();
-        c.execute("SELECT pg_advisory_lock($1)", &[&MIGRATE_LOCK])?;
-        let r = (|| -> Result<()> {
-            c.batch_execute("CREATE TABLE IF NOT EXISTS cmm_schema (version BIGINT NOT NULL)")?;
-            let have: i64 = c
-                .query_opt("SELECT version FROM cmm_schema", &[])?
-                .map(|r| r.get(0))
-                .unwrap_or(0);
-            if have as usize > MIGRATIONS.len() {
-                return Err(DbError::Schema(format!(
-                    "market database schema version {have} is newer than this build ({})",
-                    MIGRATIONS.len()
-                )));
+        let c = &self.client;
+        self.rt.block_on(async {
+            c.execute("SELECT pg_advisory_lock($1)", &[&MIGRATE_LOCK]).await?;
+            let r = async {
+                c.batch_execute("CREATE TABLE IF NOT EXISTS cmm_schema (version BIGINT NOT NULL)")
+                    .await?;
+                let have: i64 = c
+                    .query_opt("SELECT version FROM cmm_schema", &[])
+                    .await?
+                    .map(|r| r.get(0))
+                    .unwrap_or(0);
+                if have as usize > MIGRATIONS.len() {
+                    return Err(DbError::Schema(format!(
+                        "market database schema version {have} is newer than this build ({})",
+                        MIGRATIONS.len()
+                    )));
+                }
+                for (i, sql) in MIGRATIONS.iter().enumerate().skip(have as usize) {
+                    c.batch_execute("BEGIN").await?;
+                    let step = async {
+                        c.batch_execute(sql).await?;
+                        c.execute("DELETE FROM cmm_schema", &[]).await?;
+                        c.execute("INSERT INTO cmm_schema(version) VALUES ($1)", &[&((i + 1) as i64)])
+                            .await?;
+                        c.batch_execute("COMMIT").await
+                    }
+                    .await;
+                    if step.is_err() {
+                        let _ = c.batch_execute("ROLLBACK").await;
+                    }
+                    step?;
+                }
+                Ok(())
             }
-            for (i, sql) in MIGRATIONS.iter().enumerate().skip(have as usize) {
-                let mut tx = c.transaction()?;
-                tx.batch_execute(sql)?;
-                tx.execute("DELETE FROM cmm_schema", &[])?;
-                tx.execute("INSERT INTO cmm_schema(version) VALUES ($1)", &[&((i + 1) as i64)])?;
-                tx.commit()?;
-            }
+            .await;
+            let unlocked = c.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATE_LOCK]).await;
+            r?;
+            unlocked?;
             Ok(())
-        })();
-        let unlocked = c.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATE_LOCK]);
-        r?;
-        unlocked?;
-        Ok(())
+        })
     }
 
     pub fn schema_version(&self) -> Result<usize> {
-        let mut c = self.client.borrow_mut();
-        let exists: bool = c.query_one("SELECT to_regclass('cmm_schema') IS NOT NULL", &[])?.get(0);
-        if !exists {
-            return Ok(0);
-        }
-        Ok(c.query_opt("SELECT version FROM cmm_schema", &[])?
-            .map(|r| r.get::<_, i64>(0))
-            .unwrap_or(0) as usize)
+        let c = &self.client;
+        self.rt.block_on(async {
+            let exists: bool = c
+                .query_one("SELECT to_regclass('cmm_schema') IS NOT NULL", &[])
+                .await?
+                .get(0);
+            if !exists {
+                return Ok(0);
+            }
+            Ok(c.query_opt("SELECT version FROM cmm_schema", &[])
+                .await?
+                .map(|r| r.get::<_, i64>(0))
+                .unwrap_or(0) as usize)
+        })
     }
 
     fn statement(&self, sql: &str) -> Result<Statement> {
         if let Some(st) = self.stmts.borrow().get(sql) {
             return Ok(st.clone());
         }
-        let st = self.client.borrow_mut().prepare(&translate(sql))?;
+        let st = self.rt.block_on(self.client.prepare(&translate(sql)))?;
         self.stmts.borrow_mut().insert(sql.to_string(), st.clone());
         Ok(st)
     }
 
-    pub fn exec(&self, sql: &str, args: &[V]) -> Result<u64> {
-        if args.is_empty() && is_control(sql) {
-            self.client.borrow_mut().batch_execute(sql)?;
-            return Ok(0);
+    fn owned(args: &[V]) -> Vec<Value> {
+        args.iter().map(V::to_owned_value).collect()
+    }
+
+    /// Send what is waiting and then `last`, in one round trip; the answer
+    /// to `last`, or the first failure.
+    fn round_trip(&self, last: Option<Op>) -> Result<Answer> {
+        let mut ops = std::mem::take(&mut *self.waiting.borrow_mut());
+        ops.extend(last);
+        if ops.is_empty() {
+            return Ok(Answer::Done);
         }
-        let st = self.statement(sql)?;
-        let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-        Ok(self.client.borrow_mut().execute(&st, &params)?)
+        let r = self
+            .rt
+            .block_on(pipeline(&self.client, &ops))
+            .into_iter()
+            .try_fold(Answer::Done, |_, a| a)
+            .map_err(DbError::from);
+        if r.is_err() {
+            self.spoiled.set(true);
+        }
+        r
+    }
+
+    /// Run a statement now (with whatever waits before it); the number of
+    /// rows it changed.
+    pub fn exec(&self, sql: &str, args: &[V]) -> Result<u64> {
+        let op = match control(sql, args) {
+            Some(sql) => Op::Simple(sql),
+            None => Op::Exec(self.statement(sql)?, Self::owned(args)),
+        };
+        match self.round_trip(Some(op))? {
+            Answer::Count(n) => Ok(n),
+            _ => Ok(0),
+        }
+    }
+
+    /// Queue a statement whose row count nobody needs: it is sent with the
+    /// next round trip, and its failure is that round trip's.
+    pub fn write(&self, sql: &str, args: &[V]) -> Result<()> {
+        let op = match control(sql, args) {
+            Some(sql) => Op::Simple(sql),
+            None => Op::Exec(self.statement(sql)?, Self::owned(args)),
+        };
+        self.waiting.borrow_mut().push(op);
+        Ok(())
     }
 
     pub fn rows(&self, sql: &str, args: &[V]) -> Result<Vec<Row>> {
-        let st = self.statement(sql)?;
-        let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-        let rows = self.client.borrow_mut().query(&st, &params)?;
+        let op = Op::Query(self.statement(sql)?, Self::owned(args));
+        let Answer::Rows(rows) = self.round_trip(Some(op))? else {
+            return Ok(Vec::new());
+        };
         rows.iter()
             .map(|r| {
                 (0..r.len())
@@ -383,13 +484,140 @@ impl PgConn {
             .collect()
     }
 
-    /// Begin a batch under the market's write lock.
-    pub fn begin_locked(&self) -> Result<()> {
-        self.exec("BEGIN", &[])?;
-        if let Err(e) = self.exec("SELECT pg_advisory_xact_lock(?1)", &[V::Int(WRITE_LOCK)]) {
-            let _ = self.exec("ROLLBACK", &[]);
-            return Err(e);
+    /// Undo everything since the savepoint, now. Once it is undone the
+    /// transaction is sound again, whatever failed inside it.
+    pub fn rollback_to_savepoint(&self) -> Result<()> {
+        self.write("ROLLBACK TO SAVEPOINT op", &[])?;
+        self.round_trip(Some(Op::Simple("RELEASE SAVEPOINT op")))?;
+        self.spoiled.set(false);
+        Ok(())
+    }
+
+    /// Begin a batch. It goes with the batch's first read.
+    pub fn begin(&self) -> Result<()> {
+        self.waiting.borrow_mut().clear();
+        self.spoiled.set(false);
+        self.write("BEGIN", &[])
+    }
+
+    /// Commit the batch: refused if any statement of it failed and was not
+    /// rolled back to its savepoint.
+    pub fn commit(&self) -> Result<()> {
+        if self.spoiled.get() {
+            self.waiting.borrow_mut().clear();
+            // The database's own error when it is gone (the replica then
+            // reports itself unavailable), else what happened.
+            return Err(match self.round_trip(Some(Op::Simple("ROLLBACK"))) {
+                Err(e) => e,
+                Ok(_) => DbError::Schema("a statement of this batch failed, so the batch was rolled back".into()),
+            });
+        }
+        self.round_trip(Some(Op::Simple("COMMIT"))).map(|_| ())
+    }
+
+    /// [`PgConn::commit`], then wake the listeners on `channels` in the same
+    /// round trip, each `NOTIFY` in a transaction of its own. A `NOTIFY`
+    /// inside the batch would have its commit take PostgreSQL's one lock on
+    /// the notification queue and hold it through the commit's flush to
+    /// disk, so the commits of every replica would queue behind it. A
+    /// wake-up that fails or is lost is made good by the listener's own
+    /// look once a second.
+    pub fn commit_and_notify(&self, channels: &[String]) -> Result<()> {
+        if channels.is_empty() || self.spoiled.get() {
+            return self.commit();
+        }
+        let mut ops = std::mem::take(&mut *self.waiting.borrow_mut());
+        ops.push(Op::Simple("COMMIT"));
+        let committed = ops.len();
+        for ch in channels {
+            ops.push(Op::Exec(
+                self.statement("SELECT pg_notify(?1, '')")?,
+                vec![V::Text(ch.clone().into())],
+            ));
+        }
+        let answers = self.rt.block_on(pipeline(&self.client, &ops));
+        let mut answers = answers.into_iter();
+        for a in answers.by_ref().take(committed) {
+            if let Err(e) = a {
+                self.spoiled.set(true);
+                return Err(e.into());
+            }
+        }
+        for a in answers {
+            if let Err(e) = a {
+                tracing::debug!("a relay wake-up failed ({e}); the listener looks again within a second");
+            }
         }
         Ok(())
     }
+
+    pub fn rollback(&self) {
+        self.waiting.borrow_mut().clear();
+        let _ = self.round_trip(Some(Op::Simple("ROLLBACK")));
+        self.spoiled.set(false);
+    }
+}
+
+/// The transaction-control statement `sql` is, if it is one: these go as
+/// simple queries, since they take no parameters and need no plan.
+fn control(sql: &str, args: &[V]) -> Option<&'static str> {
+    const KNOWN: [&str; 7] = [
+        "BEGIN",
+        "COMMIT",
+        "ROLLBACK",
+        "SAVEPOINT op",
+        "RELEASE SAVEPOINT op",
+        "ROLLBACK TO SAVEPOINT op",
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+    ];
+    if !args.is_empty() {
+        return None;
+    }
+    KNOWN.iter().find(|k| **k == sql).copied()
+}
+
+/// Send every statement of `ops` before waiting for any answer, so they
+/// travel together and PostgreSQL runs them in order; then wait for all.
+/// Each one's answer, in order.
+async fn pipeline(client: &tokio_postgres::Client, ops: &[Op]) -> Vec<std::result::Result<Answer, postgres::Error>> {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::Poll;
+    type Pending<'a> = Pin<Box<dyn Future<Output = std::result::Result<Answer, postgres::Error>> + 'a>>;
+    fn params(args: &[Value]) -> Vec<&(dyn ToSql + Sync)> {
+        args.iter().map(|a| a as &(dyn ToSql + Sync)).collect()
+    }
+    let mut pending: Vec<Pending<'_>> = ops
+        .iter()
+        .map(|op| -> Pending<'_> {
+            match op {
+                Op::Simple(sql) => Box::pin(async move { client.batch_execute(sql).await.map(|()| Answer::Done) }),
+                Op::Exec(st, args) => {
+                    Box::pin(async move { client.execute(st, &params(args)).await.map(Answer::Count) })
+                }
+                Op::Query(st, args) => Box::pin(async move { client.query(st, &params(args)).await.map(Answer::Rows) }),
+            }
+        })
+        .collect();
+    let mut answers: Vec<Option<std::result::Result<Answer, postgres::Error>>> = ops.iter().map(|_| None).collect();
+    // Each statement is queued to the connection on its first poll, so
+    // polling them in order on every wake-up sends them in order.
+    std::future::poll_fn(|cx| {
+        let mut waiting = false;
+        for (f, a) in pending.iter_mut().zip(answers.iter_mut()) {
+            if a.is_none() {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(r) => *a = Some(r),
+                    Poll::Pending => waiting = true,
+                }
+            }
+        }
+        if waiting {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    answers.into_iter().flatten().collect()
 }
