@@ -154,6 +154,90 @@ fn a_task_crosses_three_replicas_and_settles_with_exact_balances() {
     }
 }
 
+/// Batches of different replicas run at once, each holding only the rows it
+/// decides on. While another transaction holds a task's row (as another
+/// replica's batch would), an accept of that task waits for it and, past
+/// the lock wait, is refused as `unavailable` with nothing changed, while
+/// a post of another task goes through at once; sent again once the row
+/// is free, the accept applies.
+#[test]
+fn a_request_kept_waiting_for_a_row_is_refused_as_unavailable_while_other_work_goes_on() {
+    let Some(url) = fresh_db("a_request_kept_waiting_for_a_row") else {
+        return;
+    };
+    let rs = replicas(&url, 2, &[]);
+    rt().block_on(async {
+        let (r, p) = (Node::new(), Node::new());
+        let rc = r.connect(&rs[0]).await;
+        let mut pc = p.connect(&rs[1]).await;
+        pc.request(&offer(1)).await.expect("offer");
+        let tid = task_id(&rc.request(&post(2)).await.expect("post"));
+        expect_event(
+            &mut pc,
+            10,
+            "the task offered",
+            |e| matches!(e, Event::TaskOffered { task } if task.task_id == tid),
+        )
+        .await;
+        // Hold the task's row in a transaction of our own.
+        let (held_tx, held) = std::sync::mpsc::channel();
+        let (release_tx, release) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let (url, tid) = (url.clone(), tid.clone());
+            std::thread::spawn(move || {
+                let mut db = postgres::connect(&url).expect("connect");
+                let mut tx = db.transaction().expect("begin");
+                tx.query_one("SELECT attempt FROM tasks WHERE task_id = $1 FOR UPDATE", &[&tid])
+                    .expect("lock the task's row");
+                held_tx.send(()).unwrap();
+                let _ = release.recv();
+                tx.rollback().expect("rollback");
+            })
+        };
+        held.recv().expect("the row is held");
+        let accept = Request::Accept {
+            task_id: tid.clone(),
+            attempt: 1,
+        };
+        let started = Instant::now();
+        let (waited, other) = tokio::join!(pc.request(&accept), async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let t = Instant::now();
+            let v = rc.request(&post(2)).await.expect("another post meanwhile");
+            (v, t.elapsed())
+        });
+        let e = waited.expect_err("the accept cannot have the row");
+        assert_eq!(e.reason(), Some(Reason::Unavailable), "{e}");
+        assert!(e.to_string().contains("send it again"), "says what to do: {e}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(450),
+            "it waited for the row first ({:?})",
+            started.elapsed()
+        );
+        assert!(
+            other.1 < Duration::from_millis(400),
+            "a post of another task did not wait for the held row ({:?})",
+            other.1
+        );
+        assert_ne!(task_id(&other.0), tid);
+        release_tx.send(()).unwrap();
+        holder.join().unwrap();
+        let t = rc
+            .request(&Request::Task { task_id: tid.clone() })
+            .await
+            .expect("the task");
+        assert_eq!(t["state"], "open", "the refused accept changed nothing: {t}");
+        let v = pc.request(&accept).await.expect("the accept, sent again");
+        assert_eq!(v["attempt"], 1);
+        let t = rc
+            .request(&Request::Task { task_id: tid.clone() })
+            .await
+            .expect("the task");
+        assert_eq!(t["state"], "assigned", "{t}");
+    });
+    rs[0].verify();
+}
+
 /// Two providers on two replicas accept one task at the same moment, 200
 /// times: exactly one wins each time, and the ledger holds.
 #[test]

@@ -84,7 +84,8 @@ struct Writer {
 /// What one batch leaves to do once its transaction commits.
 #[derive(Default)]
 struct Done {
-    replies: Vec<(oneshot::Sender<String>, String)>,
+    /// Each request's reply channel, message id and answer.
+    replies: Vec<(oneshot::Sender<String>, String, String)>,
     logins: Vec<(LoginReply, (i64, i64))>,
     out: book::Outbox,
     /// Requests and logins that changed state.
@@ -135,6 +136,9 @@ pub fn writer(
                 &mut w,
                 &mut stopping,
             );
+            // The clock cannot run without its database: wait for the
+            // next command (or the next try) instead of spinning.
+            next_tick = Instant::now() + TICK_EVERY;
             continue;
         }
         let started = Instant::now();
@@ -316,7 +320,7 @@ impl Writer {
                 if changed {
                     done.ops += 1;
                 }
-                done.replies.push((reply, frame));
+                done.replies.push((reply, id, frame));
             }
         }
         false
@@ -479,7 +483,7 @@ impl Writer {
             self.metrics.clock_ticks.inc();
         }
         self.metrics.ops_committed.inc_by(done.ops);
-        for (reply, frame) in done.replies {
+        for (reply, _, frame) in done.replies {
             let _ = reply.send(frame);
         }
         for (reply, r) in done.logins {
@@ -500,10 +504,12 @@ impl Writer {
     /// not registered: they are closed, to log in again.
     fn commit_failed(&mut self, done: Done, e: &DbError) {
         let (reason, why) = failure(e);
-        for (reply, _) in done.replies {
+        for (reply, id, _) in done.replies {
             self.metrics.reject(reason);
+            // Under the request's id: a refusal the client cannot match
+            // leaves it waiting for an answer that never comes.
             let _ = reply.send(error_frame(
-                None,
+                Some(id),
                 Rejection::new(reason, format!("commit failed: {why}")),
             ));
         }

@@ -96,6 +96,9 @@ pub enum DbError {
     Schema(String),
     #[error("column {0}: {1}")]
     Type(usize, String),
+    /// The database did not answer in time; the connection is dropped.
+    #[error("{0}")]
+    NoAnswer(String),
 }
 
 impl From<::postgres::Error> for DbError {
@@ -152,6 +155,7 @@ impl DbError {
     pub fn is_unreachable(&self) -> bool {
         match self {
             DbError::Postgres(e) => e.is_closed() || e.as_db_error().is_none_or(|d| is_shutdown_code(d.code())),
+            DbError::NoAnswer(_) => true,
             _ => false,
         }
     }

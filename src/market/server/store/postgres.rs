@@ -37,6 +37,11 @@ use super::{DbError, Result, Row, Value, V};
 
 /// The longest a statement waits for a row another replica's batch holds.
 pub const LOCK_WAIT: &str = "500ms";
+/// The longest a connection may take to be ready, handshake included.
+const CONNECT_WITHIN: Duration = Duration::from_secs(3);
+/// The longest one round trip may take before the database is taken for
+/// gone: far above a lock wait or a commit's flush.
+const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 /// The lock a replica holds while it migrates (`pg_advisory_lock`).
 const MIGRATE_LOCK: i64 = 0x636d_6d5f_6d67; // "cmm_mg"
 
@@ -298,6 +303,8 @@ pub struct PgConn {
     /// Writes waiting for the next round trip.
     waiting: RefCell<Vec<Op>>,
     spoiled: std::cell::Cell<bool>,
+    /// A round trip went unanswered: the connection is not used again.
+    broken: std::cell::Cell<bool>,
 }
 
 /// Connection settings for `url`: a short connect timeout, so a replica
@@ -324,18 +331,38 @@ impl PgConn {
             .enable_all()
             .build()
             .map_err(|e| DbError::Schema(format!("cannot start the database client: {e}")))?;
-        let (client, connection) = rt.block_on(config.connect(NoTls))?;
-        // Driven whenever a round trip waits on this thread's runtime.
-        rt.spawn(async move {
-            let _ = connection.await;
+        // The connect timeout covers the socket only; a server that takes
+        // the connection and then says nothing must not hold the caller.
+        let ready = rt.block_on(async {
+            tokio::time::timeout(CONNECT_WITHIN, async {
+                let (client, connection) = config.connect(NoTls).await?;
+                // Driven whenever a round trip waits on this thread's runtime.
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                client
+                    .batch_execute(&format!("SET lock_timeout = '{LOCK_WAIT}'"))
+                    .await?;
+                Ok::<_, postgres::Error>(client)
+            })
+            .await
         });
-        rt.block_on(client.batch_execute(&format!("SET lock_timeout = '{LOCK_WAIT}'")))?;
+        let client = match ready {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(DbError::NoAnswer(format!(
+                    "the database took the connection but did not answer within {}s",
+                    CONNECT_WITHIN.as_secs()
+                )))
+            }
+        };
         Ok(PgConn {
             rt,
             client,
             stmts: RefCell::new(HashMap::new()),
             waiting: RefCell::new(Vec::new()),
             spoiled: std::cell::Cell::new(false),
+            broken: std::cell::Cell::new(false),
         })
     }
 
@@ -349,7 +376,7 @@ impl PgConn {
     }
 
     pub fn is_closed(&self) -> bool {
-        self.client.is_closed()
+        self.broken.get() || self.client.is_closed()
     }
 
     fn migrate(&self) -> Result<()> {
@@ -416,7 +443,19 @@ impl PgConn {
         if let Some(st) = self.stmts.borrow().get(sql) {
             return Ok(st.clone());
         }
-        let st = self.rt.block_on(self.client.prepare(&translate(sql)))?;
+        if self.broken.get() {
+            return Err(DbError::NoAnswer("the connection to the database was given up".into()));
+        }
+        let prepared = self
+            .rt
+            .block_on(async { tokio::time::timeout(ANSWER_WITHIN, self.client.prepare(&translate(sql))).await });
+        let st = prepared.map_err(|_| {
+            self.broken.set(true);
+            DbError::NoAnswer(format!(
+                "the database did not answer within {}s",
+                ANSWER_WITHIN.as_secs()
+            ))
+        })??;
         self.stmts.borrow_mut().insert(sql.to_string(), st.clone());
         Ok(st)
     }
@@ -434,8 +473,7 @@ impl PgConn {
             return Ok(Answer::Done);
         }
         let r = self
-            .rt
-            .block_on(pipeline(&self.client, &ops))
+            .answers(&ops)?
             .into_iter()
             .try_fold(Answer::Done, |_, a| a)
             .map_err(DbError::from);
@@ -443,6 +481,26 @@ impl PgConn {
             self.spoiled.set(true);
         }
         r
+    }
+
+    /// Each answer to `ops`, sent in one round trip, unless the database
+    /// leaves it unanswered for [`ANSWER_WITHIN`]: then this connection is
+    /// done with, and the caller reconnects.
+    fn answers(&self, ops: &[Op]) -> Result<Vec<std::result::Result<Answer, postgres::Error>>> {
+        if self.broken.get() {
+            return Err(DbError::NoAnswer("the connection to the database was given up".into()));
+        }
+        let r = self
+            .rt
+            .block_on(async { tokio::time::timeout(ANSWER_WITHIN, pipeline(&self.client, ops)).await });
+        r.map_err(|_| {
+            self.broken.set(true);
+            self.spoiled.set(true);
+            DbError::NoAnswer(format!(
+                "the database did not answer within {}s",
+                ANSWER_WITHIN.as_secs()
+            ))
+        })
     }
 
     /// Run a statement now (with whatever waits before it); the number of
@@ -535,8 +593,7 @@ impl PgConn {
                 vec![V::Text(ch.clone().into())],
             ));
         }
-        let answers = self.rt.block_on(pipeline(&self.client, &ops));
-        let mut answers = answers.into_iter();
+        let mut answers = self.answers(&ops)?.into_iter();
         for a in answers.by_ref().take(committed) {
             if let Err(e) = a {
                 self.spoiled.set(true);
