@@ -443,19 +443,7 @@ impl PgConn {
         if let Some(st) = self.stmts.borrow().get(sql) {
             return Ok(st.clone());
         }
-        if self.broken.get() {
-            return Err(DbError::NoAnswer("the connection to the database was given up".into()));
-        }
-        let prepared = self
-            .rt
-            .block_on(async { tokio::time::timeout(ANSWER_WITHIN, self.client.prepare(&translate(sql))).await });
-        let st = prepared.map_err(|_| {
-            self.broken.set(true);
-            DbError::NoAnswer(format!(
-                "the database did not answer within {}s",
-                ANSWER_WITHIN.as_secs()
-            ))
-        })??;
+        let st = self.bounded(self.client.prepare(&translate(sql)))??;
         self.stmts.borrow_mut().insert(sql.to_string(), st.clone());
         Ok(st)
     }
@@ -473,7 +461,7 @@ impl PgConn {
             return Ok(Answer::Done);
         }
         let r = self
-            .answers(&ops)?
+            .bounded(pipeline(&self.client, &ops))?
             .into_iter()
             .try_fold(Answer::Done, |_, a| a)
             .map_err(DbError::from);
@@ -483,33 +471,37 @@ impl PgConn {
         r
     }
 
-    /// Each answer to `ops`, sent in one round trip, unless the database
-    /// leaves it unanswered for [`ANSWER_WITHIN`]: then this connection is
-    /// done with, and the caller reconnects.
-    fn answers(&self, ops: &[Op]) -> Result<Vec<std::result::Result<Answer, postgres::Error>>> {
+    /// Wait on this connection's runtime for `work` with the database,
+    /// unless the database leaves it unanswered for [`ANSWER_WITHIN`]: then
+    /// this connection is done with, and the caller reconnects.
+    fn bounded<T>(&self, work: impl std::future::Future<Output = T>) -> Result<T> {
         if self.broken.get() {
             return Err(DbError::NoAnswer("the connection to the database was given up".into()));
         }
-        let r = self
-            .rt
-            .block_on(async { tokio::time::timeout(ANSWER_WITHIN, pipeline(&self.client, ops)).await });
-        r.map_err(|_| {
-            self.broken.set(true);
-            self.spoiled.set(true);
-            DbError::NoAnswer(format!(
-                "the database did not answer within {}s",
-                ANSWER_WITHIN.as_secs()
-            ))
+        self.rt
+            .block_on(async { tokio::time::timeout(ANSWER_WITHIN, work).await })
+            .map_err(|_| {
+                self.broken.set(true);
+                self.spoiled.set(true);
+                DbError::NoAnswer(format!(
+                    "the database did not answer within {}s",
+                    ANSWER_WITHIN.as_secs()
+                ))
+            })
+    }
+
+    /// `sql` with `args`, ready to send.
+    fn op(&self, sql: &str, args: &[V]) -> Result<Op> {
+        Ok(match control(sql, args) {
+            Some(sql) => Op::Simple(sql),
+            None => Op::Exec(self.statement(sql)?, Self::owned(args)),
         })
     }
 
     /// Run a statement now (with whatever waits before it); the number of
     /// rows it changed.
     pub fn exec(&self, sql: &str, args: &[V]) -> Result<u64> {
-        let op = match control(sql, args) {
-            Some(sql) => Op::Simple(sql),
-            None => Op::Exec(self.statement(sql)?, Self::owned(args)),
-        };
+        let op = self.op(sql, args)?;
         match self.round_trip(Some(op))? {
             Answer::Count(n) => Ok(n),
             _ => Ok(0),
@@ -519,10 +511,7 @@ impl PgConn {
     /// Queue a statement whose row count nobody needs: it is sent with the
     /// next round trip, and its failure is that round trip's.
     pub fn write(&self, sql: &str, args: &[V]) -> Result<()> {
-        let op = match control(sql, args) {
-            Some(sql) => Op::Simple(sql),
-            None => Op::Exec(self.statement(sql)?, Self::owned(args)),
-        };
+        let op = self.op(sql, args)?;
         self.waiting.borrow_mut().push(op);
         Ok(())
     }
@@ -588,12 +577,9 @@ impl PgConn {
         ops.push(Op::Simple("COMMIT"));
         let committed = ops.len();
         for ch in channels {
-            ops.push(Op::Exec(
-                self.statement("SELECT pg_notify(?1, '')")?,
-                vec![V::Text(ch.clone().into())],
-            ));
+            ops.push(self.op("SELECT pg_notify(?1, '')", &[V::Text(ch.as_str().into())])?);
         }
-        let mut answers = self.answers(&ops)?.into_iter();
+        let mut answers = self.bounded(pipeline(&self.client, &ops))?.into_iter();
         for a in answers.by_ref().take(committed) {
             if let Err(e) = a {
                 self.spoiled.set(true);
