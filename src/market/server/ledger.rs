@@ -9,7 +9,7 @@
 //! It must not decide why money moves: the order book (`book`) does, and
 //! calls [`post`] inside its own transaction.
 
-use crate::market::server::store::{self, args, Db, Engine};
+use crate::market::server::store::{self, args, Arg, Db, Engine, NewId, V};
 use serde::Serialize;
 
 pub const ISSUER: &str = "issuer";
@@ -45,7 +45,12 @@ pub fn open_account(tx: Db, account: &str, kind: &str) -> store::Result<()> {
 }
 
 /// Record one balanced movement. The caller's transaction makes it atomic
-/// with the state change; an overdraft is refused before anything is written.
+/// with the state change; an overdraft is refused and leaves nothing
+/// changed.
+///
+/// A debit and its check are one statement; the journal row and all its
+/// postings are two more, and on PostgreSQL those and the credits travel
+/// without waiting for an answer.
 pub fn post(
     tx: Db,
     now: i64,
@@ -58,37 +63,70 @@ pub fn post(
         0,
         "unbalanced journal {memo}"
     );
-    for (account, amount) in postings {
-        if *account != ISSUER && *amount < 0 {
-            // Locked until the transaction ends: no other replica spends
-            // what this check found.
-            let have = tx
-                .value(
-                    &format!("SELECT balance FROM accounts WHERE account = ?1{}", tx.for_update()),
-                    args![account],
-                )?
-                .unwrap_or(0);
-            if have + amount < 0 {
-                return Ok(Err(Overdraft {
-                    account: account.to_string(),
-                    balance: have,
-                    needed: -amount,
-                }));
-            }
+    // Each account's net change: one account named twice moves once.
+    let mut net: Vec<(&str, i64)> = Vec::with_capacity(postings.len());
+    for &(account, amount) in postings.iter().filter(|p| p.1 != 0) {
+        match net.iter_mut().find(|n| n.0 == account) {
+            Some(n) => n.1 += amount,
+            None => net.push((account, amount)),
         }
     }
-    let jid = tx.count(
-        "INSERT INTO journal(ts, memo, task_id) VALUES (?1, ?2, ?3) RETURNING id",
-        args![now, memo, task_id],
-    )?;
-    for (account, amount) in postings {
-        if *amount == 0 {
-            continue;
+    net.retain(|n| n.1 != 0);
+    // A node's or a task's balance may not go below zero: each is debited
+    // only if it covers its part, the check and the debit one statement
+    // (on PostgreSQL the row stays locked until the transaction ends, and a
+    // replica that waited for it checks the balance it finds then).
+    let checked = |n: &(&str, i64)| n.0 != ISSUER && n.1 < 0;
+    let mut debited: Vec<(&str, i64)> = Vec::new();
+    for &(account, amount) in net.iter().filter(|n| checked(n)) {
+        let covered = tx
+            .value::<i64>(
+                "UPDATE accounts SET balance = balance + ?2 WHERE account = ?1 AND balance + ?2 >= 0 RETURNING balance",
+                args![account, amount],
+            )?
+            .is_some();
+        if !covered {
+            // Nothing of a refused movement stays.
+            for (done, amount) in debited {
+                tx.write(
+                    "UPDATE accounts SET balance = balance - ?2 WHERE account = ?1",
+                    args![done, amount],
+                )?;
+            }
+            return Ok(Err(Overdraft {
+                account: account.to_string(),
+                balance: balance(tx, account)?,
+                needed: -amount,
+            }));
         }
-        tx.write(
-            "INSERT INTO postings(journal_id, account, amount) VALUES (?1, ?2, ?3)",
-            args![jid, account, amount],
-        )?;
+        debited.push((account, amount));
+    }
+    let lines: Vec<(&str, i64)> = postings.iter().copied().filter(|p| p.1 != 0).collect();
+    if lines.is_empty() {
+        return Ok(Ok(()));
+    }
+    // The journal row's id, as a parameter (`?1`) or as SQL naming it.
+    let (jid, mut params) = match tx.insert_id(
+        "journal",
+        "INSERT INTO journal(ts, memo, task_id) VALUES (?1, ?2, ?3)",
+        args![now, memo, task_id],
+    )? {
+        NewId::Value(id) => ("?1".to_string(), vec![V::Int(id)]),
+        NewId::Sql(sql) => (sql, Vec::new()),
+    };
+    let first = params.len() + 1;
+    let rows: Vec<String> = (0..lines.len())
+        .map(|i| format!("({jid}, ?{}, ?{})", first + 2 * i, first + 2 * i + 1))
+        .collect();
+    params.extend(lines.iter().flat_map(|l| [l.0.arg(), l.1.arg()]));
+    tx.write(
+        &format!(
+            "INSERT INTO postings(journal_id, account, amount) VALUES {}",
+            rows.join(", ")
+        ),
+        &params,
+    )?;
+    for (account, amount) in net.iter().filter(|n| !checked(n)) {
         tx.write(
             "UPDATE accounts SET balance = balance + ?2 WHERE account = ?1",
             args![account, amount],
@@ -226,4 +264,69 @@ pub fn verify(conn: Db) -> store::Result<VerifyReport> {
         journal_entries: count("SELECT COUNT(*) FROM journal")?,
         problems,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::market::server::store::sqlite;
+
+    fn balances(db: Db) -> Vec<(String, i64)> {
+        db.map("SELECT account, balance FROM accounts ORDER BY account", args![], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap()
+    }
+
+    /// A movement whose second debit cannot be covered changes no balance
+    /// and writes no journal row, though its first debit could be.
+    #[test]
+    fn an_overdraft_on_any_debit_leaves_every_balance_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = sqlite::open(&dir.path().join("market.db"), true).unwrap();
+        let db = Db::Sqlite(&c);
+        for a in ["node:a", "node:b", "node:c"] {
+            open_account(db, a, "node").unwrap();
+        }
+        post(db, 1, "grant", None, &[(ISSUER, -10), ("node:a", 7), ("node:b", 3)])
+            .unwrap()
+            .unwrap();
+        let before = balances(db);
+        let refused = post(db, 2, "pay", None, &[("node:a", -5), ("node:b", -4), ("node:c", 9)])
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(
+            (refused.account.as_str(), refused.balance, refused.needed),
+            ("node:b", 3, 4)
+        );
+        assert_eq!(balances(db), before);
+        assert_eq!(db.count("SELECT COUNT(*) FROM journal", args![]).unwrap(), 1);
+        let report = verify(db).unwrap();
+        assert!(report.ok, "{:?}", report.problems);
+    }
+
+    /// An account named twice in one movement moves by its net amount, and
+    /// every posting is kept as written.
+    #[test]
+    fn postings_to_one_account_net_out_in_its_balance_and_stay_in_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = sqlite::open(&dir.path().join("market.db"), true).unwrap();
+        let db = Db::Sqlite(&c);
+        for a in ["node:a", "node:b"] {
+            open_account(db, a, "node").unwrap();
+        }
+        post(db, 1, "grant", None, &[(ISSUER, -10), ("node:a", 10)])
+            .unwrap()
+            .unwrap();
+        post(db, 2, "pay", None, &[("node:a", -6), ("node:b", 4), ("node:a", 2)])
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            balances(db),
+            vec![("issuer".into(), -10), ("node:a".into(), 6), ("node:b".into(), 4)]
+        );
+        assert_eq!(db.count("SELECT COUNT(*) FROM postings", args![]).unwrap(), 5);
+        let report = verify(db).unwrap();
+        assert!(report.ok, "{:?}", report.problems);
+    }
 }

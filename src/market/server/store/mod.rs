@@ -436,6 +436,21 @@ impl<'a> Db<'a> {
         }
     }
 
+    /// Insert one row into `table` (whose key is an `id` the database
+    /// numbers) and say how the statements that follow in this
+    /// transaction name that id. On PostgreSQL the insert is queued like
+    /// [`Db::write`] and the id is its sequence's value on this connection
+    /// (`currval`), so nothing waits for an answer; SQLite answers at once.
+    pub fn insert_id(&self, table: &str, sql: &str, args: &[V]) -> Result<NewId> {
+        match self {
+            Db::Sqlite(_) => Ok(NewId::Value(self.count(&format!("{sql} RETURNING id"), args)?)),
+            Db::Postgres(c) => {
+                c.write(sql, args)?;
+                Ok(NewId::Sql(format!("currval('{table}_id_seq')")))
+            }
+        }
+    }
+
     /// Open a savepoint on the current transaction: dropped without
     /// [`Savepoint::commit`] it rolls back to where it began, so a refused
     /// request changes nothing while its neighbours in the batch commit.
@@ -443,6 +458,14 @@ impl<'a> Db<'a> {
         self.write("SAVEPOINT op", &[])?;
         Ok(Savepoint { db: *self, done: false })
     }
+}
+
+/// The id of a row [`Db::insert_id`] wrote: the number, or SQL that
+/// names it (a statement's text stays the same from row to row either
+/// way, so it is prepared once).
+pub enum NewId {
+    Value(i64),
+    Sql(String),
 }
 
 /// A savepoint on a shared transaction (see [`Db::savepoint`]).
