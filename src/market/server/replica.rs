@@ -18,13 +18,15 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use tokio_postgres::AsyncMessage;
 
-use super::store::{self, args, Db};
+use super::store::{self, args, Arg, Db, V};
 use super::wire::{Cmd, Relayed};
 
 /// A replica whose heartbeat is older than this is taken for dead: its
 /// sessions are gone and its nodes are offline.
 pub const LIVE_MS: i64 = 3_000;
 /// How often a replica writes its heartbeat.
+/// Relay rows written by one statement (four parameters each).
+const RELAY_ROWS: usize = 64;
 const BEAT_EVERY: Duration = Duration::from_millis(500);
 /// The relay table is vacuumed by a listener that took this many rows since
 /// it last did, at most every [`VACUUM_EVERY`].
@@ -110,10 +112,29 @@ impl Replica {
     /// Queue `frame` for `node` on `replica`; with `close`, that replica
     /// then closes the session `close` names (it was replaced).
     pub fn relay(db: Db, replica: i64, node: &str, close: Option<i64>, frame: &str) -> store::Result<()> {
-        db.write(
-            "INSERT INTO relay(replica_id, node_id, conn_id, frame) VALUES (?1, ?2, ?3, ?4)",
-            args![replica, node, close, frame],
-        )?;
+        Self::relay_all(db, &[(replica, node, close, frame)])
+    }
+
+    /// [`Replica::relay`] for many events at once, [`RELAY_ROWS`] rows to
+    /// a statement: a batch's events for other replicas cost a statement
+    /// or two, not one each.
+    pub fn relay_all(db: Db, events: &[(i64, &str, Option<i64>, &str)]) -> store::Result<()> {
+        for chunk in events.chunks(RELAY_ROWS) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| format!("(?{}, ?{}, ?{}, ?{})", 4 * i + 1, 4 * i + 2, 4 * i + 3, 4 * i + 4))
+                .collect();
+            let params: Vec<V> = chunk
+                .iter()
+                .flat_map(|(replica, node, close, frame)| [replica.arg(), node.arg(), close.arg(), frame.arg()])
+                .collect();
+            db.write(
+                &format!(
+                    "INSERT INTO relay(replica_id, node_id, conn_id, frame) VALUES {}",
+                    rows.join(", ")
+                ),
+                &params,
+            )?;
+        }
         Ok(())
     }
 

@@ -462,17 +462,20 @@ impl Writer {
         if self.replica.is_none() {
             return Ok(out);
         }
-        let mut local = Vec::with_capacity(out.len());
-        let mut woken = BTreeSet::new();
-        for (node, ev) in out {
-            if self.sessions.contains_key(&node) {
-                local.push((node, ev));
-            } else if let Some(r) = self.whereabouts.get(db, &node, now) {
-                Replica::relay(db, r, &node, None, &encode_event(&ev))?;
-                woken.insert(r);
+        let (local, others): (book::Outbox, book::Outbox) =
+            out.into_iter().partition(|(node, _)| self.sessions.contains_key(node));
+        let mut away = Vec::new();
+        for (node, ev) in &others {
+            if let Some(r) = self.whereabouts.get(db, node, now) {
+                away.push((r, node, encode_event(ev)));
             }
         }
-        self.woken.borrow_mut().extend(woken);
+        let rows: Vec<(i64, &str, Option<i64>, &str)> = away
+            .iter()
+            .map(|(r, node, frame)| (*r, node.as_str(), None, frame.as_str()))
+            .collect();
+        Replica::relay_all(db, &rows)?;
+        self.woken.borrow_mut().extend(away.iter().map(|a| a.0));
         Ok(local)
     }
 
