@@ -114,16 +114,10 @@ pub fn post(
         NewId::Value(id) => ("?1".to_string(), vec![V::Int(id)]),
         NewId::Sql(sql) => (sql, Vec::new()),
     };
-    let first = params.len() + 1;
-    let rows: Vec<String> = (0..lines.len())
-        .map(|i| format!("({jid}, ?{}, ?{})", first + 2 * i, first + 2 * i + 1))
-        .collect();
+    let rows = store::value_rows(&format!("{jid}, "), params.len() + 1, lines.len(), 2);
     params.extend(lines.iter().flat_map(|l| [l.0.arg(), l.1.arg()]));
     tx.write(
-        &format!(
-            "INSERT INTO postings(journal_id, account, amount) VALUES {}",
-            rows.join(", ")
-        ),
+        &format!("INSERT INTO postings(journal_id, account, amount) VALUES {rows}"),
         &params,
     )?;
     for (account, amount) in net.iter().filter(|n| !checked(n)) {

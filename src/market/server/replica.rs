@@ -24,9 +24,9 @@ use super::wire::{Cmd, Relayed};
 /// A replica whose heartbeat is older than this is taken for dead: its
 /// sessions are gone and its nodes are offline.
 pub const LIVE_MS: i64 = 3_000;
-/// How often a replica writes its heartbeat.
 /// Relay rows written by one statement (four parameters each).
 const RELAY_ROWS: usize = 64;
+/// How often a replica writes its heartbeat.
 const BEAT_EVERY: Duration = Duration::from_millis(500);
 /// The relay table is vacuumed by a listener that took this many rows since
 /// it last did, at most every [`VACUUM_EVERY`].
@@ -118,19 +118,18 @@ impl Replica {
     /// [`Replica::relay`] for many events at once, [`RELAY_ROWS`] rows to
     /// a statement: a batch's events for other replicas cost a statement
     /// or two, not one each.
-    pub fn relay_all(db: Db, events: &[(i64, &str, Option<i64>, &str)]) -> store::Result<()> {
+    pub fn relay_all<F: AsRef<str>>(db: Db, events: &[(i64, &str, Option<i64>, F)]) -> store::Result<()> {
         for chunk in events.chunks(RELAY_ROWS) {
-            let rows: Vec<String> = (0..chunk.len())
-                .map(|i| format!("(?{}, ?{}, ?{}, ?{})", 4 * i + 1, 4 * i + 2, 4 * i + 3, 4 * i + 4))
-                .collect();
             let params: Vec<V> = chunk
                 .iter()
-                .flat_map(|(replica, node, close, frame)| [replica.arg(), node.arg(), close.arg(), frame.arg()])
+                .flat_map(|(replica, node, close, frame)| {
+                    [replica.arg(), node.arg(), close.arg(), frame.as_ref().arg()]
+                })
                 .collect();
             db.write(
                 &format!(
                     "INSERT INTO relay(replica_id, node_id, conn_id, frame) VALUES {}",
-                    rows.join(", ")
+                    store::value_rows("", 1, chunk.len(), 4)
                 ),
                 &params,
             )?;

@@ -460,6 +460,20 @@ impl<'a> Db<'a> {
     }
 }
 
+/// The `VALUES` list of a many-row insert: `rows` groups of `width`
+/// placeholders numbered from `?first`, each group starting with `lead`
+/// (SQL shared by every row, or nothing): `value_rows("", 1, 2, 2)` is
+/// `(?1, ?2), (?3, ?4)`.
+pub fn value_rows(lead: &str, first: usize, rows: usize, width: usize) -> String {
+    (0..rows)
+        .map(|r| {
+            let ps: Vec<String> = (0..width).map(|c| format!("?{}", first + r * width + c)).collect();
+            format!("({lead}{})", ps.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The id of a row [`Db::insert_id`] wrote: the number, or SQL that
 /// names it (a statement's text stays the same from row to row either
 /// way, so it is prepared once).
@@ -588,5 +602,17 @@ impl Store {
             }
             Store::Postgres(c) => c.rollback(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::value_rows;
+
+    #[test]
+    fn value_rows_numbers_every_placeholder_once_after_the_lead() {
+        assert_eq!(value_rows("", 1, 2, 2), "(?1, ?2), (?3, ?4)");
+        assert_eq!(value_rows("x, ", 2, 2, 2), "(x, ?2, ?3), (x, ?4, ?5)");
+        assert_eq!(value_rows("", 1, 1, 4), "(?1, ?2, ?3, ?4)");
     }
 }
