@@ -76,8 +76,9 @@ struct Writer {
     /// The replicas that this batch left relay rows for: woken once it
     /// commits.
     woken: std::cell::RefCell<BTreeSet<i64>>,
-    /// Sessions that ended while the database could not be reached: the
-    /// book hears of them in the first batch that reaches it again.
+    /// Sessions whose end the book has not heard of yet (the database
+    /// could not be reached, or the batch that told it did not commit): it
+    /// hears of them in the next batch that commits.
     lost: Vec<(String, u64)>,
 }
 
@@ -90,6 +91,9 @@ struct Done {
     out: book::Outbox,
     /// Requests and logins that changed state.
     ops: u64,
+    /// Sessions whose end this batch told the book: lost again if it does
+    /// not commit.
+    ended: Vec<(String, u64)>,
 }
 
 /// How the writer reaches its database: the open store, and on PostgreSQL
@@ -158,7 +162,7 @@ pub fn writer(
             Some(r) => r.beat(db, now),
             None => Ok(()),
         };
-        w.gone_while_down(db, now, &mut done.out);
+        w.gone_while_down(db, now, &mut done);
         for cmd in batch {
             stopping |= w.apply(db, cmd, now, &mut done);
         }
@@ -185,6 +189,7 @@ pub fn writer(
             Err(e) => {
                 w.ticked.set(false);
                 conn.store.rollback();
+                w.lost.append(&mut done.ended);
                 w.metrics.set_db_up(!e.is_unreachable());
                 w.commit_failed(done, &e);
             }
@@ -305,13 +310,7 @@ impl Writer {
             Cmd::Gone { node, conn_id } => {
                 if self.sessions.get(&node).is_some_and(|(id, _)| *id == conn_id) {
                     self.sessions.remove(&node);
-                    let still_its = match &self.replica {
-                        Some(r) => r.left(db, &node, conn_id).unwrap_or(false),
-                        None => true,
-                    };
-                    if still_its {
-                        let _ = book::disconnected(db, &node, now, &mut done.out);
-                    }
+                    self.session_ended(db, node, conn_id, now, done);
                 }
             }
             Cmd::Relay(events) => self.relayed(events),
@@ -326,31 +325,40 @@ impl Writer {
         false
     }
 
-    /// Tell the book of the sessions that ended while the database was
-    /// away, each in its own savepoint. One that fails stays for the next
-    /// batch.
-    fn gone_while_down(&mut self, db: Db, now: i64, out: &mut book::Outbox) {
+    /// Tell the book of the sessions whose end it has not heard of yet.
+    fn gone_while_down(&mut self, db: Db, now: i64, done: &mut Done) {
         for (node, conn_id) in std::mem::take(&mut self.lost) {
-            let Ok(sp) = db.savepoint() else {
-                self.lost.push((node, conn_id));
-                continue;
+            self.session_ended(db, node, conn_id, now, done);
+        }
+    }
+
+    /// Tell the book that `node`'s session `conn_id` ended, in its own
+    /// savepoint (unless a newer session of the node took its place). If
+    /// that fails, or the batch does not commit, the session is kept in
+    /// [`Writer::lost`] for the next batch.
+    fn session_ended(&mut self, db: Db, node: String, conn_id: u64, now: i64, done: &mut Done) {
+        let Ok(sp) = db.savepoint() else {
+            self.lost.push((node, conn_id));
+            return;
+        };
+        let mut gone_out = Vec::new();
+        let r = (|| -> Result<(), Fail> {
+            // Not if the node has logged in again since (on a replica set,
+            // here or on another replica).
+            let still_its = match &self.replica {
+                Some(r) => r.left(db, &node, conn_id)?,
+                None => !self.sessions.contains_key(&node),
             };
-            let mut gone_out = Vec::new();
-            let r = (|| -> Result<(), Fail> {
-                let still_its = match &self.replica {
-                    Some(r) => r.left(db, &node, conn_id)?,
-                    None => true,
-                };
-                if still_its {
-                    book::disconnected(db, &node, now, &mut gone_out)?;
-                }
-                Ok(())
-            })();
-            if r.is_ok() && sp.commit().is_ok() {
-                out.extend(gone_out);
-            } else {
-                self.lost.push((node, conn_id));
+            if still_its {
+                book::disconnected(db, &node, now, &mut gone_out)?;
             }
+            Ok(())
+        })();
+        if r.is_ok() && sp.commit().is_ok() {
+            done.out.extend(gone_out);
+            done.ended.push((node, conn_id));
+        } else {
+            self.lost.push((node, conn_id));
         }
     }
 
@@ -467,14 +475,10 @@ impl Writer {
         let mut away = Vec::new();
         for (node, ev) in &others {
             if let Some(r) = self.whereabouts.get(db, node, now) {
-                away.push((r, node, encode_event(ev)));
+                away.push((r, node.as_str(), None, encode_event(ev)));
             }
         }
-        let rows: Vec<(i64, &str, Option<i64>, &str)> = away
-            .iter()
-            .map(|(r, node, frame)| (*r, node.as_str(), None, frame.as_str()))
-            .collect();
-        Replica::relay_all(db, &rows)?;
+        Replica::relay_all(db, &away)?;
         self.woken.borrow_mut().extend(away.iter().map(|a| a.0));
         Ok(local)
     }
