@@ -62,16 +62,23 @@ impl Replica {
         })
     }
 
-    /// Write the heartbeat if it is due.
-    pub fn beat(&mut self, db: Db, now: i64) -> store::Result<()> {
-        if self.last_beat.elapsed() >= BEAT_EVERY {
-            db.write(
-                "UPDATE replicas SET beat_at = ?2 WHERE replica_id = ?1",
-                args![self.id, now],
-            )?;
-            self.last_beat = Instant::now();
-        }
-        Ok(())
+    /// Whether the heartbeat is due: it is written by batches until one
+    /// that wrote it commits ([`Replica::beaten`]).
+    pub fn beat_due(&self) -> bool {
+        self.last_beat.elapsed() >= BEAT_EVERY
+    }
+
+    /// Write the heartbeat, in the batch's transaction.
+    pub fn beat(&self, db: Db, now: i64) -> store::Result<()> {
+        db.write(
+            "UPDATE replicas SET beat_at = ?2 WHERE replica_id = ?1",
+            args![self.id, now],
+        )
+    }
+
+    /// A batch that wrote the heartbeat committed.
+    pub fn beaten(&mut self) {
+        self.last_beat = Instant::now();
     }
 
     /// A session of `node` opened here. Returns where its previous

@@ -451,6 +451,16 @@ impl<'a> Db<'a> {
         }
     }
 
+    /// How many rows this connection's statements have changed so far (on
+    /// PostgreSQL a write not waited for counts as one): a step that leaves
+    /// it as it was wrote nothing, so failing changed nothing either.
+    pub fn changes(&self) -> u64 {
+        match self {
+            Db::Sqlite(c) => c.total_changes(),
+            Db::Postgres(c) => c.changes(),
+        }
+    }
+
     /// Open a savepoint on the current transaction: dropped without
     /// [`Savepoint::commit`] it rolls back to where it began, so a refused
     /// request changes nothing while its neighbours in the batch commit.

@@ -305,6 +305,8 @@ pub struct PgConn {
     spoiled: std::cell::Cell<bool>,
     /// A round trip went unanswered: the connection is not used again.
     broken: std::cell::Cell<bool>,
+    /// Rows changed so far, a queued write counted as one ([`PgConn::changes`]).
+    changed: std::cell::Cell<u64>,
 }
 
 /// Connection settings for `url`: a short connect timeout, so a replica
@@ -363,6 +365,7 @@ impl PgConn {
             waiting: RefCell::new(Vec::new()),
             spoiled: std::cell::Cell::new(false),
             broken: std::cell::Cell::new(false),
+            changed: std::cell::Cell::new(0),
         })
     }
 
@@ -503,7 +506,10 @@ impl PgConn {
     pub fn exec(&self, sql: &str, args: &[V]) -> Result<u64> {
         let op = self.op(sql, args)?;
         match self.round_trip(Some(op))? {
-            Answer::Count(n) => Ok(n),
+            Answer::Count(n) => {
+                self.changed.set(self.changed.get() + n);
+                Ok(n)
+            }
             _ => Ok(0),
         }
     }
@@ -513,6 +519,7 @@ impl PgConn {
     pub fn write(&self, sql: &str, args: &[V]) -> Result<()> {
         let op = self.op(sql, args)?;
         self.waiting.borrow_mut().push(op);
+        self.changed.set(self.changed.get() + 1);
         Ok(())
     }
 
@@ -521,6 +528,10 @@ impl PgConn {
         let Answer::Rows(rows) = self.round_trip(Some(op))? else {
             return Ok(Vec::new());
         };
+        if !is_read(sql) {
+            // `UPDATE`/`INSERT ... RETURNING`: a row back is a row changed.
+            self.changed.set(self.changed.get() + rows.len() as u64);
+        }
         rows.iter()
             .map(|r| {
                 (0..r.len())
@@ -529,6 +540,13 @@ impl PgConn {
                     .map(Row)
             })
             .collect()
+    }
+
+    /// How many rows this connection's statements have changed so far: a
+    /// step of a batch that leaves it as it was wrote nothing. A write sent
+    /// without waiting for its answer counts as one row, whatever it did.
+    pub fn changes(&self) -> u64 {
+        self.changed.get()
     }
 
     /// Undo everything since the savepoint, now. Once it is undone the
@@ -599,6 +617,13 @@ impl PgConn {
         let _ = self.round_trip(Some(Op::Simple("ROLLBACK")));
         self.spoiled.set(false);
     }
+}
+
+/// Whether `sql` only reads (a `SELECT`, locking or not).
+fn is_read(sql: &str) -> bool {
+    sql.trim_start()
+        .get(..6)
+        .is_some_and(|w| w.eq_ignore_ascii_case("select"))
 }
 
 /// The transaction-control statement `sql` is, if it is one: these go as
