@@ -386,6 +386,13 @@ fn bad_frames_after_login_get_reason_codes_and_change_nothing() {
             "rejects of {r} are counted"
         );
     }
+    // The replayed post wrote its escrow before its id was found taken:
+    // its batch was applied again request by request (and the escrow was
+    // locked once, checked above).
+    assert!(
+        server.metric("cmm_market_batches_replayed_total") >= 1,
+        "a request that failed after writing has its batch applied again"
+    );
     // Still serving.
     assert!(server.http_get("/healthz").contains("ok"));
     rt().block_on(async {

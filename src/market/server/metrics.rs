@@ -112,6 +112,9 @@ pub struct Metrics {
     pub frames: Counter,
     pub commits: Counter,
     pub ops_committed: Counter,
+    /// Batches applied a second time, each step in its own savepoint,
+    /// because a step of the first pass failed after writing.
+    pub batches_replayed: Counter,
     /// Times this replica ran the order book's clock (on a replica set,
     /// the sum over replicas is one per tick).
     pub clock_ticks: Counter,
@@ -183,6 +186,7 @@ impl Metrics {
             frames: Counter::default(),
             commits: Counter::default(),
             ops_committed: Counter::default(),
+            batches_replayed: Counter::default(),
             clock_ticks: Counter::default(),
             db_up: Gauge::default(),
             db_batch: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
@@ -213,6 +217,11 @@ impl Metrics {
         r.register("rejects", "Frames refused, by reason", m.rejects.clone());
         r.register("commits", "Durable transactions", m.commits.clone());
         r.register("ops_committed", "Operations committed", m.ops_committed.clone());
+        r.register(
+            "batches_replayed",
+            "Writer batches applied again with a savepoint per request, after one failed having written",
+            m.batches_replayed.clone(),
+        );
         r.register(
             "clock_ticks",
             "Ticks of the order book's clock run by this replica",

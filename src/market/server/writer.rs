@@ -1,8 +1,10 @@
 //! The single writer: one thread owns the store's connection and applies
 //! the requests of many nodes in one transaction (group commit), replying
-//! only after that transaction is durable. A refused request rolls back to
-//! its own savepoint, so it changes nothing while its neighbours in the
-//! batch still commit. Events for nodes leave through each session's
+//! only after that transaction is durable. A refused request changes
+//! nothing while its neighbours in the batch still commit: a batch is
+//! applied straight, and if one of its requests fails after it wrote,
+//! the batch is rolled back and applied again with each request in its
+//! own savepoint ([`Pass`]). Events for nodes leave through each session's
 //! bounded send queue ([`Outbound`]) once the transaction commits.
 //!
 //! The writer keeps which session each node has here, reads the clock for
@@ -22,14 +24,12 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
-
 use super::book::{self, BookRules, Fail};
 use super::ledger;
 use super::metrics::{Book, Metrics};
 use super::replica::{self, Replica, Whereabouts};
 use super::store::{args, Db, DbError, Store};
-use super::wire::{error_frame, Cmd, LoginReply, Outbound, Relayed};
+use super::wire::{error_frame, Cmd, Outbound, Relayed};
 use crate::market::protocol::{encode_event, Event, Reason, Rejection, Request};
 
 /// The coordinator's clock, in milliseconds since the epoch.
@@ -71,29 +71,79 @@ struct Writer {
     replica: Option<Replica>,
     /// Where other replicas' nodes are, for the batch being applied.
     whereabouts: Whereabouts,
-    /// Whether this batch ran the clock (counted once it commits).
-    ticked: std::cell::Cell<bool>,
-    /// The replicas that this batch left relay rows for: woken once it
-    /// commits.
-    woken: std::cell::RefCell<BTreeSet<i64>>,
+    /// How the batch being applied has moved sessions so far: a node that
+    /// logged in (its new connection id) or whose session ended (`None`).
+    /// [`Writer::sessions`] itself changes only once the batch's outcome is
+    /// known, so a pass can be applied again from the same start.
+    moved: HashMap<String, Option<u64>>,
+    /// The batch being applied retires this replica: no session is here.
+    retiring: bool,
     /// Sessions whose end the book has not heard of yet (the database
     /// could not be reached, or the batch that told it did not commit): it
     /// hears of them in the next batch that commits.
     lost: Vec<(String, u64)>,
 }
 
-/// What one batch leaves to do once its transaction commits.
+/// How a batch's steps (each request, login and session end, the clock)
+/// are applied inside its transaction.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Each step straight in the transaction. A savepoint around every
+    /// step costs statements, and on SQLite a copy of each page the step
+    /// touches; most batches need none, since a step refused before it
+    /// writes has nothing to undo.
+    Straight,
+    /// Each step in its own savepoint, so a step that fails after writing
+    /// is undone alone while its neighbours commit: how a batch is applied
+    /// again when its straight pass met such a step.
+    Guarded,
+}
+
+/// A straight pass met a step that failed after writing, or a database
+/// failure: the batch is rolled back, to be applied again guarded.
+struct Spoiled;
+
+/// What a batch did with one of its commands, kept in their order and
+/// carried out once the batch's outcome is known.
+enum Effect {
+    /// The login (the batch's command at this index) was taken, with its
+    /// answer: the session is registered if the batch commits.
+    Arrived(usize, (i64, i64)),
+    /// The login at this index was refused, with why.
+    Refused(usize, String),
+    /// A session ended: gone here whatever the batch's outcome.
+    Left(String, u64),
+    /// Events another replica relayed (the command at this index): sent
+    /// whatever the batch's outcome.
+    Relayed(usize),
+    /// The request at this index, its answer and, if refused, why.
+    Answered(usize, String, Option<Reason>),
+}
+
+/// What one pass over a batch leaves to do once its transaction ends.
 #[derive(Default)]
 struct Done {
-    /// Each request's reply channel, message id and answer.
-    replies: Vec<(oneshot::Sender<String>, String, String)>,
-    logins: Vec<(LoginReply, (i64, i64))>,
+    effects: Vec<Effect>,
     out: book::Outbox,
     /// Requests and logins that changed state.
     ops: u64,
     /// Sessions whose end this batch told the book: lost again if it does
     /// not commit.
     ended: Vec<(String, u64)>,
+    /// Sessions whose end this batch could not tell the book.
+    lost: Vec<(String, u64)>,
+    /// The batch holds the writer's shutdown.
+    stopping: bool,
+    /// The batch ran the clock (counted once it commits).
+    ticked: bool,
+    /// The batch wrote this replica's heartbeat.
+    beat: bool,
+    /// The replicas that this batch left relay rows for: woken once it
+    /// commits.
+    woken: BTreeSet<i64>,
+    /// The batch as a whole failed (its heartbeat, its relay rows): it is
+    /// not committed.
+    failed: Option<DbError>,
 }
 
 /// How the writer reaches its database: the open store, and on PostgreSQL
@@ -117,8 +167,8 @@ pub fn writer(
         sessions: HashMap::new(),
         replica,
         whereabouts: Whereabouts::default(),
-        ticked: std::cell::Cell::new(false),
-        woken: Default::default(),
+        moved: HashMap::new(),
+        retiring: false,
         lost: Vec::new(),
     };
     // Here, not in the caller: the blocking PostgreSQL client must not run
@@ -148,52 +198,59 @@ pub fn writer(
         let started = Instant::now();
         let now = now_ms();
         let tick_due = Instant::now() >= next_tick;
-        if let Err(e) = conn.store.begin() {
-            let (reason, why) = failure(&e);
-            w.metrics.set_db_up(!e.is_unreachable());
-            fail_batch(batch, reason, &why, &mut w, &mut stopping);
-            std::thread::sleep(Duration::from_millis(50));
-            continue;
-        }
-        let db = conn.store.db();
-        w.whereabouts.new_batch(now);
-        let mut done = Done::default();
-        let beat = match w.replica.as_mut() {
-            Some(r) => r.beat(db, now),
-            None => Ok(()),
+        let lost = std::mem::take(&mut w.lost);
+        let mut pass = Pass::Straight;
+        let outcome = loop {
+            if let Err(e) = conn.store.begin() {
+                break Err(e);
+            }
+            let Ok(mut done) = w.apply_batch(conn.store.db(), &batch, pass, now, tick_due, &lost) else {
+                conn.store.rollback();
+                w.metrics.batches_replayed.inc();
+                pass = Pass::Guarded;
+                continue;
+            };
+            let woken: Vec<String> = done.woken.iter().map(|r| replica::channel(*r)).collect();
+            let committed = match done.failed.take() {
+                Some(e) => Err(e),
+                None => conn.store.commit_and_notify(&woken),
+            };
+            match committed {
+                // A statement that failed without its own savepoint failed
+                // the whole batch (on PostgreSQL it may only show at the
+                // commit): apply it again, guarded.
+                Err(e) if pass == Pass::Straight && !e.is_unreachable() => {
+                    conn.store.rollback();
+                    w.metrics.batches_replayed.inc();
+                    pass = Pass::Guarded;
+                }
+                r => break Ok((done, r)),
+            }
         };
-        w.gone_while_down(db, now, &mut done);
-        for cmd in batch {
-            stopping |= w.apply(db, cmd, now, &mut done);
-        }
+        let (done, committed) = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                w.lost = lost;
+                let (reason, why) = failure(&e);
+                w.metrics.set_db_up(!e.is_unreachable());
+                fail_batch(batch, reason, &why, &mut w, &mut stopping);
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
         if tick_due {
             next_tick = Instant::now() + TICK_EVERY;
-            w.tick(db, now, &mut done.out);
         }
-        if stopping {
-            w.retire(db, now, &mut done.out);
-        }
-        let routed = beat.and_then(|()| w.route(db, now, std::mem::take(&mut done.out)));
-        let woken: Vec<String> = std::mem::take(&mut *w.woken.borrow_mut())
-            .into_iter()
-            .map(replica::channel)
-            .collect();
-        let committed = routed.and_then(|local| conn.store.commit_and_notify(&woken).map(|()| local));
         w.metrics.observe_db(started.elapsed());
-        match committed {
-            Ok(local) => {
-                w.metrics.set_db_up(true);
-                done.out = local;
-                w.committed(done);
-            }
+        match &committed {
+            Ok(()) => w.metrics.set_db_up(true),
             Err(e) => {
-                w.ticked.set(false);
                 conn.store.rollback();
-                w.lost.append(&mut done.ended);
                 w.metrics.set_db_up(!e.is_unreachable());
-                w.commit_failed(done, &e);
             }
         }
+        stopping |= done.stopping;
+        w.finish(batch, done, committed);
         if Instant::now() >= next_gauges {
             next_gauges = Instant::now() + GAUGES_EVERY;
             refresh_gauges(conn.store.db(), &w.metrics);
@@ -243,6 +300,38 @@ fn next_batch(rx: &std_mpsc::Receiver<Cmd>, wait: Duration) -> Option<Vec<Cmd>> 
     Some(batch)
 }
 
+/// Apply one step of a batch: `f` with the batch's outbox. Guarded, it
+/// runs in its own savepoint and a failure undoes it. Straight, it runs
+/// as is: a refusal that changed no row is the step's own answer, and
+/// any other failure spoils the pass. Either way the events of a step
+/// that failed are dropped.
+fn step<T>(
+    db: Db,
+    pass: Pass,
+    out: &mut book::Outbox,
+    f: impl FnOnce(&mut book::Outbox) -> Result<T, Fail>,
+) -> Result<Result<T, Fail>, Spoiled> {
+    let mark = out.len();
+    let r = match pass {
+        Pass::Guarded => match db.savepoint() {
+            Ok(sp) => f(out).and_then(|v| sp.commit().map(|()| v).map_err(Fail::Sql)),
+            Err(e) => Err(Fail::Sql(e)),
+        },
+        Pass::Straight => {
+            let before = db.changes();
+            match f(out) {
+                Err(Fail::Reject(r)) if db.changes() == before => Err(Fail::Reject(r)),
+                Err(_) => return Err(Spoiled),
+                ok => ok,
+            }
+        }
+    };
+    if r.is_err() {
+        out.truncate(mark);
+    }
+    Ok(r)
+}
+
 impl Writer {
     /// Whether the database can take a batch now. A PostgreSQL connection
     /// that was lost is opened again, at most every [`RECONNECT_EVERY`];
@@ -272,123 +361,193 @@ impl Writer {
         }
     }
 
-    /// Is `node` online, here or on another live replica?
-    fn online(&self, db: Db, node: &str, now: i64) -> bool {
-        self.sessions.contains_key(node) || (self.replica.is_some() && self.whereabouts.get(db, node, now).is_some())
+    /// The connection id of `node`'s session here, as the batch being
+    /// applied has left it so far.
+    fn session_of(&self, node: &str) -> Option<u64> {
+        if self.retiring {
+            return None;
+        }
+        match self.moved.get(node) {
+            Some(moved) => *moved,
+            None => self.sessions.get(node).map(|(id, _)| *id),
+        }
     }
 
-    /// Apply one command inside the batch's transaction. True for
-    /// [`Cmd::Shutdown`]: the writer stops after this batch.
-    fn apply(&mut self, db: Db, cmd: Cmd, now: i64, done: &mut Done) -> bool {
+    /// Is `node` online, here or on another live replica?
+    fn online(&self, db: Db, node: &str, now: i64) -> bool {
+        self.session_of(node).is_some() || (self.replica.is_some() && self.whereabouts.get(db, node, now).is_some())
+    }
+
+    /// One pass over `batch` inside the open transaction: the sessions
+    /// whose end the book has not heard of (`lost`), each command, the
+    /// clock if due, the retirement of a replica that is stopping, and the
+    /// relay rows. It changes nothing outside the transaction, so a pass
+    /// that is spoiled can be applied again.
+    fn apply_batch(
+        &mut self,
+        db: Db,
+        batch: &[Cmd],
+        pass: Pass,
+        now: i64,
+        tick_due: bool,
+        lost: &[(String, u64)],
+    ) -> Result<Done, Spoiled> {
+        self.moved.clear();
+        self.retiring = false;
+        self.whereabouts.new_batch(now);
+        let mut done = Done::default();
+        if let Some(r) = self.replica.as_ref().filter(|r| r.beat_due()) {
+            match r.beat(db, now) {
+                Ok(()) => done.beat = true,
+                Err(e) => done.failed = Some(e),
+            }
+        }
+        for (node, conn_id) in lost {
+            self.session_ended(db, pass, node, *conn_id, now, &mut done)?;
+        }
+        for (i, cmd) in batch.iter().enumerate() {
+            self.apply(db, pass, i, cmd, now, &mut done)?;
+        }
+        if tick_due {
+            self.tick(db, pass, now, &mut done)?;
+        }
+        if done.stopping {
+            self.retire(db, pass, now, &mut done)?;
+        }
+        let out = std::mem::take(&mut done.out);
+        match self.route(db, now, out, &mut done.woken) {
+            Ok(local) => done.out = local,
+            Err(_) if pass == Pass::Straight => return Err(Spoiled),
+            Err(e) => done.failed = Some(e),
+        }
+        Ok(done)
+    }
+
+    /// Apply the command at `i` of the batch inside its transaction.
+    fn apply(&mut self, db: Db, pass: Pass, i: usize, cmd: &Cmd, now: i64, done: &mut Done) -> Result<(), Spoiled> {
         match cmd {
-            Cmd::Shutdown => return true,
+            Cmd::Shutdown => done.stopping = true,
             Cmd::Login {
                 identity,
                 proof,
                 conn_id,
-                tx: out_tx,
-                reply,
-            } => match self.login(db, &identity, &proof, conn_id, now) {
-                Ok(r) => {
-                    if let Some((old_id, old)) = self.sessions.insert(identity.node_id.clone(), (conn_id, out_tx)) {
-                        if old_id != conn_id {
-                            old.push(encode_event(&Event::Replaced {}));
-                            old.close();
-                        }
+                ..
+            } => {
+                let node = &identity.node_id;
+                // Here from now on in this batch (its open tasks are offered
+                // with it online), unless the login is refused.
+                let before = self.moved.insert(node.clone(), Some(*conn_id));
+                self.whereabouts.forget(node);
+                match self.login(db, pass, identity, proof, *conn_id, now, done)? {
+                    Ok(r) => {
+                        done.ops += 1;
+                        done.effects.push(Effect::Arrived(i, r));
                     }
-                    self.whereabouts.forget(&identity.node_id);
-                    // Its open tasks were held back while it was away.
-                    let online = |n: &str| self.online(db, n, now);
-                    let _ = book::requester_back(db, &identity.node_id, now, &online, &mut done.out);
-                    done.ops += 1;
-                    done.logins.push((reply, r));
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e.to_string()));
-                }
-            },
-            Cmd::Gone { node, conn_id } => {
-                if self.sessions.get(&node).is_some_and(|(id, _)| *id == conn_id) {
-                    self.sessions.remove(&node);
-                    self.session_ended(db, node, conn_id, now, done);
+                    Err(f) => {
+                        match before {
+                            Some(b) => self.moved.insert(node.clone(), b),
+                            None => self.moved.remove(node),
+                        };
+                        let why = match f {
+                            Fail::Reject(r) => r.message,
+                            Fail::Sql(e) => e.to_string(),
+                        };
+                        done.effects.push(Effect::Refused(i, why));
+                    }
                 }
             }
-            Cmd::Relay(events) => self.relayed(events),
-            Cmd::Request { node, id, req, reply } => {
-                let (frame, changed) = self.apply_one(db, &node, &id, req, now, &mut done.out);
+            Cmd::Gone { node, conn_id } => {
+                if self.session_of(node) == Some(*conn_id) {
+                    self.moved.insert(node.clone(), None);
+                    done.effects.push(Effect::Left(node.clone(), *conn_id));
+                    self.session_ended(db, pass, node, *conn_id, now, done)?;
+                }
+            }
+            Cmd::Relay(events) => {
+                for ev in events {
+                    if ev.close.is_some() && ev.close == self.session_of(&ev.node) {
+                        self.moved.insert(ev.node.clone(), None);
+                    }
+                }
+                done.effects.push(Effect::Relayed(i));
+            }
+            Cmd::Request { node, id, req, .. } => {
+                let (frame, refused, changed) = self.apply_one(db, pass, node, id, req, now, &mut done.out)?;
                 if changed {
                     done.ops += 1;
                 }
-                done.replies.push((reply, id, frame));
+                done.effects.push(Effect::Answered(i, frame, refused));
             }
         }
-        false
+        Ok(())
     }
 
-    /// Tell the book of the sessions whose end it has not heard of yet.
-    fn gone_while_down(&mut self, db: Db, now: i64, done: &mut Done) {
-        for (node, conn_id) in std::mem::take(&mut self.lost) {
-            self.session_ended(db, node, conn_id, now, done);
-        }
-    }
-
-    /// Tell the book that `node`'s session `conn_id` ended, in its own
-    /// savepoint (unless a newer session of the node took its place). If
-    /// that fails, or the batch does not commit, the session is kept in
-    /// [`Writer::lost`] for the next batch.
-    fn session_ended(&mut self, db: Db, node: String, conn_id: u64, now: i64, done: &mut Done) {
-        let Ok(sp) = db.savepoint() else {
-            self.lost.push((node, conn_id));
-            return;
-        };
-        let mut gone_out = Vec::new();
-        let r = (|| -> Result<(), Fail> {
+    /// Tell the book that `node`'s session `conn_id` ended (unless a newer
+    /// session of the node took its place). If that fails, or the batch
+    /// does not commit, the session is kept in [`Writer::lost`] for the
+    /// next batch.
+    fn session_ended(
+        &self,
+        db: Db,
+        pass: Pass,
+        node: &str,
+        conn_id: u64,
+        now: i64,
+        done: &mut Done,
+    ) -> Result<(), Spoiled> {
+        let told = step(db, pass, &mut done.out, |out| {
             // Not if the node has logged in again since (on a replica set,
             // here or on another replica).
             let still_its = match &self.replica {
-                Some(r) => r.left(db, &node, conn_id)?,
-                None => !self.sessions.contains_key(&node),
+                Some(r) => r.left(db, node, conn_id)?,
+                None => self.session_of(node).is_none(),
             };
             if still_its {
-                book::disconnected(db, &node, now, &mut gone_out)?;
+                book::disconnected(db, node, now, out)?;
             }
             Ok(())
-        })();
-        if r.is_ok() && sp.commit().is_ok() {
-            done.out.extend(gone_out);
-            done.ended.push((node, conn_id));
-        } else {
-            self.lost.push((node, conn_id));
+        })?;
+        let ended = (node.to_string(), conn_id);
+        match told {
+            Ok(()) => done.ended.push(ended),
+            Err(_) => done.lost.push(ended),
         }
+        Ok(())
     }
 
-    /// Register a login in its own savepoint; on a replica, record where
-    /// the session is and have a previous session on another replica
-    /// closed.
+    /// Register a login; on a replica, record where the session is and
+    /// have a previous session on another replica closed. The node's
+    /// requester side is back: its open tasks are offered again.
+    #[allow(clippy::too_many_arguments)]
     fn login(
         &self,
         db: Db,
+        pass: Pass,
         identity: &crate::crypto::keys::PublicIdentity,
         proof: &crate::market::protocol::IdentityProof,
         conn_id: u64,
         now: i64,
-    ) -> Result<(i64, i64), DbError> {
-        let sp = db.savepoint()?;
-        let r = book::login(db, &self.rules, identity, proof, now)?;
-        if let Some(replica) = &self.replica {
-            if let Some((elsewhere, old_conn)) = replica.arrived(db, &identity.node_id, conn_id, now)? {
-                Replica::relay(
-                    db,
-                    elsewhere,
-                    &identity.node_id,
-                    Some(old_conn),
-                    &encode_event(&Event::Replaced {}),
-                )?;
-                self.woken.borrow_mut().insert(elsewhere);
+        done: &mut Done,
+    ) -> Result<Result<(i64, i64), Fail>, Spoiled> {
+        let woken = &mut done.woken;
+        step(db, pass, &mut done.out, |out| {
+            let r = book::login(db, &self.rules, identity, proof, now)?;
+            if let Some(replica) = &self.replica {
+                if let Some((elsewhere, old_conn)) = replica.arrived(db, &identity.node_id, conn_id, now)? {
+                    Replica::relay(
+                        db,
+                        elsewhere,
+                        &identity.node_id,
+                        Some(old_conn),
+                        &encode_event(&Event::Replaced {}),
+                    )?;
+                    woken.insert(elsewhere);
+                }
             }
-        }
-        sp.commit()?;
-        Ok(r)
+            let online = |n: &str| self.online(db, n, now);
+            book::requester_back(db, &identity.node_id, now, &online, out)?;
+            Ok(r)
+        })
     }
 
     /// Send what another replica queued for sessions here.
@@ -411,67 +570,56 @@ impl Writer {
         }
     }
 
-    /// Run the clock in its own savepoint: its events join the batch's
-    /// only if it applied in full. On a replica set it runs on one replica
-    /// per tick, which also takes over the sessions of dead replicas.
-    fn tick(&self, db: Db, now: i64, out: &mut book::Outbox) {
-        let Ok(sp) = db.savepoint() else {
-            return;
-        };
-        let mut tick_out = Vec::new();
-        let ran = (|| -> Result<bool, Fail> {
+    /// Run the clock as one step: its events join the batch's only if it
+    /// applied in full. On a replica set it runs on one replica per tick,
+    /// which also takes over the sessions of dead replicas.
+    fn tick(&self, db: Db, pass: Pass, now: i64, done: &mut Done) -> Result<(), Spoiled> {
+        let ran = step(db, pass, &mut done.out, |out| {
             if self.replica.is_some() {
                 if !Replica::clock_due(db, now, TICK_EVERY.as_millis() as i64)? {
                     return Ok(false);
                 }
                 for node in Replica::reap(db, now)? {
                     self.whereabouts.forget(&node);
-                    book::disconnected(db, &node, now, &mut tick_out)?;
+                    book::disconnected(db, &node, now, out)?;
                 }
             }
             let online = |n: &str| self.online(db, n, now);
-            book::tick(db, &self.rules, now, &online, &mut tick_out)?;
+            book::tick(db, &self.rules, now, &online, out)?;
             Ok(true)
-        })();
-        if let Ok(ran) = ran {
-            if sp.commit().is_ok() {
-                out.extend(tick_out);
-                self.ticked.set(ran);
-            }
-        }
+        })?;
+        done.ticked = ran.unwrap_or(false);
+        Ok(())
     }
 
     /// The replica is stopping: its sessions end in the book now, so their
     /// leases and offers move on without waiting for the heartbeat to age.
-    fn retire(&mut self, db: Db, now: i64, out: &mut book::Outbox) {
+    fn retire(&mut self, db: Db, pass: Pass, now: i64, done: &mut Done) -> Result<(), Spoiled> {
         let Some(replica) = &self.replica else {
-            return;
+            return Ok(());
         };
-        let Ok(sp) = db.savepoint() else {
-            return;
-        };
-        let mut gone_out = Vec::new();
-        let ok = replica.retire(db).map_err(Fail::from).and_then(|nodes| {
-            self.sessions.clear();
-            for node in nodes {
-                book::disconnected(db, &node, now, &mut gone_out)?;
+        // Best effort: if it fails, the heartbeat ages and another replica
+        // takes the sessions over.
+        let _ = step(db, pass, &mut done.out, |out| {
+            for node in replica.retire(db)? {
+                book::disconnected(db, &node, now, out)?;
             }
             Ok(())
-        });
-        if ok.is_ok() && sp.commit().is_ok() {
-            out.extend(gone_out);
-        }
+        })?;
+        self.retiring = true;
+        Ok(())
     }
 
     /// Split the batch's events: those for sessions here are sent after
     /// the commit; those for nodes on other replicas become relay rows in
-    /// this transaction, and their replicas are notified on commit.
-    fn route(&self, db: Db, now: i64, out: book::Outbox) -> Result<book::Outbox, DbError> {
+    /// this transaction, and their replicas (added to `woken`) are
+    /// notified on commit.
+    fn route(&self, db: Db, now: i64, out: book::Outbox, woken: &mut BTreeSet<i64>) -> Result<book::Outbox, DbError> {
         if self.replica.is_none() {
             return Ok(out);
         }
         let (local, others): (book::Outbox, book::Outbox) =
-            out.into_iter().partition(|(node, _)| self.sessions.contains_key(node));
+            out.into_iter().partition(|(node, _)| self.session_of(node).is_some());
         let mut away = Vec::new();
         for (node, ev) in &others {
             if let Some(r) = self.whereabouts.get(db, node, now) {
@@ -479,22 +627,96 @@ impl Writer {
             }
         }
         Replica::relay_all(db, &away)?;
-        self.woken.borrow_mut().extend(away.iter().map(|a| a.0));
+        woken.extend(away.iter().map(|a| a.0));
         Ok(local)
     }
 
-    /// The batch is durable: answer everyone and send the events.
-    fn committed(&self, done: Done) {
+    /// The batch's transaction ended, `committed` or not: answer everyone,
+    /// carry out what it did to sessions, and send its events if it
+    /// committed. If it did not, nothing of it happened: everyone waiting
+    /// on it is told so, and sessions that logged in during it are not
+    /// registered (they are closed, to log in again).
+    fn finish(&mut self, batch: Vec<Cmd>, done: Done, committed: Result<(), DbError>) {
+        let failed = committed.err().map(|e| failure(&e));
+        self.lost.extend(done.lost);
+        if failed.is_some() {
+            self.lost.extend(done.ended);
+        }
+        let mut cmds: Vec<Option<Cmd>> = batch.into_iter().map(Some).collect();
+        for effect in done.effects {
+            match effect {
+                Effect::Arrived(i, r) => {
+                    if let Some(Cmd::Login {
+                        identity,
+                        conn_id,
+                        tx,
+                        reply,
+                        ..
+                    }) = cmds[i].take()
+                    {
+                        match &failed {
+                            None => {
+                                self.register(identity.node_id, conn_id, tx);
+                                let _ = reply.send(Ok(r));
+                            }
+                            Some((_, why)) => {
+                                let _ = reply.send(Err(format!("commit failed: {why}")));
+                            }
+                        }
+                    }
+                }
+                Effect::Refused(i, why) => {
+                    if let Some(Cmd::Login { reply, .. }) = cmds[i].take() {
+                        let _ = reply.send(Err(why));
+                    }
+                }
+                Effect::Left(node, conn_id) => {
+                    if self.sessions.get(&node).is_some_and(|(id, _)| *id == conn_id) {
+                        self.sessions.remove(&node);
+                    }
+                }
+                Effect::Relayed(i) => {
+                    if let Some(Cmd::Relay(events)) = cmds[i].take() {
+                        self.relayed(events);
+                    }
+                }
+                Effect::Answered(i, frame, refused) => {
+                    if let Some(Cmd::Request { id, reply, .. }) = cmds[i].take() {
+                        let frame = match &failed {
+                            None => {
+                                if let Some(r) = refused {
+                                    self.metrics.reject(r);
+                                }
+                                frame
+                            }
+                            // Under the request's id: a refusal the client
+                            // cannot match leaves it waiting for an answer
+                            // that never comes.
+                            Some((reason, why)) => {
+                                self.metrics.reject(*reason);
+                                error_frame(Some(id), Rejection::new(*reason, format!("commit failed: {why}")))
+                            }
+                        };
+                        let _ = reply.send(frame);
+                    }
+                }
+            }
+        }
+        if self.retiring {
+            self.sessions.clear();
+        }
+        if failed.is_some() {
+            return;
+        }
         self.metrics.commits.inc();
-        if self.ticked.take() {
+        if done.ticked {
             self.metrics.clock_ticks.inc();
         }
         self.metrics.ops_committed.inc_by(done.ops);
-        for (reply, _, frame) in done.replies {
-            let _ = reply.send(frame);
-        }
-        for (reply, r) in done.logins {
-            let _ = reply.send(Ok(r));
+        if done.beat {
+            if let Some(r) = self.replica.as_mut() {
+                r.beaten();
+            }
         }
         for (node, ev) in done.out {
             // A session whose queue is full is being closed; its
@@ -506,40 +728,32 @@ impl Writer {
         }
     }
 
-    /// The batch did not commit: nothing of it happened, and everyone
-    /// waiting on it is told so. Sessions that logged in during it are
-    /// not registered: they are closed, to log in again.
-    fn commit_failed(&mut self, done: Done, e: &DbError) {
-        let (reason, why) = failure(e);
-        for (reply, id, _) in done.replies {
-            self.metrics.reject(reason);
-            // Under the request's id: a refusal the client cannot match
-            // leaves it waiting for an answer that never comes.
-            let _ = reply.send(error_frame(
-                Some(id),
-                Rejection::new(reason, format!("commit failed: {why}")),
-            ));
-        }
-        for (reply, _) in done.logins {
-            let _ = reply.send(Err(format!("commit failed: {why}")));
+    /// `node`'s session is now `conn_id`: an older one here is replaced.
+    fn register(&mut self, node: String, conn_id: u64, tx: Outbound) {
+        if let Some((old_id, old)) = self.sessions.insert(node, (conn_id, tx)) {
+            if old_id != conn_id {
+                old.push(encode_event(&Event::Replaced {}));
+                old.close();
+            }
         }
     }
 
-    /// Apply one request in its own savepoint. Returns the reply frame and
-    /// whether state changed.
+    /// Apply one request as a step. Returns the reply frame, the reason
+    /// it was refused if it was, and whether state changed.
+    #[allow(clippy::too_many_arguments)]
     fn apply_one(
         &self,
         db: Db,
+        pass: Pass,
         node: &str,
         id: &str,
-        req: Request,
+        req: &Request,
         now: i64,
         out: &mut book::Outbox,
-    ) -> (String, bool) {
-        let metrics = &self.metrics;
+    ) -> Result<(String, Option<Reason>, bool), Spoiled> {
         let refuse = |r: Rejection| {
-            metrics.reject(r.reason);
-            (error_frame(Some(id.to_string()), r), false)
+            let reason = r.reason;
+            Ok((error_frame(Some(id.to_string()), r), Some(reason), false))
         };
         // Read-only requests are not remembered: replaying them changes nothing.
         let remember = !matches!(
@@ -556,53 +770,49 @@ impl Writer {
         // id recorded; only if that fails (the id's row is there, or the
         // request was refused) is the record looked up, so on the usual
         // path the check costs no statement of its own.
-        let seen = || match db.value::<String>(
-            "SELECT result FROM requests WHERE node_id = ?1 AND msg_id = ?2",
-            args![node, id],
-        ) {
-            Ok(Some(original)) => {
-                let mut r = Rejection::new(Reason::DuplicateId, format!("message id `{id}` was already applied"));
-                r.original = serde_json::from_str(&original).ok();
-                Some(r)
+        let seen = || -> Result<Option<Rejection>, Spoiled> {
+            match db.value::<String>(
+                "SELECT result FROM requests WHERE node_id = ?1 AND msg_id = ?2",
+                args![node, id],
+            ) {
+                Ok(Some(original)) => {
+                    let mut r = Rejection::new(Reason::DuplicateId, format!("message id `{id}` was already applied"));
+                    r.original = serde_json::from_str(&original).ok();
+                    Ok(Some(r))
+                }
+                Ok(None) => Ok(None),
+                Err(_) if pass == Pass::Straight => Err(Spoiled),
+                Err(e) => Ok(Some(db_rejection(&e))),
             }
-            Ok(None) => None,
-            Err(e) => Some(db_rejection(&e)),
         };
         if !remember {
-            if let Some(r) = seen() {
+            if let Some(r) = seen()? {
                 return refuse(r);
             }
         }
-        let sp = match db.savepoint() {
-            Ok(sp) => sp,
-            Err(e) => return refuse(db_rejection(&e)),
-        };
-        let online = |n: &str| self.online(db, n, now);
-        let mark = out.len();
-        let result = book::apply(db, &self.rules, node, req, now, &online, out)
-            .and_then(|v| {
-                if remember {
-                    db.write(
-                        "INSERT INTO requests(node_id, msg_id, result, ts) VALUES (?1, ?2, ?3, ?4)",
-                        args![node, id, v.to_string(), now],
-                    )?;
-                }
-                Ok(v)
-            })
-            .and_then(|v| sp.commit().map(|()| v).map_err(Fail::Sql));
+        let result = step(db, pass, out, |out| {
+            let online = |n: &str| self.online(db, n, now);
+            let v = book::apply(db, &self.rules, node, req.clone(), now, &online, out)?;
+            if remember {
+                db.write(
+                    "INSERT INTO requests(node_id, msg_id, result, ts) VALUES (?1, ?2, ?3, ?4)",
+                    args![node, id, v.to_string(), now],
+                )?;
+            }
+            Ok(v)
+        })?;
         match result {
-            Ok(v) => (
+            Ok(v) => Ok((
                 encode_event(&Event::Ok {
                     re: id.to_string(),
                     result: v,
                 }),
+                None,
                 remember,
-            ),
+            )),
             Err(f) => {
-                // Rolled back to the savepoint by now (dropped uncommitted).
-                out.truncate(mark);
                 if remember {
-                    if let Some(r) = seen() {
+                    if let Some(r) = seen()? {
                         return refuse(r);
                     }
                 }
