@@ -11,7 +11,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -26,6 +26,7 @@ use super::metrics::{self, Closed};
 use super::options::Limits;
 use super::session;
 use super::shared::Shared;
+use super::wire::Cmd;
 
 /// The HTTP/1 settings every connection is served with.
 pub fn http1(limits: &Limits) -> hyper::server::conn::http1::Builder {
@@ -45,8 +46,13 @@ pub async fn connection(stream: TcpStream, sh: Arc<Shared>, slot: Arc<Slot>) {
     let _ = stream.set_nodelay(true);
     let sh2 = sh.clone();
     let service = hyper::service::service_fn(move |req| {
-        let r = respond(req, &sh2, &slot, accepted);
-        async move { Ok::<_, Infallible>(r) }
+        let (sh, slot) = (sh2.clone(), slot.clone());
+        async move {
+            if req.method() == Method::GET && req.uri().path() == "/metrics" {
+                refresh_book(&sh).await;
+            }
+            Ok::<_, Infallible>(respond(req, &sh, &slot, accepted))
+        }
     });
     let conn = sh.http.serve_connection(TokioIo::new(stream), service).with_upgrades();
     let until = accepted + sh.opts.limits.http_timeout;
@@ -59,6 +65,19 @@ pub async fn connection(stream: TcpStream, sh: Arc<Shared>, slot: Arc<Slot>) {
 }
 
 type Reply = Response<Full<Bytes>>;
+
+/// How long a scrape waits for the writer to read the book's gauges
+/// before it shows the last values.
+const GAUGES_WAIT: Duration = Duration::from_secs(2);
+
+/// Have the writer read the order book's gauges again, after the batch it
+/// is applying: they count every task, so they are read when asked for.
+async fn refresh_book(sh: &Shared) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if sh.engine.send(Cmd::Gauges(tx)).is_ok() {
+        let _ = tokio::time::timeout(GAUGES_WAIT, rx).await;
+    }
+}
 
 fn plain(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Reply {
     let mut r = Response::new(Full::new(body.into()));

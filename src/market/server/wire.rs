@@ -39,6 +39,9 @@ pub enum Cmd {
     },
     /// Events another replica queued for sessions here (`replica::listen`).
     Relay(Vec<Relayed>),
+    /// A `/metrics` scrape: read the book's gauges from the database, then
+    /// answer (the sender is dropped unanswered if it cannot be reached).
+    Gauges(oneshot::Sender<()>),
     Shutdown,
 }
 

@@ -37,27 +37,30 @@ pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-/// Read the order book's and ledger's gauges for `/metrics`.
+/// Read the order book's and ledger's gauges for `/metrics`. They count
+/// every task and account, so this runs when `/metrics` is scraped, not on
+/// a timer: on a large book a timer would stall every batch behind it. If
+/// the database fails, the last values stay.
 pub fn refresh_gauges(db: Db, m: &Metrics) {
-    let offers = db
-        .count("SELECT COUNT(*) FROM offers WHERE state = 'active'", args![])
-        .unwrap_or(0);
-    let tasks = db
-        .map("SELECT state, COUNT(*) FROM tasks GROUP BY state", args![], |r| {
+    let read = || -> Result<Book, DbError> {
+        let offers_active = db.count("SELECT COUNT(*) FROM offers WHERE state = 'active'", args![])?;
+        let tasks = db.map("SELECT state, COUNT(*) FROM tasks GROUP BY state", args![], |r| {
             Ok((r.get::<String>(0)?, r.get::<i64>(1)?))
+        })?;
+        let totals = ledger::totals(db)?;
+        Ok(Book {
+            offers_active,
+            tasks,
+            totals,
         })
-        .unwrap_or_default();
-    let totals = ledger::totals(db).unwrap_or_default();
-    m.set_book(Book {
-        offers_active: offers,
-        tasks,
-        totals,
-    });
+    };
+    if let Ok(b) = read() {
+        m.set_book(b);
+    }
 }
 
 const BATCH_MAX: usize = 512;
 const TICK_EVERY: Duration = Duration::from_millis(100);
-const GAUGES_EVERY: Duration = Duration::from_secs(1);
 /// Between attempts to reach a database that went away.
 const RECONNECT_EVERY: Duration = Duration::from_millis(500);
 
@@ -175,13 +178,14 @@ pub fn writer(
     // on an async runtime's thread.
     refresh_gauges(conn.store.db(), &w.metrics);
     let mut next_tick = Instant::now();
-    let mut next_gauges = Instant::now() + GAUGES_EVERY;
     let mut last_reconnect = Instant::now();
     let mut stopping = false;
     while !stopping {
         let Some(batch) = next_batch(&rx, next_tick.saturating_duration_since(Instant::now())) else {
             break;
         };
+        // Scrapes wait for the gauges, read once the batch is done.
+        let (scrapes, batch): (Vec<Cmd>, Vec<Cmd>) = batch.into_iter().partition(|c| matches!(c, Cmd::Gauges(_)));
         if !w.reachable(&mut conn, &mut last_reconnect) {
             fail_batch(
                 batch,
@@ -251,9 +255,13 @@ pub fn writer(
         }
         stopping |= done.stopping;
         w.finish(batch, done, committed);
-        if Instant::now() >= next_gauges {
-            next_gauges = Instant::now() + GAUGES_EVERY;
+        if !scrapes.is_empty() {
             refresh_gauges(conn.store.db(), &w.metrics);
+            for c in scrapes {
+                if let Cmd::Gauges(tx) = c {
+                    let _ = tx.send(());
+                }
+            }
         }
     }
     refresh_gauges(conn.store.db(), &w.metrics);
@@ -427,6 +435,8 @@ impl Writer {
     fn apply(&mut self, db: Db, pass: Pass, i: usize, cmd: &Cmd, now: i64, done: &mut Done) -> Result<(), Spoiled> {
         match cmd {
             Cmd::Shutdown => done.stopping = true,
+            // Taken out of the batch before it is applied.
+            Cmd::Gauges(_) => {}
             Cmd::Login {
                 identity,
                 proof,
@@ -838,6 +848,8 @@ fn fail_batch(batch: Vec<Cmd>, reason: Reason, why: &str, w: &mut Writer, stoppi
                 let _ = reply.send(Err(why.to_string()));
             }
             Cmd::Shutdown => *stopping = true,
+            // Dropped: the scrape shows the last values.
+            Cmd::Gauges(_) => {}
             Cmd::Relay(events) => w.relayed(events),
             Cmd::Gone { node, conn_id } => {
                 // Gone here at once; the book hears of it once the
