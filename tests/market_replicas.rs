@@ -610,7 +610,7 @@ fn replicas_starting_together_migrate_once() {
     });
     let mut db = postgres::connect(&url).expect("connect");
     let version: i64 = db.query_one("SELECT version FROM cmm_schema", &[]).unwrap().get(0);
-    assert_eq!(version, 2, "every migration ran");
+    assert_eq!(version, 3, "every migration ran");
     let rows: i64 = db.query_one("SELECT COUNT(*) FROM cmm_schema", &[]).unwrap().get(0);
     assert_eq!(rows, 1, "one schema version row");
     rs[1].verify();
