@@ -592,6 +592,49 @@ fn server_reports_health_and_metrics_and_stops_cleanly_on_sigterm() {
 }
 
 #[test]
+fn each_scrape_counts_the_book_as_committed_then() {
+    // The book's gauges are read when /metrics is asked for, so a scrape
+    // right after a change shows it (no timer to wait for).
+    let server = Server::start(&[]);
+    assert_eq!(server.metric("cmm_market_tasks_open"), 0);
+    assert_eq!(server.metric("cmm_market_ledger_escrow"), 0);
+    rt().block_on(async {
+        let rc = Node::new().connect(&server).await;
+        let pc = Node::new().connect(&server).await;
+        pc.request(&offer(5)).await.expect("offer");
+        assert_eq!(server.metric("cmm_market_offers_active"), 1);
+        let v = rc.request(&post(20)).await.expect("post");
+        assert_eq!(server.metric("cmm_market_tasks_open"), 1);
+        assert_eq!(server.metric("cmm_market_ledger_escrow"), 20);
+        let tid = v["task"]["task_id"].as_str().expect("a task id").to_string();
+        pc.request(&Request::Accept {
+            task_id: tid.clone(),
+            attempt: 1,
+        })
+        .await
+        .expect("accept");
+        assert_eq!(server.metric("cmm_market_tasks_open"), 0);
+        pc.request(&Request::Deliver {
+            task_id: tid.clone(),
+            attempt: 1,
+            data: "cmVzdWx0".into(),
+        })
+        .await
+        .expect("deliver");
+        rc.request(&Request::Settle {
+            task_id: tid,
+            attempt: 1,
+        })
+        .await
+        .expect("settle");
+        assert_eq!(server.metric("cmm_market_ledger_escrow"), 0);
+        rc.close();
+        pc.close();
+    });
+    server.verify();
+}
+
+#[test]
 fn advertise_reconnects_after_the_coordinator_restarts() {
     let mut server = Server::start(&["--grace-ms", "5000"]);
     let prov = Cmm::new();
