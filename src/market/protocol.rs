@@ -586,13 +586,17 @@ pub fn encode_request(id: Option<&str>, req: &Request) -> String {
     v.to_string()
 }
 
-/// Encode an event with its envelope.
+/// Encode an event with its envelope. Written straight to text: the
+/// writer encodes every reply and event, and building a `Value` first
+/// copied each result once more.
 pub fn encode_event(ev: &Event) -> String {
-    let mut v = serde_json::to_value(ev).expect("events serialise");
-    if let Value::Object(m) = &mut v {
-        m.insert("v".into(), VERSION.into());
+    #[derive(Serialize)]
+    struct Envelope<'a> {
+        #[serde(flatten)]
+        ev: &'a Event,
+        v: u32,
     }
-    v.to_string()
+    serde_json::to_string(&Envelope { ev, v: VERSION }).expect("events serialise")
 }
 
 /// A refused frame, before it becomes an `error` event.
@@ -716,6 +720,31 @@ mod tests {
         let (id, req) = decode_request(r#"{"v":1,"type":"status","id":"a"}"#).unwrap();
         assert_eq!(id.as_deref(), Some("a"));
         assert!(matches!(req, Request::Status {}));
+    }
+
+    #[test]
+    fn events_carry_their_fields_their_type_and_the_version() {
+        let events = [
+            Event::Ok {
+                re: "m1".into(),
+                result: serde_json::json!({"task": {"task_id": "t-1", "n": [1, 2]}, "s": "\"q\""}),
+            },
+            Event::Error {
+                re: None,
+                reason: Reason::DuplicateId,
+                message: "seen".into(),
+                original: Some(serde_json::json!({"a": 1})),
+            },
+            Event::Replaced {},
+        ];
+        for ev in events {
+            let text = encode_event(&ev);
+            let mut want = serde_json::to_value(&ev).unwrap();
+            want.as_object_mut().unwrap().insert("v".into(), VERSION.into());
+            assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), want, "{text}");
+            let back: Event = serde_json::from_str(&text).unwrap();
+            assert_eq!(serde_json::to_value(&back).unwrap(), serde_json::to_value(&ev).unwrap());
+        }
     }
 
     #[test]
