@@ -28,7 +28,7 @@ use super::book::{self, BookRules, Fail};
 use super::ledger;
 use super::metrics::{Book, Metrics};
 use super::replica::{self, Replica, Whereabouts};
-use super::store::{args, Db, DbError, Store};
+use super::store::{self, args, Arg, Db, DbError, Store};
 use super::wire::{error_frame, Cmd, Outbound, Relayed};
 use crate::market::protocol::{encode_event, Event, Reason, Rejection, Request};
 
@@ -147,6 +147,9 @@ struct Done {
     /// The batch as a whole failed (its heartbeat, its relay rows): it is
     /// not committed.
     failed: Option<DbError>,
+    /// A straight pass's applied requests, by (node, message id), with
+    /// their results: recorded in `requests` together at the batch's end.
+    remembered: HashMap<(String, String), String>,
 }
 
 /// How the writer reaches its database: the open store, and on PostgreSQL
@@ -422,6 +425,12 @@ impl Writer {
         if done.stopping {
             self.retire(db, pass, now, &mut done)?;
         }
+        // A message id already applied in an earlier batch fails this
+        // statement: the batch is then applied again, guarded, and that
+        // request answered as a duplicate.
+        if remember_all(db, &done.remembered, now).is_err() {
+            return Err(Spoiled);
+        }
         let out = std::mem::take(&mut done.out);
         match self.route(db, now, out, &mut done.woken) {
             Ok(local) => done.out = local,
@@ -482,7 +491,7 @@ impl Writer {
                 done.effects.push(Effect::Relayed(i));
             }
             Cmd::Request { node, id, req, .. } => {
-                let (frame, refused, changed) = self.apply_one(db, pass, node, id, req, now, &mut done.out)?;
+                let (frame, refused, changed) = self.apply_one(db, pass, node, id, req, now, done)?;
                 if changed {
                     done.ops += 1;
                 }
@@ -759,7 +768,7 @@ impl Writer {
         id: &str,
         req: &Request,
         now: i64,
-        out: &mut book::Outbox,
+        done: &mut Done,
     ) -> Result<(String, Option<Reason>, bool), Spoiled> {
         let refuse = |r: Rejection| {
             let reason = r.reason;
@@ -780,16 +789,17 @@ impl Writer {
         // id recorded; only if that fails (the id's row is there, or the
         // request was refused) is the record looked up, so on the usual
         // path the check costs no statement of its own.
+        let duplicate = |original: &str| {
+            let mut r = Rejection::new(Reason::DuplicateId, format!("message id `{id}` was already applied"));
+            r.original = serde_json::from_str(original).ok();
+            r
+        };
         let seen = || -> Result<Option<Rejection>, Spoiled> {
             match db.value::<String>(
                 "SELECT result FROM requests WHERE node_id = ?1 AND msg_id = ?2",
                 args![node, id],
             ) {
-                Ok(Some(original)) => {
-                    let mut r = Rejection::new(Reason::DuplicateId, format!("message id `{id}` was already applied"));
-                    r.original = serde_json::from_str(&original).ok();
-                    Ok(Some(r))
-                }
+                Ok(Some(original)) => Ok(Some(duplicate(&original))),
                 Ok(None) => Ok(None),
                 Err(_) if pass == Pass::Straight => Err(Spoiled),
                 Err(e) => Ok(Some(db_rejection(&e))),
@@ -800,10 +810,18 @@ impl Writer {
                 return refuse(r);
             }
         }
-        let result = step(db, pass, out, |out| {
+        let key = (node.to_string(), id.to_string());
+        if let Some(original) = done.remembered.get(&key) {
+            // Sent twice in this batch: answered as the first was.
+            return refuse(duplicate(original));
+        }
+        // Guarded, a request's record is written in its own step, so a
+        // message id already applied undoes that step alone; straight, the
+        // records wait for the batch's end ([`remember_all`]).
+        let result = step(db, pass, &mut done.out, |out| {
             let online = |n: &str| self.online(db, n, now);
             let v = book::apply(db, &self.rules, node, req.clone(), now, &online, out)?;
-            if remember {
+            if remember && pass == Pass::Guarded {
                 db.write(
                     "INSERT INTO requests(node_id, msg_id, result, ts) VALUES (?1, ?2, ?3, ?4)",
                     args![node, id, v.to_string(), now],
@@ -811,6 +829,9 @@ impl Writer {
             }
             Ok(v)
         })?;
+        if let (Ok(v), true, Pass::Straight) = (&result, remember, pass) {
+            done.remembered.insert(key, v.to_string());
+        }
         match result {
             Ok(v) => Ok((
                 encode_event(&Event::Ok {
@@ -837,6 +858,29 @@ impl Writer {
 
 /// Refuse a whole batch without touching the database. Relayed events
 /// need no database and are still sent.
+/// Rows of `requests` written by one statement.
+const REMEMBER_ROWS: usize = 64;
+
+/// Record a straight pass's applied requests, [`REMEMBER_ROWS`] to a
+/// statement instead of one each.
+fn remember_all(db: Db, remembered: &HashMap<(String, String), String>, now: i64) -> Result<(), DbError> {
+    let rows: Vec<_> = remembered.iter().collect();
+    for chunk in rows.chunks(REMEMBER_ROWS) {
+        let params: Vec<_> = chunk
+            .iter()
+            .flat_map(|((node, id), result)| [node.arg(), id.arg(), result.arg(), now.arg()])
+            .collect();
+        db.write(
+            &format!(
+                "INSERT INTO requests(node_id, msg_id, result, ts) VALUES {}",
+                store::value_rows("", 1, chunk.len(), 4)
+            ),
+            &params,
+        )?;
+    }
+    Ok(())
+}
+
 fn fail_batch(batch: Vec<Cmd>, reason: Reason, why: &str, w: &mut Writer, stopping: &mut bool) {
     for cmd in batch {
         match cmd {
@@ -860,5 +904,54 @@ fn fail_batch(batch: Vec<Cmd>, reason: Reason, why: &str, w: &mut Writer, stoppi
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::oneshot;
+
+    /// The same message id twice in one batch (two sessions of one node
+    /// can do that) is applied once: the second is answered as a duplicate
+    /// of the first, although the first's record is only written at the
+    /// batch's end.
+    #[test]
+    fn a_message_id_sent_twice_in_one_batch_is_applied_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("market.db");
+        let conn = Conn {
+            store: Store::Sqlite(store::sqlite::open(&path, true).unwrap()),
+            reconnect: None,
+        };
+        let (tx, rx) = std_mpsc::channel();
+        let mut replies = Vec::new();
+        for _ in 0..2 {
+            let (reply, answer) = oneshot::channel();
+            let req = Request::Offer {
+                slots: 1,
+                price: 1,
+                models: vec!["m".into()],
+                ttl_secs: 60,
+            };
+            let (node, id) = ("n-1".to_string(), "m-1".to_string());
+            tx.send(Cmd::Request { node, id, req, reply }).unwrap();
+            replies.push(answer);
+        }
+        tx.send(Cmd::Shutdown).unwrap();
+        // Everything is queued before the writer starts: one batch.
+        writer(conn, BookRules::default(), None, rx, Arc::new(Metrics::new("test")));
+        let frames: Vec<serde_json::Value> = replies
+            .into_iter()
+            .map(|a| serde_json::from_str(&a.blocking_recv().unwrap()).unwrap())
+            .collect();
+        assert_eq!(frames[0]["type"], "ok", "{frames:?}");
+        assert_eq!(frames[1]["type"], "error", "{frames:?}");
+        assert_eq!(frames[1]["reason"], "duplicate_id", "{frames:?}");
+        assert_eq!(frames[1]["original"], frames[0]["result"]);
+        let db = store::sqlite::open_read(&path).unwrap();
+        let count = |sql: &str| db.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
+        assert_eq!(count("SELECT COUNT(*) FROM offers"), 1, "applied once");
+        assert_eq!(count("SELECT COUNT(*) FROM requests WHERE msg_id = 'm-1'"), 1);
     }
 }
