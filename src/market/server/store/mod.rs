@@ -51,6 +51,19 @@ impl DbSpec {
     }
 }
 
+/// A migration both engines run (SQLite's v8, PostgreSQL's v3): fewer
+/// index entries to move when a task changes state. `tasks_delivered`
+/// (state, delivered_at) already serves every look-up by state; a
+/// provider's tasks are found by provider alone; an offer's load counts
+/// only its leased tasks, so only those are indexed by offer.
+const LEANER_TASK_INDEXES: &str = r#"
+DROP INDEX IF EXISTS tasks_state;
+DROP INDEX IF EXISTS tasks_provider;
+CREATE INDEX tasks_provider ON tasks(provider);
+DROP INDEX IF EXISTS tasks_offer;
+CREATE INDEX tasks_leased ON tasks(offer_id) WHERE state IN ('assigned','delivered');
+"#;
+
 /// Shown without a password: `postgres://user:secret@host/db` prints as
 /// `postgres://user:***@host/db`, so logs and `--json` never carry it.
 impl fmt::Display for DbSpec {

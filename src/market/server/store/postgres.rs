@@ -194,16 +194,9 @@ CREATE TABLE rejections (
     PRIMARY KEY (task_id, attempt)
 );
 "#,
-    // v3 = SQLite's v8: fewer index entries to move per state change (each
-    // one is a write the commit waits for, and no update that moves one is
-    // a heap-only update).
-    r#"
-DROP INDEX IF EXISTS tasks_state;
-DROP INDEX IF EXISTS tasks_provider;
-CREATE INDEX tasks_provider ON tasks(provider);
-DROP INDEX IF EXISTS tasks_offer;
-CREATE INDEX tasks_leased ON tasks(offer_id) WHERE state IN ('assigned','delivered');
-"#,
+    // v3 = SQLite's v8 (each index entry moved is a write the commit waits
+    // for, and no update that moves one is a heap-only update).
+    super::LEANER_TASK_INDEXES,
 ];
 
 impl ToSql for V<'_> {

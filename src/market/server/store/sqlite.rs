@@ -211,18 +211,8 @@ CREATE TABLE rejections (
     PRIMARY KEY (task_id, attempt)
 ) WITHOUT ROWID;
 "#,
-    // v8: fewer index entries to move per state change, since every page a
-    // batch touches is written again at its commit. `tasks_delivered`
-    // (state, delivered_at) already serves every look-up by state; a
-    // provider's tasks are found by provider alone; an offer's load counts
-    // only its leased tasks, so only those are indexed by offer.
-    r#"
-DROP INDEX IF EXISTS tasks_state;
-DROP INDEX IF EXISTS tasks_provider;
-CREATE INDEX tasks_provider ON tasks(provider);
-DROP INDEX IF EXISTS tasks_offer;
-CREATE INDEX tasks_leased ON tasks(offer_id) WHERE state IN ('assigned','delivered');
-"#,
+    // v8 (every page a batch touches is written again at its commit).
+    super::LEANER_TASK_INDEXES,
 ];
 
 /// Open (creating if needed) and migrate. `sync_full` picks
