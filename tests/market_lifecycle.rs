@@ -598,39 +598,18 @@ fn each_scrape_counts_the_book_as_committed_then() {
     let server = Server::start(&[]);
     assert_eq!(server.metric("cmm_market_tasks_open"), 0);
     assert_eq!(server.metric("cmm_market_ledger_escrow"), 0);
-    rt().block_on(async {
-        let rc = Node::new().connect(&server).await;
-        let pc = Node::new().connect(&server).await;
-        pc.request(&offer(5)).await.expect("offer");
-        assert_eq!(server.metric("cmm_market_offers_active"), 1);
-        let v = rc.request(&post(20)).await.expect("post");
-        assert_eq!(server.metric("cmm_market_tasks_open"), 1);
-        assert_eq!(server.metric("cmm_market_ledger_escrow"), 20);
-        let tid = v["task"]["task_id"].as_str().expect("a task id").to_string();
-        pc.request(&Request::Accept {
-            task_id: tid.clone(),
-            attempt: 1,
-        })
-        .await
-        .expect("accept");
-        assert_eq!(server.metric("cmm_market_tasks_open"), 0);
-        pc.request(&Request::Deliver {
-            task_id: tid.clone(),
-            attempt: 1,
-            data: "cmVzdWx0".into(),
-        })
-        .await
-        .expect("deliver");
-        rc.request(&Request::Settle {
-            task_id: tid,
-            attempt: 1,
-        })
-        .await
-        .expect("settle");
-        assert_eq!(server.metric("cmm_market_ledger_escrow"), 0);
-        rc.close();
-        pc.close();
-    });
+    rt().block_on(full_cycle_watched(&server, |step| {
+        let (open, escrow) = (
+            server.metric("cmm_market_tasks_open"),
+            server.metric("cmm_market_ledger_escrow"),
+        );
+        match step {
+            "offer" => assert_eq!(server.metric("cmm_market_offers_active"), 1),
+            "post" => assert_eq!((open, escrow), (1, 20), "after the post"),
+            "accept" | "deliver" => assert_eq!((open, escrow), (0, 20), "after {step}"),
+            _ => assert_eq!((open, escrow), (0, 0), "after {step}"),
+        }
+    }));
     server.verify();
 }
 

@@ -371,11 +371,19 @@ impl Drop for HealthProbe {
 /// One honest post -> accept -> deliver -> settle cycle between two new
 /// nodes; panics on any failure.
 pub async fn full_cycle(s: &Server) {
+    full_cycle_watched(s, |_| {}).await
+}
+
+/// [`full_cycle`], calling `after` with each step's name once it is
+/// answered: "offer", "post", "accept", "deliver", "settle".
+pub async fn full_cycle_watched(s: &Server, after: impl Fn(&str)) {
     let (r, p) = (Node::new(), Node::new());
     let rc = r.connect(s).await;
     let pc = p.connect(s).await;
     pc.request(&offer(5)).await.expect("offer");
+    after("offer");
     let v = rc.request(&post(20)).await.expect("post");
+    after("post");
     let tid = v["task"]["task_id"].as_str().expect("a task id").to_string();
     pc.request(&Request::Accept {
         task_id: tid.clone(),
@@ -383,6 +391,7 @@ pub async fn full_cycle(s: &Server) {
     })
     .await
     .expect("accept");
+    after("accept");
     pc.request(&Request::Deliver {
         task_id: tid.clone(),
         attempt: 1,
@@ -390,6 +399,7 @@ pub async fn full_cycle(s: &Server) {
     })
     .await
     .expect("deliver");
+    after("deliver");
     let v = rc
         .request(&Request::Settle {
             task_id: tid,
@@ -398,6 +408,7 @@ pub async fn full_cycle(s: &Server) {
         .await
         .expect("settle");
     assert_eq!(v["state"], "settled");
+    after("settle");
     rc.close();
     pc.close();
 }
