@@ -61,6 +61,11 @@ pub fn refresh_gauges(db: Db, m: &Metrics) {
 
 const BATCH_MAX: usize = 512;
 const TICK_EVERY: Duration = Duration::from_millis(100);
+/// After reading the gauges, the writer waits this many times as long as
+/// the reading took before it reads them again, so however often
+/// `/metrics` is scraped they take at most a tenth of its time; a scrape
+/// in between is shown the last values.
+const GAUGES_SPACING: u32 = 9;
 /// Between attempts to reach a database that went away.
 const RECONNECT_EVERY: Duration = Duration::from_millis(500);
 
@@ -182,6 +187,7 @@ pub fn writer(
     refresh_gauges(conn.store.db(), &w.metrics);
     let mut next_tick = Instant::now();
     let mut last_reconnect = Instant::now();
+    let mut gauges_due = Instant::now();
     let mut stopping = false;
     while !stopping {
         let Some(batch) = next_batch(&rx, next_tick.saturating_duration_since(Instant::now())) else {
@@ -259,7 +265,11 @@ pub fn writer(
         stopping |= done.stopping;
         w.finish(batch, done, committed);
         if !scrapes.is_empty() {
-            refresh_gauges(conn.store.db(), &w.metrics);
+            if Instant::now() >= gauges_due {
+                let read = Instant::now();
+                refresh_gauges(conn.store.db(), &w.metrics);
+                gauges_due = Instant::now() + read.elapsed() * GAUGES_SPACING;
+            }
             for c in scrapes {
                 if let Cmd::Gauges(tx) = c {
                     let _ = tx.send(());
