@@ -592,23 +592,27 @@ fn server_reports_health_and_metrics_and_stops_cleanly_on_sigterm() {
 }
 
 #[test]
-fn each_scrape_counts_the_book_as_committed_then() {
-    // The book's gauges are read when /metrics is asked for, so a scrape
-    // right after a change shows it (no timer to wait for).
+fn the_gauges_follow_each_step_of_a_cycle() {
+    // The book's gauges are read when /metrics is asked for (there is no
+    // timer: were a scrape not to read them, they would never move). A
+    // scrape soon after a reading may show the last values, so each step
+    // is waited for.
     let server = Server::start(&[]);
-    assert_eq!(server.metric("cmm_market_tasks_open"), 0);
-    assert_eq!(server.metric("cmm_market_ledger_escrow"), 0);
+    let book = |s: &Server| (s.metric("cmm_market_tasks_open"), s.metric("cmm_market_ledger_escrow"));
+    assert_eq!(book(&server), (0, 0));
     rt().block_on(full_cycle_watched(&server, |step| {
-        let (open, escrow) = (
-            server.metric("cmm_market_tasks_open"),
-            server.metric("cmm_market_ledger_escrow"),
-        );
-        match step {
-            "offer" => assert_eq!(server.metric("cmm_market_offers_active"), 1),
-            "post" => assert_eq!((open, escrow), (1, 20), "after the post"),
-            "accept" | "deliver" => assert_eq!((open, escrow), (0, 20), "after {step}"),
-            _ => assert_eq!((open, escrow), (0, 0), "after {step}"),
-        }
+        let want = match step {
+            "offer" => {
+                let active = server.wait_for(10, |s| s.metric("cmm_market_offers_active") == 1);
+                assert!(active, "after the offer");
+                return;
+            }
+            "post" => (1, 20),
+            "accept" | "deliver" => (0, 20),
+            _ => (0, 0),
+        };
+        let shown = server.wait_for(10, |s| book(s) == want);
+        assert!(shown, "after {step}: {:?}, not {want:?}", book(&server));
     }));
     server.verify();
 }
