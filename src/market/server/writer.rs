@@ -820,8 +820,9 @@ impl Writer {
                 return refuse(r);
             }
         }
-        let key = (node.to_string(), id.to_string());
-        if let Some(original) = done.remembered.get(&key) {
+        // Straight, a change's record waits for the batch's end.
+        let key = (remember && pass == Pass::Straight).then(|| (node.to_string(), id.to_string()));
+        if let Some(original) = key.as_ref().and_then(|k| done.remembered.get(k)) {
             // Sent twice in this batch: answered as the first was.
             return refuse(duplicate(original));
         }
@@ -839,7 +840,7 @@ impl Writer {
             }
             Ok(v)
         })?;
-        if let (Ok(v), true, Pass::Straight) = (&result, remember, pass) {
+        if let (Ok(v), Some(key)) = (&result, key) {
             done.remembered.insert(key, v.to_string());
         }
         match result {
@@ -866,8 +867,6 @@ impl Writer {
     }
 }
 
-/// Refuse a whole batch without touching the database. Relayed events
-/// need no database and are still sent.
 /// Rows of `requests` written by one statement.
 const REMEMBER_ROWS: usize = 64;
 
@@ -891,6 +890,8 @@ fn remember_all(db: Db, remembered: &HashMap<(String, String), String>, now: i64
     Ok(())
 }
 
+/// Refuse a whole batch without touching the database. Relayed events
+/// need no database and are still sent.
 fn fail_batch(batch: Vec<Cmd>, reason: Reason, why: &str, w: &mut Writer, stopping: &mut bool) {
     for cmd in batch {
         match cmd {
