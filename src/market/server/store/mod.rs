@@ -400,6 +400,16 @@ impl<'a> Db<'a> {
         }
     }
 
+    /// Every row of each query, in order. They run one after another, as
+    /// if asked for one by one, but on PostgreSQL they travel together, in
+    /// one round trip: for reads that do not wait on each other's answers.
+    pub fn rows_each(&self, queries: &[(&str, &[V])]) -> Result<Vec<Vec<Row>>> {
+        match self {
+            Db::Sqlite(c) => queries.iter().map(|(sql, args)| sqlite::rows(c, sql, args)).collect(),
+            Db::Postgres(c) => c.rows_each(queries),
+        }
+    }
+
     /// Every row of a query, each turned into a `T`.
     pub fn map<T>(&self, sql: &str, args: &[V], f: impl FnMut(&Row) -> Result<T>) -> Result<Vec<T>> {
         self.rows(sql, args)?.iter().map(f).collect()

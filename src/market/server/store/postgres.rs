@@ -461,15 +461,30 @@ impl PgConn {
     /// Send what is waiting and then `last`, in one round trip; the answer
     /// to `last`, or the first failure.
     fn round_trip(&self, last: Option<Op>) -> Result<Answer> {
+        Ok(self
+            .round_trip_all(last.into_iter().collect(), 1)?
+            .pop()
+            .unwrap_or(Answer::Done))
+    }
+
+    /// Send what is waiting and then `last`, in one round trip; the answers
+    /// to the final `keep` statements, or the first failure.
+    fn round_trip_all(&self, last: Vec<Op>, keep: usize) -> Result<Vec<Answer>> {
         let mut ops = std::mem::take(&mut *self.waiting.borrow_mut());
         ops.extend(last);
         if ops.is_empty() {
-            return Ok(Answer::Done);
+            return Ok(Vec::new());
         }
+        let skip = ops.len().saturating_sub(keep);
         let r = self
             .bounded(pipeline(&self.client, &ops))?
             .into_iter()
-            .try_fold(Answer::Done, |_, a| a)
+            .enumerate()
+            .filter_map(|(i, a)| match a {
+                Ok(_) if i < skip => None,
+                other => Some(other),
+            })
+            .collect::<std::result::Result<Vec<Answer>, _>>()
             .map_err(DbError::from);
         if r.is_err() {
             self.spoiled.set(true);
@@ -527,20 +542,35 @@ impl PgConn {
     }
 
     pub fn rows(&self, sql: &str, args: &[V]) -> Result<Vec<Row>> {
-        let op = Op::Query(self.statement(sql)?, Self::owned(args));
-        let Answer::Rows(rows) = self.round_trip(Some(op))? else {
-            return Ok(Vec::new());
-        };
-        if !is_read(sql) {
-            // `UPDATE`/`INSERT ... RETURNING`: a row back is a row changed.
-            self.changed.set(self.changed.get() + rows.len() as u64);
-        }
-        rows.iter()
-            .map(|r| {
-                (0..r.len())
-                    .map(|i| value_at(r, i))
-                    .collect::<Result<Vec<_>>>()
-                    .map(Row)
+        Ok(self.rows_each(&[(sql, args)])?.pop().unwrap_or_default())
+    }
+
+    /// Each query's rows, in order, all in one round trip.
+    pub fn rows_each(&self, queries: &[(&str, &[V])]) -> Result<Vec<Vec<Row>>> {
+        let ops = queries
+            .iter()
+            .map(|(sql, args)| Ok(Op::Query(self.statement(sql)?, Self::owned(args))))
+            .collect::<Result<Vec<_>>>()?;
+        let answers = self.round_trip_all(ops, queries.len())?;
+        queries
+            .iter()
+            .zip(answers)
+            .map(|((sql, _), answer)| {
+                let Answer::Rows(rows) = answer else {
+                    return Ok(Vec::new());
+                };
+                if !is_read(sql) {
+                    // `UPDATE`/`INSERT ... RETURNING`: a row back is a row changed.
+                    self.changed.set(self.changed.get() + rows.len() as u64);
+                }
+                rows.iter()
+                    .map(|r| {
+                        (0..r.len())
+                            .map(|i| value_at(r, i))
+                            .collect::<Result<Vec<_>>>()
+                            .map(Row)
+                    })
+                    .collect()
             })
             .collect()
     }
