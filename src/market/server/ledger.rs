@@ -49,8 +49,9 @@ pub fn open_account(tx: Db, account: &str, kind: &str) -> store::Result<()> {
 /// changed.
 ///
 /// A debit and its check are one statement; the journal row and all its
-/// postings are two more, and on PostgreSQL those and the credits travel
-/// without waiting for an answer.
+/// postings are two more, and the credits one each. On PostgreSQL a
+/// movement with at most one checked debit is a single statement
+/// ([`post_in_one`]).
 pub fn post(
     tx: Db,
     now: i64,
@@ -77,6 +78,9 @@ pub fn post(
     // (on PostgreSQL the row stays locked until the transaction ends, and a
     // replica that waited for it checks the balance it finds then).
     let checked = |n: &(&str, i64)| n.0 != ISSUER && n.1 < 0;
+    if tx.engine() == Engine::Postgres && net.iter().filter(|n| checked(n)).count() <= 1 {
+        return post_in_one(tx, now, memo, task_id, postings, &net, checked);
+    }
     let mut debited: Vec<(&str, i64)> = Vec::new();
     for &(account, amount) in net.iter().filter(|n| checked(n)) {
         let covered = tx
@@ -127,6 +131,84 @@ pub fn post(
         )?;
     }
     Ok(Ok(()))
+}
+
+/// [`post`] as one statement, on PostgreSQL, for a movement with at most
+/// one checked debit (every movement the book makes): the debit and its
+/// check, then, only if it was covered, the credits, the journal row and
+/// its postings, each a part of one `WITH`. Covered or not, it is all or
+/// nothing, and one statement instead of one per account and two more
+/// (each statement costs the database more than the rows it changes).
+fn post_in_one(
+    tx: Db,
+    now: i64,
+    memo: &str,
+    task_id: Option<&str>,
+    postings: &[(&str, i64)],
+    net: &[(&str, i64)],
+    checked: impl Fn(&(&str, i64)) -> bool,
+) -> store::Result<Result<(), Overdraft>> {
+    let mut params: Vec<V> = vec![now.arg(), memo.arg(), task_id.arg()];
+    fn next<'a>(params: &mut Vec<V<'a>>, v: V<'a>) -> usize {
+        params.push(v);
+        params.len()
+    }
+    let debit = net.iter().find(|n| checked(n));
+    let mut sql = String::from("WITH ");
+    match debit {
+        Some(&(account, amount)) => {
+            let (a, m) = (next(&mut params, account.arg()), next(&mut params, V::Int(amount)));
+            sql += &format!(
+                "d AS (UPDATE accounts SET balance = balance + CAST(?{m} AS BIGINT)
+                   WHERE account = ?{a} AND balance + CAST(?{m} AS BIGINT) >= 0 RETURNING account),
+                 ok AS (SELECT COUNT(*) = 1 AS ok FROM d),"
+            );
+        }
+        None => sql += "ok AS (SELECT TRUE AS ok),",
+    }
+    let credits: Vec<String> = net
+        .iter()
+        .filter(|n| !checked(n))
+        .map(|&(account, amount)| {
+            let a = next(&mut params, account.arg());
+            let m = next(&mut params, V::Int(amount));
+            format!("(?{a}, CAST(?{m} AS BIGINT))")
+        })
+        .collect();
+    if !credits.is_empty() {
+        sql += &format!(
+            " c AS (UPDATE accounts a SET balance = a.balance + m.amount
+                 FROM (VALUES {}) AS m(account, amount), ok WHERE ok.ok AND a.account = m.account),",
+            credits.join(", ")
+        );
+    }
+    let lines: Vec<String> = postings
+        .iter()
+        .filter(|p| p.1 != 0)
+        .map(|&(account, amount)| {
+            let a = next(&mut params, account.arg());
+            let m = next(&mut params, V::Int(amount));
+            format!("(?{a}, CAST(?{m} AS BIGINT))")
+        })
+        .collect();
+    sql += &format!(
+        " j AS (INSERT INTO journal(ts, memo, task_id) SELECT ?1, ?2, CAST(?3 AS TEXT) FROM ok WHERE ok.ok RETURNING id),
+         p AS (INSERT INTO postings(journal_id, account, amount)
+               SELECT j.id, l.account, l.amount FROM j, (VALUES {}) AS l(account, amount))
+         SELECT id FROM j",
+        lines.join(", ")
+    );
+    // A row back is the movement made; none, the debit refused and nothing
+    // changed.
+    if !tx.rows(&sql, &params)?.is_empty() {
+        return Ok(Ok(()));
+    }
+    let (account, amount) = debit.copied().unwrap_or_default();
+    Ok(Err(Overdraft {
+        account: account.to_string(),
+        balance: balance(tx, account)?,
+        needed: -amount,
+    }))
 }
 
 /// Totals by account kind.
