@@ -7,10 +7,10 @@
 use crate::market::server::store::{args, Db};
 use serde_json::{json, Value};
 
-use super::announce::announce_by;
+use super::announce::{matching_args, matching_from, offer_to, MATCHING};
 use super::fields::{check_name, check_range};
 use super::handler::{new_id, reject, Context, Fail};
-use super::reputation::requester_standing;
+use super::reputation::{standing_from, STANDING};
 use super::rules::{MAX_ATTEMPTS, MAX_PRICE};
 use super::task::Task;
 use crate::market::protocol::{requester_suspended, Reason, SUSPEND_MIN_VERDICTS, SUSPEND_RATE};
@@ -58,25 +58,11 @@ pub fn apply(cx: Context, req: NewTask) -> Result<Value, Fail> {
     if let Some(m) = &req.permission_mode {
         check_name("permission_mode", m)?;
     }
-    let standing = requester_standing(c, node)?;
-    if requester_suspended(standing.settled, standing.rejected) {
-        return reject(
-            Reason::Suspended,
-            format!(
-                "you rejected {} of the {} results you judged, more than {}% of at least {}: posting is suspended",
-                standing.rejected,
-                standing.settled + standing.rejected,
-                (SUSPEND_RATE * 100.0) as u32,
-                SUSPEND_MIN_VERDICTS
-            ),
-        );
-    }
     if req.payload_hash.len() != 64 || !req.payload_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
         return reject(Reason::InvalidField, "`payload_hash` must be 64 hex digits (SHA-256)");
     }
     let task_id = new_id("t-");
     let price = req.max_price as i64;
-    lock_escrow(c, node, &task_id, price, now)?;
     let task = Task {
         task_id: task_id.clone(),
         requester: node.to_string(),
@@ -99,6 +85,33 @@ pub fn apply(cx: Context, req: NewTask) -> Result<Value, Fail> {
         permission_mode: req.permission_mode,
         payload_next: 0,
     };
+    // The requester's standing and the providers to offer the task to, in
+    // one round trip: neither depends on the rows written below.
+    let online_now = online(node);
+    let mut answers = if online_now {
+        c.rows_each(&[(STANDING, args![node]), (MATCHING, &matching_args(&task, now))])?
+    } else {
+        c.rows_each(&[(STANDING, args![node])])?
+    }
+    .into_iter();
+    let standing = standing_from(&answers.next().unwrap_or_default())?;
+    if requester_suspended(standing.settled, standing.rejected) {
+        return reject(
+            Reason::Suspended,
+            format!(
+                "you rejected {} of the {} results you judged, more than {}% of at least {}: posting is suspended",
+                standing.rejected,
+                standing.settled + standing.rejected,
+                (SUSPEND_RATE * 100.0) as u32,
+                SUSPEND_MIN_VERDICTS
+            ),
+        );
+    }
+    let providers = match answers.next() {
+        Some(rows) => matching_from(&rows, &task, online)?,
+        None => Vec::new(),
+    };
+    lock_escrow(c, node, &task_id, price, now)?;
     c.write(
         "INSERT INTO tasks(task_id, requester, model, max_tokens, max_price, payload_hash, deadline,
            max_attempts, min_reputation, state, attempt, created_at, updated_at, payload_bytes,
@@ -120,7 +133,9 @@ pub fn apply(cx: Context, req: NewTask) -> Result<Value, Fail> {
             task.permission_mode
         ],
     )?;
-    announce_by(c, &task, Some(standing), now, online, out)?;
+    if !providers.is_empty() {
+        offer_to(&task, standing, providers, out);
+    }
     Ok(json!({ "task": task.view(), "escrow": price }))
 }
 

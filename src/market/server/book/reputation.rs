@@ -5,7 +5,7 @@
 //! It must not decide whose fault a failure is (that is `lease`), nor move
 //! money.
 
-use crate::market::server::store::{self, args, Db, Row};
+use crate::market::server::store::{self, args, Db, Engine, Row};
 use serde_json::{json, Value};
 
 use super::handler::{reject, Context, Fail};
@@ -73,6 +73,28 @@ pub fn record_success(c: Db, provider: &str, requester: &str, paid: i64) -> stor
     Ok(())
 }
 
+/// A settled task's records: the provider's success (and client), as
+/// [`record_success`], and the requester's verdict, as [`record_verdict`].
+/// On PostgreSQL that is one statement, sent without waiting: the client
+/// is counted only if this transaction's insert of the pair is the one
+/// that stands (a replica settling for the same pair at once waits on it).
+pub fn record_settled(c: Db, provider: &str, requester: &str, paid: i64) -> store::Result<()> {
+    if c.engine() != Engine::Postgres {
+        record_success(c, provider, requester, paid)?;
+        return record_verdict(c, requester, true);
+    }
+    c.write(
+        "WITH new AS (INSERT INTO paid_clients(provider, requester) SELECT ?1, ?2 WHERE CAST(?3 AS BIGINT) > 0
+                      ON CONFLICT DO NOTHING RETURNING 1)
+         UPDATE nodes SET
+           successes = successes + CASE WHEN node_id = ?1 THEN 1 ELSE 0 END,
+           clients = clients + CASE WHEN node_id = ?1 THEN (SELECT COUNT(*) FROM new) ELSE 0 END,
+           req_settled = req_settled + CASE WHEN node_id = ?2 THEN 1 ELSE 0 END
+         WHERE node_id IN (?1, ?2)",
+        args![provider, requester, paid],
+    )
+}
+
 /// A failure of the provider's own: counted, and no new lease for the
 /// cool-down.
 pub fn record_failure(c: Db, s: &BookRules, node: &str, now: i64) -> store::Result<()> {
@@ -83,13 +105,19 @@ pub fn record_failure(c: Db, s: &BookRules, node: &str, now: i64) -> store::Resu
 
 /// How `node` has judged the deliveries it received as a requester.
 pub fn requester_standing(c: Db, node: &str) -> store::Result<RequesterStanding> {
-    let (settled, rejected) = c
-        .first(
-            "SELECT req_settled, req_rejected FROM nodes WHERE node_id = ?1",
-            args![node],
-            |r| Ok((r.get::<i64>(0)?, r.get::<i64>(1)?)),
-        )?
-        .unwrap_or((0, 0));
+    standing_from(&c.rows(STANDING, args![node])?)
+}
+
+/// The query behind [`requester_standing`] (one argument, the node), to
+/// send with others; its rows go to [`standing_from`].
+pub const STANDING: &str = "SELECT req_settled, req_rejected FROM nodes WHERE node_id = ?1";
+
+/// A requester's standing from [`STANDING`]'s rows.
+pub fn standing_from(rows: &[Row]) -> store::Result<RequesterStanding> {
+    let (settled, rejected) = match rows.first() {
+        Some(r) => (r.get::<i64>(0)?, r.get::<i64>(1)?),
+        None => (0, 0),
+    };
     Ok(RequesterStanding {
         settled,
         rejected,

@@ -17,7 +17,7 @@ use super::fields::check_range;
 use super::handler::{reject, Context, Fail, Outbox};
 use super::lease::reopen_or_refund;
 use super::money::move_money;
-use super::reputation::{record_success, record_verdict};
+use super::reputation::{record_settled, record_verdict};
 use super::task::{load_task, Task};
 use crate::market::protocol::{Event, Reason};
 use crate::market::server::ledger::{escrow_account, node_account};
@@ -135,8 +135,7 @@ pub fn finish(c: Db, node: &str, task_id: &str, attempt: u32, now: i64, out: &mu
         "UPDATE tasks SET state = 'settled', result = NULL, updated_at = ?2 WHERE task_id = ?1",
         args![task_id, now],
     )?;
-    record_success(c, &provider, &t.requester, ask)?;
-    record_verdict(c, &t.requester, true)?;
+    record_settled(c, &provider, &t.requester, ask)?;
     c.write("DELETE FROM attempt_holders WHERE task_id = ?1", args![task_id])?;
     out.push((
         provider,
