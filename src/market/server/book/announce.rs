@@ -93,19 +93,6 @@ pub fn offered_from(rows: &[Row], online: &dyn Fn(&str) -> bool) -> Result<Vec<S
 /// only the requester can send a lease holder the payload, so a task whose
 /// requester is away waits for its return ([`super::presence::requester_back`]).
 pub fn announce(c: Db, task: &Task, now: i64, online: &dyn Fn(&str) -> bool, out: &mut Outbox) -> Result<(), Fail> {
-    announce_by(c, task, None, now, online, out)
-}
-
-/// [`announce`], with the requester's standing when the caller has just
-/// read it.
-pub fn announce_by(
-    c: Db,
-    task: &Task,
-    standing: Option<RequesterStanding>,
-    now: i64,
-    online: &dyn Fn(&str) -> bool,
-    out: &mut Outbox,
-) -> Result<(), Fail> {
     if !online(&task.requester) {
         return Ok(());
     }
@@ -114,16 +101,15 @@ pub fn announce_by(
         return Ok(());
     }
     // Providers decide on the requester too: how it judged results so far.
-    let standing = match standing {
-        Some(s) => s,
-        None => requester_standing(c, &task.requester)?,
-    };
-    offer_to(task, standing, providers, out);
+    offer_to(task, requester_standing(c, &task.requester)?, providers, out);
     Ok(())
 }
 
 /// Tell `providers` of `task`, posted by a requester of `standing`.
 pub fn offer_to(task: &Task, standing: RequesterStanding, providers: Vec<String>, out: &mut Outbox) {
+    if providers.is_empty() {
+        return;
+    }
     let mut view = task.offered();
     view.requester_standing = Some(standing);
     for node in providers {

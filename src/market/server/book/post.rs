@@ -4,7 +4,7 @@
 //! It must not see the payload: the requester relays it to the lease
 //! holder later (`payload`).
 
-use crate::market::server::store::{args, Db};
+use crate::market::server::store::{args, Arg, Db, V};
 use serde_json::{json, Value};
 
 use super::announce::{matching_args, matching_from, offer_to, MATCHING};
@@ -87,13 +87,14 @@ pub fn apply(cx: Context, req: NewTask) -> Result<Value, Fail> {
     };
     // The requester's standing and the providers to offer the task to, in
     // one round trip: neither depends on the rows written below.
-    let online_now = online(node);
-    let mut answers = if online_now {
-        c.rows_each(&[(STANDING, args![node]), (MATCHING, &matching_args(&task, now))])?
-    } else {
-        c.rows_each(&[(STANDING, args![node])])?
+    // (Only the requester can send a lease holder the payload, so a task
+    // is offered while its requester is online.)
+    let (requester, matching) = ([node.arg()], matching_args(&task, now));
+    let mut queries: Vec<(&str, &[V])> = vec![(STANDING, &requester)];
+    if online(node) {
+        queries.push((MATCHING, &matching));
     }
-    .into_iter();
+    let mut answers = c.rows_each(&queries)?.into_iter();
     let standing = standing_from(&answers.next().unwrap_or_default())?;
     if requester_suspended(standing.settled, standing.rejected) {
         return reject(
@@ -133,9 +134,7 @@ pub fn apply(cx: Context, req: NewTask) -> Result<Value, Fail> {
             task.permission_mode
         ],
     )?;
-    if !providers.is_empty() {
-        offer_to(&task, standing, providers, out);
-    }
+    offer_to(&task, standing, providers, out);
     Ok(json!({ "task": task.view(), "escrow": price }))
 }
 
