@@ -137,8 +137,7 @@ pub fn post(
 /// one checked debit (every movement the book makes): the debit and its
 /// check, then, only if it was covered, the credits, the journal row and
 /// its postings, each a part of one `WITH`. Covered or not, it is all or
-/// nothing, and one statement instead of one per account and two more
-/// (each statement costs the database more than the rows it changes).
+/// nothing, and one statement instead of one per account and two more.
 fn post_in_one(
     tx: Db,
     now: i64,
@@ -166,15 +165,16 @@ fn post_in_one(
         }
         None => sql += "ok AS (SELECT TRUE AS ok),",
     }
-    let credits: Vec<String> = net
-        .iter()
-        .filter(|n| !checked(n))
-        .map(|&(account, amount)| {
-            let a = next(&mut params, account.arg());
-            let m = next(&mut params, V::Int(amount));
+    // `(account, amount)` rows of a `VALUES` list, their values as parameters.
+    fn values<'a>(params: &mut Vec<V<'a>>, rows: impl Iterator<Item = (&'a str, i64)>) -> Vec<String> {
+        rows.map(|(account, amount)| {
+            let a = next(params, account.arg());
+            let m = next(params, V::Int(amount));
             format!("(?{a}, CAST(?{m} AS BIGINT))")
         })
-        .collect();
+        .collect()
+    }
+    let credits = values(&mut params, net.iter().filter(|n| !checked(n)).copied());
     if !credits.is_empty() {
         sql += &format!(
             " c AS (UPDATE accounts a SET balance = a.balance + m.amount
@@ -182,15 +182,7 @@ fn post_in_one(
             credits.join(", ")
         );
     }
-    let lines: Vec<String> = postings
-        .iter()
-        .filter(|p| p.1 != 0)
-        .map(|&(account, amount)| {
-            let a = next(&mut params, account.arg());
-            let m = next(&mut params, V::Int(amount));
-            format!("(?{a}, CAST(?{m} AS BIGINT))")
-        })
-        .collect();
+    let lines = values(&mut params, postings.iter().filter(|p| p.1 != 0).copied());
     sql += &format!(
         " j AS (INSERT INTO journal(ts, memo, task_id) SELECT ?1, ?2, CAST(?3 AS TEXT) FROM ok WHERE ok.ok RETURNING id),
          p AS (INSERT INTO postings(journal_id, account, amount)
