@@ -1505,7 +1505,14 @@ fn a_workspace_task_posted_without_waiting_is_checked_and_applied_by_market_resu
     let task_id = post_without_waiting(&requester, &server, ws, "grep -qx right answer.txt");
     // The acceptance command and DIR come from this node's own `market.bid`.
     let out = collect_applied(&requester, &server, &task_id);
-    out.code(0);
+    assert_eq!(
+        out.status,
+        0,
+        "{}\n{}\n--- the provider's events\n{}",
+        out.stdout,
+        out.stderr,
+        p1.stdout()
+    );
     let v = out.json();
     assert_eq!(v["workspace"]["acceptance"]["passed"], true, "{v:#}");
     assert_eq!(

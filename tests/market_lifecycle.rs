@@ -712,3 +712,138 @@ fn opting_out_stops_advertise_and_withdraws_the_offer() {
     }
     server.verify();
 }
+
+/// A TCP proxy in front of the coordinator that holds back everything a
+/// client sends for `delay` (what the coordinator sends comes at once):
+/// a provider whose requests are slow to arrive.
+fn slow_uplink(upstream: &str, delay: Duration) -> String {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("ws://{}", listener.local_addr().unwrap());
+    let upstream = upstream.trim_start_matches("ws://").to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let (Ok(mut down), Ok(mut up)) = (conn, TcpStream::connect(&upstream)) else {
+                return;
+            };
+            let (mut down2, mut up2) = (down.try_clone().unwrap(), up.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut up2, &mut down2);
+                let _ = down2.shutdown(std::net::Shutdown::Both);
+            });
+            // Each read is passed on `delay` after it arrived, in order.
+            let (tx, rx) = std::sync::mpsc::channel::<(std::time::Instant, Vec<u8>)>();
+            std::thread::spawn(move || {
+                for (at, bytes) in rx {
+                    std::thread::sleep(delay.saturating_sub(at.elapsed()));
+                    if up.write_all(&bytes).is_err() {
+                        break;
+                    }
+                }
+                let _ = up.shutdown(std::net::Shutdown::Both);
+            });
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n @ 1..) = down.read(&mut buf) {
+                    if tx.send((std::time::Instant::now(), buf[..n].to_vec())).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    endpoint
+}
+
+#[test]
+fn a_lease_recalled_before_its_payload_frees_the_providers_one_job_at_once_for_the_offer_that_follows() {
+    // A requester that leaves before sending the payload has its task's
+    // lease recalled, and the task is offered again the moment it is back.
+    // The provider, capped at one job, must take it: the recalled lease
+    // held no job, so its cap reservation is given back when the recall
+    // arrives, not after the provider's (here slow) give-back reaches the
+    // coordinator. Otherwise the offer is declined and, offered once, the
+    // task waits for its deadline.
+    let server = Server::start(&[]);
+    let via = slow_uplink(&server.endpoint, Duration::from_millis(600));
+    let prov = Cmm::opted_in().env("ANTHROPIC_API_KEY", "sk-ant-api03-market-provider-not-a-secret");
+    prov.run(&["opt-in", "--accept-terms", "--claude-jobs"]).code(0);
+    prov.run(&["config", "--set", "limits.concurrentJobs=1"]).code(0);
+    let provider_id = node_id_of(&prov);
+    let mut advertise = prov
+        .cmd(&[
+            "--json",
+            "advertise",
+            "--slots",
+            "1",
+            "--price",
+            "5",
+            "--auto-accept",
+            "--endpoint",
+            &via,
+        ])
+        .spawn();
+    advertise.expect_json(20, "offer", |v| v["event"] == "offer");
+    let rounds = 3;
+    rt().block_on(async {
+        let r = Node::new();
+        let mut c = r.connect(&server).await;
+        let tid = task_id(&c.request(&post(20)).await.unwrap());
+        for attempt in 1..=rounds + 1 {
+            let what = format!("attempt {attempt} assigned");
+            expect_event(&mut c, 15, &what, |e| {
+                matches!(e, Event::Assigned { task_id, attempt: a, provider }
+                         if *task_id == tid && *a == attempt && *provider == provider_id)
+            })
+            .await;
+            if attempt > rounds {
+                // The give-backs of the recalled attempts arrived late and
+                // were refused: the current lease stands.
+                let v = c.request(&Request::Task { task_id: tid.clone() }).await.unwrap();
+                assert_eq!(
+                    (v["state"].as_str(), v["attempt"].as_u64()),
+                    (Some("assigned"), Some(attempt as u64)),
+                    "{v}"
+                );
+                break;
+            }
+            // Leave without sending the payload, and come back as soon as
+            // the coordinator has seen it go (the provider's session stays).
+            c.close();
+            drop(c);
+            let gone = tokio::task::block_in_place(|| {
+                common::wait_until_every(Duration::from_secs(10), Duration::from_millis(5), || {
+                    server.try_metric("cmm_market_sessions") == Some(1)
+                })
+            });
+            assert!(gone, "the coordinator never saw the requester go");
+            c = r.connect(&server).await;
+        }
+        c.close();
+    });
+    advertise.signal(libc::SIGINT);
+    advertise.wait_code();
+    let offered: Vec<Value> = advertise
+        .json_lines()
+        .into_iter()
+        .filter(|v| v["event"] == "task_offered")
+        .collect();
+    assert_eq!(offered.len(), rounds as usize + 1, "{}", advertise.stdout_text());
+    for v in &offered {
+        assert_eq!(v["accept"], true, "{v}");
+    }
+    // (The last lease lapses too, when the requester leaves at the end.)
+    let lapsed: Vec<u64> = advertise
+        .json_lines()
+        .iter()
+        .filter(|v| v["event"] == "lease_lapsed")
+        .filter_map(|v| v["attempt"].as_u64())
+        .collect();
+    assert!(
+        (1..=rounds as u64).all(|a| lapsed.contains(&a)),
+        "{}",
+        advertise.stdout_text()
+    );
+    server.verify();
+}

@@ -79,10 +79,15 @@ pub(crate) struct Lease {
     pub(crate) permission_mode: Option<String>,
     pub(crate) lease_deadline: String,
     pub(crate) approved_by: ApprovedBy,
-    /// The cap reservation taken for the offer, handed to the job.
-    pub(crate) reservation: std::sync::Mutex<Option<HeldReservation>>,
+    /// The cap reservation taken for the offer, handed to the job; shared
+    /// with the provider's loop, which gives it back at once if the lease
+    /// lapses before its payload arrives.
+    pub(crate) reservation: SharedReservation,
     pub(crate) report: mpsc::UnboundedSender<ProviderEvent>,
 }
+
+/// A cap reservation the job and the provider's loop can both take.
+pub(crate) type SharedReservation = std::sync::Arc<std::sync::Mutex<Option<HeldReservation>>>;
 
 /// What a finished job sends back: `completed` or `failed`, the result
 /// document sealed for the requester, and the local job's id.

@@ -47,7 +47,7 @@ use crate::crypto::keys::Identity;
 use crate::exit::{Exit, Failure, HasExit};
 use crate::job::{ApprovedBy, Cancel, CancelHandle};
 use crate::market::client::{Backoff, Client, ClientError, Endpoints, Failover, Link};
-use crate::market::lease::Lease;
+use crate::market::lease::{Lease, SharedReservation};
 use crate::market::protocol::{Event, Request, TaskView};
 use crate::market::reply::{LeaseGranted, OfferRegistered, OfferWithdrawn, ReputationView};
 use crate::market::sealed::Binding;
@@ -421,6 +421,8 @@ struct Held {
     parts: String,
     next_part: u32,
     cancel: CancelHandle,
+    /// The lease's cap reservation, until its job takes it.
+    reservation: SharedReservation,
 }
 
 /// A lease this node served, until its verdict arrives: whose task it was
@@ -760,8 +762,18 @@ impl Work<'_> {
             }
             Event::LeaseLapsed { task_id, attempt } => {
                 // Anything for this attempt is refused now: stop the job.
-                if let Some(h) = self.held.get(&task_id).filter(|h| h.attempt == attempt) {
+                if let Some(h) = self.held.get_mut(&task_id).filter(|h| h.attempt == attempt) {
                     h.cancel.cancel();
+                    // No payload yet, so no job can start under this lease:
+                    // its cap reservation goes back before the next event is
+                    // read. The coordinator offers the task again right after
+                    // the lapse (its requester back), and this node's slot
+                    // must be free then, not once the job has given back a
+                    // lease it never used.
+                    if h.payload.take().is_some() {
+                        let r = h.reservation.lock().unwrap_or_else(|e| e.into_inner()).take();
+                        let _ = tokio::task::spawn_blocking(move || drop(r)).await;
+                    }
                 }
                 report(&ProviderEvent::LeaseLapsed { task_id, attempt });
             }
@@ -858,6 +870,7 @@ impl Work<'_> {
         report(&ProviderEvent::LeaseWon { lease: lease.clone() });
         let (ptx, prx) = oneshot::channel();
         let (cancel_h, cancel) = Cancel::new();
+        let reservation: SharedReservation = std::sync::Arc::new(std::sync::Mutex::new(Some(reservation)));
         self.held.insert(
             task_id.clone(),
             Held {
@@ -866,6 +879,7 @@ impl Work<'_> {
                 parts: String::new(),
                 next_part: 0,
                 cancel: cancel_h,
+                reservation: reservation.clone(),
             },
         );
         if self.served.len() >= MAX_SERVED {
@@ -896,7 +910,7 @@ impl Work<'_> {
             permission_mode,
             lease_deadline: lease.lease_deadline,
             approved_by: by,
-            reservation: std::sync::Mutex::new(Some(reservation)),
+            reservation,
             report: self.steps_tx.clone(),
         };
         self.running.spawn_local(async move {
