@@ -392,6 +392,21 @@ impl<'a> Db<'a> {
         }
     }
 
+    /// [`Db::write`] for a statement independent of the write queued just
+    /// before it: it neither reads nor changes a row that write changes.
+    /// On PostgreSQL the two are sent as one statement (`WITH w0 AS
+    /// (first) second`, both seeing the same snapshot), which saves the
+    /// database a statement's fixed cost (its bind, executor start and
+    /// answer); their failure is the pair's. Anything else queued before it
+    /// (a read, a control statement, one with a `WITH` of its own) and
+    /// SQLite run it as [`Db::write`] does.
+    pub fn write_beside(&self, sql: &str, args: &[V]) -> Result<()> {
+        match self {
+            Db::Sqlite(c) => sqlite::exec(c, sql, args).map(|_| ()),
+            Db::Postgres(c) => c.write_beside(sql, args),
+        }
+    }
+
     /// Every row of a query.
     pub fn rows(&self, sql: &str, args: &[V]) -> Result<Vec<Row>> {
         match self {

@@ -305,6 +305,9 @@ pub struct PgConn {
     stmts: RefCell<HashMap<String, Statement>>,
     /// Writes waiting for the next round trip.
     waiting: RefCell<Vec<Op>>,
+    /// The last of `waiting` as text, while a write may still join it
+    /// ([`PgConn::write_beside`]).
+    joinable: RefCell<Option<Joinable>>,
     spoiled: std::cell::Cell<bool>,
     /// A round trip went unanswered: the connection is not used again.
     broken: std::cell::Cell<bool>,
@@ -366,6 +369,7 @@ impl PgConn {
             client,
             stmts: RefCell::new(HashMap::new()),
             waiting: RefCell::new(Vec::new()),
+            joinable: RefCell::new(None),
             spoiled: std::cell::Cell::new(false),
             broken: std::cell::Cell::new(false),
             changed: std::cell::Cell::new(0),
@@ -536,7 +540,37 @@ impl PgConn {
     /// next round trip, and its failure is that round trip's.
     pub fn write(&self, sql: &str, args: &[V]) -> Result<()> {
         let op = self.op(sql, args)?;
-        self.waiting.borrow_mut().push(op);
+        let mut waiting = self.waiting.borrow_mut();
+        waiting.push(op);
+        *self.joinable.borrow_mut() = matches!(waiting.last(), Some(Op::Exec(..))).then(|| Joinable {
+            at: waiting.len() - 1,
+            parts: vec![sql.to_string()],
+            args: Self::owned(args),
+        });
+        self.changed.set(self.changed.get() + 1);
+        Ok(())
+    }
+
+    /// [`PgConn::write`], joined to the write queued just before it when
+    /// that one still waits and can be a `WITH` part: the caller says the
+    /// two are independent ([`super::Db::write_beside`]).
+    pub fn write_beside(&self, sql: &str, args: &[V]) -> Result<()> {
+        let joined = {
+            let waiting = self.waiting.borrow();
+            let joinable = self.joinable.borrow();
+            match joinable.as_ref() {
+                Some(j) if j.at + 1 == waiting.len() && control(sql, args).is_none() => j.with(sql, args),
+                _ => None,
+            }
+        };
+        let Some(joined) = joined else {
+            return self.write(sql, args);
+        };
+        let st = self.statement(&joined.sql())?;
+        let mut waiting = self.waiting.borrow_mut();
+        waiting.pop();
+        waiting.push(Op::Exec(st, joined.args.clone()));
+        *self.joinable.borrow_mut() = Some(joined);
         self.changed.set(self.changed.get() + 1);
         Ok(())
     }
@@ -652,6 +686,88 @@ impl PgConn {
     }
 }
 
+/// Queued writes sent as one statement: every part but the last is a
+/// `WITH` part of the last ([`PgConn::write_beside`]).
+struct Joinable {
+    /// Where the statement is in the queue.
+    at: usize,
+    /// Each part's text, its placeholders numbered after the parts before.
+    parts: Vec<String>,
+    args: Vec<Value>,
+}
+
+impl Joinable {
+    /// These parts and then `sql` with `args`, if the last part so far can
+    /// be a `WITH` part (it has no `WITH` of its own).
+    fn with(&self, sql: &str, args: &[V]) -> Option<Joinable> {
+        if self.parts.last().is_some_and(|p| starts_with_word(p, "WITH")) {
+            return None;
+        }
+        let mut parts = self.parts.clone();
+        parts.push(renumber(sql, self.args.len()));
+        let mut all = self.args.clone();
+        all.extend(args.iter().map(V::to_owned_value));
+        Some(Joinable {
+            at: self.at,
+            parts,
+            args: all,
+        })
+    }
+
+    /// The one statement: `WITH w0 AS (p0), ... last`, a last part's own
+    /// `WITH` list continuing the list.
+    fn sql(&self) -> String {
+        let Some((last, ctes)) = self.parts.split_last() else {
+            return String::new();
+        };
+        if ctes.is_empty() {
+            return last.clone();
+        }
+        let mut out = String::from("WITH ");
+        for (i, p) in ctes.iter().enumerate() {
+            out += &format!("w{i} AS ({p}), ");
+        }
+        match last.trim_start().strip_prefix("WITH ") {
+            Some(rest) => out += rest,
+            None => {
+                out.truncate(out.len() - 2);
+                out.push(' ');
+                out += last;
+            }
+        }
+        out
+    }
+}
+
+fn starts_with_word(sql: &str, word: &str) -> bool {
+    sql.trim_start()
+        .get(..word.len() + 1)
+        .is_some_and(|w| w[..word.len()].eq_ignore_ascii_case(word) && w.ends_with(char::is_whitespace))
+}
+
+/// `sql` with each placeholder `?N` (outside quotes) numbered `N + by`.
+fn renumber(sql: &str, by: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut quoted = false;
+    let mut chars = sql.chars().peekable();
+    while let Some(ch) = chars.next() {
+        out.push(ch);
+        if ch == '\'' {
+            quoted = !quoted;
+        } else if ch == '?' && !quoted {
+            let mut n = String::new();
+            while let Some(d) = chars.next_if(char::is_ascii_digit) {
+                n.push(d);
+            }
+            match n.parse::<usize>() {
+                Ok(n) => out += &(n + by).to_string(),
+                Err(_) => out += &n,
+            }
+        }
+    }
+    out
+}
+
 /// Whether `sql` only reads (a `SELECT`, locking or not).
 fn is_read(sql: &str) -> bool {
     sql.trim_start()
@@ -721,4 +837,54 @@ async fn pipeline(client: &tokio_postgres::Client, ops: &[Op]) -> Vec<std::resul
     })
     .await;
     answers.into_iter().flatten().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn joinable(sql: &str, args: &[V]) -> Joinable {
+        Joinable {
+            at: 0,
+            parts: vec![sql.to_string()],
+            args: args.iter().map(V::to_owned_value).collect(),
+        }
+    }
+
+    #[test]
+    fn renumber_moves_placeholders_outside_quotes_only() {
+        assert_eq!(
+            renumber("UPDATE t SET a = ?2, b = '?1' WHERE id = ?1 AND c = ?10", 3),
+            "UPDATE t SET a = ?5, b = '?1' WHERE id = ?4 AND c = ?13"
+        );
+    }
+
+    #[test]
+    fn joined_writes_are_with_parts_of_the_last_and_number_their_arguments_in_order() {
+        let a = joinable(
+            "UPDATE tasks SET state = ?2 WHERE task_id = ?1",
+            &[V::Int(1), V::Int(2)],
+        );
+        let b = a
+            .with("DELETE FROM attempt_holders WHERE task_id = ?1", &[V::Int(3)])
+            .expect("a plain write joins");
+        assert_eq!(
+            b.sql(),
+            "WITH w0 AS (UPDATE tasks SET state = ?2 WHERE task_id = ?1) DELETE FROM attempt_holders WHERE task_id = ?3"
+        );
+        let c = b
+            .with(
+                "WITH new AS (INSERT INTO p(x) VALUES (?1) RETURNING 1) UPDATE n SET k = ?2",
+                &[V::Int(4), V::Int(5)],
+            )
+            .expect("a last part may have a WITH of its own");
+        assert_eq!(
+            c.sql(),
+            "WITH w0 AS (UPDATE tasks SET state = ?2 WHERE task_id = ?1), w1 AS (DELETE FROM attempt_holders WHERE task_id = ?3), \
+             new AS (INSERT INTO p(x) VALUES (?4) RETURNING 1) UPDATE n SET k = ?5"
+        );
+        assert_eq!(c.args.len(), 5);
+        // A part with its own WITH cannot be a WITH part.
+        assert!(c.with("DELETE FROM x WHERE id = ?1", &[V::Int(6)]).is_none());
+    }
 }
