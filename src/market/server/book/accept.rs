@@ -64,7 +64,7 @@ pub fn apply(cx: Context, task_id: String, attempt: u32) -> Result<Value, Fail> 
            updated_at = ?6, payload_at = NULL, payload_next = 0, accepted_at = ?6 WHERE task_id = ?1",
         args![task_id, node, offer_id, ask, lease, now],
     )?;
-    c.write(
+    c.write_beside(
         "INSERT INTO attempt_holders(task_id, node_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
         args![task_id, node],
     )?;

@@ -39,7 +39,7 @@ pub fn refund(c: Db, t: &Task, state: &str, why: &str, now: i64, out: &mut Outbo
            result = NULL, updated_at = ?3 WHERE task_id = ?1",
         args![t.task_id, state, now],
     )?;
-    c.write("DELETE FROM attempt_holders WHERE task_id = ?1", args![&t.task_id])?;
+    c.write_beside("DELETE FROM attempt_holders WHERE task_id = ?1", args![&t.task_id])?;
     out.push((
         t.requester.clone(),
         Event::Refunded {

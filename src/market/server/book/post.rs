@@ -112,8 +112,13 @@ pub fn apply(cx: Context, req: NewTask) -> Result<Value, Fail> {
         Some(rows) => matching_from(&rows, &task, online)?,
         None => Vec::new(),
     };
-    lock_escrow(c, node, &task_id, price, now)?;
-    c.write(
+    // The task's row goes beside its escrow account's (one statement on
+    // PostgreSQL), before the escrow is locked: a balance that cannot cover
+    // it is a refusal after a write, which the batch applies again under a
+    // savepoint, so the refusal leaves neither row.
+    let escrow = escrow_account(&task_id);
+    ledger::open_account(c, &escrow, "escrow")?;
+    c.write_beside(
         "INSERT INTO tasks(task_id, requester, model, max_tokens, max_price, payload_hash, deadline,
            max_attempts, min_reputation, state, attempt, created_at, updated_at, payload_bytes,
            workspace_bytes, permission_mode)
@@ -134,17 +139,16 @@ pub fn apply(cx: Context, req: NewTask) -> Result<Value, Fail> {
             task.permission_mode
         ],
     )?;
+    lock_escrow(c, node, &task_id, &escrow, price, now)?;
     offer_to(&task, standing, providers, out);
     Ok(json!({ "task": task.view(), "escrow": price }))
 }
 
-/// Open `task_id`'s escrow account and move the task's max price into it
-/// from `node`'s balance, refused if the balance cannot cover it.
-fn lock_escrow(c: Db, node: &str, task_id: &str, price: i64, now: i64) -> Result<(), Fail> {
-    let escrow = escrow_account(task_id);
-    ledger::open_account(c, &escrow, "escrow")?;
+/// Move `task_id`'s max price from `node`'s balance into its (open)
+/// escrow account `escrow`, refused if the balance cannot cover it.
+fn lock_escrow(c: Db, node: &str, task_id: &str, escrow: &str, price: i64, now: i64) -> Result<(), Fail> {
     let account = node_account(node);
-    match ledger::post(c, now, "escrow", Some(task_id), &[(&account, -price), (&escrow, price)])? {
+    match ledger::post(c, now, "escrow", Some(task_id), &[(&account, -price), (escrow, price)])? {
         Ok(()) => Ok(()),
         Err(o) => reject(
             Reason::InsufficientBalance,

@@ -75,15 +75,17 @@ pub fn record_success(c: Db, provider: &str, requester: &str, paid: i64) -> stor
 
 /// A settled task's records: the provider's success (and client), as
 /// [`record_success`], and the requester's verdict, as [`record_verdict`].
-/// On PostgreSQL that is one statement, sent without waiting: the client
-/// is counted only if this transaction's insert of the pair is the one
-/// that stands (a replica settling for the same pair at once waits on it).
+/// On PostgreSQL that is one statement, sent without waiting and joined to
+/// the write queued before it, which must touch neither `nodes` nor
+/// `paid_clients` ([`Db::write_beside`]): the client is counted only if
+/// this transaction's insert of the pair is the one that stands (a replica
+/// settling for the same pair at once waits on it).
 pub fn record_settled(c: Db, provider: &str, requester: &str, paid: i64) -> store::Result<()> {
     if c.engine() != Engine::Postgres {
         record_success(c, provider, requester, paid)?;
         return record_verdict(c, requester, true);
     }
-    c.write(
+    c.write_beside(
         "WITH new AS (INSERT INTO paid_clients(provider, requester) SELECT ?1, ?2 WHERE CAST(?3 AS BIGINT) > 0
                       ON CONFLICT DO NOTHING RETURNING 1)
          UPDATE nodes SET

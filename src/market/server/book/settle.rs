@@ -135,8 +135,8 @@ pub fn finish(c: Db, node: &str, task_id: &str, attempt: u32, now: i64, out: &mu
         "UPDATE tasks SET state = 'settled', result = NULL, updated_at = ?2 WHERE task_id = ?1",
         args![task_id, now],
     )?;
+    c.write_beside("DELETE FROM attempt_holders WHERE task_id = ?1", args![task_id])?;
     record_settled(c, &provider, &t.requester, ask)?;
-    c.write("DELETE FROM attempt_holders WHERE task_id = ?1", args![task_id])?;
     out.push((
         provider,
         Event::Settled {
