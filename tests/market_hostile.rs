@@ -371,6 +371,21 @@ fn bad_frames_after_login_get_reason_codes_and_change_nothing() {
         })
         .await
         .unwrap();
+        // Again, or under another attempt: refused, and nothing moves
+        // (delivered once, paid once). The oversized frame ended the
+        // provider's session.
+        let pc = p.connect(&server).await;
+        let paid = pc.request(&Request::Status {}).await.unwrap()["balance"].clone();
+        assert_eq!(reason_of(pc.request(&deliver).await), Reason::WrongState);
+        let again = |attempt| Request::Settle {
+            task_id: tid.clone(),
+            attempt,
+        };
+        assert_eq!(reason_of(rc.request(&again(1)).await), Reason::WrongState);
+        assert_eq!(reason_of(rc.request(&again(2)).await), Reason::StaleAttempt);
+        assert_eq!(pc.request(&Request::Status {}).await.unwrap()["balance"], paid);
+        let st = rc.request(&Request::Status {}).await.unwrap();
+        assert_eq!(st["tasks"][0]["state"], "settled");
     });
     for r in [
         "unknown_type",

@@ -18,7 +18,7 @@ use super::handler::{reject, Context, Fail, Outbox};
 use super::lease::reopen_or_refund;
 use super::money::move_money;
 use super::reputation::{record_settled, record_verdict};
-use super::task::{load_task, Task};
+use super::task::{first_task, load_task, Task, TASK_COLS};
 use crate::market::protocol::{Event, Reason};
 use crate::market::server::ledger::{escrow_account, node_account};
 
@@ -116,9 +116,40 @@ pub fn refuse(cx: Context, task_id: &str, attempt: u32, why: Why) -> Result<Valu
     Ok(json!({ "task_id": task_id, "attempt": attempt, "state": state, "paid": 0, "refunded": refunded }))
 }
 
+/// `node`'s task, delivered under `attempt`, marked settled in one round
+/// trip (the row is locked as [`load_task`] locks it); `None`, changing
+/// nothing, if it is not that. The conditions are in a `CASE` for the
+/// reason [`super::deliver`]'s are: the row is found by its key.
+fn mark_settled(c: Db, node: &str, task_id: &str, attempt: u32, now: i64) -> Result<Option<Task>, Fail> {
+    first_task(&c.rows(
+        &format!(
+            "UPDATE tasks SET state = 'settled', result = NULL, updated_at = ?2
+             WHERE task_id = ?1 AND CASE WHEN requester = ?3 AND attempt = ?4 AND state = 'delivered' THEN 1 ELSE 0 END = 1
+             RETURNING {TASK_COLS}"
+        ),
+        args![task_id, now, node, attempt],
+    )?)
+}
+
 /// Settle a delivered task: pay the provider its ask, refund the rest.
 pub fn finish(c: Db, node: &str, task_id: &str, attempt: u32, now: i64, out: &mut Outbox) -> Result<Value, Fail> {
-    let t = delivered(c, node, task_id, attempt)?;
+    let t = match mark_settled(c, node, task_id, attempt, now)? {
+        Some(t) => t,
+        None => {
+            // Not `node`'s delivered task: the checks say why. (If it
+            // became so since, its row is now locked and it is.)
+            let t = delivered(c, node, task_id, attempt)?;
+            match mark_settled(c, node, task_id, attempt, now)? {
+                Some(t) => t,
+                None => {
+                    return reject(
+                        Reason::WrongState,
+                        format!("task is {}; send the request again", t.state),
+                    )
+                }
+            }
+        }
+    };
     let provider = t.provider.clone().unwrap_or_default();
     let ask = t.ask.unwrap_or(0).min(t.max_price);
     let refund = t.max_price - ask;
@@ -131,11 +162,7 @@ pub fn finish(c: Db, node: &str, task_id: &str, attempt: u32, now: i64, out: &mu
         task_id,
         &[(&escrow, -t.max_price), (&pacc, ask), (&racc, refund)],
     )?;
-    c.write(
-        "UPDATE tasks SET state = 'settled', result = NULL, updated_at = ?2 WHERE task_id = ?1",
-        args![task_id, now],
-    )?;
-    c.write_beside("DELETE FROM attempt_holders WHERE task_id = ?1", args![task_id])?;
+    c.write("DELETE FROM attempt_holders WHERE task_id = ?1", args![task_id])?;
     record_settled(c, &provider, &t.requester, ask)?;
     out.push((
         provider,

@@ -115,6 +115,11 @@ pub fn load_task(c: Db, task_id: &str) -> Result<Task, Fail> {
     }
 }
 
+/// The task in `rows` (of a statement that returns [`TASK_COLS`]), if any.
+pub fn first_task(rows: &[Row]) -> Result<Option<Task>, Fail> {
+    Ok(rows.first().map(Task::from_row).transpose()?)
+}
+
 /// The task, checked to be leased to `node` under `attempt`.
 pub fn leased_to(c: Db, task_id: &str, node: &str, attempt: u32) -> Result<Task, Fail> {
     let t = load_task(c, task_id)?;
