@@ -541,12 +541,11 @@ impl PgConn {
     pub fn write(&self, sql: &str, args: &[V]) -> Result<()> {
         let op = self.op(sql, args)?;
         let mut waiting = self.waiting.borrow_mut();
-        waiting.push(op);
-        *self.joinable.borrow_mut() = matches!(waiting.last(), Some(Op::Exec(..))).then(|| Joinable {
-            at: waiting.len() - 1,
+        *self.joinable.borrow_mut() = matches!(op, Op::Exec(..)).then(|| Joinable {
+            at: waiting.len(),
             parts: vec![sql.to_string()],
-            args: Self::owned(args),
         });
+        waiting.push(op);
         self.changed.set(self.changed.get() + 1);
         Ok(())
     }
@@ -555,22 +554,27 @@ impl PgConn {
     /// that one still waits and can be a `WITH` part: the caller says the
     /// two are independent ([`super::Db::write_beside`]).
     pub fn write_beside(&self, sql: &str, args: &[V]) -> Result<()> {
-        let joined = {
-            let waiting = self.waiting.borrow();
+        let parts = {
             let joinable = self.joinable.borrow();
-            match joinable.as_ref() {
-                Some(j) if j.at + 1 == waiting.len() && control(sql, args).is_none() => j.with(sql, args),
+            let waiting = self.waiting.borrow();
+            match (joinable.as_ref(), waiting.last()) {
+                (Some(j), Some(Op::Exec(_, queued))) if j.at + 1 == waiting.len() && control(sql, args).is_none() => {
+                    j.then(sql, queued.len())
+                }
                 _ => None,
             }
         };
-        let Some(joined) = joined else {
+        let Some(parts) = parts else {
             return self.write(sql, args);
         };
-        let st = self.statement(&joined.sql())?;
-        let mut waiting = self.waiting.borrow_mut();
-        waiting.pop();
-        waiting.push(Op::Exec(st, joined.args.clone()));
-        *self.joinable.borrow_mut() = Some(joined);
+        let st = self.statement(&joined(&parts))?;
+        if let Some(Op::Exec(queued_st, queued)) = self.waiting.borrow_mut().last_mut() {
+            *queued_st = st;
+            queued.extend(args.iter().map(V::to_owned_value));
+        }
+        if let Some(j) = self.joinable.borrow_mut().as_mut() {
+            j.parts = parts;
+        }
         self.changed.set(self.changed.get() + 1);
         Ok(())
     }
@@ -693,56 +697,43 @@ struct Joinable {
     at: usize,
     /// Each part's text, its placeholders numbered after the parts before.
     parts: Vec<String>,
-    args: Vec<Value>,
 }
 
 impl Joinable {
-    /// These parts and then `sql` with `args`, if the last part so far can
-    /// be a `WITH` part (it has no `WITH` of its own).
-    fn with(&self, sql: &str, args: &[V]) -> Option<Joinable> {
-        if self.parts.last().is_some_and(|p| starts_with_word(p, "WITH")) {
+    /// These parts and then `sql`, its placeholders numbered after the
+    /// `queued` arguments of the parts so far; `None` if the last part so
+    /// far cannot be a `WITH` part (it has a `WITH` of its own).
+    fn then(&self, sql: &str, queued: usize) -> Option<Vec<String>> {
+        if self.parts.last().is_some_and(|p| after_with(p).is_some()) {
             return None;
         }
         let mut parts = self.parts.clone();
-        parts.push(renumber(sql, self.args.len()));
-        let mut all = self.args.clone();
-        all.extend(args.iter().map(V::to_owned_value));
-        Some(Joinable {
-            at: self.at,
-            parts,
-            args: all,
-        })
-    }
-
-    /// The one statement: `WITH w0 AS (p0), ... last`, a last part's own
-    /// `WITH` list continuing the list.
-    fn sql(&self) -> String {
-        let Some((last, ctes)) = self.parts.split_last() else {
-            return String::new();
-        };
-        if ctes.is_empty() {
-            return last.clone();
-        }
-        let mut out = String::from("WITH ");
-        for (i, p) in ctes.iter().enumerate() {
-            out += &format!("w{i} AS ({p}), ");
-        }
-        match last.trim_start().strip_prefix("WITH ") {
-            Some(rest) => out += rest,
-            None => {
-                out.truncate(out.len() - 2);
-                out.push(' ');
-                out += last;
-            }
-        }
-        out
+        parts.push(renumber(sql, queued));
+        Some(parts)
     }
 }
 
-fn starts_with_word(sql: &str, word: &str) -> bool {
-    sql.trim_start()
-        .get(..word.len() + 1)
-        .is_some_and(|w| w[..word.len()].eq_ignore_ascii_case(word) && w.ends_with(char::is_whitespace))
+/// Queued parts as the one statement: `WITH w0 AS (p0), ... last`, a last
+/// part's own `WITH` list continuing the list.
+fn joined(parts: &[String]) -> String {
+    let Some((last, ctes)) = parts.split_last() else {
+        return String::new();
+    };
+    if ctes.is_empty() {
+        return last.clone();
+    }
+    let ctes: Vec<String> = ctes.iter().enumerate().map(|(i, p)| format!("w{i} AS ({p})")).collect();
+    match after_with(last) {
+        Some(rest) => format!("WITH {}, {rest}", ctes.join(", ")),
+        None => format!("WITH {} {last}", ctes.join(", ")),
+    }
+}
+
+/// What follows a statement's leading `WITH`, if it has one.
+fn after_with(sql: &str) -> Option<&str> {
+    let s = sql.trim_start();
+    let rest = s.get(4..)?;
+    (s[..4].eq_ignore_ascii_case("WITH") && rest.starts_with(char::is_whitespace)).then(|| rest.trim_start())
 }
 
 /// `sql` with each placeholder `?N` (outside quotes) numbered `N + by`.
@@ -843,12 +834,15 @@ async fn pipeline(client: &tokio_postgres::Client, ops: &[Op]) -> Vec<std::resul
 mod tests {
     use super::*;
 
-    fn joinable(sql: &str, args: &[V]) -> Joinable {
-        Joinable {
-            at: 0,
-            parts: vec![sql.to_string()],
-            args: args.iter().map(V::to_owned_value).collect(),
-        }
+    /// What [`PgConn::write_beside`] queues: the parts and their arguments.
+    fn beside(
+        (parts, mut args): (Vec<String>, Vec<Value>),
+        sql: &str,
+        more: &[V],
+    ) -> Option<(Vec<String>, Vec<Value>)> {
+        let parts = Joinable { at: 0, parts }.then(sql, args.len())?;
+        args.extend(more.iter().map(V::to_owned_value));
+        Some((parts, args))
     }
 
     #[test]
@@ -861,30 +855,28 @@ mod tests {
 
     #[test]
     fn joined_writes_are_with_parts_of_the_last_and_number_their_arguments_in_order() {
-        let a = joinable(
-            "UPDATE tasks SET state = ?2 WHERE task_id = ?1",
-            &[V::Int(1), V::Int(2)],
+        let a = (
+            vec!["UPDATE tasks SET state = ?2 WHERE task_id = ?1".to_string()],
+            vec![Value::Int(1), Value::Int(2)],
         );
-        let b = a
-            .with("DELETE FROM attempt_holders WHERE task_id = ?1", &[V::Int(3)])
-            .expect("a plain write joins");
+        let b = beside(a, "DELETE FROM attempt_holders WHERE task_id = ?1", &[V::Int(3)]).expect("a plain write joins");
         assert_eq!(
-            b.sql(),
+            joined(&b.0),
             "WITH w0 AS (UPDATE tasks SET state = ?2 WHERE task_id = ?1) DELETE FROM attempt_holders WHERE task_id = ?3"
         );
-        let c = b
-            .with(
-                "WITH new AS (INSERT INTO p(x) VALUES (?1) RETURNING 1) UPDATE n SET k = ?2",
-                &[V::Int(4), V::Int(5)],
-            )
-            .expect("a last part may have a WITH of its own");
+        let c = beside(
+            b,
+            "WITH new AS (INSERT INTO p(x) VALUES (?1) RETURNING 1) UPDATE n SET k = ?2",
+            &[V::Int(4), V::Int(5)],
+        )
+        .expect("a last part may have a WITH of its own");
         assert_eq!(
-            c.sql(),
+            joined(&c.0),
             "WITH w0 AS (UPDATE tasks SET state = ?2 WHERE task_id = ?1), w1 AS (DELETE FROM attempt_holders WHERE task_id = ?3), \
              new AS (INSERT INTO p(x) VALUES (?4) RETURNING 1) UPDATE n SET k = ?5"
         );
-        assert_eq!(c.args.len(), 5);
+        assert_eq!(c.1.len(), 5);
         // A part with its own WITH cannot be a WITH part.
-        assert!(c.with("DELETE FROM x WHERE id = ?1", &[V::Int(6)]).is_none());
+        assert!(beside(c, "DELETE FROM x WHERE id = ?1", &[V::Int(6)]).is_none());
     }
 }
