@@ -652,12 +652,14 @@ impl PgConn {
     }
 
     /// [`PgConn::commit`], then wake the listeners on `channels` in the same
-    /// round trip, each `NOTIFY` in a transaction of its own. A `NOTIFY`
-    /// inside the batch would have its commit take PostgreSQL's one lock on
-    /// the notification queue and hold it through the commit's flush to
-    /// disk, so the commits of every replica would queue behind it. A
-    /// wake-up that fails or is lost is made good by the listener's own
-    /// look once a second.
+    /// round trip, all of them one statement in a transaction of its own.
+    /// A `NOTIFY` inside the batch would have its commit take PostgreSQL's
+    /// one lock on the notification queue and hold it through the commit's
+    /// flush to disk, so the commits of every replica would queue behind
+    /// it. The wake-ups' own transaction commits without waiting for that
+    /// flush (`synchronous_commit` off for it alone): it changes no data,
+    /// and the listeners hear it at once either way. A wake-up that fails
+    /// or is lost is made good by the listener's own look once a second.
     pub fn commit_and_notify(&self, channels: &[String]) -> Result<()> {
         if channels.is_empty() || self.spoiled.get() {
             return self.commit();
@@ -665,9 +667,15 @@ impl PgConn {
         let mut ops = std::mem::take(&mut *self.waiting.borrow_mut());
         ops.push(Op::Simple("COMMIT"));
         let committed = ops.len();
-        for ch in channels {
-            ops.push(self.op("SELECT pg_notify(?1, '')", &[V::Text(ch.as_str().into())])?);
-        }
+        let wake: Vec<String> = (1..=channels.len()).map(|i| format!("pg_notify(?{i}, '')")).collect();
+        let args: Vec<V> = channels.iter().map(|ch| V::Text(ch.as_str().into())).collect();
+        ops.push(self.op(
+            &format!(
+                "SELECT set_config('synchronous_commit', 'off', true), {}",
+                wake.join(", ")
+            ),
+            &args,
+        )?);
         let mut answers = self.bounded(pipeline(&self.client, &ops))?.into_iter();
         for a in answers.by_ref().take(committed) {
             if let Err(e) = a {
