@@ -239,6 +239,57 @@ impl Whereabouts {
     }
 }
 
+/// The least time between two wake-ups of one replica's listener.
+pub const WAKE_SPACING: Duration = Duration::from_millis(50);
+
+/// When each other replica's listener was last woken, and which ones have
+/// relay rows waiting for a wake-up. A `NOTIFY` is dear: its transaction
+/// takes PostgreSQL's one lock on the notification queue, and every
+/// listening backend is signalled to read it. Under load the batches for a
+/// replica come far closer together than [`WAKE_SPACING`], so one wake-up
+/// then takes the rows of several batches, each event waiting at most that
+/// long; a quiet replica is woken at once.
+#[derive(Default)]
+pub struct Wakeups {
+    last: HashMap<i64, Instant>,
+    waiting: std::collections::BTreeSet<i64>,
+}
+
+impl Wakeups {
+    /// `woken` have new rows: the replicas to wake with this commit (the
+    /// others wait for a later one, [`Wakeups::next_due`]).
+    pub fn take(&mut self, woken: impl IntoIterator<Item = i64>, now: Instant) -> Vec<i64> {
+        self.waiting.extend(woken);
+        let due: Vec<i64> = self
+            .waiting
+            .iter()
+            .copied()
+            .filter(|r| self.last.get(r).is_none_or(|t| now.duration_since(*t) >= WAKE_SPACING))
+            .collect();
+        for r in &due {
+            self.waiting.remove(r);
+            self.last.insert(*r, now);
+        }
+        due
+    }
+
+    /// The commit that was to wake `replicas` failed: they wait again.
+    pub fn retry(&mut self, replicas: &[i64]) {
+        for r in replicas {
+            self.waiting.insert(*r);
+            self.last.remove(r);
+        }
+    }
+
+    /// When the next waiting replica may be woken, if any waits.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.waiting
+            .iter()
+            .filter_map(|r| self.last.get(r).map(|t| *t + WAKE_SPACING))
+            .min()
+    }
+}
+
 /// Take the relay rows queued for `replica_id` whenever its channel is
 /// notified (and once a second, in case a notification was missed while
 /// reconnecting), and hand them to the writer to send. Runs until the
@@ -337,4 +388,35 @@ async fn listen_once(
     .await;
     conn_task.abort();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A replica not woken lately is woken with the first commit that has
+    /// rows for it; rows for it soon after wait, and go with the first
+    /// commit once [`WAKE_SPACING`] has passed (the writer wakes for it
+    /// then, [`Wakeups::next_due`]); a failed commit's wake-ups wait again.
+    #[test]
+    fn wake_ups_are_spaced_and_none_is_dropped() {
+        let t0 = Instant::now();
+        let mut w = Wakeups::default();
+        assert_eq!(w.take([2, 3], t0), vec![2, 3]);
+        assert_eq!(w.next_due(), None, "nothing waits");
+        let soon = t0 + WAKE_SPACING / 5;
+        assert_eq!(w.take([2], soon), Vec::<i64>::new(), "woken a moment ago");
+        assert_eq!(w.next_due(), Some(t0 + WAKE_SPACING));
+        assert_eq!(w.take([], t0 + WAKE_SPACING / 2), Vec::<i64>::new());
+        assert_eq!(w.take([], t0 + WAKE_SPACING), vec![2], "its rows are not left behind");
+        assert_eq!(w.next_due(), None);
+        let later = t0 + WAKE_SPACING * 3;
+        assert_eq!(w.take([3], later), vec![3]);
+        w.retry(&[3]);
+        assert_eq!(
+            w.take([], later),
+            vec![3],
+            "a failed commit's wake-up goes with the next"
+        );
+    }
 }

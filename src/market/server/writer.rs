@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use super::book::{self, BookRules, Fail};
 use super::ledger;
 use super::metrics::{Book, Metrics};
-use super::replica::{self, Replica, Whereabouts};
+use super::replica::{self, Replica, Wakeups, Whereabouts};
 use super::store::{self, args, Arg, Db, DbError, Store};
 use super::wire::{error_frame, Cmd, Outbound, Relayed};
 use crate::market::protocol::{encode_event, Event, Reason, Rejection, Request};
@@ -121,9 +121,6 @@ enum Effect {
     Refused(usize, String),
     /// A session ended: gone here whatever the batch's outcome.
     Left(String, u64),
-    /// Events another replica relayed (the command at this index): sent
-    /// whatever the batch's outcome.
-    Relayed(usize),
     /// The request at this index, its answer and, if refused, why.
     Answered(usize, String, Option<Reason>),
 }
@@ -189,12 +186,27 @@ pub fn writer(
     let mut last_reconnect = Instant::now();
     let mut gauges_due = Instant::now();
     let mut stopping = false;
+    let mut wakeups = Wakeups::default();
     while !stopping {
-        let Some(batch) = next_batch(&rx, next_tick.saturating_duration_since(Instant::now())) else {
+        let wake_at = wakeups.next_due().map_or(next_tick, |t| t.min(next_tick));
+        let Some(batch) = next_batch(&rx, wake_at.saturating_duration_since(Instant::now())) else {
             break;
         };
         // Scrapes wait for the gauges, read once the batch is done.
         let (scrapes, batch): (Vec<Cmd>, Vec<Cmd>) = batch.into_iter().partition(|c| matches!(c, Cmd::Gauges(_)));
+        // What other replicas relayed is sent now: it needs no transaction
+        // (the listener already took its rows), and held for this batch's
+        // commit each event on a cycle's way would wait a batch longer.
+        let (relayed, batch): (Vec<Cmd>, Vec<Cmd>) = batch.into_iter().partition(|c| matches!(c, Cmd::Relay(_)));
+        let only_relayed = !relayed.is_empty() && batch.is_empty() && scrapes.is_empty();
+        for cmd in relayed {
+            if let Cmd::Relay(events) = cmd {
+                w.relayed(events);
+            }
+        }
+        if only_relayed && Instant::now() < wake_at {
+            continue;
+        }
         if !w.reachable(&mut conn, &mut last_reconnect) {
             fail_batch(
                 batch,
@@ -204,8 +216,10 @@ pub fn writer(
                 &mut stopping,
             );
             // The clock cannot run without its database: wait for the
-            // next command (or the next try) instead of spinning.
+            // next command (or the next try) instead of spinning. Nor can
+            // a wake-up go out; the listeners look once a second anyway.
             next_tick = Instant::now() + TICK_EVERY;
+            wakeups = Wakeups::default();
             continue;
         }
         let started = Instant::now();
@@ -223,11 +237,15 @@ pub fn writer(
                 pass = Pass::Guarded;
                 continue;
             };
-            let woken: Vec<String> = done.woken.iter().map(|r| replica::channel(*r)).collect();
+            let woken = wakeups.take(done.woken.iter().copied(), Instant::now());
+            let channels: Vec<String> = woken.iter().map(|r| replica::channel(*r)).collect();
             let committed = match done.failed.take() {
                 Some(e) => Err(e),
-                None => conn.store.commit_and_notify(&woken),
+                None => conn.store.commit_and_notify(&channels),
             };
+            if committed.is_err() {
+                wakeups.retry(&woken);
+            }
             match committed {
                 // A statement that failed without its own savepoint failed
                 // the whole batch (on PostgreSQL it may only show at the
@@ -492,14 +510,8 @@ impl Writer {
                     self.session_ended(db, pass, node, *conn_id, now, done)?;
                 }
             }
-            Cmd::Relay(events) => {
-                for ev in events {
-                    if ev.close.is_some() && ev.close == self.session_of(&ev.node) {
-                        self.moved.insert(ev.node.clone(), None);
-                    }
-                }
-                done.effects.push(Effect::Relayed(i));
-            }
+            // Sent before the batch ([`writer`]).
+            Cmd::Relay(_) => {}
             Cmd::Request { node, id, req, .. } => {
                 let (frame, refused, changed) = self.apply_one(db, pass, node, id, req, now, done)?;
                 if changed {
@@ -702,11 +714,6 @@ impl Writer {
                 Effect::Left(node, conn_id) => {
                     if self.sessions.get(&node).is_some_and(|(id, _)| *id == conn_id) {
                         self.sessions.remove(&node);
-                    }
-                }
-                Effect::Relayed(i) => {
-                    if let Some(Cmd::Relay(events)) = cmds[i].take() {
-                        self.relayed(events);
                     }
                 }
                 Effect::Answered(i, frame, refused) => {
