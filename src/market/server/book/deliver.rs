@@ -9,31 +9,21 @@ use crate::market::server::store::{args, Db};
 use serde_json::{json, Value};
 
 use super::handler::{reject, Context, Fail};
-use super::task::{first_task, leased_to, Task, TASK_COLS};
+use super::task::{changed_or_refused, first_task, leased_to, Task, TASK_COLS};
 use crate::market::protocol::{Event, Reason};
 
 pub fn apply(cx: Context, task_id: String, attempt: u32, data: String) -> Result<Value, Fail> {
     let Context { c, node, now, out, .. } = cx;
-    let t = match mark_delivered(c, &task_id, node, attempt, &data, now)? {
-        Some(t) => t,
-        None => {
-            // Not the lease holder's assigned task: the checks say why. (If
-            // it became so since, its row is now locked and it is.)
+    let t = changed_or_refused(
+        || mark_delivered(c, &task_id, node, attempt, &data, now),
+        || {
             let t = leased_to(c, &task_id, node, attempt)?;
             if t.state != "assigned" {
                 return reject(Reason::WrongState, format!("task is {}", t.state));
             }
-            match mark_delivered(c, &task_id, node, attempt, &data, now)? {
-                Some(t) => t,
-                None => {
-                    return reject(
-                        Reason::WrongState,
-                        format!("task is {}; send the request again", t.state),
-                    )
-                }
-            }
-        }
-    };
+            Ok(t)
+        },
+    )?;
     let bytes = data.len();
     out.push((
         t.requester.clone(),

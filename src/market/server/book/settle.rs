@@ -18,7 +18,7 @@ use super::handler::{reject, Context, Fail, Outbox};
 use super::lease::reopen_or_refund;
 use super::money::move_money;
 use super::reputation::{record_settled, record_verdict};
-use super::task::{first_task, load_task, Task, TASK_COLS};
+use super::task::{changed_or_refused, first_task, load_task, Task, TASK_COLS};
 use crate::market::protocol::{Event, Reason};
 use crate::market::server::ledger::{escrow_account, node_account};
 
@@ -133,23 +133,10 @@ fn mark_settled(c: Db, node: &str, task_id: &str, attempt: u32, now: i64) -> Res
 
 /// Settle a delivered task: pay the provider its ask, refund the rest.
 pub fn finish(c: Db, node: &str, task_id: &str, attempt: u32, now: i64, out: &mut Outbox) -> Result<Value, Fail> {
-    let t = match mark_settled(c, node, task_id, attempt, now)? {
-        Some(t) => t,
-        None => {
-            // Not `node`'s delivered task: the checks say why. (If it
-            // became so since, its row is now locked and it is.)
-            let t = delivered(c, node, task_id, attempt)?;
-            match mark_settled(c, node, task_id, attempt, now)? {
-                Some(t) => t,
-                None => {
-                    return reject(
-                        Reason::WrongState,
-                        format!("task is {}; send the request again", t.state),
-                    )
-                }
-            }
-        }
-    };
+    let t = changed_or_refused(
+        || mark_settled(c, node, task_id, attempt, now),
+        || delivered(c, node, task_id, attempt),
+    )?;
     let provider = t.provider.clone().unwrap_or_default();
     let ask = t.ask.unwrap_or(0).min(t.max_price);
     let refund = t.max_price - ask;

@@ -120,6 +120,28 @@ pub fn first_task(rows: &[Row]) -> Result<Option<Task>, Fail> {
     Ok(rows.first().map(Task::from_row).transpose()?)
 }
 
+/// The task as the caller's `change` left it: an `UPDATE ... RETURNING`
+/// [`TASK_COLS`] that changes the row only when the sender may, `None`
+/// otherwise. When it changed nothing, `checks` say why; if they find the
+/// change allowed after all (it became so since, and the row is now
+/// locked), it is made again, and refused if it still changes nothing.
+pub fn changed_or_refused(
+    change: impl Fn() -> Result<Option<Task>, Fail>,
+    checks: impl FnOnce() -> Result<Task, Fail>,
+) -> Result<Task, Fail> {
+    if let Some(t) = change()? {
+        return Ok(t);
+    }
+    let t = checks()?;
+    match change()? {
+        Some(t) => Ok(t),
+        None => reject(
+            Reason::WrongState,
+            format!("task is {}; send the request again", t.state),
+        ),
+    }
+}
+
 /// The task, checked to be leased to `node` under `attempt`.
 pub fn leased_to(c: Db, task_id: &str, node: &str, attempt: u32) -> Result<Task, Fail> {
     let t = load_task(c, task_id)?;
