@@ -260,11 +260,14 @@ impl Wakeups {
     /// others wait for a later one, [`Wakeups::next_due`]).
     pub fn take(&mut self, woken: impl IntoIterator<Item = i64>, now: Instant) -> Vec<i64> {
         self.waiting.extend(woken);
+        // A replica woken long enough ago is due: forget it (replicas that
+        // stopped are not kept for ever).
+        self.last.retain(|_, t| now.duration_since(*t) < WAKE_SPACING);
         let due: Vec<i64> = self
             .waiting
             .iter()
             .copied()
-            .filter(|r| self.last.get(r).is_none_or(|t| now.duration_since(*t) >= WAKE_SPACING))
+            .filter(|r| !self.last.contains_key(r))
             .collect();
         for r in &due {
             self.waiting.remove(r);

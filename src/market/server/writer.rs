@@ -192,19 +192,22 @@ pub fn writer(
         let Some(batch) = next_batch(&rx, wake_at.saturating_duration_since(Instant::now())) else {
             break;
         };
-        // Scrapes wait for the gauges, read once the batch is done.
-        let (scrapes, batch): (Vec<Cmd>, Vec<Cmd>) = batch.into_iter().partition(|c| matches!(c, Cmd::Gauges(_)));
-        // What other replicas relayed is sent now: it needs no transaction
-        // (the listener already took its rows), and held for this batch's
-        // commit each event on a cycle's way would wait a batch longer.
-        let (relayed, batch): (Vec<Cmd>, Vec<Cmd>) = batch.into_iter().partition(|c| matches!(c, Cmd::Relay(_)));
-        let only_relayed = !relayed.is_empty() && batch.is_empty() && scrapes.is_empty();
-        for cmd in relayed {
-            if let Cmd::Relay(events) = cmd {
-                w.relayed(events);
+        // Scrapes wait for the gauges, read once the batch is done. What
+        // other replicas relayed is sent now: it needs no transaction (the
+        // listener already took its rows), and held for this batch's commit
+        // each event would wait a batch longer.
+        let mut scrapes = Vec::new();
+        let mut cmds = Vec::with_capacity(batch.len());
+        for cmd in batch {
+            match cmd {
+                Cmd::Gauges(_) => scrapes.push(cmd),
+                Cmd::Relay(events) => w.relayed(events),
+                cmd => cmds.push(cmd),
             }
         }
-        if only_relayed && Instant::now() < wake_at {
+        let batch = cmds;
+        // Nothing left to apply and neither the clock nor a wake-up due.
+        if batch.is_empty() && scrapes.is_empty() && Instant::now() < wake_at {
             continue;
         }
         if !w.reachable(&mut conn, &mut last_reconnect) {
